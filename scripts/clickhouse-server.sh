@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Runs a private ClickHouse server in the foreground: its own data directory, loopback only,
+# the given ports. Used by the test harness and by `scripts/run-local.sh`; never touches the
+# system-wide server or its ports.
+#   usage: clickhouse-server.sh DATA_DIR HTTP_PORT TCP_PORT
+set -euo pipefail
+dir=$(realpath -m "$1"); http_port=$2; tcp_port=$3
+mkdir -p "$dir/data" "$dir/tmp" "$dir/user_files" "$dir/format_schemas" "$dir/log"
+cat > "$dir/config.xml" <<XML
+<?xml version="1.0"?>
+<yandex>
+    <logger>
+        <level>warning</level>
+        <log>$dir/log/server.log</log>
+        <errorlog>$dir/log/server.err.log</errorlog>
+        <size>10M</size>
+        <count>2</count>
+    </logger>
+    <listen_host>127.0.0.1</listen_host>
+    <http_port>$http_port</http_port>
+    <tcp_port>$tcp_port</tcp_port>
+    <path>$dir/data/</path>
+    <tmp_path>$dir/tmp/</tmp_path>
+    <user_files_path>$dir/user_files/</user_files_path>
+    <format_schema_path>$dir/format_schemas/</format_schema_path>
+    <users_config>$dir/users.xml</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    <timezone>UTC</timezone>
+    <mark_cache_size>268435456</mark_cache_size>
+    <uncompressed_cache_size>268435456</uncompressed_cache_size>
+    <max_concurrent_queries>200</max_concurrent_queries>
+    <keep_alive_timeout>10</keep_alive_timeout>
+</yandex>
+XML
+cat > "$dir/users.xml" <<XML
+<?xml version="1.0"?>
+<yandex>
+    <profiles><default><max_memory_usage>4000000000</max_memory_usage></default></profiles>
+    <users>
+        <default>
+            <password></password>
+            <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+            <profile>default</profile>
+            <quota>default</quota>
+        </default>
+    </users>
+    <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors><result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas>
+</yandex>
+XML
+exec clickhouse-server --config-file="$dir/config.xml"

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what buffergate's tests and local runs need on a Debian bookworm machine:
+# ClickHouse server (18.16 from Debian), Redis, Prometheus (promtool) and chdb-core (a modern
+# ClickHouse engine embedded in Python, used for conformance tests). Idempotent.
+set -euo pipefail
+
+need_apt=()
+command -v clickhouse-server >/dev/null 2>&1 || need_apt+=(clickhouse-server clickhouse-client)
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  # Packages must not start system services: tests start their own servers on free ports.
+  printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+  $SUDO chmod +x /usr/sbin/policy-rc.d
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+
+python3 -c 'import chdb' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check chdb-core

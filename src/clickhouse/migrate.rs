@@ -1,0 +1,274 @@
+//! `buffergate migrate`: creates the database, the destination MergeTree table and the Buffer
+//! table in front of it, idempotently, adapting the seed schema to what the server supports.
+
+use super::{Capabilities, ClickHouse, ClickHouseError, quote_str};
+use crate::config::Config;
+use crate::schema::{ColumnInfo, quote_ident};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    ClickHouse(#[from] ClickHouseError),
+    #[error(
+        "the Buffer table {buffer} has columns that differ from its destination {destination}: {differences}. \
+         ClickHouse casts or fails at flush time, losing rows; drain it (OPTIMIZE TABLE), drop it and run migrate again"
+    )]
+    ColumnsDiffer {
+        buffer: String,
+        destination: String,
+        differences: String,
+    },
+    #[error("{table} exists but is not a Buffer table (engine: {engine})")]
+    NotABuffer { table: String, engine: String },
+}
+
+/// What `migrate` did and what it adapted, one line each, for the operator.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub lines: Vec<String>,
+}
+
+/// The seed schema's columns, with the closest equivalents where the server lacks a type.
+pub fn seed_columns(caps: &Capabilities) -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("event_id", "UUID"),
+        (
+            "event_ts",
+            if caps.datetime64 {
+                "DateTime64(3)"
+            } else {
+                "DateTime"
+            },
+        ),
+        ("user_id", "UInt64"),
+        ("event_type", "LowCardinality(String)"),
+        ("payload", "String"),
+        (
+            "metadata",
+            if caps.map {
+                "Map(String, String)"
+            } else {
+                "String"
+            },
+        ),
+    ]
+}
+
+/// `CREATE TABLE IF NOT EXISTS` for the destination MergeTree table.
+pub fn destination_ddl(config: &Config, caps: &Capabilities) -> String {
+    let columns: Vec<String> = seed_columns(caps)
+        .iter()
+        .map(|(name, ty)| format!("    {} {ty}", quote_ident(name)))
+        .collect();
+    format!(
+        "CREATE TABLE IF NOT EXISTS {}.{}\n(\n{}\n)\nENGINE = MergeTree()\nPARTITION BY toYYYYMM(event_ts)\nORDER BY (event_type, event_ts, user_id)",
+        quote_ident(&config.database),
+        quote_ident(&config.destination_table),
+        columns.join(",\n")
+    )
+}
+
+/// The `Buffer(...)` engine clause from configuration.
+pub fn buffer_engine(config: &Config) -> String {
+    format!(
+        "Buffer({}, {}, {}, {}, {}, {}, {}, {}, {})",
+        quote_str(&config.database),
+        quote_str(&config.destination_table),
+        config.buffer_num_layers,
+        config.buffer_min_time,
+        config.buffer_max_time,
+        config.buffer_min_rows,
+        config.buffer_max_rows,
+        config.buffer_min_bytes,
+        config.buffer_max_bytes
+    )
+}
+
+/// `CREATE TABLE IF NOT EXISTS` for the Buffer table, with the destination's exact columns.
+pub fn buffer_ddl(config: &Config) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS {db}.{buffer} AS {db}.{destination} ENGINE = {engine}",
+        db = quote_ident(&config.database),
+        buffer = quote_ident(&config.buffer_table),
+        destination = quote_ident(&config.destination_table),
+        engine = buffer_engine(config)
+    )
+}
+
+/// Differences in name, type or order between two column lists, or `None` when identical.
+pub fn column_differences(buffer: &[ColumnInfo], destination: &[ColumnInfo]) -> Option<String> {
+    let mut diffs = Vec::new();
+    let max = buffer.len().max(destination.len());
+    for i in 0..max {
+        match (buffer.get(i), destination.get(i)) {
+            (Some(b), Some(d)) if b.name == d.name && b.type_text == d.type_text => {}
+            (Some(b), Some(d)) => diffs.push(format!(
+                "#{} is {} {} in the buffer but {} {} in the destination",
+                i + 1,
+                b.name,
+                b.type_text,
+                d.name,
+                d.type_text
+            )),
+            (Some(b), None) => {
+                diffs.push(format!("{} {} is only in the buffer", b.name, b.type_text))
+            }
+            (None, Some(d)) => diffs.push(format!(
+                "{} {} is only in the destination",
+                d.name, d.type_text
+            )),
+            (None, None) => {}
+        }
+    }
+    (!diffs.is_empty()).then(|| diffs.join("; "))
+}
+
+/// Creates what is missing and checks what exists.
+pub async fn migrate(ch: &ClickHouse, config: &Config) -> Result<Report, MigrateError> {
+    let caps = ch.capabilities().await?;
+    let ch = if caps.low_cardinality_needs_setting {
+        ch.with_setting("allow_experimental_low_cardinality_type", "1")
+    } else {
+        ch.clone()
+    };
+    let mut report = Report::default();
+    report.lines.push(format!("ClickHouse {}", caps.version));
+    let (db, buffer, destination) = (
+        &config.database,
+        &config.buffer_table,
+        &config.destination_table,
+    );
+
+    ch.execute(&format!(
+        "CREATE DATABASE IF NOT EXISTS {}",
+        quote_ident(db)
+    ))
+    .await?;
+
+    if ch.engine_full(db, destination).await?.is_none() {
+        if !caps.datetime64 {
+            report.lines.push(
+                "this server has no DateTime64: event_ts is created as DateTime (whole seconds)"
+                    .into(),
+            );
+        }
+        if !caps.map {
+            report.lines.push(
+                "this server has no Map: metadata is created as String holding JSON text".into(),
+            );
+        }
+        if caps.low_cardinality_needs_setting {
+            report.lines.push(
+                "LowCardinality created with allow_experimental_low_cardinality_type = 1".into(),
+            );
+        }
+        ch.execute(&destination_ddl(config, &caps)).await?;
+        report.lines.push(format!("created {db}.{destination}"));
+    } else {
+        report.lines.push(format!("{db}.{destination} exists"));
+    }
+
+    match ch.engine_full(db, buffer).await? {
+        None => {
+            ch.execute(&buffer_ddl(config)).await?;
+            report.lines.push(format!(
+                "created {db}.{buffer} ENGINE = {}",
+                buffer_engine(config)
+            ));
+        }
+        Some(engine) if !engine.starts_with("Buffer") => {
+            return Err(MigrateError::NotABuffer {
+                table: format!("{db}.{buffer}"),
+                engine,
+            });
+        }
+        Some(engine) => {
+            report
+                .lines
+                .push(format!("{db}.{buffer} exists: ENGINE = {engine}"));
+            if normalize(&engine) != normalize(&buffer_engine(config)) {
+                report.lines.push(format!(
+                    "note: its engine differs from the configuration ({}); drain, drop and migrate again to apply it",
+                    buffer_engine(config)
+                ));
+            }
+        }
+    }
+
+    let buffer_columns = ch.columns(db, buffer).await?;
+    let destination_columns = ch.columns(db, destination).await?;
+    if let Some(differences) = column_differences(&buffer_columns, &destination_columns) {
+        return Err(MigrateError::ColumnsDiffer {
+            buffer: format!("{db}.{buffer}"),
+            destination: format!("{db}.{destination}"),
+            differences,
+        });
+    }
+    Ok(report)
+}
+
+/// Engine clauses compared without quotes or spaces (servers print arguments differently).
+fn normalize(engine: &str) -> String {
+    engine
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '\'' && *c != '`')
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_servers_get_the_closest_types() {
+        let old = Capabilities {
+            version: "18.16.1".into(),
+            datetime64: false,
+            map: false,
+            low_cardinality_needs_setting: true,
+            tables_total_bytes: false,
+        };
+        let ddl = destination_ddl(&Config::default(), &old);
+        assert!(
+            ddl.contains("`event_ts` DateTime,") && ddl.contains("`metadata` String\n"),
+            "{ddl}"
+        );
+        let ddl = destination_ddl(&Config::default(), &Capabilities::modern());
+        assert!(
+            ddl.contains("`event_ts` DateTime64(3)")
+                && ddl.contains("`metadata` Map(String, String)"),
+            "{ddl}"
+        );
+    }
+
+    #[test]
+    fn engine_comparison_ignores_quoting() {
+        let config = Config::default();
+        assert_eq!(
+            normalize(
+                "Buffer(analytics, events_raw, 16, 10, 60, 100000, 1000000, 10485760, 134217728)"
+            ),
+            normalize(&buffer_engine(&config))
+        );
+    }
+
+    #[test]
+    fn differences_are_spelled_out() {
+        let c = |n: &str, t: &str| ColumnInfo {
+            name: n.into(),
+            type_text: t.into(),
+            default_kind: String::new(),
+        };
+        assert_eq!(
+            column_differences(&[c("a", "UInt8")], &[c("a", "UInt8")]),
+            None
+        );
+        let d =
+            column_differences(&[c("a", "UInt8")], &[c("a", "String"), c("b", "UInt8")]).unwrap();
+        assert!(
+            d.contains("a UInt8 in the buffer but a String")
+                && d.contains("b UInt8 is only in the destination"),
+            "{d}"
+        );
+    }
+}

@@ -1,0 +1,295 @@
+//! Everything that talks to ClickHouse: the HTTP client, INSERTs of RowBinary blocks, metadata
+//! queries, capability probes, the retry policy and `migrate`.
+
+pub mod migrate;
+pub mod retry;
+pub mod writer;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+
+use crate::config::{self, Config};
+use crate::schema::ColumnInfo;
+
+/// A failure talking to ClickHouse, classified for the retry policy.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClickHouseError {
+    /// The server answered with an exception.
+    #[error("ClickHouse error {code}: {message}")]
+    Server { code: u32, message: String },
+    /// Something between us and the server failed (connect, reset, proxy without a body).
+    #[error("cannot reach ClickHouse: {0}")]
+    Network(String),
+    #[error("ClickHouse did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The answer could not be understood.
+    #[error("unexpected answer from ClickHouse: {0}")]
+    Protocol(String),
+}
+
+impl ClickHouseError {
+    fn from_client(err: clickhouse::error::Error, timeout: Duration) -> Self {
+        use clickhouse::error::Error as E;
+        match err {
+            E::BadResponse(text) => match parse_exception_code(&text) {
+                Some(code) => Self::Server {
+                    code,
+                    message: text,
+                },
+                None => Self::Network(text),
+            },
+            E::Network(e) => Self::Network(e.to_string()),
+            E::TimedOut => Self::Timeout(timeout),
+            other => Self::Protocol(other.to_string()),
+        }
+    }
+
+    /// The server's exception code, if the server answered.
+    pub fn code(&self) -> Option<u32> {
+        match self {
+            Self::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// `Code: 60. DB::Exception: ...` (current) or `Code: 60, e.displayText() = ...` (18.x).
+fn parse_exception_code(text: &str) -> Option<u32> {
+    let rest = &text[text.find("Code: ")? + 6..];
+    let end = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Version and feature probes of the server, for paths that differ between ClickHouse releases.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capabilities {
+    pub version: String,
+    /// `DateTime64` exists (20.1+).
+    pub datetime64: bool,
+    /// `Map` exists (21.x+).
+    pub map: bool,
+    /// `LowCardinality` columns need `allow_experimental_low_cardinality_type = 1` (18.x).
+    pub low_cardinality_needs_setting: bool,
+    /// `system.tables` has `total_bytes` (per-table Buffer size; ≈20.x+).
+    pub tables_total_bytes: bool,
+}
+
+impl Capabilities {
+    /// What a current ClickHouse (26.x) has.
+    pub fn modern() -> Self {
+        Self {
+            version: "26".into(),
+            datetime64: true,
+            map: true,
+            low_cardinality_needs_setting: false,
+            tables_total_bytes: true,
+        }
+    }
+}
+
+/// A ClickHouse HTTP endpoint with the gateway's credentials, compression and timeouts.
+#[derive(Clone)]
+pub struct ClickHouse {
+    client: clickhouse::Client,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for ClickHouse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClickHouse")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClickHouse {
+    pub fn new(config: &Config) -> Self {
+        let mut client = clickhouse::Client::default()
+            .with_url(&config.clickhouse_url)
+            .with_user(&config.clickhouse_user)
+            .with_compression(match config.clickhouse_compression {
+                config::Compression::Lz4 => clickhouse::Compression::Lz4,
+                config::Compression::None => clickhouse::Compression::None,
+            })
+            .with_validation(false);
+        if !config.clickhouse_password.is_empty() {
+            client = client.with_password(&config.clickhouse_password);
+        }
+        Self {
+            client,
+            timeout: config.clickhouse_timeout(),
+        }
+    }
+
+    /// The same endpoint with one more setting on every statement.
+    pub fn with_setting(&self, name: &str, value: &str) -> Self {
+        Self {
+            client: self.client.clone().with_setting(name, value),
+            timeout: self.timeout,
+        }
+    }
+
+    async fn bounded<T>(
+        &self,
+        fut: impl Future<Output = clickhouse::error::Result<T>>,
+    ) -> Result<T, ClickHouseError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(result) => result.map_err(|e| ClickHouseError::from_client(e, self.timeout)),
+            Err(_) => Err(ClickHouseError::Timeout(self.timeout)),
+        }
+    }
+
+    /// Runs a statement that returns nothing (DDL, OPTIMIZE).
+    pub async fn execute(&self, sql: &str) -> Result<(), ClickHouseError> {
+        self.bounded(self.client.query_raw(sql).execute()).await
+    }
+
+    /// Runs a query and parses its `JSONEachRow` answer.
+    pub async fn fetch_json<T: DeserializeOwned>(
+        &self,
+        sql: &str,
+    ) -> Result<Vec<T>, ClickHouseError> {
+        let bytes = self
+            .bounded(async {
+                let mut cursor = self.client.query_raw(sql).fetch_bytes("JSONEachRow")?;
+                cursor.collect().await
+            })
+            .await?;
+        bytes
+            .split(|&b| b == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(|line| {
+                serde_json::from_slice(line).map_err(|e| ClickHouseError::Protocol(e.to_string()))
+            })
+            .collect()
+    }
+
+    /// `SELECT 1`: is the server there and answering?
+    pub async fn ping(&self) -> Result<(), ClickHouseError> {
+        self.execute("SELECT 1").await
+    }
+
+    /// Sends one INSERT whose data is already encoded in the statement's format.
+    pub async fn insert(&self, sql: &str, data: Bytes) -> Result<(), ClickHouseError> {
+        let map = |e| ClickHouseError::from_client(e, self.timeout);
+        let mut insert = self
+            .client
+            .insert_formatted_with(sql.to_string())
+            .with_timeouts(Some(self.timeout), Some(self.timeout));
+        insert.send(data).await.map_err(map)?;
+        insert.end().await.map_err(map)
+    }
+
+    /// The table's columns in order, as `system.columns` lists them.
+    pub async fn columns(
+        &self,
+        database: &str,
+        table: &str,
+    ) -> Result<Vec<ColumnInfo>, ClickHouseError> {
+        self.fetch_json(&format!(
+            "SELECT name, type, default_kind FROM system.columns WHERE database = {} AND table = {} ORDER BY position",
+            quote_str(database),
+            quote_str(table)
+        ))
+        .await
+    }
+
+    /// `engine_full` of a table, or `None` if it does not exist.
+    pub async fn engine_full(
+        &self,
+        database: &str,
+        table: &str,
+    ) -> Result<Option<String>, ClickHouseError> {
+        #[derive(serde::Deserialize)]
+        struct Row {
+            engine_full: String,
+        }
+        let rows: Vec<Row> = self
+            .fetch_json(&format!(
+                "SELECT engine_full FROM system.tables WHERE database = {} AND name = {}",
+                quote_str(database),
+                quote_str(table)
+            ))
+            .await?;
+        Ok(rows.into_iter().next().map(|r| r.engine_full))
+    }
+
+    /// Probes the server for the features whose absence changes what the gateway does.
+    pub async fn capabilities(&self) -> Result<Capabilities, ClickHouseError> {
+        #[derive(serde::Deserialize)]
+        struct Version {
+            v: String,
+        }
+        let version = self
+            .fetch_json::<Version>("SELECT version() AS v")
+            .await?
+            .into_iter()
+            .next()
+            .map(|r| r.v)
+            .unwrap_or_default();
+        let supported = |sql: &'static str| async move {
+            match self.execute(sql).await {
+                Ok(()) => Ok(true),
+                Err(ClickHouseError::Server { .. }) => Ok(false),
+                Err(e) => Err(e),
+            }
+        };
+        let datetime64 = supported("SELECT CAST('2020-01-01 00:00:00' AS DateTime64(3))").await?;
+        let map = supported("SELECT CAST(([], []), 'Map(String, String)')").await?;
+        let tables_total_bytes = supported("SELECT total_bytes FROM system.tables LIMIT 0").await?;
+        let low_cardinality_needs_setting = !supported_ddl_without_setting(&version);
+        Ok(Capabilities {
+            version,
+            datetime64,
+            map,
+            low_cardinality_needs_setting,
+            tables_total_bytes,
+        })
+    }
+}
+
+/// Servers before 19.x refuse `LowCardinality` in DDL unless the experimental setting is on.
+fn supported_ddl_without_setting(version: &str) -> bool {
+    version
+        .split('.')
+        .next()
+        .and_then(|major| major.parse::<u32>().ok())
+        .is_some_and(|major| major >= 19)
+}
+
+/// Quotes a string literal for ClickHouse SQL.
+pub fn quote_str(value: &str) -> String {
+    format!("'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exception_codes_of_old_and_new_servers() {
+        assert_eq!(
+            parse_exception_code(
+                "Code: 60, e.displayText() = DB::Exception: Table x doesn't exist."
+            ),
+            Some(60)
+        );
+        assert_eq!(
+            parse_exception_code("Code: 241. DB::Exception: Memory limit exceeded"),
+            Some(241)
+        );
+        assert_eq!(parse_exception_code("502 Bad Gateway"), None);
+    }
+
+    #[test]
+    fn low_cardinality_setting_by_version() {
+        assert!(!supported_ddl_without_setting("18.16.1"));
+        assert!(supported_ddl_without_setting("19.1.6"));
+        assert!(supported_ddl_without_setting("26.9.1.1"));
+        assert!(!supported_ddl_without_setting("garbage"));
+    }
+}

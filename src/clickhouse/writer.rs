@@ -1,0 +1,75 @@
+//! Sends encoded blocks to ClickHouse: a semaphore caps concurrent INSERTs, retryable failures
+//! are retried with backoff, and failures that hint at a changed table wake the schema watcher.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{Notify, Semaphore};
+
+use super::retry::{Backoff, is_retryable, is_schema_change};
+use super::{ClickHouse, ClickHouseError};
+use crate::config::Config;
+
+/// An INSERT that failed for good: after its last attempt, or at once when not retryable.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("INSERT failed after {attempts} attempt(s): {error}")]
+pub struct WriteError {
+    pub attempts: u32,
+    pub error: ClickHouseError,
+}
+
+/// The INSERT path into the Buffer table.
+#[derive(Debug)]
+pub struct Writer {
+    ch: ClickHouse,
+    permits: Semaphore,
+    retries: u32,
+    backoff: Backoff,
+    schema_changed: Arc<Notify>,
+}
+
+impl Writer {
+    pub fn new(ch: ClickHouse, config: &Config, schema_changed: Arc<Notify>) -> Self {
+        Self {
+            ch,
+            permits: Semaphore::new(config.insert_concurrency()),
+            retries: config.insert_retries,
+            backoff: Backoff {
+                initial: std::time::Duration::from_millis(config.retry_initial_backoff_ms),
+                max: std::time::Duration::from_millis(config.retry_max_backoff_ms),
+            },
+            schema_changed,
+        }
+    }
+
+    /// Inserts one block, retrying what may heal.
+    pub async fn write(&self, sql: &str, data: Bytes) -> Result<(), WriteError> {
+        let mut attempt = 0;
+        loop {
+            let result = match self.permits.acquire().await {
+                Ok(_permit) => self.ch.insert(sql, data.clone()).await,
+                Err(_) => Err(ClickHouseError::Protocol(
+                    "the INSERT semaphore is closed".into(),
+                )),
+            };
+            let error = match result {
+                Ok(()) => return Ok(()),
+                Err(error) => error,
+            };
+            if is_schema_change(&error) {
+                self.schema_changed.notify_one();
+            }
+            if !is_retryable(&error) || attempt >= self.retries {
+                tracing::warn!(%error, attempts = attempt + 1, bytes = data.len(), "INSERT failed");
+                return Err(WriteError {
+                    attempts: attempt + 1,
+                    error,
+                });
+            }
+            let delay = self.backoff.delay(attempt);
+            tracing::info!(%error, attempt = attempt + 1, ?delay, "INSERT failed, retrying");
+            tokio::time::sleep(delay).await;
+            attempt += 1;
+        }
+    }
+}

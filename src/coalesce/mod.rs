@@ -1,0 +1,170 @@
+//! Per-partition coalescers: each owns a bounded queue of encoded rows and turns what
+//! accumulates into as few INSERTs as it can.
+//!
+//! Batching is by *group commit*: while a partition's INSERT is in flight, new rows queue;
+//! when it returns, everything queued (up to the row and byte limits) leaves in the next one.
+//! Under light load that is one small INSERT per request, answered quickly; under heavy load
+//! batches grow by themselves, with no fixed linger capping throughput (with C producers waiting
+//! for their answers, requests/s ≤ C ÷ latency). `flush_linger_ms` optionally holds a batch
+//! while no INSERT is pending, trading latency for fewer INSERTs.
+
+mod partition;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::clickhouse::writer::{WriteError, Writer};
+use crate::config::Config;
+use crate::schema::TableSchema;
+
+/// Rows encoded for one INSERT column list: `omitted` is the mask of columns left to their
+/// DEFAULT expression (see [`TableSchema::insert_sql`]).
+#[derive(Debug, Default)]
+pub struct Chunk {
+    pub omitted: u64,
+    pub rows: usize,
+    pub data: Vec<u8>,
+}
+
+/// The rows of one request bound for one partition.
+#[derive(Debug, Default)]
+pub struct PartitionRows {
+    pub chunks: Vec<Chunk>,
+}
+
+impl PartitionRows {
+    /// Appends an encoded row to the chunk of its column list.
+    pub fn push(&mut self, omitted: u64, row: &[u8]) {
+        let chunk = match self.chunks.iter().position(|c| c.omitted == omitted) {
+            Some(i) => &mut self.chunks[i],
+            None => {
+                self.chunks.push(Chunk {
+                    omitted,
+                    ..Chunk::default()
+                });
+                let last = self.chunks.len() - 1;
+                &mut self.chunks[last]
+            }
+        };
+        chunk.rows += 1;
+        chunk.data.extend_from_slice(row);
+    }
+
+    pub fn rows(&self) -> usize {
+        self.chunks.iter().map(|c| c.rows).sum()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.chunks.iter().map(|c| c.data.len()).sum()
+    }
+}
+
+/// What a waiting request learns about the flush holding its rows.
+pub type FlushResult = Result<(), WriteError>;
+
+/// One request's rows for one partition, and where to report the flush.
+#[derive(Debug)]
+pub struct Submission {
+    pub schema: Arc<TableSchema>,
+    pub rows: PartitionRows,
+    pub ack: Option<oneshot::Sender<FlushResult>>,
+}
+
+/// Why rows could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the coalescer queue stayed full for {0:?}")]
+    QueueFull(Duration),
+    #[error("the gateway is shutting down")]
+    Closed,
+}
+
+/// Limits a partition applies to each batch.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    pub max_rows: usize,
+    pub max_bytes: usize,
+    pub linger: Duration,
+}
+
+/// The partitions and their queues.
+#[derive(Debug)]
+pub struct Coalescer {
+    queues: Vec<mpsc::Sender<Submission>>,
+    queue_timeout: Duration,
+}
+
+/// The running partition tasks; [`CoalescerTasks::drain`] flushes what is queued and ends them.
+#[derive(Debug)]
+pub struct CoalescerTasks {
+    tasks: JoinSet<()>,
+    close: CancellationToken,
+}
+
+impl Coalescer {
+    pub fn start(config: &Config, writer: &Arc<Writer>) -> (Self, CoalescerTasks) {
+        let limits = BatchLimits {
+            max_rows: config.flush_max_rows,
+            max_bytes: config.flush_max_bytes,
+            linger: Duration::from_millis(config.flush_linger_ms),
+        };
+        let close = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let queues = (0..config.partition_count())
+            .map(|id| {
+                let (tx, rx) = mpsc::channel(config.queue_capacity);
+                tasks.spawn(partition::run(
+                    id,
+                    rx,
+                    Arc::clone(writer),
+                    limits,
+                    close.clone(),
+                ));
+                tx
+            })
+            .collect();
+        let coalescer = Self {
+            queues,
+            queue_timeout: Duration::from_millis(config.queue_timeout_ms),
+        };
+        (coalescer, CoalescerTasks { tasks, close })
+    }
+
+    pub fn partitions(&self) -> usize {
+        self.queues.len()
+    }
+
+    /// Queues one request's rows, all partitions or none: room is reserved in every queue
+    /// first, so a full queue cannot leave part of a request written and the rest refused.
+    pub async fn submit(&self, submissions: Vec<(usize, Submission)>) -> Result<(), SubmitError> {
+        let mut permits = Vec::with_capacity(submissions.len());
+        for (partition, _) in &submissions {
+            let queue = self.queues.get(*partition).ok_or(SubmitError::Closed)?;
+            let permit = tokio::time::timeout(self.queue_timeout, queue.reserve())
+                .await
+                .map_err(|_| SubmitError::QueueFull(self.queue_timeout))?
+                .map_err(|_| SubmitError::Closed)?;
+            permits.push(permit);
+        }
+        for (permit, (_, submission)) in permits.into_iter().zip(submissions) {
+            permit.send(submission);
+        }
+        Ok(())
+    }
+}
+
+impl CoalescerTasks {
+    /// Stops taking rows, flushes everything queued, and waits for the partitions to finish.
+    pub async fn drain(mut self) {
+        self.close.cancel();
+        while let Some(result) = self.tasks.join_next().await {
+            if let Err(e) = result {
+                tracing::error!(error = %e, "a coalescer partition ended abnormally");
+            }
+        }
+    }
+}

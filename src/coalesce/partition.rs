@@ -1,0 +1,135 @@
+//! One partition's loop: take what is queued, send it as one batch, report to every request
+//! whose rows it held, repeat.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{BatchLimits, FlushResult, Submission};
+use crate::clickhouse::writer::Writer;
+use crate::schema::TableSchema;
+
+/// Rows of several submissions that share a schema, grouped by INSERT column list.
+struct Batch {
+    schema: Arc<TableSchema>,
+    groups: Vec<(u64, Vec<u8>)>,
+    rows: usize,
+    bytes: usize,
+    acks: Vec<tokio::sync::oneshot::Sender<FlushResult>>,
+}
+
+impl Batch {
+    fn new(first: Submission) -> Self {
+        let mut batch = Self {
+            schema: Arc::clone(&first.schema),
+            groups: Vec::new(),
+            rows: 0,
+            bytes: 0,
+            acks: Vec::new(),
+        };
+        batch.push(first);
+        batch
+    }
+
+    fn full(&self, limits: &BatchLimits) -> bool {
+        self.rows >= limits.max_rows || self.bytes >= limits.max_bytes
+    }
+
+    /// Whether `next` can join without crossing a limit or mixing schema versions.
+    fn fits(&self, next: &Submission, limits: &BatchLimits) -> bool {
+        self.schema.version == next.schema.version
+            && self.rows + next.rows.rows() <= limits.max_rows
+            && self.bytes + next.rows.bytes() <= limits.max_bytes
+    }
+
+    fn push(&mut self, submission: Submission) {
+        for chunk in submission.rows.chunks {
+            self.rows += chunk.rows;
+            self.bytes += chunk.data.len();
+            match self
+                .groups
+                .iter_mut()
+                .find(|(mask, _)| *mask == chunk.omitted)
+            {
+                Some((_, data)) => data.extend_from_slice(&chunk.data),
+                None => self.groups.push((chunk.omitted, chunk.data)),
+            }
+        }
+        self.acks.extend(submission.ack);
+    }
+
+    async fn flush(self, writer: &Writer) {
+        let mut result = Ok(());
+        for (mask, data) in self.groups {
+            result = writer
+                .write(&self.schema.insert_sql(mask), Bytes::from(data))
+                .await;
+            if result.is_err() {
+                break;
+            }
+        }
+        for ack in self.acks {
+            // The request may be gone (client hung up, or `wait=false`): nothing to tell.
+            let _ = ack.send(result.clone());
+        }
+    }
+}
+
+pub(super) async fn run(
+    id: usize,
+    mut queue: mpsc::Receiver<Submission>,
+    writer: Arc<Writer>,
+    limits: BatchLimits,
+    close: CancellationToken,
+) {
+    let mut carry: Option<Submission> = None;
+    let mut closing = false;
+    loop {
+        let first = match carry.take() {
+            Some(submission) => submission,
+            None => tokio::select! {
+                biased;
+                next = queue.recv() => match next {
+                    Some(submission) => submission,
+                    None => break,
+                },
+                () = close.cancelled(), if !closing => {
+                    // No more senders can get in; what is queued still comes out of recv().
+                    queue.close();
+                    closing = true;
+                    continue;
+                }
+            },
+        };
+        let mut batch = Batch::new(first);
+        let deadline = Instant::now() + limits.linger;
+        while !batch.full(&limits) {
+            let next = match queue.try_recv() {
+                Ok(submission) => Some(submission),
+                Err(_) if closing || limits.linger.is_zero() => None,
+                Err(_) => tokio::select! {
+                    next = queue.recv() => next,
+                    () = tokio::time::sleep_until(deadline) => None,
+                    () = close.cancelled() => None,
+                },
+            };
+            let Some(next) = next else { break };
+            if !batch.fits(&next, &limits) {
+                carry = Some(next);
+                break;
+            }
+            batch.push(next);
+        }
+        tracing::trace!(
+            partition = id,
+            rows = batch.rows,
+            bytes = batch.bytes,
+            "flushing"
+        );
+        batch.flush(&writer).await;
+    }
+    tracing::debug!(partition = id, "coalescer partition drained");
+}

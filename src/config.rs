@@ -1,0 +1,403 @@
+//! Gateway configuration: an optional TOML file overridden by `BUFFERGATE_*` environment
+//! variables. Every key of the file is the lower-case name of its variable without the
+//! prefix (`BUFFERGATE_MAX_BODY_BYTES` ⇔ `max_body_bytes`). Defaults sit next to each field.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// What is wrong with a configuration; printed as is to the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration file {0} does not exist")]
+    MissingFile(String),
+    #[error("configuration: {key} {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+/// Compression of the blocks sent to ClickHouse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// ClickHouse's native LZ4 block framing (`decompress=1`).
+    Lz4,
+    None,
+}
+
+/// What to do with an event field that names no column of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownFields {
+    /// Reject the event, naming the field: nothing a producer sends is dropped silently.
+    Reject,
+    /// Store the known fields and drop the others.
+    Ignore,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The whole configuration. Field names are the public contract (see `docs/configuration.md`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the HTTP server binds.
+    pub listen: SocketAddr,
+    pub log_format: LogFormat,
+
+    pub clickhouse_url: String,
+    pub clickhouse_user: String,
+    pub clickhouse_password: String,
+    pub clickhouse_compression: Compression,
+    /// Upper bound on one INSERT or metadata query, connection to answer.
+    pub clickhouse_timeout_ms: u64,
+
+    pub database: String,
+    pub buffer_table: String,
+    pub destination_table: String,
+
+    /// `Buffer(...)` engine arguments used by `migrate` (thresholds are per layer).
+    pub buffer_num_layers: u32,
+    pub buffer_min_time: u64,
+    pub buffer_max_time: u64,
+    pub buffer_min_rows: u64,
+    pub buffer_max_rows: u64,
+    pub buffer_min_bytes: u64,
+    pub buffer_max_bytes: u64,
+
+    /// Largest request body accepted as sent on the wire (compressed or not).
+    pub max_body_bytes: usize,
+    /// Largest request body accepted after decompression (gzip-bomb guard).
+    pub max_decompressed_bytes: usize,
+    pub max_events_per_request: usize,
+    pub unknown_fields: UnknownFields,
+
+    /// UUID column filled with a generated UUIDv7 when an event omits it.
+    pub id_column: String,
+    /// Time column filled with the receive time when an event omits it.
+    pub timestamp_column: String,
+    /// Event field whose value picks the coalescer partition.
+    pub partition_key: String,
+
+    /// Number of coalescer partitions; 0 means the number of CPUs.
+    pub partitions: usize,
+    /// Submissions (one per request and partition) a partition queues before producers wait.
+    pub queue_capacity: usize,
+    /// How long a request waits for room in a full queue before it gets 503.
+    pub queue_timeout_ms: u64,
+    /// A batch is sent once it holds this many rows...
+    pub flush_max_rows: usize,
+    /// ...or this many encoded bytes...
+    pub flush_max_bytes: usize,
+    /// ...or its first row has waited this long while no INSERT was pending (0: send at once).
+    pub flush_linger_ms: u64,
+    /// Concurrent INSERTs over all partitions; 0 means one per partition.
+    pub max_concurrent_inserts: usize,
+    /// Retries of a failed INSERT when the failure is retryable.
+    pub insert_retries: u32,
+    pub retry_initial_backoff_ms: u64,
+    pub retry_max_backoff_ms: u64,
+
+    /// How often the table's columns and ClickHouse's reachability are re-read.
+    pub schema_refresh_interval_ms: u64,
+    /// After SIGTERM, keep serving (not ready) this long so load balancers stop routing here.
+    pub shutdown_delay_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            log_format: LogFormat::Text,
+            clickhouse_url: "http://127.0.0.1:8123".into(),
+            clickhouse_user: "default".into(),
+            clickhouse_password: String::new(),
+            clickhouse_compression: Compression::Lz4,
+            clickhouse_timeout_ms: 30_000,
+            database: "analytics".into(),
+            buffer_table: "events_buffer".into(),
+            destination_table: "events_raw".into(),
+            buffer_num_layers: 16,
+            buffer_min_time: 10,
+            buffer_max_time: 60,
+            buffer_min_rows: 100_000,
+            buffer_max_rows: 1_000_000,
+            buffer_min_bytes: 10 * 1024 * 1024,
+            // The seed's 10 GiB per layer would let 16 layers hold 160 GiB of RAM; 128 MiB per
+            // layer caps the Buffer at 2 GiB, above what 1M seed-shaped rows occupy per layer.
+            buffer_max_bytes: 128 * 1024 * 1024,
+            max_body_bytes: 10 * 1024 * 1024,
+            max_decompressed_bytes: 10 * 1024 * 1024,
+            max_events_per_request: 10_000,
+            unknown_fields: UnknownFields::Reject,
+            id_column: "event_id".into(),
+            timestamp_column: "event_ts".into(),
+            partition_key: "user_id".into(),
+            partitions: 0,
+            queue_capacity: 1024,
+            queue_timeout_ms: 1_000,
+            flush_max_rows: 100_000,
+            flush_max_bytes: 16 * 1024 * 1024,
+            flush_linger_ms: 0,
+            max_concurrent_inserts: 0,
+            insert_retries: 4,
+            retry_initial_backoff_ms: 100,
+            retry_max_backoff_ms: 3_000,
+            schema_refresh_interval_ms: 10_000,
+            shutdown_delay_ms: 0,
+        }
+    }
+}
+
+const ENV_PREFIX: &str = "BUFFERGATE_";
+
+/// The configuration keys, lower case (the file's keys; the variables without their prefix),
+/// each with whether its value is text.
+fn keys() -> Vec<(String, bool)> {
+    match serde_json::to_value(Config::default()) {
+        Ok(serde_json::Value::Object(map)) => {
+            map.into_iter().map(|(k, v)| (k, v.is_string())).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+fn known_keys() -> Vec<String> {
+    keys().into_iter().map(|(k, _)| k).collect()
+}
+
+/// `BUFFERGATE_*` variables that name no configuration key (ignored; worth a warning).
+pub fn unknown_env_vars() -> Vec<String> {
+    let known = known_keys();
+    std::env::vars()
+        .filter_map(|(name, _)| {
+            let key = name.strip_prefix(ENV_PREFIX)?.to_ascii_lowercase();
+            (key != "config" && !known.contains(&key)).then_some(name)
+        })
+        .collect()
+}
+
+impl Config {
+    /// Loads defaults, then the TOML file (if any), then `BUFFERGATE_*` variables, and validates.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::MissingFile(path.display().to_string()));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        // Only known keys: Kubernetes injects BUFFERGATE_PORT, BUFFERGATE_SERVICE_HOST... into
+        // pods when a Service is named `buffergate`; those must not stop the gateway.
+        // Figment parses variables as TOML-like scalars, which would turn a password "0123" into
+        // the number 123: text keys are taken verbatim instead, the others parsed.
+        let (text, parsed): (Vec<_>, Vec<_>) =
+            keys().into_iter().partition(|(_, is_text)| *is_text);
+        let parsed: Vec<String> = parsed.into_iter().map(|(k, _)| k).collect();
+        figment =
+            figment
+                .merge(Env::prefixed(ENV_PREFIX).filter(move |key| {
+                    parsed.iter().any(|k| key.as_str().eq_ignore_ascii_case(k))
+                }));
+        let verbatim: BTreeMap<String, String> = text
+            .into_iter()
+            .filter_map(|(key, _)| {
+                Some((
+                    key.clone(),
+                    std::env::var(format!("{ENV_PREFIX}{}", key.to_ascii_uppercase())).ok()?,
+                ))
+            })
+            .collect();
+        figment = figment.merge(Serialized::defaults(verbatim));
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the relations between values that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                problem: problem.into(),
+            }
+        }
+        for (key, value) in [
+            ("database", &self.database),
+            ("buffer_table", &self.buffer_table),
+            ("destination_table", &self.destination_table),
+        ] {
+            if value.is_empty() || value.contains('`') || value.contains('\0') {
+                return Err(invalid(
+                    key,
+                    "must be a non-empty identifier without backticks",
+                ));
+            }
+        }
+        if self.buffer_table == self.destination_table {
+            return Err(invalid(
+                "buffer_table",
+                "must differ from destination_table",
+            ));
+        }
+        if !self.clickhouse_url.starts_with("http://")
+            && !self.clickhouse_url.starts_with("https://")
+        {
+            return Err(invalid(
+                "clickhouse_url",
+                "must start with http:// or https://",
+            ));
+        }
+        for (key, value) in [
+            ("max_body_bytes", self.max_body_bytes),
+            ("max_decompressed_bytes", self.max_decompressed_bytes),
+            ("max_events_per_request", self.max_events_per_request),
+            ("queue_capacity", self.queue_capacity),
+            ("flush_max_rows", self.flush_max_rows),
+            ("flush_max_bytes", self.flush_max_bytes),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if self.buffer_num_layers == 0 || self.buffer_num_layers > 256 {
+            return Err(invalid("buffer_num_layers", "must be between 1 and 256"));
+        }
+        if self.buffer_min_time > self.buffer_max_time
+            || self.buffer_min_rows > self.buffer_max_rows
+            || self.buffer_min_bytes > self.buffer_max_bytes
+        {
+            return Err(invalid(
+                "buffer_min_*",
+                "each minimum must not exceed its maximum",
+            ));
+        }
+        // An INSERT larger than the Buffer's max_rows/max_bytes bypasses the buffer and writes a
+        // part straight into the destination: a gateway batch must never be that large.
+        if self.flush_max_rows as u64 >= self.buffer_max_rows {
+            return Err(invalid(
+                "flush_max_rows",
+                "must be below buffer_max_rows, or INSERTs bypass the Buffer",
+            ));
+        }
+        if self.flush_max_bytes as u64 >= self.buffer_max_bytes {
+            return Err(invalid(
+                "flush_max_bytes",
+                "must be below buffer_max_bytes, or INSERTs bypass the Buffer",
+            ));
+        }
+        if self.retry_initial_backoff_ms == 0
+            || self.retry_initial_backoff_ms > self.retry_max_backoff_ms
+        {
+            return Err(invalid(
+                "retry_initial_backoff_ms",
+                "must be > 0 and <= retry_max_backoff_ms",
+            ));
+        }
+        if self.schema_refresh_interval_ms < 100 {
+            return Err(invalid(
+                "schema_refresh_interval_ms",
+                "must be at least 100",
+            ));
+        }
+        if self.clickhouse_timeout_ms == 0 {
+            return Err(invalid("clickhouse_timeout_ms", "must be greater than 0"));
+        }
+        Ok(())
+    }
+
+    /// Partitions to run: the configured count, or one per CPU.
+    pub fn partition_count(&self) -> usize {
+        if self.partitions > 0 {
+            self.partitions
+        } else {
+            std::thread::available_parallelism().map_or(1, usize::from)
+        }
+    }
+
+    /// Concurrent INSERTs allowed over all partitions.
+    pub fn insert_concurrency(&self) -> usize {
+        if self.max_concurrent_inserts > 0 {
+            self.max_concurrent_inserts
+        } else {
+            self.partition_count()
+        }
+    }
+
+    pub fn clickhouse_timeout(&self) -> Duration {
+        Duration::from_millis(self.clickhouse_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn file_then_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "gw.toml",
+                "database = \"from_file\"\nmax_events_per_request = 5\n",
+            )?;
+            jail.set_env("BUFFERGATE_MAX_EVENTS_PER_REQUEST", "7");
+            jail.set_env("BUFFERGATE_CLICKHOUSE_PASSWORD", "0123");
+            let config = Config::load(Some(Path::new("gw.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(config.database, "from_file");
+            assert_eq!(config.max_events_per_request, 7);
+            assert_eq!(config.clickhouse_password, "0123");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("BUFFERGATE_MAX_BODY_BYTES", "lots");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(
+                err.contains("max_body_bytes") || err.contains("MAX_BODY_BYTES"),
+                "{err}"
+            );
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("BUFFERGATE_FLUSH_MAX_ROWS", "2000000");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("bypass"), "{err}");
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("gw.toml", "not_a_key = 1\n")?;
+            let err = Config::load(Some(Path::new("gw.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("not_a_key"), "{err}");
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("BUFFERGATE_PORT_8080_TCP", "tcp://10.0.0.1:8080");
+            Config::load(None).map_err(|e| e.to_string())?;
+            assert!(unknown_env_vars().contains(&"BUFFERGATE_PORT_8080_TCP".to_string()));
+            Ok(())
+        });
+    }
+}

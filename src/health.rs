@@ -1,0 +1,45 @@
+//! What readiness is made of: ClickHouse answering, the Buffer table present with its schema
+//! loaded, and the gateway not draining. Written by background tasks, read by `/readyz`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(Debug, Default)]
+pub struct Health {
+    clickhouse_up: AtomicBool,
+    table_present: AtomicBool,
+    draining: AtomicBool,
+}
+
+impl Health {
+    pub fn set_clickhouse_up(&self, up: bool) {
+        self.clickhouse_up.store(up, Ordering::Relaxed);
+    }
+
+    pub fn set_table_present(&self, present: bool) {
+        self.table_present.store(present, Ordering::Relaxed);
+    }
+
+    /// Marks the gateway as shutting down: not ready from now on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// `Ok` when ready to take traffic, else why not.
+    pub fn readiness(&self, schema_loaded: bool) -> Result<(), &'static str> {
+        if self.is_draining() {
+            Err("the gateway is shutting down")
+        } else if !self.clickhouse_up.load(Ordering::Relaxed) {
+            Err("ClickHouse is not reachable")
+        } else if !self.table_present.load(Ordering::Relaxed) {
+            Err("the Buffer table does not exist (run `buffergate migrate`)")
+        } else if !schema_loaded {
+            Err("the table schema is not loaded yet")
+        } else {
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! The HTTP boundary's error type: every failure of a request maps to one status and one JSON
+//! body `{"error": "<code>", "message": "..."}` here, and nowhere else.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// Seconds a producer is told to wait before retrying a 503.
+const RETRY_AFTER_SECONDS: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(
+        "Content-Type {0:?} is not accepted; send application/json (an array of events) or application/x-ndjson"
+    )]
+    UnsupportedMediaType(String),
+    #[error("Content-Encoding {0:?} is not accepted; send gzip, zstd or identity")]
+    UnsupportedEncoding(String),
+    #[error("the request body exceeds {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("the request body exceeds {limit} bytes once decompressed")]
+    DecompressedTooLarge { limit: usize },
+    #[error("the request holds more than {limit} events")]
+    TooManyEvents { limit: usize },
+    #[error("malformed JSON at line {line}, column {column}: {reason}")]
+    MalformedJson {
+        line: usize,
+        column: usize,
+        reason: String,
+    },
+    #[error("the body cannot be decompressed: {0}")]
+    BadEncoding(String),
+    #[error("invalid query string: {0}")]
+    BadQuery(String),
+    #[error("the request body could not be read: {0}")]
+    BodyRead(String),
+    #[error("not ready: {0}")]
+    NotReady(&'static str),
+    #[error("{0}; retry later")]
+    QueueFull(String),
+    #[error(
+        "the events could not be written to ClickHouse ({0}); none of them is accepted, retry later"
+    )]
+    FlushFailed(String),
+    #[error("the gateway is shutting down; retry on another replica")]
+    ShuttingDown,
+    #[error("no such endpoint")]
+    NotFound,
+    #[error("method not allowed on this endpoint")]
+    MethodNotAllowed,
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    error: &'static str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    line: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    column: Option<usize>,
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::UnsupportedMediaType(_) | Self::UnsupportedEncoding(_) => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
+            Self::BodyTooLarge { .. }
+            | Self::DecompressedTooLarge { .. }
+            | Self::TooManyEvents { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::MalformedJson { .. }
+            | Self::BadEncoding(_)
+            | Self::BadQuery(_)
+            | Self::BodyRead(_) => StatusCode::BAD_REQUEST,
+            Self::NotReady(_) | Self::QueueFull(_) | Self::FlushFailed(_) | Self::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+        }
+    }
+
+    /// The stable, machine-readable error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::UnsupportedMediaType(_) => "unsupported_media_type",
+            Self::UnsupportedEncoding(_) => "unsupported_encoding",
+            Self::BodyTooLarge { .. } => "body_too_large",
+            Self::DecompressedTooLarge { .. } => "decompressed_body_too_large",
+            Self::TooManyEvents { .. } => "too_many_events",
+            Self::MalformedJson { .. } => "malformed_json",
+            Self::BadEncoding(_) => "bad_encoding",
+            Self::BadQuery(_) => "bad_query",
+            Self::BodyRead(_) => "body_read_failed",
+            Self::NotReady(_) => "not_ready",
+            Self::QueueFull(_) => "queue_full",
+            Self::FlushFailed(_) => "flush_failed",
+            Self::ShuttingDown => "shutting_down",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let (line, column) = match &self {
+            Self::MalformedJson { line, column, .. } => (Some(*line), Some(*column)),
+            _ => (None, None),
+        };
+        let body = ErrorBody {
+            error: self.code(),
+            message: self.to_string(),
+            line,
+            column,
+        };
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+        }
+        response
+    }
+}

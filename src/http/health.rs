@@ -1,0 +1,25 @@
+//! `GET /healthz` (the process answers) and `GET /readyz` (it should get traffic).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use serde_json::{Value, json};
+
+use super::error::ApiError;
+use crate::server::AppState;
+
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let schema = state.schema.get();
+    state
+        .health
+        .readiness(schema.is_some())
+        .map_err(ApiError::NotReady)?;
+    Ok(Json(
+        json!({"status": "ready", "schema_version": schema.map(|s| s.version)}),
+    ))
+}

@@ -1,0 +1,601 @@
+//! JSON values → ClickHouse RowBinary, driven by the column's real type.
+//!
+//! Each function appends to the row being built and, on failure, returns the reason only; the
+//! caller names the field and rolls the row back. RowBinary layout reference: integers and
+//! floats little-endian, strings and arrays prefixed by an unsigned LEB128 length, `Nullable`
+//! by a null byte, `LowCardinality` unwrapped, UUID as two little-endian halves (high first),
+//! IPv6 as 16 network-order bytes.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use serde_json::Value;
+
+use super::time::{self, Instant};
+use super::types::ColumnType;
+
+/// Why a value does not fit its column.
+pub type Reason = String;
+
+/// `DateTime64` and `Date32` cover 1900-01-01 ..= 2299-12-31 23:59:59.
+const MIN_SECONDS_64: i64 = -2_208_988_800;
+const MAX_SECONDS_64: i64 = 10_413_791_999;
+const MIN_DAYS_32: i64 = -25_567;
+const MAX_DAYS_32: i64 = 120_529;
+
+const TIME_FORMS: &str =
+    "expected an RFC 3339 string, 'YYYY-MM-DD hh:mm:ss[.fff]' (UTC) or integer epoch milliseconds";
+
+/// Appends `value` encoded as `ty`. JSON `null` on a non-Nullable type writes the type's
+/// default, as ClickHouse's own JSON input does.
+pub fn encode(ty: &ColumnType, value: &Value, out: &mut Vec<u8>) -> Result<(), Reason> {
+    match (ty, value) {
+        (ColumnType::LowCardinality(inner), _) => encode(inner, value, out),
+        (ColumnType::Nullable(_), Value::Null) => {
+            out.push(1);
+            Ok(())
+        }
+        (ColumnType::Nullable(inner), _) => {
+            out.push(0);
+            encode(inner, value, out)
+        }
+        (_, Value::Null) => {
+            encode_default(ty, out);
+            Ok(())
+        }
+        (ColumnType::String, _) => {
+            match value {
+                Value::String(s) => write_bytes(out, s.as_bytes()),
+                Value::Bool(b) => write_bytes(out, if *b { b"true" } else { b"false" }),
+                // Objects and arrays are kept as compact JSON text; numbers as written.
+                other => write_bytes(out, other.to_string().as_bytes()),
+            }
+            Ok(())
+        }
+        (ColumnType::FixedString(n), Value::String(s)) => {
+            if s.len() > *n {
+                return Err(format!("{} bytes do not fit FixedString({n})", s.len()));
+            }
+            out.extend_from_slice(s.as_bytes());
+            out.resize(out.len() + n - s.len(), 0);
+            Ok(())
+        }
+        (ColumnType::UInt8, _) => int(value, 0, u8::MAX.into()).map(|v| out.push(v as u8)),
+        (ColumnType::UInt16, _) => {
+            int(value, 0, u16::MAX.into()).map(|v| out.extend((v as u16).to_le_bytes()))
+        }
+        (ColumnType::UInt32, _) => {
+            int(value, 0, u32::MAX.into()).map(|v| out.extend((v as u32).to_le_bytes()))
+        }
+        (ColumnType::UInt64, _) => {
+            int(value, 0, u64::MAX.into()).map(|v| out.extend((v as u64).to_le_bytes()))
+        }
+        (ColumnType::Int8, _) => {
+            int(value, i8::MIN.into(), i8::MAX.into()).map(|v| out.push(v as i8 as u8))
+        }
+        (ColumnType::Int16, _) => int(value, i16::MIN.into(), i16::MAX.into())
+            .map(|v| out.extend((v as i16).to_le_bytes())),
+        (ColumnType::Int32, _) => int(value, i32::MIN.into(), i32::MAX.into())
+            .map(|v| out.extend((v as i32).to_le_bytes())),
+        (ColumnType::Int64, _) => int(value, i64::MIN.into(), i64::MAX.into())
+            .map(|v| out.extend((v as i64).to_le_bytes())),
+        (ColumnType::Float32, _) => {
+            let f = float(value)?;
+            if f.is_finite() && f.abs() > f64::from(f32::MAX) {
+                return Err(format!("{f} is out of range for Float32"));
+            }
+            out.extend((f as f32).to_le_bytes());
+            Ok(())
+        }
+        (ColumnType::Float64, _) => float(value).map(|f| out.extend(f.to_le_bytes())),
+        (ColumnType::Bool, _) => {
+            let b = match value {
+                Value::Bool(b) => *b,
+                Value::Number(n) if n.as_u64() == Some(0) => false,
+                Value::Number(n) if n.as_u64() == Some(1) => true,
+                Value::String(s) if s == "true" || s == "1" => true,
+                Value::String(s) if s == "false" || s == "0" => false,
+                _ => return Err("expected true or false".into()),
+            };
+            out.push(u8::from(b));
+            Ok(())
+        }
+        (ColumnType::Uuid, Value::String(s)) => {
+            let uuid = uuid::Uuid::parse_str(s).map_err(|_| format!("{s:?} is not a UUID"))?;
+            write_uuid(out, uuid);
+            Ok(())
+        }
+        (ColumnType::Date, _) => {
+            let days = days(value)?;
+            let days = u16::try_from(days)
+                .map_err(|_| "out of range for Date (1970-01-01 to 2149-06-06)".to_string())?;
+            out.extend(days.to_le_bytes());
+            Ok(())
+        }
+        (ColumnType::Date32, _) => {
+            let days = days(value)?;
+            if !(MIN_DAYS_32..=MAX_DAYS_32).contains(&days) {
+                return Err("out of range for Date32 (1900-01-01 to 2299-12-31)".into());
+            }
+            out.extend((days as i32).to_le_bytes());
+            Ok(())
+        }
+        (ColumnType::DateTime | ColumnType::DateTime64(_), _) => {
+            encode_time(ty, instant(value)?, out)
+        }
+        (ColumnType::Decimal(precision, scale), _) => {
+            let text = match value {
+                Value::String(s) => s.clone(),
+                Value::Number(n) => n.to_string(),
+                _ => return Err("expected a decimal number or string".into()),
+            };
+            let v = decimal(&text, *precision, *scale)
+                .ok_or_else(|| format!("{text:?} is not a Decimal({precision}, {scale})"))?;
+            match precision {
+                0..=9 => out.extend((v as i32).to_le_bytes()),
+                10..=18 => out.extend((v as i64).to_le_bytes()),
+                _ => out.extend(v.to_le_bytes()),
+            }
+            Ok(())
+        }
+        (ColumnType::Enum { wide, variants }, _) => {
+            let found = match value {
+                Value::String(s) => variants.iter().find(|(name, _)| name == s).map(|(_, v)| *v),
+                Value::Number(n) => n
+                    .as_i64()
+                    .and_then(|n| variants.iter().find(|(_, v)| i64::from(*v) == n))
+                    .map(|(_, v)| *v),
+                _ => None,
+            };
+            let v = found.ok_or_else(|| {
+                let names: Vec<&str> = variants.iter().map(|(n, _)| n.as_str()).collect();
+                format!("{value} is not one of {names:?}")
+            })?;
+            if *wide {
+                out.extend(v.to_le_bytes());
+            } else {
+                out.push(v as i8 as u8);
+            }
+            Ok(())
+        }
+        (ColumnType::Ipv4, _) => {
+            let ip = match value {
+                Value::String(s) => s
+                    .parse::<Ipv4Addr>()
+                    .map(u32::from)
+                    .map_err(|_| format!("{s:?} is not an IPv4 address"))?,
+                _ => int(value, 0, u32::MAX.into())? as u32,
+            };
+            out.extend(ip.to_le_bytes());
+            Ok(())
+        }
+        (ColumnType::Ipv6, Value::String(s)) => {
+            let ip = match s
+                .parse::<IpAddr>()
+                .map_err(|_| format!("{s:?} is not an IP address"))?
+            {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            out.extend(ip.octets());
+            Ok(())
+        }
+        (ColumnType::Array(inner), Value::Array(items)) => {
+            write_len(out, items.len());
+            for (i, item) in items.iter().enumerate() {
+                encode(inner, item, out).map_err(|reason| format!("element {i}: {reason}"))?;
+            }
+            Ok(())
+        }
+        (ColumnType::Map(key_ty, value_ty), Value::Object(map)) => {
+            write_len(out, map.len());
+            for (key, item) in map {
+                match key_ty.unwrapped() {
+                    ColumnType::String => write_bytes(out, key.as_bytes()),
+                    _ => encode(key_ty, &Value::String(key.clone()), out)
+                        .map_err(|reason| format!("key {key:?}: {reason}"))?,
+                }
+                encode(value_ty, item, out).map_err(|reason| format!("key {key:?}: {reason}"))?;
+            }
+            Ok(())
+        }
+        (ty, value) => Err(format!("expected {}, got {}", expectation(ty), kind(value))),
+    }
+}
+
+/// Appends the value a column takes when nothing is given: zero, empty, or NULL; an Enum's
+/// smallest value. (Columns with a DEFAULT expression are left out of the INSERT instead.)
+pub fn encode_default(ty: &ColumnType, out: &mut Vec<u8>) {
+    let zeros = match ty {
+        ColumnType::LowCardinality(inner) => return encode_default(inner, out),
+        ColumnType::Nullable(_) => {
+            out.push(1);
+            return;
+        }
+        ColumnType::Enum { wide, variants } => {
+            let v = variants.iter().map(|(_, v)| *v).min().unwrap_or(0);
+            if *wide {
+                out.extend(v.to_le_bytes());
+            } else {
+                out.push(v as i8 as u8);
+            }
+            return;
+        }
+        ColumnType::String | ColumnType::Array(_) | ColumnType::Map(..) => 1,
+        ColumnType::FixedString(n) => *n,
+        ColumnType::UInt8 | ColumnType::Int8 | ColumnType::Bool => 1,
+        ColumnType::UInt16 | ColumnType::Int16 | ColumnType::Date => 2,
+        ColumnType::UInt32 | ColumnType::Int32 | ColumnType::Float32 | ColumnType::Date32 => 4,
+        ColumnType::DateTime | ColumnType::Ipv4 => 4,
+        ColumnType::UInt64
+        | ColumnType::Int64
+        | ColumnType::Float64
+        | ColumnType::DateTime64(_) => 8,
+        ColumnType::Uuid | ColumnType::Ipv6 => 16,
+        ColumnType::Decimal(p, _) => match p {
+            0..=9 => 4,
+            10..=18 => 8,
+            _ => 16,
+        },
+    };
+    out.resize(out.len() + zeros, 0);
+}
+
+/// Appends an instant to a time column (`DateTime`, `DateTime64`, possibly wrapped).
+pub fn encode_time(ty: &ColumnType, at: Instant, out: &mut Vec<u8>) -> Result<(), Reason> {
+    match ty {
+        ColumnType::LowCardinality(inner) => encode_time(inner, at, out),
+        ColumnType::Nullable(inner) => {
+            out.push(0);
+            encode_time(inner, at, out)
+        }
+        ColumnType::DateTime => {
+            let seconds = u32::try_from(at.seconds)
+                .map_err(|_| "out of range for DateTime (1970-01-01 to 2106-02-07)".to_string())?;
+            out.extend(seconds.to_le_bytes());
+            Ok(())
+        }
+        ColumnType::DateTime64(precision) => {
+            let ticks = Some(at)
+                .filter(|t| (MIN_SECONDS_64..=MAX_SECONDS_64).contains(&t.seconds))
+                .and_then(|t| t.ticks(*precision))
+                .ok_or_else(|| {
+                    "out of range for DateTime64 (1900-01-01 to 2299-12-31)".to_string()
+                })?;
+            out.extend(ticks.to_le_bytes());
+            Ok(())
+        }
+        other => Err(format!("{other} is not a time type")),
+    }
+}
+
+/// Appends a UUID to a UUID column (possibly Nullable).
+pub fn write_uuid_column(ty: &ColumnType, uuid: uuid::Uuid, out: &mut Vec<u8>) {
+    match ty {
+        ColumnType::LowCardinality(inner) => write_uuid_column(inner, uuid, out),
+        ColumnType::Nullable(inner) => {
+            out.push(0);
+            write_uuid_column(inner, uuid, out);
+        }
+        _ => write_uuid(out, uuid),
+    }
+}
+
+/// Appends a UUID (RowBinary: high and low 64-bit halves, each little-endian).
+pub fn write_uuid(out: &mut Vec<u8>, uuid: uuid::Uuid) {
+    let (high, low) = uuid.as_u64_pair();
+    out.extend(high.to_le_bytes());
+    out.extend(low.to_le_bytes());
+}
+
+/// Appends an unsigned LEB128 length.
+pub fn write_len(out: &mut Vec<u8>, len: usize) {
+    let mut n = len as u64;
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+fn write_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    write_len(out, bytes.len());
+    out.extend_from_slice(bytes);
+}
+
+/// An integer in `[min, max]`, from a JSON integer, an integral float, or a string of digits.
+fn int(value: &Value, min: i128, max: i128) -> Result<i128, Reason> {
+    let v = match value {
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                i128::from(i)
+            } else if let Some(u) = n.as_u64() {
+                i128::from(u)
+            } else {
+                match n.as_f64() {
+                    Some(f) if f.fract() == 0.0 && f.abs() < 1e38 => f as i128,
+                    _ => return Err(format!("{n} is not an integer")),
+                }
+            }
+        }
+        Value::String(s) => s
+            .trim()
+            .parse::<i128>()
+            .map_err(|_| format!("{s:?} is not an integer"))?,
+        other => return Err(format!("expected an integer, got {}", kind(other))),
+    };
+    if v < min || v > max {
+        return Err(format!("{v} is out of range [{min}, {max}]"));
+    }
+    Ok(v)
+}
+
+fn float(value: &Value) -> Result<f64, Reason> {
+    match value {
+        Value::Number(n) => n.as_f64().ok_or_else(|| format!("{n} is not a number")),
+        Value::String(s) => s
+            .trim()
+            .parse::<f64>()
+            .map_err(|_| format!("{s:?} is not a number")),
+        other => Err(format!("expected a number, got {}", kind(other))),
+    }
+}
+
+fn instant(value: &Value) -> Result<Instant, Reason> {
+    match value {
+        Value::String(s) => {
+            time::parse(s).ok_or_else(|| format!("{s:?} is not a timestamp: {TIME_FORMS}"))
+        }
+        Value::Number(n) => n
+            .as_i64()
+            .map(Instant::from_epoch_millis)
+            .ok_or_else(|| format!("{n} is not a timestamp: {TIME_FORMS}")),
+        other => Err(format!(
+            "expected a timestamp, got {}: {TIME_FORMS}",
+            kind(other)
+        )),
+    }
+}
+
+/// Days since the epoch, from a date/timestamp string or an integer day number.
+fn days(value: &Value) -> Result<i64, Reason> {
+    match value {
+        Value::String(s) => time::parse(s)
+            .map(Instant::days)
+            .ok_or_else(|| format!("{s:?} is not a date (YYYY-MM-DD)")),
+        Value::Number(n) => n.as_i64().ok_or_else(|| format!("{n} is not a day number")),
+        other => Err(format!("expected a date, got {}", kind(other))),
+    }
+}
+
+/// Parses decimal text (optionally with an exponent) into an integer scaled by `10^scale`,
+/// truncating extra fractional digits; `None` when malformed or wider than `precision` digits.
+fn decimal(text: &str, precision: u32, scale: u32) -> Option<i128> {
+    let text = text.trim();
+    let (negative, text) = match text.as_bytes().first()? {
+        b'-' => (true, &text[1..]),
+        b'+' => (false, &text[1..]),
+        _ => (false, text),
+    };
+    let (mantissa, exponent) = match text.find(['e', 'E']) {
+        Some(i) => (&text[..i], text[i + 1..].parse::<i32>().ok()?),
+        None => (text, 0),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if whole.is_empty() && fraction.is_empty() {
+        return None;
+    }
+    let mut value: i128 = 0;
+    // Digits are shifted by `scale + exponent` places; those falling below 10^0 are truncated.
+    let shift = scale as i32 + exponent;
+    for (i, c) in whole.bytes().chain(fraction.bytes()).enumerate() {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        let place = whole.len() as i32 - 1 - i as i32 + shift;
+        if place < 0 {
+            continue;
+        }
+        let digit = i128::from(c - b'0');
+        value = value.checked_add(digit.checked_mul(10i128.checked_pow(place as u32)?)?)?;
+    }
+    if value >= 10i128.checked_pow(precision)? {
+        return None;
+    }
+    Some(if negative { -value } else { value })
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn expectation(ty: &ColumnType) -> String {
+    match ty {
+        ColumnType::FixedString(_) | ColumnType::Uuid | ColumnType::Ipv6 => {
+            format!("a string ({ty})")
+        }
+        ColumnType::Array(_) => format!("an array ({ty})"),
+        ColumnType::Map(..) => format!("an object ({ty})"),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[allow(clippy::needless_pass_by_value)] // json!(...) at every call site
+    fn enc(ty: &str, value: Value) -> Result<Vec<u8>, Reason> {
+        let mut out = Vec::new();
+        encode(&ColumnType::parse(ty).unwrap(), &value, &mut out).map(|()| out)
+    }
+
+    #[test]
+    fn scalars() {
+        assert_eq!(enc("UInt8", json!(255)).unwrap(), [255]);
+        assert!(
+            enc("UInt8", json!(256))
+                .unwrap_err()
+                .contains("out of range")
+        );
+        assert!(enc("UInt32", json!(-1)).is_err());
+        assert_eq!(enc("Int16", json!("-2")).unwrap(), (-2i16).to_le_bytes());
+        assert_eq!(
+            enc("UInt64", json!(u64::MAX)).unwrap(),
+            u64::MAX.to_le_bytes()
+        );
+        assert!(enc("Int32", json!(1.5)).is_err());
+        assert_eq!(enc("Int32", json!(2.0)).unwrap(), 2i32.to_le_bytes());
+        assert_eq!(enc("Float32", json!(1.5)).unwrap(), 1.5f32.to_le_bytes());
+        assert!(enc("Float32", json!(1e300)).is_err());
+        assert_eq!(enc("Bool", json!(true)).unwrap(), [1]);
+        assert!(enc("Bool", json!("yes")).is_err());
+        assert_eq!(enc("String", json!("hé")).unwrap(), [3, b'h', 0xc3, 0xa9]);
+        assert_eq!(
+            enc("String", json!({"a": [1, 2]})).unwrap()[1..],
+            *br#"{"a":[1,2]}"#
+        );
+        assert_eq!(enc("FixedString(3)", json!("ab")).unwrap(), [b'a', b'b', 0]);
+        assert!(enc("FixedString(1)", json!("ab")).is_err());
+        assert_eq!(enc("Nullable(UInt8)", json!(null)).unwrap(), [1]);
+        assert_eq!(enc("Nullable(UInt8)", json!(7)).unwrap(), [0, 7]);
+        assert_eq!(
+            enc("UInt8", json!(null)).unwrap(),
+            [0],
+            "null on a non-Nullable column is its default"
+        );
+        assert_eq!(
+            enc("LowCardinality(String)", json!("x")).unwrap(),
+            [1, b'x']
+        );
+    }
+
+    #[test]
+    fn uuid_halves_are_little_endian() {
+        let out = enc("UUID", json!("00112233-4455-6677-8899-aabbccddeeff")).unwrap();
+        assert_eq!(
+            out,
+            [
+                0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11, 0x00, 0xff, 0xee, 0xdd, 0xcc, 0xbb, 0xaa,
+                0x99, 0x88
+            ]
+        );
+        assert!(
+            enc("UUID", json!("not-a-uuid"))
+                .unwrap_err()
+                .contains("not a UUID")
+        );
+        assert!(enc("UUID", json!(5)).is_err());
+    }
+
+    #[test]
+    fn times() {
+        assert_eq!(
+            enc("DateTime", json!("2023-11-14T22:13:20Z")).unwrap(),
+            1_700_000_000u32.to_le_bytes()
+        );
+        assert_eq!(
+            enc("DateTime", json!(1_700_000_000_999i64)).unwrap(),
+            1_700_000_000u32.to_le_bytes()
+        );
+        assert!(enc("DateTime", json!("1969-12-31 23:59:59")).is_err());
+        assert_eq!(
+            enc("DateTime64(3)", json!("2023-11-14 22:13:20.123")).unwrap(),
+            1_700_000_000_123i64.to_le_bytes()
+        );
+        assert_eq!(
+            enc("DateTime64(6, 'UTC')", json!(1_700_000_000_123i64)).unwrap(),
+            1_700_000_000_123_000i64.to_le_bytes()
+        );
+        assert!(enc("DateTime64(3)", json!("2400-01-01 00:00:00")).is_err());
+        assert!(enc("DateTime64(3)", json!(true)).is_err());
+        assert_eq!(
+            enc("Date", json!("1970-01-03")).unwrap(),
+            2u16.to_le_bytes()
+        );
+        assert_eq!(
+            enc("Date32", json!("1969-12-31")).unwrap(),
+            (-1i32).to_le_bytes()
+        );
+    }
+
+    #[test]
+    fn containers() {
+        assert_eq!(enc("Array(UInt8)", json!([1, 2])).unwrap(), [2, 1, 2]);
+        assert!(
+            enc("Array(UInt8)", json!([1, 300]))
+                .unwrap_err()
+                .starts_with("element 1")
+        );
+        assert_eq!(
+            enc("Map(String, UInt8)", json!({"a": 1})).unwrap(),
+            [1, 1, b'a', 1]
+        );
+        assert_eq!(
+            enc("Map(UInt16, String)", json!({"7": "x"})).unwrap(),
+            [1, 7, 0, 1, b'x']
+        );
+        assert!(enc("Map(String, String)", json!([])).is_err());
+        let long: Vec<u8> = vec![0; 200];
+        assert_eq!(enc("Array(UInt8)", json!(long)).unwrap()[..2], [0xc8, 0x01]);
+    }
+
+    #[test]
+    fn enums_ips_decimals() {
+        assert_eq!(enc("Enum8('a' = 1, 'b' = -2)", json!("b")).unwrap(), [0xfe]);
+        assert_eq!(
+            enc("Enum16('a' = 1000)", json!(1000)).unwrap(),
+            1000i16.to_le_bytes()
+        );
+        assert!(enc("Enum8('a' = 1)", json!("c")).is_err());
+        assert_eq!(
+            enc("IPv4", json!("1.2.3.4")).unwrap(),
+            0x0102_0304u32.to_le_bytes()
+        );
+        assert_eq!(enc("IPv6", json!("::1")).unwrap()[15], 1);
+        assert_eq!(
+            enc("IPv6", json!("1.2.3.4")).unwrap()[10..],
+            [0xff, 0xff, 1, 2, 3, 4]
+        );
+        assert_eq!(
+            enc("Decimal(10, 2)", json!("12.345")).unwrap(),
+            1234i64.to_le_bytes()
+        );
+        assert_eq!(
+            enc("Decimal(9, 2)", json!(-0.5)).unwrap(),
+            (-50i32).to_le_bytes()
+        );
+        assert_eq!(
+            enc("Decimal(38, 0)", json!("1e3")).unwrap(),
+            1000i128.to_le_bytes()
+        );
+        assert!(enc("Decimal(4, 2)", json!("123.4")).is_err());
+        assert!(enc("Decimal(4, 2)", json!("1x")).is_err());
+    }
+
+    #[test]
+    fn defaults() {
+        let mut out = Vec::new();
+        for ty in [
+            "String",
+            "UInt64",
+            "Nullable(String)",
+            "Enum8('x' = 5, 'y' = 3)",
+            "FixedString(2)",
+        ] {
+            encode_default(&ColumnType::parse(ty).unwrap(), &mut out);
+        }
+        assert_eq!(out, [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 3, 0, 0]);
+    }
+}

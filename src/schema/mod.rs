@@ -1,0 +1,432 @@
+//! The live shape of the Buffer table and the per-column encoders built from it.
+//!
+//! The gateway reads the table's columns from ClickHouse at start-up and whenever they may have
+//! changed, and builds a [`TableSchema`]: the columns an INSERT may name, in order, each with
+//! its parsed type. Events are validated and encoded against it field by field, straight into
+//! RowBinary; a field that does not fit rejects its event alone.
+
+pub mod encode;
+pub mod refresh;
+pub mod time;
+pub mod types;
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::UnknownFields;
+pub use time::Instant;
+pub use types::{ColumnType, UnsupportedType};
+
+/// One row of `system.columns`, as ClickHouse reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ColumnInfo {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub type_text: String,
+    /// `""`, `DEFAULT`, `MATERIALIZED`, `ALIAS` or `EPHEMERAL`.
+    #[serde(default)]
+    pub default_kind: String,
+}
+
+/// How a column takes part in an INSERT.
+#[derive(Debug, Clone, PartialEq)]
+enum Role {
+    /// Written by the gateway; `default_bit` is set when it has a DEFAULT expression, which
+    /// ClickHouse evaluates only if the column is left out of the INSERT.
+    Written {
+        ty: ColumnType,
+        default_bit: Option<u8>,
+    },
+    /// MATERIALIZED or ALIAS: computed by ClickHouse, never written.
+    Computed(String),
+    /// A type buffergate cannot encode: left out of every INSERT, so it takes its default.
+    Unsupported(String),
+}
+
+#[derive(Debug, Clone)]
+struct Column {
+    name: String,
+    role: Role,
+}
+
+/// Why an event was not accepted: the field (`None` for the event as a whole) and the reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rejection {
+    pub field: Option<String>,
+    pub error: String,
+}
+
+/// Everything about the request an encoded row depends on besides the event itself.
+#[derive(Debug, Clone, Copy)]
+pub struct EncodeContext {
+    /// Receive time, for events that omit the timestamp column.
+    pub now: Instant,
+    pub unknown_fields: UnknownFields,
+}
+
+/// Names of the columns the gateway fills in itself.
+#[derive(Debug, Clone)]
+pub struct SpecialColumns {
+    pub id: String,
+    pub timestamp: String,
+    pub partition_key: String,
+}
+
+/// The Buffer table's columns and how to encode each.
+#[derive(Debug)]
+pub struct TableSchema {
+    /// Increases by one each time the columns change.
+    pub version: u64,
+    /// `` `db`.`table` ``.
+    pub table: String,
+    columns: Vec<Column>,
+    /// Indexes into `columns` of the written columns, in table order (the RowBinary order).
+    written: Vec<usize>,
+    by_name: HashMap<String, usize>,
+    id: Option<usize>,
+    timestamp: Option<usize>,
+    partition_key: String,
+    infos: Vec<ColumnInfo>,
+}
+
+/// Columns with DEFAULT expressions that can be left out of an INSERT row by row (one bit each).
+const MAX_DEFAULT_BITS: usize = 64;
+
+impl TableSchema {
+    /// Builds the encoders for a table's columns.
+    pub fn new(
+        version: u64,
+        database: &str,
+        table: &str,
+        infos: Vec<ColumnInfo>,
+        special: &SpecialColumns,
+    ) -> Self {
+        let mut columns = Vec::with_capacity(infos.len());
+        let mut written = Vec::new();
+        let mut bits = 0usize;
+        for info in &infos {
+            let role = match info.default_kind.as_str() {
+                kind @ ("MATERIALIZED" | "ALIAS") => Role::Computed(kind.to_string()),
+                kind => match ColumnType::parse(&info.type_text) {
+                    Ok(ty) => {
+                        let default_bit = (matches!(kind, "DEFAULT" | "EPHEMERAL")
+                            && bits < MAX_DEFAULT_BITS)
+                            .then(|| {
+                                bits += 1;
+                                (bits - 1) as u8
+                            });
+                        written.push(columns.len());
+                        Role::Written { ty, default_bit }
+                    }
+                    Err(UnsupportedType(text)) => Role::Unsupported(text),
+                },
+            };
+            columns.push(Column {
+                name: info.name.clone(),
+                role,
+            });
+        }
+        let by_name: HashMap<String, usize> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.name.clone(), i))
+            .collect();
+        let find = |name: &str, pred: fn(&ColumnType) -> bool| {
+            by_name
+                .get(name)
+                .copied()
+                .filter(|&i| matches!(&columns[i].role, Role::Written { ty, .. } if pred(ty)))
+        };
+        let id = find(&special.id, ColumnType::is_uuid);
+        let timestamp = find(&special.timestamp, ColumnType::is_time);
+        Self {
+            version,
+            table: format!("{}.{}", quote_ident(database), quote_ident(table)),
+            written,
+            id,
+            timestamp,
+            by_name,
+            columns,
+            partition_key: special.partition_key.clone(),
+            infos,
+        }
+    }
+
+    /// The columns this schema was built from.
+    pub fn column_infos(&self) -> &[ColumnInfo] {
+        &self.infos
+    }
+
+    /// Columns that cannot be written (unsupported types), to warn about at load.
+    pub fn unsupported_columns(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.columns.iter().filter_map(|c| match &c.role {
+            Role::Unsupported(text) => Some((c.name.as_str(), text.as_str())),
+            _ => None,
+        })
+    }
+
+    /// The INSERT statement for rows encoded with `omitted` (a mask of default bits): every
+    /// written column except those whose DEFAULT expression ClickHouse should evaluate.
+    pub fn insert_sql(&self, omitted: u64) -> String {
+        let mut sql = format!("INSERT INTO {} (", self.table);
+        let mut first = true;
+        for &i in &self.written {
+            let column = &self.columns[i];
+            if let Role::Written {
+                default_bit: Some(bit),
+                ..
+            } = column.role
+                && omitted & (1 << bit) != 0
+            {
+                continue;
+            }
+            if !first {
+                sql.push_str(", ");
+            }
+            first = false;
+            sql.push_str(&quote_ident(&column.name));
+        }
+        sql.push_str(") FORMAT RowBinary");
+        sql
+    }
+
+    /// Validates one event and appends its RowBinary row to `out`. Returns the mask of columns
+    /// left to their DEFAULT expression; on rejection `out` is left as it was.
+    pub fn encode_event(
+        &self,
+        event: &Value,
+        ctx: &EncodeContext,
+        out: &mut Vec<u8>,
+    ) -> Result<u64, Rejection> {
+        let start = out.len();
+        let result = self.encode_into(event, ctx, out);
+        if result.is_err() {
+            out.truncate(start);
+        }
+        result
+    }
+
+    fn encode_into(
+        &self,
+        event: &Value,
+        ctx: &EncodeContext,
+        out: &mut Vec<u8>,
+    ) -> Result<u64, Rejection> {
+        let Value::Object(fields) = event else {
+            return Err(Rejection {
+                field: None,
+                error: "an event must be a JSON object".into(),
+            });
+        };
+        for name in fields.keys() {
+            let problem = match self.by_name.get(name).map(|&i| &self.columns[i].role) {
+                Some(Role::Written { .. }) => continue,
+                None if ctx.unknown_fields == UnknownFields::Ignore => continue,
+                None => "no such column in the table".to_string(),
+                Some(Role::Computed(kind)) => {
+                    format!("the column is {kind}; ClickHouse computes it")
+                }
+                Some(Role::Unsupported(text)) => {
+                    format!("column type {text} is not supported by buffergate")
+                }
+            };
+            return Err(Rejection {
+                field: Some(name.clone()),
+                error: problem,
+            });
+        }
+        let mut omitted = 0u64;
+        for &i in &self.written {
+            let column = &self.columns[i];
+            let Role::Written { ty, default_bit } = &column.role else {
+                continue;
+            };
+            let reject = |error: String| Rejection {
+                field: Some(column.name.clone()),
+                error,
+            };
+            match fields.get(&column.name) {
+                Some(value)
+                    if !value.is_null() || matches!(ty.unwrapped(), ColumnType::Nullable(_)) =>
+                {
+                    encode::encode(ty, value, out).map_err(reject)?;
+                }
+                _ if Some(i) == self.id => encode::write_uuid_column(ty, uuid::Uuid::now_v7(), out),
+                _ if Some(i) == self.timestamp => {
+                    encode::encode_time(ty, ctx.now, out).map_err(reject)?
+                }
+                _ => match default_bit {
+                    Some(bit) => omitted |= 1 << bit,
+                    None => encode::encode_default(ty, out),
+                },
+            }
+        }
+        Ok(omitted)
+    }
+
+    /// A hash of the event's partition-key value; `fallback` when the event has none.
+    pub fn partition_hash(&self, event: &Value, fallback: u64) -> u64 {
+        let mut hasher = DefaultHasher::new();
+        match event.get(&self.partition_key) {
+            Some(Value::String(s)) => s.hash(&mut hasher),
+            Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
+                (Some(u), _) => u.to_string().hash(&mut hasher),
+                (_, Some(i)) => i.to_string().hash(&mut hasher),
+                _ => n.to_string().hash(&mut hasher),
+            },
+            Some(Value::Bool(b)) => b.hash(&mut hasher),
+            _ => return fallback,
+        }
+        hasher.finish()
+    }
+}
+
+/// Quotes an identifier for ClickHouse SQL.
+pub fn quote_ident(name: &str) -> String {
+    format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
+}
+
+/// The schema currently in force, swapped atomically when the table changes; `None` until the
+/// first load succeeds.
+#[derive(Debug, Default)]
+pub struct SharedSchema(ArcSwapOption<TableSchema>);
+
+impl SharedSchema {
+    pub fn get(&self) -> Option<Arc<TableSchema>> {
+        self.0.load_full()
+    }
+
+    /// Installs `infos` if they differ from the current columns; returns the new version if so.
+    pub fn update(
+        &self,
+        database: &str,
+        table: &str,
+        infos: Vec<ColumnInfo>,
+        special: &SpecialColumns,
+    ) -> Option<u64> {
+        let current = self.get();
+        if current.as_ref().is_some_and(|s| s.infos == infos) {
+            return None;
+        }
+        let version = current.map_or(1, |s| s.version + 1);
+        let schema = TableSchema::new(version, database, table, infos, special);
+        for (name, ty) in schema.unsupported_columns() {
+            tracing::warn!(
+                column = name,
+                r#type = ty,
+                "column type not supported: the column is left out of INSERTs and takes its default"
+            );
+        }
+        self.0.store(Some(Arc::new(schema)));
+        Some(version)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn info(name: &str, ty: &str, kind: &str) -> ColumnInfo {
+        ColumnInfo {
+            name: name.into(),
+            type_text: ty.into(),
+            default_kind: kind.into(),
+        }
+    }
+
+    fn schema() -> TableSchema {
+        let special = SpecialColumns {
+            id: "event_id".into(),
+            timestamp: "event_ts".into(),
+            partition_key: "user_id".into(),
+        };
+        TableSchema::new(
+            1,
+            "db",
+            "t",
+            vec![
+                info("event_id", "UUID", ""),
+                info("event_ts", "DateTime64(3)", ""),
+                info("user_id", "UInt64", ""),
+                info("n", "UInt8", "DEFAULT"),
+                info("m", "String", "MATERIALIZED"),
+                info("t", "Tuple(UInt8, UInt8)", ""),
+            ],
+            &special,
+        )
+    }
+
+    fn ctx() -> EncodeContext {
+        EncodeContext {
+            now: Instant {
+                seconds: 1,
+                nanos: 0,
+            },
+            unknown_fields: UnknownFields::Reject,
+        }
+    }
+
+    #[test]
+    fn fills_id_and_time_and_omits_defaults() {
+        let s = schema();
+        let mut out = Vec::new();
+        let omitted = s
+            .encode_event(&json!({"user_id": 5}), &ctx(), &mut out)
+            .unwrap();
+        assert_eq!(omitted, 1);
+        assert_eq!(out.len(), 16 + 8 + 8);
+        assert_eq!(
+            out[1] >> 4,
+            7,
+            "a generated id is a UUIDv7 (version nibble of the high half)"
+        );
+        assert_eq!(out[16..24], 1000i64.to_le_bytes());
+        assert_eq!(
+            s.insert_sql(omitted),
+            "INSERT INTO `db`.`t` (`event_id`, `event_ts`, `user_id`) FORMAT RowBinary"
+        );
+        assert_eq!(
+            s.insert_sql(0),
+            "INSERT INTO `db`.`t` (`event_id`, `event_ts`, `user_id`, `n`) FORMAT RowBinary"
+        );
+    }
+
+    #[test]
+    fn rejections_name_the_field_and_roll_back() {
+        let s = schema();
+        let mut out = vec![9];
+        for (event, field) in [
+            (json!({"user_id": -1}), Some("user_id")),
+            (json!({"nope": 1}), Some("nope")),
+            (json!({"m": "x"}), Some("m")),
+            (json!({"t": [1, 2]}), Some("t")),
+            (json!([1]), None),
+        ] {
+            let err = s.encode_event(&event, &ctx(), &mut out).unwrap_err();
+            assert_eq!(err.field.as_deref(), field, "{event}");
+            assert_eq!(out, [9]);
+        }
+        let ignore = EncodeContext {
+            unknown_fields: UnknownFields::Ignore,
+            ..ctx()
+        };
+        s.encode_event(&json!({"nope": 1}), &ignore, &mut out)
+            .unwrap();
+    }
+
+    #[test]
+    fn partition_hash_is_stable_per_key() {
+        let s = schema();
+        assert_eq!(
+            s.partition_hash(&json!({"user_id": 5}), 0),
+            s.partition_hash(&json!({"user_id": "5"}), 1)
+        );
+        assert_eq!(s.partition_hash(&json!({}), 42), 42);
+    }
+}

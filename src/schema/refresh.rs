@@ -1,0 +1,71 @@
+//! Keeps the shared schema in step with the table: reads the columns at start-up, then on a
+//! timer and whenever an INSERT failure suggests the table changed. Also the readiness probe
+//! of ClickHouse itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{SharedSchema, SpecialColumns};
+use crate::clickhouse::ClickHouse;
+use crate::config::Config;
+use crate::health::Health;
+
+/// What the refresher needs, shared with the rest of the gateway.
+#[derive(Debug, Clone)]
+pub struct Refresher {
+    pub ch: ClickHouse,
+    pub schema: Arc<SharedSchema>,
+    pub health: Arc<Health>,
+    pub config: Arc<Config>,
+    /// Notified by the INSERT path when a failure looks like a schema change.
+    pub wake: Arc<Notify>,
+}
+
+impl Refresher {
+    fn special(&self) -> SpecialColumns {
+        SpecialColumns {
+            id: self.config.id_column.clone(),
+            timestamp: self.config.timestamp_column.clone(),
+            partition_key: self.config.partition_key.clone(),
+        }
+    }
+
+    /// Reads the columns once and updates the schema and health.
+    pub async fn refresh(&self) {
+        let (db, table) = (&self.config.database, &self.config.buffer_table);
+        match self.ch.columns(db, table).await {
+            Ok(columns) if columns.is_empty() => {
+                self.health.set_clickhouse_up(true);
+                self.health.set_table_present(false);
+                tracing::warn!(database = %db, table = %table, "the Buffer table does not exist; run `buffergate migrate`");
+            }
+            Ok(columns) => {
+                self.health.set_clickhouse_up(true);
+                self.health.set_table_present(true);
+                if let Some(version) = self.schema.update(db, table, columns, &self.special()) {
+                    tracing::info!(version, database = %db, table = %table, "table schema loaded");
+                }
+            }
+            Err(error) => {
+                self.health.set_clickhouse_up(false);
+                tracing::warn!(%error, "cannot read the table schema");
+            }
+        }
+    }
+
+    /// Refreshes every `schema_refresh_interval_ms` or when woken, until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        let interval = Duration::from_millis(self.config.schema_refresh_interval_ms);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+                () = self.wake.notified() => {}
+            }
+            self.refresh().await;
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Wires configuration → state → router and runs the gateway until shutdown, then drains:
+//! readiness turns 503, the listener stops accepting, in-flight requests get their answers,
+//! every queued row is flushed, and only then does `run` return.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::clickhouse::ClickHouse;
+use crate::clickhouse::writer::Writer;
+use crate::coalesce::Coalescer;
+use crate::config::Config;
+use crate::health::Health;
+use crate::http;
+use crate::schema::SharedSchema;
+use crate::schema::refresh::Refresher;
+use crate::shutdown::Shutdown;
+
+/// What every handler can reach.
+#[derive(Debug)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub schema: Arc<SharedSchema>,
+    pub health: Arc<Health>,
+    pub coalescer: Coalescer,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Binds `config.listen` and runs until `shutdown` trips.
+pub async fn serve(config: Config, shutdown: Shutdown) -> Result<(), ServeError> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    run(config, listener, shutdown).await
+}
+
+/// Runs the gateway on an already bound listener (tests bind port 0).
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: Shutdown,
+) -> Result<(), ServeError> {
+    let config = Arc::new(config);
+    let ch = ClickHouse::new(&config);
+    let health = Arc::new(Health::default());
+    let schema = Arc::new(SharedSchema::default());
+    let wake = Arc::new(Notify::new());
+    let refresher = Refresher {
+        ch: ch.clone(),
+        schema: Arc::clone(&schema),
+        health: Arc::clone(&health),
+        config: Arc::clone(&config),
+        wake: Arc::clone(&wake),
+    };
+    // A first look before taking traffic; if ClickHouse is down the gateway still starts,
+    // not ready, and keeps looking.
+    refresher.refresh().await;
+    let stop_refresh = CancellationToken::new();
+    let refresh_task = tokio::spawn(refresher.run(stop_refresh.clone()));
+
+    let writer = Arc::new(Writer::new(ch, &config, wake));
+    let (coalescer, partitions) = Coalescer::start(&config, &writer);
+    let state = Arc::new(AppState {
+        config: Arc::clone(&config),
+        schema,
+        health: Arc::clone(&health),
+        coalescer,
+    });
+
+    let local = listener.local_addr().map_err(ServeError::Serve)?;
+    tracing::info!(listen = %local, partitions = state.coalescer.partitions(), "buffergate serving");
+
+    let drain_delay = Duration::from_millis(config.shutdown_delay_ms);
+    let stop_http = {
+        let health = Arc::clone(&health);
+        async move {
+            shutdown.triggered().await;
+            health.start_draining();
+            if !drain_delay.is_zero() {
+                tracing::info!(
+                    ?drain_delay,
+                    "not ready; waiting for load balancers to stop routing here"
+                );
+                tokio::time::sleep(drain_delay).await;
+            }
+            tracing::info!("no longer accepting connections; answering in-flight requests");
+        }
+    };
+    let result = axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(stop_http)
+        .await;
+
+    partitions.drain().await;
+    stop_refresh.cancel();
+    let _ = refresh_task.await;
+    tracing::info!("drained; bye");
+    result.map_err(ServeError::Serve)
+}
