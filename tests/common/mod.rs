@@ -1,0 +1,289 @@
+//! Test harness: real ClickHouse (and later Redis) processes on free ports with temporary data
+//! directories, stopped by pid; a gateway started in-process on port 0; helpers to post as a
+//! producer and to read back what ClickHouse stored.
+#![allow(dead_code, unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{OnceLock, mpsc};
+use std::time::{Duration, Instant};
+
+use buffergate::Config;
+use buffergate::Shutdown;
+use serde_json::Value;
+
+/// A child process killed (SIGKILL) when dropped, and by the kernel if the test binary dies.
+#[derive(Debug)]
+pub struct Process {
+    pub pid: i32,
+}
+
+impl Process {
+    /// Spawns `command` from a keeper thread that lives as long as the child: the child gets
+    /// PR_SET_PDEATHSIG tied to that thread, so a crashed or aborted test run leaves nothing.
+    pub fn spawn(mut command: Command, log: &Path) -> Process {
+        let out = std::fs::File::create(log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        command.stdin(Stdio::null()).stdout(out).stderr(err);
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            use std::os::unix::process::CommandExt;
+            unsafe {
+                command.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+            match command.spawn() {
+                Ok(mut child) => {
+                    let _ = tx.send(Ok(child.id() as i32));
+                    let _ = child.wait();
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                }
+            }
+        });
+        let pid = rx.recv().expect("keeper thread").expect("spawn");
+        Process { pid }
+    }
+
+    pub fn signal(&self, signal: i32) {
+        unsafe {
+            libc::kill(self.pid, signal);
+        }
+    }
+
+    pub fn is_alive(&self) -> bool {
+        unsafe { libc::kill(self.pid, 0) == 0 }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.signal(libc::SIGKILL);
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A scratch directory for this test binary's servers, under the target directory.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// Removes scratch directories left by test runs whose process is gone.
+fn sweep_stale_scratch() {
+    let Ok(entries) = std::fs::read_dir(env!("CARGO_TARGET_TMPDIR")) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(pid) = name.rsplit('-').next().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        if unsafe { libc::kill(pid, 0) } != 0 {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// A private clickhouse-server.
+#[derive(Debug)]
+pub struct ClickHouseServer {
+    pub url: String,
+    pub http_port: u16,
+    pub dir: PathBuf,
+    process: Process,
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+impl ClickHouseServer {
+    pub fn start(name: &str) -> ClickHouseServer {
+        sweep_stale_scratch();
+        let dir = scratch(name);
+        for _attempt in 0..3 {
+            let (http_port, tcp_port) = (free_port(), free_port());
+            let mut cmd = Command::new(repo().join("scripts/clickhouse-server.sh"));
+            cmd.arg(&dir).arg(http_port.to_string()).arg(tcp_port.to_string());
+            let process = Process::spawn(cmd, &dir.join("stdout.log"));
+            let url = format!("http://127.0.0.1:{http_port}");
+            if wait_http(&format!("{url}/ping"), Duration::from_secs(60), &process) {
+                return ClickHouseServer { url, http_port, dir, process };
+            }
+        }
+        panic!("clickhouse-server did not start; see {}", dir.display());
+    }
+
+    /// Stops the server (SIGKILL, as a crash would) and waits until it is gone.
+    pub fn kill(&self) {
+        self.process.signal(libc::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.process.is_alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A database name no other test uses.
+    pub fn fresh_database(&self, prefix: &str) -> String {
+        format!("{prefix}_{}", COUNTER.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Runs a statement; panics with ClickHouse's message on failure.
+    pub async fn exec(&self, sql: &str) {
+        let response = http()
+            .post(format!("{}/?allow_experimental_low_cardinality_type=1", self.url))
+            .body(sql.to_string())
+            .send()
+            .await
+            .expect("ClickHouse answers");
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        assert!(status.is_success(), "{sql}\n→ {status}: {text}");
+    }
+
+    /// Runs a statement and returns ClickHouse's error text, if any.
+    pub async fn try_exec(&self, sql: &str) -> Result<(), String> {
+        let response = http().post(&self.url).body(sql.to_string()).send().await.map_err(|e| e.to_string())?;
+        if response.status().is_success() { Ok(()) } else { Err(response.text().await.unwrap_or_default()) }
+    }
+
+    /// Rows of a query as JSON objects (64-bit integers come back as strings on 18.16).
+    pub async fn rows(&self, sql: &str) -> Vec<Value> {
+        let response = http().post(&self.url).body(format!("{sql} FORMAT JSONEachRow")).send().await.expect("ClickHouse answers");
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        assert!(status.is_success(), "{sql}\n→ {status}: {text}");
+        text.lines().map(|l| serde_json::from_str(l).expect("JSONEachRow")).collect()
+    }
+
+    pub async fn count(&self, table: &str) -> u64 {
+        let rows = self.rows(&format!("SELECT count() AS c FROM {table}")).await;
+        let c = &rows[0]["c"];
+        c.as_u64().or_else(|| c.as_str().and_then(|s| s.parse().ok())).expect("count")
+    }
+}
+
+/// The ClickHouse server shared by all tests of this binary.
+pub fn clickhouse() -> &'static ClickHouseServer {
+    static SERVER: OnceLock<ClickHouseServer> = OnceLock::new();
+    SERVER.get_or_init(|| ClickHouseServer::start("clickhouse"))
+}
+
+fn wait_http(url: &str, timeout: Duration, process: &Process) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if !process.is_alive() {
+            return false;
+        }
+        if let Ok(mut stream) = std::net::TcpStream::connect(url.trim_start_matches("http://").split('/').next().unwrap_or_default()) {
+            use std::io::{Read, Write};
+            let path = url.splitn(4, '/').nth(3).unwrap_or_default();
+            let _ = write!(stream, "GET /{path} HTTP/1.0\r\n\r\n");
+            let mut answer = String::new();
+            let _ = stream.read_to_string(&mut answer);
+            if answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200") {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+pub fn http() -> reqwest::Client {
+    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+    CLIENT.get_or_init(|| reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client")).clone()
+}
+
+/// A configuration pointing at `ch`, database `db`, tuned for quick tests.
+pub fn config(ch: &ClickHouseServer, db: &str) -> Config {
+    Config {
+        clickhouse_url: ch.url.clone(),
+        database: db.to_string(),
+        partitions: 2,
+        schema_refresh_interval_ms: 300,
+        retry_initial_backoff_ms: 50,
+        retry_max_backoff_ms: 200,
+        ..Config::default()
+    }
+}
+
+/// Runs `buffergate migrate` for `config` (in-process).
+pub async fn migrate(config: &Config) {
+    let ch = buffergate::clickhouse::ClickHouse::new(config);
+    buffergate::clickhouse::migrate::migrate(&ch, config).await.expect("migrate");
+}
+
+/// A gateway running in this process on a free port.
+#[derive(Debug)]
+pub struct Gateway {
+    pub url: String,
+    pub config: Config,
+    shutdown: Shutdown,
+    task: tokio::task::JoinHandle<Result<(), buffergate::server::ServeError>>,
+}
+
+impl Gateway {
+    pub async fn start(config: Config) -> Gateway {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(buffergate::server::run(config.clone(), listener, shutdown.clone()));
+        Gateway { url, config, shutdown, task }
+    }
+
+    /// Triggers shutdown and waits for the drain to finish.
+    pub async fn stop(self) {
+        self.shutdown.trigger();
+        self.task.await.expect("gateway task").expect("gateway ran");
+    }
+
+    /// POSTs a JSON body to /v1/events; returns status and JSON answer.
+    pub async fn post_json(&self, body: &Value) -> (u16, Value) {
+        self.post("/v1/events", "application/json", None, body.to_string().into_bytes()).await
+    }
+
+    pub async fn post(&self, path: &str, content_type: &str, encoding: Option<&str>, body: Vec<u8>) -> (u16, Value) {
+        let mut request = http().post(format!("{}{path}", self.url)).header("content-type", content_type).body(body);
+        if let Some(encoding) = encoding {
+            request = request.header("content-encoding", encoding);
+        }
+        let response = request.send().await.expect("gateway answers");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// Flushes the Buffer into the destination so the rows can be read back.
+    pub async fn drain(&self, ch: &ClickHouseServer) {
+        ch.exec(&format!("OPTIMIZE TABLE `{}`.`{}`", self.config.database, self.config.buffer_table)).await;
+    }
+
+    pub fn destination(&self) -> String {
+        format!("`{}`.`{}`", self.config.database, self.config.destination_table)
+    }
+}
+
+/// Waits until `check` holds, polling; panics with `what` after `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
