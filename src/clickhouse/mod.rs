@@ -186,7 +186,11 @@ impl ClickHouse {
 
     /// The table's columns in order (`DESCRIBE TABLE`, which every version orders by position);
     /// empty when the table does not exist.
-    pub async fn columns(&self, database: &str, table: &str) -> Result<Vec<ColumnInfo>, ClickHouseError> {
+    pub async fn columns(
+        &self,
+        database: &str,
+        table: &str,
+    ) -> Result<Vec<ColumnInfo>, ClickHouseError> {
         #[derive(serde::Deserialize)]
         struct Described {
             name: String,
@@ -195,11 +199,19 @@ impl ClickHouse {
             #[serde(default)]
             default_type: String,
         }
-        let sql = format!("DESCRIBE TABLE {}.{}", quote_ident(database), quote_ident(table));
+        let sql = format!(
+            "DESCRIBE TABLE {}.{}",
+            quote_ident(database),
+            quote_ident(table)
+        );
         match self.fetch_json::<Described>(&sql).await {
             Ok(rows) => Ok(rows
                 .into_iter()
-                .map(|d| ColumnInfo { name: d.name, type_text: d.type_text, default_kind: d.default_type })
+                .map(|d| ColumnInfo {
+                    name: d.name,
+                    type_text: d.type_text,
+                    default_kind: d.default_type,
+                })
                 .collect()),
             Err(ClickHouseError::Server { code: 60 | 81, .. }) => Ok(Vec::new()),
             Err(e) => Err(e),
