@@ -17,6 +17,7 @@ use serde_json::Value;
 #[derive(Debug)]
 pub struct Process {
     pub pid: i32,
+    exit: std::sync::Mutex<mpsc::Receiver<std::process::ExitStatus>>,
 }
 
 impl Process {
@@ -27,6 +28,7 @@ impl Process {
         let err = out.try_clone().expect("log file");
         command.stdin(Stdio::null()).stdout(out).stderr(err);
         let (tx, rx) = mpsc::channel();
+        let (exit_tx, exit_rx) = mpsc::channel();
         std::thread::spawn(move || {
             use std::os::unix::process::CommandExt;
             unsafe {
@@ -38,7 +40,9 @@ impl Process {
             match command.spawn() {
                 Ok(mut child) => {
                     let _ = tx.send(Ok(child.id() as i32));
-                    let _ = child.wait();
+                    if let Ok(status) = child.wait() {
+                        let _ = exit_tx.send(status);
+                    }
                 }
                 Err(e) => {
                     let _ = tx.send(Err(e));
@@ -46,7 +50,12 @@ impl Process {
             }
         });
         let pid = rx.recv().expect("keeper thread").expect("spawn");
-        Process { pid }
+        Process { pid, exit: std::sync::Mutex::new(exit_rx) }
+    }
+
+    /// Waits for the process to exit; `None` if it is still running after `timeout`.
+    pub fn wait_exit(&self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.exit.lock().expect("exit lock").recv_timeout(timeout).ok()
     }
 
     pub fn signal(&self, signal: i32) {
@@ -265,6 +274,21 @@ pub fn config(ch: &ClickHouseServer, db: &str) -> Config {
         retry_max_backoff_ms: 200,
         ..Config::default()
     }
+}
+
+/// The `buffergate` binary with `config` passed as `BUFFERGATE_*` variables.
+pub fn command(config: &Config, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_buffergate"));
+    cmd.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).env("RUST_LOG", "info");
+    let Value::Object(map) = serde_json::to_value(config).expect("config") else { unreachable!() };
+    for (key, value) in map {
+        let text = match value {
+            Value::String(s) => s,
+            other => other.to_string(),
+        };
+        cmd.env(format!("BUFFERGATE_{}", key.to_ascii_uppercase()), text);
+    }
+    cmd
 }
 
 /// Runs `buffergate migrate` for `config` (in-process).
