@@ -1,6 +1,8 @@
 //! POST /v1/events end to end: a real ClickHouse, the gateway in-process, and assertions on the
 //! exact rows stored in the destination table.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
 mod common;
 
 use std::io::Write;

@@ -111,7 +111,7 @@ pub fn column_differences(buffer: &[ColumnInfo], destination: &[ColumnInfo]) -> 
                 d.type_text
             )),
             (Some(b), None) => {
-                diffs.push(format!("{} {} is only in the buffer", b.name, b.type_text))
+                diffs.push(format!("{} {} is only in the buffer", b.name, b.type_text));
             }
             (None, Some(d)) => diffs.push(format!(
                 "{} {} is only in the destination",

@@ -258,9 +258,9 @@ impl ClickHouse {
                 Err(e) => Err(e),
             }
         };
-        let datetime64 = supported("SELECT CAST('2020-01-01 00:00:00' AS DateTime64(3))").await?;
-        let map = supported("SELECT CAST(([], []), 'Map(String, String)')").await?;
-        let tables_total_bytes = supported("SELECT total_bytes FROM system.tables LIMIT 0").await?;
+        let datetime64 = supported(probes::DATETIME64).await?;
+        let map = supported(probes::MAP).await?;
+        let tables_total_bytes = supported(probes::TABLES_TOTAL_BYTES).await?;
         let low_cardinality_needs_setting = !supported_ddl_without_setting(&version);
         Ok(Capabilities {
             version,
@@ -270,6 +270,14 @@ impl ClickHouse {
             tables_total_bytes,
         })
     }
+}
+
+/// Statements that succeed only on servers with a feature (public so that tests can run them
+/// on an embedded modern ClickHouse too).
+pub mod probes {
+    pub const DATETIME64: &str = "SELECT CAST('2020-01-01 00:00:00' AS DateTime64(3))";
+    pub const MAP: &str = "SELECT CAST(([], []), 'Map(String, String)')";
+    pub const TABLES_TOTAL_BYTES: &str = "SELECT total_bytes FROM system.tables LIMIT 0";
 }
 
 /// Servers before 19.x refuse `LowCardinality` in DDL unless the experimental setting is on.

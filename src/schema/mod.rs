@@ -258,7 +258,7 @@ impl TableSchema {
                 }
                 _ if Some(i) == self.id => encode::write_uuid_column(ty, uuid::Uuid::now_v7(), out),
                 _ if Some(i) == self.timestamp => {
-                    encode::encode_time(ty, ctx.now, out).map_err(reject)?
+                    encode::encode_time(ty, ctx.now, out).map_err(reject)?;
                 }
                 _ => match default_bit {
                     Some(bit) => omitted |= 1 << bit,

@@ -1,7 +1,7 @@
 //! Test harness: real ClickHouse (and later Redis) processes on free ports with temporary data
 //! directories, stopped by pid; a gateway started in-process on port 0; helpers to post as a
 //! producer and to read back what ClickHouse stored.
-#![allow(dead_code, unsafe_code)]
+#![allow(dead_code, unsafe_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -50,12 +50,19 @@ impl Process {
             }
         });
         let pid = rx.recv().expect("keeper thread").expect("spawn");
-        Process { pid, exit: std::sync::Mutex::new(exit_rx) }
+        Process {
+            pid,
+            exit: std::sync::Mutex::new(exit_rx),
+        }
     }
 
     /// Waits for the process to exit; `None` if it is still running after `timeout`.
     pub fn wait_exit(&self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        self.exit.lock().expect("exit lock").recv_timeout(timeout).ok()
+        self.exit
+            .lock()
+            .expect("exit lock")
+            .recv_timeout(timeout)
+            .ok()
     }
 
     pub fn signal(&self, signal: i32) {
@@ -279,8 +286,13 @@ pub fn config(ch: &ClickHouseServer, db: &str) -> Config {
 /// The `buffergate` binary with `config` passed as `BUFFERGATE_*` variables.
 pub fn command(config: &Config, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_buffergate"));
-    cmd.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).env("RUST_LOG", "info");
-    let Value::Object(map) = serde_json::to_value(config).expect("config") else { unreachable!() };
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "info");
+    let Value::Object(map) = serde_json::to_value(config).expect("config") else {
+        unreachable!()
+    };
     for (key, value) in map {
         let text = match value {
             Value::String(s) => s,
