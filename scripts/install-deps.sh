@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Installs what buffergate's tests and local runs need on a Debian bookworm machine:
-# ClickHouse server (18.16 from Debian), Redis, Prometheus (promtool) and chdb-core (a modern
-# ClickHouse engine embedded in Python, used for conformance tests). Idempotent.
+# ClickHouse server (18.16 from Debian), Redis, Prometheus (promtool), chdb-core (a modern
+# ClickHouse engine embedded in Python, used for conformance tests) and openapi-spec-validator.
+# Idempotent: installs only what is missing.
 set -euo pipefail
 
 need_apt=()
+command -v curl >/dev/null 2>&1 || need_apt+=(curl ca-certificates)
 command -v clickhouse-server >/dev/null 2>&1 || need_apt+=(clickhouse-server clickhouse-client)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
@@ -19,4 +21,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
 
-python3 -c 'import chdb' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check chdb-core
+pip_need=()
+python3 -c 'import chdb' 2>/dev/null || pip_need+=(chdb-core)
+python3 -c 'import openapi_spec_validator' 2>/dev/null || pip_need+=(openapi-spec-validator)
+if [ ${#pip_need[@]} -gt 0 ]; then
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "${pip_need[@]}"
+fi

@@ -1,0 +1,16 @@
+# syntax=docker/dockerfile:1
+# Build stage: a release binary.
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+RUN cargo build --release --locked --bin buffergate
+
+# Runtime: no shell, no package manager, non-root.
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/buffergate /usr/local/bin/buffergate
+USER nonroot:nonroot
+EXPOSE 8080
+ENV BUFFERGATE_LISTEN=0.0.0.0:8080 BUFFERGATE_LOG_FORMAT=json
+ENTRYPOINT ["/usr/local/bin/buffergate"]
+CMD ["serve"]
