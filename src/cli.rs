@@ -11,11 +11,7 @@ use crate::server;
 use crate::shutdown::Shutdown;
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "buffergate",
-    version,
-    about = "HTTP ingestion gateway for ClickHouse Buffer tables"
-)]
+#[command(name = "buffergate", version, about = "HTTP ingestion gateway for ClickHouse Buffer tables")]
 pub struct Cli {
     /// TOML configuration file; `BUFFERGATE_*` environment variables override it.
     #[arg(long, global = true, env = "BUFFERGATE_CONFIG")]
@@ -77,9 +73,7 @@ pub async fn main() -> ExitCode {
 fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

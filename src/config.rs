@@ -11,6 +11,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::shed::{OnStale, ShedMode};
+
 /// What is wrong with a configuration; printed as is to the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -114,6 +116,35 @@ pub struct Config {
     pub schema_refresh_interval_ms: u64,
     /// After SIGTERM, keep serving (not ready) this long so load balancers stop routing here.
     pub shutdown_delay_ms: u64,
+
+    /// How often the Buffer's fill is polled.
+    pub shed_poll_interval_ms: u64,
+    /// Fill ratio at which ingestion is shed...
+    pub shed_threshold: f64,
+    /// ...and below which it resumes (hysteresis).
+    pub shed_resume: f64,
+    /// Buffer capacity in bytes; 0 reads `num_layers × max_bytes` from the table's engine.
+    pub buffer_capacity_bytes: u64,
+    /// With no poll answer for this long, the fill is unknown: apply `shed_on_stale`.
+    pub shed_stale_after_ms: u64,
+    pub shed_on_stale: OnStale,
+    pub shed_mode: ShedMode,
+    /// MergeTree table (same columns as the Buffer) that takes batches in fallback mode.
+    pub fallback_table: String,
+    /// Report not-ready while shedding, so load balancers route around this replica.
+    pub shed_readiness: bool,
+    /// Upper bound of the `Retry-After` given to shed producers.
+    pub shed_retry_after_max_s: u32,
+    /// Budget of bytes in flight: bodies being decoded plus encoded rows queued.
+    pub max_inflight_bytes: usize,
+    /// Ingestion requests handled at once; more get 503 at once.
+    pub max_concurrent_requests: usize,
+    /// An ingestion request still unanswered after this long gets 503.
+    pub request_timeout_ms: u64,
+    /// Consecutive INSERT failures that open the circuit breaker (0 disables it).
+    pub circuit_failures: u32,
+    /// How long the breaker stays open before a probe INSERT.
+    pub circuit_open_ms: u64,
 }
 
 impl Default for Config {
@@ -157,6 +188,21 @@ impl Default for Config {
             retry_max_backoff_ms: 3_000,
             schema_refresh_interval_ms: 10_000,
             shutdown_delay_ms: 0,
+            shed_poll_interval_ms: 1_000,
+            shed_threshold: 0.8,
+            shed_resume: 0.7,
+            buffer_capacity_bytes: 0,
+            shed_stale_after_ms: 10_000,
+            shed_on_stale: OnStale::FailClosed,
+            shed_mode: ShedMode::Reject,
+            fallback_table: String::new(),
+            shed_readiness: true,
+            shed_retry_after_max_s: 30,
+            max_inflight_bytes: 256 * 1024 * 1024,
+            max_concurrent_requests: 1024,
+            request_timeout_ms: 60_000,
+            circuit_failures: 5,
+            circuit_open_ms: 5_000,
         }
     }
 }
@@ -167,9 +213,7 @@ const ENV_PREFIX: &str = "BUFFERGATE_";
 /// each with whether its value is text.
 fn keys() -> Vec<(String, bool)> {
     match serde_json::to_value(Config::default()) {
-        Ok(serde_json::Value::Object(map)) => {
-            map.into_iter().map(|(k, v)| (k, v.is_string())).collect()
-        }
+        Ok(serde_json::Value::Object(map)) => map.into_iter().map(|(k, v)| (k, v.is_string())).collect(),
         _ => Vec::new(),
     }
 }
@@ -203,21 +247,15 @@ impl Config {
         // pods when a Service is named `buffergate`; those must not stop the gateway.
         // Figment parses variables as TOML-like scalars, which would turn a password "0123" into
         // the number 123: text keys are taken verbatim instead, the others parsed.
-        let (text, parsed): (Vec<_>, Vec<_>) =
-            keys().into_iter().partition(|(_, is_text)| *is_text);
+        let (text, parsed): (Vec<_>, Vec<_>) = keys().into_iter().partition(|(_, is_text)| *is_text);
         let parsed: Vec<String> = parsed.into_iter().map(|(k, _)| k).collect();
-        figment =
-            figment
-                .merge(Env::prefixed(ENV_PREFIX).filter(move |key| {
-                    parsed.iter().any(|k| key.as_str().eq_ignore_ascii_case(k))
-                }));
+        figment = figment.merge(
+            Env::prefixed(ENV_PREFIX).filter(move |key| parsed.iter().any(|k| key.as_str().eq_ignore_ascii_case(k))),
+        );
         let verbatim: BTreeMap<String, String> = text
             .into_iter()
             .filter_map(|(key, _)| {
-                Some((
-                    key.clone(),
-                    std::env::var(format!("{ENV_PREFIX}{}", key.to_ascii_uppercase())).ok()?,
-                ))
+                Some((key.clone(), std::env::var(format!("{ENV_PREFIX}{}", key.to_ascii_uppercase())).ok()?))
             })
             .collect();
         figment = figment.merge(Serialized::defaults(verbatim));
@@ -229,10 +267,7 @@ impl Config {
     /// Checks the relations between values that types alone cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
-            ConfigError::Invalid {
-                key,
-                problem: problem.into(),
-            }
+            ConfigError::Invalid { key, problem: problem.into() }
         }
         for (key, value) in [
             ("database", &self.database),
@@ -240,25 +275,14 @@ impl Config {
             ("destination_table", &self.destination_table),
         ] {
             if value.is_empty() || value.contains('`') || value.contains('\0') {
-                return Err(invalid(
-                    key,
-                    "must be a non-empty identifier without backticks",
-                ));
+                return Err(invalid(key, "must be a non-empty identifier without backticks"));
             }
         }
         if self.buffer_table == self.destination_table {
-            return Err(invalid(
-                "buffer_table",
-                "must differ from destination_table",
-            ));
+            return Err(invalid("buffer_table", "must differ from destination_table"));
         }
-        if !self.clickhouse_url.starts_with("http://")
-            && !self.clickhouse_url.starts_with("https://")
-        {
-            return Err(invalid(
-                "clickhouse_url",
-                "must start with http:// or https://",
-            ));
+        if !self.clickhouse_url.starts_with("http://") && !self.clickhouse_url.starts_with("https://") {
+            return Err(invalid("clickhouse_url", "must start with http:// or https://"));
         }
         for (key, value) in [
             ("max_body_bytes", self.max_body_bytes),
@@ -279,37 +303,51 @@ impl Config {
             || self.buffer_min_rows > self.buffer_max_rows
             || self.buffer_min_bytes > self.buffer_max_bytes
         {
-            return Err(invalid(
-                "buffer_min_*",
-                "each minimum must not exceed its maximum",
-            ));
+            return Err(invalid("buffer_min_*", "each minimum must not exceed its maximum"));
         }
         // An INSERT larger than the Buffer's max_rows/max_bytes bypasses the buffer and writes a
         // part straight into the destination: a gateway batch must never be that large.
         if self.flush_max_rows as u64 >= self.buffer_max_rows {
-            return Err(invalid(
-                "flush_max_rows",
-                "must be below buffer_max_rows, or INSERTs bypass the Buffer",
-            ));
+            return Err(invalid("flush_max_rows", "must be below buffer_max_rows, or INSERTs bypass the Buffer"));
         }
         if self.flush_max_bytes as u64 >= self.buffer_max_bytes {
-            return Err(invalid(
-                "flush_max_bytes",
-                "must be below buffer_max_bytes, or INSERTs bypass the Buffer",
-            ));
+            return Err(invalid("flush_max_bytes", "must be below buffer_max_bytes, or INSERTs bypass the Buffer"));
         }
-        if self.retry_initial_backoff_ms == 0
-            || self.retry_initial_backoff_ms > self.retry_max_backoff_ms
-        {
-            return Err(invalid(
-                "retry_initial_backoff_ms",
-                "must be > 0 and <= retry_max_backoff_ms",
-            ));
+        if self.retry_initial_backoff_ms == 0 || self.retry_initial_backoff_ms > self.retry_max_backoff_ms {
+            return Err(invalid("retry_initial_backoff_ms", "must be > 0 and <= retry_max_backoff_ms"));
         }
         if self.schema_refresh_interval_ms < 100 {
+            return Err(invalid("schema_refresh_interval_ms", "must be at least 100"));
+        }
+        if !(0.0 < self.shed_resume && self.shed_resume <= self.shed_threshold && self.shed_threshold <= 1.0) {
+            return Err(invalid("shed_threshold", "needs 0 < shed_resume <= shed_threshold <= 1"));
+        }
+        if self.shed_mode == ShedMode::Fallback
+            && (self.fallback_table.is_empty()
+                || self.fallback_table.contains('`')
+                || self.fallback_table == self.buffer_table)
+        {
             return Err(invalid(
-                "schema_refresh_interval_ms",
-                "must be at least 100",
+                "fallback_table",
+                "must name a MergeTree table other than the Buffer when shed_mode = fallback",
+            ));
+        }
+        for (key, value) in [
+            ("shed_poll_interval_ms", self.shed_poll_interval_ms),
+            ("shed_stale_after_ms", self.shed_stale_after_ms),
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("shed_retry_after_max_s", u64::from(self.shed_retry_after_max_s)),
+            ("max_inflight_bytes", self.max_inflight_bytes as u64),
+            ("max_concurrent_requests", self.max_concurrent_requests as u64),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if self.max_inflight_bytes < self.max_body_bytes + self.max_decompressed_bytes {
+            return Err(invalid(
+                "max_inflight_bytes",
+                "must hold at least one request (max_body_bytes + max_decompressed_bytes)",
             ));
         }
         if self.clickhouse_timeout_ms == 0 {
@@ -320,20 +358,12 @@ impl Config {
 
     /// Partitions to run: the configured count, or one per CPU.
     pub fn partition_count(&self) -> usize {
-        if self.partitions > 0 {
-            self.partitions
-        } else {
-            std::thread::available_parallelism().map_or(1, usize::from)
-        }
+        if self.partitions > 0 { self.partitions } else { std::thread::available_parallelism().map_or(1, usize::from) }
     }
 
     /// Concurrent INSERTs allowed over all partitions.
     pub fn insert_concurrency(&self) -> usize {
-        if self.max_concurrent_inserts > 0 {
-            self.max_concurrent_inserts
-        } else {
-            self.partition_count()
-        }
+        if self.max_concurrent_inserts > 0 { self.max_concurrent_inserts } else { self.partition_count() }
     }
 
     pub fn clickhouse_timeout(&self) -> Duration {
@@ -354,10 +384,7 @@ mod tests {
     #[test]
     fn file_then_environment() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file(
-                "gw.toml",
-                "database = \"from_file\"\nmax_events_per_request = 5\n",
-            )?;
+            jail.create_file("gw.toml", "database = \"from_file\"\nmax_events_per_request = 5\n")?;
             jail.set_env("BUFFERGATE_MAX_EVENTS_PER_REQUEST", "7");
             jail.set_env("BUFFERGATE_CLICKHOUSE_PASSWORD", "0123");
             let config = Config::load(Some(Path::new("gw.toml"))).map_err(|e| e.to_string())?;
@@ -373,10 +400,7 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.set_env("BUFFERGATE_MAX_BODY_BYTES", "lots");
             let err = Config::load(None).unwrap_err().to_string();
-            assert!(
-                err.contains("max_body_bytes") || err.contains("MAX_BODY_BYTES"),
-                "{err}"
-            );
+            assert!(err.contains("max_body_bytes") || err.contains("MAX_BODY_BYTES"), "{err}");
             Ok(())
         });
         figment::Jail::expect_with(|jail| {
@@ -387,9 +411,7 @@ mod tests {
         });
         figment::Jail::expect_with(|jail| {
             jail.create_file("gw.toml", "not_a_key = 1\n")?;
-            let err = Config::load(Some(Path::new("gw.toml")))
-                .unwrap_err()
-                .to_string();
+            let err = Config::load(Some(Path::new("gw.toml"))).unwrap_err().to_string();
             assert!(err.contains("not_a_key"), "{err}");
             Ok(())
         });

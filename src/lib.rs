@@ -10,8 +10,10 @@ pub mod coalesce;
 pub mod config;
 pub mod health;
 pub mod http;
+pub mod metrics;
 pub mod schema;
 pub mod server;
+pub mod shed;
 pub mod shutdown;
 
 pub use config::Config;

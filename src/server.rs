@@ -16,9 +16,15 @@ use crate::coalesce::Coalescer;
 use crate::config::Config;
 use crate::health::Health;
 use crate::http;
+use crate::metrics;
 use crate::schema::SharedSchema;
 use crate::schema::refresh::Refresher;
+use crate::shed::ShedState;
+use crate::shed::breaker::Breaker;
+use crate::shed::budget::Budget;
+use crate::shed::poller::Poller;
 use crate::shutdown::Shutdown;
+use metrics_exporter_prometheus::PrometheusHandle;
 
 /// What every handler can reach.
 #[derive(Debug)]
@@ -27,36 +33,31 @@ pub struct AppState {
     pub schema: Arc<SharedSchema>,
     pub health: Arc<Health>,
     pub coalescer: Coalescer,
+    /// Direct INSERTs (fallback mode); the coalescers hold their own handle.
+    pub writer: Arc<Writer>,
+    pub shed: Arc<ShedState>,
+    pub budget: Arc<Budget>,
+    pub breaker: Arc<Breaker>,
+    pub metrics: PrometheusHandle,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
 }
 
 /// Binds `config.listen` and runs until `shutdown` trips.
 pub async fn serve(config: Config, shutdown: Shutdown) -> Result<(), ServeError> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+    let listener =
+        TcpListener::bind(config.listen).await.map_err(|source| ServeError::Bind { addr: config.listen, source })?;
     run(config, listener, shutdown).await
 }
 
 /// Runs the gateway on an already bound listener (tests bind port 0).
-pub async fn run(
-    config: Config,
-    listener: TcpListener,
-    shutdown: Shutdown,
-) -> Result<(), ServeError> {
+pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> Result<(), ServeError> {
     let config = Arc::new(config);
     let ch = ClickHouse::new(&config);
     let health = Arc::new(Health::default());
@@ -75,13 +76,23 @@ pub async fn run(
     let stop_refresh = CancellationToken::new();
     let refresh_task = tokio::spawn(refresher.run(stop_refresh.clone()));
 
-    let writer = Arc::new(Writer::new(ch, &config, wake));
+    let shed = Arc::new(ShedState::default());
+    let poller = Poller { ch: ch.clone(), state: Arc::clone(&shed), config: Arc::clone(&config) };
+    let poll_task = tokio::spawn(poller.run(stop_refresh.clone()));
+
+    let breaker = Arc::new(Breaker::new(config.circuit_failures, Duration::from_millis(config.circuit_open_ms)));
+    let writer = Arc::new(Writer::new(ch, &config, wake, Arc::clone(&breaker)));
     let (coalescer, partitions) = Coalescer::start(&config, &writer);
     let state = Arc::new(AppState {
         config: Arc::clone(&config),
         schema,
         health: Arc::clone(&health),
         coalescer,
+        writer,
+        shed,
+        budget: Budget::new(config.max_inflight_bytes),
+        breaker,
+        metrics: metrics::install(),
     });
 
     let local = listener.local_addr().map_err(ServeError::Serve)?;
@@ -94,22 +105,17 @@ pub async fn run(
             shutdown.triggered().await;
             health.start_draining();
             if !drain_delay.is_zero() {
-                tracing::info!(
-                    ?drain_delay,
-                    "not ready; waiting for load balancers to stop routing here"
-                );
+                tracing::info!(?drain_delay, "not ready; waiting for load balancers to stop routing here");
                 tokio::time::sleep(drain_delay).await;
             }
             tracing::info!("no longer accepting connections; answering in-flight requests");
         }
     };
-    let result = axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(stop_http)
-        .await;
+    let result = axum::serve(listener, http::router(state)).with_graceful_shutdown(stop_http).await;
 
     partitions.drain().await;
     stop_refresh.cancel();
-    let _ = refresh_task.await;
+    let _ = tokio::join!(refresh_task, poll_task);
     tracing::info!("drained; bye");
     result.map_err(ServeError::Serve)
 }

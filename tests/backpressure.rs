@@ -24,8 +24,10 @@ async fn a_full_queue_answers_503_with_retry_after_and_recovers() {
     config.queue_capacity = 1;
     config.queue_timeout_ms = 300;
     config.insert_retries = 1000;
+    config.circuit_failures = 0;
     migrate(&config).await;
     let gw = Gateway::start(config.clone()).await;
+    gw.wait_ready().await;
 
     // The Buffer disappears (as during a migration): INSERTs fail with UNKNOWN_TABLE and the
     // partition keeps retrying the first batch.
@@ -33,46 +35,18 @@ async fn a_full_queue_answers_503_with_retry_after_and_recovers() {
     let first = {
         let gw_url = gw.url.clone();
         tokio::spawn(async move {
-            let response = common::http()
-                .post(format!("{gw_url}/v1/events"))
-                .json(&batch(1, 10))
-                .send()
-                .await
-                .unwrap();
-            (
-                response.status().as_u16(),
-                response.json::<Value>().await.unwrap(),
-            )
+            let response = common::http().post(format!("{gw_url}/v1/events")).json(&batch(1, 10)).send().await.unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
         })
     };
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let (status, body) = gw
-        .post(
-            "/v1/events?wait=false",
-            "application/json",
-            None,
-            batch(100, 5).to_string().into_bytes(),
-        )
-        .await;
-    assert_eq!(
-        status, 202,
-        "the one free queue slot takes the second request: {body}"
-    );
+    let (status, body) =
+        gw.post("/v1/events?wait=false", "application/json", None, batch(100, 5).to_string().into_bytes()).await;
+    assert_eq!(status, 202, "the one free queue slot takes the second request: {body}");
 
-    let response = common::http()
-        .post(format!("{}/v1/events", gw.url))
-        .json(&batch(200, 5))
-        .send()
-        .await
-        .unwrap();
+    let response = common::http().post(format!("{}/v1/events", gw.url)).json(&batch(200, 5)).send().await.unwrap();
     assert_eq!(response.status().as_u16(), 503);
-    assert_eq!(
-        response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok()),
-        Some("1")
-    );
+    assert_eq!(response.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"], "queue_full", "{body}");
 
@@ -81,14 +55,10 @@ async fn a_full_queue_answers_503_with_retry_after_and_recovers() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["accepted"], 10);
     let table = gw.destination();
-    common::eventually(
-        Duration::from_secs(10),
-        "both queued requests stored",
-        || async {
-            gw.drain(ch).await;
-            ch.count(&table).await == 15
-        },
-    )
+    common::eventually(Duration::from_secs(10), "both queued requests stored", || async {
+        gw.drain(ch).await;
+        ch.count(&table).await == 15
+    })
     .await;
     let refused = ch.count(&format!("{table} WHERE user_id >= 200")).await;
     assert_eq!(refused, 0, "the refused request wrote nothing");
@@ -101,34 +71,21 @@ async fn exhausted_retries_answer_503_and_accept_nothing() {
     let db = ch.fresh_database("retries");
     let mut config = config(ch, &db);
     config.insert_retries = 2;
+    config.circuit_failures = 0;
     migrate(&config).await;
     let gw = Gateway::start(config.clone()).await;
+    gw.wait_ready().await;
     ch.exec(&format!("DROP TABLE {db}.events_buffer")).await;
 
     let (status, body) = gw.post_json(&batch(1, 20)).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (503, Some("flush_failed")),
-        "{body}"
-    );
+    assert_eq!((status, body["error"].as_str()), (503, Some("flush_failed")), "{body}");
     assert!(body.get("accepted").is_none(), "{body}");
-    assert!(
-        body["message"].as_str().unwrap().contains("3 attempt"),
-        "{body}"
-    );
+    assert!(body["message"].as_str().unwrap().contains("3 attempt"), "{body}");
 
     migrate(&config).await;
     let (status, body) = gw.post_json(&batch(1, 20)).await;
-    assert_eq!(
-        (status, body["accepted"].as_u64()),
-        (200, Some(20)),
-        "{body}"
-    );
+    assert_eq!((status, body["accepted"].as_u64()), (200, Some(20)), "{body}");
     gw.drain(ch).await;
-    assert_eq!(
-        ch.count(&gw.destination()).await,
-        20,
-        "stored once, after the retry"
-    );
+    assert_eq!(ch.count(&gw.destination()).await, 20, "stored once, after the retry");
     gw.stop().await;
 }

@@ -15,10 +15,7 @@ use serde_json::{Value, json};
 
 /// Runs statements in one chdb session; returns each statement's output.
 fn chdb(session: &std::path::Path, statements: &[(&str, &str)]) -> Vec<String> {
-    let input: Vec<Value> = statements
-        .iter()
-        .map(|(sql, format)| json!({"sql": sql, "format": format}))
-        .collect();
+    let input: Vec<Value> = statements.iter().map(|(sql, format)| json!({"sql": sql, "format": format})).collect();
     let mut child = Command::new("python3")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/chdb_query.py"))
         .arg(session)
@@ -27,11 +24,7 @@ fn chdb(session: &std::path::Path, statements: &[(&str, &str)]) -> Vec<String> {
         .stderr(Stdio::piped())
         .spawn()
         .expect("python3 runs");
-    std::io::Write::write_all(
-        child.stdin.as_mut().unwrap(),
-        Value::Array(input).to_string().as_bytes(),
-    )
-    .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), Value::Array(input).to_string().as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -56,39 +49,26 @@ fn described(text: &str) -> Vec<ColumnInfo> {
 
 /// The `file()` structure argument for `columns`, quoted for a SQL string literal.
 fn structure(columns: &[ColumnInfo]) -> String {
-    let list: Vec<String> = columns
-        .iter()
-        .map(|c| format!("{} {}", c.name, c.type_text))
-        .collect();
+    let list: Vec<String> = columns.iter().map(|c| format!("{} {}", c.name, c.type_text)).collect();
     list.join(", ").replace('\\', "\\\\").replace('\'', "\\'")
 }
 
 fn json_rows(text: &str) -> Vec<Value> {
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 /// Encodes events with the schema built from `columns`; writes a RowBinary file.
 fn encode_file(path: &std::path::Path, columns: Vec<ColumnInfo>, events: &[Value]) -> TableSchema {
-    let special = SpecialColumns {
-        id: "event_id".into(),
-        timestamp: "event_ts".into(),
-        partition_key: "user_id".into(),
-    };
+    let special =
+        SpecialColumns { id: "event_id".into(), timestamp: "event_ts".into(), partition_key: "user_id".into() };
     let schema = TableSchema::new(1, "conf", "t", columns, &special);
     let ctx = EncodeContext {
-        now: Instant {
-            seconds: 1_700_000_000,
-            nanos: 500_000_000,
-        },
+        now: Instant { seconds: 1_700_000_000, nanos: 500_000_000 },
         unknown_fields: UnknownFields::Reject,
     };
     let mut data = Vec::new();
     for event in events {
-        let omitted = schema
-            .encode_event(event, &ctx, &mut data)
-            .unwrap_or_else(|r| panic!("{event}: {r:?}"));
+        let omitted = schema.encode_event(event, &ctx, &mut data).unwrap_or_else(|r| panic!("{event}: {r:?}"));
         assert_eq!(omitted, 0);
     }
     std::fs::write(path, data).unwrap();
@@ -99,10 +79,7 @@ fn encode_file(path: &std::path::Path, columns: Vec<ColumnInfo>, events: &[Value
 fn seed_schema_on_a_modern_server_round_trips_through_the_buffer() {
     let dir = common::scratch("conformance-seed");
     let session = dir.join("session");
-    let config = Config {
-        database: "conf".into(),
-        ..Config::default()
-    };
+    let config = Config { database: "conf".into(), ..Config::default() };
     let caps = Capabilities::modern();
     let ddl_destination = migrate::destination_ddl(&config, &caps);
     let ddl_buffer = migrate::buffer_ddl(&config);
@@ -121,17 +98,7 @@ fn seed_schema_on_a_modern_server_round_trips_through_the_buffer() {
     );
     let columns = described(&out[3]);
     let types: Vec<&str> = columns.iter().map(|c| c.type_text.as_str()).collect();
-    assert_eq!(
-        types,
-        [
-            "UUID",
-            "DateTime64(3)",
-            "UInt64",
-            "LowCardinality(String)",
-            "String",
-            "Map(String, String)"
-        ]
-    );
+    assert_eq!(types, ["UUID", "DateTime64(3)", "UInt64", "LowCardinality(String)", "String", "Map(String, String)"]);
 
     let events = vec![
         json!({"event_id": "018f2b6e-1d2c-7a3b-9c4d-5e6f708192a3", "event_ts": "2024-05-01T12:34:56.789Z", "user_id": 42,
@@ -142,15 +109,8 @@ fn seed_schema_on_a_modern_server_round_trips_through_the_buffer() {
     ];
     let file = dir.join("seed.rowbinary");
     let schema = encode_file(&file, columns.clone(), &events);
-    let insert = schema
-        .insert_sql(0)
-        .replace(" FORMAT RowBinary", "")
-        .replace("`conf`.`t`", "conf.events_buffer");
-    let insert = format!(
-        "{insert} SELECT * FROM file('{}', RowBinary, '{}')",
-        file.display(),
-        structure(&columns)
-    );
+    let insert = schema.insert_sql(0).replace(" FORMAT RowBinary", "").replace("`conf`.`t`", "conf.events_buffer");
+    let insert = format!("{insert} SELECT * FROM file('{}', RowBinary, '{}')", file.display(), structure(&columns));
     let out = chdb(
         &session,
         &[
@@ -166,15 +126,8 @@ fn seed_schema_on_a_modern_server_round_trips_through_the_buffer() {
     let rows = json_rows(&out[2]);
     assert_eq!(rows.len(), 3);
     assert_eq!(rows[0]["user"], "7");
-    assert_eq!(
-        &rows[0]["id"].as_str().unwrap()[14..15],
-        "7",
-        "generated UUIDv7"
-    );
-    assert_eq!(
-        rows[0]["ts"], "2023-11-14 22:13:20.500",
-        "receive time with milliseconds"
-    );
+    assert_eq!(&rows[0]["id"].as_str().unwrap()[14..15], "7", "generated UUIDv7");
+    assert_eq!(rows[0]["ts"], "2023-11-14 22:13:20.500", "receive time with milliseconds");
     assert_eq!(rows[0]["metadata"], json!({}));
     assert_eq!(
         rows[1],
@@ -197,11 +150,7 @@ fn types_only_modern_servers_have_read_back_exactly() {
         u Nullable(UUID), e Enum16('a' = -300, 'b' = 300), dec Decimal128(6), an Array(Nullable(Int64))) ENGINE = Memory";
     let out = chdb(
         &session,
-        &[
-            ("CREATE DATABASE IF NOT EXISTS conf", "CSV"),
-            (table, "CSV"),
-            ("DESCRIBE TABLE conf.modern", "JSONEachRow"),
-        ],
+        &[("CREATE DATABASE IF NOT EXISTS conf", "CSV"), (table, "CSV"), ("DESCRIBE TABLE conf.modern", "JSONEachRow")],
     );
     let columns = described(&out[2]);
     let events = vec![
@@ -250,16 +199,10 @@ fn types_only_modern_servers_have_read_back_exactly() {
 async fn capability_probes_detect_the_old_server() {
     let ch = common::clickhouse();
     let config = common::config(ch, "default");
-    let caps = buffergate::clickhouse::ClickHouse::new(&config)
-        .capabilities()
-        .await
-        .unwrap();
+    let caps = buffergate::clickhouse::ClickHouse::new(&config).capabilities().await.unwrap();
     assert!(caps.version.starts_with("18."), "{caps:?}");
     assert!(
-        !caps.datetime64
-            && !caps.map
-            && !caps.tables_total_bytes
-            && caps.low_cardinality_needs_setting,
+        !caps.datetime64 && !caps.map && !caps.tables_total_bytes && caps.low_cardinality_needs_setting,
         "{caps:?}"
     );
 }

@@ -36,10 +36,7 @@ async fn json_array_lands_in_the_destination_exactly() {
     let events: Vec<Value> = (1..=50).map(seed_event).collect();
     let (status, body) = gw.post_json(&Value::Array(events)).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(
-        body,
-        json!({"accepted": 50, "duplicates": 0, "rejected": []})
-    );
+    assert_eq!(body, json!({"accepted": 50, "duplicates": 0, "rejected": []}));
     gw.drain(ch).await;
     let rows = ch
         .rows(&format!(
@@ -63,61 +60,23 @@ async fn ndjson_gzip_and_zstd_bodies() {
     let ch = clickhouse();
     let gw = seeded_gateway("formats").await;
     let ndjson: String = (1..=10).map(|i| format!("{}\n", seed_event(i))).collect();
-    let (status, body) = gw
-        .post(
-            "/v1/events",
-            "application/x-ndjson",
-            None,
-            ndjson.into_bytes(),
-        )
-        .await;
-    assert_eq!(
-        (status, body["accepted"].as_u64()),
-        (200, Some(10)),
-        "{body}"
-    );
+    let (status, body) = gw.post("/v1/events", "application/x-ndjson", None, ndjson.into_bytes()).await;
+    assert_eq!((status, body["accepted"].as_u64()), (200, Some(10)), "{body}");
 
     let array = Value::Array((11..=20).map(seed_event).collect()).to_string();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(array.as_bytes()).unwrap();
-    let (status, body) = gw
-        .post(
-            "/v1/events",
-            "application/json",
-            Some("gzip"),
-            gz.finish().unwrap(),
-        )
-        .await;
-    assert_eq!(
-        (status, body["accepted"].as_u64()),
-        (200, Some(10)),
-        "{body}"
-    );
+    let (status, body) = gw.post("/v1/events", "application/json", Some("gzip"), gz.finish().unwrap()).await;
+    assert_eq!((status, body["accepted"].as_u64()), (200, Some(10)), "{body}");
 
-    let ndjson: String = (21..=30)
-        .map(|i| format!("{}\r\n", seed_event(i)))
-        .collect();
+    let ndjson: String = (21..=30).map(|i| format!("{}\r\n", seed_event(i))).collect();
     let packed = zstd::encode_all(ndjson.as_bytes(), 3).unwrap();
-    let (status, body) = gw
-        .post("/v1/events", "application/x-ndjson", Some("zstd"), packed)
-        .await;
-    assert_eq!(
-        (status, body["accepted"].as_u64()),
-        (200, Some(10)),
-        "{body}"
-    );
+    let (status, body) = gw.post("/v1/events", "application/x-ndjson", Some("zstd"), packed).await;
+    assert_eq!((status, body["accepted"].as_u64()), (200, Some(10)), "{body}");
 
     gw.drain(ch).await;
-    let rows = ch
-        .rows(&format!(
-            "SELECT user_id FROM {} ORDER BY user_id",
-            gw.destination()
-        ))
-        .await;
-    let ids: Vec<u64> = rows
-        .iter()
-        .map(|r| r["user_id"].as_str().unwrap().parse().unwrap())
-        .collect();
+    let rows = ch.rows(&format!("SELECT user_id FROM {} ORDER BY user_id", gw.destination())).await;
+    let ids: Vec<u64> = rows.iter().map(|r| r["user_id"].as_str().unwrap().parse().unwrap()).collect();
     assert_eq!(ids, (1..=30).collect::<Vec<u64>>());
     gw.stop().await;
 }
@@ -154,27 +113,10 @@ async fn a_bad_event_is_rejected_alone() {
             (5, json!("event_ts"))
         ]
     );
-    assert!(
-        body["rejected"][0]["error"]
-            .as_str()
-            .unwrap()
-            .contains("out of range"),
-        "{body}"
-    );
-    assert!(
-        body["rejected"][1]["error"]
-            .as_str()
-            .unwrap()
-            .contains("not a UUID"),
-        "{body}"
-    );
+    assert!(body["rejected"][0]["error"].as_str().unwrap().contains("out of range"), "{body}");
+    assert!(body["rejected"][1]["error"].as_str().unwrap().contains("not a UUID"), "{body}");
     gw.drain(ch).await;
-    let rows = ch
-        .rows(&format!(
-            "SELECT user_id FROM {} ORDER BY user_id",
-            gw.destination()
-        ))
-        .await;
+    let rows = ch.rows(&format!("SELECT user_id FROM {} ORDER BY user_id", gw.destination())).await;
     assert_eq!(rows, vec![json!({"user_id": "1"}), json!({"user_id": "6"})]);
     gw.stop().await;
 }
@@ -183,16 +125,10 @@ async fn a_bad_event_is_rejected_alone() {
 async fn missing_fields_get_generated_ids_receive_time_and_defaults() {
     let ch = clickhouse();
     let gw = seeded_gateway("defaults").await;
-    let before = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     let (status, body) = gw.post_json(&json!([{"user_id": 1}, {"user_id": 2}])).await;
     assert_eq!(status, 200, "{body}");
-    let after = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let after = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     gw.drain(ch).await;
     let rows = ch
         .rows(&format!(
@@ -205,16 +141,9 @@ async fn missing_fields_get_generated_ids_receive_time_and_defaults() {
         let id = row["id"].as_str().unwrap();
         assert_eq!(&id[14..15], "7", "a generated event_id is a UUIDv7: {id}");
         let ts = row["ts"].as_u64().unwrap();
-        assert!(
-            ts >= before && ts <= after,
-            "event_ts is the receive time: {ts} not in [{before}, {after}]"
-        );
+        assert!(ts >= before && ts <= after, "event_ts is the receive time: {ts} not in [{before}, {after}]");
         assert_eq!(
-            (
-                row["event_type"].as_str(),
-                row["payload"].as_str(),
-                row["metadata"].as_str()
-            ),
+            (row["event_type"].as_str(), row["payload"].as_str(), row["metadata"].as_str()),
             (Some(""), Some(""), Some(""))
         );
     }
@@ -234,10 +163,7 @@ async fn every_type_of_the_installed_server() {
         f32 Float32, f64 Float64, id UUID, d Date, dt DateTime, dtz DateTime('Asia/Tokyo'), \
         a Array(String), an Array(Nullable(UInt8)), aa Array(Array(Int16)), e8 Enum8('a' = 1, 'b' = -2), \
         e16 Enum16('big' = 1000, 'small' = 1), dec Decimal(10, 3), d32 Decimal32(2), computed UInt64 DEFAULT u64 * 2";
-    ch.exec(&format!(
-        "CREATE TABLE {db}.raw ({columns}) ENGINE = MergeTree() ORDER BY tuple()"
-    ))
-    .await;
+    ch.exec(&format!("CREATE TABLE {db}.raw ({columns}) ENGINE = MergeTree() ORDER BY tuple()")).await;
     ch.exec(&format!("CREATE TABLE {db}.buf AS {db}.raw ENGINE = Buffer({db}, raw, 1, 100, 100, 1000000, 1000000, 100000000, 100000000)"))
         .await;
     let mut config = config(ch, &db);
@@ -285,6 +211,7 @@ async fn every_type_of_the_installed_server() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::type_complexity)]
 async fn limits_and_bad_requests_get_precise_json_errors_and_store_nothing() {
     let ch = clickhouse();
     let db = ch.fresh_database("limits");
@@ -295,147 +222,41 @@ async fn limits_and_bad_requests_get_precise_json_errors_and_store_nothing() {
     migrate(&config).await;
     let gw = Gateway::start(config).await;
 
-    let big = json!([{"payload": "x".repeat(70 * 1024)}])
-        .to_string()
-        .into_bytes();
-    let (status, body) = gw.post("/v1/events", "application/json", None, big).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (413, Some("body_too_large")),
-        "{body}"
-    );
-
+    let big = json!([{"payload": "x".repeat(70 * 1024)}]).to_string().into_bytes();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    gz.write_all(
-        json!([{"payload": " ".repeat(1024 * 1024)}])
-            .to_string()
-            .as_bytes(),
-    )
-    .unwrap();
-    let (status, body) = gw
-        .post(
-            "/v1/events",
-            "application/json",
-            Some("gzip"),
-            gz.finish().unwrap(),
-        )
-        .await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (413, Some("decompressed_body_too_large")),
-        "{body}"
-    );
+    gz.write_all(json!([{"payload": " ".repeat(1024 * 1024)}]).to_string().as_bytes()).unwrap();
+    let bomb = gz.finish().unwrap();
+    let many = Value::Array((0..101).map(|i| json!({"user_id": i})).collect()).to_string().into_bytes();
+    let json = "application/json";
+    // (path, content type, content encoding, body, expected status, expected error code)
+    let cases: Vec<(&str, &str, Option<&str>, Vec<u8>, u16, &str)> = vec![
+        ("/v1/events", json, None, big, 413, "body_too_large"),
+        ("/v1/events", json, Some("gzip"), bomb, 413, "decompressed_body_too_large"),
+        ("/v1/events", json, None, many, 413, "too_many_events"),
+        ("/v1/events", "text/csv", None, b"a,b".to_vec(), 415, "unsupported_media_type"),
+        ("/v1/events", json, Some("br"), b"[]".to_vec(), 415, "unsupported_encoding"),
+        ("/v1/events", json, Some("gzip"), b"not gzip".to_vec(), 400, "bad_encoding"),
+        ("/v1/events?wait=maybe", json, None, b"[]".to_vec(), 400, "bad_query"),
+        ("/v1/nothing", json, None, b"[]".to_vec(), 404, "not_found"),
+    ];
+    for (path, content_type, encoding, body, status, code) in cases {
+        let (got, answer) = gw.post(path, content_type, encoding, body).await;
+        assert_eq!((got, answer["error"].as_str()), (status, Some(code)), "{answer}");
+        assert!(answer["message"].as_str().is_some_and(|m| !m.is_empty()), "{answer}");
+    }
 
-    let many = Value::Array((0..101).map(|i| json!({"user_id": i})).collect())
-        .to_string()
-        .into_bytes();
-    let (status, body) = gw.post("/v1/events", "application/json", None, many).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (413, Some("too_many_events")),
-        "{body}"
-    );
-
-    let (status, body) = gw
-        .post("/v1/events", "text/csv", None, b"a,b".to_vec())
-        .await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (415, Some("unsupported_media_type")),
-        "{body}"
-    );
-
-    let (status, body) = gw
-        .post("/v1/events", "application/json", Some("br"), b"[]".to_vec())
-        .await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (415, Some("unsupported_encoding")),
-        "{body}"
-    );
-
-    let (status, body) = gw
-        .post(
-            "/v1/events",
-            "application/json",
-            Some("gzip"),
-            b"not gzip".to_vec(),
-        )
-        .await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (400, Some("bad_encoding")),
-        "{body}"
-    );
-
-    let (status, body) = gw
-        .post(
-            "/v1/events",
-            "application/json",
-            None,
-            b"[{\"user_id\": 1},\n  {\"user_id\" 2}]".to_vec(),
-        )
-        .await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (400, Some("malformed_json")),
-        "{body}"
-    );
-    assert_eq!(
-        (body["line"].as_u64(), body["column"].as_u64()),
-        (Some(2), Some(14)),
-        "{body}"
-    );
-    assert!(
-        body["message"]
-            .as_str()
-            .unwrap()
-            .contains("line 2, column 14"),
-        "{body}"
-    );
-
-    let (status, body) = gw
-        .post(
-            "/v1/events",
-            "application/x-ndjson",
-            None,
-            b"{\"user_id\": 1}\n{\"user_id\": }\n".to_vec(),
-        )
-        .await;
+    let malformed = b"[{\"user_id\": 1},\n  {\"user_id\" 2}]".to_vec();
+    let (status, body) = gw.post("/v1/events", json, None, malformed).await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("malformed_json")), "{body}");
+    assert_eq!((body["line"].as_u64(), body["column"].as_u64()), (Some(2), Some(14)), "{body}");
+    assert!(body["message"].as_str().unwrap().contains("line 2, column 14"), "{body}");
+    let malformed = b"{\"user_id\": 1}\n{\"user_id\": }\n".to_vec();
+    let (status, body) = gw.post("/v1/events", "application/x-ndjson", None, malformed).await;
     assert_eq!((status, body["line"].as_u64()), (400, Some(2)), "{body}");
 
-    let (status, body) = gw
-        .post(
-            "/v1/events?wait=maybe",
-            "application/json",
-            None,
-            b"[]".to_vec(),
-        )
-        .await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (400, Some("bad_query")),
-        "{body}"
-    );
-
-    let (status, body) = gw
-        .post("/v1/nothing", "application/json", None, b"[]".to_vec())
-        .await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (404, Some("not_found")),
-        "{body}"
-    );
-    let response = common::http()
-        .get(format!("{}/v1/events", gw.url))
-        .send()
-        .await
-        .unwrap();
+    let response = common::http().get(format!("{}/v1/events", gw.url)).send().await.unwrap();
     assert_eq!(response.status().as_u16(), 405);
-    assert_eq!(
-        response.json::<Value>().await.unwrap()["error"],
-        "method_not_allowed"
-    );
+    assert_eq!(response.json::<Value>().await.unwrap()["error"], "method_not_allowed");
 
     // The gateway is still healthy and nothing of the refused requests was stored.
     let (status, body) = gw.post_json(&json!([{"user_id": 9}])).await;
@@ -454,22 +275,16 @@ async fn wait_false_answers_202_and_the_rows_follow() {
             "/v1/events?wait=false",
             "application/json",
             None,
-            Value::Array((1..=5).map(seed_event).collect())
-                .to_string()
-                .into_bytes(),
+            Value::Array((1..=5).map(seed_event).collect()).to_string().into_bytes(),
         )
         .await;
     assert_eq!(status, 202, "{body}");
     assert_eq!(body["accepted"], 5);
     let table = gw.destination();
-    eventually(
-        Duration::from_secs(10),
-        "the 202-acknowledged rows to be stored",
-        || async {
-            gw.drain(ch).await;
-            ch.count(&table).await == 5
-        },
-    )
+    eventually(Duration::from_secs(10), "the 202-acknowledged rows to be stored", || async {
+        gw.drain(ch).await;
+        ch.count(&table).await == 5
+    })
     .await;
     gw.stop().await;
 }
@@ -484,68 +299,29 @@ async fn health_readiness_and_schema_changes_without_restart() {
         let url = format!("{}{path}", gw.url);
         async move {
             let response = common::http().get(url).send().await.unwrap();
-            (
-                response.status().as_u16(),
-                response.json::<Value>().await.unwrap(),
-            )
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
         }
     };
     assert_eq!(get("/healthz").await, (200, json!({"status": "ok"})));
     let (status, body) = get("/readyz").await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (503, Some("not_ready")),
-        "no table yet: {body}"
-    );
+    assert_eq!((status, body["error"].as_str()), (503, Some("not_ready")), "no table yet: {body}");
     let (status, body) = gw.post_json(&json!([{"user_id": 1}])).await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (503, Some("not_ready")),
-        "{body}"
-    );
+    assert_eq!((status, body["error"].as_str()), (503, Some("not_ready")), "{body}");
 
     migrate(&config).await;
-    eventually(
-        Duration::from_secs(10),
-        "readiness after migrate",
-        || async { get("/readyz").await.0 == 200 },
-    )
-    .await;
+    eventually(Duration::from_secs(10), "readiness after migrate", || async { get("/readyz").await.0 == 200 }).await;
 
     // A column added to the destination and the Buffer is picked up by the running gateway.
-    ch.exec(&format!(
-        "ALTER TABLE {db}.events_raw ADD COLUMN country LowCardinality(String) DEFAULT 'zz'"
-    ))
-    .await;
-    ch.exec(&format!(
-        "ALTER TABLE {db}.events_buffer ADD COLUMN country LowCardinality(String) DEFAULT 'zz'"
-    ))
-    .await;
-    eventually(
-        Duration::from_secs(10),
-        "the new column to be accepted",
-        || async {
-            gw.post_json(&json!([{"user_id": 2, "country": "fr"}]))
-                .await
-                .1["accepted"]
-                == 1
-        },
-    )
+    ch.exec(&format!("ALTER TABLE {db}.events_raw ADD COLUMN country LowCardinality(String) DEFAULT 'zz'")).await;
+    ch.exec(&format!("ALTER TABLE {db}.events_buffer ADD COLUMN country LowCardinality(String) DEFAULT 'zz'")).await;
+    eventually(Duration::from_secs(10), "the new column to be accepted", || async {
+        gw.post_json(&json!([{"user_id": 2, "country": "fr"}])).await.1["accepted"] == 1
+    })
     .await;
     let (status, _) = gw.post_json(&json!([{"user_id": 3}])).await;
     assert_eq!(status, 200);
     gw.drain(ch).await;
-    let rows = ch
-        .rows(&format!(
-            "SELECT user_id, country FROM {db}.events_raw ORDER BY user_id"
-        ))
-        .await;
-    assert_eq!(
-        rows,
-        vec![
-            json!({"user_id": "2", "country": "fr"}),
-            json!({"user_id": "3", "country": "zz"})
-        ]
-    );
+    let rows = ch.rows(&format!("SELECT user_id, country FROM {db}.events_raw ORDER BY user_id")).await;
+    assert_eq!(rows, vec![json!({"user_id": "2", "country": "fr"}), json!({"user_id": "3", "country": "zz"})]);
     gw.stop().await;
 }

@@ -25,29 +25,17 @@ async fn sigterm_drains_in_flight_requests_and_queued_rows() {
     let url = format!("http://127.0.0.1:{port}");
     common::eventually(Duration::from_secs(20), "the gateway to be ready", || {
         let url = format!("{url}/readyz");
-        async move {
-            common::http()
-                .get(url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        }
+        async move { common::http().get(url).send().await.is_ok_and(|r| r.status().is_success()) }
     })
     .await;
 
     let mut requests = Vec::new();
     for r in 0..8u64 {
-        let url = format!(
-            "{url}/v1/events{}",
-            if r % 4 == 3 { "?wait=false" } else { "" }
-        );
+        let url = format!("{url}/v1/events{}", if r % 4 == 3 { "?wait=false" } else { "" });
         let events: Vec<Value> = (0..50).map(|i| json!({"user_id": r * 1000 + i})).collect();
         requests.push(tokio::spawn(async move {
             let response = common::http().post(url).json(&events).send().await.unwrap();
-            (
-                response.status().as_u16(),
-                response.json::<Value>().await.unwrap(),
-            )
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
         }));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -60,9 +48,7 @@ async fn sigterm_drains_in_flight_requests_and_queued_rows() {
         acknowledged += body["accepted"].as_u64().unwrap();
     }
     assert_eq!(acknowledged, 400);
-    let status = gateway
-        .wait_exit(Duration::from_secs(30))
-        .expect("the gateway exits");
+    let status = gateway.wait_exit(Duration::from_secs(30)).expect("the gateway exits");
     assert!(status.success(), "exit status {status:?}");
     ch.exec(&format!("OPTIMIZE TABLE {db}.events_buffer")).await;
     assert_eq!(ch.count(&format!("{db}.events_raw")).await, 400);

@@ -13,11 +13,7 @@ pub enum MigrateError {
         "the Buffer table {buffer} has columns that differ from its destination {destination}: {differences}. \
          ClickHouse casts or fails at flush time, losing rows; drain it (OPTIMIZE TABLE), drop it and run migrate again"
     )]
-    ColumnsDiffer {
-        buffer: String,
-        destination: String,
-        differences: String,
-    },
+    ColumnsDiffer { buffer: String, destination: String, differences: String },
     #[error("{table} exists but is not a Buffer table (engine: {engine})")]
     NotABuffer { table: String, engine: String },
 }
@@ -32,34 +28,18 @@ pub struct Report {
 pub fn seed_columns(caps: &Capabilities) -> Vec<(&'static str, &'static str)> {
     vec![
         ("event_id", "UUID"),
-        (
-            "event_ts",
-            if caps.datetime64 {
-                "DateTime64(3)"
-            } else {
-                "DateTime"
-            },
-        ),
+        ("event_ts", if caps.datetime64 { "DateTime64(3)" } else { "DateTime" }),
         ("user_id", "UInt64"),
         ("event_type", "LowCardinality(String)"),
         ("payload", "String"),
-        (
-            "metadata",
-            if caps.map {
-                "Map(String, String)"
-            } else {
-                "String"
-            },
-        ),
+        ("metadata", if caps.map { "Map(String, String)" } else { "String" }),
     ]
 }
 
 /// `CREATE TABLE IF NOT EXISTS` for the destination MergeTree table.
 pub fn destination_ddl(config: &Config, caps: &Capabilities) -> String {
-    let columns: Vec<String> = seed_columns(caps)
-        .iter()
-        .map(|(name, ty)| format!("    {} {ty}", quote_ident(name)))
-        .collect();
+    let columns: Vec<String> =
+        seed_columns(caps).iter().map(|(name, ty)| format!("    {} {ty}", quote_ident(name))).collect();
     format!(
         "CREATE TABLE IF NOT EXISTS {}.{}\n(\n{}\n)\nENGINE = MergeTree()\nPARTITION BY toYYYYMM(event_ts)\nORDER BY (event_type, event_ts, user_id)",
         quote_ident(&config.database),
@@ -113,10 +93,7 @@ pub fn column_differences(buffer: &[ColumnInfo], destination: &[ColumnInfo]) -> 
             (Some(b), None) => {
                 diffs.push(format!("{} {} is only in the buffer", b.name, b.type_text));
             }
-            (None, Some(d)) => diffs.push(format!(
-                "{} {} is only in the destination",
-                d.name, d.type_text
-            )),
+            (None, Some(d)) => diffs.push(format!("{} {} is only in the destination", d.name, d.type_text)),
             (None, None) => {}
         }
     }
@@ -133,34 +110,19 @@ pub async fn migrate(ch: &ClickHouse, config: &Config) -> Result<Report, Migrate
     };
     let mut report = Report::default();
     report.lines.push(format!("ClickHouse {}", caps.version));
-    let (db, buffer, destination) = (
-        &config.database,
-        &config.buffer_table,
-        &config.destination_table,
-    );
+    let (db, buffer, destination) = (&config.database, &config.buffer_table, &config.destination_table);
 
-    ch.execute(&format!(
-        "CREATE DATABASE IF NOT EXISTS {}",
-        quote_ident(db)
-    ))
-    .await?;
+    ch.execute(&format!("CREATE DATABASE IF NOT EXISTS {}", quote_ident(db))).await?;
 
     if ch.engine_full(db, destination).await?.is_none() {
         if !caps.datetime64 {
-            report.lines.push(
-                "this server has no DateTime64: event_ts is created as DateTime (whole seconds)"
-                    .into(),
-            );
+            report.lines.push("this server has no DateTime64: event_ts is created as DateTime (whole seconds)".into());
         }
         if !caps.map {
-            report.lines.push(
-                "this server has no Map: metadata is created as String holding JSON text".into(),
-            );
+            report.lines.push("this server has no Map: metadata is created as String holding JSON text".into());
         }
         if caps.low_cardinality_needs_setting {
-            report.lines.push(
-                "LowCardinality created with allow_experimental_low_cardinality_type = 1".into(),
-            );
+            report.lines.push("LowCardinality created with allow_experimental_low_cardinality_type = 1".into());
         }
         ch.execute(&destination_ddl(config, &caps)).await?;
         report.lines.push(format!("created {db}.{destination}"));
@@ -171,27 +133,34 @@ pub async fn migrate(ch: &ClickHouse, config: &Config) -> Result<Report, Migrate
     match ch.engine_full(db, buffer).await? {
         None => {
             ch.execute(&buffer_ddl(config)).await?;
-            report.lines.push(format!(
-                "created {db}.{buffer} ENGINE = {}",
-                buffer_engine(config)
-            ));
+            report.lines.push(format!("created {db}.{buffer} ENGINE = {}", buffer_engine(config)));
         }
         Some(engine) if !engine.starts_with("Buffer") => {
-            return Err(MigrateError::NotABuffer {
-                table: format!("{db}.{buffer}"),
-                engine,
-            });
+            return Err(MigrateError::NotABuffer { table: format!("{db}.{buffer}"), engine });
         }
         Some(engine) => {
-            report
-                .lines
-                .push(format!("{db}.{buffer} exists: ENGINE = {engine}"));
+            report.lines.push(format!("{db}.{buffer} exists: ENGINE = {engine}"));
             if normalize(&engine) != normalize(&buffer_engine(config)) {
                 report.lines.push(format!(
                     "note: its engine differs from the configuration ({}); drain, drop and migrate again to apply it",
                     buffer_engine(config)
                 ));
             }
+        }
+    }
+
+    if !config.fallback_table.is_empty() {
+        let fallback = &config.fallback_table;
+        if ch.engine_full(db, fallback).await?.is_none() {
+            // `AS` copies the destination's columns and its MergeTree engine.
+            ch.execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {0}.{1} AS {0}.{2}",
+                quote_ident(db),
+                quote_ident(fallback),
+                quote_ident(destination)
+            ))
+            .await?;
+            report.lines.push(format!("created fallback table {db}.{fallback}"));
         }
     }
 
@@ -209,10 +178,7 @@ pub async fn migrate(ch: &ClickHouse, config: &Config) -> Result<Report, Migrate
 
 /// Engine clauses compared without quotes or spaces (servers print arguments differently).
 fn normalize(engine: &str) -> String {
-    engine
-        .chars()
-        .filter(|c| !c.is_whitespace() && *c != '\'' && *c != '`')
-        .collect()
+    engine.chars().filter(|c| !c.is_whitespace() && *c != '\'' && *c != '`').collect()
 }
 
 #[cfg(test)]
@@ -229,45 +195,27 @@ mod tests {
             tables_total_bytes: false,
         };
         let ddl = destination_ddl(&Config::default(), &old);
-        assert!(
-            ddl.contains("`event_ts` DateTime,") && ddl.contains("`metadata` String\n"),
-            "{ddl}"
-        );
+        assert!(ddl.contains("`event_ts` DateTime,") && ddl.contains("`metadata` String\n"), "{ddl}");
         let ddl = destination_ddl(&Config::default(), &Capabilities::modern());
-        assert!(
-            ddl.contains("`event_ts` DateTime64(3)")
-                && ddl.contains("`metadata` Map(String, String)"),
-            "{ddl}"
-        );
+        assert!(ddl.contains("`event_ts` DateTime64(3)") && ddl.contains("`metadata` Map(String, String)"), "{ddl}");
     }
 
     #[test]
     fn engine_comparison_ignores_quoting() {
         let config = Config::default();
         assert_eq!(
-            normalize(
-                "Buffer(analytics, events_raw, 16, 10, 60, 100000, 1000000, 10485760, 134217728)"
-            ),
+            normalize("Buffer(analytics, events_raw, 16, 10, 60, 100000, 1000000, 10485760, 134217728)"),
             normalize(&buffer_engine(&config))
         );
     }
 
     #[test]
     fn differences_are_spelled_out() {
-        let c = |n: &str, t: &str| ColumnInfo {
-            name: n.into(),
-            type_text: t.into(),
-            default_kind: String::new(),
-        };
-        assert_eq!(
-            column_differences(&[c("a", "UInt8")], &[c("a", "UInt8")]),
-            None
-        );
-        let d =
-            column_differences(&[c("a", "UInt8")], &[c("a", "String"), c("b", "UInt8")]).unwrap();
+        let c = |n: &str, t: &str| ColumnInfo { name: n.into(), type_text: t.into(), default_kind: String::new() };
+        assert_eq!(column_differences(&[c("a", "UInt8")], &[c("a", "UInt8")]), None);
+        let d = column_differences(&[c("a", "UInt8")], &[c("a", "String"), c("b", "UInt8")]).unwrap();
         assert!(
-            d.contains("a UInt8 in the buffer but a String")
-                && d.contains("b UInt8 is only in the destination"),
+            d.contains("a UInt8 in the buffer but a String") && d.contains("b UInt8 is only in the destination"),
             "{d}"
         );
     }

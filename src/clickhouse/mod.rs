@@ -27,6 +27,9 @@ pub enum ClickHouseError {
     /// The answer could not be understood.
     #[error("unexpected answer from ClickHouse: {0}")]
     Protocol(String),
+    /// Not sent: the circuit breaker is open after repeated failures.
+    #[error("not sent: the INSERT circuit breaker is open")]
+    CircuitOpen,
 }
 
 impl ClickHouseError {
@@ -34,10 +37,7 @@ impl ClickHouseError {
         use clickhouse::error::Error as E;
         match err {
             E::BadResponse(text) => match parse_exception_code(&text) {
-                Some(code) => Self::Server {
-                    code,
-                    message: text,
-                },
+                Some(code) => Self::Server { code, message: text },
                 None => Self::Network(text),
             },
             E::Network(e) => Self::Network(e.to_string()),
@@ -58,9 +58,7 @@ impl ClickHouseError {
 /// `Code: 60. DB::Exception: ...` (current) or `Code: 60, e.displayText() = ...` (18.x).
 fn parse_exception_code(text: &str) -> Option<u32> {
     let rest = &text[text.find("Code: ")? + 6..];
-    let end = rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len());
+    let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
     rest[..end].parse().ok()
 }
 
@@ -100,9 +98,7 @@ pub struct ClickHouse {
 
 impl std::fmt::Debug for ClickHouse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClickHouse")
-            .field("timeout", &self.timeout)
-            .finish_non_exhaustive()
+        f.debug_struct("ClickHouse").field("timeout", &self.timeout).finish_non_exhaustive()
     }
 }
 
@@ -119,24 +115,15 @@ impl ClickHouse {
         if !config.clickhouse_password.is_empty() {
             client = client.with_password(&config.clickhouse_password);
         }
-        Self {
-            client,
-            timeout: config.clickhouse_timeout(),
-        }
+        Self { client, timeout: config.clickhouse_timeout() }
     }
 
     /// The same endpoint with one more setting on every statement.
     pub fn with_setting(&self, name: &str, value: &str) -> Self {
-        Self {
-            client: self.client.clone().with_setting(name, value),
-            timeout: self.timeout,
-        }
+        Self { client: self.client.clone().with_setting(name, value), timeout: self.timeout }
     }
 
-    async fn bounded<T>(
-        &self,
-        fut: impl Future<Output = clickhouse::error::Result<T>>,
-    ) -> Result<T, ClickHouseError> {
+    async fn bounded<T>(&self, fut: impl Future<Output = clickhouse::error::Result<T>>) -> Result<T, ClickHouseError> {
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(result) => result.map_err(|e| ClickHouseError::from_client(e, self.timeout)),
             Err(_) => Err(ClickHouseError::Timeout(self.timeout)),
@@ -149,10 +136,7 @@ impl ClickHouse {
     }
 
     /// Runs a query and parses its `JSONEachRow` answer.
-    pub async fn fetch_json<T: DeserializeOwned>(
-        &self,
-        sql: &str,
-    ) -> Result<Vec<T>, ClickHouseError> {
+    pub async fn fetch_json<T: DeserializeOwned>(&self, sql: &str) -> Result<Vec<T>, ClickHouseError> {
         let bytes = self
             .bounded(async {
                 let mut cursor = self.client.query_raw(sql).fetch_bytes("JSONEachRow")?;
@@ -162,9 +146,7 @@ impl ClickHouse {
         bytes
             .split(|&b| b == b'\n')
             .filter(|line| !line.is_empty())
-            .map(|line| {
-                serde_json::from_slice(line).map_err(|e| ClickHouseError::Protocol(e.to_string()))
-            })
+            .map(|line| serde_json::from_slice(line).map_err(|e| ClickHouseError::Protocol(e.to_string())))
             .collect()
     }
 
@@ -176,21 +158,15 @@ impl ClickHouse {
     /// Sends one INSERT whose data is already encoded in the statement's format.
     pub async fn insert(&self, sql: &str, data: Bytes) -> Result<(), ClickHouseError> {
         let map = |e| ClickHouseError::from_client(e, self.timeout);
-        let mut insert = self
-            .client
-            .insert_formatted_with(sql.to_string())
-            .with_timeouts(Some(self.timeout), Some(self.timeout));
+        let mut insert =
+            self.client.insert_formatted_with(sql.to_string()).with_timeouts(Some(self.timeout), Some(self.timeout));
         insert.send(data).await.map_err(map)?;
         insert.end().await.map_err(map)
     }
 
     /// The table's columns in order (`DESCRIBE TABLE`, which every version orders by position);
     /// empty when the table does not exist.
-    pub async fn columns(
-        &self,
-        database: &str,
-        table: &str,
-    ) -> Result<Vec<ColumnInfo>, ClickHouseError> {
+    pub async fn columns(&self, database: &str, table: &str) -> Result<Vec<ColumnInfo>, ClickHouseError> {
         #[derive(serde::Deserialize)]
         struct Described {
             name: String,
@@ -199,19 +175,11 @@ impl ClickHouse {
             #[serde(default)]
             default_type: String,
         }
-        let sql = format!(
-            "DESCRIBE TABLE {}.{}",
-            quote_ident(database),
-            quote_ident(table)
-        );
+        let sql = format!("DESCRIBE TABLE {}.{}", quote_ident(database), quote_ident(table));
         match self.fetch_json::<Described>(&sql).await {
             Ok(rows) => Ok(rows
                 .into_iter()
-                .map(|d| ColumnInfo {
-                    name: d.name,
-                    type_text: d.type_text,
-                    default_kind: d.default_type,
-                })
+                .map(|d| ColumnInfo { name: d.name, type_text: d.type_text, default_kind: d.default_type })
                 .collect()),
             Err(ClickHouseError::Server { code: 60 | 81, .. }) => Ok(Vec::new()),
             Err(e) => Err(e),
@@ -219,11 +187,7 @@ impl ClickHouse {
     }
 
     /// `engine_full` of a table, or `None` if it does not exist.
-    pub async fn engine_full(
-        &self,
-        database: &str,
-        table: &str,
-    ) -> Result<Option<String>, ClickHouseError> {
+    pub async fn engine_full(&self, database: &str, table: &str) -> Result<Option<String>, ClickHouseError> {
         #[derive(serde::Deserialize)]
         struct Row {
             engine_full: String,
@@ -262,13 +226,7 @@ impl ClickHouse {
         let map = supported(probes::MAP).await?;
         let tables_total_bytes = supported(probes::TABLES_TOTAL_BYTES).await?;
         let low_cardinality_needs_setting = !supported_ddl_without_setting(&version);
-        Ok(Capabilities {
-            version,
-            datetime64,
-            map,
-            low_cardinality_needs_setting,
-            tables_total_bytes,
-        })
+        Ok(Capabilities { version, datetime64, map, low_cardinality_needs_setting, tables_total_bytes })
     }
 }
 
@@ -282,11 +240,7 @@ pub mod probes {
 
 /// Servers before 19.x refuse `LowCardinality` in DDL unless the experimental setting is on.
 fn supported_ddl_without_setting(version: &str) -> bool {
-    version
-        .split('.')
-        .next()
-        .and_then(|major| major.parse::<u32>().ok())
-        .is_some_and(|major| major >= 19)
+    version.split('.').next().and_then(|major| major.parse::<u32>().ok()).is_some_and(|major| major >= 19)
 }
 
 /// Quotes a string literal for ClickHouse SQL.
@@ -300,16 +254,8 @@ mod tests {
 
     #[test]
     fn exception_codes_of_old_and_new_servers() {
-        assert_eq!(
-            parse_exception_code(
-                "Code: 60, e.displayText() = DB::Exception: Table x doesn't exist."
-            ),
-            Some(60)
-        );
-        assert_eq!(
-            parse_exception_code("Code: 241. DB::Exception: Memory limit exceeded"),
-            Some(241)
-        );
+        assert_eq!(parse_exception_code("Code: 60, e.displayText() = DB::Exception: Table x doesn't exist."), Some(60));
+        assert_eq!(parse_exception_code("Code: 241. DB::Exception: Memory limit exceeded"), Some(241));
         assert_eq!(parse_exception_code("502 Bad Gateway"), None);
     }
 

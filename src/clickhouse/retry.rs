@@ -44,7 +44,7 @@ pub fn is_retryable(err: &ClickHouseError) -> bool {
     match err {
         ClickHouseError::Network(_) | ClickHouseError::Timeout(_) => true,
         ClickHouseError::Server { code, .. } => RETRYABLE_CODES.contains(code),
-        ClickHouseError::Protocol(_) => false,
+        ClickHouseError::Protocol(_) | ClickHouseError::CircuitOpen => false,
     }
 }
 
@@ -63,10 +63,7 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn delay(&self, attempt: u32) -> Duration {
-        let ceiling = self
-            .initial
-            .saturating_mul(2u32.saturating_pow(attempt.min(16)))
-            .min(self.max);
+        let ceiling = self.initial.saturating_mul(2u32.saturating_pow(attempt.min(16))).min(self.max);
         let half = ceiling / 2;
         half + half.mul_f64(rand::random::<f64>())
     }
@@ -78,14 +75,9 @@ mod tests {
 
     #[test]
     fn classification() {
-        let server = |code| ClickHouseError::Server {
-            code,
-            message: String::new(),
-        };
+        let server = |code| ClickHouseError::Server { code, message: String::new() };
         assert!(is_retryable(&ClickHouseError::Network("reset".into())));
-        assert!(is_retryable(&ClickHouseError::Timeout(
-            Duration::from_secs(1)
-        )));
+        assert!(is_retryable(&ClickHouseError::Timeout(Duration::from_secs(1))));
         assert!(is_retryable(&server(241)));
         assert!(is_retryable(&server(60)) && is_schema_change(&server(60)));
         assert!(!is_retryable(&server(16)) && is_schema_change(&server(16)));
@@ -95,14 +87,10 @@ mod tests {
 
     #[test]
     fn backoff_grows_with_jitter_and_caps() {
-        let b = Backoff {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(2),
-        };
+        let b = Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(2) };
         for attempt in 0..20 {
             let d = b.delay(attempt);
-            let ceiling =
-                Duration::from_millis(100 * 2u64.pow(attempt.min(5))).min(Duration::from_secs(2));
+            let ceiling = Duration::from_millis(100 * 2u64.pow(attempt.min(5))).min(Duration::from_secs(2));
             assert!(d >= ceiling / 2 && d <= ceiling, "attempt {attempt}: {d:?}");
         }
     }

@@ -9,6 +9,8 @@ use tokio::sync::{Notify, Semaphore};
 use super::retry::{Backoff, is_retryable, is_schema_change};
 use super::{ClickHouse, ClickHouseError};
 use crate::config::Config;
+use crate::metrics;
+use crate::shed::breaker::Breaker;
 
 /// An INSERT that failed for good: after its last attempt, or at once when not retryable.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -26,10 +28,11 @@ pub struct Writer {
     retries: u32,
     backoff: Backoff,
     schema_changed: Arc<Notify>,
+    breaker: Arc<Breaker>,
 }
 
 impl Writer {
-    pub fn new(ch: ClickHouse, config: &Config, schema_changed: Arc<Notify>) -> Self {
+    pub fn new(ch: ClickHouse, config: &Config, schema_changed: Arc<Notify>, breaker: Arc<Breaker>) -> Self {
         Self {
             ch,
             permits: Semaphore::new(config.insert_concurrency()),
@@ -39,19 +42,24 @@ impl Writer {
                 max: std::time::Duration::from_millis(config.retry_max_backoff_ms),
             },
             schema_changed,
+            breaker,
         }
     }
 
-    /// Inserts one block, retrying what may heal.
-    pub async fn write(&self, sql: &str, data: Bytes) -> Result<(), WriteError> {
+    /// Inserts one block of `rows` rows, retrying what may heal.
+    pub async fn write(&self, sql: &str, data: Bytes, rows: usize) -> Result<(), WriteError> {
         let mut attempt = 0;
         loop {
+            if !self.breaker.allow() {
+                return Err(WriteError { attempts: attempt, error: ClickHouseError::CircuitOpen });
+            }
+            let started = std::time::Instant::now();
             let result = match self.permits.acquire().await {
                 Ok(_permit) => self.ch.insert(sql, data.clone()).await,
-                Err(_) => Err(ClickHouseError::Protocol(
-                    "the INSERT semaphore is closed".into(),
-                )),
+                Err(_) => Err(ClickHouseError::Protocol("the INSERT semaphore is closed".into())),
             };
+            metrics::flush_attempt(result.is_ok(), rows, data.len(), started.elapsed());
+            self.breaker.record(result.is_ok());
             let error = match result {
                 Ok(()) => return Ok(()),
                 Err(error) => error,
@@ -61,13 +69,11 @@ impl Writer {
             }
             if !is_retryable(&error) || attempt >= self.retries {
                 tracing::warn!(%error, attempts = attempt + 1, bytes = data.len(), "INSERT failed");
-                return Err(WriteError {
-                    attempts: attempt + 1,
-                    error,
-                });
+                return Err(WriteError { attempts: attempt + 1, error });
             }
             let delay = self.backoff.delay(attempt);
             tracing::info!(%error, attempt = attempt + 1, ?delay, "INSERT failed, retrying");
+            metrics::flush_retry();
             tokio::time::sleep(delay).await;
             attempt += 1;
         }

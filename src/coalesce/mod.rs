@@ -19,7 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clickhouse::writer::{WriteError, Writer};
 use crate::config::Config;
+use crate::metrics;
 use crate::schema::TableSchema;
+use crate::shed::budget::Lease;
 
 /// Rows encoded for one INSERT column list: `omitted` is the mask of columns left to their
 /// DEFAULT expression (see [`TableSchema::insert_sql`]).
@@ -42,16 +44,24 @@ impl PartitionRows {
         let chunk = match self.chunks.iter().position(|c| c.omitted == omitted) {
             Some(i) => &mut self.chunks[i],
             None => {
-                self.chunks.push(Chunk {
-                    omitted,
-                    ..Chunk::default()
-                });
+                self.chunks.push(Chunk { omitted, ..Chunk::default() });
                 let last = self.chunks.len() - 1;
                 &mut self.chunks[last]
             }
         };
         chunk.rows += 1;
         chunk.data.extend_from_slice(row);
+    }
+
+    /// Moves a whole chunk in, merging it with the chunk of the same column list.
+    pub fn append(&mut self, chunk: Chunk) {
+        match self.chunks.iter_mut().find(|c| c.omitted == chunk.omitted) {
+            Some(existing) => {
+                existing.rows += chunk.rows;
+                existing.data.extend_from_slice(&chunk.data);
+            }
+            None => self.chunks.push(chunk),
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -72,6 +82,8 @@ pub struct Submission {
     pub schema: Arc<TableSchema>,
     pub rows: PartitionRows,
     pub ack: Option<oneshot::Sender<FlushResult>>,
+    /// The rows' share of the in-flight budget, released once they are written.
+    pub lease: Option<Lease>,
 }
 
 /// Why rows could not be queued.
@@ -117,20 +129,11 @@ impl Coalescer {
         let queues = (0..config.partition_count())
             .map(|id| {
                 let (tx, rx) = mpsc::channel(config.queue_capacity);
-                tasks.spawn(partition::run(
-                    id,
-                    rx,
-                    Arc::clone(writer),
-                    limits,
-                    close.clone(),
-                ));
+                tasks.spawn(partition::run(id, rx, Arc::clone(writer), limits, close.clone()));
                 tx
             })
             .collect();
-        let coalescer = Self {
-            queues,
-            queue_timeout: Duration::from_millis(config.queue_timeout_ms),
-        };
+        let coalescer = Self { queues, queue_timeout: Duration::from_millis(config.queue_timeout_ms) };
         (coalescer, CoalescerTasks { tasks, close })
     }
 
@@ -150,7 +153,8 @@ impl Coalescer {
                 .map_err(|_| SubmitError::Closed)?;
             permits.push(permit);
         }
-        for (permit, (_, submission)) in permits.into_iter().zip(submissions) {
+        for (permit, (partition, submission)) in permits.into_iter().zip(submissions) {
+            metrics::queue_rows(partition, submission.rows.rows() as f64);
             permit.send(submission);
         }
         Ok(())

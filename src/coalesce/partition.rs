@@ -8,27 +8,32 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{BatchLimits, FlushResult, Submission};
+use super::{BatchLimits, FlushResult, PartitionRows, Submission};
 use crate::clickhouse::writer::Writer;
+use crate::metrics;
 use crate::schema::TableSchema;
+use crate::shed::budget::Lease;
 
 /// Rows of several submissions that share a schema, grouped by INSERT column list.
 struct Batch {
     schema: Arc<TableSchema>,
-    groups: Vec<(u64, Vec<u8>)>,
+    groups: PartitionRows,
     rows: usize,
     bytes: usize,
     acks: Vec<tokio::sync::oneshot::Sender<FlushResult>>,
+    /// In-flight budget held by the rows until they are written.
+    leases: Vec<Lease>,
 }
 
 impl Batch {
     fn new(first: Submission) -> Self {
         let mut batch = Self {
             schema: Arc::clone(&first.schema),
-            groups: Vec::new(),
+            groups: PartitionRows::default(),
             rows: 0,
             bytes: 0,
             acks: Vec::new(),
+            leases: Vec::new(),
         };
         batch.push(first);
         batch
@@ -49,24 +54,17 @@ impl Batch {
         for chunk in submission.rows.chunks {
             self.rows += chunk.rows;
             self.bytes += chunk.data.len();
-            match self
-                .groups
-                .iter_mut()
-                .find(|(mask, _)| *mask == chunk.omitted)
-            {
-                Some((_, data)) => data.extend_from_slice(&chunk.data),
-                None => self.groups.push((chunk.omitted, chunk.data)),
-            }
+            self.groups.append(chunk);
         }
         self.acks.extend(submission.ack);
+        self.leases.extend(submission.lease);
     }
 
     async fn flush(self, writer: &Writer) {
         let mut result = Ok(());
-        for (mask, data) in self.groups {
-            result = writer
-                .write(&self.schema.insert_sql(mask), Bytes::from(data))
-                .await;
+        for chunk in self.groups.chunks {
+            let sql = self.schema.insert_sql(chunk.omitted);
+            result = writer.write(&sql, Bytes::from(chunk.data), chunk.rows).await;
             if result.is_err() {
                 break;
             }
@@ -75,6 +73,7 @@ impl Batch {
             // The request may be gone (client hung up, or `wait=false`): nothing to tell.
             let _ = ack.send(result.clone());
         }
+        drop(self.leases);
     }
 }
 
@@ -104,6 +103,7 @@ pub(super) async fn run(
                 }
             },
         };
+        metrics::queue_rows(id, -(first.rows.rows() as f64));
         let mut batch = Batch::new(first);
         let deadline = Instant::now() + limits.linger;
         while !batch.full(&limits) {
@@ -121,14 +121,10 @@ pub(super) async fn run(
                 carry = Some(next);
                 break;
             }
+            metrics::queue_rows(id, -(next.rows.rows() as f64));
             batch.push(next);
         }
-        tracing::trace!(
-            partition = id,
-            rows = batch.rows,
-            bytes = batch.bytes,
-            "flushing"
-        );
+        tracing::trace!(partition = id, rows = batch.rows, bytes = batch.bytes, "flushing");
         batch.flush(&writer).await;
     }
     tracing::debug!(partition = id, "coalescer partition drained");

@@ -27,31 +27,19 @@ pub enum Encoding {
 }
 
 pub fn format_of(headers: &HeaderMap) -> Result<Format, ApiError> {
-    let raw = headers
-        .get(header::CONTENT_TYPE)
-        .map(|v| v.to_str().unwrap_or("<binary>"))
-        .unwrap_or("");
-    let essence = raw
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let raw = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("<binary>")).unwrap_or("");
+    let essence = raw.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
     match essence.as_str() {
         "application/json" => Ok(Format::JsonArray),
-        "application/x-ndjson"
-        | "application/ndjson"
-        | "application/jsonl"
-        | "application/jsonlines" => Ok(Format::Ndjson),
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" | "application/jsonlines" => {
+            Ok(Format::Ndjson)
+        }
         _ => Err(ApiError::UnsupportedMediaType(raw.to_string())),
     }
 }
 
 pub fn encoding_of(headers: &HeaderMap) -> Result<Encoding, ApiError> {
-    let raw = headers
-        .get(header::CONTENT_ENCODING)
-        .map(|v| v.to_str().unwrap_or("<binary>"))
-        .unwrap_or("");
+    let raw = headers.get(header::CONTENT_ENCODING).map(|v| v.to_str().unwrap_or("<binary>")).unwrap_or("");
     match raw.trim().to_ascii_lowercase().as_str() {
         "" | "identity" => Ok(Encoding::Identity),
         "gzip" | "x-gzip" => Ok(Encoding::Gzip),
@@ -61,15 +49,9 @@ pub fn encoding_of(headers: &HeaderMap) -> Result<Encoding, ApiError> {
 }
 
 /// Reads at most `limit` bytes of body; refuses early when Content-Length announces more.
-pub async fn read_limited(
-    headers: &HeaderMap,
-    body: Body,
-    limit: usize,
-) -> Result<Bytes, ApiError> {
-    let announced = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+pub async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let announced =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if announced.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::BodyTooLarge { limit });
     }
@@ -84,24 +66,16 @@ pub async fn read_limited(
 pub fn decompress(raw: Bytes, encoding: Encoding, limit: usize) -> Result<Bytes, ApiError> {
     let reader: Box<dyn Read> = match encoding {
         Encoding::Identity => {
-            return if raw.len() > limit {
-                Err(ApiError::DecompressedTooLarge { limit })
-            } else {
-                Ok(raw)
-            };
+            return if raw.len() > limit { Err(ApiError::DecompressedTooLarge { limit }) } else { Ok(raw) };
         }
         Encoding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&raw[..])),
-        Encoding::Zstd => Box::new(
-            zstd::stream::read::Decoder::new(&raw[..])
-                .map_err(|e| ApiError::BadEncoding(e.to_string()))?,
-        ),
+        Encoding::Zstd => {
+            Box::new(zstd::stream::read::Decoder::new(&raw[..]).map_err(|e| ApiError::BadEncoding(e.to_string()))?)
+        }
     };
     let mut out = Vec::with_capacity((raw.len() * 4).min(limit));
     // One byte past the limit tells "exactly at the limit" from "over it".
-    reader
-        .take(limit as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| ApiError::BadEncoding(e.to_string()))?;
+    reader.take(limit as u64 + 1).read_to_end(&mut out).map_err(|e| ApiError::BadEncoding(e.to_string()))?;
     if out.len() > limit {
         return Err(ApiError::DecompressedTooLarge { limit });
     }
@@ -119,42 +93,24 @@ mod tests {
         gz.write_all(&vec![b' '; 50 * 1024 * 1024]).unwrap();
         let bomb = Bytes::from(gz.finish().unwrap());
         assert!(bomb.len() < 100 * 1024);
-        assert!(matches!(
-            decompress(bomb, Encoding::Gzip, 1024 * 1024),
-            Err(ApiError::DecompressedTooLarge { .. })
-        ));
+        assert!(matches!(decompress(bomb, Encoding::Gzip, 1024 * 1024), Err(ApiError::DecompressedTooLarge { .. })));
     }
 
     #[test]
     fn zstd_round_trip_and_garbage() {
         let packed = zstd::encode_all(&b"[{}]"[..], 3).unwrap();
-        assert_eq!(
-            &decompress(Bytes::from(packed), Encoding::Zstd, 10).unwrap()[..],
-            b"[{}]"
-        );
-        assert!(matches!(
-            decompress(Bytes::from_static(b"nope"), Encoding::Gzip, 10),
-            Err(ApiError::BadEncoding(_))
-        ));
+        assert_eq!(&decompress(Bytes::from(packed), Encoding::Zstd, 10).unwrap()[..], b"[{}]");
+        assert!(matches!(decompress(Bytes::from_static(b"nope"), Encoding::Gzip, 10), Err(ApiError::BadEncoding(_))));
     }
 
     #[test]
     fn media_types() {
         let mut h = HeaderMap::new();
-        h.insert(
-            header::CONTENT_TYPE,
-            "application/json; charset=utf-8".parse().unwrap(),
-        );
+        h.insert(header::CONTENT_TYPE, "application/json; charset=utf-8".parse().unwrap());
         assert_eq!(format_of(&h).unwrap(), Format::JsonArray);
         h.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
-        assert!(matches!(
-            format_of(&h),
-            Err(ApiError::UnsupportedMediaType(_))
-        ));
+        assert!(matches!(format_of(&h), Err(ApiError::UnsupportedMediaType(_))));
         h.insert(header::CONTENT_ENCODING, "br".parse().unwrap());
-        assert!(matches!(
-            encoding_of(&h),
-            Err(ApiError::UnsupportedEncoding(_))
-        ));
+        assert!(matches!(encoding_of(&h), Err(ApiError::UnsupportedEncoding(_))));
     }
 }

@@ -6,14 +6,12 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-/// Seconds a producer is told to wait before retrying a 503.
+/// Seconds a producer is told to wait before retrying a 503 when nothing better is known.
 const RETRY_AFTER_SECONDS: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error(
-        "Content-Type {0:?} is not accepted; send application/json (an array of events) or application/x-ndjson"
-    )]
+    #[error("Content-Type {0:?} is not accepted; send application/json (an array of events) or application/x-ndjson")]
     UnsupportedMediaType(String),
     #[error("Content-Encoding {0:?} is not accepted; send gzip, zstd or identity")]
     UnsupportedEncoding(String),
@@ -24,11 +22,7 @@ pub enum ApiError {
     #[error("the request holds more than {limit} events")]
     TooManyEvents { limit: usize },
     #[error("malformed JSON at line {line}, column {column}: {reason}")]
-    MalformedJson {
-        line: usize,
-        column: usize,
-        reason: String,
-    },
+    MalformedJson { line: usize, column: usize, reason: String },
     #[error("the body cannot be decompressed: {0}")]
     BadEncoding(String),
     #[error("invalid query string: {0}")]
@@ -39,12 +33,22 @@ pub enum ApiError {
     NotReady(&'static str),
     #[error("{0}; retry later")]
     QueueFull(String),
-    #[error(
-        "the events could not be written to ClickHouse ({0}); none of them is accepted, retry later"
-    )]
+    #[error("the events could not be written to ClickHouse ({0}); none of them is accepted, retry later")]
     FlushFailed(String),
     #[error("the gateway is shutting down; retry on another replica")]
     ShuttingDown,
+    #[error("the ClickHouse Buffer table is saturated; retry in {retry_after_s} s")]
+    BufferSaturated { retry_after_s: u32 },
+    #[error("the ClickHouse Buffer's fill is unknown (no answer from ClickHouse); retry in {retry_after_s} s")]
+    BufferUnknown { retry_after_s: u32 },
+    #[error("the gateway is overloaded ({0}); retry later")]
+    Overloaded(&'static str),
+    #[error("the request was not answered in time; its events may or may not be written")]
+    RequestTimeout,
+    #[error("ClickHouse INSERTs keep failing; the circuit is open, retry later")]
+    CircuitOpen,
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error("no such endpoint")]
     NotFound,
     #[error("method not allowed on this endpoint")]
@@ -64,19 +68,23 @@ struct ErrorBody {
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::UnsupportedMediaType(_) | Self::UnsupportedEncoding(_) => {
-                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            Self::UnsupportedMediaType(_) | Self::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::BodyTooLarge { .. } | Self::DecompressedTooLarge { .. } | Self::TooManyEvents { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
             }
-            Self::BodyTooLarge { .. }
-            | Self::DecompressedTooLarge { .. }
-            | Self::TooManyEvents { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::MalformedJson { .. }
-            | Self::BadEncoding(_)
-            | Self::BadQuery(_)
-            | Self::BodyRead(_) => StatusCode::BAD_REQUEST,
-            Self::NotReady(_) | Self::QueueFull(_) | Self::FlushFailed(_) | Self::ShuttingDown => {
-                StatusCode::SERVICE_UNAVAILABLE
+            Self::MalformedJson { .. } | Self::BadEncoding(_) | Self::BadQuery(_) | Self::BodyRead(_) => {
+                StatusCode::BAD_REQUEST
             }
+            Self::NotReady(_)
+            | Self::QueueFull(_)
+            | Self::FlushFailed(_)
+            | Self::ShuttingDown
+            | Self::BufferSaturated { .. }
+            | Self::BufferUnknown { .. }
+            | Self::Overloaded(_)
+            | Self::RequestTimeout
+            | Self::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
@@ -98,6 +106,12 @@ impl ApiError {
             Self::QueueFull(_) => "queue_full",
             Self::FlushFailed(_) => "flush_failed",
             Self::ShuttingDown => "shutting_down",
+            Self::BufferSaturated { .. } => "buffer_saturated",
+            Self::BufferUnknown { .. } => "buffer_unknown",
+            Self::Overloaded(_) => "overloaded",
+            Self::RequestTimeout => "request_timeout",
+            Self::CircuitOpen => "circuit_open",
+            Self::Internal(_) => "internal",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
         }
@@ -107,21 +121,19 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
+        let retry_after = match &self {
+            Self::BufferSaturated { retry_after_s } | Self::BufferUnknown { retry_after_s } => Some(*retry_after_s),
+            _ => None,
+        };
         let (line, column) = match &self {
             Self::MalformedJson { line, column, .. } => (Some(*line), Some(*column)),
             _ => (None, None),
         };
-        let body = ErrorBody {
-            error: self.code(),
-            message: self.to_string(),
-            line,
-            column,
-        };
+        let body = ErrorBody { error: self.code(), message: self.to_string(), line, column };
         let mut response = (status, Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+            let seconds = retry_after.unwrap_or(RETRY_AFTER_SECONDS);
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

@@ -5,11 +5,11 @@
 use std::fmt;
 use std::sync::Arc;
 
-use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::{Extension, Json};
 use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
@@ -17,9 +17,13 @@ use tokio::sync::oneshot;
 
 use super::body::{self, Format};
 use super::error::ApiError;
-use crate::coalesce::{FlushResult, PartitionRows, Submission, SubmitError};
-use crate::schema::{EncodeContext, Instant, TableSchema};
+use bytes::Bytes;
+
+use crate::coalesce::{PartitionRows, Submission, SubmitError};
+use crate::metrics::{self, Outcome};
+use crate::schema::{EncodeContext, Instant, TableSchema, quote_ident};
 use crate::server::AppState;
+use crate::shed::layer::Divert;
 
 /// Bodies larger than this are parsed on the blocking pool, off the async workers.
 const INLINE_PARSE_BYTES: usize = 64 * 1024;
@@ -61,6 +65,7 @@ pub struct EncodedBatch {
 
 pub async fn ingest(
     State(state): State<Arc<AppState>>,
+    divert: Option<Extension<Divert>>,
     params: Result<Query<IngestParams>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
@@ -69,104 +74,135 @@ pub async fn ingest(
     if state.health.is_draining() {
         return Err(ApiError::ShuttingDown);
     }
-    let schema = state
-        .schema
-        .get()
-        .ok_or(ApiError::NotReady("the table schema is not loaded yet"))?;
+    if state.breaker.is_open() {
+        metrics::shed_request("circuit_open");
+        return Err(ApiError::CircuitOpen);
+    }
+    let schema = state.schema.get().ok_or(ApiError::NotReady("the table schema is not loaded yet"))?;
     let format = body::format_of(&headers)?;
     let encoding = body::encoding_of(&headers)?;
     let config = &state.config;
+
+    // The body counts against the in-flight budget from before it is read until it is encoded.
+    let announced = content_length(&headers).unwrap_or(config.max_body_bytes).min(config.max_body_bytes);
+    let body_lease = state.budget.try_take(announced).ok_or_else(|| overloaded("in-flight bytes"))?;
     let raw = body::read_limited(&headers, body, config.max_body_bytes).await?;
 
-    let ctx = EncodeContext {
-        now: Instant::now(),
-        unknown_fields: config.unknown_fields,
-    };
-    let (partitions, max_events, max_decompressed) = (
-        state.coalescer.partitions(),
-        config.max_events_per_request,
-        config.max_decompressed_bytes,
-    );
+    let ctx = EncodeContext { now: Instant::now(), unknown_fields: config.unknown_fields };
+    let (partitions, max_events, max_decompressed) =
+        (state.coalescer.partitions(), config.max_events_per_request, config.max_decompressed_bytes);
     let prepare = {
         let schema = Arc::clone(&schema);
+        let budget = Arc::clone(&state.budget);
         move || {
             let text = body::decompress(raw, encoding, max_decompressed)?;
+            let _text_lease = match encoding {
+                body::Encoding::Identity => None,
+                _ => Some(budget.try_take(text.len()).ok_or_else(|| overloaded("in-flight bytes"))?),
+            };
             encode_batch(&text, format, &schema, &ctx, partitions, max_events)
         }
     };
-    let batch =
-        if raw_len_hint(&headers) > INLINE_PARSE_BYTES || encoding != body::Encoding::Identity {
-            tokio::task::spawn_blocking(prepare)
-                .await
-                .map_err(|e| ApiError::BodyRead(e.to_string()))??
-        } else {
-            prepare()?
-        };
+    let batch = if announced > INLINE_PARSE_BYTES || encoding != body::Encoding::Identity {
+        tokio::task::spawn_blocking(prepare).await.map_err(|e| ApiError::Internal(e.to_string()))??
+    } else {
+        prepare()?
+    };
+    drop(body_lease);
+    metrics::events(Outcome::Rejected, batch.rejected.len());
 
+    let outcome = if divert.is_some() {
+        write_fallback(&state, &schema, batch.partitions).await.map(|()| (StatusCode::OK, Outcome::Fallback))
+    } else {
+        enqueue(&state, &schema, batch.partitions, params.wait).await.map(|status| (status, Outcome::Accepted))
+    };
+    match outcome {
+        Ok((status, outcome)) => {
+            metrics::events(outcome, batch.accepted);
+            Ok((status, Json(IngestResponse { accepted: batch.accepted, duplicates: 0, rejected: batch.rejected })))
+        }
+        Err(error) => {
+            if matches!(
+                error,
+                ApiError::Overloaded(_) | ApiError::QueueFull(_) | ApiError::ShuttingDown | ApiError::CircuitOpen
+            ) {
+                metrics::events(Outcome::Shed, batch.accepted);
+            }
+            Err(error)
+        }
+    }
+}
+
+fn overloaded(what: &'static str) -> ApiError {
+    metrics::shed_request("overloaded");
+    ApiError::Overloaded(what)
+}
+
+/// Queues the rows in their partitions; with `wait`, returns once every flush holding them
+/// succeeded.
+async fn enqueue(
+    state: &AppState,
+    schema: &Arc<TableSchema>,
+    partitions: Vec<PartitionRows>,
+    wait: bool,
+) -> Result<StatusCode, ApiError> {
+    let encoded: usize = partitions.iter().map(PartitionRows::bytes).sum();
+    let mut lease = state.budget.try_take(encoded).ok_or_else(|| overloaded("in-flight bytes"))?;
     let mut acks = Vec::new();
     let mut submissions = Vec::new();
-    for (partition, rows) in batch.partitions.into_iter().enumerate() {
+    for (partition, rows) in partitions.into_iter().enumerate() {
         if rows.chunks.is_empty() {
             continue;
         }
-        let ack = if params.wait {
+        let ack = wait.then(|| {
             let (tx, rx) = oneshot::channel();
             acks.push(rx);
-            Some(tx)
-        } else {
-            None
-        };
-        submissions.push((
-            partition,
-            Submission {
-                schema: Arc::clone(&schema),
-                rows,
-                ack,
-            },
-        ));
-    }
-    state
-        .coalescer
-        .submit(submissions)
-        .await
-        .map_err(|e| match e {
-            SubmitError::QueueFull(_) => ApiError::QueueFull(e.to_string()),
-            SubmitError::Closed => ApiError::ShuttingDown,
-        })?;
-
-    for ack in acks {
-        let outcome: FlushResult = ack.await.unwrap_or_else(|_| {
-            Err(crate::clickhouse::writer::WriteError {
-                attempts: 0,
-                error: crate::clickhouse::ClickHouseError::Protocol(
-                    "the coalescer stopped before flushing".into(),
-                ),
-            })
+            tx
         });
-        outcome.map_err(|e| ApiError::FlushFailed(e.to_string()))?;
+        let lease = Some(lease.split(rows.bytes()));
+        submissions.push((partition, Submission { schema: Arc::clone(schema), rows, ack, lease }));
     }
-    let status = if params.wait {
-        StatusCode::OK
-    } else {
-        StatusCode::ACCEPTED
-    };
-    Ok((
-        status,
-        Json(IngestResponse {
-            accepted: batch.accepted,
-            duplicates: 0,
-            rejected: batch.rejected,
-        }),
-    ))
+    state.coalescer.submit(submissions).await.map_err(|e| match e {
+        SubmitError::QueueFull(_) => ApiError::QueueFull(e.to_string()),
+        SubmitError::Closed => ApiError::ShuttingDown,
+    })?;
+    for ack in acks {
+        match ack.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if matches!(e.error, crate::clickhouse::ClickHouseError::CircuitOpen) => {
+                return Err(ApiError::CircuitOpen);
+            }
+            Ok(Err(e)) => return Err(ApiError::FlushFailed(e.to_string())),
+            Err(_) => return Err(ApiError::FlushFailed("the coalescer stopped before flushing".into())),
+        }
+    }
+    Ok(if wait { StatusCode::OK } else { StatusCode::ACCEPTED })
 }
 
-/// The announced body size, to decide where to parse; unknown counts as large.
-fn raw_len_hint(headers: &HeaderMap) -> usize {
-    headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(usize::MAX)
+/// Fallback mode while the Buffer is saturated: the request's rows go straight into the
+/// fallback MergeTree table, one INSERT per column list, bypassing the coalescers.
+async fn write_fallback(
+    state: &AppState,
+    schema: &TableSchema,
+    partitions: Vec<PartitionRows>,
+) -> Result<(), ApiError> {
+    let table = format!("{}.{}", quote_ident(&state.config.database), quote_ident(&state.config.fallback_table));
+    let mut merged = PartitionRows::default();
+    for chunk in partitions.into_iter().flat_map(|p| p.chunks) {
+        merged.append(chunk);
+    }
+    for chunk in merged.chunks {
+        state
+            .writer
+            .write(&schema.insert_sql_into(&table, chunk.omitted), Bytes::from(chunk.data), chunk.rows)
+            .await
+            .map_err(|e| ApiError::FlushFailed(e.to_string()))?;
+    }
+    Ok(())
+}
+
+fn content_length(headers: &HeaderMap) -> Option<usize> {
+    headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
 }
 
 /// Parses the body event by event and encodes each straight into its partition's rows; no
@@ -180,9 +216,7 @@ pub fn encode_batch(
     max_events: usize,
 ) -> Result<EncodedBatch, ApiError> {
     let mut batch = EncodedBatch {
-        partitions: (0..partitions.max(1))
-            .map(|_| PartitionRows::default())
-            .collect(),
+        partitions: (0..partitions.max(1)).map(|_| PartitionRows::default()).collect(),
         accepted: 0,
         rejected: Vec::new(),
     };
@@ -192,16 +226,13 @@ pub fn encode_batch(
         row.clear();
         match schema.encode_event(&event, ctx, &mut row) {
             Ok(omitted) => {
-                let partition = (schema.partition_hash(&event, index as u64)
-                    % batch.partitions.len() as u64) as usize;
+                let partition = (schema.partition_hash(&event, index as u64) % batch.partitions.len() as u64) as usize;
                 batch.partitions[partition].push(omitted, &row);
                 batch.accepted += 1;
             }
-            Err(rejection) => batch.rejected.push(RejectedEvent {
-                index,
-                field: rejection.field,
-                error: rejection.error,
-            }),
+            Err(rejection) => {
+                batch.rejected.push(RejectedEvent { index, field: rejection.field, error: rejection.error });
+            }
         }
         index += 1;
     };
@@ -215,31 +246,17 @@ pub fn encode_batch(
 /// serde_json's message without its " at line L column C" suffix (the fields carry those).
 fn json_reason(e: &serde_json::Error) -> String {
     let text = e.to_string();
-    text.rsplit_once(" at line ")
-        .map_or(text.as_str(), |(head, _)| head)
-        .to_string()
+    text.rsplit_once(" at line ").map_or(text.as_str(), |(head, _)| head).to_string()
 }
 
 fn malformed(e: &serde_json::Error) -> ApiError {
-    ApiError::MalformedJson {
-        line: e.line(),
-        column: e.column(),
-        reason: json_reason(e),
-    }
+    ApiError::MalformedJson { line: e.line(), column: e.column(), reason: json_reason(e) }
 }
 
-fn parse_array(
-    text: &[u8],
-    max_events: usize,
-    take: &mut dyn FnMut(Value),
-) -> Result<(), ApiError> {
+fn parse_array(text: &[u8], max_events: usize, take: &mut dyn FnMut(Value)) -> Result<(), ApiError> {
     let mut too_many = false;
     let mut de = serde_json::Deserializer::from_slice(text);
-    let seed = Events {
-        take,
-        max_events,
-        too_many: &mut too_many,
-    };
+    let seed = Events { take, max_events, too_many: &mut too_many };
     let result = seed.deserialize(&mut de).and_then(|()| de.end());
     match result {
         Ok(()) => Ok(()),
@@ -248,11 +265,7 @@ fn parse_array(
     }
 }
 
-fn parse_ndjson(
-    text: &[u8],
-    max_events: usize,
-    take: &mut dyn FnMut(Value),
-) -> Result<(), ApiError> {
+fn parse_ndjson(text: &[u8], max_events: usize, take: &mut dyn FnMut(Value)) -> Result<(), ApiError> {
     let mut count = 0usize;
     for (i, line) in text.split(|&b| b == b'\n').enumerate() {
         if line.iter().all(u8::is_ascii_whitespace) {
@@ -321,56 +334,23 @@ mod tests {
     use crate::schema::{ColumnInfo, SpecialColumns};
 
     fn schema() -> TableSchema {
-        let special = SpecialColumns {
-            id: "id".into(),
-            timestamp: "ts".into(),
-            partition_key: "k".into(),
-        };
-        let info = |n: &str, t: &str| ColumnInfo {
-            name: n.into(),
-            type_text: t.into(),
-            default_kind: String::new(),
-        };
-        TableSchema::new(
-            1,
-            "d",
-            "t",
-            vec![info("k", "UInt32"), info("s", "String")],
-            &special,
-        )
+        let special = SpecialColumns { id: "id".into(), timestamp: "ts".into(), partition_key: "k".into() };
+        let info = |n: &str, t: &str| ColumnInfo { name: n.into(), type_text: t.into(), default_kind: String::new() };
+        TableSchema::new(1, "d", "t", vec![info("k", "UInt32"), info("s", "String")], &special)
     }
 
     fn run(text: &str, format: Format, max: usize) -> Result<EncodedBatch, ApiError> {
-        let ctx = EncodeContext {
-            now: Instant::now(),
-            unknown_fields: UnknownFields::Reject,
-        };
+        let ctx = EncodeContext { now: Instant::now(), unknown_fields: UnknownFields::Reject };
         encode_batch(text.as_bytes(), format, &schema(), &ctx, 4, max)
     }
 
     #[test]
     fn partial_rejection_keeps_the_rest() {
-        let batch = run(
-            r#"[{"k": 1, "s": "a"}, {"k": -1}, 7, {"k": 2}]"#,
-            Format::JsonArray,
-            10,
-        )
-        .unwrap();
+        let batch = run(r#"[{"k": 1, "s": "a"}, {"k": -1}, 7, {"k": 2}]"#, Format::JsonArray, 10).unwrap();
         assert_eq!(batch.accepted, 2);
-        let rejected: Vec<_> = batch
-            .rejected
-            .iter()
-            .map(|r| (r.index, r.field.clone()))
-            .collect();
+        let rejected: Vec<_> = batch.rejected.iter().map(|r| (r.index, r.field.clone())).collect();
         assert_eq!(rejected, vec![(1, Some("k".to_string())), (2, None)]);
-        assert_eq!(
-            batch
-                .partitions
-                .iter()
-                .map(PartitionRows::rows)
-                .sum::<usize>(),
-            2
-        );
+        assert_eq!(batch.partitions.iter().map(PartitionRows::rows).sum::<usize>(), 2);
     }
 
     #[test]
@@ -381,15 +361,12 @@ mod tests {
 
     #[test]
     fn malformed_json_reports_position() {
-        let Err(ApiError::MalformedJson { line, column, .. }) =
-            run("[{\"k\": 1},\n {\"k\": }]", Format::JsonArray, 10)
+        let Err(ApiError::MalformedJson { line, column, .. }) = run("[{\"k\": 1},\n {\"k\": }]", Format::JsonArray, 10)
         else {
             panic!("expected malformed_json")
         };
         assert_eq!((line, column), (2, 8));
-        let Err(ApiError::MalformedJson { line, .. }) =
-            run("{\"k\": 1}\n\n{oops}\n", Format::Ndjson, 10)
-        else {
+        let Err(ApiError::MalformedJson { line, .. }) = run("{\"k\": 1}\n\n{oops}\n", Format::Ndjson, 10) else {
             panic!("expected malformed_json")
         };
         assert_eq!(line, 3);
@@ -397,22 +374,10 @@ mod tests {
 
     #[test]
     fn limits_and_shapes() {
-        assert!(matches!(
-            run("[{}, {}, {}]", Format::JsonArray, 2),
-            Err(ApiError::TooManyEvents { limit: 2 })
-        ));
-        assert!(matches!(
-            run("{}\n{}\n{}\n", Format::Ndjson, 2),
-            Err(ApiError::TooManyEvents { .. })
-        ));
-        assert_eq!(
-            run(r#"{"k": 3}"#, Format::JsonArray, 1).unwrap().accepted,
-            1
-        );
-        assert!(matches!(
-            run(r#""text""#, Format::JsonArray, 1),
-            Err(ApiError::MalformedJson { .. })
-        ));
+        assert!(matches!(run("[{}, {}, {}]", Format::JsonArray, 2), Err(ApiError::TooManyEvents { limit: 2 })));
+        assert!(matches!(run("{}\n{}\n{}\n", Format::Ndjson, 2), Err(ApiError::TooManyEvents { .. })));
+        assert_eq!(run(r#"{"k": 3}"#, Format::JsonArray, 1).unwrap().accepted, 1);
+        assert!(matches!(run(r#""text""#, Format::JsonArray, 1), Err(ApiError::MalformedJson { .. })));
         assert_eq!(run("[]", Format::JsonArray, 1).unwrap().accepted, 0);
     }
 }

@@ -15,11 +15,6 @@ pub async fn healthz() -> Json<Value> {
 
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
     let schema = state.schema.get();
-    state
-        .health
-        .readiness(schema.is_some())
-        .map_err(ApiError::NotReady)?;
-    Ok(Json(
-        json!({"status": "ready", "schema_version": schema.map(|s| s.version)}),
-    ))
+    state.health.readiness(schema.is_some()).map_err(ApiError::NotReady)?;
+    Ok(Json(json!({"status": "ready", "schema_version": schema.map(|s| s.version)})))
 }

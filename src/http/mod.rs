@@ -7,21 +7,74 @@ pub mod events;
 pub mod health;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use tower::{BoxError, ServiceBuilder};
 use tower_http::trace::TraceLayer;
 
+use crate::metrics;
 use crate::server::AppState;
+use crate::shed::layer::{Policy, ShedLayer};
 use error::ApiError;
 
 pub fn router(state: Arc<AppState>) -> Router {
+    let config = &state.config;
+    // Only the ingestion route is shed, limited and timed out; health, readiness and metrics
+    // must keep answering while it is.
+    let ingest_layers = ServiceBuilder::new()
+        .layer(ShedLayer::new(
+            Arc::clone(&state.shed),
+            Policy {
+                mode: config.shed_mode,
+                stale_after: Duration::from_millis(config.shed_stale_after_ms),
+                on_stale: config.shed_on_stale,
+            },
+        ))
+        .layer(HandleErrorLayer::new(limit_error))
+        .load_shed()
+        .concurrency_limit(config.max_concurrent_requests)
+        .timeout(Duration::from_millis(config.request_timeout_ms));
     Router::new()
-        .route("/v1/events", post(events::ingest))
+        .route("/v1/events", post(events::ingest).layer(ingest_layers))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
+        .route("/metrics", get(render_metrics))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn(track))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Turns the tower limits' errors into the JSON 503s producers get.
+async fn limit_error(error: BoxError) -> ApiError {
+    if error.is::<tower::load_shed::error::Overloaded>() {
+        metrics::shed_request("overloaded");
+        ApiError::Overloaded("concurrent requests")
+    } else if error.is::<tower::timeout::error::Elapsed>() {
+        metrics::shed_request("timeout");
+        ApiError::RequestTimeout
+    } else {
+        ApiError::Internal(error.to_string())
+    }
+}
+
+/// Counts and times every request by route template (not raw path: bounded label values).
+async fn track(request: Request, next: Next) -> Response {
+    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    metrics::http_request(&route, response.status().as_u16(), started.elapsed());
+    response
+}
+
+async fn render_metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }

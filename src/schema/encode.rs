@@ -22,8 +22,7 @@ const MAX_SECONDS_64: i64 = 10_413_791_999;
 const MIN_DAYS_32: i64 = -25_567;
 const MAX_DAYS_32: i64 = 120_529;
 
-const TIME_FORMS: &str =
-    "expected an RFC 3339 string, 'YYYY-MM-DD hh:mm:ss[.fff]' (UTC) or integer epoch milliseconds";
+const TIME_FORMS: &str = "expected an RFC 3339 string, 'YYYY-MM-DD hh:mm:ss[.fff]' (UTC) or integer epoch milliseconds";
 
 /// Appends `value` encoded as `ty`. JSON `null` on a non-Nullable type writes the type's
 /// default, as ClickHouse's own JSON input does.
@@ -60,24 +59,19 @@ pub fn encode(ty: &ColumnType, value: &Value, out: &mut Vec<u8>) -> Result<(), R
             Ok(())
         }
         (ColumnType::UInt8, _) => int(value, 0, u8::MAX.into()).map(|v| out.push(v as u8)),
-        (ColumnType::UInt16, _) => {
-            int(value, 0, u16::MAX.into()).map(|v| out.extend((v as u16).to_le_bytes()))
+        (ColumnType::UInt16, _) => int(value, 0, u16::MAX.into()).map(|v| out.extend((v as u16).to_le_bytes())),
+        (ColumnType::UInt32, _) => int(value, 0, u32::MAX.into()).map(|v| out.extend((v as u32).to_le_bytes())),
+        (ColumnType::UInt64, _) => int(value, 0, u64::MAX.into()).map(|v| out.extend((v as u64).to_le_bytes())),
+        (ColumnType::Int8, _) => int(value, i8::MIN.into(), i8::MAX.into()).map(|v| out.push(v as i8 as u8)),
+        (ColumnType::Int16, _) => {
+            int(value, i16::MIN.into(), i16::MAX.into()).map(|v| out.extend((v as i16).to_le_bytes()))
         }
-        (ColumnType::UInt32, _) => {
-            int(value, 0, u32::MAX.into()).map(|v| out.extend((v as u32).to_le_bytes()))
+        (ColumnType::Int32, _) => {
+            int(value, i32::MIN.into(), i32::MAX.into()).map(|v| out.extend((v as i32).to_le_bytes()))
         }
-        (ColumnType::UInt64, _) => {
-            int(value, 0, u64::MAX.into()).map(|v| out.extend((v as u64).to_le_bytes()))
+        (ColumnType::Int64, _) => {
+            int(value, i64::MIN.into(), i64::MAX.into()).map(|v| out.extend((v as i64).to_le_bytes()))
         }
-        (ColumnType::Int8, _) => {
-            int(value, i8::MIN.into(), i8::MAX.into()).map(|v| out.push(v as i8 as u8))
-        }
-        (ColumnType::Int16, _) => int(value, i16::MIN.into(), i16::MAX.into())
-            .map(|v| out.extend((v as i16).to_le_bytes())),
-        (ColumnType::Int32, _) => int(value, i32::MIN.into(), i32::MAX.into())
-            .map(|v| out.extend((v as i32).to_le_bytes())),
-        (ColumnType::Int64, _) => int(value, i64::MIN.into(), i64::MAX.into())
-            .map(|v| out.extend((v as i64).to_le_bytes())),
         (ColumnType::Float32, _) => {
             let f = float(value)?;
             if f.is_finite() && f.abs() > f64::from(f32::MAX) {
@@ -106,8 +100,8 @@ pub fn encode(ty: &ColumnType, value: &Value, out: &mut Vec<u8>) -> Result<(), R
         }
         (ColumnType::Date, _) => {
             let days = days(value)?;
-            let days = u16::try_from(days)
-                .map_err(|_| "out of range for Date (1970-01-01 to 2149-06-06)".to_string())?;
+            let days =
+                u16::try_from(days).map_err(|_| "out of range for Date (1970-01-01 to 2149-06-06)".to_string())?;
             out.extend(days.to_le_bytes());
             Ok(())
         }
@@ -119,9 +113,7 @@ pub fn encode(ty: &ColumnType, value: &Value, out: &mut Vec<u8>) -> Result<(), R
             out.extend((days as i32).to_le_bytes());
             Ok(())
         }
-        (ColumnType::DateTime | ColumnType::DateTime64(_), _) => {
-            encode_time(ty, instant(value)?, out)
-        }
+        (ColumnType::DateTime | ColumnType::DateTime64(_), _) => encode_time(ty, instant(value)?, out),
         (ColumnType::Decimal(precision, scale), _) => {
             let text = match value {
                 Value::String(s) => s.clone(),
@@ -140,10 +132,9 @@ pub fn encode(ty: &ColumnType, value: &Value, out: &mut Vec<u8>) -> Result<(), R
         (ColumnType::Enum { wide, variants }, _) => {
             let found = match value {
                 Value::String(s) => variants.iter().find(|(name, _)| name == s).map(|(_, v)| *v),
-                Value::Number(n) => n
-                    .as_i64()
-                    .and_then(|n| variants.iter().find(|(_, v)| i64::from(*v) == n))
-                    .map(|(_, v)| *v),
+                Value::Number(n) => {
+                    n.as_i64().and_then(|n| variants.iter().find(|(_, v)| i64::from(*v) == n)).map(|(_, v)| *v)
+                }
                 _ => None,
             };
             let v = found.ok_or_else(|| {
@@ -159,20 +150,16 @@ pub fn encode(ty: &ColumnType, value: &Value, out: &mut Vec<u8>) -> Result<(), R
         }
         (ColumnType::Ipv4, _) => {
             let ip = match value {
-                Value::String(s) => s
-                    .parse::<Ipv4Addr>()
-                    .map(u32::from)
-                    .map_err(|_| format!("{s:?} is not an IPv4 address"))?,
+                Value::String(s) => {
+                    s.parse::<Ipv4Addr>().map(u32::from).map_err(|_| format!("{s:?} is not an IPv4 address"))?
+                }
                 _ => int(value, 0, u32::MAX.into())? as u32,
             };
             out.extend(ip.to_le_bytes());
             Ok(())
         }
         (ColumnType::Ipv6, Value::String(s)) => {
-            let ip = match s
-                .parse::<IpAddr>()
-                .map_err(|_| format!("{s:?} is not an IP address"))?
-            {
+            let ip = match s.parse::<IpAddr>().map_err(|_| format!("{s:?} is not an IP address"))? {
                 IpAddr::V4(v4) => v4.to_ipv6_mapped(),
                 IpAddr::V6(v6) => v6,
             };
@@ -226,10 +213,7 @@ pub fn encode_default(ty: &ColumnType, out: &mut Vec<u8>) {
         ColumnType::UInt16 | ColumnType::Int16 | ColumnType::Date => 2,
         ColumnType::UInt32 | ColumnType::Int32 | ColumnType::Float32 | ColumnType::Date32 => 4,
         ColumnType::DateTime | ColumnType::Ipv4 => 4,
-        ColumnType::UInt64
-        | ColumnType::Int64
-        | ColumnType::Float64
-        | ColumnType::DateTime64(_) => 8,
+        ColumnType::UInt64 | ColumnType::Int64 | ColumnType::Float64 | ColumnType::DateTime64(_) => 8,
         ColumnType::Uuid | ColumnType::Ipv6 => 16,
         ColumnType::Decimal(p, _) => match p {
             0..=9 => 4,
@@ -258,9 +242,7 @@ pub fn encode_time(ty: &ColumnType, at: Instant, out: &mut Vec<u8>) -> Result<()
             let ticks = Some(at)
                 .filter(|t| (MIN_SECONDS_64..=MAX_SECONDS_64).contains(&t.seconds))
                 .and_then(|t| t.ticks(*precision))
-                .ok_or_else(|| {
-                    "out of range for DateTime64 (1900-01-01 to 2299-12-31)".to_string()
-                })?;
+                .ok_or_else(|| "out of range for DateTime64 (1900-01-01 to 2299-12-31)".to_string())?;
             out.extend(ticks.to_le_bytes());
             Ok(())
         }
@@ -321,10 +303,7 @@ fn int(value: &Value, min: i128, max: i128) -> Result<i128, Reason> {
                 }
             }
         }
-        Value::String(s) => s
-            .trim()
-            .parse::<i128>()
-            .map_err(|_| format!("{s:?} is not an integer"))?,
+        Value::String(s) => s.trim().parse::<i128>().map_err(|_| format!("{s:?} is not an integer"))?,
         other => return Err(format!("expected an integer, got {}", kind(other))),
     };
     if v < min || v > max {
@@ -336,36 +315,27 @@ fn int(value: &Value, min: i128, max: i128) -> Result<i128, Reason> {
 fn float(value: &Value) -> Result<f64, Reason> {
     match value {
         Value::Number(n) => n.as_f64().ok_or_else(|| format!("{n} is not a number")),
-        Value::String(s) => s
-            .trim()
-            .parse::<f64>()
-            .map_err(|_| format!("{s:?} is not a number")),
+        Value::String(s) => s.trim().parse::<f64>().map_err(|_| format!("{s:?} is not a number")),
         other => Err(format!("expected a number, got {}", kind(other))),
     }
 }
 
 fn instant(value: &Value) -> Result<Instant, Reason> {
     match value {
-        Value::String(s) => {
-            time::parse(s).ok_or_else(|| format!("{s:?} is not a timestamp: {TIME_FORMS}"))
+        Value::String(s) => time::parse(s).ok_or_else(|| format!("{s:?} is not a timestamp: {TIME_FORMS}")),
+        Value::Number(n) => {
+            n.as_i64().map(Instant::from_epoch_millis).ok_or_else(|| format!("{n} is not a timestamp: {TIME_FORMS}"))
         }
-        Value::Number(n) => n
-            .as_i64()
-            .map(Instant::from_epoch_millis)
-            .ok_or_else(|| format!("{n} is not a timestamp: {TIME_FORMS}")),
-        other => Err(format!(
-            "expected a timestamp, got {}: {TIME_FORMS}",
-            kind(other)
-        )),
+        other => Err(format!("expected a timestamp, got {}: {TIME_FORMS}", kind(other))),
     }
 }
 
 /// Days since the epoch, from a date/timestamp string or an integer day number.
 fn days(value: &Value) -> Result<i64, Reason> {
     match value {
-        Value::String(s) => time::parse(s)
-            .map(Instant::days)
-            .ok_or_else(|| format!("{s:?} is not a date (YYYY-MM-DD)")),
+        Value::String(s) => {
+            time::parse(s).map(Instant::days).ok_or_else(|| format!("{s:?} is not a date (YYYY-MM-DD)"))
+        }
         Value::Number(n) => n.as_i64().ok_or_else(|| format!("{n} is not a day number")),
         other => Err(format!("expected a date, got {}", kind(other))),
     }
@@ -444,17 +414,10 @@ mod tests {
     #[test]
     fn scalars() {
         assert_eq!(enc("UInt8", json!(255)).unwrap(), [255]);
-        assert!(
-            enc("UInt8", json!(256))
-                .unwrap_err()
-                .contains("out of range")
-        );
+        assert!(enc("UInt8", json!(256)).unwrap_err().contains("out of range"));
         assert!(enc("UInt32", json!(-1)).is_err());
         assert_eq!(enc("Int16", json!("-2")).unwrap(), (-2i16).to_le_bytes());
-        assert_eq!(
-            enc("UInt64", json!(u64::MAX)).unwrap(),
-            u64::MAX.to_le_bytes()
-        );
+        assert_eq!(enc("UInt64", json!(u64::MAX)).unwrap(), u64::MAX.to_le_bytes());
         assert!(enc("Int32", json!(1.5)).is_err());
         assert_eq!(enc("Int32", json!(2.0)).unwrap(), 2i32.to_le_bytes());
         assert_eq!(enc("Float32", json!(1.5)).unwrap(), 1.5f32.to_le_bytes());
@@ -462,23 +425,13 @@ mod tests {
         assert_eq!(enc("Bool", json!(true)).unwrap(), [1]);
         assert!(enc("Bool", json!("yes")).is_err());
         assert_eq!(enc("String", json!("hé")).unwrap(), [3, b'h', 0xc3, 0xa9]);
-        assert_eq!(
-            enc("String", json!({"a": [1, 2]})).unwrap()[1..],
-            *br#"{"a":[1,2]}"#
-        );
+        assert_eq!(enc("String", json!({"a": [1, 2]})).unwrap()[1..], *br#"{"a":[1,2]}"#);
         assert_eq!(enc("FixedString(3)", json!("ab")).unwrap(), [b'a', b'b', 0]);
         assert!(enc("FixedString(1)", json!("ab")).is_err());
         assert_eq!(enc("Nullable(UInt8)", json!(null)).unwrap(), [1]);
         assert_eq!(enc("Nullable(UInt8)", json!(7)).unwrap(), [0, 7]);
-        assert_eq!(
-            enc("UInt8", json!(null)).unwrap(),
-            [0],
-            "null on a non-Nullable column is its default"
-        );
-        assert_eq!(
-            enc("LowCardinality(String)", json!("x")).unwrap(),
-            [1, b'x']
-        );
+        assert_eq!(enc("UInt8", json!(null)).unwrap(), [0], "null on a non-Nullable column is its default");
+        assert_eq!(enc("LowCardinality(String)", json!("x")).unwrap(), [1, b'x']);
     }
 
     #[test]
@@ -486,66 +439,34 @@ mod tests {
         let out = enc("UUID", json!("00112233-4455-6677-8899-aabbccddeeff")).unwrap();
         assert_eq!(
             out,
-            [
-                0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11, 0x00, 0xff, 0xee, 0xdd, 0xcc, 0xbb, 0xaa,
-                0x99, 0x88
-            ]
+            [0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11, 0x00, 0xff, 0xee, 0xdd, 0xcc, 0xbb, 0xaa, 0x99, 0x88]
         );
-        assert!(
-            enc("UUID", json!("not-a-uuid"))
-                .unwrap_err()
-                .contains("not a UUID")
-        );
+        assert!(enc("UUID", json!("not-a-uuid")).unwrap_err().contains("not a UUID"));
         assert!(enc("UUID", json!(5)).is_err());
     }
 
     #[test]
     fn times() {
-        assert_eq!(
-            enc("DateTime", json!("2023-11-14T22:13:20Z")).unwrap(),
-            1_700_000_000u32.to_le_bytes()
-        );
-        assert_eq!(
-            enc("DateTime", json!(1_700_000_000_999i64)).unwrap(),
-            1_700_000_000u32.to_le_bytes()
-        );
+        assert_eq!(enc("DateTime", json!("2023-11-14T22:13:20Z")).unwrap(), 1_700_000_000u32.to_le_bytes());
+        assert_eq!(enc("DateTime", json!(1_700_000_000_999i64)).unwrap(), 1_700_000_000u32.to_le_bytes());
         assert!(enc("DateTime", json!("1969-12-31 23:59:59")).is_err());
-        assert_eq!(
-            enc("DateTime64(3)", json!("2023-11-14 22:13:20.123")).unwrap(),
-            1_700_000_000_123i64.to_le_bytes()
-        );
+        assert_eq!(enc("DateTime64(3)", json!("2023-11-14 22:13:20.123")).unwrap(), 1_700_000_000_123i64.to_le_bytes());
         assert_eq!(
             enc("DateTime64(6, 'UTC')", json!(1_700_000_000_123i64)).unwrap(),
             1_700_000_000_123_000i64.to_le_bytes()
         );
         assert!(enc("DateTime64(3)", json!("2400-01-01 00:00:00")).is_err());
         assert!(enc("DateTime64(3)", json!(true)).is_err());
-        assert_eq!(
-            enc("Date", json!("1970-01-03")).unwrap(),
-            2u16.to_le_bytes()
-        );
-        assert_eq!(
-            enc("Date32", json!("1969-12-31")).unwrap(),
-            (-1i32).to_le_bytes()
-        );
+        assert_eq!(enc("Date", json!("1970-01-03")).unwrap(), 2u16.to_le_bytes());
+        assert_eq!(enc("Date32", json!("1969-12-31")).unwrap(), (-1i32).to_le_bytes());
     }
 
     #[test]
     fn containers() {
         assert_eq!(enc("Array(UInt8)", json!([1, 2])).unwrap(), [2, 1, 2]);
-        assert!(
-            enc("Array(UInt8)", json!([1, 300]))
-                .unwrap_err()
-                .starts_with("element 1")
-        );
-        assert_eq!(
-            enc("Map(String, UInt8)", json!({"a": 1})).unwrap(),
-            [1, 1, b'a', 1]
-        );
-        assert_eq!(
-            enc("Map(UInt16, String)", json!({"7": "x"})).unwrap(),
-            [1, 7, 0, 1, b'x']
-        );
+        assert!(enc("Array(UInt8)", json!([1, 300])).unwrap_err().starts_with("element 1"));
+        assert_eq!(enc("Map(String, UInt8)", json!({"a": 1})).unwrap(), [1, 1, b'a', 1]);
+        assert_eq!(enc("Map(UInt16, String)", json!({"7": "x"})).unwrap(), [1, 7, 0, 1, b'x']);
         assert!(enc("Map(String, String)", json!([])).is_err());
         let long: Vec<u8> = vec![0; 200];
         assert_eq!(enc("Array(UInt8)", json!(long)).unwrap()[..2], [0xc8, 0x01]);
@@ -554,32 +475,14 @@ mod tests {
     #[test]
     fn enums_ips_decimals() {
         assert_eq!(enc("Enum8('a' = 1, 'b' = -2)", json!("b")).unwrap(), [0xfe]);
-        assert_eq!(
-            enc("Enum16('a' = 1000)", json!(1000)).unwrap(),
-            1000i16.to_le_bytes()
-        );
+        assert_eq!(enc("Enum16('a' = 1000)", json!(1000)).unwrap(), 1000i16.to_le_bytes());
         assert!(enc("Enum8('a' = 1)", json!("c")).is_err());
-        assert_eq!(
-            enc("IPv4", json!("1.2.3.4")).unwrap(),
-            0x0102_0304u32.to_le_bytes()
-        );
+        assert_eq!(enc("IPv4", json!("1.2.3.4")).unwrap(), 0x0102_0304u32.to_le_bytes());
         assert_eq!(enc("IPv6", json!("::1")).unwrap()[15], 1);
-        assert_eq!(
-            enc("IPv6", json!("1.2.3.4")).unwrap()[10..],
-            [0xff, 0xff, 1, 2, 3, 4]
-        );
-        assert_eq!(
-            enc("Decimal(10, 2)", json!("12.345")).unwrap(),
-            1234i64.to_le_bytes()
-        );
-        assert_eq!(
-            enc("Decimal(9, 2)", json!(-0.5)).unwrap(),
-            (-50i32).to_le_bytes()
-        );
-        assert_eq!(
-            enc("Decimal(38, 0)", json!("1e3")).unwrap(),
-            1000i128.to_le_bytes()
-        );
+        assert_eq!(enc("IPv6", json!("1.2.3.4")).unwrap()[10..], [0xff, 0xff, 1, 2, 3, 4]);
+        assert_eq!(enc("Decimal(10, 2)", json!("12.345")).unwrap(), 1234i64.to_le_bytes());
+        assert_eq!(enc("Decimal(9, 2)", json!(-0.5)).unwrap(), (-50i32).to_le_bytes());
+        assert_eq!(enc("Decimal(38, 0)", json!("1e3")).unwrap(), 1000i128.to_le_bytes());
         assert!(enc("Decimal(4, 2)", json!("123.4")).is_err());
         assert!(enc("Decimal(4, 2)", json!("1x")).is_err());
     }
@@ -587,13 +490,7 @@ mod tests {
     #[test]
     fn defaults() {
         let mut out = Vec::new();
-        for ty in [
-            "String",
-            "UInt64",
-            "Nullable(String)",
-            "Enum8('x' = 5, 'y' = 3)",
-            "FixedString(2)",
-        ] {
+        for ty in ["String", "UInt64", "Nullable(String)", "Enum8('x' = 5, 'y' = 3)", "FixedString(2)"] {
             encode_default(&ColumnType::parse(ty).unwrap(), &mut out);
         }
         assert_eq!(out, [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 3, 0, 0]);

@@ -38,10 +38,7 @@ pub struct ColumnInfo {
 enum Role {
     /// Written by the gateway; `default_bit` is set when it has a DEFAULT expression, which
     /// ClickHouse evaluates only if the column is left out of the INSERT.
-    Written {
-        ty: ColumnType,
-        default_bit: Option<u8>,
-    },
+    Written { ty: ColumnType, default_bit: Option<u8> },
     /// MATERIALIZED or ALIAS: computed by ClickHouse, never written.
     Computed(String),
     /// A type buffergate cannot encode: left out of every INSERT, so it takes its default.
@@ -99,13 +96,7 @@ const MAX_DEFAULT_BITS: usize = 64;
 
 impl TableSchema {
     /// Builds the encoders for a table's columns.
-    pub fn new(
-        version: u64,
-        database: &str,
-        table: &str,
-        infos: Vec<ColumnInfo>,
-        special: &SpecialColumns,
-    ) -> Self {
+    pub fn new(version: u64, database: &str, table: &str, infos: Vec<ColumnInfo>, special: &SpecialColumns) -> Self {
         let mut columns = Vec::with_capacity(infos.len());
         let mut written = Vec::new();
         let mut bits = 0usize;
@@ -114,9 +105,8 @@ impl TableSchema {
                 kind @ ("MATERIALIZED" | "ALIAS") => Role::Computed(kind.to_string()),
                 kind => match ColumnType::parse(&info.type_text) {
                     Ok(ty) => {
-                        let default_bit = (matches!(kind, "DEFAULT" | "EPHEMERAL")
-                            && bits < MAX_DEFAULT_BITS)
-                            .then(|| {
+                        let default_bit =
+                            (matches!(kind, "DEFAULT" | "EPHEMERAL") && bits < MAX_DEFAULT_BITS).then(|| {
                                 bits += 1;
                                 (bits - 1) as u8
                             });
@@ -126,21 +116,11 @@ impl TableSchema {
                     Err(UnsupportedType(text)) => Role::Unsupported(text),
                 },
             };
-            columns.push(Column {
-                name: info.name.clone(),
-                role,
-            });
+            columns.push(Column { name: info.name.clone(), role });
         }
-        let by_name: HashMap<String, usize> = columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (c.name.clone(), i))
-            .collect();
+        let by_name: HashMap<String, usize> = columns.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
         let find = |name: &str, pred: fn(&ColumnType) -> bool| {
-            by_name
-                .get(name)
-                .copied()
-                .filter(|&i| matches!(&columns[i].role, Role::Written { ty, .. } if pred(ty)))
+            by_name.get(name).copied().filter(|&i| matches!(&columns[i].role, Role::Written { ty, .. } if pred(ty)))
         };
         let id = find(&special.id, ColumnType::is_uuid);
         let timestamp = find(&special.timestamp, ColumnType::is_time);
@@ -173,14 +153,16 @@ impl TableSchema {
     /// The INSERT statement for rows encoded with `omitted` (a mask of default bits): every
     /// written column except those whose DEFAULT expression ClickHouse should evaluate.
     pub fn insert_sql(&self, omitted: u64) -> String {
-        let mut sql = format!("INSERT INTO {} (", self.table);
+        self.insert_sql_into(&self.table, omitted)
+    }
+
+    /// [`Self::insert_sql`] into another table with the same columns (`` `db`.`t` ``).
+    pub fn insert_sql_into(&self, table: &str, omitted: u64) -> String {
+        let mut sql = format!("INSERT INTO {table} (");
         let mut first = true;
         for &i in &self.written {
             let column = &self.columns[i];
-            if let Role::Written {
-                default_bit: Some(bit),
-                ..
-            } = column.role
+            if let Role::Written { default_bit: Some(bit), .. } = column.role
                 && omitted & (1 << bit) != 0
             {
                 continue;
@@ -197,12 +179,7 @@ impl TableSchema {
 
     /// Validates one event and appends its RowBinary row to `out`. Returns the mask of columns
     /// left to their DEFAULT expression; on rejection `out` is left as it was.
-    pub fn encode_event(
-        &self,
-        event: &Value,
-        ctx: &EncodeContext,
-        out: &mut Vec<u8>,
-    ) -> Result<u64, Rejection> {
+    pub fn encode_event(&self, event: &Value, ctx: &EncodeContext, out: &mut Vec<u8>) -> Result<u64, Rejection> {
         let start = out.len();
         let result = self.encode_into(event, ctx, out);
         if result.is_err() {
@@ -211,17 +188,9 @@ impl TableSchema {
         result
     }
 
-    fn encode_into(
-        &self,
-        event: &Value,
-        ctx: &EncodeContext,
-        out: &mut Vec<u8>,
-    ) -> Result<u64, Rejection> {
+    fn encode_into(&self, event: &Value, ctx: &EncodeContext, out: &mut Vec<u8>) -> Result<u64, Rejection> {
         let Value::Object(fields) = event else {
-            return Err(Rejection {
-                field: None,
-                error: "an event must be a JSON object".into(),
-            });
+            return Err(Rejection { field: None, error: "an event must be a JSON object".into() });
         };
         for name in fields.keys() {
             let problem = match self.by_name.get(name).map(|&i| &self.columns[i].role) {
@@ -235,10 +204,7 @@ impl TableSchema {
                     format!("column type {text} is not supported by buffergate")
                 }
             };
-            return Err(Rejection {
-                field: Some(name.clone()),
-                error: problem,
-            });
+            return Err(Rejection { field: Some(name.clone()), error: problem });
         }
         let mut omitted = 0u64;
         for &i in &self.written {
@@ -246,14 +212,9 @@ impl TableSchema {
             let Role::Written { ty, default_bit } = &column.role else {
                 continue;
             };
-            let reject = |error: String| Rejection {
-                field: Some(column.name.clone()),
-                error,
-            };
+            let reject = |error: String| Rejection { field: Some(column.name.clone()), error };
             match fields.get(&column.name) {
-                Some(value)
-                    if !value.is_null() || matches!(ty.unwrapped(), ColumnType::Nullable(_)) =>
-                {
+                Some(value) if !value.is_null() || matches!(ty.unwrapped(), ColumnType::Nullable(_)) => {
                     encode::encode(ty, value, out).map_err(reject)?;
                 }
                 _ if Some(i) == self.id => encode::write_uuid_column(ty, uuid::Uuid::now_v7(), out),
@@ -302,13 +263,7 @@ impl SharedSchema {
     }
 
     /// Installs `infos` if they differ from the current columns; returns the new version if so.
-    pub fn update(
-        &self,
-        database: &str,
-        table: &str,
-        infos: Vec<ColumnInfo>,
-        special: &SpecialColumns,
-    ) -> Option<u64> {
+    pub fn update(&self, database: &str, table: &str, infos: Vec<ColumnInfo>, special: &SpecialColumns) -> Option<u64> {
         let current = self.get();
         if current.as_ref().is_some_and(|s| s.infos == infos) {
             return None;
@@ -333,19 +288,12 @@ mod tests {
     use serde_json::json;
 
     fn info(name: &str, ty: &str, kind: &str) -> ColumnInfo {
-        ColumnInfo {
-            name: name.into(),
-            type_text: ty.into(),
-            default_kind: kind.into(),
-        }
+        ColumnInfo { name: name.into(), type_text: ty.into(), default_kind: kind.into() }
     }
 
     fn schema() -> TableSchema {
-        let special = SpecialColumns {
-            id: "event_id".into(),
-            timestamp: "event_ts".into(),
-            partition_key: "user_id".into(),
-        };
+        let special =
+            SpecialColumns { id: "event_id".into(), timestamp: "event_ts".into(), partition_key: "user_id".into() };
         TableSchema::new(
             1,
             "db",
@@ -363,38 +311,20 @@ mod tests {
     }
 
     fn ctx() -> EncodeContext {
-        EncodeContext {
-            now: Instant {
-                seconds: 1,
-                nanos: 0,
-            },
-            unknown_fields: UnknownFields::Reject,
-        }
+        EncodeContext { now: Instant { seconds: 1, nanos: 0 }, unknown_fields: UnknownFields::Reject }
     }
 
     #[test]
     fn fills_id_and_time_and_omits_defaults() {
         let s = schema();
         let mut out = Vec::new();
-        let omitted = s
-            .encode_event(&json!({"user_id": 5}), &ctx(), &mut out)
-            .unwrap();
+        let omitted = s.encode_event(&json!({"user_id": 5}), &ctx(), &mut out).unwrap();
         assert_eq!(omitted, 1);
         assert_eq!(out.len(), 16 + 8 + 8);
-        assert_eq!(
-            out[1] >> 4,
-            7,
-            "a generated id is a UUIDv7 (version nibble of the high half)"
-        );
+        assert_eq!(out[1] >> 4, 7, "a generated id is a UUIDv7 (version nibble of the high half)");
         assert_eq!(out[16..24], 1000i64.to_le_bytes());
-        assert_eq!(
-            s.insert_sql(omitted),
-            "INSERT INTO `db`.`t` (`event_id`, `event_ts`, `user_id`) FORMAT RowBinary"
-        );
-        assert_eq!(
-            s.insert_sql(0),
-            "INSERT INTO `db`.`t` (`event_id`, `event_ts`, `user_id`, `n`) FORMAT RowBinary"
-        );
+        assert_eq!(s.insert_sql(omitted), "INSERT INTO `db`.`t` (`event_id`, `event_ts`, `user_id`) FORMAT RowBinary");
+        assert_eq!(s.insert_sql(0), "INSERT INTO `db`.`t` (`event_id`, `event_ts`, `user_id`, `n`) FORMAT RowBinary");
     }
 
     #[test]
@@ -412,21 +342,14 @@ mod tests {
             assert_eq!(err.field.as_deref(), field, "{event}");
             assert_eq!(out, [9]);
         }
-        let ignore = EncodeContext {
-            unknown_fields: UnknownFields::Ignore,
-            ..ctx()
-        };
-        s.encode_event(&json!({"nope": 1}), &ignore, &mut out)
-            .unwrap();
+        let ignore = EncodeContext { unknown_fields: UnknownFields::Ignore, ..ctx() };
+        s.encode_event(&json!({"nope": 1}), &ignore, &mut out).unwrap();
     }
 
     #[test]
     fn partition_hash_is_stable_per_key() {
         let s = schema();
-        assert_eq!(
-            s.partition_hash(&json!({"user_id": 5}), 0),
-            s.partition_hash(&json!({"user_id": "5"}), 1)
-        );
+        assert_eq!(s.partition_hash(&json!({"user_id": 5}), 0), s.partition_hash(&json!({"user_id": "5"}), 1));
         assert_eq!(s.partition_hash(&json!({}), 42), 42);
     }
 }

@@ -14,18 +14,12 @@ pub struct Instant {
 
 impl Instant {
     pub fn from_epoch_millis(millis: i64) -> Self {
-        Self {
-            seconds: millis.div_euclid(1000),
-            nanos: (millis.rem_euclid(1000) as u32) * 1_000_000,
-        }
+        Self { seconds: millis.div_euclid(1000), nanos: (millis.rem_euclid(1000) as u32) * 1_000_000 }
     }
 
     pub fn now() -> Self {
         let now = OffsetDateTime::now_utc();
-        Self {
-            seconds: now.unix_timestamp(),
-            nanos: now.nanosecond(),
-        }
+        Self { seconds: now.unix_timestamp(), nanos: now.nanosecond() }
     }
 
     /// Ticks of `10^-precision` seconds, or `None` on overflow.
@@ -45,10 +39,7 @@ impl Instant {
 pub fn parse(text: &str) -> Option<Instant> {
     let text = text.trim();
     if let Ok(t) = OffsetDateTime::parse(text, &Rfc3339) {
-        return Some(Instant {
-            seconds: t.unix_timestamp(),
-            nanos: t.nanosecond(),
-        });
+        return Some(Instant { seconds: t.unix_timestamp(), nanos: t.nanosecond() });
     }
     let naive = format_description!(
         version = 2,
@@ -56,16 +47,10 @@ pub fn parse(text: &str) -> Option<Instant> {
     );
     if let Ok(t) = PrimitiveDateTime::parse(text, naive) {
         let t = t.assume_utc();
-        return Some(Instant {
-            seconds: t.unix_timestamp(),
-            nanos: t.nanosecond(),
-        });
+        return Some(Instant { seconds: t.unix_timestamp(), nanos: t.nanosecond() });
     }
     let date = Date::parse(text, format_description!("[year]-[month]-[day]")).ok()?;
-    Some(Instant {
-        seconds: date.midnight().assume_utc().unix_timestamp(),
-        nanos: 0,
-    })
+    Some(Instant { seconds: date.midnight().assume_utc().unix_timestamp(), nanos: 0 })
 }
 
 #[cfg(test)]
@@ -74,64 +59,30 @@ mod tests {
 
     #[test]
     fn accepted_forms() {
-        let expect = Instant {
-            seconds: 1_700_000_000,
-            nanos: 123_000_000,
-        };
+        let expect = Instant { seconds: 1_700_000_000, nanos: 123_000_000 };
         assert_eq!(parse("2023-11-14T22:13:20.123Z"), Some(expect));
         assert_eq!(parse("2023-11-15T00:13:20.123+02:00"), Some(expect));
         assert_eq!(parse("2023-11-14 22:13:20.123"), Some(expect));
         assert_eq!(parse("2023-11-14T22:13:20.123"), Some(expect));
-        assert_eq!(
-            parse("2023-11-14 22:13:20"),
-            Some(Instant { nanos: 0, ..expect })
-        );
-        assert_eq!(
-            parse("1970-01-02"),
-            Some(Instant {
-                seconds: 86_400,
-                nanos: 0
-            })
-        );
+        assert_eq!(parse("2023-11-14 22:13:20"), Some(Instant { nanos: 0, ..expect }));
+        assert_eq!(parse("1970-01-02"), Some(Instant { seconds: 86_400, nanos: 0 }));
         assert_eq!(Instant::from_epoch_millis(1_700_000_000_123), expect);
-        assert_eq!(
-            Instant::from_epoch_millis(-1),
-            Instant {
-                seconds: -1,
-                nanos: 999_000_000
-            }
-        );
+        assert_eq!(Instant::from_epoch_millis(-1), Instant { seconds: -1, nanos: 999_000_000 });
     }
 
     #[test]
     fn rejected_forms() {
-        for text in [
-            "",
-            "yesterday",
-            "2023-13-01 00:00:00",
-            "2023-11-14 25:00:00",
-            "1700000000",
-        ] {
+        for text in ["", "yesterday", "2023-13-01 00:00:00", "2023-11-14 25:00:00", "1700000000"] {
             assert_eq!(parse(text), None, "{text}");
         }
     }
 
     #[test]
     fn ticks_scale_and_truncate() {
-        let t = Instant {
-            seconds: 2,
-            nanos: 123_456_789,
-        };
+        let t = Instant { seconds: 2, nanos: 123_456_789 };
         assert_eq!(t.ticks(0), Some(2));
         assert_eq!(t.ticks(3), Some(2_123));
         assert_eq!(t.ticks(9), Some(2_123_456_789));
-        assert_eq!(
-            Instant {
-                seconds: i64::MAX / 10,
-                nanos: 0
-            }
-            .ticks(3),
-            None
-        );
+        assert_eq!(Instant { seconds: i64::MAX / 10, nanos: 0 }.ticks(3), None);
     }
 }

@@ -52,19 +52,14 @@ impl ColumnType {
         let unsupported = || UnsupportedType(text.to_string());
         let text = text.trim();
         let (name, args) = match text.find('(') {
-            Some(open) if text.ends_with(')') => {
-                (&text[..open], Some(&text[open + 1..text.len() - 1]))
-            }
+            Some(open) if text.ends_with(')') => (&text[..open], Some(&text[open + 1..text.len() - 1])),
             Some(_) => return Err(unsupported()),
             None => (text, None),
         };
-        let one_arg =
-            || -> Result<Self, UnsupportedType> { Self::parse(args.ok_or_else(unsupported)?) };
+        let one_arg = || -> Result<Self, UnsupportedType> { Self::parse(args.ok_or_else(unsupported)?) };
         let ty = match (name, args) {
             ("String", None) => Self::String,
-            ("FixedString", Some(n)) => {
-                Self::FixedString(n.trim().parse().map_err(|_| unsupported())?)
-            }
+            ("FixedString", Some(n)) => Self::FixedString(n.trim().parse().map_err(|_| unsupported())?),
             ("UInt8", None) => Self::UInt8,
             ("UInt16", None) => Self::UInt16,
             ("UInt32", None) => Self::UInt32,
@@ -89,10 +84,7 @@ impl ColumnType {
                 Self::DateTime64(precision)
             }
             ("Decimal", Some(args)) => {
-                let parts: Vec<u32> = split_args(args)
-                    .iter()
-                    .filter_map(|p| p.trim().parse().ok())
-                    .collect();
+                let parts: Vec<u32> = split_args(args).iter().filter_map(|p| p.trim().parse().ok()).collect();
                 match parts[..] {
                     [p, s] if (1..=38).contains(&p) && s <= p => Self::Decimal(p, s),
                     _ => return Err(unsupported()),
@@ -110,19 +102,16 @@ impl ColumnType {
                 }
                 Self::Decimal(precision, scale)
             }
-            ("Enum8" | "Enum16", Some(args)) => Self::Enum {
-                wide: name == "Enum16",
-                variants: parse_enum(args).ok_or_else(unsupported)?,
-            },
+            ("Enum8" | "Enum16", Some(args)) => {
+                Self::Enum { wide: name == "Enum16", variants: parse_enum(args).ok_or_else(unsupported)? }
+            }
             ("IPv4", None) => Self::Ipv4,
             ("IPv6", None) => Self::Ipv6,
             ("Nullable", _) => Self::Nullable(Box::new(one_arg()?)),
             ("LowCardinality", _) => Self::LowCardinality(Box::new(one_arg()?)),
             ("Array", _) => Self::Array(Box::new(one_arg()?)),
             ("Map", Some(args)) => match split_args(args)[..] {
-                [key, value] => {
-                    Self::Map(Box::new(Self::parse(key)?), Box::new(Self::parse(value)?))
-                }
+                [key, value] => Self::Map(Box::new(Self::parse(key)?), Box::new(Self::parse(value)?)),
                 _ => return Err(unsupported()),
             },
             _ => return Err(unsupported()),
@@ -185,11 +174,7 @@ impl fmt::Display for ColumnType {
                     if i > 0 {
                         f.write_str(", ")?;
                     }
-                    write!(
-                        f,
-                        "'{}' = {value}",
-                        name.replace('\\', "\\\\").replace('\'', "\\'")
-                    )?;
+                    write!(f, "'{}' = {value}", name.replace('\\', "\\\\").replace('\'', "\\'"))?;
                 }
                 f.write_str(")")
             }
@@ -204,7 +189,7 @@ impl fmt::Display for ColumnType {
 }
 
 /// Splits `a, B(c, d), 'e,f'` at top-level commas.
-fn split_args(args: &str) -> Vec<&str> {
+pub fn split_args(args: &str) -> Vec<&str> {
     let mut parts = Vec::new();
     let (mut depth, mut start, mut quoted, mut escaped) = (0i32, 0usize, false, false);
     for (i, c) in args.char_indices() {
@@ -272,44 +257,24 @@ mod tests {
             let ty = ColumnType::parse(text).unwrap();
             assert_eq!(ty.to_string(), text, "round trip of {text}");
         }
-        assert_eq!(
-            ColumnType::parse("DateTime('Europe/Moscow')").unwrap(),
-            ColumnType::DateTime
-        );
-        assert_eq!(
-            ColumnType::parse("DateTime64(6, 'UTC')").unwrap(),
-            ColumnType::DateTime64(6)
-        );
-        assert_eq!(
-            ColumnType::parse("Decimal64(4)").unwrap(),
-            ColumnType::Decimal(18, 4)
-        );
+        assert_eq!(ColumnType::parse("DateTime('Europe/Moscow')").unwrap(), ColumnType::DateTime);
+        assert_eq!(ColumnType::parse("DateTime64(6, 'UTC')").unwrap(), ColumnType::DateTime64(6));
+        assert_eq!(ColumnType::parse("Decimal64(4)").unwrap(), ColumnType::Decimal(18, 4));
     }
 
     #[test]
     fn refuses_what_it_cannot_encode() {
-        for text in [
-            "Tuple(UInt8, String)",
-            "Int128",
-            "Object('json')",
-            "Array(",
-            "DateTime64(12)",
-            "Nested(a UInt8)",
-        ] {
+        for text in ["Tuple(UInt8, String)", "Int128", "Object('json')", "Array(", "DateTime64(12)", "Nested(a UInt8)"]
+        {
             assert!(ColumnType::parse(text).is_err(), "{text}");
         }
     }
 
     #[test]
     fn enum_names_unescape() {
-        let ColumnType::Enum { variants, .. } =
-            ColumnType::parse("Enum8('it\\'s' = 1, 'x = y' = 2)").unwrap()
-        else {
+        let ColumnType::Enum { variants, .. } = ColumnType::parse("Enum8('it\\'s' = 1, 'x = y' = 2)").unwrap() else {
             panic!("not an enum")
         };
-        assert_eq!(
-            variants,
-            vec![("it's".to_string(), 1), ("x = y".to_string(), 2)]
-        );
+        assert_eq!(variants, vec![("it's".to_string(), 1), ("x = y".to_string(), 2)]);
     }
 }

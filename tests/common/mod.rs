@@ -50,19 +50,12 @@ impl Process {
             }
         });
         let pid = rx.recv().expect("keeper thread").expect("spawn");
-        Process {
-            pid,
-            exit: std::sync::Mutex::new(exit_rx),
-        }
+        Process { pid, exit: std::sync::Mutex::new(exit_rx) }
     }
 
     /// Waits for the process to exit; `None` if it is still running after `timeout`.
     pub fn wait_exit(&self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        self.exit
-            .lock()
-            .expect("exit lock")
-            .recv_timeout(timeout)
-            .ok()
+        self.exit.lock().expect("exit lock").recv_timeout(timeout).ok()
     }
 
     pub fn signal(&self, signal: i32) {
@@ -83,11 +76,7 @@ impl Drop for Process {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 fn repo() -> PathBuf {
@@ -96,8 +85,7 @@ fn repo() -> PathBuf {
 
 /// A scratch directory for this test binary's servers, under the target directory.
 pub fn scratch(name: &str) -> PathBuf {
-    let dir =
-        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");
     dir
@@ -137,18 +125,11 @@ impl ClickHouseServer {
         for _attempt in 0..3 {
             let (http_port, tcp_port) = (free_port(), free_port());
             let mut cmd = Command::new(repo().join("scripts/clickhouse-server.sh"));
-            cmd.arg(&dir)
-                .arg(http_port.to_string())
-                .arg(tcp_port.to_string());
+            cmd.arg(&dir).arg(http_port.to_string()).arg(tcp_port.to_string());
             let process = Process::spawn(cmd, &dir.join("stdout.log"));
             let url = format!("http://127.0.0.1:{http_port}");
             if wait_http(&format!("{url}/ping"), Duration::from_secs(60), &process) {
-                return ClickHouseServer {
-                    url,
-                    http_port,
-                    dir,
-                    process,
-                };
+                return ClickHouseServer { url, http_port, dir, process };
             }
         }
         panic!("clickhouse-server did not start; see {}", dir.display());
@@ -170,59 +151,37 @@ impl ClickHouseServer {
 
     /// Runs a statement; panics with ClickHouse's message on failure.
     pub async fn exec(&self, sql: &str) {
-        let response = http()
-            .post(format!(
-                "{}/?allow_experimental_low_cardinality_type=1",
-                self.url
-            ))
-            .body(sql.to_string())
-            .send()
-            .await
-            .expect("ClickHouse answers");
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        assert!(status.is_success(), "{sql}\n→ {status}: {text}");
+        if let Err(e) = self.try_exec(sql).await {
+            panic!("{sql}\n→ {e}");
+        }
     }
 
-    /// Runs a statement and returns ClickHouse's error text, if any.
+    /// Runs a statement (LowCardinality allowed, as 18.16 needs); returns ClickHouse's error.
     pub async fn try_exec(&self, sql: &str) -> Result<(), String> {
-        let response = http()
-            .post(&self.url)
-            .body(sql.to_string())
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        if response.status().is_success() {
+        let url = format!("{}/?allow_experimental_low_cardinality_type=1", self.url);
+        let response = http().post(url).body(sql.to_string()).send().await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        if status.is_success() {
             Ok(())
         } else {
-            Err(response.text().await.unwrap_or_default())
+            Err(format!("{status}: {}", response.text().await.unwrap_or_default()))
         }
     }
 
     /// Rows of a query as JSON objects (64-bit integers come back as strings on 18.16).
     pub async fn rows(&self, sql: &str) -> Vec<Value> {
-        let response = http()
-            .post(&self.url)
-            .body(format!("{sql} FORMAT JSONEachRow"))
-            .send()
-            .await
-            .expect("ClickHouse answers");
+        let response =
+            http().post(&self.url).body(format!("{sql} FORMAT JSONEachRow")).send().await.expect("ClickHouse answers");
         let status = response.status();
         let text = response.text().await.unwrap_or_default();
         assert!(status.is_success(), "{sql}\n→ {status}: {text}");
-        text.lines()
-            .map(|l| serde_json::from_str(l).expect("JSONEachRow"))
-            .collect()
+        text.lines().map(|l| serde_json::from_str(l).expect("JSONEachRow")).collect()
     }
 
     pub async fn count(&self, table: &str) -> u64 {
-        let rows = self
-            .rows(&format!("SELECT count() AS c FROM {table}"))
-            .await;
+        let rows = self.rows(&format!("SELECT count() AS c FROM {table}")).await;
         let c = &rows[0]["c"];
-        c.as_u64()
-            .or_else(|| c.as_str().and_then(|s| s.parse().ok()))
-            .expect("count")
+        c.as_u64().or_else(|| c.as_str().and_then(|s| s.parse().ok())).expect("count")
     }
 }
 
@@ -238,12 +197,9 @@ fn wait_http(url: &str, timeout: Duration, process: &Process) -> bool {
         if !process.is_alive() {
             return false;
         }
-        if let Ok(mut stream) = std::net::TcpStream::connect(
-            url.trim_start_matches("http://")
-                .split('/')
-                .next()
-                .unwrap_or_default(),
-        ) {
+        if let Ok(mut stream) =
+            std::net::TcpStream::connect(url.trim_start_matches("http://").split('/').next().unwrap_or_default())
+        {
             use std::io::{Read, Write};
             let path = url.splitn(4, '/').nth(3).unwrap_or_default();
             let _ = write!(stream, "GET /{path} HTTP/1.0\r\n\r\n");
@@ -260,14 +216,7 @@ fn wait_http(url: &str, timeout: Duration, process: &Process) -> bool {
 
 pub fn http() -> reqwest::Client {
     static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
-    CLIENT
-        .get_or_init(|| {
-            reqwest::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()
-                .expect("client")
-        })
-        .clone()
+    CLIENT.get_or_init(|| reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client")).clone()
 }
 
 /// A configuration pointing at `ch`, database `db`, tuned for quick tests.
@@ -286,13 +235,8 @@ pub fn config(ch: &ClickHouseServer, db: &str) -> Config {
 /// The `buffergate` binary with `config` passed as `BUFFERGATE_*` variables.
 pub fn command(config: &Config, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_buffergate"));
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("RUST_LOG", "info");
-    let Value::Object(map) = serde_json::to_value(config).expect("config") else {
-        unreachable!()
-    };
+    cmd.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).env("RUST_LOG", "info");
+    let Value::Object(map) = serde_json::to_value(config).expect("config") else { unreachable!() };
     for (key, value) in map {
         let text = match value {
             Value::String(s) => s,
@@ -306,9 +250,7 @@ pub fn command(config: &Config, args: &[&str]) -> Command {
 /// Runs `buffergate migrate` for `config` (in-process).
 pub async fn migrate(config: &Config) {
     let ch = buffergate::clickhouse::ClickHouse::new(config);
-    buffergate::clickhouse::migrate::migrate(&ch, config)
-        .await
-        .expect("migrate");
+    buffergate::clickhouse::migrate::migrate(&ch, config).await.expect("migrate");
 }
 
 /// A gateway running in this process on a free port.
@@ -322,22 +264,21 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn start(config: Config) -> Gateway {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let shutdown = Shutdown::new();
-        let task = tokio::spawn(buffergate::server::run(
-            config.clone(),
-            listener,
-            shutdown.clone(),
-        ));
-        Gateway {
-            url,
-            config,
-            shutdown,
-            task,
-        }
+        let task = tokio::spawn(buffergate::server::run(config.clone(), listener, shutdown.clone()));
+        Gateway { url, config, shutdown, task }
+    }
+
+    /// Waits until `/readyz` answers 200 (schema loaded, table present).
+    pub async fn wait_ready(&self) {
+        let url = format!("{}/readyz", self.url);
+        eventually(Duration::from_secs(20), "the gateway to be ready", || {
+            let url = url.clone();
+            async move { http().get(url).send().await.is_ok_and(|r| r.status().is_success()) }
+        })
+        .await;
     }
 
     /// Triggers shutdown and waits for the drain to finish.
@@ -348,52 +289,27 @@ impl Gateway {
 
     /// POSTs a JSON body to /v1/events; returns status and JSON answer.
     pub async fn post_json(&self, body: &Value) -> (u16, Value) {
-        self.post(
-            "/v1/events",
-            "application/json",
-            None,
-            body.to_string().into_bytes(),
-        )
-        .await
+        self.post("/v1/events", "application/json", None, body.to_string().into_bytes()).await
     }
 
-    pub async fn post(
-        &self,
-        path: &str,
-        content_type: &str,
-        encoding: Option<&str>,
-        body: Vec<u8>,
-    ) -> (u16, Value) {
-        let mut request = http()
-            .post(format!("{}{path}", self.url))
-            .header("content-type", content_type)
-            .body(body);
+    pub async fn post(&self, path: &str, content_type: &str, encoding: Option<&str>, body: Vec<u8>) -> (u16, Value) {
+        let mut request = http().post(format!("{}{path}", self.url)).header("content-type", content_type).body(body);
         if let Some(encoding) = encoding {
             request = request.header("content-encoding", encoding);
         }
         let response = request.send().await.expect("gateway answers");
         let status = response.status().as_u16();
         let text = response.text().await.unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
     }
 
     /// Flushes the Buffer into the destination so the rows can be read back.
     pub async fn drain(&self, ch: &ClickHouseServer) {
-        ch.exec(&format!(
-            "OPTIMIZE TABLE `{}`.`{}`",
-            self.config.database, self.config.buffer_table
-        ))
-        .await;
+        ch.exec(&format!("OPTIMIZE TABLE `{}`.`{}`", self.config.database, self.config.buffer_table)).await;
     }
 
     pub fn destination(&self) -> String {
-        format!(
-            "`{}`.`{}`",
-            self.config.database, self.config.destination_table
-        )
+        format!("`{}`.`{}`", self.config.database, self.config.destination_table)
     }
 }
 

@@ -1,0 +1,170 @@
+//! Prometheus metrics: every name, help text and histogram bucket set lives here, and the
+//! request path records through the small functions below. `GET /metrics` renders them.
+//!
+//! The recorder is process-global (the `metrics` facade is); several gateways in one process
+//! (tests) share it.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const HTTP_REQUESTS: &str = "buffergate_http_requests_total";
+pub const HTTP_DURATION: &str = "buffergate_http_request_duration_seconds";
+pub const EVENTS: &str = "buffergate_events_total";
+pub const FLUSHES: &str = "buffergate_flushes_total";
+pub const FLUSH_ROWS: &str = "buffergate_flush_rows";
+pub const FLUSH_BYTES: &str = "buffergate_flush_bytes";
+pub const FLUSH_DURATION: &str = "buffergate_flush_duration_seconds";
+pub const FLUSH_RETRIES: &str = "buffergate_flush_retries_total";
+pub const QUEUE_ROWS: &str = "buffergate_coalescer_queue_rows";
+pub const INFLIGHT_BYTES: &str = "buffergate_inflight_bytes";
+pub const BUFFER_BYTES: &str = "buffergate_clickhouse_buffer_bytes";
+pub const BUFFER_CAPACITY: &str = "buffergate_clickhouse_buffer_capacity_bytes";
+pub const BUFFER_FILL: &str = "buffergate_clickhouse_buffer_fill_ratio";
+pub const SHED_ACTIVE: &str = "buffergate_shed_active";
+pub const POLL_ERRORS: &str = "buffergate_clickhouse_poll_errors_total";
+pub const CIRCUIT_OPEN: &str = "buffergate_circuit_open";
+pub const SHED_REQUESTS: &str = "buffergate_shed_requests_total";
+
+/// What became of an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Accepted,
+    Duplicate,
+    Rejected,
+    Shed,
+    Fallback,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Accepted => "accepted",
+            Self::Duplicate => "duplicate",
+            Self::Rejected => "rejected",
+            Self::Shed => "shed",
+            Self::Fallback => "fallback",
+        }
+    }
+}
+
+/// Installs the recorder once per process and returns the handle that renders it.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = build().unwrap_or_else(|error| {
+                tracing::error!(%error, "cannot install the Prometheus recorder; /metrics will be empty");
+                PrometheusBuilder::new().build_recorder().handle()
+            });
+            describe();
+            // Histograms are folded into their buckets by upkeep; keep it regular.
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                })
+                .ok();
+            handle
+        })
+        .clone()
+}
+
+fn build() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    const SECONDS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+    const ROWS: &[f64] = &[1.0, 10.0, 100.0, 1_000.0, 10_000.0, 50_000.0, 100_000.0, 500_000.0];
+    const BYTES: &[f64] = &[1024.0, 16_384.0, 131_072.0, 1_048_576.0, 4_194_304.0, 16_777_216.0, 67_108_864.0];
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(HTTP_DURATION.into()), SECONDS)?
+        .set_buckets_for_metric(Matcher::Full(FLUSH_DURATION.into()), SECONDS)?
+        .set_buckets_for_metric(Matcher::Full(FLUSH_ROWS.into()), ROWS)?
+        .set_buckets_for_metric(Matcher::Full(FLUSH_BYTES.into()), BYTES)?
+        .install_recorder()
+}
+
+fn describe() {
+    describe_counter!(HTTP_REQUESTS, "HTTP requests answered, by route and status code.");
+    describe_histogram!(HTTP_DURATION, Unit::Seconds, "Time to answer an HTTP request, by route.");
+    describe_counter!(EVENTS, "Events by outcome: accepted, duplicate, rejected, shed, fallback.");
+    describe_counter!(FLUSHES, "INSERTs of coalesced batches into ClickHouse, by outcome (ok, error).");
+    describe_histogram!(FLUSH_ROWS, Unit::Count, "Rows per INSERT.");
+    describe_histogram!(FLUSH_BYTES, Unit::Bytes, "Encoded bytes per INSERT (before compression).");
+    describe_histogram!(FLUSH_DURATION, Unit::Seconds, "Time per INSERT attempt.");
+    describe_counter!(FLUSH_RETRIES, "INSERT attempts retried after a retryable failure.");
+    describe_gauge!(QUEUE_ROWS, Unit::Count, "Rows waiting in a coalescer partition.");
+    describe_gauge!(INFLIGHT_BYTES, Unit::Bytes, "Bytes of request bodies being decoded plus rows queued.");
+    describe_gauge!(
+        BUFFER_BYTES,
+        Unit::Bytes,
+        "Bytes held by the Buffer table (server-wide StorageBufferBytes on old servers)."
+    );
+    describe_gauge!(BUFFER_CAPACITY, Unit::Bytes, "Capacity of the Buffer table: num_layers x max_bytes.");
+    describe_gauge!(BUFFER_FILL, "Buffer bytes / capacity.");
+    describe_gauge!(SHED_ACTIVE, "1 while ingestion is shed because the Buffer is saturated.");
+    describe_counter!(POLL_ERRORS, "Failed polls of the Buffer table's size.");
+    describe_gauge!(CIRCUIT_OPEN, "1 while the INSERT circuit breaker is open.");
+    describe_counter!(
+        SHED_REQUESTS,
+        "Ingestion requests refused before their body was read, by reason (buffer_saturated, stale, overloaded, circuit_open, timeout)."
+    );
+}
+
+pub fn http_request(route: &str, status: u16, elapsed: Duration) {
+    counter!(HTTP_REQUESTS, "route" => route.to_string(), "status" => status.to_string()).increment(1);
+    histogram!(HTTP_DURATION, "route" => route.to_string()).record(elapsed.as_secs_f64());
+}
+
+pub fn events(outcome: Outcome, count: usize) {
+    if count > 0 {
+        counter!(EVENTS, "outcome" => outcome.label()).increment(count as u64);
+    }
+}
+
+pub fn flush_attempt(ok: bool, rows: usize, bytes: usize, elapsed: Duration) {
+    counter!(FLUSHES, "outcome" => if ok { "ok" } else { "error" }).increment(1);
+    histogram!(FLUSH_DURATION).record(elapsed.as_secs_f64());
+    if ok {
+        histogram!(FLUSH_ROWS).record(rows as f64);
+        histogram!(FLUSH_BYTES).record(bytes as f64);
+    }
+}
+
+pub fn flush_retry() {
+    counter!(FLUSH_RETRIES).increment(1);
+}
+
+pub fn queue_rows(partition: usize, delta: f64) {
+    gauge!(QUEUE_ROWS, "partition" => partition.to_string()).increment(delta);
+}
+
+pub fn inflight_bytes(value: usize) {
+    gauge!(INFLIGHT_BYTES).set(value as f64);
+}
+
+pub fn buffer(bytes: u64, capacity: u64, fill: f64) {
+    gauge!(BUFFER_BYTES).set(bytes as f64);
+    gauge!(BUFFER_CAPACITY).set(capacity as f64);
+    gauge!(BUFFER_FILL).set(fill);
+}
+
+pub fn shed_active(active: bool) {
+    gauge!(SHED_ACTIVE).set(if active { 1.0 } else { 0.0 });
+}
+
+pub fn poll_error() {
+    counter!(POLL_ERRORS).increment(1);
+}
+
+pub fn circuit_open(open: bool) {
+    gauge!(CIRCUIT_OPEN).set(if open { 1.0 } else { 0.0 });
+}
+
+pub fn shed_request(reason: &'static str) {
+    counter!(SHED_REQUESTS, "reason" => reason).increment(1);
+}

@@ -1,0 +1,196 @@
+//! Protecting ClickHouse and the gateway itself.
+//!
+//! - [`poller`] reads how full the Buffer table is, off the request path, and decides (with
+//!   hysteresis) whether ingestion is shed; the request path reads the verdict from atomics.
+//! - [`layer`] is the tower middleware on the ingestion route that answers 503 +
+//!   `Retry-After` (or diverts to the fallback table) while the Buffer is saturated.
+//! - [`budget`] bounds the bytes held in flight; [`breaker`] stops piling INSERTs onto a
+//!   ClickHouse that keeps failing.
+
+pub mod breaker;
+pub mod budget;
+pub mod layer;
+pub mod poller;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// What to do while the Buffer is saturated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShedMode {
+    /// Answer 503 `buffer_saturated` with `Retry-After`.
+    Reject,
+    /// Write batches straight into `fallback_table` (a MergeTree), bypassing the Buffer.
+    Fallback,
+}
+
+/// What to do when the poller has had no answer from ClickHouse for too long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStale {
+    /// Keep taking traffic as if the Buffer had room.
+    FailOpen,
+    /// Shed, as if the Buffer were saturated.
+    FailClosed,
+}
+
+/// The request path's view of the Buffer, written by the poller.
+#[derive(Debug)]
+pub struct ShedState {
+    epoch: Instant,
+    /// Milliseconds after `epoch` of the last successful poll; 0 before the first.
+    last_ok_ms: AtomicU64,
+    shedding: AtomicBool,
+    retry_after_s: AtomicU32,
+    bytes: AtomicU64,
+    capacity: AtomicU64,
+}
+
+impl Default for ShedState {
+    fn default() -> Self {
+        Self {
+            epoch: Instant::now(),
+            last_ok_ms: AtomicU64::new(0),
+            shedding: AtomicBool::new(false),
+            retry_after_s: AtomicU32::new(1),
+            bytes: AtomicU64::new(0),
+            capacity: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Whether a request may proceed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    /// The Buffer is saturated (or unknown and the policy fails closed).
+    Shed {
+        retry_after_s: u32,
+        stale: bool,
+    },
+}
+
+impl ShedState {
+    /// Publishes a successful poll.
+    pub fn publish(&self, bytes: u64, capacity: u64, shedding: bool, retry_after_s: u32) {
+        self.bytes.store(bytes, Ordering::Relaxed);
+        self.capacity.store(capacity, Ordering::Relaxed);
+        self.retry_after_s.store(retry_after_s, Ordering::Relaxed);
+        self.shedding.store(shedding, Ordering::Relaxed);
+        let ms = self.epoch.elapsed().as_millis().max(1) as u64;
+        self.last_ok_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity.load(Ordering::Relaxed)
+    }
+
+    pub fn is_shedding(&self) -> bool {
+        self.shedding.load(Ordering::Relaxed)
+    }
+
+    /// Time since the last successful poll; `None` before the first.
+    pub fn staleness(&self) -> Option<Duration> {
+        match self.last_ok_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(self.epoch.elapsed().saturating_sub(Duration::from_millis(ms))),
+        }
+    }
+
+    /// The decision for one request: two atomic loads, no I/O.
+    pub fn verdict(&self, stale_after: Duration, on_stale: OnStale, startup_grace: bool) -> Verdict {
+        let stale = match self.staleness() {
+            Some(age) => age > stale_after,
+            // Before the first poll answered: stale once the grace period is over.
+            None => !startup_grace,
+        };
+        if stale {
+            return match on_stale {
+                OnStale::FailOpen => Verdict::Pass,
+                OnStale::FailClosed => {
+                    Verdict::Shed { retry_after_s: self.retry_after_s.load(Ordering::Relaxed), stale: true }
+                }
+            };
+        }
+        if self.is_shedding() {
+            Verdict::Shed { retry_after_s: self.retry_after_s.load(Ordering::Relaxed), stale: false }
+        } else {
+            Verdict::Pass
+        }
+    }
+
+    /// How long since the state was created (for the start-up grace period).
+    pub fn age(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+}
+
+/// Hysteresis: start shedding at `threshold`, stop only below `resume`.
+pub fn next_shedding(shedding: bool, fill: f64, threshold: f64, resume: f64) -> bool {
+    if fill >= threshold {
+        true
+    } else if fill < resume {
+        false
+    } else {
+        shedding
+    }
+}
+
+/// Seconds until the Buffer is back under `resume × capacity` at `drain_rate` bytes/s (net of
+/// what keeps arriving), bounded to `[1, max]`; `max` when it is not draining.
+pub fn retry_after(bytes: u64, capacity: u64, resume: f64, drain_rate: f64, max: u32) -> u32 {
+    let target = resume * capacity as f64;
+    let excess = bytes as f64 - target;
+    if excess <= 0.0 {
+        return 1;
+    }
+    if drain_rate <= 0.0 {
+        return max.max(1);
+    }
+    ((excess / drain_rate).ceil() as u64).clamp(1, u64::from(max.max(1))) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hysteresis() {
+        assert!(!next_shedding(false, 0.79, 0.8, 0.7));
+        assert!(next_shedding(false, 0.8, 0.8, 0.7));
+        assert!(next_shedding(true, 0.75, 0.8, 0.7), "stays on between resume and threshold");
+        assert!(!next_shedding(true, 0.69, 0.8, 0.7));
+        assert!(!next_shedding(false, 0.75, 0.8, 0.7), "stays off between resume and threshold");
+    }
+
+    #[test]
+    fn retry_after_from_drain_rate() {
+        assert_eq!(retry_after(800, 1000, 0.7, 10.0, 30), 10);
+        assert_eq!(retry_after(800, 1000, 0.7, 1000.0, 30), 1);
+        assert_eq!(retry_after(800, 1000, 0.7, 1.0, 30), 30, "bounded");
+        assert_eq!(retry_after(800, 1000, 0.7, 0.0, 30), 30, "not draining");
+        assert_eq!(retry_after(600, 1000, 0.7, -5.0, 30), 1, "already under resume");
+    }
+
+    #[test]
+    fn verdicts() {
+        let state = ShedState::default();
+        let stale = Duration::from_secs(5);
+        assert_eq!(state.verdict(stale, OnStale::FailClosed, true), Verdict::Pass, "grace before the first poll");
+        assert!(matches!(state.verdict(stale, OnStale::FailClosed, false), Verdict::Shed { stale: true, .. }));
+        assert_eq!(state.verdict(stale, OnStale::FailOpen, false), Verdict::Pass);
+        state.publish(900, 1000, true, 7);
+        assert_eq!(state.verdict(stale, OnStale::FailOpen, false), Verdict::Shed { retry_after_s: 7, stale: false });
+        state.publish(100, 1000, false, 1);
+        assert_eq!(state.verdict(stale, OnStale::FailClosed, false), Verdict::Pass);
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(matches!(state.verdict(Duration::ZERO, OnStale::FailClosed, false), Verdict::Shed { stale: true, .. }));
+    }
+}
