@@ -58,6 +58,8 @@ pub async fn serve(config: Config, shutdown: Shutdown) -> Result<(), ServeError>
 
 /// Runs the gateway on an already bound listener (tests bind port 0).
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> Result<(), ServeError> {
+    // Before any task records a metric.
+    let metrics = metrics::install();
     let config = Arc::new(config);
     let ch = ClickHouse::new(&config);
     let health = Arc::new(Health::default());
@@ -92,7 +94,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
         shed,
         budget: Budget::new(config.max_inflight_bytes),
         breaker,
-        metrics: metrics::install(),
+        metrics,
     });
 
     let local = listener.local_addr().map_err(ServeError::Serve)?;
