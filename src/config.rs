@@ -11,6 +11,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::idempotency::{DedupMode, OnStoreError};
 use crate::shed::{OnStale, ShedMode};
 
 /// What is wrong with a configuration; printed as is to the operator.
@@ -145,6 +146,22 @@ pub struct Config {
     pub circuit_failures: u32,
     /// How long the breaker stays open before a probe INSERT.
     pub circuit_open_ms: u64,
+
+    /// Redis for idempotency keys and producer offsets; empty: the in-process store (one
+    /// replica only).
+    pub redis_url: String,
+    pub redis_timeout_ms: u64,
+    /// Per-event deduplication by `id_column`.
+    pub dedup: DedupMode,
+    pub dedup_on_store_error: OnStoreError,
+    pub dedup_key_prefix: String,
+    /// How long a reservation holds before it expires (a crashed gateway's events become
+    /// writable again after this); must outlast a flush with its retries.
+    pub dedup_lease_ms: u64,
+    /// How long a written event's key (and a request's answer) is remembered.
+    pub dedup_window_ms: u64,
+    /// How long a request waits for events another request is writing before it gets 503.
+    pub dedup_pending_wait_ms: u64,
 }
 
 impl Default for Config {
@@ -203,6 +220,14 @@ impl Default for Config {
             request_timeout_ms: 60_000,
             circuit_failures: 5,
             circuit_open_ms: 5_000,
+            redis_url: String::new(),
+            redis_timeout_ms: 1_000,
+            dedup: DedupMode::Event,
+            dedup_on_store_error: OnStoreError::Reject,
+            dedup_key_prefix: "bg:".into(),
+            dedup_lease_ms: 60_000,
+            dedup_window_ms: 24 * 3600 * 1000,
+            dedup_pending_wait_ms: 10_000,
         }
     }
 }
@@ -349,6 +374,18 @@ impl Config {
                 "max_inflight_bytes",
                 "must hold at least one request (max_body_bytes + max_decompressed_bytes)",
             ));
+        }
+        for (key, value) in [
+            ("redis_timeout_ms", self.redis_timeout_ms),
+            ("dedup_lease_ms", self.dedup_lease_ms),
+            ("dedup_window_ms", self.dedup_window_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if self.dedup_window_ms < self.dedup_lease_ms {
+            return Err(invalid("dedup_window_ms", "must be at least dedup_lease_ms"));
         }
         if self.clickhouse_timeout_ms == 0 {
             return Err(invalid("clickhouse_timeout_ms", "must be greater than 0"));

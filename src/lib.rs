@@ -10,6 +10,7 @@ pub mod coalesce;
 pub mod config;
 pub mod health;
 pub mod http;
+pub mod idempotency;
 pub mod metrics;
 pub mod schema;
 pub mod server;

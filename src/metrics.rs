@@ -27,6 +27,9 @@ pub const SHED_ACTIVE: &str = "buffergate_shed_active";
 pub const POLL_ERRORS: &str = "buffergate_clickhouse_poll_errors_total";
 pub const CIRCUIT_OPEN: &str = "buffergate_circuit_open";
 pub const SHED_REQUESTS: &str = "buffergate_shed_requests_total";
+pub const IDEMPOTENCY_DURATION: &str = "buffergate_idempotency_duration_seconds";
+pub const IDEMPOTENCY_ERRORS: &str = "buffergate_idempotency_store_errors_total";
+pub const DEDUP_BYPASSED: &str = "buffergate_dedup_bypassed_events_total";
 
 /// What became of an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +86,7 @@ fn build() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> 
     PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full(HTTP_DURATION.into()), SECONDS)?
         .set_buckets_for_metric(Matcher::Full(FLUSH_DURATION.into()), SECONDS)?
+        .set_buckets_for_metric(Matcher::Full(IDEMPOTENCY_DURATION.into()), SECONDS)?
         .set_buckets_for_metric(Matcher::Full(FLUSH_ROWS.into()), ROWS)?
         .set_buckets_for_metric(Matcher::Full(FLUSH_BYTES.into()), BYTES)?
         .install_recorder()
@@ -109,6 +113,12 @@ fn describe() {
     describe_gauge!(SHED_ACTIVE, "1 while ingestion is shed because the Buffer is saturated.");
     describe_counter!(POLL_ERRORS, "Failed polls of the Buffer table's size.");
     describe_gauge!(CIRCUIT_OPEN, "1 while the INSERT circuit breaker is open.");
+    describe_histogram!(IDEMPOTENCY_DURATION, Unit::Seconds, "Time per idempotency store call, by op.");
+    describe_counter!(IDEMPOTENCY_ERRORS, "Failed idempotency store calls, by op.");
+    describe_counter!(
+        DEDUP_BYPASSED,
+        "Events written without deduplication because the store failed (dedup_on_store_error = accept)."
+    );
     describe_counter!(
         SHED_REQUESTS,
         "Ingestion requests refused before their body was read, by reason (buffer_saturated, stale, overloaded, circuit_open, timeout)."
@@ -167,4 +177,15 @@ pub fn circuit_open(open: bool) {
 
 pub fn shed_request(reason: &'static str) {
     counter!(SHED_REQUESTS, "reason" => reason).increment(1);
+}
+
+pub fn idempotency(op: &'static str, elapsed: Duration, ok: bool) {
+    histogram!(IDEMPOTENCY_DURATION, "op" => op).record(elapsed.as_secs_f64());
+    if !ok {
+        counter!(IDEMPOTENCY_ERRORS, "op" => op).increment(1);
+    }
+}
+
+pub fn dedup_bypassed(count: usize) {
+    counter!(DEDUP_BYPASSED).increment(count as u64);
 }

@@ -16,6 +16,7 @@ use crate::coalesce::Coalescer;
 use crate::config::Config;
 use crate::health::Health;
 use crate::http;
+use crate::idempotency::{Idempotency, StoreError};
 use crate::metrics;
 use crate::schema::SharedSchema;
 use crate::schema::refresh::Refresher;
@@ -38,6 +39,7 @@ pub struct AppState {
     pub shed: Arc<ShedState>,
     pub budget: Arc<Budget>,
     pub breaker: Arc<Breaker>,
+    pub idempotency: Arc<Idempotency>,
     pub metrics: PrometheusHandle,
 }
 
@@ -47,6 +49,8 @@ pub enum ServeError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// Binds `config.listen` and runs until `shutdown` trips.
@@ -84,7 +88,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
 
     let breaker = Arc::new(Breaker::new(config.circuit_failures, Duration::from_millis(config.circuit_open_ms)));
     let writer = Arc::new(Writer::new(ch, &config, wake, Arc::clone(&breaker)));
-    let (coalescer, partitions) = Coalescer::start(&config, &writer);
+    let idempotency = Arc::new(Idempotency::from_config(&config)?);
+    if idempotency.is_embedded() {
+        tracing::warn!(
+            "no redis_url: idempotency keys and producer offsets live in this process only; \
+             run one replica, or configure BUFFERGATE_REDIS_URL"
+        );
+    }
+    let (coalescer, partitions) = Coalescer::start(&config, &writer, &idempotency);
     let state = Arc::new(AppState {
         config: Arc::clone(&config),
         schema,
@@ -94,6 +105,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
         shed,
         budget: Budget::new(config.max_inflight_bytes),
         breaker,
+        idempotency,
         metrics,
     });
 

@@ -16,6 +16,9 @@ use buffergate::shed::{OnStale, ShedMode};
 use common::{ClickHouseServer, Gateway, clickhouse, config, eventually, http, migrate};
 use serde_json::{Value, json};
 
+/// The metrics recorder is process-wide: tests that read gauges run one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn small_buffer(ch: &ClickHouseServer, db: &str) -> Config {
     let mut config = config(ch, db);
     config.buffer_num_layers = 1;
@@ -58,6 +61,7 @@ async fn get(url: String) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_saturated_buffer_sheds_with_retry_after_until_drained() {
+    let _serial = SERIAL.lock().await;
     let ch = ClickHouseServer::start("shed-reject");
     let config = small_buffer(&ch, "shed");
     migrate(&config).await;
@@ -94,6 +98,7 @@ async fn a_saturated_buffer_sheds_with_retry_after_until_drained() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fallback_mode_diverts_to_the_fallback_table_and_loses_nothing() {
+    let _serial = SERIAL.lock().await;
     let ch = ClickHouseServer::start("shed-fallback");
     let mut config = small_buffer(&ch, "fallback");
     config.shed_mode = ShedMode::Fallback;
@@ -120,6 +125,7 @@ async fn fallback_mode_diverts_to_the_fallback_table_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unanswered_poll_fails_closed_or_open_as_configured() {
+    let _serial = SERIAL.lock().await;
     let ch = ClickHouseServer::start("shed-stale");
     let mut closed = small_buffer(&ch, "stale");
     closed.shed_stale_after_ms = 500;
@@ -144,6 +150,7 @@ async fn an_unanswered_poll_fails_closed_or_open_as_configured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_in_flight_byte_budget_refuses_then_recovers() {
+    let _serial = SERIAL.lock().await;
     let ch = clickhouse();
     let db = ch.fresh_database("budget");
     let mut config = config(ch, &db);
@@ -192,6 +199,7 @@ async fn the_in_flight_byte_budget_refuses_then_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_circuit_breaker_opens_answers_at_once_and_closes_after_a_probe() {
+    let _serial = SERIAL.lock().await;
     let ch = clickhouse();
     let db = ch.fresh_database("breaker");
     let mut config = config(ch, &db);

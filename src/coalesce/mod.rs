@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clickhouse::writer::{WriteError, Writer};
 use crate::config::Config;
+use crate::idempotency::{Idempotency, Reservation};
 use crate::metrics;
 use crate::schema::TableSchema;
 use crate::shed::budget::Lease;
@@ -39,18 +40,21 @@ pub struct PartitionRows {
 }
 
 impl PartitionRows {
-    /// Appends an encoded row to the chunk of its column list.
-    pub fn push(&mut self, omitted: u64, row: &[u8]) {
-        let chunk = match self.chunks.iter().position(|c| c.omitted == omitted) {
-            Some(i) => &mut self.chunks[i],
+    /// Appends an encoded row to the chunk of its column list; returns where it went
+    /// (chunk index, byte range).
+    pub fn push(&mut self, omitted: u64, row: &[u8]) -> (usize, std::ops::Range<usize>) {
+        let index = match self.chunks.iter().position(|c| c.omitted == omitted) {
+            Some(i) => i,
             None => {
                 self.chunks.push(Chunk { omitted, ..Chunk::default() });
-                let last = self.chunks.len() - 1;
-                &mut self.chunks[last]
+                self.chunks.len() - 1
             }
         };
+        let chunk = &mut self.chunks[index];
         chunk.rows += 1;
+        let start = chunk.data.len();
         chunk.data.extend_from_slice(row);
+        (index, start..chunk.data.len())
     }
 
     /// Moves a whole chunk in, merging it with the chunk of the same column list.
@@ -84,6 +88,8 @@ pub struct Submission {
     pub ack: Option<oneshot::Sender<FlushResult>>,
     /// The rows' share of the in-flight budget, released once they are written.
     pub lease: Option<Lease>,
+    /// Idempotency keys of these rows' events: committed after the write, released if it fails.
+    pub reservation: Option<Reservation>,
 }
 
 /// Why rows could not be queued.
@@ -118,7 +124,7 @@ pub struct CoalescerTasks {
 }
 
 impl Coalescer {
-    pub fn start(config: &Config, writer: &Arc<Writer>) -> (Self, CoalescerTasks) {
+    pub fn start(config: &Config, writer: &Arc<Writer>, idempotency: &Arc<Idempotency>) -> (Self, CoalescerTasks) {
         let limits = BatchLimits {
             max_rows: config.flush_max_rows,
             max_bytes: config.flush_max_bytes,
@@ -129,7 +135,7 @@ impl Coalescer {
         let queues = (0..config.partition_count())
             .map(|id| {
                 let (tx, rx) = mpsc::channel(config.queue_capacity);
-                tasks.spawn(partition::run(id, rx, Arc::clone(writer), limits, close.clone()));
+                tasks.spawn(partition::run(id, rx, Arc::clone(writer), Arc::clone(idempotency), limits, close.clone()));
                 tx
             })
             .collect();

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{BatchLimits, FlushResult, PartitionRows, Submission};
 use crate::clickhouse::writer::Writer;
+use crate::idempotency::{Idempotency, Reservation};
 use crate::metrics;
 use crate::schema::TableSchema;
 use crate::shed::budget::Lease;
@@ -23,6 +24,7 @@ struct Batch {
     acks: Vec<tokio::sync::oneshot::Sender<FlushResult>>,
     /// In-flight budget held by the rows until they are written.
     leases: Vec<Lease>,
+    reservations: Vec<Reservation>,
 }
 
 impl Batch {
@@ -34,6 +36,7 @@ impl Batch {
             bytes: 0,
             acks: Vec::new(),
             leases: Vec::new(),
+            reservations: Vec::new(),
         };
         batch.push(first);
         batch
@@ -58,15 +61,31 @@ impl Batch {
         }
         self.acks.extend(submission.ack);
         self.leases.extend(submission.lease);
+        self.reservations.extend(submission.reservation);
     }
 
-    async fn flush(self, writer: &Writer) {
+    async fn flush(self, writer: &Writer, idempotency: &Idempotency) {
         let mut result = Ok(());
         for chunk in self.groups.chunks {
             let sql = self.schema.insert_sql(chunk.omitted);
             result = writer.write(&sql, Bytes::from(chunk.data), chunk.rows).await;
             if result.is_err() {
                 break;
+            }
+        }
+        // Keys are committed only once the rows are in ClickHouse, and before anyone hears so.
+        if result.is_ok() {
+            let keys: Vec<Vec<u8>> = self.reservations.into_iter().flat_map(|r| r.keys).collect();
+            if idempotency.commit(&keys).await.is_err() {
+                tracing::warn!(
+                    events = keys.len(),
+                    "written, but their idempotency keys stay pending until the lease expires"
+                );
+            }
+        } else {
+            for reservation in &self.reservations {
+                // On failure the lease expiry frees them anyway.
+                let _ = idempotency.release(reservation).await;
             }
         }
         for ack in self.acks {
@@ -81,6 +100,7 @@ pub(super) async fn run(
     id: usize,
     mut queue: mpsc::Receiver<Submission>,
     writer: Arc<Writer>,
+    idempotency: Arc<Idempotency>,
     limits: BatchLimits,
     close: CancellationToken,
 ) {
@@ -125,7 +145,7 @@ pub(super) async fn run(
             batch.push(next);
         }
         tracing::trace!(partition = id, rows = batch.rows, bytes = batch.bytes, "flushing");
-        batch.flush(&writer).await;
+        batch.flush(&writer, &idempotency).await;
     }
     tracing::debug!(partition = id, "coalescer partition drained");
 }

@@ -49,6 +49,16 @@ pub enum ApiError {
     CircuitOpen,
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("{0}")]
+    BadHeader(String),
+    #[error("a request with this Idempotency-Key is still being processed; retry once it has been answered")]
+    RequestInFlight,
+    #[error("this Idempotency-Key was used for a request with a different body")]
+    IdempotencyKeyReused,
+    #[error("the idempotency store is unavailable ({0}); nothing was written, retry later")]
+    StoreUnavailable(String),
+    #[error("some of these events are being written by another request right now; nothing was written, retry later")]
+    EventsInFlight,
     #[error("no such endpoint")]
     NotFound,
     #[error("method not allowed on this endpoint")]
@@ -85,6 +95,10 @@ impl ApiError {
             | Self::RequestTimeout
             | Self::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::BadHeader(_) => StatusCode::BAD_REQUEST,
+            Self::RequestInFlight => StatusCode::CONFLICT,
+            Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::StoreUnavailable(_) | Self::EventsInFlight => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
@@ -112,6 +126,11 @@ impl ApiError {
             Self::RequestTimeout => "request_timeout",
             Self::CircuitOpen => "circuit_open",
             Self::Internal(_) => "internal",
+            Self::BadHeader(_) => "bad_header",
+            Self::RequestInFlight => "request_in_flight",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
+            Self::StoreUnavailable(_) => "idempotency_unavailable",
+            Self::EventsInFlight => "events_in_flight",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
         }

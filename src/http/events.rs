@@ -1,25 +1,28 @@
 //! `POST /v1/events`: read the body, validate and encode each event against the live schema,
-//! queue the rows in their partitions, and answer once they are written (or queued, with
-//! `wait=false`).
+//! drop what was already written (idempotency), queue the rows in their partitions, and answer
+//! once they are written (or queued, with `wait=false`).
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
+use axum::Extension;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::{Extension, Json};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use super::body::{self, Format};
 use super::error::ApiError;
-use bytes::Bytes;
-
 use crate::coalesce::{PartitionRows, Submission, SubmitError};
+use crate::idempotency::{DedupMode, Idempotency, KeyState, OnStoreError, RequestState, Reservation, StoreError};
 use crate::metrics::{self, Outcome};
 use crate::schema::{EncodeContext, Instant, TableSchema, quote_ident};
 use crate::server::AppState;
@@ -55,12 +58,108 @@ pub struct RejectedEvent {
     pub error: String,
 }
 
+/// Where an accepted event's row went, to filter duplicates out afterwards.
+#[derive(Debug)]
+pub struct EventRow {
+    /// The event's own id (`id_column`), when it sent one.
+    pub id: Option<String>,
+    pub partition: usize,
+    pub chunk: usize,
+    pub range: std::ops::Range<usize>,
+}
+
 /// A request's events, encoded and split by partition.
 #[derive(Debug)]
 pub struct EncodedBatch {
     pub partitions: Vec<PartitionRows>,
+    /// One per accepted event, in order (kept only when events are deduplicated).
+    pub events: Vec<EventRow>,
     pub accepted: usize,
     pub rejected: Vec<RejectedEvent>,
+    /// SHA-256 of the (decompressed) body, hex: what `Idempotency-Key` compares.
+    pub body_hash: String,
+}
+
+impl EncodedBatch {
+    /// Keeps only the accepted events for which `keep` is true.
+    pub fn retain(&mut self, keep: &[bool]) {
+        let fresh = (0..self.partitions.len()).map(|_| PartitionRows::default()).collect();
+        let old = std::mem::replace(&mut self.partitions, fresh);
+        let mut events = Vec::new();
+        for (event, &kept) in std::mem::take(&mut self.events).into_iter().zip(keep) {
+            if !kept {
+                continue;
+            }
+            let chunk = &old[event.partition].chunks[event.chunk];
+            let (index, range) = self.partitions[event.partition].push(chunk.omitted, &chunk.data[event.range]);
+            events.push(EventRow { id: event.id, partition: event.partition, chunk: index, range });
+        }
+        self.accepted = events.len();
+        self.events = events;
+    }
+}
+
+/// A producer reading from a log: `X-Producer-Id`, `X-Producer-Partition`, `X-Producer-Offset`.
+#[derive(Debug, Clone)]
+struct ProducerOffset {
+    producer: String,
+    partition: u32,
+    offset: u64,
+}
+
+fn producer_offset(headers: &HeaderMap) -> Result<Option<ProducerOffset>, ApiError> {
+    let text = |name: &str| -> Result<Option<&str>, ApiError> {
+        headers
+            .get(name)
+            .map(|v| v.to_str().map_err(|_| ApiError::BadHeader(format!("{name} is not visible ASCII"))))
+            .transpose()
+    };
+    let (id, partition, offset) = (text("x-producer-id")?, text("x-producer-partition")?, text("x-producer-offset")?);
+    let Some(producer) = id else {
+        if partition.is_some() || offset.is_some() {
+            return Err(ApiError::BadHeader("X-Producer-Partition and X-Producer-Offset need X-Producer-Id".into()));
+        }
+        return Ok(None);
+    };
+    if producer.is_empty() || producer.len() > 200 {
+        return Err(ApiError::BadHeader("X-Producer-Id must be 1 to 200 characters".into()));
+    }
+    let offset = offset
+        .ok_or_else(|| ApiError::BadHeader("X-Producer-Id needs X-Producer-Offset".into()))?
+        .trim()
+        .parse()
+        .map_err(|_| ApiError::BadHeader("X-Producer-Offset must be an integer from 0 to 2^64-1".into()))?;
+    let partition = match partition {
+        Some(p) => p
+            .trim()
+            .parse()
+            .map_err(|_| ApiError::BadHeader("X-Producer-Partition must be an integer from 0 to 2^32-1".into()))?,
+        None => 0,
+    };
+    Ok(Some(ProducerOffset { producer: producer.to_string(), partition, offset }))
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    match value.to_str() {
+        Ok(key) if (1..=255).contains(&key.len()) => Ok(Some(key.to_string())),
+        _ => Err(ApiError::BadHeader("Idempotency-Key must be 1 to 255 visible ASCII characters".into())),
+    }
+}
+
+/// A store failure on the request path, under the configured policy: `Ok(())` means carry on
+/// without the store.
+fn tolerate(idempotency: &Idempotency, error: &StoreError) -> Result<(), ApiError> {
+    match idempotency.on_error {
+        OnStoreError::Reject => Err(ApiError::StoreUnavailable(error.to_string())),
+        OnStoreError::Accept => Ok(()),
+    }
+}
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut response = (status, body).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 pub async fn ingest(
@@ -69,8 +168,74 @@ pub async fn ingest(
     params: Result<Query<IngestParams>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
-) -> Result<(StatusCode, Json<IngestResponse>), ApiError> {
+) -> Response {
+    match handle(&state, divert.is_some(), params, &headers, body).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn handle(
+    state: &AppState,
+    divert: bool,
+    params: Result<Query<IngestParams>, QueryRejection>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::BadQuery(e.body_text()))?;
+    let request_key = idempotency_key(headers)?;
+    let producer = producer_offset(headers)?;
+    let (schema, batch) = prepare(state, headers, body).await?;
+    let idempotency = &state.idempotency;
+    let body_hash = batch.body_hash.clone();
+
+    let claimed = match &request_key {
+        None => false,
+        Some(key) => match idempotency.begin_request(key, &body_hash).await {
+            Ok(RequestState::New) => true,
+            Ok(RequestState::InFlight { same_body: true }) => return Err(ApiError::RequestInFlight),
+            Ok(RequestState::InFlight { same_body: false } | RequestState::Done { same_body: false, .. }) => {
+                return Err(ApiError::IdempotencyKeyReused);
+            }
+            Ok(RequestState::Done { status, body, .. }) => {
+                let mut response = json_response(StatusCode::from_u16(status).unwrap_or(StatusCode::OK), body);
+                response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+                return Ok(response);
+            }
+            Err(error) => {
+                tolerate(idempotency, &error)?;
+                false
+            }
+        },
+    };
+
+    let result = deliver(state, &schema, batch, params.wait, divert, producer).await;
+    let key = request_key.filter(|_| claimed);
+    match result {
+        Ok((status, answer)) => {
+            let body = serde_json::to_vec(&answer).map_err(|e| ApiError::Internal(e.to_string()))?;
+            if let Some(key) = key {
+                // If this fails the answer is simply not replayable; the events are written.
+                let _ = idempotency.finish_request(&key, &body_hash, status.as_u16(), &body).await;
+            }
+            Ok(json_response(status, body))
+        }
+        Err(error) => {
+            if let Some(key) = key {
+                // Nothing was accepted: a retry with this key must run again.
+                let _ = idempotency.abandon_request(&key, &body_hash).await;
+            }
+            Err(error)
+        }
+    }
+}
+
+/// Reads, decompresses and encodes the body, holding its bytes against the in-flight budget.
+async fn prepare(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Arc<TableSchema>, EncodedBatch), ApiError> {
     if state.health.is_draining() {
         return Err(ApiError::ShuttingDown);
     }
@@ -79,19 +244,23 @@ pub async fn ingest(
         return Err(ApiError::CircuitOpen);
     }
     let schema = state.schema.get().ok_or(ApiError::NotReady("the table schema is not loaded yet"))?;
-    let format = body::format_of(&headers)?;
-    let encoding = body::encoding_of(&headers)?;
+    let format = body::format_of(headers)?;
+    let encoding = body::encoding_of(headers)?;
     let config = &state.config;
 
     // The body counts against the in-flight budget from before it is read until it is encoded.
-    let announced = content_length(&headers).unwrap_or(config.max_body_bytes).min(config.max_body_bytes);
+    let announced = content_length(headers).unwrap_or(config.max_body_bytes).min(config.max_body_bytes);
     let body_lease = state.budget.try_take(announced).ok_or_else(|| overloaded("in-flight bytes"))?;
-    let raw = body::read_limited(&headers, body, config.max_body_bytes).await?;
+    let raw = body::read_limited(headers, body, config.max_body_bytes).await?;
 
     let ctx = EncodeContext { now: Instant::now(), unknown_fields: config.unknown_fields };
-    let (partitions, max_events, max_decompressed) =
-        (state.coalescer.partitions(), config.max_events_per_request, config.max_decompressed_bytes);
-    let prepare = {
+    let limits = BatchShape {
+        partitions: state.coalescer.partitions(),
+        max_events: config.max_events_per_request,
+        keep_ids: state.idempotency.mode == DedupMode::Event,
+    };
+    let max_decompressed = config.max_decompressed_bytes;
+    let work = {
         let schema = Arc::clone(&schema);
         let budget = Arc::clone(&state.budget);
         move || {
@@ -100,37 +269,194 @@ pub async fn ingest(
                 body::Encoding::Identity => None,
                 _ => Some(budget.try_take(text.len()).ok_or_else(|| overloaded("in-flight bytes"))?),
             };
-            encode_batch(&text, format, &schema, &ctx, partitions, max_events)
+            let mut batch = encode_batch(&text, format, &schema, &ctx, &limits)?;
+            batch.body_hash = hex(&Sha256::digest(&text));
+            Ok::<_, ApiError>(batch)
         }
     };
     let batch = if announced > INLINE_PARSE_BYTES || encoding != body::Encoding::Identity {
-        tokio::task::spawn_blocking(prepare).await.map_err(|e| ApiError::Internal(e.to_string()))??
+        tokio::task::spawn_blocking(work).await.map_err(|e| ApiError::Internal(e.to_string()))??
     } else {
-        prepare()?
+        work()?
     };
     drop(body_lease);
+    Ok((schema, batch))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Deduplicates, writes (through the coalescers, or to the fallback table), advances the
+/// producer's offset, and says what happened to each event.
+async fn deliver(
+    state: &AppState,
+    schema: &Arc<TableSchema>,
+    mut batch: EncodedBatch,
+    wait: bool,
+    divert: bool,
+    producer: Option<ProducerOffset>,
+) -> Result<(StatusCode, IngestResponse), ApiError> {
+    let idempotency = &state.idempotency;
+    if let Some(p) = &producer {
+        match idempotency.offset(&p.producer, p.partition).await {
+            Ok(Some(committed)) if p.offset <= committed => {
+                // This batch was written before: every event is a duplicate, nothing is written.
+                let all = batch.accepted + batch.rejected.len();
+                metrics::events(Outcome::Duplicate, all);
+                return Ok((StatusCode::OK, IngestResponse { accepted: 0, duplicates: all, rejected: Vec::new() }));
+            }
+            Ok(_) => {}
+            Err(error) => tolerate(idempotency, &error)?,
+        }
+    }
     metrics::events(Outcome::Rejected, batch.rejected.len());
 
-    let outcome = if divert.is_some() {
-        write_fallback(&state, &schema, batch.partitions).await.map(|()| (StatusCode::OK, Outcome::Fallback))
+    let (token, duplicates) =
+        if idempotency.mode == DedupMode::Event { reserve(idempotency, &mut batch).await? } else { (None, 0) };
+    metrics::events(Outcome::Duplicate, duplicates);
+    let reservations = reservations_by_partition(idempotency, &batch, token);
+    let accepted = batch.accepted;
+
+    let written = if divert {
+        write_fallback(state, schema, batch.partitions, reservations)
+            .await
+            .map(|()| (StatusCode::OK, Outcome::Fallback, Vec::new()))
     } else {
-        enqueue(&state, &schema, batch.partitions, params.wait).await.map(|status| (status, Outcome::Accepted))
+        // Offsets advance only after the write, so the producer's batch must be waited for.
+        let acks = wait || producer.is_some();
+        enqueue(state, schema, batch.partitions, reservations, acks).await.map(|acks| {
+            let status = if wait { StatusCode::OK } else { StatusCode::ACCEPTED };
+            (status, Outcome::Accepted, acks)
+        })
     };
-    match outcome {
-        Ok((status, outcome)) => {
-            metrics::events(outcome, batch.accepted);
-            Ok((status, Json(IngestResponse { accepted: batch.accepted, duplicates: 0, rejected: batch.rejected })))
-        }
+    let (status, outcome, acks) = match written {
+        Ok(written) => written,
         Err(error) => {
             if matches!(
                 error,
                 ApiError::Overloaded(_) | ApiError::QueueFull(_) | ApiError::ShuttingDown | ApiError::CircuitOpen
             ) {
-                metrics::events(Outcome::Shed, batch.accepted);
+                metrics::events(Outcome::Shed, accepted);
             }
-            Err(error)
+            return Err(error);
+        }
+    };
+    let advance = {
+        let producer = producer.clone();
+        let state_idempotency = Arc::clone(&state.idempotency);
+        async move {
+            await_flushes(acks).await?;
+            if let Some(p) = producer
+                && let Err(error) = state_idempotency.advance_offset(&p.producer, p.partition, p.offset).await
+            {
+                tracing::warn!(%error, producer = %p.producer, "written, but the producer offset could not be advanced");
+            }
+            Ok::<(), ApiError>(())
+        }
+    };
+    if wait || divert {
+        advance.await?;
+    } else {
+        // wait=false with producer offsets: the offset moves once the flush succeeded.
+        tokio::spawn(async move {
+            let _ = advance.await;
+        });
+    }
+    metrics::events(outcome, accepted);
+    Ok((status, IngestResponse { accepted, duplicates, rejected: batch.rejected }))
+}
+
+/// Reserves the events' keys. Events already written, or sent twice in this request, are
+/// dropped from the batch and counted as duplicates; events another request is writing right
+/// now are waited for (up to `dedup_pending_wait_ms`), then decided the same way.
+async fn reserve(idempotency: &Idempotency, batch: &mut EncodedBatch) -> Result<(Option<Vec<u8>>, usize), ApiError> {
+    let mut keep = vec![true; batch.events.len()];
+    let mut duplicates = 0;
+    let mut seen = std::collections::HashSet::new();
+    let mut todo: Vec<(usize, Vec<u8>)> = Vec::new();
+    for (i, event) in batch.events.iter().enumerate() {
+        if let Some(id) = &event.id {
+            let key = idempotency.event_key(id);
+            if seen.insert(key.clone()) {
+                todo.push((i, key));
+            } else {
+                keep[i] = false;
+                duplicates += 1;
+            }
         }
     }
+    if todo.is_empty() && duplicates == 0 {
+        return Ok((None, 0));
+    }
+    let token = Idempotency::new_token();
+    let mut reserved: Vec<Vec<u8>> = Vec::new();
+    let deadline = tokio::time::Instant::now() + idempotency.pending_wait;
+    let mut pause = Duration::from_millis(10);
+    while !todo.is_empty() {
+        let keys: Vec<Vec<u8>> = todo.iter().map(|(_, k)| k.clone()).collect();
+        let states = match idempotency.reserve(&token, &keys).await {
+            Ok(states) => states,
+            Err(error) => {
+                if let Err(refusal) = tolerate(idempotency, &error) {
+                    release(idempotency, &token, reserved).await;
+                    return Err(refusal);
+                }
+                metrics::dedup_bypassed(todo.len());
+                break;
+            }
+        };
+        let mut pending = Vec::new();
+        for ((i, key), state) in todo.into_iter().zip(states) {
+            match state {
+                KeyState::Reserved => reserved.push(key),
+                KeyState::Committed => {
+                    keep[i] = false;
+                    duplicates += 1;
+                }
+                KeyState::Pending => pending.push((i, key)),
+            }
+        }
+        todo = pending;
+        if todo.is_empty() {
+            break;
+        }
+        if tokio::time::Instant::now() + pause > deadline {
+            release(idempotency, &token, reserved).await;
+            return Err(ApiError::EventsInFlight);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+    if keep.iter().any(|k| !k) {
+        batch.retain(&keep);
+    }
+    Ok((Some(token), duplicates))
+}
+
+/// Gives reservations back before answering 503, so the producer's retry need not wait for
+/// the lease (best effort: they expire with it anyway).
+async fn release(idempotency: &Idempotency, token: &[u8], keys: Vec<Vec<u8>>) {
+    let _ = idempotency.release(&Reservation { token: token.to_vec(), keys }).await;
+}
+
+/// Splits the token's keys by the partition their events went to.
+fn reservations_by_partition(
+    idempotency: &Idempotency,
+    batch: &EncodedBatch,
+    token: Option<Vec<u8>>,
+) -> Vec<Option<Reservation>> {
+    let mut out: Vec<Option<Reservation>> = (0..batch.partitions.len()).map(|_| None).collect();
+    let Some(token) = token else { return out };
+    for event in &batch.events {
+        if let Some(id) = &event.id {
+            out[event.partition]
+                .get_or_insert_with(|| Reservation { token: token.clone(), keys: Vec::new() })
+                .keys
+                .push(idempotency.event_key(id));
+        }
+    }
+    out
 }
 
 fn overloaded(what: &'static str) -> ApiError {
@@ -138,34 +464,52 @@ fn overloaded(what: &'static str) -> ApiError {
     ApiError::Overloaded(what)
 }
 
-/// Queues the rows in their partitions; with `wait`, returns once every flush holding them
-/// succeeded.
+/// Queues the rows in their partitions; returns the flush outcomes to wait for (`acks`).
 async fn enqueue(
     state: &AppState,
     schema: &Arc<TableSchema>,
     partitions: Vec<PartitionRows>,
-    wait: bool,
-) -> Result<StatusCode, ApiError> {
+    mut reservations: Vec<Option<Reservation>>,
+    acks: bool,
+) -> Result<Vec<oneshot::Receiver<crate::coalesce::FlushResult>>, ApiError> {
     let encoded: usize = partitions.iter().map(PartitionRows::bytes).sum();
-    let mut lease = state.budget.try_take(encoded).ok_or_else(|| overloaded("in-flight bytes"))?;
-    let mut acks = Vec::new();
+    // Kept to give back if the rows cannot be queued.
+    let held: Vec<Reservation> = reservations.iter().flatten().cloned().collect();
+    let release_held = |held: Vec<Reservation>| async move {
+        for reservation in held {
+            let _ = state.idempotency.release(&reservation).await;
+        }
+    };
+    let Some(mut lease) = state.budget.try_take(encoded) else {
+        release_held(held).await;
+        return Err(overloaded("in-flight bytes"));
+    };
+    let mut receivers = Vec::new();
     let mut submissions = Vec::new();
     for (partition, rows) in partitions.into_iter().enumerate() {
         if rows.chunks.is_empty() {
             continue;
         }
-        let ack = wait.then(|| {
+        let ack = acks.then(|| {
             let (tx, rx) = oneshot::channel();
-            acks.push(rx);
+            receivers.push(rx);
             tx
         });
         let lease = Some(lease.split(rows.bytes()));
-        submissions.push((partition, Submission { schema: Arc::clone(schema), rows, ack, lease }));
+        let reservation = reservations.get_mut(partition).and_then(Option::take);
+        submissions.push((partition, Submission { schema: Arc::clone(schema), rows, ack, lease, reservation }));
     }
-    state.coalescer.submit(submissions).await.map_err(|e| match e {
-        SubmitError::QueueFull(_) => ApiError::QueueFull(e.to_string()),
-        SubmitError::Closed => ApiError::ShuttingDown,
-    })?;
+    if let Err(error) = state.coalescer.submit(submissions).await {
+        release_held(held).await;
+        return Err(match error {
+            SubmitError::QueueFull(_) => ApiError::QueueFull(error.to_string()),
+            SubmitError::Closed => ApiError::ShuttingDown,
+        });
+    }
+    Ok(receivers)
+}
+
+async fn await_flushes(acks: Vec<oneshot::Receiver<crate::coalesce::FlushResult>>) -> Result<(), ApiError> {
     for ack in acks {
         match ack.await {
             Ok(Ok(())) => {}
@@ -176,7 +520,7 @@ async fn enqueue(
             Err(_) => return Err(ApiError::FlushFailed("the coalescer stopped before flushing".into())),
         }
     }
-    Ok(if wait { StatusCode::OK } else { StatusCode::ACCEPTED })
+    Ok(())
 }
 
 /// Fallback mode while the Buffer is saturated: the request's rows go straight into the
@@ -185,24 +529,48 @@ async fn write_fallback(
     state: &AppState,
     schema: &TableSchema,
     partitions: Vec<PartitionRows>,
+    reservations: Vec<Option<Reservation>>,
 ) -> Result<(), ApiError> {
     let table = format!("{}.{}", quote_ident(&state.config.database), quote_ident(&state.config.fallback_table));
     let mut merged = PartitionRows::default();
     for chunk in partitions.into_iter().flat_map(|p| p.chunks) {
         merged.append(chunk);
     }
+    let mut result = Ok(());
     for chunk in merged.chunks {
-        state
-            .writer
-            .write(&schema.insert_sql_into(&table, chunk.omitted), Bytes::from(chunk.data), chunk.rows)
-            .await
-            .map_err(|e| ApiError::FlushFailed(e.to_string()))?;
+        let sql = schema.insert_sql_into(&table, chunk.omitted);
+        result = state.writer.write(&sql, Bytes::from(chunk.data), chunk.rows).await;
+        if result.is_err() {
+            break;
+        }
     }
-    Ok(())
+    let reservations: Vec<Reservation> = reservations.into_iter().flatten().collect();
+    match result {
+        Ok(()) => {
+            let keys: Vec<Vec<u8>> = reservations.into_iter().flat_map(|r| r.keys).collect();
+            let _ = state.idempotency.commit(&keys).await;
+            Ok(())
+        }
+        Err(error) => {
+            for reservation in &reservations {
+                let _ = state.idempotency.release(reservation).await;
+            }
+            Err(ApiError::FlushFailed(error.to_string()))
+        }
+    }
 }
 
 fn content_length(headers: &HeaderMap) -> Option<usize> {
-    headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+    headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+}
+
+/// What `encode_batch` needs to know besides the schema.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchShape {
+    pub partitions: usize,
+    pub max_events: usize,
+    /// Remember each event's id and row position, for deduplication.
+    pub keep_ids: bool,
 }
 
 /// Parses the body event by event and encodes each straight into its partition's rows; no
@@ -212,23 +580,30 @@ pub fn encode_batch(
     format: Format,
     schema: &TableSchema,
     ctx: &EncodeContext,
-    partitions: usize,
-    max_events: usize,
+    shape: &BatchShape,
 ) -> Result<EncodedBatch, ApiError> {
+    let partitions = shape.partitions.max(1);
     let mut batch = EncodedBatch {
-        partitions: (0..partitions.max(1)).map(|_| PartitionRows::default()).collect(),
+        partitions: (0..partitions).map(|_| PartitionRows::default()).collect(),
+        events: Vec::new(),
         accepted: 0,
         rejected: Vec::new(),
+        body_hash: String::new(),
     };
+    let id_column = schema.id_column();
     let mut row = Vec::with_capacity(256);
     let mut index = 0usize;
     let mut take = |event: Value| {
         row.clear();
         match schema.encode_event(&event, ctx, &mut row) {
             Ok(omitted) => {
-                let partition = (schema.partition_hash(&event, index as u64) % batch.partitions.len() as u64) as usize;
-                batch.partitions[partition].push(omitted, &row);
+                let partition = (schema.partition_hash(&event, index as u64) % partitions as u64) as usize;
+                let (chunk, range) = batch.partitions[partition].push(omitted, &row);
                 batch.accepted += 1;
+                if shape.keep_ids {
+                    let id = id_column.and_then(|c| event.get(c)).and_then(Value::as_str).map(str::to_string);
+                    batch.events.push(EventRow { id, partition, chunk, range });
+                }
             }
             Err(rejection) => {
                 batch.rejected.push(RejectedEvent { index, field: rejection.field, error: rejection.error });
@@ -237,8 +612,8 @@ pub fn encode_batch(
         index += 1;
     };
     match format {
-        Format::JsonArray => parse_array(text, max_events, &mut take)?,
-        Format::Ndjson => parse_ndjson(text, max_events, &mut take)?,
+        Format::JsonArray => parse_array(text, shape.max_events, &mut take)?,
+        Format::Ndjson => parse_ndjson(text, shape.max_events, &mut take)?,
     }
     Ok(batch)
 }
@@ -341,7 +716,13 @@ mod tests {
 
     fn run(text: &str, format: Format, max: usize) -> Result<EncodedBatch, ApiError> {
         let ctx = EncodeContext { now: Instant::now(), unknown_fields: UnknownFields::Reject };
-        encode_batch(text.as_bytes(), format, &schema(), &ctx, 4, max)
+        encode_batch(
+            text.as_bytes(),
+            format,
+            &schema(),
+            &ctx,
+            &BatchShape { partitions: 4, max_events: max, keep_ids: true },
+        )
     }
 
     #[test]

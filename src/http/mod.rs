@@ -5,6 +5,7 @@ pub mod body;
 pub mod error;
 pub mod events;
 pub mod health;
+pub mod offsets;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,6 +44,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .timeout(Duration::from_millis(config.request_timeout_ms));
     Router::new()
         .route("/v1/events", post(events::ingest).layer(ingest_layers))
+        .route("/v1/offsets/{producer_id}", get(offsets::get_offsets))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(render_metrics))

@@ -137,6 +137,11 @@ impl TableSchema {
         }
     }
 
+    /// Name of the id column, when the table has it with a UUID type.
+    pub fn id_column(&self) -> Option<&str> {
+        self.id.map(|i| self.columns[i].name.as_str())
+    }
+
     /// The columns this schema was built from.
     pub fn column_infos(&self) -> &[ColumnInfo] {
         &self.infos

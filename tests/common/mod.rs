@@ -112,8 +112,9 @@ fn sweep_stale_scratch() {
 pub struct ClickHouseServer {
     pub url: String,
     pub http_port: u16,
+    tcp_port: u16,
     pub dir: PathBuf,
-    process: Process,
+    process: std::sync::Mutex<Process>,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -129,7 +130,7 @@ impl ClickHouseServer {
             let process = Process::spawn(cmd, &dir.join("stdout.log"));
             let url = format!("http://127.0.0.1:{http_port}");
             if wait_http(&format!("{url}/ping"), Duration::from_secs(60), &process) {
-                return ClickHouseServer { url, http_port, dir, process };
+                return ClickHouseServer { url, http_port, tcp_port, dir, process: std::sync::Mutex::new(process) };
             }
         }
         panic!("clickhouse-server did not start; see {}", dir.display());
@@ -137,11 +138,18 @@ impl ClickHouseServer {
 
     /// Stops the server (SIGKILL, as a crash would) and waits until it is gone.
     pub fn kill(&self) {
-        self.process.signal(libc::SIGKILL);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.process.is_alive() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let process = self.process.lock().unwrap();
+        process.signal(libc::SIGKILL);
+        process.wait_exit(Duration::from_secs(10));
+    }
+
+    /// Starts the server again on the same ports and data directory.
+    pub fn restart(&self) {
+        let mut cmd = Command::new(repo().join("scripts/clickhouse-server.sh"));
+        cmd.arg(&self.dir).arg(self.http_port.to_string()).arg(self.tcp_port.to_string());
+        let process = Process::spawn(cmd, &self.dir.join("stdout-restarted.log"));
+        assert!(wait_http(&format!("{}/ping", self.url), Duration::from_secs(60), &process), "ClickHouse restarts");
+        *self.process.lock().unwrap() = process;
     }
 
     /// A database name no other test uses.
@@ -182,6 +190,47 @@ impl ClickHouseServer {
         let rows = self.rows(&format!("SELECT count() AS c FROM {table}")).await;
         let c = &rows[0]["c"];
         c.as_u64().or_else(|| c.as_str().and_then(|s| s.parse().ok())).expect("count")
+    }
+}
+
+/// A private redis-server (no persistence), restartable on the same port.
+#[derive(Debug)]
+pub struct RedisServer {
+    pub url: String,
+    port: u16,
+    dir: PathBuf,
+    process: std::sync::Mutex<Option<Process>>,
+}
+
+impl RedisServer {
+    pub fn start(name: &str) -> RedisServer {
+        let dir = scratch(name);
+        let port = free_port();
+        let server =
+            RedisServer { url: format!("redis://127.0.0.1:{port}/0"), port, dir, process: std::sync::Mutex::new(None) };
+        server.restart();
+        server
+    }
+
+    pub fn restart(&self) {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir);
+        let process = Process::spawn(cmd, &self.dir.join("redis.log"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline && process.is_alive(), "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        *self.process.lock().unwrap() = Some(process);
+    }
+
+    pub fn kill(&self) {
+        if let Some(process) = self.process.lock().unwrap().take() {
+            process.signal(libc::SIGKILL);
+            process.wait_exit(Duration::from_secs(10));
+        }
     }
 }
 

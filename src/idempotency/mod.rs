@@ -1,0 +1,374 @@
+//! Exactly-once delivery: per-event idempotency keys, request-level `Idempotency-Key`
+//! replay, and producer offsets, kept in Redis (or, for a single replica, in process).
+//!
+//! The order is the design. A key recorded before the write would lose the event when the
+//! write fails, so each event's key is first **reserved** with a short lease, the rows are
+//! written, and only then is the key **committed** for the dedup window; a failed write
+//! **releases** the reservations so the producer's retry goes through. A gateway that dies in
+//! between leaves leases that expire, after which a retry is written (at-least-once is kept).
+
+mod memory;
+mod redis_store;
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::metrics;
+pub use memory::MemoryStore;
+pub use redis_store::RedisStore;
+
+/// Per-event deduplication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DedupMode {
+    /// By the event's id column.
+    Event,
+    Off,
+}
+
+/// What to do when the store cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStoreError {
+    /// 503 + Retry-After, nothing written: the producer's retry loses nothing.
+    Reject,
+    /// Write without deduplication, and count it.
+    Accept,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("idempotency store: {0}")]
+    Backend(String),
+    #[error("idempotency store did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("idempotency store configuration: {0}")]
+    Config(String),
+}
+
+/// What the store says about an event key after a reservation attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    /// Ours now: write the event, then commit or release.
+    Reserved,
+    /// Written before, inside the window: a duplicate.
+    Committed,
+    /// Reserved by another request still in flight.
+    Pending,
+}
+
+/// What the store knows of a request-level `Idempotency-Key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestState {
+    /// First time: ours now.
+    New,
+    /// Another request with this key is being processed.
+    InFlight { same_body: bool },
+    /// Answered before.
+    Done { same_body: bool, status: u16, body: Vec<u8> },
+}
+
+/// Stored answer to an `Idempotency-Key`.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredAnswer {
+    /// Hash of the request body it answered.
+    h: String,
+    s: u16,
+    b: String,
+}
+
+/// Value prefixes: what a stored value means.
+const COMMITTED: &[u8] = b"c";
+const PENDING: u8 = b'p';
+const DONE: u8 = b'd';
+
+/// The backends, with the same semantics.
+#[derive(Debug)]
+pub enum Store {
+    Redis(RedisStore),
+    Memory(MemoryStore),
+}
+
+/// The store plus the policy around it; what the request path and the coalescers call.
+#[derive(Debug)]
+pub struct Idempotency {
+    store: Store,
+    pub mode: DedupMode,
+    pub on_error: OnStoreError,
+    pub lease: Duration,
+    pub window: Duration,
+    pub pending_wait: Duration,
+    prefix: String,
+}
+
+/// This request's reservation of some event keys.
+#[derive(Debug, Clone)]
+pub struct Reservation {
+    /// The value our reservations hold; release only deletes keys still holding it.
+    pub token: Vec<u8>,
+    pub keys: Vec<Vec<u8>>,
+}
+
+impl Idempotency {
+    /// The Redis store when `redis_url` is set, else the in-process one.
+    pub fn from_config(config: &Config) -> Result<Self, StoreError> {
+        let store = if config.redis_url.is_empty() {
+            Store::Memory(MemoryStore::default())
+        } else {
+            Store::Redis(RedisStore::new(&config.redis_url, Duration::from_millis(config.redis_timeout_ms))?)
+        };
+        Ok(Self::new(store, config))
+    }
+
+    pub fn new(store: Store, config: &Config) -> Self {
+        Self {
+            store,
+            mode: config.dedup,
+            on_error: config.dedup_on_store_error,
+            lease: Duration::from_millis(config.dedup_lease_ms),
+            window: Duration::from_millis(config.dedup_window_ms),
+            pending_wait: Duration::from_millis(config.dedup_pending_wait_ms),
+            prefix: config.dedup_key_prefix.clone(),
+        }
+    }
+
+    pub fn is_embedded(&self) -> bool {
+        matches!(self.store, Store::Memory(_))
+    }
+
+    /// Key of an event id: the prefix, `e:`, then the id's 16 UUID bytes (any spelling of one
+    /// UUID is one key), or the id's text when it is not a UUID.
+    pub fn event_key(&self, id: &str) -> Vec<u8> {
+        let mut key = Vec::with_capacity(self.prefix.len() + 18);
+        key.extend_from_slice(self.prefix.as_bytes());
+        key.extend_from_slice(b"e:");
+        match uuid::Uuid::parse_str(id) {
+            Ok(uuid) => key.extend_from_slice(uuid.as_bytes()),
+            Err(_) => key.extend_from_slice(id.as_bytes()),
+        }
+        key
+    }
+
+    fn request_key(&self, key: &str) -> Vec<u8> {
+        format!("{}r:{key}", self.prefix).into_bytes()
+    }
+
+    fn offsets_key(&self, producer: &str) -> Vec<u8> {
+        format!("{}o:{producer}", self.prefix).into_bytes()
+    }
+
+    /// A fresh reservation token (the pending value).
+    pub fn new_token() -> Vec<u8> {
+        let mut token = vec![PENDING];
+        token.extend_from_slice(format!("{:016x}", rand::random::<u64>()).as_bytes());
+        token
+    }
+
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let result = fut.await;
+        metrics::idempotency(op, started.elapsed(), result.is_ok());
+        if let Err(error) = &result {
+            tracing::warn!(op, %error, "idempotency store call failed");
+        }
+        result
+    }
+
+    /// Reserves `keys` for `token`; one round trip.
+    pub async fn reserve(&self, token: &[u8], keys: &[Vec<u8>]) -> Result<Vec<KeyState>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.timed("reserve", async {
+            match &self.store {
+                Store::Redis(s) => s.reserve(token, keys, self.lease).await,
+                Store::Memory(s) => Ok(s.reserve(token, keys, self.lease)),
+            }
+        })
+        .await
+    }
+
+    /// Marks written events' keys as committed for the dedup window.
+    pub async fn commit(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.timed("commit", async {
+            match &self.store {
+                Store::Redis(s) => s.commit(keys, self.window).await,
+                Store::Memory(s) => {
+                    s.commit(keys, self.window);
+                    Ok(())
+                }
+            }
+        })
+        .await
+    }
+
+    /// Drops the reservations still held by `token`, so a retry can write the events.
+    pub async fn release(&self, reservation: &Reservation) -> Result<(), StoreError> {
+        if reservation.keys.is_empty() {
+            return Ok(());
+        }
+        self.timed("release", async {
+            match &self.store {
+                Store::Redis(s) => s.release(&reservation.token, &reservation.keys).await,
+                Store::Memory(s) => {
+                    s.release(&reservation.token, &reservation.keys);
+                    Ok(())
+                }
+            }
+        })
+        .await
+    }
+
+    /// Claims a request-level key for a body with hash `body_hash`, or reports its state.
+    pub async fn begin_request(&self, key: &str, body_hash: &str) -> Result<RequestState, StoreError> {
+        let store_key = self.request_key(key);
+        let mut pending = vec![PENDING];
+        pending.extend_from_slice(body_hash.as_bytes());
+        let existing = self
+            .timed("request_begin", async {
+                match &self.store {
+                    Store::Redis(s) => s.set_nx_or_get(&store_key, &pending, self.lease).await,
+                    Store::Memory(s) => Ok(s.set_nx_or_get(&store_key, &pending, self.lease)),
+                }
+            })
+            .await?;
+        Ok(match existing {
+            None => RequestState::New,
+            Some(value) if value.first() == Some(&PENDING) => {
+                RequestState::InFlight { same_body: value[1..] == *body_hash.as_bytes() }
+            }
+            Some(value) if value.first() == Some(&DONE) => match serde_json::from_slice::<StoredAnswer>(&value[1..]) {
+                Ok(answer) => RequestState::Done {
+                    same_body: answer.h == body_hash,
+                    status: answer.s,
+                    body: answer.b.into_bytes(),
+                },
+                Err(e) => return Err(StoreError::Backend(format!("unreadable stored answer: {e}"))),
+            },
+            Some(_) => return Err(StoreError::Backend("unexpected value under a request key".into())),
+        })
+    }
+
+    /// Stores the answer to replay for the dedup window.
+    pub async fn finish_request(&self, key: &str, body_hash: &str, status: u16, body: &[u8]) -> Result<(), StoreError> {
+        let answer =
+            StoredAnswer { h: body_hash.to_string(), s: status, b: String::from_utf8_lossy(body).into_owned() };
+        let mut value = vec![DONE];
+        value.extend_from_slice(&serde_json::to_vec(&answer).map_err(|e| StoreError::Backend(e.to_string()))?);
+        let store_key = self.request_key(key);
+        self.timed("request_finish", async {
+            match &self.store {
+                Store::Redis(s) => s.set(&store_key, &value, self.window).await,
+                Store::Memory(s) => {
+                    s.set(&store_key, &value, self.window);
+                    Ok(())
+                }
+            }
+        })
+        .await
+    }
+
+    /// Forgets a request key whose answer must not be replayed (a 503: the retry should run).
+    pub async fn abandon_request(&self, key: &str, body_hash: &str) -> Result<(), StoreError> {
+        let mut pending = vec![PENDING];
+        pending.extend_from_slice(body_hash.as_bytes());
+        let reservation = Reservation { token: pending, keys: vec![self.request_key(key)] };
+        self.release(&reservation).await
+    }
+
+    /// The committed offset of a producer's partition.
+    pub async fn offset(&self, producer: &str, partition: u32) -> Result<Option<u64>, StoreError> {
+        let key = self.offsets_key(producer);
+        self.timed("offset_get", async {
+            match &self.store {
+                Store::Redis(s) => s.offset(&key, partition).await,
+                Store::Memory(s) => Ok(s.offset(&key, partition)),
+            }
+        })
+        .await
+    }
+
+    /// Moves a partition's committed offset forward to `offset` (never back).
+    pub async fn advance_offset(&self, producer: &str, partition: u32, offset: u64) -> Result<bool, StoreError> {
+        let key = self.offsets_key(producer);
+        self.timed("offset_advance", async {
+            match &self.store {
+                Store::Redis(s) => s.advance_offset(&key, partition, offset).await,
+                Store::Memory(s) => Ok(s.advance_offset(&key, partition, offset)),
+            }
+        })
+        .await
+    }
+
+    /// Every committed offset of a producer, by partition.
+    pub async fn offsets(&self, producer: &str) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+        let key = self.offsets_key(producer);
+        self.timed("offsets", async {
+            match &self.store {
+                Store::Redis(s) => s.offsets(&key).await,
+                Store::Memory(s) => Ok(s.offsets(&key)),
+            }
+        })
+        .await
+    }
+}
+
+/// Interprets a stored event value.
+fn event_state(value: Option<&[u8]>, token: &[u8]) -> Option<KeyState> {
+    match value {
+        None => None,
+        Some(v) if v == COMMITTED => Some(KeyState::Committed),
+        Some(v) if v == token => Some(KeyState::Reserved),
+        Some(_) => Some(KeyState::Pending),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn idem() -> Idempotency {
+        Idempotency::new(Store::Memory(MemoryStore::default()), &Config::default())
+    }
+
+    #[test]
+    fn keys_are_compact_and_spelling_independent() {
+        let idem = idem();
+        let a = idem.event_key("018f2b6e-1d2c-7a3b-9c4d-5e6f708192a3");
+        assert_eq!(a, idem.event_key("018F2B6E1D2C7A3B9C4D5E6F708192A3"));
+        assert_eq!(a.len(), "bg:e:".len() + 16);
+        assert_eq!(idem.event_key("order-17"), b"bg:e:order-17".to_vec());
+    }
+
+    #[tokio::test]
+    async fn memory_store_semantics() {
+        let idem = idem();
+        let (t1, t2) = (Idempotency::new_token(), Idempotency::new_token());
+        let keys = vec![b"k1".to_vec(), b"k2".to_vec()];
+        assert_eq!(idem.reserve(&t1, &keys).await.unwrap(), [KeyState::Reserved, KeyState::Reserved]);
+        assert_eq!(idem.reserve(&t2, &keys).await.unwrap(), [KeyState::Pending, KeyState::Pending]);
+        idem.commit(&keys[..1]).await.unwrap();
+        idem.release(&Reservation { token: t1.clone(), keys: keys.clone() }).await.unwrap();
+        assert_eq!(idem.reserve(&t2, &keys).await.unwrap(), [KeyState::Committed, KeyState::Reserved]);
+        assert!(idem.advance_offset("p", 0, 10).await.unwrap());
+        assert!(!idem.advance_offset("p", 0, 9).await.unwrap());
+        assert!(idem.advance_offset("p", 0, u64::MAX).await.unwrap());
+        assert_eq!(idem.offset("p", 0).await.unwrap(), Some(u64::MAX));
+        assert_eq!(idem.begin_request("r", "h1").await.unwrap(), RequestState::New);
+        assert_eq!(idem.begin_request("r", "h1").await.unwrap(), RequestState::InFlight { same_body: true });
+        idem.finish_request("r", "h1", 200, b"{}").await.unwrap();
+        assert_eq!(
+            idem.begin_request("r", "h2").await.unwrap(),
+            RequestState::Done { same_body: false, status: 200, body: b"{}".to_vec() }
+        );
+    }
+}

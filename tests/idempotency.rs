@@ -1,0 +1,299 @@
+//! Exactly once, against real ClickHouse and real Redis; the semantic tests run twice, once on
+//! Redis and once on the embedded store.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
+mod common;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use buffergate::Config;
+use buffergate::idempotency::OnStoreError;
+use common::{
+    ClickHouseServer, Gateway, Process, RedisServer, clickhouse, command, config, eventually, free_port, http, migrate,
+};
+use serde_json::{Value, json};
+
+fn redis() -> &'static RedisServer {
+    static REDIS: OnceLock<RedisServer> = OnceLock::new();
+    REDIS.get_or_init(|| RedisServer::start("redis"))
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Store {
+    Redis,
+    Embedded,
+}
+
+async fn setup(ch: &ClickHouseServer, prefix: &str, store: Store, tune: impl FnOnce(&mut Config)) -> Gateway {
+    let mut config = config(ch, &ch.fresh_database(prefix));
+    if let Store::Redis = store {
+        config.redis_url = redis().url.clone();
+        // Databases are fresh per test, but the Redis server is shared: keep keys apart.
+        config.dedup_key_prefix = format!("{}:", config.database);
+    }
+    tune(&mut config);
+    migrate(&config).await;
+    let gw = Gateway::start(config).await;
+    gw.wait_ready().await;
+    gw
+}
+
+fn events(from: u64, n: u64) -> Value {
+    Value::Array(
+        (from..from + n)
+            .map(|i| json!({"event_id": format!("00000000-0000-7000-8000-{i:012}"), "user_id": i, "event_type": "e"}))
+            .collect(),
+    )
+}
+
+async fn stored(ch: &ClickHouseServer, gw: &Gateway) -> (u64, u64) {
+    gw.drain(ch).await;
+    let rows = ch.rows(&format!("SELECT count() AS n, uniqExact(event_id) AS u FROM {}", gw.destination())).await;
+    let num = |v: &Value| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())).unwrap();
+    (num(&rows[0]["n"]), num(&rows[0]["u"]))
+}
+
+async fn same_batch_twice(store: Store) {
+    let ch = clickhouse();
+    let gw = setup(ch, "twice", store, |_| {}).await;
+    let (status, body) = gw.post_json(&events(1, 10)).await;
+    assert_eq!((status, body["accepted"].as_u64(), body["duplicates"].as_u64()), (200, Some(10), Some(0)), "{body}");
+    let (status, body) = gw.post_json(&events(1, 10)).await;
+    assert_eq!((status, body["accepted"].as_u64(), body["duplicates"].as_u64()), (200, Some(0), Some(10)), "{body}");
+    // Within one request, a repeated id is collapsed; a UUID in another spelling is the same id.
+    let mixed = json!([
+        {"event_id": "00000000-0000-7000-8000-000000000100", "user_id": 100},
+        {"event_id": "00000000000070008000000000000100", "user_id": 100},
+        {"event_id": "00000000-0000-7000-8000-000000000005", "user_id": 5},
+        {"user_id": 101},
+    ]);
+    let (status, body) = gw.post_json(&mixed).await;
+    assert_eq!((status, body["accepted"].as_u64(), body["duplicates"].as_u64()), (200, Some(2), Some(2)), "{body}");
+    assert_eq!(stored(ch, &gw).await, (12, 12));
+    gw.stop().await;
+}
+
+async fn concurrent_senders_store_one_copy(store: Store) {
+    let ch = clickhouse();
+    let gw = setup(ch, "concurrent", store, |_| {}).await;
+    let batch = events(1, 20);
+    let mut senders = Vec::new();
+    for _ in 0..16 {
+        let (url, batch) = (format!("{}/v1/events", gw.url), batch.clone());
+        senders.push(tokio::spawn(async move {
+            let response = http().post(url).json(&batch).send().await.unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }));
+    }
+    let (mut accepted, mut duplicates) = (0, 0);
+    for sender in senders {
+        let (status, body) = sender.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        accepted += body["accepted"].as_u64().unwrap();
+        duplicates += body["duplicates"].as_u64().unwrap();
+    }
+    assert_eq!((accepted, duplicates), (20, 15 * 20));
+    assert_eq!(stored(ch, &gw).await, (20, 20));
+    gw.stop().await;
+}
+
+async fn a_failed_write_is_not_remembered(store: Store) {
+    let ch = ClickHouseServer::start(&format!("idem-chdown-{store:?}"));
+    let gw = setup(&ch, "chdown", store, |c| {
+        c.insert_retries = 1;
+        c.circuit_failures = 0;
+        c.clickhouse_timeout_ms = 2_000;
+    })
+    .await;
+    ch.kill();
+    let (status, body) = gw.post_json(&events(1, 10)).await;
+    assert_eq!((status, body["error"].as_str()), (503, Some("flush_failed")), "{body}");
+    ch.restart();
+    gw.wait_ready().await;
+    let (status, body) = gw.post_json(&events(1, 10)).await;
+    assert_eq!((status, body["accepted"].as_u64(), body["duplicates"].as_u64()), (200, Some(10), Some(0)), "{body}");
+    assert_eq!(stored(&ch, &gw).await, (10, 10));
+    gw.stop().await;
+}
+
+async fn idempotency_key_replays_conflicts_and_refuses_reuse(store: Store) {
+    let ch = clickhouse();
+    let gw = setup(ch, "reqkey", store, |c| c.flush_linger_ms = 1_500).await;
+    let post = |key: &'static str, batch: Value| {
+        let url = format!("{}/v1/events", gw.url);
+        async move {
+            let response = http().post(url).header("idempotency-key", key).json(&batch).send().await.unwrap();
+            let replayed = response.headers().get("idempotent-replayed").is_some();
+            (response.status().as_u16(), replayed, response.text().await.unwrap())
+        }
+    };
+    let first = tokio::spawn(post("k-1", events(1, 5)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, _, body) = post("k-1", events(1, 5)).await;
+    assert_eq!(status, 409, "a retry while the first is in flight: {body}");
+    assert!(body.contains("request_in_flight"), "{body}");
+    let (status, replayed, original) = first.await.unwrap();
+    assert_eq!((status, replayed), (200, false), "{original}");
+
+    let (status, replayed, body) = post("k-1", events(1, 5)).await;
+    assert_eq!((status, replayed, body.as_str()), (200, true, original.as_str()), "the first answer, replayed");
+    let (status, _, body) = post("k-1", events(6, 5)).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("idempotency_key_reused"), "{body}");
+    assert_eq!(stored(ch, &gw).await, (5, 5));
+    gw.stop().await;
+}
+
+async fn producer_offsets_resume_without_gap_or_duplicate(store: Store) {
+    let ch = clickhouse();
+    let gw = setup(ch, "offsets", store, |_| {}).await;
+    let post = |from: u64, offset: u64| {
+        let url = format!("{}/v1/events", gw.url);
+        async move {
+            // No event ids: only the offset protects these batches.
+            let batch: Vec<Value> = (from..from + 10).map(|i| json!({"user_id": i})).collect();
+            let response = http()
+                .post(url)
+                .header("x-producer-id", "etl-1")
+                .header("x-producer-partition", "3")
+                .header("x-producer-offset", offset.to_string())
+                .json(&batch)
+                .send()
+                .await
+                .unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let offsets = || async {
+        http().get(format!("{}/v1/offsets/etl-1", gw.url)).send().await.unwrap().json::<Value>().await.unwrap()
+    };
+    assert_eq!(offsets().await, json!({"producer_id": "etl-1", "partitions": {}}));
+    assert_eq!(post(0, 9).await.1["accepted"], 10);
+    assert_eq!(offsets().await, json!({"producer_id": "etl-1", "partitions": {"3": 9}}));
+    // The worker crashes after sending offset 19 but before it saved its own checkpoint...
+    assert_eq!(post(10, 19).await.1["accepted"], 10);
+    // ...restarts from its own stale checkpoint and replays: nothing is written twice.
+    let (status, body) = post(10, 19).await;
+    assert_eq!((status, body["accepted"].as_u64(), body["duplicates"].as_u64()), (200, Some(0), Some(10)), "{body}");
+    let (_, body) = post(0, 9).await;
+    assert_eq!(body["duplicates"], 10, "offsets only move forward");
+    // A worker that asks the gateway resumes at committed + 1: no gap.
+    let committed = offsets().await["partitions"]["3"].as_u64().unwrap();
+    assert_eq!(committed, 19);
+    assert_eq!(post(committed + 1, committed + 10).await.1["accepted"], 10);
+    gw.drain(ch).await;
+    let rows = ch
+        .rows(&format!("SELECT count() AS n, uniqExact(user_id) AS u, max(user_id) AS m FROM {}", gw.destination()))
+        .await;
+    assert_eq!(rows[0], json!({"n": "30", "u": "30", "m": "29"}));
+    let (status, body) = gw.post("/v1/events", "application/json", None, b"[]".to_vec()).await;
+    assert_eq!(status, 200, "{body}");
+    let response = http()
+        .post(format!("{}/v1/events", gw.url))
+        .header("x-producer-id", "p")
+        .json(&json!([]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400, "an id without an offset");
+    gw.stop().await;
+}
+
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod redis_store {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Store::Redis).await })*
+        }
+        mod embedded_store {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Store::Embedded).await })*
+        }
+    };
+}
+
+on_both_stores!(
+    same_batch_twice,
+    concurrent_senders_store_one_copy,
+    a_failed_write_is_not_remembered,
+    idempotency_key_replays_conflicts_and_refuses_reuse,
+    producer_offsets_resume_without_gap_or_duplicate,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_rejects_or_accepts_as_configured_and_recovers() {
+    let ch = clickhouse();
+    let own_redis = RedisServer::start("redis-down");
+    let mut reject = config(ch, &ch.fresh_database("redisdown"));
+    reject.redis_url = own_redis.url.clone();
+    reject.redis_timeout_ms = 300;
+    migrate(&reject).await;
+    let accept = Config { dedup_on_store_error: OnStoreError::Accept, ..reject.clone() };
+    let (gw_reject, gw_accept) = (Gateway::start(reject).await, Gateway::start(accept).await);
+    gw_reject.wait_ready().await;
+    own_redis.kill();
+
+    let (status, body) = gw_reject.post_json(&events(1, 5)).await;
+    assert_eq!((status, body["error"].as_str()), (503, Some("idempotency_unavailable")), "{body}");
+    let (status, body) = gw_accept.post_json(&events(1, 5)).await;
+    assert_eq!((status, body["accepted"].as_u64()), (200, Some(5)), "accept mode writes without dedup: {body}");
+    let metrics = http().get(format!("{}/metrics", gw_accept.url)).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("buffergate_idempotency_store_errors_total"), "{metrics}");
+    assert!(metrics.contains("buffergate_dedup_bypassed_events_total"), "{metrics}");
+
+    own_redis.restart();
+    eventually(Duration::from_secs(15), "the reject-mode gateway to reconnect", || async {
+        gw_reject.post_json(&events(1, 5)).await.0 == 200
+    })
+    .await;
+    // The same table: 5 from accept mode (undeduplicated) and 5 after recovery.
+    assert_eq!(stored(ch, &gw_reject).await, (10, 5));
+    gw_reject.stop().await;
+    gw_accept.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_killed_mid_flush_leaves_leases_that_expire_and_the_retry_stores_once() {
+    let ch = clickhouse();
+    let mut config = config(ch, &ch.fresh_database("sigkill"));
+    config.redis_url = redis().url.clone();
+    config.dedup_key_prefix = format!("{}:", config.database);
+    config.flush_linger_ms = 5_000;
+    config.dedup_lease_ms = 1_500;
+    config.dedup_pending_wait_ms = 6_000;
+    migrate(&config).await;
+    let dir = common::scratch("sigkill");
+    let start = |config: &Config, log: &str| {
+        let mut config = config.clone();
+        let port = free_port();
+        config.listen = format!("127.0.0.1:{port}").parse().unwrap();
+        (Process::spawn(command(&config, &["serve"]), &dir.join(log)), format!("http://127.0.0.1:{port}"))
+    };
+    let (first, url) = start(&config, "first.log");
+    let ready = |url: String| async move {
+        eventually(Duration::from_secs(20), "gateway ready", || {
+            let url = format!("{url}/readyz");
+            async move { http().get(url).send().await.is_ok_and(|r| r.status().is_success()) }
+        })
+        .await;
+    };
+    ready(url.clone()).await;
+    let in_flight = tokio::spawn(http().post(format!("{url}/v1/events")).json(&events(1, 10)).send());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.signal(libc::SIGKILL);
+    assert!(in_flight.await.unwrap().is_err(), "the producer never got an answer");
+
+    config.flush_linger_ms = 0;
+    let (_second, url) = start(&config, "second.log");
+    ready(url.clone()).await;
+    let response = http().post(format!("{url}/v1/events")).json(&events(1, 10)).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!((body["accepted"].as_u64(), body["duplicates"].as_u64()), (Some(10), Some(0)), "{body}");
+    ch.exec(&format!("OPTIMIZE TABLE {}.events_buffer", config.database)).await;
+    let rows =
+        ch.rows(&format!("SELECT count() AS n, uniqExact(event_id) AS u FROM {}.events_raw", config.database)).await;
+    assert_eq!(rows[0], json!({"n": "10", "u": "10"}));
+}
