@@ -9,7 +9,8 @@ RUN cargo build --release --locked --bin buffergate
 # Runtime: no shell, no package manager, non-root.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/buffergate /usr/local/bin/buffergate
-USER nonroot:nonroot
+# 65532 is distroless's "nonroot" user, numeric so that runAsNonRoot can verify it.
+USER 65532:65532
 EXPOSE 8080
 ENV BUFFERGATE_LISTEN=0.0.0.0:8080 BUFFERGATE_LOG_FORMAT=json
 ENTRYPOINT ["/usr/local/bin/buffergate"]

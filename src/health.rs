@@ -8,6 +8,7 @@ pub struct Health {
     clickhouse_up: AtomicBool,
     table_present: AtomicBool,
     draining: AtomicBool,
+    clickhouse_version: std::sync::RwLock<Option<String>>,
 }
 
 impl Health {
@@ -17,6 +18,16 @@ impl Health {
 
     pub fn set_table_present(&self, present: bool) {
         self.table_present.store(present, Ordering::Relaxed);
+    }
+
+    pub fn set_clickhouse_version(&self, version: String) {
+        if let Ok(mut slot) = self.clickhouse_version.write() {
+            *slot = Some(version);
+        }
+    }
+
+    pub fn clickhouse_version(&self) -> Option<String> {
+        self.clickhouse_version.read().ok().and_then(|v| v.clone())
     }
 
     /// Marks the gateway as shutting down: not ready from now on.

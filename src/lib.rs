@@ -4,6 +4,8 @@
 //! live table) → `coalesce` (per-partition group commit) → `clickhouse` (INSERT, retry). The
 //! `server` module wires them; `config` and `shutdown` are shared by all.
 
+pub mod auth;
+pub mod check;
 pub mod cli;
 pub mod clickhouse;
 pub mod coalesce;

@@ -101,7 +101,11 @@ fn describe() {
     describe_histogram!(FLUSH_BYTES, Unit::Bytes, "Encoded bytes per INSERT (before compression).");
     describe_histogram!(FLUSH_DURATION, Unit::Seconds, "Time per INSERT attempt.");
     describe_counter!(FLUSH_RETRIES, "INSERT attempts retried after a retryable failure.");
-    describe_gauge!(QUEUE_ROWS, Unit::Count, "Rows waiting in a coalescer partition.");
+    describe_gauge!(
+        QUEUE_ROWS,
+        Unit::Count,
+        "Rows waiting in a coalescer partition: queued, or in a batch not yet written."
+    );
     describe_gauge!(INFLIGHT_BYTES, Unit::Bytes, "Bytes of request bodies being decoded plus rows queued.");
     describe_gauge!(
         BUFFER_BYTES,

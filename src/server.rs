@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{AdminToken, ApiKeys, AuthError};
 use crate::clickhouse::ClickHouse;
 use crate::clickhouse::writer::Writer;
 use crate::coalesce::Coalescer;
@@ -40,6 +41,9 @@ pub struct AppState {
     pub budget: Arc<Budget>,
     pub breaker: Arc<Breaker>,
     pub idempotency: Arc<Idempotency>,
+    pub api_keys: ApiKeys,
+    pub admin: AdminToken,
+    pub ch: ClickHouse,
     pub metrics: PrometheusHandle,
 }
 
@@ -51,6 +55,8 @@ pub enum ServeError {
     Serve(std::io::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 /// Binds `config.listen` and runs until `shutdown` trips.
@@ -87,7 +93,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
     let poll_task = tokio::spawn(poller.run(stop_refresh.clone()));
 
     let breaker = Arc::new(Breaker::new(config.circuit_failures, Duration::from_millis(config.circuit_open_ms)));
-    let writer = Arc::new(Writer::new(ch, &config, wake, Arc::clone(&breaker)));
+    let writer = Arc::new(Writer::new(ch.clone(), &config, wake, Arc::clone(&breaker)));
+    let api_keys = ApiKeys::from_config(&config)?;
+    if api_keys.enabled() {
+        tracing::info!(keys = api_keys.len(), "producer API keys required");
+    } else {
+        tracing::warn!("no API keys configured: producer authentication is off");
+    }
     let idempotency = Arc::new(Idempotency::from_config(&config)?);
     if idempotency.is_embedded() {
         tracing::warn!(
@@ -106,6 +118,9 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
         budget: Budget::new(config.max_inflight_bytes),
         breaker,
         idempotency,
+        api_keys,
+        admin: AdminToken::new(&config.admin_token),
+        ch,
         metrics,
     });
 

@@ -194,6 +194,29 @@ fn types_only_modern_servers_have_read_back_exactly() {
     );
 }
 
+/// `deploy/clickhouse/schema.sql` runs on a current ClickHouse, and its materialized view
+/// counts rows once they reach the destination through the Buffer.
+#[test]
+fn the_deploy_ddl_runs_on_a_modern_server() {
+    let dir = common::scratch("conformance-ddl");
+    let ddl = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/clickhouse/schema.sql")).unwrap();
+    let without_comments: String =
+        ddl.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n");
+    let mut statements: Vec<(&str, &str)> =
+        without_comments.split(';').map(str::trim).filter(|s| !s.is_empty()).map(|s| (s, "CSV")).collect();
+    statements.push((
+        "INSERT INTO analytics.events_buffer (event_id, event_ts, user_id, event_type) VALUES (generateUUIDv4(), now(), 1, 'click'), (generateUUIDv4(), now(), 2, 'click')",
+        "CSV",
+    ));
+    statements.push(("OPTIMIZE TABLE analytics.events_buffer", "CSV"));
+    statements.push((
+        "SELECT event_type, sum(events) AS n FROM analytics.events_per_type_hourly GROUP BY event_type",
+        "JSONEachRow",
+    ));
+    let out = chdb(&dir.join("session"), &statements);
+    assert_eq!(json_rows(out.last().unwrap()), vec![json!({"event_type": "click", "n": 2})]);
+}
+
 /// The same probes fail on the installed 18.16 server, so `migrate` takes the fallback path.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capability_probes_detect_the_old_server() {

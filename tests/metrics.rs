@@ -31,7 +31,21 @@ async fn promtool_accepts_the_metrics_and_prometheus_scrapes_the_counts() {
     let (status, _) = gw.post("/v1/events", "text/plain", None, b"x".to_vec()).await;
     assert_eq!(status, 415);
 
-    let exposition = http().get(format!("{}/metrics", gw.url)).send().await.unwrap().text().await.unwrap();
+    let metrics_url = format!("{}/metrics", gw.url);
+    // The Buffer gauges appear with the poller's first reading.
+    eventually(Duration::from_secs(10), "the first Buffer poll", || async {
+        http()
+            .get(&metrics_url)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+            .contains("buffergate_clickhouse_buffer_bytes")
+    })
+    .await;
+    let exposition = http().get(&metrics_url).send().await.unwrap().text().await.unwrap();
     for name in [
         "buffergate_http_requests_total",
         "buffergate_http_request_duration_seconds_bucket",

@@ -25,3 +25,20 @@ ORDER BY (event_type, event_ts, user_id);
 -- Same columns as the destination, always: a column that differs is cast or fails at flush.
 CREATE TABLE IF NOT EXISTS analytics.events_buffer AS analytics.events_raw
 ENGINE = Buffer('analytics', 'events_raw', 16, 10, 60, 100000, 1000000, 10485760, 134217728);
+
+-- Example rollup: the view reads FROM the destination, so it runs once per Buffer flush on
+-- large blocks, never on each small insert into the Buffer.
+CREATE TABLE IF NOT EXISTS analytics.events_per_type_hourly
+(
+    `hour` DateTime,
+    `event_type` LowCardinality(String),
+    `events` UInt64
+)
+ENGINE = SummingMergeTree()
+ORDER BY (event_type, hour);
+
+CREATE MATERIALIZED VIEW IF NOT EXISTS analytics.events_per_type_hourly_mv
+TO analytics.events_per_type_hourly
+AS SELECT toStartOfHour(event_ts) AS hour, event_type, count() AS events
+FROM analytics.events_raw
+GROUP BY hour, event_type;

@@ -16,6 +16,8 @@ pub enum MigrateError {
     ColumnsDiffer { buffer: String, destination: String, differences: String },
     #[error("{table} exists but is not a Buffer table (engine: {engine})")]
     NotABuffer { table: String, engine: String },
+    #[error("the Buffer did not empty within 30 s (writers are still filling it?)")]
+    DrainTimeout,
 }
 
 /// What `migrate` did and what it adapted, one line each, for the operator.
@@ -167,13 +169,95 @@ pub async fn migrate(ch: &ClickHouse, config: &Config) -> Result<Report, Migrate
     let buffer_columns = ch.columns(db, buffer).await?;
     let destination_columns = ch.columns(db, destination).await?;
     if let Some(differences) = column_differences(&buffer_columns, &destination_columns) {
-        return Err(MigrateError::ColumnsDiffer {
-            buffer: format!("{db}.{buffer}"),
-            destination: format!("{db}.{destination}"),
-            differences,
-        });
+        if !only_added(&buffer_columns, &destination_columns) {
+            return Err(MigrateError::ColumnsDiffer {
+                buffer: format!("{db}.{buffer}"),
+                destination: format!("{db}.{destination}"),
+                differences,
+            });
+        }
+        // The destination gained columns: swap in a new Buffer with the destination's columns,
+        // then drain and drop the old one. Dropping a Buffer that writers can still reach races
+        // with their INSERTs (a row can land after the final flush and vanish with the table);
+        // after the RENAME no INSERT can reach the old one (RENAME waits for those running).
+        // Gateways retry the INSERTs that meet no table in between, then pick the new columns up.
+        let (fresh, old) = (format!("{buffer}__new"), format!("{buffer}__old"));
+        let q = |table: &str| format!("{}.{}", quote_ident(db), quote_ident(table));
+        ch.execute(&format!("DROP TABLE IF EXISTS {}", q(&fresh))).await?;
+        ch.execute(&format!("CREATE TABLE {} AS {} ENGINE = {}", q(&fresh), q(destination), buffer_engine(config)))
+            .await?;
+        ch.execute(&format!("RENAME TABLE {} TO {}, {} TO {}", q(buffer), q(&old), q(&fresh), q(buffer))).await?;
+        let moved = drain_table(&ch, config, &old).await?;
+        ch.execute(&format!("DROP TABLE {}", q(&old))).await?;
+        report.lines.push(format!(
+            "{db}.{destination} gained columns ({differences}): replaced {db}.{buffer} with a Buffer of the new columns and drained {moved} rows from the old one"
+        ));
+        let buffer_columns = ch.columns(db, buffer).await?;
+        if let Some(differences) = column_differences(&buffer_columns, &destination_columns) {
+            return Err(MigrateError::ColumnsDiffer {
+                buffer: format!("{db}.{buffer}"),
+                destination: format!("{db}.{destination}"),
+                differences,
+            });
+        }
     }
     Ok(report)
+}
+
+/// Whether every Buffer column is in the destination with the same type (the destination only
+/// gained columns, the schema change `migrate` applies by itself).
+fn only_added(buffer: &[ColumnInfo], destination: &[ColumnInfo]) -> bool {
+    buffer.iter().all(|b| destination.iter().any(|d| d.name == b.name && d.type_text == b.type_text))
+}
+
+/// Flushes the Buffer into its destination (`OPTIMIZE TABLE`) and waits until it is empty;
+/// returns the rows moved: the Buffer's own row count where the server reports it (≈20.x+),
+/// else how much the destination grew (which counts concurrent flushes too).
+pub async fn drain(ch: &ClickHouse, config: &Config) -> Result<u64, MigrateError> {
+    drain_table(ch, config, &config.buffer_table).await
+}
+
+/// [`drain`] of a Buffer table by name (in the configured database).
+async fn drain_table(ch: &ClickHouse, config: &Config, table: &str) -> Result<u64, MigrateError> {
+    let (db, buffer, destination) =
+        (quote_ident(&config.database), quote_ident(table), quote_ident(&config.destination_table));
+    let per_table = ch.capabilities().await?.tables_total_bytes;
+    let buffered = || async {
+        #[derive(serde::Deserialize)]
+        struct Row {
+            rows: String,
+        }
+        let sql = format!(
+            "SELECT toString(ifNull(total_rows, 0)) AS rows FROM system.tables WHERE database = {} AND name = {}",
+            quote_str(&config.database),
+            quote_str(table)
+        );
+        let rows: Vec<Row> = ch.fetch_json(&sql).await?;
+        Ok::<u64, ClickHouseError>(rows.first().and_then(|r| r.rows.parse().ok()).unwrap_or(0))
+    };
+    let count = || async {
+        #[derive(serde::Deserialize)]
+        struct Row {
+            n: String,
+        }
+        let rows: Vec<Row> = ch.fetch_json(&format!("SELECT toString(count()) AS n FROM {db}.{destination}")).await?;
+        Ok::<u64, ClickHouseError>(rows.first().and_then(|r| r.n.parse().ok()).unwrap_or(0))
+    };
+    let before = if per_table { buffered().await? } else { count().await? };
+    ch.execute(&format!("OPTIMIZE TABLE {db}.{buffer}")).await?;
+    if !per_table {
+        // OPTIMIZE on a Buffer flushes every layer before it returns.
+        return Ok(count().await?.saturating_sub(before));
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while buffered().await? > 0 {
+        if tokio::time::Instant::now() > deadline {
+            return Err(MigrateError::DrainTimeout);
+        }
+        ch.execute(&format!("OPTIMIZE TABLE {db}.{buffer}")).await?;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    Ok(before)
 }
 
 /// Engine clauses compared without quotes or spaces (servers print arguments differently).

@@ -11,6 +11,7 @@
 mod partition;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -90,6 +91,8 @@ pub struct Submission {
     pub lease: Option<Lease>,
     /// Idempotency keys of these rows' events: committed after the write, released if it fails.
     pub reservation: Option<Reservation>,
+    /// Send the batch holding this without lingering (an admin flush).
+    pub urgent: bool,
 }
 
 /// Why rows could not be queued.
@@ -114,6 +117,8 @@ pub struct BatchLimits {
 pub struct Coalescer {
     queues: Vec<mpsc::Sender<Submission>>,
     queue_timeout: Duration,
+    /// Rows waiting in each partition: queued, or in a batch not yet written.
+    queued: Arc<Vec<AtomicUsize>>,
 }
 
 /// The running partition tasks; [`CoalescerTasks::drain`] flushes what is queued and ends them.
@@ -132,14 +137,23 @@ impl Coalescer {
         };
         let close = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let queues = (0..config.partition_count())
+        let count = config.partition_count();
+        let queued: Arc<Vec<AtomicUsize>> = Arc::new((0..count).map(|_| AtomicUsize::new(0)).collect());
+        let queues = (0..count)
             .map(|id| {
                 let (tx, rx) = mpsc::channel(config.queue_capacity);
-                tasks.spawn(partition::run(id, rx, Arc::clone(writer), Arc::clone(idempotency), limits, close.clone()));
+                let partition = partition::Partition {
+                    id,
+                    writer: Arc::clone(writer),
+                    idempotency: Arc::clone(idempotency),
+                    limits,
+                    queued: Arc::clone(&queued),
+                };
+                tasks.spawn(partition.run(rx, close.clone()));
                 tx
             })
             .collect();
-        let coalescer = Self { queues, queue_timeout: Duration::from_millis(config.queue_timeout_ms) };
+        let coalescer = Self { queues, queue_timeout: Duration::from_millis(config.queue_timeout_ms), queued };
         (coalescer, CoalescerTasks { tasks, close })
     }
 
@@ -160,8 +174,41 @@ impl Coalescer {
             permits.push(permit);
         }
         for (permit, (partition, submission)) in permits.into_iter().zip(submissions) {
-            metrics::queue_rows(partition, submission.rows.rows() as f64);
+            let rows = submission.rows.rows();
+            self.queued[partition].fetch_add(rows, Ordering::Relaxed);
+            metrics::queue_rows(partition, rows as f64);
             permit.send(submission);
+        }
+        Ok(())
+    }
+
+    /// Rows waiting in each partition (queued, or in a batch not yet written).
+    pub fn queue_depths(&self) -> Vec<usize> {
+        self.queued.iter().map(|q| q.load(Ordering::Relaxed)).collect()
+    }
+
+    /// Sends everything queued now, without lingering, and waits until it is written.
+    pub async fn flush(&self, schema: &Arc<TableSchema>) -> Result<(), SubmitError> {
+        let mut acks = Vec::new();
+        let barriers = (0..self.partitions())
+            .map(|partition| {
+                let (tx, rx) = oneshot::channel();
+                acks.push(rx);
+                let barrier = Submission {
+                    schema: Arc::clone(schema),
+                    rows: PartitionRows::default(),
+                    ack: Some(tx),
+                    lease: None,
+                    reservation: None,
+                    urgent: true,
+                };
+                (partition, barrier)
+            })
+            .collect();
+        self.submit(barriers).await?;
+        for ack in acks {
+            // A barrier's own outcome does not matter: it only marks how far the queue went.
+            let _ = ack.await;
         }
         Ok(())
     }

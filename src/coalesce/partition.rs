@@ -2,6 +2,7 @@
 //! whose rows it held, repeat.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -25,6 +26,7 @@ struct Batch {
     /// In-flight budget held by the rows until they are written.
     leases: Vec<Lease>,
     reservations: Vec<Reservation>,
+    urgent: bool,
 }
 
 impl Batch {
@@ -37,6 +39,7 @@ impl Batch {
             acks: Vec::new(),
             leases: Vec::new(),
             reservations: Vec::new(),
+            urgent: false,
         };
         batch.push(first);
         batch
@@ -62,6 +65,7 @@ impl Batch {
         self.acks.extend(submission.ack);
         self.leases.extend(submission.lease);
         self.reservations.extend(submission.reservation);
+        self.urgent |= submission.urgent;
     }
 
     async fn flush(self, writer: &Writer, idempotency: &Idempotency) {
@@ -96,56 +100,67 @@ impl Batch {
     }
 }
 
-pub(super) async fn run(
-    id: usize,
-    mut queue: mpsc::Receiver<Submission>,
-    writer: Arc<Writer>,
-    idempotency: Arc<Idempotency>,
-    limits: BatchLimits,
-    close: CancellationToken,
-) {
-    let mut carry: Option<Submission> = None;
-    let mut closing = false;
-    loop {
-        let first = match carry.take() {
-            Some(submission) => submission,
-            None => tokio::select! {
-                biased;
-                next = queue.recv() => match next {
-                    Some(submission) => submission,
-                    None => break,
-                },
-                () = close.cancelled(), if !closing => {
-                    // No more senders can get in; what is queued still comes out of recv().
-                    queue.close();
-                    closing = true;
-                    continue;
-                }
-            },
-        };
-        metrics::queue_rows(id, -(first.rows.rows() as f64));
-        let mut batch = Batch::new(first);
-        let deadline = Instant::now() + limits.linger;
-        while !batch.full(&limits) {
-            let next = match queue.try_recv() {
-                Ok(submission) => Some(submission),
-                Err(_) if closing || limits.linger.is_zero() => None,
-                Err(_) => tokio::select! {
-                    next = queue.recv() => next,
-                    () = tokio::time::sleep_until(deadline) => None,
-                    () = close.cancelled() => None,
+/// One partition's task and what it needs.
+pub(super) struct Partition {
+    pub id: usize,
+    pub writer: Arc<Writer>,
+    pub idempotency: Arc<Idempotency>,
+    pub limits: BatchLimits,
+    pub queued: Arc<Vec<AtomicUsize>>,
+}
+
+impl Partition {
+    /// Counts written (or failed) rows out of the partition's waiting rows.
+    fn done(&self, rows: usize) {
+        self.queued[self.id].fetch_sub(rows, Ordering::Relaxed);
+        metrics::queue_rows(self.id, -(rows as f64));
+    }
+
+    pub(super) async fn run(self, mut queue: mpsc::Receiver<Submission>, close: CancellationToken) {
+        let limits = self.limits;
+        let mut carry: Option<Submission> = None;
+        let mut closing = false;
+        loop {
+            let first = match carry.take() {
+                Some(submission) => submission,
+                None => tokio::select! {
+                    biased;
+                    next = queue.recv() => match next {
+                        Some(submission) => submission,
+                        None => break,
+                    },
+                    () = close.cancelled(), if !closing => {
+                        // No more senders can get in; what is queued still comes out of recv().
+                        queue.close();
+                        closing = true;
+                        continue;
+                    }
                 },
             };
-            let Some(next) = next else { break };
-            if !batch.fits(&next, &limits) {
-                carry = Some(next);
-                break;
+            let mut batch = Batch::new(first);
+            let deadline = Instant::now() + limits.linger;
+            while !batch.full(&limits) {
+                let next = match queue.try_recv() {
+                    Ok(submission) => Some(submission),
+                    Err(_) if closing || batch.urgent || limits.linger.is_zero() => None,
+                    Err(_) => tokio::select! {
+                        next = queue.recv() => next,
+                        () = tokio::time::sleep_until(deadline) => None,
+                        () = close.cancelled() => None,
+                    },
+                };
+                let Some(next) = next else { break };
+                if !batch.fits(&next, &limits) {
+                    carry = Some(next);
+                    break;
+                }
+                batch.push(next);
             }
-            metrics::queue_rows(id, -(next.rows.rows() as f64));
-            batch.push(next);
+            tracing::trace!(partition = self.id, rows = batch.rows, bytes = batch.bytes, "flushing");
+            let rows = batch.rows;
+            batch.flush(&self.writer, &self.idempotency).await;
+            self.done(rows);
         }
-        tracing::trace!(partition = id, rows = batch.rows, bytes = batch.bytes, "flushing");
-        batch.flush(&writer, &idempotency).await;
+        tracing::debug!(partition = self.id, "coalescer partition drained");
     }
-    tracing::debug!(partition = id, "coalescer partition drained");
 }

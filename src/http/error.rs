@@ -59,6 +59,12 @@ pub enum ApiError {
     StoreUnavailable(String),
     #[error("some of these events are being written by another request right now; nothing was written, retry later")]
     EventsInFlight,
+    #[error("send an API key as `Authorization: Bearer <key>`")]
+    Unauthorized,
+    #[error("this API key is not accepted")]
+    Forbidden,
+    #[error("this API key is over its rate limit; retry in {retry_after_s} s")]
+    RateLimited { retry_after_s: u32 },
     #[error("no such endpoint")]
     NotFound,
     #[error("method not allowed on this endpoint")]
@@ -99,6 +105,9 @@ impl ApiError {
             Self::RequestInFlight => StatusCode::CONFLICT,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::StoreUnavailable(_) | Self::EventsInFlight => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Forbidden => StatusCode::FORBIDDEN,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
@@ -131,6 +140,9 @@ impl ApiError {
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::StoreUnavailable(_) => "idempotency_unavailable",
             Self::EventsInFlight => "events_in_flight",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::RateLimited { .. } => "rate_limited",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
         }
@@ -141,7 +153,9 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         let retry_after = match &self {
-            Self::BufferSaturated { retry_after_s } | Self::BufferUnknown { retry_after_s } => Some(*retry_after_s),
+            Self::BufferSaturated { retry_after_s }
+            | Self::BufferUnknown { retry_after_s }
+            | Self::RateLimited { retry_after_s } => Some(*retry_after_s),
             _ => None,
         };
         let (line, column) = match &self {
@@ -150,9 +164,12 @@ impl IntoResponse for ApiError {
         };
         let body = ErrorBody { error: self.code(), message: self.to_string(), line, column };
         let mut response = (status, Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             let seconds = retry_after.unwrap_or(RETRY_AFTER_SECONDS);
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

@@ -497,7 +497,8 @@ async fn enqueue(
         });
         let lease = Some(lease.split(rows.bytes()));
         let reservation = reservations.get_mut(partition).and_then(Option::take);
-        submissions.push((partition, Submission { schema: Arc::clone(schema), rows, ack, lease, reservation }));
+        submissions
+            .push((partition, Submission { schema: Arc::clone(schema), rows, ack, lease, reservation, urgent: false }));
     }
     if let Err(error) = state.coalescer.submit(submissions).await {
         release_held(held).await;

@@ -1,6 +1,7 @@
 //! The HTTP surface: the router and its layers in one place, handlers one file per concern,
 //! and the boundary's error type.
 
+pub mod admin;
 pub mod body;
 pub mod error;
 pub mod events;
@@ -20,6 +21,7 @@ use axum::routing::{get, post};
 use tower::{BoxError, ServiceBuilder};
 use tower_http::trace::TraceLayer;
 
+use crate::auth::Denied;
 use crate::metrics;
 use crate::server::AppState;
 use crate::shed::layer::{Policy, ShedLayer};
@@ -42,9 +44,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .load_shed()
         .concurrency_limit(config.max_concurrent_requests)
         .timeout(Duration::from_millis(config.request_timeout_ms));
+    // Producer routes need an API key when keys are configured.
+    let producer = middleware::from_fn_with_state(Arc::clone(&state), require_api_key);
     Router::new()
-        .route("/v1/events", post(events::ingest).layer(ingest_layers))
-        .route("/v1/offsets/{producer_id}", get(offsets::get_offsets))
+        .route("/v1/events", post(events::ingest).layer(ingest_layers).layer(producer.clone()))
+        .route("/v1/offsets/{producer_id}", get(offsets::get_offsets).layer(producer))
+        .route("/admin/flush", post(admin::flush))
+        .route("/v1/status", get(admin::status))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(render_metrics))
@@ -53,6 +59,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(middleware::from_fn(track))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+async fn require_api_key(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let token = crate::auth::bearer(request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()));
+    match state.api_keys.check(token) {
+        Ok(_) => next.run(request).await,
+        Err(Denied::Missing) => ApiError::Unauthorized.into_response(),
+        Err(Denied::Unknown) => ApiError::Forbidden.into_response(),
+        Err(Denied::RateLimited(retry_after_s)) => ApiError::RateLimited { retry_after_s }.into_response(),
+    }
 }
 
 /// Turns the tower limits' errors into the JSON 503s producers get.

@@ -186,3 +186,19 @@ impl RedisStore {
         self.bounded(cmd.query_async(&mut connection)).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn cluster_and_sentinel_urls_are_refused_clearly() {
+        for url in ["redis+sentinel://h:26379/mymaster", "redis+cluster://h:6379", "redis://a:6379,b:6379"] {
+            let Err(StoreError::Config(message)) = RedisStore::new(url, Duration::from_secs(1)) else {
+                panic!("{url} accepted")
+            };
+            assert!(message.contains("Cluster") && message.contains("Sentinel"), "{message}");
+        }
+        assert!(RedisStore::new("redis://127.0.0.1:1/0", Duration::from_secs(1)).is_ok(), "connects lazily");
+    }
+}

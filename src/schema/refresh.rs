@@ -45,6 +45,11 @@ impl Refresher {
             Ok(columns) => {
                 self.health.set_clickhouse_up(true);
                 self.health.set_table_present(true);
+                if self.health.clickhouse_version().is_none()
+                    && let Ok(caps) = self.ch.capabilities().await
+                {
+                    self.health.set_clickhouse_version(caps.version);
+                }
                 if let Some(version) = self.schema.update(db, table, columns, &self.special()) {
                     tracing::info!(version, database = %db, table = %table, "table schema loaded");
                 }

@@ -33,52 +33,83 @@ pub struct Reading {
     pub capacity: u64,
 }
 
-/// `num_layers × max_bytes` from `Buffer(db, table, num_layers, min_time, max_time, min_rows,
-/// max_rows, min_bytes, max_bytes[, ...])`.
-pub fn capacity_from_engine(engine_full: &str) -> Option<u64> {
-    let args = engine_full.trim().strip_prefix("Buffer(")?;
-    let args = &args[..args.rfind(')')?];
-    let parts = crate::schema::types::split_args(args);
-    let layers: u64 = parts.get(2)?.trim().parse().ok()?;
-    let max_bytes: u64 = parts.get(8)?.trim().parse().ok()?;
-    layers.checked_mul(max_bytes)
+/// The arguments of `Buffer(database, table, num_layers, min_time, max_time, min_rows,
+/// max_rows, min_bytes, max_bytes[, ...])` as `engine_full` prints them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BufferParams {
+    pub database: String,
+    pub table: String,
+    pub num_layers: u64,
+    pub min_time: u64,
+    pub max_time: u64,
+    pub min_rows: u64,
+    pub max_rows: u64,
+    pub min_bytes: u64,
+    pub max_bytes: u64,
+}
+
+impl BufferParams {
+    pub fn parse(engine_full: &str) -> Option<Self> {
+        let args = engine_full.trim().strip_prefix("Buffer(")?;
+        let args = &args[..args.rfind(')')?];
+        let parts = crate::schema::types::split_args(args);
+        let name = |i: usize| parts.get(i).map(|p| p.trim().trim_matches(|c| c == '\'' || c == '`').to_string());
+        let number = |i: usize| parts.get(i)?.trim().parse::<u64>().ok();
+        Some(Self {
+            database: name(0)?,
+            table: name(1)?,
+            num_layers: number(2)?,
+            min_time: number(3)?,
+            max_time: number(4)?,
+            min_rows: number(5)?,
+            max_rows: number(6)?,
+            min_bytes: number(7)?,
+            max_bytes: number(8)?,
+        })
+    }
+
+    /// `num_layers × max_bytes`: thresholds apply per layer.
+    pub fn capacity(&self) -> u64 {
+        self.num_layers.saturating_mul(self.max_bytes)
+    }
+}
+
+/// Reads how full the Buffer is: per table where `per_table` (the server has
+/// `system.tables.total_bytes`), else the server-wide `StorageBufferBytes`.
+pub async fn read_fill(ch: &ClickHouse, config: &Config, per_table: bool) -> Result<Reading, ClickHouseError> {
+    #[derive(serde::Deserialize)]
+    struct Row {
+        bytes: String,
+        engine_full: String,
+    }
+    let bytes = if per_table {
+        "toString(ifNull(total_bytes, 0))"
+    } else {
+        "toString((SELECT value FROM system.metrics WHERE metric = 'StorageBufferBytes'))"
+    };
+    let sql = format!(
+        "SELECT {bytes} AS bytes, engine_full FROM system.tables WHERE database = {} AND name = {}",
+        quote_str(&config.database),
+        quote_str(&config.buffer_table)
+    );
+    let row = ch
+        .fetch_json::<Row>(&sql)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| ClickHouseError::Protocol("the Buffer table does not exist".into()))?;
+    let capacity = if config.buffer_capacity_bytes > 0 {
+        config.buffer_capacity_bytes
+    } else {
+        BufferParams::parse(&row.engine_full).map(|p| p.capacity()).ok_or_else(|| {
+            ClickHouseError::Protocol(format!("cannot read the Buffer capacity from {:?}", row.engine_full))
+        })?
+    };
+    let bytes = row.bytes.parse().map_err(|_| ClickHouseError::Protocol(format!("bytes {:?}", row.bytes)))?;
+    Ok(Reading { bytes, capacity })
 }
 
 impl Poller {
-    async fn read(&self, per_table: bool) -> Result<Reading, ClickHouseError> {
-        #[derive(serde::Deserialize)]
-        struct Row {
-            bytes: String,
-            engine_full: String,
-        }
-        let bytes = if per_table {
-            "toString(ifNull(total_bytes, 0))"
-        } else {
-            "toString((SELECT value FROM system.metrics WHERE metric = 'StorageBufferBytes'))"
-        };
-        let sql = format!(
-            "SELECT {bytes} AS bytes, engine_full FROM system.tables WHERE database = {} AND name = {}",
-            quote_str(&self.config.database),
-            quote_str(&self.config.buffer_table)
-        );
-        let row = self
-            .ch
-            .fetch_json::<Row>(&sql)
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| ClickHouseError::Protocol("the Buffer table does not exist".into()))?;
-        let capacity = if self.config.buffer_capacity_bytes > 0 {
-            self.config.buffer_capacity_bytes
-        } else {
-            capacity_from_engine(&row.engine_full).ok_or_else(|| {
-                ClickHouseError::Protocol(format!("cannot read the Buffer capacity from {:?}", row.engine_full))
-            })?
-        };
-        let bytes = row.bytes.parse().map_err(|_| ClickHouseError::Protocol(format!("bytes {:?}", row.bytes)))?;
-        Ok(Reading { bytes, capacity })
-    }
-
     pub async fn run(self, stop: CancellationToken) {
         let config = Arc::clone(&self.config);
         let interval = Duration::from_millis(config.shed_poll_interval_ms);
@@ -89,7 +120,7 @@ impl Poller {
         let mut failing = false;
         loop {
             let reading = match per_table {
-                Some(per_table) => self.read(per_table).await,
+                Some(per_table) => read_fill(&self.ch, &self.config, per_table).await,
                 None => match self.ch.capabilities().await {
                     Ok(caps) => {
                         if !caps.tables_total_bytes {
@@ -100,7 +131,7 @@ impl Poller {
                             );
                         }
                         per_table = Some(caps.tables_total_bytes);
-                        self.read(caps.tables_total_bytes).await
+                        read_fill(&self.ch, &self.config, caps.tables_total_bytes).await
                     }
                     Err(e) => Err(e),
                 },
@@ -170,13 +201,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn capacity_of_old_and_new_engine_spellings() {
+    fn engine_arguments_of_old_and_new_spellings() {
+        let old =
+            BufferParams::parse("Buffer(analytics, events_raw, 16, 10, 60, 100000, 1000000, 10485760, 134217728)")
+                .unwrap();
         assert_eq!(
-            capacity_from_engine("Buffer(analytics, events_raw, 16, 10, 60, 100000, 1000000, 10485760, 134217728)"),
-            Some(16 * 134217728)
+            (old.database.as_str(), old.table.as_str(), old.capacity()),
+            ("analytics", "events_raw", 16 * 134217728)
         );
-        assert_eq!(capacity_from_engine("Buffer('db', 'raw', 1, 10, 60, 1, 2, 3, 4096, 5, 6, 7)"), Some(4096));
-        assert_eq!(capacity_from_engine("MergeTree ORDER BY x"), None);
-        assert_eq!(capacity_from_engine("Buffer(db, raw, 16)"), None);
+        let new = BufferParams::parse("Buffer('db', 'raw', 1, 10, 60, 1, 2, 3, 4096, 5, 6, 7)").unwrap();
+        assert_eq!((new.database.as_str(), new.min_bytes, new.capacity()), ("db", 3, 4096));
+        assert_eq!(BufferParams::parse("MergeTree ORDER BY x"), None);
+        assert_eq!(BufferParams::parse("Buffer(db, raw, 16)"), None);
     }
 }

@@ -265,7 +265,17 @@ fn wait_http(url: &str, timeout: Duration, process: &Process) -> bool {
 
 pub fn http() -> reqwest::Client {
     static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
-    CLIENT.get_or_init(|| reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client")).clone()
+    // Idle connections are dropped well before ClickHouse's keep_alive_timeout (10 s here), or
+    // a request can go out on a connection the server is closing.
+    CLIENT
+        .get_or_init(|| {
+            reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .pool_idle_timeout(Duration::from_secs(2))
+                .build()
+                .expect("client")
+        })
+        .clone()
 }
 
 /// A configuration pointing at `ch`, database `db`, tuned for quick tests.

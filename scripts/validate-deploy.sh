@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Machine checks of what cannot run on this machine: the API spec, the container image
+# definition, the Kubernetes manifests, the alerting rules (checked and unit-tested) and the
+# Grafana dashboard.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m openapi_spec_validator openapi.yaml
+hadolint Dockerfile
+yamllint -d '{extends: default, rules: {line-length: {max: 240, allow-non-breakable-inline-mappings: true}, document-start: disable, truthy: {check-keys: false}}}' k8s deploy/prometheus openapi.yaml
+# Every core resource, strictly, against a current Kubernetes; the ServiceMonitor is a CRD
+# (Prometheus Operator) and kustomization files are not resources.
+mapfile -t manifests < <(find k8s -name '*.yaml' ! -name 'kustomization.yaml' ! -name 'servicemonitor.yaml' | sort)
+kubernetes-validate --strict --quiet "${manifests[@]}"
+promtool check rules deploy/prometheus/alerts.yaml
+(cd deploy/prometheus && promtool test rules alerts_test.yaml)
+python3 -m json.tool deploy/grafana/buffergate.json >/dev/null
+echo "deploy artefacts: ok"

@@ -1,0 +1,327 @@
+//! `buffergate check`: the tuning checklist, run against the live server and the gateway's own
+//! configuration. Each finding has a severity and a concrete fix; warnings and errors make the
+//! command exit 1.
+
+use serde::Serialize;
+
+use crate::clickhouse::{ClickHouse, ClickHouseError};
+use crate::config::Config;
+use crate::shed::poller::{BufferParams, read_fill};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Info,
+    Warning,
+    Error,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    /// Stable name of the check.
+    pub check: &'static str,
+    pub severity: Severity,
+    pub message: String,
+    pub fix: String,
+}
+
+/// What the server cannot tell about itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Expected rows per second into the Buffer; measured (server-wide) when absent.
+    pub rate: Option<f64>,
+    /// The server's memory in bytes, where `system.asynchronous_metrics` does not say.
+    pub server_memory: Option<u64>,
+}
+
+fn finding(check: &'static str, severity: Severity, message: impl Into<String>, fix: impl Into<String>) -> Finding {
+    Finding { check, severity, message: message.into(), fix: fix.into() }
+}
+
+/// Whether any finding should fail the command.
+pub fn failed(findings: &[Finding]) -> bool {
+    findings.iter().any(|f| f.severity >= Severity::Warning)
+}
+
+#[derive(serde::Deserialize)]
+struct Value {
+    v: String,
+}
+
+async fn scalar(ch: &ClickHouse, sql: &str) -> Result<Option<String>, ClickHouseError> {
+    Ok(ch.fetch_json::<Value>(sql).await?.into_iter().next().map(|r| r.v))
+}
+
+/// CPU cores, from `max_threads` (`auto(N)` or `N`).
+async fn cores(ch: &ClickHouse) -> Result<Option<u64>, ClickHouseError> {
+    let text = scalar(ch, "SELECT toString(value) AS v FROM system.settings WHERE name = 'max_threads'").await?;
+    Ok(text.and_then(|t| t.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok()))
+}
+
+async fn memory(ch: &ClickHouse) -> Option<u64> {
+    let sql = "SELECT toString(toUInt64(value)) AS v FROM system.asynchronous_metrics WHERE metric = 'OSMemoryTotal'";
+    scalar(ch, sql).await.ok().flatten().and_then(|v| v.parse().ok())
+}
+
+/// Rows per second inserted on the server (all tables), over one second.
+async fn measured_rate(ch: &ClickHouse) -> Result<f64, ClickHouseError> {
+    let sql = "SELECT toString(value) AS v FROM system.events WHERE event = 'InsertedRows'";
+    let read =
+        || async { Ok::<f64, ClickHouseError>(scalar(ch, sql).await?.and_then(|v| v.parse().ok()).unwrap_or(0.0)) };
+    let before = read().await?;
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    Ok((read().await? - before).max(0.0))
+}
+
+/// Runs every check.
+pub async fn run(ch: &ClickHouse, config: &Config, options: Options) -> Result<Vec<Finding>, ClickHouseError> {
+    let mut out = Vec::new();
+    let (db, buffer) = (&config.database, &config.buffer_table);
+    let Some(engine) = ch.engine_full(db, buffer).await? else {
+        out.push(finding(
+            "buffer_table",
+            Severity::Error,
+            format!("{db}.{buffer} does not exist"),
+            "run `buffergate migrate`",
+        ));
+        return Ok(out);
+    };
+    let Some(params) = BufferParams::parse(&engine) else {
+        out.push(finding(
+            "buffer_table",
+            Severity::Error,
+            format!("{db}.{buffer} is not a Buffer table: {engine}"),
+            "point buffer_table at the Buffer table, or drop this table and run `buffergate migrate`",
+        ));
+        return Ok(out);
+    };
+
+    // The destination named in the engine is where rows go, whatever the configuration says.
+    let destination = params.table.clone();
+    let target_db = params.database.clone();
+    match ch.engine_full(&target_db, &destination).await? {
+        None => out.push(finding(
+            "destination",
+            Severity::Error,
+            format!("the Buffer flushes into {target_db}.{destination}, which does not exist: ClickHouse silently drops the rows at flush"),
+            "create the destination (`buffergate migrate`) before writing",
+        )),
+        Some(dest_engine) if dest_engine.starts_with("Buffer") => out.push(finding(
+            "destination",
+            Severity::Error,
+            format!("the destination {target_db}.{destination} is itself a Buffer table"),
+            "point the Buffer at a MergeTree table",
+        )),
+        Some(_) => {
+            let (b, d) = (ch.columns(db, buffer).await?, ch.columns(&target_db, &destination).await?);
+            if let Some(differences) = crate::clickhouse::migrate::column_differences(&b, &d) {
+                out.push(finding(
+                    "columns",
+                    Severity::Error,
+                    format!("Buffer and destination columns differ ({differences}): values are cast or the flush fails and rows are lost"),
+                    "drain the Buffer (`buffergate drain`), drop it and run `buffergate migrate`",
+                ));
+            }
+        }
+    }
+    if target_db != *db || destination != config.destination_table {
+        out.push(finding(
+            "destination",
+            Severity::Warning,
+            format!(
+                "the Buffer flushes into {target_db}.{destination}, the configuration names {db}.{}",
+                config.destination_table
+            ),
+            "make destination_table match the Buffer's engine",
+        ));
+    }
+
+    if params.min_bytes < 1024 * 1024 {
+        out.push(finding(
+            "min_bytes",
+            Severity::Warning,
+            format!("min_bytes is {} (< 1 MiB): flushes create many small parts", params.min_bytes),
+            "raise min_bytes to at least 1 MiB (10 MiB is a good start)",
+        ));
+    }
+
+    match cores(ch).await? {
+        Some(cores) if params.num_layers > cores * 4 || params.num_layers * 4 < cores => out.push(finding(
+            "num_layers",
+            Severity::Warning,
+            format!("num_layers is {} on a server with {cores} cores", params.num_layers),
+            format!("set num_layers near the core count ({cores})"),
+        )),
+        Some(_) => {}
+        None => out.push(finding(
+            "num_layers",
+            Severity::Info,
+            "the server's core count is unknown",
+            "compare num_layers with the cores yourself",
+        )),
+    }
+
+    let rate = match options.rate {
+        Some(rate) => Some(rate),
+        None => measured_rate(ch).await.ok(),
+    };
+    match rate {
+        Some(rate) if rate > 0.0 => {
+            // Rows one layer collects before max_time forces a flush.
+            let per_layer = rate * params.max_time as f64 / params.num_layers as f64;
+            let by_size = per_layer >= params.max_rows as f64 || per_layer >= params.min_rows as f64;
+            if !by_size {
+                out.push(finding(
+                    "time_trigger",
+                    Severity::Warning,
+                    format!(
+                        "at {rate:.0} rows/s over {} layers a layer collects ~{per_layer:.0} rows per max_time ({} s), below min_rows ({}) and max_rows ({}): every flush is triggered by max_time",
+                        params.num_layers, params.max_time, params.min_rows, params.max_rows
+                    ),
+                    "lower min_rows/min_bytes (or num_layers) so that the size thresholds trigger flushes",
+                ));
+            }
+        }
+        _ => out.push(finding(
+            "time_trigger",
+            Severity::Info,
+            "no inserts observed: cannot tell which threshold triggers flushes",
+            "run again under load, or pass --rate",
+        )),
+    }
+
+    if config.flush_max_rows as u64 >= params.max_rows || config.flush_max_bytes as u64 >= params.max_bytes {
+        out.push(finding(
+            "flush_sizes",
+            Severity::Error,
+            format!(
+                "gateway batches (up to {} rows / {} bytes) reach the Buffer's max_rows ({}) or max_bytes ({}): such INSERTs bypass the Buffer and write parts directly",
+                config.flush_max_rows, config.flush_max_bytes, params.max_rows, params.max_bytes
+            ),
+            "lower flush_max_rows / flush_max_bytes below the Buffer's maxima",
+        ));
+    }
+
+    let capacity = params.capacity();
+    match options.server_memory.or(memory(ch).await) {
+        Some(memory) if capacity > memory / 2 => out.push(finding(
+            "capacity",
+            Severity::Error,
+            format!("the Buffer can hold {capacity} bytes (num_layers × max_bytes), more than half the server's {memory} bytes of RAM"),
+            "lower max_bytes or num_layers",
+        )),
+        Some(memory) if capacity > memory / 4 => out.push(finding(
+            "capacity",
+            Severity::Warning,
+            format!("the Buffer can hold {capacity} bytes, over a quarter of the server's {memory} bytes of RAM"),
+            "lower max_bytes or num_layers",
+        )),
+        Some(_) => {}
+        None => out.push(finding("capacity", Severity::Info, format!("the Buffer can hold {capacity} bytes; the server's memory is unknown"), "pass --server-memory to compare")),
+    }
+
+    #[derive(serde::Deserialize)]
+    struct View {
+        database: String,
+        name: String,
+        create_table_query: String,
+    }
+    let views: Vec<View> = ch
+        .fetch_json("SELECT database, name, create_table_query FROM system.tables WHERE engine = 'MaterializedView'")
+        .await?;
+    for view in views {
+        if reads_from(&view.create_table_query, &view.database, db, buffer) {
+            out.push(finding(
+                "materialized_views",
+                Severity::Warning,
+                format!(
+                    "materialized view {}.{} reads FROM the Buffer table: it fires on every insert, not per flush",
+                    view.database, view.name
+                ),
+                format!("recreate it to read FROM {target_db}.{destination}"),
+            ));
+        }
+    }
+
+    match read_fill(ch, config, ch.capabilities().await?.tables_total_bytes).await {
+        Ok(reading) if reading.capacity > 0 => {
+            let fill = reading.bytes as f64 / reading.capacity as f64;
+            let (severity, what) = if fill >= 0.8 {
+                (Some(Severity::Error), "at or above the 80% shed threshold")
+            } else if fill >= 0.7 {
+                (Some(Severity::Warning), "above 70%")
+            } else {
+                (None, "")
+            };
+            if let Some(severity) = severity {
+                out.push(finding(
+                    "fill",
+                    severity,
+                    format!(
+                        "the Buffer is {:.0}% full ({} of {} bytes), {what}",
+                        fill * 100.0,
+                        reading.bytes,
+                        reading.capacity
+                    ),
+                    "drain it (`buffergate drain`) and look at the destination's merges and flush errors",
+                ));
+            }
+        }
+        Ok(_) => {}
+        Err(error) => out.push(finding(
+            "fill",
+            Severity::Warning,
+            format!("cannot read the Buffer's fill: {error}"),
+            "check the gateway user's access to system tables",
+        )),
+    }
+    Ok(out)
+}
+
+/// Whether a view's query reads FROM `db.buffer` (or FROM `buffer` inside `db`).
+fn reads_from(query: &str, view_db: &str, db: &str, buffer: &str) -> bool {
+    let normalized = query.replace('`', "").to_lowercase();
+    let words: Vec<&str> = normalized
+        .split(|c: char| c.is_whitespace() || c == '(' || c == ')' || c == ',')
+        .filter(|w| !w.is_empty())
+        .collect();
+    let (qualified, bare) = (format!("{db}.{buffer}").to_lowercase(), buffer.to_lowercase());
+    words.windows(2).any(|w| w[0] == "from" && (w[1] == qualified || (view_db == db && w[1] == bare)))
+}
+
+/// Prints findings as a table for people.
+pub fn render_text(findings: &[Finding]) -> String {
+    if findings.is_empty() {
+        return "ok: no findings\n".into();
+    }
+    let mut out = String::new();
+    for f in findings {
+        out.push_str(&format!(
+            "{:<8} {:<19} {}\n         fix: {}\n",
+            format!("{:?}", f.severity).to_uppercase(),
+            f.check,
+            f.message,
+            f.fix
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn views_reading_from_the_buffer() {
+        let q = "CREATE MATERIALIZED VIEW a.mv TO a.agg AS SELECT count() FROM a.events_buffer GROUP BY x";
+        assert!(reads_from(q, "a", "a", "events_buffer"));
+        assert!(reads_from(
+            "CREATE MATERIALIZED VIEW a.mv AS SELECT * FROM `events_buffer`",
+            "a",
+            "a",
+            "events_buffer"
+        ));
+        assert!(!reads_from("CREATE MATERIALIZED VIEW a.mv AS SELECT * FROM a.events_raw", "a", "a", "events_buffer"));
+        assert!(!reads_from("CREATE MATERIALIZED VIEW b.mv AS SELECT * FROM events_buffer", "b", "a", "events_buffer"));
+    }
+}

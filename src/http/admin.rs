@@ -1,0 +1,99 @@
+//! The admin API, behind `admin_token` (404 when none is configured): `POST /admin/flush`
+//! and `GET /v1/status`.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, header};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::error::ApiError;
+use crate::auth::bearer;
+use crate::clickhouse::migrate;
+use crate::server::AppState;
+
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    if !state.admin.enabled() {
+        return Err(ApiError::NotFound);
+    }
+    let token = bearer(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()));
+    if state.admin.allows(token) { Ok(()) } else { Err(ApiError::Unauthorized) }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct FlushParams {
+    /// Also drain the Buffer into its destination.
+    #[serde(default)]
+    drain: bool,
+}
+
+/// Sends every queued row now (cutting any linger short) and waits until it is written; with
+/// `?drain=true`, then drains the Buffer.
+pub async fn flush(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    params: Result<Query<FlushParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let Query(params) = params.map_err(|e| ApiError::BadQuery(e.body_text()))?;
+    if let Some(schema) = state.schema.get() {
+        state.coalescer.flush(&schema).await.map_err(|_| ApiError::ShuttingDown)?;
+    }
+    let drained = if params.drain {
+        let rows = migrate::drain(&state.ch, &state.config).await.map_err(|e| ApiError::FlushFailed(e.to_string()))?;
+        Some(rows)
+    } else {
+        None
+    };
+    Ok(Json(json!({"flushed": true, "drained_rows": drained})))
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub ready: bool,
+    pub not_ready_reason: Option<&'static str>,
+    pub draining: bool,
+    pub clickhouse_version: Option<String>,
+    pub schema_version: Option<u64>,
+    pub buffer: BufferStatus,
+    pub shedding: bool,
+    pub circuit_open: bool,
+    pub queue_rows: Vec<usize>,
+    pub inflight_bytes: usize,
+    pub inflight_limit_bytes: usize,
+    pub idempotency_store: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BufferStatus {
+    pub bytes: u64,
+    pub capacity_bytes: u64,
+    pub fill_ratio: f64,
+}
+
+pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Status>, ApiError> {
+    authorize(&state, &headers)?;
+    let schema = state.schema.get();
+    let readiness = state.health.readiness(schema.is_some());
+    let (bytes, capacity) = (state.shed.bytes(), state.shed.capacity());
+    Ok(Json(Status {
+        ready: readiness.is_ok() && !(state.config.shed_readiness && state.shed.is_shedding()),
+        not_ready_reason: readiness.err(),
+        draining: state.health.is_draining(),
+        clickhouse_version: state.health.clickhouse_version(),
+        schema_version: schema.map(|s| s.version),
+        buffer: BufferStatus {
+            bytes,
+            capacity_bytes: capacity,
+            fill_ratio: if capacity > 0 { bytes as f64 / capacity as f64 } else { 0.0 },
+        },
+        shedding: state.shed.is_shedding(),
+        circuit_open: state.breaker.is_open(),
+        queue_rows: state.coalescer.queue_depths(),
+        inflight_bytes: state.budget.used(),
+        inflight_limit_bytes: state.budget.limit(),
+        idempotency_store: if state.idempotency.is_embedded() { "embedded" } else { "redis" },
+    }))
+}
