@@ -60,6 +60,15 @@ pub fn bearer(header: Option<&str>) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim())
 }
 
+/// `name=key`, where a name is `[A-Za-z0-9_.-]+`; a bare key may itself hold `=` (base64
+/// padding), so `abc==` stays one key.
+fn named(line: &str) -> Option<(&str, &str)> {
+    let (name, key) = line.split_once('=')?;
+    let (name, key) = (name.trim(), key.trim());
+    let plausible = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    (plausible && !key.is_empty() && !key.starts_with('=')).then_some((name, key))
+}
+
 impl ApiKeys {
     pub fn from_config(config: &Config) -> Result<Self, AuthError> {
         let mut lines: Vec<String> = config.api_keys.split(',').map(str::to_string).collect();
@@ -73,8 +82,8 @@ impl ApiKeys {
             .map(|line| line.trim())
             .filter(|line| !line.is_empty() && !line.starts_with('#'))
             .enumerate()
-            .map(|(i, line)| match line.split_once('=') {
-                Some((name, key)) => (name.trim().to_string(), digest(key.trim())),
+            .map(|(i, line)| match named(line) {
+                Some((name, key)) => (name.to_string(), digest(key)),
                 None => (format!("key-{}", i + 1), digest(line)),
             })
             .collect();
@@ -174,6 +183,7 @@ mod tests {
         let keys = keys(0.0);
         assert_eq!(keys.check(Some("s3cret")), Ok(Some("alice".into())));
         assert_eq!(keys.check(Some("bare-key")), Ok(Some("key-2".into())));
+        assert_eq!(keys.check(Some("cGFkZGVk==")), Ok(Some("key-3".into())), "base64 padding is not a name");
         assert_eq!(keys.check(Some("nope")), Err(Denied::Unknown));
         assert_eq!(keys.check(None), Err(Denied::Missing));
         assert!(ApiKeys::from_config(&Config::default()).unwrap().check(None).is_ok(), "no keys: auth off");

@@ -1,0 +1,419 @@
+//! Side-by-side benchmark: the same seed-shaped event stream sent by producers straight into
+//! the Buffer table (`INSERT … FORMAT JSONEachRow` over ClickHouse's HTTP interface) and
+//! through buffergate (`POST /v1/events`), on one machine, in one run. Starts its own
+//! ClickHouse, Redis and gateways; prints throughput, latency, CPU per million events per
+//! process, the gateway's peak RSS and parts created, verifies that every acknowledged event
+//! is stored exactly once, and writes JSON and Markdown results.
+//!
+//!     cargo run --release -p buffergate-bench -- [--seconds 8] [--out bench/results]
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)] // a harness: fail loudly, print results
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const EVENT_TYPES: [&str; 8] = ["page_view", "click", "signup", "purchase", "search", "add_to_cart", "logout", "share"];
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// Peak resident memory of a process, in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+async fn wait_http(url: &str) {
+    let client = reqwest::Client::new();
+    for _ in 0..300 {
+        if client.get(url).send().await.is_ok_and(|r| r.status().is_success()) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{url} never answered");
+}
+
+struct Servers {
+    clickhouse: Child,
+    redis: Child,
+    ch_url: String,
+    redis_url: String,
+    _dir: PathBuf,
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        let _ = self.clickhouse.kill();
+        let _ = self.redis.kill();
+    }
+}
+
+async fn start_servers(dir: &Path) -> Servers {
+    let (http, tcp, redis_port) = (free_port(), free_port(), free_port());
+    let clickhouse = Command::new(repo().join("scripts/clickhouse-server.sh"))
+        .arg(dir.join("clickhouse"))
+        .args([http.to_string(), tcp.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("clickhouse-server (scripts/install-deps.sh installs it)");
+    let redis = Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &redis_port.to_string(), "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    let ch_url = format!("http://127.0.0.1:{http}");
+    wait_http(&format!("{ch_url}/ping")).await;
+    Servers { clickhouse, redis, ch_url, redis_url: format!("redis://127.0.0.1:{redis_port}/0"), _dir: dir.to_path_buf() }
+}
+
+/// One seed-shaped event (~230 bytes), unique by `n`; payload and metadata are JSON text and
+/// the time has whole seconds, as producers inserting JSONEachRow into 18.16's String and
+/// DateTime columns must send them.
+fn write_event(out: &mut String, n: u64, base_ms: u64) {
+    let ms = base_ms + n % 3_600_000;
+    let secs = ms / 1000;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    let kind = EVENT_TYPES[(n.wrapping_mul(2_654_435_761) % 8) as usize];
+    let _ = write!(
+        out,
+        r#"{{"event_id":"00000000-0000-4000-8000-{n:012x}","event_ts":"2024-05-01 {h:02}:{m:02}:{s:02}","user_id":{n},"event_type":"{kind}","payload":"{{\"page\":\"/p/{}\",\"ref\":\"campaign-{}\",\"ms\":{}}}","metadata":"{{\"source\":\"web\",\"ip\":\"10.{}.{}.{}\"}}"}}"#,
+        n % 997,
+        n % 31,
+        n % 5000,
+        n % 256,
+        (n / 256) % 256,
+        (n / 65536) % 256
+    );
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Direct,
+    Gateway { dedup: bool },
+}
+
+impl Mode {
+    fn label(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Gateway { dedup: true } => "gateway, idempotency on",
+            Mode::Gateway { dedup: false } => "gateway, idempotency off",
+        }
+    }
+}
+
+#[derive(Default)]
+struct Load {
+    acknowledged: u64,
+    failed_requests: u64,
+    latencies_us: Vec<u32>,
+    elapsed: f64,
+}
+
+/// Drives `connections` producers for `seconds`, each sending `batch` events per request.
+async fn drive(url: String, ndjson: bool, batch: u64, connections: usize, seconds: f64, first_id: u64) -> Load {
+    let next = Arc::new(AtomicU64::new(first_id));
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (url, next) = (url.clone(), Arc::clone(&next));
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(2)).build().unwrap();
+            let mut load = Load::default();
+            let mut body = String::with_capacity(batch as usize * 260);
+            while Instant::now() < deadline {
+                let first = next.fetch_add(batch, Ordering::Relaxed);
+                body.clear();
+                if !ndjson {
+                    body.push('[');
+                }
+                for n in first..first + batch {
+                    if n > first {
+                        body.push(if ndjson { '\n' } else { ',' });
+                    }
+                    write_event(&mut body, n, 1_714_521_600_000);
+                }
+                if !ndjson {
+                    body.push(']');
+                }
+                let sent = Instant::now();
+                let response = client.post(&url).header("content-type", "application/json").body(body.clone()).send().await;
+                let accepted = match response {
+                    Ok(r) if r.status().is_success() => {
+                        let body = r.bytes().await.unwrap_or_default();
+                        // The gateway says how many it accepted; ClickHouse's 200 means all.
+                        accepted_count(&body).or(Some(batch))
+                    }
+                    Ok(r) => {
+                        let _ = r.bytes().await;
+                        None
+                    }
+                    Err(_) => None,
+                };
+                load.latencies_us.push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                match accepted {
+                    Some(n) => load.acknowledged += n,
+                    None => load.failed_requests += 1,
+                }
+            }
+            load
+        }));
+    }
+    let mut total = Load::default();
+    for task in tasks {
+        let load = task.await.unwrap();
+        total.acknowledged += load.acknowledged;
+        total.failed_requests += load.failed_requests;
+        total.latencies_us.extend(load.latencies_us);
+    }
+    total.elapsed = started.elapsed().as_secs_f64();
+    total
+}
+
+/// `accepted` from a gateway answer, without parsing the rest.
+fn accepted_count(body: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(body).ok()?;
+    let rest = &text[text.find("\"accepted\":")? + 11..];
+    rest[..rest.find(|c: char| !c.is_ascii_digit())?].parse().ok()
+}
+
+fn percentile(sorted: &[u32], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    f64::from(sorted[i]) / 1000.0
+}
+
+async fn query(ch: &str, sql: &str) -> Vec<Value> {
+    let text = reqwest::Client::new().post(ch).body(format!("{sql} FORMAT JSONEachRow")).send().await.unwrap().text().await.unwrap();
+    text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+fn num(v: &Value) -> f64 {
+    v.as_f64().or_else(|| v.as_str().and_then(|s| s.parse().ok())).unwrap_or(0.0)
+}
+
+fn gateway_env(cmd: &mut Command, servers: &Servers, db: &str) {
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "warn")
+        .env("BUFFERGATE_CLICKHOUSE_URL", &servers.ch_url)
+        .env("BUFFERGATE_DATABASE", db);
+}
+
+async fn scenario(servers: &Servers, mode: Mode, batch: u64, connections: usize, seconds: f64, first_id: u64) -> Value {
+    let name = format!("{}_{}", if batch >= 100 { "large" } else { "small" }, match mode {
+        Mode::Direct => "direct",
+        Mode::Gateway { dedup: true } => "gw_dedup",
+        Mode::Gateway { dedup: false } => "gw_nodedup",
+    });
+    let db = format!("bench_{name}");
+    let binary = repo().join("target/release/buffergate");
+    let mut migrate = Command::new(&binary);
+    gateway_env(&mut migrate, servers, &db);
+    assert!(migrate.arg("migrate").stderr(Stdio::null()).status().unwrap().success(), "migrate");
+
+    let mut gateway = None;
+    let url = match mode {
+        Mode::Direct => format!("{}/?query=INSERT%20INTO%20{db}.events_buffer%20FORMAT%20JSONEachRow", servers.ch_url),
+        Mode::Gateway { dedup } => {
+            let port = free_port();
+            let mut cmd = Command::new(&binary);
+            gateway_env(&mut cmd, servers, &db);
+            cmd.env("BUFFERGATE_LISTEN", format!("127.0.0.1:{port}"))
+                .env("BUFFERGATE_REDIS_URL", if dedup { servers.redis_url.as_str() } else { "" })
+                .env("BUFFERGATE_DEDUP", if dedup { "event" } else { "off" })
+                .arg("serve")
+                .stderr(Stdio::null());
+            gateway = Some(cmd.spawn().unwrap());
+            wait_http(&format!("http://127.0.0.1:{port}/readyz")).await;
+            format!("http://127.0.0.1:{port}/v1/events")
+        }
+    };
+    let pids = [
+        ("gateway", gateway.as_ref().map(Child::id)),
+        ("clickhouse", Some(servers.clickhouse.id())),
+        ("redis", Some(servers.redis.id())),
+        ("load generator", Some(std::process::id())),
+    ];
+    let before: Vec<f64> = pids.iter().map(|(_, p)| p.map_or(0.0, cpu_seconds)).collect();
+    let mut load = drive(url, mode == Mode::Direct, batch, connections, seconds, first_id).await;
+    let after: Vec<f64> = pids.iter().map(|(_, p)| p.map_or(0.0, cpu_seconds)).collect();
+    let rss = gateway.as_ref().map(|g| peak_rss_mib(g.id()));
+    if let Some(mut g) = gateway {
+        // SIGTERM drains; the answers were all received already.
+        let _ = Command::new("kill").arg(g.id().to_string()).status();
+        let _ = g.wait();
+    }
+
+    let ch = &servers.ch_url;
+    let _ = reqwest::Client::new().post(ch).body(format!("OPTIMIZE TABLE {db}.events_buffer")).send().await;
+    let stored = query(ch, &format!(
+        "SELECT count() AS distinct_ids, sum(c) AS rows, sum(c > 1) AS duplicated FROM (SELECT user_id, count() AS c FROM {db}.events_raw GROUP BY user_id)"
+    ))
+    .await;
+    let parts = query(ch, &format!("SELECT count() AS parts FROM system.parts WHERE database = '{db}' AND table = 'events_raw' AND level = 0")).await;
+    let (rows, distinct, duplicated) = (num(&stored[0]["rows"]), num(&stored[0]["distinct_ids"]), num(&stored[0]["duplicated"]));
+    let millions = (load.acknowledged as f64 / 1e6).max(1e-9);
+    load.latencies_us.sort_unstable();
+    let cpu: serde_json::Map<String, Value> =
+        pids.iter().zip(before.iter().zip(&after)).map(|((name, _), (b, a))| ((*name).to_string(), json!((a - b) / millions))).collect();
+    json!({
+        "scenario": name,
+        "mode": mode.label(),
+        "events_per_request": batch,
+        "connections": connections,
+        "seconds": load.elapsed,
+        "acknowledged_events": load.acknowledged,
+        "failed_requests": load.failed_requests,
+        "events_per_second": load.acknowledged as f64 / load.elapsed,
+        "latency_ms": {"p50": percentile(&load.latencies_us, 0.5), "p99": percentile(&load.latencies_us, 0.99), "p99_9": percentile(&load.latencies_us, 0.999)},
+        "cpu_seconds_per_million_events": cpu,
+        "gateway_peak_rss_mib": rss,
+        "parts_per_million_events": num(&parts[0]["parts"]) / millions,
+        "stored_rows": rows,
+        // Every acknowledged event is there (no loss) and no id is stored twice.
+        "lost": (load.acknowledged as f64 - distinct).max(0.0),
+        "duplicated_ids": duplicated,
+    })
+}
+
+fn row(r: &Value) -> String {
+    let cpu = &r["cpu_seconds_per_million_events"];
+    let total = ["gateway", "clickhouse", "redis"].iter().map(|k| num(&cpu[*k])).sum::<f64>();
+    format!(
+        "| {} | {} × {} | {:.0} | {:.1} / {:.1} / {:.1} | {:.2} / {:.2} / {:.2} (= {:.2}) | {} | {:.1} | {} / {} |",
+        r["mode"].as_str().unwrap_or(""),
+        r["events_per_request"],
+        r["connections"],
+        num(&r["events_per_second"]),
+        num(&r["latency_ms"]["p50"]),
+        num(&r["latency_ms"]["p99"]),
+        num(&r["latency_ms"]["p99_9"]),
+        num(&cpu["gateway"]),
+        num(&cpu["clickhouse"]),
+        num(&cpu["redis"]),
+        total,
+        r["gateway_peak_rss_mib"].as_f64().map_or("–".to_string(), |m| format!("{m:.0} MiB")),
+        num(&r["parts_per_million_events"]),
+        r["lost"],
+        r["duplicated_ids"],
+    )
+}
+
+fn targets(results: &[Value]) -> Vec<(String, bool)> {
+    let find = |name: &str| results.iter().find(|r| r["scenario"] == name).cloned().unwrap_or(Value::Null);
+    let cpu = |r: &Value| ["gateway", "clickhouse", "redis"].iter().map(|k| num(&r["cpu_seconds_per_million_events"][*k])).sum::<f64>();
+    let (sd, sg) = (find("small_direct"), find("small_gw_dedup"));
+    let (ld, lg) = (find("large_direct"), find("large_gw_nodedup"));
+    let eps = |r: &Value| num(&r["events_per_second"]);
+    let mut out = vec![
+        (format!("small batches, idempotency on: events/s ≥ 3 × direct (got {:.2}×)", eps(&sg) / eps(&sd).max(1.0)), eps(&sg) >= 3.0 * eps(&sd)),
+        (
+            format!("small batches, idempotency on: p99 no worse than direct ({:.1} vs {:.1} ms)", num(&sg["latency_ms"]["p99"]), num(&sd["latency_ms"]["p99"])),
+            num(&sg["latency_ms"]["p99"]) <= num(&sd["latency_ms"]["p99"]),
+        ),
+        (format!("large batches, idempotency off: events/s ≥ 1.0 × direct (got {:.2}×)", eps(&lg) / eps(&ld).max(1.0)), eps(&lg) >= eps(&ld)),
+        (format!("large batches, idempotency off: less CPU per million events than direct ({:.2} vs {:.2} s)", cpu(&lg), cpu(&ld)), cpu(&lg) < cpu(&ld)),
+    ];
+    let max_rss = results.iter().filter_map(|r| r["gateway_peak_rss_mib"].as_f64()).fold(0.0, f64::max);
+    out.push((format!("gateway peak RSS ≤ 256 MiB in every scenario (max {max_rss:.0} MiB)"), max_rss <= 256.0));
+    let parts_ok = [("small", &sd), ("large", &ld)].iter().all(|(size, direct)| {
+        results.iter().filter(|r| r["scenario"].as_str().is_some_and(|s| s.starts_with(size) && s.contains("gw"))).all(|r| num(&r["parts_per_million_events"]) <= num(&direct["parts_per_million_events"]))
+    });
+    out.push(("no more parts per million events than direct".to_string(), parts_ok));
+    let exact = results.iter().all(|r| num(&r["lost"]) == 0.0 && num(&r["duplicated_ids"]) == 0.0);
+    out.push(("zero lost and zero duplicated events in every run".to_string(), exact));
+    out
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpu.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()).unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let total = mem.lines().find_map(|l| l.strip_prefix("MemTotal:")).map(|v| v.trim().to_string()).unwrap_or_default();
+    format!("{cores} cores ({model}), {total} RAM; ClickHouse, Redis, the gateway and the load generator on the same machine")
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let seconds: f64 = arg("--seconds").and_then(|s| s.parse().ok()).unwrap_or(8.0);
+    let out_dir = PathBuf::from(arg("--out").unwrap_or_else(|| repo().join("bench/results").display().to_string()));
+
+    let status = Command::new("cargo").args(["build", "--release", "--locked", "--bin", "buffergate"]).current_dir(repo()).status().unwrap();
+    assert!(status.success(), "cargo build --release");
+    let dir = std::env::temp_dir().join(format!("buffergate-bench-{}", std::process::id()));
+    let servers = start_servers(&dir).await;
+    let version = query(&servers.ch_url, "SELECT version() AS v").await[0]["v"].as_str().unwrap_or("").to_string();
+
+    let mut results = Vec::new();
+    let mut first_id = 0;
+    for (batch, connections) in [(10u64, 64usize), (1000, 8)] {
+        for mode in [Mode::Direct, Mode::Gateway { dedup: true }, Mode::Gateway { dedup: false }] {
+            println!("running {} with {batch} events per request, {connections} connections, {seconds} s...", mode.label());
+            // Ids never repeat across scenarios: the Redis store outlives each gateway.
+            first_id += 1 << 40;
+            let result = scenario(&servers, mode, batch, connections, seconds, first_id).await;
+            println!("  {:.0} events/s", num(&result["events_per_second"]));
+            results.push(result);
+        }
+    }
+
+    let mut md = String::new();
+    let _ = writeln!(md, "# buffergate benchmark\n\nMachine: {}. ClickHouse {version}. {seconds} s per scenario.\n", machine());
+    let _ = writeln!(md, "| mode | events × connections | events/s | latency p50 / p99 / p99.9 ms | CPU s per M events: gateway / ClickHouse / Redis (= total) | gateway peak RSS | parts per M events | lost / duplicated |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+    for r in &results {
+        let _ = writeln!(md, "{}", row(r));
+    }
+    let ratio = |g: &str, d: &str| {
+        let find = |n: &str| results.iter().find(|r| r["scenario"] == n).map_or(0.0, |r| num(&r["events_per_second"]));
+        find(g) / find(d).max(1.0)
+    };
+    let _ = writeln!(md, "\nGateway ÷ direct, events/s: small batches {:.2}× (idempotency on), {:.2}× (off); large batches {:.2}× (on), {:.2}× (off).\n",
+        ratio("small_gw_dedup", "small_direct"), ratio("small_gw_nodedup", "small_direct"), ratio("large_gw_dedup", "large_direct"), ratio("large_gw_nodedup", "large_direct"));
+    let _ = writeln!(md, "Targets:\n");
+    let targets = targets(&results);
+    for (text, met) in &targets {
+        let _ = writeln!(md, "- {} {text}", if *met { "met:" } else { "NOT met:" });
+    }
+    println!("\n{md}");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let report = json!({"machine": machine(), "clickhouse": version, "seconds_per_scenario": seconds, "results": results,
+        "targets": targets.iter().map(|(t, m)| json!({"target": t, "met": m})).collect::<Vec<_>>()});
+    std::fs::write(out_dir.join("latest.json"), format!("{report:#}\n")).unwrap();
+    std::fs::write(out_dir.join("latest.md"), md).unwrap();
+    drop(servers);
+    let _ = std::fs::remove_dir_all(&dir);
+}
