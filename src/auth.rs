@@ -170,7 +170,7 @@ mod tests {
 
     fn keys(rate: f64) -> ApiKeys {
         let config = Config {
-            api_keys: "alice=s3cret, bare-key".into(),
+            api_keys: "alice=s3cret, bare-key, cGFkZGVk==".into(),
             api_key_rate_per_s: rate,
             api_key_burst: 2,
             ..Config::default()

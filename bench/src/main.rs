@@ -89,7 +89,13 @@ async fn start_servers(dir: &Path) -> Servers {
         .expect("redis-server");
     let ch_url = format!("http://127.0.0.1:{http}");
     wait_http(&format!("{ch_url}/ping")).await;
-    Servers { clickhouse, redis, ch_url, redis_url: format!("redis://127.0.0.1:{redis_port}/0"), _dir: dir.to_path_buf() }
+    Servers {
+        clickhouse,
+        redis,
+        ch_url,
+        redis_url: format!("redis://127.0.0.1:{redis_port}/0"),
+        _dir: dir.to_path_buf(),
+    }
 }
 
 /// One seed-shaped event (~230 bytes), unique by `n`; payload and metadata are JSON text and
@@ -164,7 +170,8 @@ async fn drive(url: String, ndjson: bool, batch: u64, connections: usize, second
                     body.push(']');
                 }
                 let sent = Instant::now();
-                let response = client.post(&url).header("content-type", "application/json").body(body.clone()).send().await;
+                let response =
+                    client.post(&url).header("content-type", "application/json").body(body.clone()).send().await;
                 let accepted = match response {
                     Ok(r) if r.status().is_success() => {
                         let body = r.bytes().await.unwrap_or_default();
@@ -213,7 +220,15 @@ fn percentile(sorted: &[u32], q: f64) -> f64 {
 }
 
 async fn query(ch: &str, sql: &str) -> Vec<Value> {
-    let text = reqwest::Client::new().post(ch).body(format!("{sql} FORMAT JSONEachRow")).send().await.unwrap().text().await.unwrap();
+    let text = reqwest::Client::new()
+        .post(ch)
+        .body(format!("{sql} FORMAT JSONEachRow"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
 }
 
@@ -230,11 +245,15 @@ fn gateway_env(cmd: &mut Command, servers: &Servers, db: &str) {
 }
 
 async fn scenario(servers: &Servers, mode: Mode, batch: u64, connections: usize, seconds: f64, first_id: u64) -> Value {
-    let name = format!("{}_{}", if batch >= 100 { "large" } else { "small" }, match mode {
-        Mode::Direct => "direct",
-        Mode::Gateway { dedup: true } => "gw_dedup",
-        Mode::Gateway { dedup: false } => "gw_nodedup",
-    });
+    let name = format!(
+        "{}_{}",
+        if batch >= 100 { "large" } else { "small" },
+        match mode {
+            Mode::Direct => "direct",
+            Mode::Gateway { dedup: true } => "gw_dedup",
+            Mode::Gateway { dedup: false } => "gw_nodedup",
+        }
+    );
     let db = format!("bench_{name}");
     let binary = repo().join("target/release/buffergate");
     let mut migrate = Command::new(&binary);
@@ -280,12 +299,22 @@ async fn scenario(servers: &Servers, mode: Mode, batch: u64, connections: usize,
         "SELECT count() AS distinct_ids, sum(c) AS rows, sum(c > 1) AS duplicated FROM (SELECT user_id, count() AS c FROM {db}.events_raw GROUP BY user_id)"
     ))
     .await;
-    let parts = query(ch, &format!("SELECT count() AS parts FROM system.parts WHERE database = '{db}' AND table = 'events_raw' AND level = 0")).await;
-    let (rows, distinct, duplicated) = (num(&stored[0]["rows"]), num(&stored[0]["distinct_ids"]), num(&stored[0]["duplicated"]));
+    let parts = query(
+        ch,
+        &format!(
+            "SELECT count() AS parts FROM system.parts WHERE database = '{db}' AND table = 'events_raw' AND level = 0"
+        ),
+    )
+    .await;
+    let (rows, distinct, duplicated) =
+        (num(&stored[0]["rows"]), num(&stored[0]["distinct_ids"]), num(&stored[0]["duplicated"]));
     let millions = (load.acknowledged as f64 / 1e6).max(1e-9);
     load.latencies_us.sort_unstable();
-    let cpu: serde_json::Map<String, Value> =
-        pids.iter().zip(before.iter().zip(&after)).map(|((name, _), (b, a))| ((*name).to_string(), json!((a - b) / millions))).collect();
+    let cpu: serde_json::Map<String, Value> = pids
+        .iter()
+        .zip(before.iter().zip(&after))
+        .map(|((name, _), (b, a))| ((*name).to_string(), json!((a - b) / millions)))
+        .collect();
     json!({
         "scenario": name,
         "mode": mode.label(),
@@ -331,23 +360,48 @@ fn row(r: &Value) -> String {
 
 fn targets(results: &[Value]) -> Vec<(String, bool)> {
     let find = |name: &str| results.iter().find(|r| r["scenario"] == name).cloned().unwrap_or(Value::Null);
-    let cpu = |r: &Value| ["gateway", "clickhouse", "redis"].iter().map(|k| num(&r["cpu_seconds_per_million_events"][*k])).sum::<f64>();
+    let cpu = |r: &Value| {
+        ["gateway", "clickhouse", "redis"].iter().map(|k| num(&r["cpu_seconds_per_million_events"][*k])).sum::<f64>()
+    };
     let (sd, sg) = (find("small_direct"), find("small_gw_dedup"));
     let (ld, lg) = (find("large_direct"), find("large_gw_nodedup"));
     let eps = |r: &Value| num(&r["events_per_second"]);
     let mut out = vec![
-        (format!("small batches, idempotency on: events/s ≥ 3 × direct (got {:.2}×)", eps(&sg) / eps(&sd).max(1.0)), eps(&sg) >= 3.0 * eps(&sd)),
         (
-            format!("small batches, idempotency on: p99 no worse than direct ({:.1} vs {:.1} ms)", num(&sg["latency_ms"]["p99"]), num(&sd["latency_ms"]["p99"])),
+            format!("small batches, idempotency on: events/s ≥ 3 × direct (got {:.2}×)", eps(&sg) / eps(&sd).max(1.0)),
+            eps(&sg) >= 3.0 * eps(&sd),
+        ),
+        (
+            format!(
+                "small batches, idempotency on: p99 no worse than direct ({:.1} vs {:.1} ms)",
+                num(&sg["latency_ms"]["p99"]),
+                num(&sd["latency_ms"]["p99"])
+            ),
             num(&sg["latency_ms"]["p99"]) <= num(&sd["latency_ms"]["p99"]),
         ),
-        (format!("large batches, idempotency off: events/s ≥ 1.0 × direct (got {:.2}×)", eps(&lg) / eps(&ld).max(1.0)), eps(&lg) >= eps(&ld)),
-        (format!("large batches, idempotency off: less CPU per million events than direct ({:.2} vs {:.2} s)", cpu(&lg), cpu(&ld)), cpu(&lg) < cpu(&ld)),
+        (
+            format!(
+                "large batches, idempotency off: events/s ≥ 1.0 × direct (got {:.2}×)",
+                eps(&lg) / eps(&ld).max(1.0)
+            ),
+            eps(&lg) >= eps(&ld),
+        ),
+        (
+            format!(
+                "large batches, idempotency off: less CPU per million events than direct ({:.2} vs {:.2} s)",
+                cpu(&lg),
+                cpu(&ld)
+            ),
+            cpu(&lg) < cpu(&ld),
+        ),
     ];
     let max_rss = results.iter().filter_map(|r| r["gateway_peak_rss_mib"].as_f64()).fold(0.0, f64::max);
     out.push((format!("gateway peak RSS ≤ 256 MiB in every scenario (max {max_rss:.0} MiB)"), max_rss <= 256.0));
     let parts_ok = [("small", &sd), ("large", &ld)].iter().all(|(size, direct)| {
-        results.iter().filter(|r| r["scenario"].as_str().is_some_and(|s| s.starts_with(size) && s.contains("gw"))).all(|r| num(&r["parts_per_million_events"]) <= num(&direct["parts_per_million_events"]))
+        results
+            .iter()
+            .filter(|r| r["scenario"].as_str().is_some_and(|s| s.starts_with(size) && s.contains("gw")))
+            .all(|r| num(&r["parts_per_million_events"]) <= num(&direct["parts_per_million_events"]))
     });
     out.push(("no more parts per million events than direct".to_string(), parts_ok));
     let exact = results.iter().all(|r| num(&r["lost"]) == 0.0 && num(&r["duplicated_ids"]) == 0.0);
@@ -357,11 +411,17 @@ fn targets(results: &[Value]) -> Vec<(String, bool)> {
 
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpu.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']).to_string()).unwrap_or_default();
+    let model = cpu
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let mem = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let total = mem.lines().find_map(|l| l.strip_prefix("MemTotal:")).map(|v| v.trim().to_string()).unwrap_or_default();
-    format!("{cores} cores ({model}), {total} RAM; ClickHouse, Redis, the gateway and the load generator on the same machine")
+    format!(
+        "{cores} cores ({model}), {total} RAM; ClickHouse, Redis, the gateway and the load generator on the same machine"
+    )
 }
 
 #[tokio::main]
@@ -371,7 +431,11 @@ async fn main() {
     let seconds: f64 = arg("--seconds").and_then(|s| s.parse().ok()).unwrap_or(8.0);
     let out_dir = PathBuf::from(arg("--out").unwrap_or_else(|| repo().join("bench/results").display().to_string()));
 
-    let status = Command::new("cargo").args(["build", "--release", "--locked", "--bin", "buffergate"]).current_dir(repo()).status().unwrap();
+    let status = Command::new("cargo")
+        .args(["build", "--release", "--locked", "--bin", "buffergate"])
+        .current_dir(repo())
+        .status()
+        .unwrap();
     assert!(status.success(), "cargo build --release");
     let dir = std::env::temp_dir().join(format!("buffergate-bench-{}", std::process::id()));
     let servers = start_servers(&dir).await;
@@ -381,7 +445,10 @@ async fn main() {
     let mut first_id = 0;
     for (batch, connections) in [(10u64, 64usize), (1000, 8)] {
         for mode in [Mode::Direct, Mode::Gateway { dedup: true }, Mode::Gateway { dedup: false }] {
-            println!("running {} with {batch} events per request, {connections} connections, {seconds} s...", mode.label());
+            println!(
+                "running {} with {batch} events per request, {connections} connections, {seconds} s...",
+                mode.label()
+            );
             // Ids never repeat across scenarios: the Redis store outlives each gateway.
             first_id += 1 << 40;
             let result = scenario(&servers, mode, batch, connections, seconds, first_id).await;
@@ -391,8 +458,15 @@ async fn main() {
     }
 
     let mut md = String::new();
-    let _ = writeln!(md, "# buffergate benchmark\n\nMachine: {}. ClickHouse {version}. {seconds} s per scenario.\n", machine());
-    let _ = writeln!(md, "| mode | events × connections | events/s | latency p50 / p99 / p99.9 ms | CPU s per M events: gateway / ClickHouse / Redis (= total) | gateway peak RSS | parts per M events | lost / duplicated |");
+    let _ = writeln!(
+        md,
+        "# buffergate benchmark\n\nMachine: {}. ClickHouse {version}. {seconds} s per scenario.\n",
+        machine()
+    );
+    let _ = writeln!(
+        md,
+        "| mode | events × connections | events/s | latency p50 / p99 / p99.9 ms | CPU s per M events: gateway / ClickHouse / Redis (= total) | gateway peak RSS | parts per M events | lost / duplicated |"
+    );
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
     for r in &results {
         let _ = writeln!(md, "{}", row(r));
@@ -401,8 +475,14 @@ async fn main() {
         let find = |n: &str| results.iter().find(|r| r["scenario"] == n).map_or(0.0, |r| num(&r["events_per_second"]));
         find(g) / find(d).max(1.0)
     };
-    let _ = writeln!(md, "\nGateway ÷ direct, events/s: small batches {:.2}× (idempotency on), {:.2}× (off); large batches {:.2}× (on), {:.2}× (off).\n",
-        ratio("small_gw_dedup", "small_direct"), ratio("small_gw_nodedup", "small_direct"), ratio("large_gw_dedup", "large_direct"), ratio("large_gw_nodedup", "large_direct"));
+    let _ = writeln!(
+        md,
+        "\nGateway ÷ direct, events/s: small batches {:.2}× (idempotency on), {:.2}× (off); large batches {:.2}× (on), {:.2}× (off).\n",
+        ratio("small_gw_dedup", "small_direct"),
+        ratio("small_gw_nodedup", "small_direct"),
+        ratio("large_gw_dedup", "large_direct"),
+        ratio("large_gw_nodedup", "large_direct")
+    );
     let _ = writeln!(md, "Targets:\n");
     let targets = targets(&results);
     for (text, met) in &targets {
