@@ -342,8 +342,8 @@ async fn deliver(
             return Err(error);
         }
     };
+    let tracked = producer.is_some();
     let advance = {
-        let producer = producer.clone();
         let state_idempotency = Arc::clone(&state.idempotency);
         async move {
             await_flushes(acks).await?;
@@ -357,7 +357,7 @@ async fn deliver(
     };
     if wait || divert {
         advance.await?;
-    } else {
+    } else if tracked {
         // wait=false with producer offsets: the offset moves once the flush succeeded.
         tokio::spawn(async move {
             let _ = advance.await;
