@@ -1,0 +1,71 @@
+//! Microbenchmarks of the request path's CPU: parse + validate + encode per event, for the
+//! seed schema, as a JSON array and as NDJSON. `cargo bench --bench encode`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: fail loudly
+
+use buffergate::config::UnknownFields;
+use buffergate::http::body::Format;
+use buffergate::http::events::{BatchShape, encode_batch};
+use buffergate::schema::{ColumnInfo, EncodeContext, Instant, SpecialColumns, TableSchema};
+
+fn main() {
+    divan::main();
+}
+
+fn seed_schema() -> TableSchema {
+    let column =
+        |name: &str, ty: &str| ColumnInfo { name: name.into(), type_text: ty.into(), default_kind: String::new() };
+    let special =
+        SpecialColumns { id: "event_id".into(), timestamp: "event_ts".into(), partition_key: "user_id".into() };
+    TableSchema::new(
+        1,
+        "analytics",
+        "events_buffer",
+        vec![
+            column("event_id", "UUID"),
+            column("event_ts", "DateTime64(3)"),
+            column("user_id", "UInt64"),
+            column("event_type", "LowCardinality(String)"),
+            column("payload", "String"),
+            column("metadata", "Map(String, String)"),
+        ],
+        &special,
+    )
+}
+
+fn events(n: u64, separator: &str) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                r#"{{"event_id":"00000000-0000-4000-8000-{i:012x}","event_ts":"2024-05-01T12:00:00.{:03}Z","user_id":{i},"event_type":"click","payload":{{"page":"/p/{}","ref":"campaign-{}"}},"metadata":{{"source":"web","ip":"10.0.0.{}"}}}}"#,
+                i % 1000,
+                i % 997,
+                i % 31,
+                i % 256
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(separator)
+}
+
+#[divan::bench(args = [10, 1000], sample_count = 50)]
+fn json_array(bencher: divan::Bencher, n: u64) {
+    let schema = seed_schema();
+    let body = format!("[{}]", events(n, ","));
+    let ctx = EncodeContext { now: Instant::now(), unknown_fields: UnknownFields::Reject };
+    let shape = BatchShape { partitions: 2, max_events: 10_000, keep_ids: false };
+    bencher
+        .counter(divan::counter::ItemsCount::new(n))
+        .bench(|| encode_batch(divan::black_box(body.as_bytes()), Format::JsonArray, &schema, &ctx, &shape).unwrap());
+}
+
+#[divan::bench(args = [1000], sample_count = 50)]
+fn ndjson_with_ids(bencher: divan::Bencher, n: u64) {
+    let schema = seed_schema();
+    let body = events(n, "\n");
+    let ctx = EncodeContext { now: Instant::now(), unknown_fields: UnknownFields::Reject };
+    let shape = BatchShape { partitions: 2, max_events: 10_000, keep_ids: true };
+    bencher
+        .counter(divan::counter::ItemsCount::new(n))
+        .bench(|| encode_batch(divan::black_box(body.as_bytes()), Format::Ndjson, &schema, &ctx, &shape).unwrap());
+}
