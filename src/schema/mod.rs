@@ -237,13 +237,19 @@ impl TableSchema {
 
     /// A hash of the event's partition-key value; `fallback` when the event has none.
     pub fn partition_hash(&self, event: &Value, fallback: u64) -> u64 {
+        // Integers hash as integers whether sent as 5 or "5" (one key, one partition), without
+        // formatting them on the request path.
         let mut hasher = DefaultHasher::new();
         match event.get(&self.partition_key) {
-            Some(Value::String(s)) => s.hash(&mut hasher),
-            Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
-                (Some(u), _) => u.to_string().hash(&mut hasher),
-                (_, Some(i)) => i.to_string().hash(&mut hasher),
-                _ => n.to_string().hash(&mut hasher),
+            Some(Value::String(s)) => match s.parse::<i128>() {
+                Ok(i) => i.hash(&mut hasher),
+                Err(_) => s.hash(&mut hasher),
+            },
+            Some(Value::Number(n)) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
+                (Some(u), _, _) => i128::from(u).hash(&mut hasher),
+                (_, Some(i), _) => i128::from(i).hash(&mut hasher),
+                (_, _, Some(f)) => f.to_bits().hash(&mut hasher),
+                _ => return fallback,
             },
             Some(Value::Bool(b)) => b.hash(&mut hasher),
             _ => return fallback,
@@ -355,6 +361,8 @@ mod tests {
     fn partition_hash_is_stable_per_key() {
         let s = schema();
         assert_eq!(s.partition_hash(&json!({"user_id": 5}), 0), s.partition_hash(&json!({"user_id": "5"}), 1));
+        assert_eq!(s.partition_hash(&json!({"user_id": -5}), 0), s.partition_hash(&json!({"user_id": "-5"}), 1));
+        assert_ne!(s.partition_hash(&json!({"user_id": 5}), 0), s.partition_hash(&json!({"user_id": 6}), 0));
         assert_eq!(s.partition_hash(&json!({}), 42), 42);
     }
 }
