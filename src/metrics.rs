@@ -129,9 +129,9 @@ fn describe() {
     );
 }
 
-pub fn http_request(route: &str, status: u16, elapsed: Duration) {
-    counter!(HTTP_REQUESTS, "route" => route.to_string(), "status" => status.to_string()).increment(1);
-    histogram!(HTTP_DURATION, "route" => route.to_string()).record(elapsed.as_secs_f64());
+pub fn http_request(route: &'static str, status: u16, elapsed: Duration) {
+    counter!(HTTP_REQUESTS, "route" => route, "status" => status.to_string()).increment(1);
+    histogram!(HTTP_DURATION, "route" => route).record(elapsed.as_secs_f64());
 }
 
 pub fn events(outcome: Outcome, count: usize) {

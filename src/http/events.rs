@@ -312,10 +312,12 @@ async fn deliver(
     }
     metrics::events(Outcome::Rejected, batch.rejected.len());
 
-    let (token, duplicates) =
-        if idempotency.mode == DedupMode::Event { reserve(idempotency, &mut batch).await? } else { (None, 0) };
+    let (reservations, duplicates) = if idempotency.mode == DedupMode::Event {
+        reserve(idempotency, &mut batch).await?
+    } else {
+        ((0..batch.partitions.len()).map(|_| None).collect(), 0)
+    };
     metrics::events(Outcome::Duplicate, duplicates);
-    let reservations = reservations_by_partition(idempotency, &batch, token);
     let accepted = batch.accepted;
 
     let written = if divert {
@@ -370,7 +372,13 @@ async fn deliver(
 /// Reserves the events' keys. Events already written, or sent twice in this request, are
 /// dropped from the batch and counted as duplicates; events another request is writing right
 /// now are waited for (up to `dedup_pending_wait_ms`), then decided the same way.
-async fn reserve(idempotency: &Idempotency, batch: &mut EncodedBatch) -> Result<(Option<Vec<u8>>, usize), ApiError> {
+/// Returns the reservations, split by the partition their events went to, and the number of
+/// duplicates.
+async fn reserve(
+    idempotency: &Idempotency,
+    batch: &mut EncodedBatch,
+) -> Result<(Vec<Option<Reservation>>, usize), ApiError> {
+    let mut by_partition: Vec<Option<Reservation>> = (0..batch.partitions.len()).map(|_| None).collect();
     let mut keep = vec![true; batch.events.len()];
     let mut duplicates = 0;
     let mut seen = std::collections::HashSet::new();
@@ -387,10 +395,11 @@ async fn reserve(idempotency: &Idempotency, batch: &mut EncodedBatch) -> Result<
         }
     }
     if todo.is_empty() && duplicates == 0 {
-        return Ok((None, 0));
+        return Ok((by_partition, 0));
     }
     let token = Idempotency::new_token();
-    let mut reserved: Vec<Vec<u8>> = Vec::new();
+    // (event index, key) of every reservation this request holds.
+    let mut reserved: Vec<(usize, Vec<u8>)> = Vec::new();
     let deadline = tokio::time::Instant::now() + idempotency.pending_wait;
     let mut pause = Duration::from_millis(10);
     while !todo.is_empty() {
@@ -409,7 +418,7 @@ async fn reserve(idempotency: &Idempotency, batch: &mut EncodedBatch) -> Result<
         let mut pending = Vec::new();
         for ((i, key), state) in todo.into_iter().zip(states) {
             match state {
-                KeyState::Reserved => reserved.push(key),
+                KeyState::Reserved => reserved.push((i, key)),
                 KeyState::Committed => {
                     keep[i] = false;
                     duplicates += 1;
@@ -428,35 +437,23 @@ async fn reserve(idempotency: &Idempotency, batch: &mut EncodedBatch) -> Result<
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(200));
     }
+    for (i, key) in reserved {
+        by_partition[batch.events[i].partition]
+            .get_or_insert_with(|| Reservation { token: token.clone(), keys: Vec::new() })
+            .keys
+            .push(key);
+    }
     if keep.iter().any(|k| !k) {
         batch.retain(&keep);
     }
-    Ok((Some(token), duplicates))
+    Ok((by_partition, duplicates))
 }
 
 /// Gives reservations back before answering 503, so the producer's retry need not wait for
 /// the lease (best effort: they expire with it anyway).
-async fn release(idempotency: &Idempotency, token: &[u8], keys: Vec<Vec<u8>>) {
+async fn release(idempotency: &Idempotency, token: &[u8], reserved: Vec<(usize, Vec<u8>)>) {
+    let keys = reserved.into_iter().map(|(_, key)| key).collect();
     let _ = idempotency.release(&Reservation { token: token.to_vec(), keys }).await;
-}
-
-/// Splits the token's keys by the partition their events went to.
-fn reservations_by_partition(
-    idempotency: &Idempotency,
-    batch: &EncodedBatch,
-    token: Option<Vec<u8>>,
-) -> Vec<Option<Reservation>> {
-    let mut out: Vec<Option<Reservation>> = (0..batch.partitions.len()).map(|_| None).collect();
-    let Some(token) = token else { return out };
-    for event in &batch.events {
-        if let Some(id) = &event.id {
-            out[event.partition]
-                .get_or_insert_with(|| Reservation { token: token.clone(), keys: Vec::new() })
-                .keys
-                .push(idempotency.event_key(id));
-        }
-    }
-    out
 }
 
 fn overloaded(what: &'static str) -> ApiError {

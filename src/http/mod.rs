@@ -27,6 +27,16 @@ use crate::server::AppState;
 use crate::shed::layer::{Policy, ShedLayer};
 use error::ApiError;
 
+const EVENTS: &str = "/v1/events";
+const OFFSETS: &str = "/v1/offsets/{producer_id}";
+const ADMIN_FLUSH: &str = "/admin/flush";
+const STATUS: &str = "/v1/status";
+const HEALTHZ: &str = "/healthz";
+const READYZ: &str = "/readyz";
+const METRICS: &str = "/metrics";
+/// Every route, for metric labels.
+const ROUTES: [&str; 7] = [EVENTS, OFFSETS, ADMIN_FLUSH, STATUS, HEALTHZ, READYZ, METRICS];
+
 pub fn router(state: Arc<AppState>) -> Router {
     let config = &state.config;
     // Only the ingestion route is shed, limited and timed out; health, readiness and metrics
@@ -47,13 +57,13 @@ pub fn router(state: Arc<AppState>) -> Router {
     // Producer routes need an API key when keys are configured.
     let producer = middleware::from_fn_with_state(Arc::clone(&state), require_api_key);
     Router::new()
-        .route("/v1/events", post(events::ingest).layer(ingest_layers).layer(producer.clone()))
-        .route("/v1/offsets/{producer_id}", get(offsets::get_offsets).layer(producer))
-        .route("/admin/flush", post(admin::flush))
-        .route("/v1/status", get(admin::status))
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(render_metrics))
+        .route(EVENTS, post(events::ingest).layer(ingest_layers).layer(producer.clone()))
+        .route(OFFSETS, get(offsets::get_offsets).layer(producer))
+        .route(ADMIN_FLUSH, post(admin::flush))
+        .route(STATUS, get(admin::status))
+        .route(HEALTHZ, get(health::healthz))
+        .route(READYZ, get(health::readyz))
+        .route(METRICS, get(render_metrics))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn(track))
@@ -84,12 +94,17 @@ async fn limit_error(error: BoxError) -> ApiError {
     }
 }
 
+/// The route template as a static label (no allocation per request; bounded label values).
+fn route_label(matched: Option<&str>) -> &'static str {
+    matched.and_then(|path| ROUTES.into_iter().find(|r| *r == path)).unwrap_or("unmatched")
+}
+
 /// Counts and times every request by route template (not raw path: bounded label values).
 async fn track(request: Request, next: Next) -> Response {
-    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
+    let route = route_label(request.extensions().get::<MatchedPath>().map(MatchedPath::as_str));
     let started = Instant::now();
     let response = next.run(request).await;
-    metrics::http_request(&route, response.status().as_u16(), started.elapsed());
+    metrics::http_request(route, response.status().as_u16(), started.elapsed());
     response
 }
 
