@@ -263,19 +263,16 @@ fn wait_http(url: &str, timeout: Duration, process: &Process) -> bool {
     false
 }
 
+/// A fresh HTTP client. Never shared between tests: each `#[tokio::test]` has its own runtime,
+/// and a pooled connection opened on a runtime that has since shut down fails the next request
+/// sent on it ("error sending request"). Idle connections are also dropped well before
+/// ClickHouse's keep_alive_timeout (10 s here), so no request goes out on a closing connection.
 pub fn http() -> reqwest::Client {
-    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
-    // Idle connections are dropped well before ClickHouse's keep_alive_timeout (10 s here), or
-    // a request can go out on a connection the server is closing.
-    CLIENT
-        .get_or_init(|| {
-            reqwest::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .pool_idle_timeout(Duration::from_secs(2))
-                .build()
-                .expect("client")
-        })
-        .clone()
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .pool_idle_timeout(Duration::from_secs(2))
+        .build()
+        .expect("client")
 }
 
 /// A configuration pointing at `ch`, database `db`, tuned for quick tests.
