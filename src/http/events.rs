@@ -15,16 +15,16 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use super::body::{self, Format};
 use super::error::ApiError;
 use crate::coalesce::{PartitionRows, Submission, SubmitError};
+use crate::config::UnknownFields;
 use crate::idempotency::{DedupMode, Idempotency, KeyState, OnStoreError, RequestState, Reservation, StoreError};
 use crate::metrics::{self, Outcome};
-use crate::schema::{EncodeContext, Instant, TableSchema, quote_ident};
+use crate::schema::{EncodeContext, EventFields, EventSeed, Instant, TableSchema, quote_ident};
 use crate::server::AppState;
 use crate::shed::layer::Divert;
 
@@ -76,7 +76,8 @@ pub struct EncodedBatch {
     pub events: Vec<EventRow>,
     pub accepted: usize,
     pub rejected: Vec<RejectedEvent>,
-    /// SHA-256 of the (decompressed) body, hex: what `Idempotency-Key` compares.
+    /// SHA-256 of the (decompressed) body, hex: what `Idempotency-Key` compares (empty when the
+    /// request has no such key).
     pub body_hash: String,
 }
 
@@ -260,6 +261,8 @@ async fn prepare(
         keep_ids: state.idempotency.mode == DedupMode::Event,
     };
     let max_decompressed = config.max_decompressed_bytes;
+    // Only an Idempotency-Key compares bodies.
+    let hash_body = headers.contains_key("idempotency-key");
     let work = {
         let schema = Arc::clone(&schema);
         let budget = Arc::clone(&state.budget);
@@ -270,7 +273,9 @@ async fn prepare(
                 _ => Some(budget.try_take(text.len()).ok_or_else(|| overloaded("in-flight bytes"))?),
             };
             let mut batch = encode_batch(&text, format, &schema, &ctx, &limits)?;
-            batch.body_hash = hex(&Sha256::digest(&text));
+            if hash_body {
+                batch.body_hash = hex(&Sha256::digest(&text));
+            }
             Ok::<_, ApiError>(batch)
         }
     };
@@ -588,18 +593,17 @@ pub fn encode_batch(
         rejected: Vec::new(),
         body_hash: String::new(),
     };
-    let id_column = schema.id_column();
     let mut row = Vec::with_capacity(256);
     let mut index = 0usize;
-    let mut take = |event: Value| {
+    let mut take = |fields: &EventFields| {
         row.clear();
-        match schema.encode_event(&event, ctx, &mut row) {
+        match schema.encode_fields(fields, ctx, &mut row) {
             Ok(omitted) => {
-                let partition = (schema.partition_hash(&event, index as u64) % partitions as u64) as usize;
+                let partition = (schema.partition_hash(fields, index as u64) % partitions as u64) as usize;
                 let (chunk, range) = batch.partitions[partition].push(omitted, &row);
                 batch.accepted += 1;
                 if shape.keep_ids {
-                    let id = id_column.and_then(|c| event.get(c)).and_then(Value::as_str).map(str::to_string);
+                    let id = schema.event_id(fields).map(std::borrow::Cow::into_owned);
                     batch.events.push(EventRow { id, partition, chunk, range });
                 }
             }
@@ -609,9 +613,10 @@ pub fn encode_batch(
         }
         index += 1;
     };
+    let reader = Reader { schema, unknown: ctx.unknown_fields, max_events: shape.max_events };
     match format {
-        Format::JsonArray => parse_array(text, shape.max_events, &mut take)?,
-        Format::Ndjson => parse_ndjson(text, shape.max_events, &mut take)?,
+        Format::JsonArray => reader.array(text, &mut take)?,
+        Format::Ndjson => reader.ndjson(text, &mut take)?,
     }
     Ok(batch)
 }
@@ -626,46 +631,76 @@ fn malformed(e: &serde_json::Error) -> ApiError {
     ApiError::MalformedJson { line: e.line(), column: e.column(), reason: json_reason(e) }
 }
 
-fn parse_array(text: &[u8], max_events: usize, take: &mut dyn FnMut(Value)) -> Result<(), ApiError> {
-    let mut too_many = false;
-    let mut de = serde_json::Deserializer::from_slice(text);
-    let seed = Events { take, max_events, too_many: &mut too_many };
-    let result = seed.deserialize(&mut de).and_then(|()| de.end());
-    match result {
-        Ok(()) => Ok(()),
-        Err(_) if too_many => Err(ApiError::TooManyEvents { limit: max_events }),
-        Err(e) => Err(malformed(&e)),
-    }
-}
-
-fn parse_ndjson(text: &[u8], max_events: usize, take: &mut dyn FnMut(Value)) -> Result<(), ApiError> {
-    let mut count = 0usize;
-    for (i, line) in text.split(|&b| b == b'\n').enumerate() {
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        count += 1;
-        if count > max_events {
-            return Err(ApiError::TooManyEvents { limit: max_events });
-        }
-        let event: Value = serde_json::from_slice(line).map_err(|e| ApiError::MalformedJson {
-            line: i + 1,
-            column: e.column(),
-            reason: json_reason(&e),
-        })?;
-        take(event);
-    }
-    Ok(())
-}
-
-/// Visits a top-level array (or a single object) and hands each event over as it is parsed.
-struct Events<'a> {
-    take: &'a mut dyn FnMut(Value),
+/// Reads a body's events one at a time, each straight into its fields (no value tree), and
+/// hands each to `take` before reading the next.
+struct Reader<'s> {
+    schema: &'s TableSchema,
+    unknown: UnknownFields,
     max_events: usize,
-    too_many: &'a mut bool,
 }
 
-impl<'de> DeserializeSeed<'de> for Events<'_> {
+impl Reader<'_> {
+    fn array<'a>(&self, text: &'a [u8], take: &mut dyn FnMut(&EventFields<'a>)) -> Result<(), ApiError> {
+        let mut too_many = false;
+        let mut fields = EventFields::default();
+        let seed = Events { reader: self, fields: &mut fields, take, too_many: &mut too_many };
+        // Valid UTF-8 (nearly every body) is checked once here rather than string by string;
+        // otherwise the byte reader finds the bad sequence and reports where it is.
+        let result = match std::str::from_utf8(text) {
+            Ok(text) => {
+                let mut de = serde_json::Deserializer::from_str(text);
+                seed.deserialize(&mut de).and_then(|()| de.end())
+            }
+            Err(_) => {
+                let mut de = serde_json::Deserializer::from_slice(text);
+                seed.deserialize(&mut de).and_then(|()| de.end())
+            }
+        };
+        match result {
+            Ok(()) => Ok(()),
+            Err(_) if too_many => Err(ApiError::TooManyEvents { limit: self.max_events }),
+            Err(e) => Err(malformed(&e)),
+        }
+    }
+
+    fn ndjson<'a>(&self, text: &'a [u8], take: &mut dyn FnMut(&EventFields<'a>)) -> Result<(), ApiError> {
+        let mut count = 0usize;
+        let mut fields = EventFields::default();
+        for (i, line) in text.split(|&b| b == b'\n').enumerate() {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            count += 1;
+            if count > self.max_events {
+                return Err(ApiError::TooManyEvents { limit: self.max_events });
+            }
+            let seed = EventSeed { schema: self.schema, fields: &mut fields, unknown: self.unknown };
+            let result = match std::str::from_utf8(line) {
+                Ok(line) => {
+                    let mut de = serde_json::Deserializer::from_str(line);
+                    seed.deserialize(&mut de).and_then(|()| de.end())
+                }
+                Err(_) => {
+                    let mut de = serde_json::Deserializer::from_slice(line);
+                    seed.deserialize(&mut de).and_then(|()| de.end())
+                }
+            };
+            result.map_err(|e| ApiError::MalformedJson { line: i + 1, column: e.column(), reason: json_reason(&e) })?;
+            take(&fields);
+        }
+        Ok(())
+    }
+}
+
+/// Visits a top-level array (or a single object) and hands each event over as it is read.
+struct Events<'r, 'f, 'a> {
+    reader: &'r Reader<'r>,
+    fields: &'f mut EventFields<'a>,
+    take: &'f mut dyn FnMut(&EventFields<'a>),
+    too_many: &'f mut bool,
+}
+
+impl<'de> DeserializeSeed<'de> for Events<'_, '_, 'de> {
     type Value = ();
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
@@ -673,7 +708,7 @@ impl<'de> DeserializeSeed<'de> for Events<'_> {
     }
 }
 
-impl<'de> Visitor<'de> for Events<'_> {
+impl<'de> Visitor<'de> for Events<'_, '_, 'de> {
     type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -682,20 +717,23 @@ impl<'de> Visitor<'de> for Events<'_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut count = 0usize;
-        while let Some(event) = seq.next_element::<Value>()? {
+        let (schema, unknown) = (self.reader.schema, self.reader.unknown);
+        while seq.next_element_seed(EventSeed { schema, fields: &mut *self.fields, unknown })?.is_some() {
             count += 1;
-            if count > self.max_events {
+            if count > self.reader.max_events {
                 *self.too_many = true;
                 return Err(A::Error::custom("too many events"));
             }
-            (self.take)(event);
+            (self.take)(self.fields);
         }
         Ok(())
     }
 
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
-        let event = Value::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
-        (self.take)(event);
+        // A single event object instead of an array.
+        let seed = EventSeed { schema: self.reader.schema, fields: &mut *self.fields, unknown: self.reader.unknown };
+        seed.deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+        (self.take)(self.fields);
         Ok(())
     }
 }

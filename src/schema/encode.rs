@@ -189,6 +189,123 @@ pub fn encode(ty: &ColumnType, value: &Value, out: &mut Vec<u8>) -> Result<(), R
     }
 }
 
+/// Appends the value whose JSON text (as found in the request body) is `raw`, encoded as `ty`.
+/// The common forms are read straight from the text; anything else is parsed into a value and
+/// goes through [`encode`], so both paths follow the same rules and give the same messages.
+pub fn encode_raw(ty: &ColumnType, raw: &str, out: &mut Vec<u8>) -> Result<(), Reason> {
+    let start = out.len();
+    if encode_text(ty, raw, out) {
+        return Ok(());
+    }
+    out.truncate(start);
+    let value: Value = serde_json::from_str(raw).map_err(|e| e.to_string())?;
+    encode(ty, &value, out)
+}
+
+/// The fast path of [`encode_raw`]: `false` (with `out` possibly partly written) when `raw`
+/// is not in a form read here, or does not fit; the value path then decides and explains.
+fn encode_text(ty: &ColumnType, raw: &str, out: &mut Vec<u8>) -> bool {
+    let Some(&first) = raw.as_bytes().first() else { return false };
+    match ty {
+        ColumnType::LowCardinality(inner) => encode_text(inner, raw, out),
+        ColumnType::Nullable(_) if raw == "null" => {
+            out.push(1);
+            true
+        }
+        ColumnType::Nullable(inner) => {
+            out.push(0);
+            encode_text(inner, raw, out)
+        }
+        ColumnType::String => match first {
+            b'"' => match super::event::string_content(raw) {
+                Some(text) => {
+                    write_bytes(out, text.as_bytes());
+                    true
+                }
+                None => false,
+            },
+            // Objects and arrays are kept as JSON text, as sent without insignificant whitespace.
+            b'{' | b'[' => {
+                write_json_text(out, raw);
+                true
+            }
+            _ => false,
+        },
+        ColumnType::UInt8 => int_text(raw, 0, u8::MAX.into()).map(|v| out.push(v as u8)).is_some(),
+        ColumnType::UInt16 => int_text(raw, 0, u16::MAX.into()).map(|v| out.extend((v as u16).to_le_bytes())).is_some(),
+        ColumnType::UInt32 => int_text(raw, 0, u32::MAX.into()).map(|v| out.extend((v as u32).to_le_bytes())).is_some(),
+        ColumnType::UInt64 => int_text(raw, 0, u64::MAX.into()).map(|v| out.extend((v as u64).to_le_bytes())).is_some(),
+        ColumnType::Int8 => int_text(raw, i8::MIN.into(), i8::MAX.into()).map(|v| out.push(v as i8 as u8)).is_some(),
+        ColumnType::Int16 => {
+            int_text(raw, i16::MIN.into(), i16::MAX.into()).map(|v| out.extend((v as i16).to_le_bytes())).is_some()
+        }
+        ColumnType::Int32 => {
+            int_text(raw, i32::MIN.into(), i32::MAX.into()).map(|v| out.extend((v as i32).to_le_bytes())).is_some()
+        }
+        ColumnType::Int64 => {
+            int_text(raw, i64::MIN.into(), i64::MAX.into()).map(|v| out.extend((v as i64).to_le_bytes())).is_some()
+        }
+        ColumnType::Float64 if first == b'-' || first.is_ascii_digit() => match raw.parse::<f64>() {
+            Ok(f) if f.is_finite() => {
+                out.extend(f.to_le_bytes());
+                true
+            }
+            _ => false,
+        },
+        ColumnType::Uuid => match super::event::string_content(raw).and_then(|s| uuid::Uuid::parse_str(&s).ok()) {
+            Some(uuid) => {
+                write_uuid(out, uuid);
+                true
+            }
+            None => false,
+        },
+        ColumnType::DateTime | ColumnType::DateTime64(_) => {
+            match super::event::string_content(raw).and_then(|s| time::parse(&s)) {
+                Some(at) => encode_time(ty, at, out).is_ok(),
+                None => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+/// An integer literal (no sign but `-`, no fraction, no exponent) within `[min, max]`.
+fn int_text(raw: &str, min: i128, max: i128) -> Option<i128> {
+    let digits = raw.strip_prefix('-').unwrap_or(raw);
+    if digits.is_empty() || digits.len() > 38 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    raw.parse::<i128>().ok().filter(|v| (min..=max).contains(v))
+}
+
+/// Appends JSON text (valid, as the parser checked it) as a String, without the whitespace
+/// between tokens.
+fn write_json_text(out: &mut Vec<u8>, raw: &str) {
+    let bytes = raw.as_bytes();
+    if !bytes.iter().any(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r')) {
+        return write_bytes(out, bytes);
+    }
+    let mut compact = Vec::with_capacity(bytes.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in bytes {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            continue;
+        }
+        compact.push(b);
+    }
+    write_bytes(out, &compact);
+}
+
 /// Appends the value a column takes when nothing is given: zero, empty, or NULL; an Enum's
 /// smallest value. (Columns with a DEFAULT expression are left out of the INSERT instead.)
 pub fn encode_default(ty: &ColumnType, out: &mut Vec<u8>) {
@@ -409,6 +526,61 @@ mod tests {
     fn enc(ty: &str, value: Value) -> Result<Vec<u8>, Reason> {
         let mut out = Vec::new();
         encode(&ColumnType::parse(ty).unwrap(), &value, &mut out).map(|()| out)
+    }
+
+    /// The text path must agree with the value path byte for byte, and fall back to it (same
+    /// message) whenever it does not read a form itself.
+    #[test]
+    fn text_path_agrees_with_value_path() {
+        let cases = [
+            ("UInt8", "255"),
+            ("UInt8", "256"),
+            ("UInt64", "18446744073709551615"),
+            ("UInt64", "18446744073709551616"),
+            ("UInt32", "-1"),
+            ("Int64", "-9223372036854775808"),
+            ("Int16", "\"-2\""),
+            ("Int32", "2.0"),
+            ("Int32", "1e3"),
+            ("Float64", "1.25"),
+            ("Float64", "-0.0"),
+            ("Float64", "\"3.5\""),
+            ("String", "\"h\\u00e9 \\\"q\\\"\""),
+            ("String", "\"plain\""),
+            ("String", "12"),
+            ("String", "true"),
+            ("LowCardinality(String)", "\"click\""),
+            ("Nullable(String)", "null"),
+            ("LowCardinality(Nullable(String))", "\"x\""),
+            ("Nullable(UInt8)", "300"),
+            ("UUID", "\"018f2b6e-1d2c-7a3b-9c4d-5e6f708192a3\""),
+            ("UUID", "\"nope\""),
+            ("DateTime64(3)", "\"2024-05-01T12:00:00.123Z\""),
+            ("DateTime", "\"2024-05-01 12:00:00\""),
+            ("DateTime", "\"1900-01-01 00:00:00\""),
+            ("DateTime", "1714564800000"),
+            ("Array(UInt8)", "[1, 2]"),
+            ("Map(String, String)", "{\"k\": \"v\"}"),
+        ];
+        for (ty, raw) in cases {
+            let ty = ColumnType::parse(ty).unwrap();
+            let mut text = vec![7];
+            let by_text = encode_raw(&ty, raw, &mut text);
+            let mut value = vec![7];
+            let by_value = encode(&ty, &serde_json::from_str(raw).unwrap(), &mut value);
+            assert_eq!(by_text, by_value, "{ty} {raw}");
+            if by_text.is_ok() {
+                assert_eq!(text, value, "{ty} {raw}");
+            }
+        }
+    }
+
+    #[test]
+    fn json_text_in_a_string_column_loses_only_whitespace() {
+        let mut out = Vec::new();
+        encode_raw(&ColumnType::String, "{ \"b\" : [1, 2],\n \"a\": \"x y\\\" z\" }", &mut out).unwrap();
+        assert_eq!(out[1..], *br#"{"b":[1,2],"a":"x y\" z"}"#);
+        assert_eq!(usize::from(out[0]), out.len() - 1);
     }
 
     #[test]

@@ -6,19 +6,22 @@
 //! RowBinary; a field that does not fit rejects its event alone.
 
 pub mod encode;
+pub mod event;
 pub mod refresh;
 pub mod time;
 pub mod types;
 
 use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{BuildHasherDefault, DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
+use serde::de::DeserializeSeed;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::UnknownFields;
+pub use event::{EventFields, EventSeed};
 pub use time::Instant;
 pub use types::{ColumnType, UnsupportedType};
 
@@ -84,11 +87,35 @@ pub struct TableSchema {
     columns: Vec<Column>,
     /// Indexes into `columns` of the written columns, in table order (the RowBinary order).
     written: Vec<usize>,
-    by_name: HashMap<String, usize>,
+    by_name: HashMap<String, usize, BuildHasherDefault<NameHasher>>,
     id: Option<usize>,
     timestamp: Option<usize>,
-    partition_key: String,
+    /// The column whose value picks the coalescer partition.
+    partition: Option<usize>,
     infos: Vec<ColumnInfo>,
+}
+
+/// FNV-1a over field names: every field of every event is looked up, and SipHash's DoS
+/// resistance buys nothing for a fixed table that requests only read.
+#[derive(Debug)]
+struct NameHasher(u64);
+
+impl Default for NameHasher {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for NameHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
 }
 
 /// Columns with DEFAULT expressions that can be left out of an INSERT row by row (one bit each).
@@ -118,12 +145,13 @@ impl TableSchema {
             };
             columns.push(Column { name: info.name.clone(), role });
         }
-        let by_name: HashMap<String, usize> = columns.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
+        let by_name: HashMap<_, _, _> = columns.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
         let find = |name: &str, pred: fn(&ColumnType) -> bool| {
             by_name.get(name).copied().filter(|&i| matches!(&columns[i].role, Role::Written { ty, .. } if pred(ty)))
         };
         let id = find(&special.id, ColumnType::is_uuid);
         let timestamp = find(&special.timestamp, ColumnType::is_time);
+        let partition = by_name.get(&special.partition_key).copied();
         Self {
             version,
             table: format!("{}.{}", quote_ident(database), quote_ident(table)),
@@ -132,7 +160,7 @@ impl TableSchema {
             timestamp,
             by_name,
             columns,
-            partition_key: special.partition_key.clone(),
+            partition,
             infos,
         }
     }
@@ -182,34 +210,40 @@ impl TableSchema {
         sql
     }
 
+    /// Validates one event given as a value and appends its RowBinary row to `out` (the request
+    /// path reads events straight from the body with [`EventSeed`] and calls [`Self::encode_fields`]).
+    pub fn encode_event(&self, event: &Value, ctx: &EncodeContext, out: &mut Vec<u8>) -> Result<u64, Rejection> {
+        let text = event.to_string();
+        let mut fields = EventFields::default();
+        let mut de = serde_json::Deserializer::from_str(&text);
+        EventSeed { schema: self, fields: &mut fields, unknown: ctx.unknown_fields }
+            .deserialize(&mut de)
+            .map_err(|e| Rejection { field: None, error: e.to_string() })?;
+        self.encode_fields(&fields, ctx, out)
+    }
+
     /// Validates one event and appends its RowBinary row to `out`. Returns the mask of columns
     /// left to their DEFAULT expression; on rejection `out` is left as it was.
-    pub fn encode_event(&self, event: &Value, ctx: &EncodeContext, out: &mut Vec<u8>) -> Result<u64, Rejection> {
+    pub fn encode_fields(
+        &self,
+        fields: &EventFields,
+        ctx: &EncodeContext,
+        out: &mut Vec<u8>,
+    ) -> Result<u64, Rejection> {
         let start = out.len();
-        let result = self.encode_into(event, ctx, out);
+        let result = self.encode_into(fields, ctx, out);
         if result.is_err() {
             out.truncate(start);
         }
         result
     }
 
-    fn encode_into(&self, event: &Value, ctx: &EncodeContext, out: &mut Vec<u8>) -> Result<u64, Rejection> {
-        let Value::Object(fields) = event else {
+    fn encode_into(&self, fields: &EventFields, ctx: &EncodeContext, out: &mut Vec<u8>) -> Result<u64, Rejection> {
+        if !fields.is_object {
             return Err(Rejection { field: None, error: "an event must be a JSON object".into() });
-        };
-        for name in fields.keys() {
-            let problem = match self.by_name.get(name).map(|&i| &self.columns[i].role) {
-                Some(Role::Written { .. }) => continue,
-                None if ctx.unknown_fields == UnknownFields::Ignore => continue,
-                None => "no such column in the table".to_string(),
-                Some(Role::Computed(kind)) => {
-                    format!("the column is {kind}; ClickHouse computes it")
-                }
-                Some(Role::Unsupported(text)) => {
-                    format!("column type {text} is not supported by buffergate")
-                }
-            };
-            return Err(Rejection { field: Some(name.clone()), error: problem });
+        }
+        if let Some(problem) = &fields.problem {
+            return Err(problem.clone());
         }
         let mut omitted = 0u64;
         for &i in &self.written {
@@ -218,9 +252,9 @@ impl TableSchema {
                 continue;
             };
             let reject = |error: String| Rejection { field: Some(column.name.clone()), error };
-            match fields.get(&column.name) {
-                Some(value) if !value.is_null() || matches!(ty.unwrapped(), ColumnType::Nullable(_)) => {
-                    encode::encode(ty, value, out).map_err(reject)?;
+            match fields.get(i) {
+                Some(raw) if raw != "null" || matches!(ty.unwrapped(), ColumnType::Nullable(_)) => {
+                    encode::encode_raw(ty, raw, out).map_err(reject)?;
                 }
                 _ if Some(i) == self.id => encode::write_uuid_column(ty, uuid::Uuid::now_v7(), out),
                 _ if Some(i) == self.timestamp => {
@@ -235,24 +269,30 @@ impl TableSchema {
         Ok(omitted)
     }
 
+    /// The event's own id (the id column's string), when it sent one.
+    pub fn event_id<'a>(&self, fields: &EventFields<'a>) -> Option<std::borrow::Cow<'a, str>> {
+        event::string_content(fields.get(self.id?)?)
+    }
+
     /// A hash of the event's partition-key value; `fallback` when the event has none.
-    pub fn partition_hash(&self, event: &Value, fallback: u64) -> u64 {
+    pub fn partition_hash(&self, fields: &EventFields, fallback: u64) -> u64 {
         // Integers hash as integers whether sent as 5 or "5" (one key, one partition), without
         // formatting them on the request path.
+        let Some(raw) = self.partition.and_then(|i| fields.get(i)) else { return fallback };
         let mut hasher = DefaultHasher::new();
-        match event.get(&self.partition_key) {
-            Some(Value::String(s)) => match s.parse::<i128>() {
+        if let Some(text) = event::string_content(raw) {
+            match text.parse::<i128>() {
                 Ok(i) => i.hash(&mut hasher),
-                Err(_) => s.hash(&mut hasher),
-            },
-            Some(Value::Number(n)) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
-                (Some(u), _, _) => i128::from(u).hash(&mut hasher),
-                (_, Some(i), _) => i128::from(i).hash(&mut hasher),
-                (_, _, Some(f)) => f.to_bits().hash(&mut hasher),
-                _ => return fallback,
-            },
-            Some(Value::Bool(b)) => b.hash(&mut hasher),
-            _ => return fallback,
+                Err(_) => text.hash(&mut hasher),
+            }
+        } else if let Ok(i) = raw.parse::<i128>() {
+            i.hash(&mut hasher);
+        } else if let Ok(f) = raw.parse::<f64>() {
+            f.to_bits().hash(&mut hasher);
+        } else if let Ok(b) = raw.parse::<bool>() {
+            b.hash(&mut hasher);
+        } else {
+            return fallback;
         }
         hasher.finish()
     }
@@ -360,9 +400,16 @@ mod tests {
     #[test]
     fn partition_hash_is_stable_per_key() {
         let s = schema();
-        assert_eq!(s.partition_hash(&json!({"user_id": 5}), 0), s.partition_hash(&json!({"user_id": "5"}), 1));
-        assert_eq!(s.partition_hash(&json!({"user_id": -5}), 0), s.partition_hash(&json!({"user_id": "-5"}), 1));
-        assert_ne!(s.partition_hash(&json!({"user_id": 5}), 0), s.partition_hash(&json!({"user_id": 6}), 0));
-        assert_eq!(s.partition_hash(&json!({}), 42), 42);
+        let hash = |text: &str, fallback: u64| {
+            let mut fields = EventFields::default();
+            let seed = EventSeed { schema: &s, fields: &mut fields, unknown: UnknownFields::Reject };
+            seed.deserialize(&mut serde_json::Deserializer::from_str(text)).unwrap();
+            s.partition_hash(&fields, fallback)
+        };
+        assert_eq!(hash(r#"{"user_id": 5}"#, 0), hash(r#"{"user_id": "5"}"#, 1));
+        assert_eq!(hash(r#"{"user_id": -5}"#, 0), hash(r#"{"user_id": "-5"}"#, 1));
+        assert_eq!(hash(r#"{"user_id": 5}"#, 0), hash(r#"{"user_id": "\u0035"}"#, 1), "escapes are read");
+        assert_ne!(hash(r#"{"user_id": 5}"#, 0), hash(r#"{"user_id": 6}"#, 0));
+        assert_eq!(hash("{}", 42), 42);
     }
 }
