@@ -297,3 +297,56 @@ async fn a_gateway_killed_mid_flush_leaves_leases_that_expire_and_the_retry_stor
         ch.rows(&format!("SELECT count() AS n, uniqExact(event_id) AS u FROM {}.events_raw", config.database)).await;
     assert_eq!(rows[0], json!({"n": "10", "u": "10"}));
 }
+
+/// Reservations of concurrent requests share script calls, and a key wanted by many requests
+/// at once goes to exactly one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reservations_share_calls_and_each_key_goes_to_one_request() {
+    use buffergate::idempotency::{Idempotency, KeyState, RedisStore, Store};
+    use std::sync::Arc;
+
+    let redis = RedisServer::start("redis-batch");
+    let store = RedisStore::new(&redis.url, Duration::from_secs(2)).unwrap();
+    let idem = Arc::new(Idempotency::new(Store::Redis(store), &Config::default()));
+    let script_calls = || async {
+        let client = redis::Client::open(redis.url.as_str()).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut connection).await.unwrap();
+        info.lines()
+            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+            .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    // Warm the connection and the script cache, then count.
+    idem.reserve(&Idempotency::new_token(), &[b"warm".to_vec()]).await.unwrap();
+    let before = script_calls().await;
+
+    let shared: Vec<Vec<u8>> = (0..10).map(|i| format!("shared-{i}").into_bytes()).collect();
+    let requests = 200;
+    let tasks: Vec<_> = (0..requests)
+        .map(|r| {
+            let (idem, shared) = (Arc::clone(&idem), shared.clone());
+            tokio::spawn(async move {
+                let own: Vec<Vec<u8>> = (0..10).map(|i| format!("own-{r}-{i}").into_bytes()).collect();
+                let keys: Vec<Vec<u8>> = shared.into_iter().chain(own).collect();
+                idem.reserve(&Idempotency::new_token(), &keys).await.unwrap()
+            })
+        })
+        .collect();
+    let mut winners = [0usize; 10];
+    for task in tasks {
+        let states = task.await.unwrap();
+        assert_eq!(states.len(), 20);
+        for (i, state) in states[..10].iter().enumerate() {
+            match state {
+                KeyState::Reserved => winners[i] += 1,
+                KeyState::Pending => {}
+                KeyState::Committed => panic!("nothing was committed"),
+            }
+        }
+        assert!(states[10..].iter().all(|s| *s == KeyState::Reserved), "a request's own keys are its own");
+    }
+    assert_eq!(winners, [1; 10], "each shared key is reserved by exactly one request");
+    let calls = script_calls().await - before;
+    assert!(calls < requests, "{calls} script calls for {requests} concurrent requests: not batched");
+}

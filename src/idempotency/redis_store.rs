@@ -1,6 +1,11 @@
 //! The Redis store: one connection manager (reconnects by itself), every call bounded by a
 //! timeout, and each multi-key step one round trip (a Lua script or a pipeline).
 //!
+//! Reservations, the one store call on every request's path, are batched across concurrent
+//! requests: a single task sends one script call for everything queued while the previous call
+//! was in flight (group commit), so Redis runs one script per group of requests rather than one
+//! per request, and no request waits for a timer.
+//!
 //! Key layout (prefix `bg:` by default): `bg:e:<16 UUID bytes>` per event, holding `c`
 //! (committed, TTL = dedup window) or `p<token>` (reserved, TTL = lease); `bg:r:<key>` per
 //! `Idempotency-Key`; `bg:o:<producer>` a hash of partition → committed offset (no TTL).
@@ -9,25 +14,47 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use std::sync::OnceLock;
+
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
+use tokio::sync::{mpsc, oneshot};
 
 use super::{KeyState, StoreError};
 
+/// `ARGV[1]` is the lease; `ARGV[1 + i]` the token reserving `KEYS[i]` (requests batched into
+/// one call each have their own token).
 const RESERVE: &str = r"
 local out = {}
+local lease = ARGV[1]
 for i, key in ipairs(KEYS) do
-  if redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local token = ARGV[i + 1]
+  if redis.call('SET', key, token, 'NX', 'PX', lease) then
     out[i] = 0
   else
     local value = redis.call('GET', key)
     if value == 'c' then out[i] = 1
-    elseif value == ARGV[1] then out[i] = 0
+    elseif value == token then out[i] = 0
     else out[i] = 2 end
   end
 end
 return out
 ";
+
+/// Keys per batched reservation call, so one script never holds Redis for long (a single
+/// request larger than this still goes alone, in one call).
+const MAX_BATCH_KEYS: usize = 4096;
+
+/// Reservations waiting for the batching task; beyond this, requests wait to queue.
+const MAX_QUEUED_JOBS: usize = 1024;
+
+/// One request's reservation, waiting for its batch.
+struct ReserveJob {
+    token: Vec<u8>,
+    keys: Vec<Vec<u8>>,
+    lease: Duration,
+    reply: oneshot::Sender<Result<Vec<KeyState>, StoreError>>,
+}
 
 const RELEASE: &str = r"
 local n = 0
@@ -60,6 +87,9 @@ pub struct RedisStore {
     connection: ConnectionManager,
     timeout: Duration,
     reserve: Script,
+    /// The batching task's queue, started on first use (it needs a runtime); the task ends
+    /// when the store is dropped.
+    reservations: OnceLock<mpsc::Sender<ReserveJob>>,
     release: Script,
     set_nx_or_get: Script,
     advance_offset: Script,
@@ -101,6 +131,7 @@ impl RedisStore {
             connection,
             timeout,
             reserve: Script::new(RESERVE),
+            reservations: OnceLock::new(),
             release: Script::new(RELEASE),
             set_nx_or_get: Script::new(SET_NX_OR_GET),
             advance_offset: Script::new(ADVANCE_OFFSET),
@@ -114,22 +145,25 @@ impl RedisStore {
         }
     }
 
+    /// Reserves `keys` for `token`, in the next batched call.
     pub async fn reserve(&self, token: &[u8], keys: &[Vec<u8>], lease: Duration) -> Result<Vec<KeyState>, StoreError> {
-        let mut invocation = self.reserve.prepare_invoke();
-        for key in keys {
-            invocation.key(key.as_slice());
-        }
-        invocation.arg(token).arg(lease.as_millis() as u64);
-        let mut connection = self.connection.clone();
-        let codes: Vec<u8> = self.bounded(invocation.invoke_async(&mut connection)).await?;
-        Ok(codes
-            .into_iter()
-            .map(|code| match code {
-                0 => KeyState::Reserved,
-                1 => KeyState::Committed,
-                _ => KeyState::Pending,
-            })
-            .collect())
+        let queue = self.reservations.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(MAX_QUEUED_JOBS);
+            let batcher =
+                Batcher { connection: self.connection.clone(), script: self.reserve.clone(), timeout: self.timeout };
+            tokio::spawn(batcher.run(rx));
+            tx
+        });
+        let (reply, answer) = oneshot::channel();
+        let job = ReserveJob { token: token.to_vec(), keys: keys.to_vec(), lease, reply };
+        // Queueing plus our batch's call (plus, at worst, the call before it).
+        let bound = self.timeout * 3;
+        let outcome = tokio::time::timeout(bound, async {
+            queue.send(job).await.map_err(|_| StoreError::Backend("the reservation task stopped".into()))?;
+            answer.await.map_err(|_| StoreError::Backend("the reservation task stopped".into()))?
+        })
+        .await;
+        outcome.unwrap_or(Err(StoreError::Timeout(bound)))
     }
 
     pub async fn commit(&self, keys: &[Vec<u8>], window: Duration) -> Result<(), StoreError> {
@@ -184,6 +218,77 @@ impl RedisStore {
         cmd.arg(key);
         let mut connection = self.connection.clone();
         self.bounded(cmd.query_async(&mut connection)).await
+    }
+}
+
+/// The reservation batching task: takes everything queued, sends one script call, hands each
+/// request its share of the answer.
+struct Batcher {
+    connection: ConnectionManager,
+    script: Script,
+    timeout: Duration,
+}
+
+impl Batcher {
+    async fn run(mut self, mut queue: mpsc::Receiver<ReserveJob>) {
+        while let Some(first) = queue.recv().await {
+            let mut keys = first.keys.len();
+            let mut jobs = vec![first];
+            while keys < MAX_BATCH_KEYS {
+                match queue.try_recv() {
+                    Ok(job) => {
+                        keys += job.keys.len();
+                        jobs.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            // Jobs with different leases (never, in practice) go in separate calls.
+            let lease = jobs[0].lease;
+            let (now, later): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|j| j.lease == lease);
+            self.call(now, lease).await;
+            if !later.is_empty() {
+                let lease = later[0].lease;
+                self.call(later, lease).await;
+            }
+        }
+    }
+
+    async fn call(&mut self, jobs: Vec<ReserveJob>, lease: Duration) {
+        let mut invocation = self.script.prepare_invoke();
+        invocation.arg(lease.as_millis() as u64);
+        for job in &jobs {
+            for key in &job.keys {
+                invocation.key(key.as_slice()).arg(job.token.as_slice());
+            }
+        }
+        let result =
+            match tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<u8>>(&mut self.connection)).await {
+                Ok(Ok(codes)) => Ok(codes),
+                Ok(Err(e)) => Err(backend(&e)),
+                Err(_) => Err(StoreError::Timeout(self.timeout)),
+            };
+        let mut codes = match result {
+            Ok(codes) if codes.len() == jobs.iter().map(|j| j.keys.len()).sum::<usize>() => codes.into_iter(),
+            Ok(codes) => {
+                let error = StoreError::Backend(format!("the reservation script answered {} codes", codes.len()));
+                return jobs.into_iter().for_each(|job| drop(job.reply.send(Err(error.clone()))));
+            }
+            Err(error) => return jobs.into_iter().for_each(|job| drop(job.reply.send(Err(error.clone())))),
+        };
+        for job in jobs {
+            let states = codes
+                .by_ref()
+                .take(job.keys.len())
+                .map(|code| match code {
+                    0 => KeyState::Reserved,
+                    1 => KeyState::Committed,
+                    _ => KeyState::Pending,
+                })
+                .collect();
+            // The request may have given up waiting; its leases expire.
+            let _ = job.reply.send(Ok(states));
+        }
     }
 }
 
