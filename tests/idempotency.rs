@@ -318,7 +318,7 @@ async fn concurrent_reservations_share_calls_and_each_key_goes_to_one_request() 
             .sum::<u64>()
     };
     // Warm the connection and the script cache, then count.
-    idem.reserve(&Idempotency::new_token(), &[b"warm".to_vec()]).await.unwrap();
+    idem.reserve(&Idempotency::new_tokens(1), &[(0, b"warm".to_vec())]).await.unwrap();
     let before = script_calls().await;
 
     let shared: Vec<Vec<u8>> = (0..10).map(|i| format!("shared-{i}").into_bytes()).collect();
@@ -328,8 +328,8 @@ async fn concurrent_reservations_share_calls_and_each_key_goes_to_one_request() 
             let (idem, shared) = (Arc::clone(&idem), shared.clone());
             tokio::spawn(async move {
                 let own: Vec<Vec<u8>> = (0..10).map(|i| format!("own-{r}-{i}").into_bytes()).collect();
-                let keys: Vec<Vec<u8>> = shared.into_iter().chain(own).collect();
-                idem.reserve(&Idempotency::new_token(), &keys).await.unwrap()
+                let keys: Vec<(usize, Vec<u8>)> = shared.into_iter().chain(own).map(|k| (0, k)).collect();
+                idem.reserve(&Idempotency::new_tokens(1), &keys).await.unwrap()
             })
         })
         .collect();
@@ -349,4 +349,33 @@ async fn concurrent_reservations_share_calls_and_each_key_goes_to_one_request() 
     assert_eq!(winners, [1; 10], "each shared key is reserved by exactly one request");
     let calls = script_calls().await - before;
     assert!(calls < requests, "{calls} script calls for {requests} concurrent requests: not batched");
+}
+
+/// The store's own semantics on a real Redis: per-partition commit and release, a void
+/// reservation taken over once its lease has run out.
+#[tokio::test]
+async fn redis_reservations_commit_release_and_expire_per_partition() {
+    use buffergate::idempotency::{Idempotency, KeyState, RedisStore, Reservation, Store};
+
+    let config = Config { dedup_lease_ms: 300, dedup_key_prefix: "semantics:".into(), ..Config::default() };
+    let store = RedisStore::new(&redis().url, Duration::from_secs(2)).unwrap();
+    let idem = Idempotency::new(Store::Redis(store), &config);
+    let (t1, t2) = (Idempotency::new_tokens(2), Idempotency::new_tokens(1));
+    let keys1 = vec![(0, b"k1".to_vec()), (1, b"k2".to_vec())];
+    let keys2 = vec![(0, b"k1".to_vec()), (0, b"k2".to_vec())];
+    assert_eq!(idem.reserve(&t1, &keys1).await.unwrap(), [KeyState::Reserved, KeyState::Reserved]);
+    assert_eq!(idem.reserve(&t2, &keys2).await.unwrap(), [KeyState::Pending, KeyState::Pending]);
+    idem.commit(&[Reservation { token: t1[0].clone() }]).await.unwrap();
+    idem.release(&[Reservation { token: t1[1].clone() }]).await.unwrap();
+    assert_eq!(idem.reserve(&t2, &keys2).await.unwrap(), [KeyState::Committed, KeyState::Reserved]);
+
+    // A gateway that dies holding k3: after the lease, the next request takes it over.
+    let (t3, t4) = (Idempotency::new_tokens(1), Idempotency::new_tokens(1));
+    let k3 = vec![(0, b"k3".to_vec())];
+    assert_eq!(idem.reserve(&t3, &k3).await.unwrap(), [KeyState::Reserved]);
+    assert_eq!(idem.reserve(&t4, &k3).await.unwrap(), [KeyState::Pending]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(idem.reserve(&t4, &k3).await.unwrap(), [KeyState::Reserved]);
+    // ...and the committed key stays a duplicate for the window.
+    assert_eq!(idem.reserve(&t4, &keys2[..1]).await.unwrap(), [KeyState::Committed]);
 }

@@ -244,8 +244,9 @@ fn gateway_env(cmd: &mut Command, servers: &Servers, db: &str) {
         .env("BUFFERGATE_DATABASE", db);
 }
 
-async fn scenario(servers: &Servers, mode: Mode, batch: u64, connections: usize, seconds: f64, first_id: u64) -> Value {
-    let name = format!(
+/// `small_direct`, `large_gw_dedup`, ...: what `--only` matches.
+fn scenario_name(mode: Mode, batch: u64) -> String {
+    format!(
         "{}_{}",
         if batch >= 100 { "large" } else { "small" },
         match mode {
@@ -253,7 +254,11 @@ async fn scenario(servers: &Servers, mode: Mode, batch: u64, connections: usize,
             Mode::Gateway { dedup: true } => "gw_dedup",
             Mode::Gateway { dedup: false } => "gw_nodedup",
         }
-    );
+    )
+}
+
+async fn scenario(servers: &Servers, mode: Mode, batch: u64, connections: usize, seconds: f64, first_id: u64) -> Value {
+    let name = scenario_name(mode, batch);
     let db = format!("bench_{name}");
     let binary = repo().join("target/release/buffergate");
     let mut migrate = Command::new(&binary);
@@ -429,6 +434,8 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     let seconds: f64 = arg("--seconds").and_then(|s| s.parse().ok()).unwrap_or(8.0);
+    // Runs only the scenarios whose name contains this (e.g. `large_gw`), for profiling.
+    let only = arg("--only");
     let out_dir = PathBuf::from(arg("--out").unwrap_or_else(|| repo().join("bench/results").display().to_string()));
 
     let status = Command::new("cargo")
@@ -451,6 +458,10 @@ async fn main() {
             );
             // Ids never repeat across scenarios: the Redis store outlives each gateway.
             first_id += 1 << 40;
+            let name = scenario_name(mode, batch);
+            if only.as_ref().is_some_and(|only| !name.contains(only.as_str())) {
+                continue;
+            }
             let result = scenario(&servers, mode, batch, connections, seconds, first_id).await;
             println!("  {:.0} events/s", num(&result["events_per_second"]));
             results.push(result);

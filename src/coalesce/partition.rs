@@ -79,18 +79,15 @@ impl Batch {
         }
         // Keys are committed only once the rows are in ClickHouse, and before anyone hears so.
         if result.is_ok() {
-            let keys: Vec<Vec<u8>> = self.reservations.into_iter().flat_map(|r| r.keys).collect();
-            if idempotency.commit(&keys).await.is_err() {
+            if idempotency.commit(&self.reservations).await.is_err() {
                 tracing::warn!(
-                    events = keys.len(),
+                    requests = self.reservations.len(),
                     "written, but their idempotency keys stay pending until the lease expires"
                 );
             }
         } else {
-            for reservation in &self.reservations {
-                // On failure the lease expiry frees them anyway.
-                let _ = idempotency.release(reservation).await;
-            }
+            // On failure the lease expiry frees them anyway.
+            let _ = idempotency.release(&self.reservations).await;
         }
         for ack in self.acks {
             // The request may be gone (client hung up, or `wait=false`): nothing to tell.

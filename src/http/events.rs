@@ -377,53 +377,56 @@ async fn deliver(
 /// Reserves the events' keys. Events already written, or sent twice in this request, are
 /// dropped from the batch and counted as duplicates; events another request is writing right
 /// now are waited for (up to `dedup_pending_wait_ms`), then decided the same way.
-/// Returns the reservations, split by the partition their events went to, and the number of
-/// duplicates.
+/// Returns the reservations, one per partition the request's events went to, and the number
+/// of duplicates.
 async fn reserve(
     idempotency: &Idempotency,
     batch: &mut EncodedBatch,
 ) -> Result<(Vec<Option<Reservation>>, usize), ApiError> {
-    let mut by_partition: Vec<Option<Reservation>> = (0..batch.partitions.len()).map(|_| None).collect();
+    let partitions = batch.partitions.len();
+    let mut by_partition: Vec<Option<Reservation>> = (0..partitions).map(|_| None).collect();
     let mut keep = vec![true; batch.events.len()];
     let mut duplicates = 0;
     let mut seen = std::collections::HashSet::new();
-    let mut todo: Vec<(usize, Vec<u8>)> = Vec::new();
+    // (event index, (token index = partition, key)) of the keys still to decide.
+    let mut todo: Vec<(usize, (usize, Vec<u8>))> = Vec::new();
     for (i, event) in batch.events.iter().enumerate() {
         if let Some(id) = &event.id {
             let key = idempotency.event_key(id);
-            if seen.insert(key.clone()) {
-                todo.push((i, key));
-            } else {
+            if seen.contains(&key) {
                 keep[i] = false;
                 duplicates += 1;
+            } else {
+                seen.insert(key.clone());
+                todo.push((i, (event.partition, key)));
             }
         }
     }
+    drop(seen);
     if todo.is_empty() && duplicates == 0 {
         return Ok((by_partition, 0));
     }
-    let token = Idempotency::new_token();
-    // (event index, key) of every reservation this request holds.
-    let mut reserved: Vec<(usize, Vec<u8>)> = Vec::new();
+    let tokens = Idempotency::new_tokens(partitions);
+    let mut held = vec![false; partitions];
     let deadline = tokio::time::Instant::now() + idempotency.pending_wait;
     let mut pause = Duration::from_millis(10);
     while !todo.is_empty() {
-        let keys: Vec<Vec<u8>> = todo.iter().map(|(_, k)| k.clone()).collect();
-        let states = match idempotency.reserve(&token, &keys).await {
+        let (events, keys): (Vec<usize>, Vec<(usize, Vec<u8>)>) = todo.into_iter().unzip();
+        let states = match idempotency.reserve(&tokens, &keys).await {
             Ok(states) => states,
             Err(error) => {
                 if let Err(refusal) = tolerate(idempotency, &error) {
-                    release(idempotency, &token, reserved).await;
+                    release(idempotency, &tokens, &held).await;
                     return Err(refusal);
                 }
-                metrics::dedup_bypassed(todo.len());
+                metrics::dedup_bypassed(keys.len());
                 break;
             }
         };
         let mut pending = Vec::new();
-        for ((i, key), state) in todo.into_iter().zip(states) {
+        for ((i, key), state) in events.into_iter().zip(keys).zip(states) {
             match state {
-                KeyState::Reserved => reserved.push((i, key)),
+                KeyState::Reserved => held[key.0] = true,
                 KeyState::Committed => {
                     keep[i] = false;
                     duplicates += 1;
@@ -436,17 +439,16 @@ async fn reserve(
             break;
         }
         if tokio::time::Instant::now() + pause > deadline {
-            release(idempotency, &token, reserved).await;
+            release(idempotency, &tokens, &held).await;
             return Err(ApiError::EventsInFlight);
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(200));
     }
-    for (i, key) in reserved {
-        by_partition[batch.events[i].partition]
-            .get_or_insert_with(|| Reservation { token: token.clone(), keys: Vec::new() })
-            .keys
-            .push(key);
+    for (partition, token) in tokens.into_iter().enumerate() {
+        if held[partition] {
+            by_partition[partition] = Some(Reservation { token });
+        }
     }
     if keep.iter().any(|k| !k) {
         batch.retain(&keep);
@@ -456,9 +458,10 @@ async fn reserve(
 
 /// Gives reservations back before answering 503, so the producer's retry need not wait for
 /// the lease (best effort: they expire with it anyway).
-async fn release(idempotency: &Idempotency, token: &[u8], reserved: Vec<(usize, Vec<u8>)>) {
-    let keys = reserved.into_iter().map(|(_, key)| key).collect();
-    let _ = idempotency.release(&Reservation { token: token.to_vec(), keys }).await;
+async fn release(idempotency: &Idempotency, tokens: &[Vec<u8>], held: &[bool]) {
+    let reservations: Vec<Reservation> =
+        tokens.iter().zip(held).filter(|(_, h)| **h).map(|(t, _)| Reservation { token: t.clone() }).collect();
+    let _ = idempotency.release(&reservations).await;
 }
 
 fn overloaded(what: &'static str) -> ApiError {
@@ -478,9 +481,7 @@ async fn enqueue(
     // Kept to give back if the rows cannot be queued.
     let held: Vec<Reservation> = reservations.iter().flatten().cloned().collect();
     let release_held = |held: Vec<Reservation>| async move {
-        for reservation in held {
-            let _ = state.idempotency.release(&reservation).await;
-        }
+        let _ = state.idempotency.release(&held).await;
     };
     let Some(mut lease) = state.budget.try_take(encoded) else {
         release_held(held).await;
@@ -550,14 +551,11 @@ async fn write_fallback(
     let reservations: Vec<Reservation> = reservations.into_iter().flatten().collect();
     match result {
         Ok(()) => {
-            let keys: Vec<Vec<u8>> = reservations.into_iter().flat_map(|r| r.keys).collect();
-            let _ = state.idempotency.commit(&keys).await;
+            let _ = state.idempotency.commit(&reservations).await;
             Ok(())
         }
         Err(error) => {
-            for reservation in &reservations {
-                let _ = state.idempotency.release(reservation).await;
-            }
+            let _ = state.idempotency.release(&reservations).await;
             Err(ApiError::FlushFailed(error.to_string()))
         }
     }

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{COMMITTED, KeyState, event_state};
+use super::{COMMITTED, KeyState, PENDING, Terms};
 
 #[derive(Debug, Default)]
 struct Inner {
@@ -43,35 +43,61 @@ impl MemoryStore {
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub fn reserve(&self, token: &[u8], keys: &[Vec<u8>], lease: Duration) -> Vec<KeyState> {
+    /// The reservation script's logic (see the Redis store), under one lock.
+    pub fn reserve(
+        &self,
+        tokens: &[Vec<u8>],
+        status: &[Vec<u8>],
+        keys: &[(usize, Vec<u8>)],
+        terms: &Terms,
+    ) -> Vec<KeyState> {
         let now = Instant::now();
         let mut inner = self.lock();
+        let mut marked = vec![false; tokens.len()];
+        let mut holder_status = terms.status_prefix.clone();
         keys.iter()
-            .map(|key| match event_state(inner.get(key, now), token) {
-                None => {
-                    inner.set(key, token, lease, now);
-                    KeyState::Reserved
+            .map(|(t, key)| {
+                let (token, t) = (&tokens[*t], *t);
+                if !marked[t] {
+                    marked[t] = true;
+                    if inner.get(&status[t], now) != Some(COMMITTED) {
+                        inner.set(&status[t], &[PENDING], terms.lease, now);
+                    }
                 }
-                Some(state) => state,
+                let state = match inner.get(key, now) {
+                    None => None,
+                    Some(holder) if holder == token.as_slice() => Some(KeyState::Reserved),
+                    Some(holder) => {
+                        holder_status.truncate(terms.status_prefix.len());
+                        holder_status.extend_from_slice(holder);
+                        match inner.get(&holder_status, now) {
+                            Some(s) if s == COMMITTED => Some(KeyState::Committed),
+                            Some(_) => Some(KeyState::Pending),
+                            None => None,
+                        }
+                    }
+                };
+                state.unwrap_or_else(|| {
+                    inner.set(key, token, terms.window, now);
+                    KeyState::Reserved
+                })
             })
             .collect()
     }
 
-    pub fn commit(&self, keys: &[Vec<u8>], window: Duration) {
-        let now = Instant::now();
+    pub fn delete(&self, keys: &[Vec<u8>]) {
         let mut inner = self.lock();
         for key in keys {
-            inner.set(key, COMMITTED, window, now);
+            inner.values.remove(key);
         }
     }
 
-    pub fn release(&self, token: &[u8], keys: &[Vec<u8>]) {
+    /// Deletes `key` if it still holds `value`.
+    pub fn delete_if(&self, key: &[u8], value: &[u8]) {
         let now = Instant::now();
         let mut inner = self.lock();
-        for key in keys {
-            if inner.get(key, now) == Some(token) {
-                inner.values.remove(key);
-            }
+        if inner.get(key, now) == Some(value) {
+            inner.values.remove(key);
         }
     }
 

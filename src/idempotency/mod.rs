@@ -6,6 +6,12 @@
 //! written, and only then is the key **committed** for the dedup window; a failed write
 //! **releases** the reservations so the producer's retry goes through. A gateway that dies in
 //! between leaves leases that expire, after which a retry is written (at-least-once is kept).
+//!
+//! One write per event: an event's key holds the *token* of the request (and partition) that
+//! reserved it, and the token's own status key says `p` (pending, TTL = lease) or `c`
+//! (committed, TTL = window). Committing or releasing a whole flush is then one write per token,
+//! not one per event; a key whose token has no status any more (released, or its lease ran out)
+//! is void, and the next reservation takes it over.
 
 mod memory;
 mod redis_store;
@@ -79,10 +85,13 @@ struct StoredAnswer {
     b: String,
 }
 
-/// Value prefixes: what a stored value means.
+/// Status values: of a token (`p`, `c`) and of a request-level key (`p` + body hash, `d` + answer).
 const COMMITTED: &[u8] = b"c";
 const PENDING: u8 = b'p';
 const DONE: u8 = b'd';
+
+/// Bytes of a reservation token: 8 random, then the partition (little-endian u16).
+const TOKEN_BYTES: usize = 10;
 
 /// The backends, with the same semantics.
 #[derive(Debug)]
@@ -103,12 +112,12 @@ pub struct Idempotency {
     prefix: String,
 }
 
-/// This request's reservation of some event keys.
+/// A request's reservation of the event keys bound for one partition: what the flush that
+/// writes them commits, or releases if it fails.
 #[derive(Debug, Clone)]
 pub struct Reservation {
-    /// The value our reservations hold; release only deletes keys still holding it.
+    /// The value the reserved keys hold; its status key decides what they mean.
     pub token: Vec<u8>,
-    pub keys: Vec<Vec<u8>>,
 }
 
 impl Idempotency {
@@ -159,11 +168,27 @@ impl Idempotency {
         format!("{}o:{producer}", self.prefix).into_bytes()
     }
 
-    /// A fresh reservation token (the pending value).
-    pub fn new_token() -> Vec<u8> {
-        let mut token = vec![PENDING];
-        token.extend_from_slice(format!("{:016x}", rand::random::<u64>()).as_bytes());
-        token
+    /// Fresh reservation tokens for one request, one per partition (a request's partitions are
+    /// flushed, so committed or released, separately).
+    pub fn new_tokens(partitions: usize) -> Vec<Vec<u8>> {
+        let base = rand::random::<u64>().to_le_bytes();
+        (0..partitions)
+            .map(|p| {
+                let mut token = Vec::with_capacity(TOKEN_BYTES);
+                token.extend_from_slice(&base);
+                token.extend_from_slice(&(p as u16).to_le_bytes());
+                token
+            })
+            .collect()
+    }
+
+    /// Key of a token's status.
+    fn status_key(&self, token: &[u8]) -> Vec<u8> {
+        let mut key = Vec::with_capacity(self.prefix.len() + 2 + token.len());
+        key.extend_from_slice(self.prefix.as_bytes());
+        key.extend_from_slice(b"t:");
+        key.extend_from_slice(token);
+        key
     }
 
     async fn timed<T>(
@@ -180,30 +205,36 @@ impl Idempotency {
         result
     }
 
-    /// Reserves `keys` for `token`; one round trip.
-    pub async fn reserve(&self, token: &[u8], keys: &[Vec<u8>]) -> Result<Vec<KeyState>, StoreError> {
+    /// Reserves each key `(t, key)` for `tokens[t]`; one round trip (shared with concurrent
+    /// requests on Redis).
+    pub async fn reserve(&self, tokens: &[Vec<u8>], keys: &[(usize, Vec<u8>)]) -> Result<Vec<KeyState>, StoreError> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
+        let status: Vec<Vec<u8>> = tokens.iter().map(|t| self.status_key(t)).collect();
+        let terms = Terms { lease: self.lease, window: self.window, status_prefix: self.status_key(b"") };
         self.timed("reserve", async {
             match &self.store {
-                Store::Redis(s) => s.reserve(token, keys, self.lease).await,
-                Store::Memory(s) => Ok(s.reserve(token, keys, self.lease)),
+                Store::Redis(s) => s.reserve(tokens, keys, terms).await,
+                Store::Memory(s) => Ok(s.reserve(tokens, &status, keys, &terms)),
             }
         })
         .await
     }
 
-    /// Marks written events' keys as committed for the dedup window.
-    pub async fn commit(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
-        if keys.is_empty() {
+    /// Marks the events reserved under these tokens as written, for the dedup window.
+    pub async fn commit(&self, reservations: &[Reservation]) -> Result<(), StoreError> {
+        if reservations.is_empty() {
             return Ok(());
         }
+        let status: Vec<Vec<u8>> = reservations.iter().map(|r| self.status_key(&r.token)).collect();
         self.timed("commit", async {
             match &self.store {
-                Store::Redis(s) => s.commit(keys, self.window).await,
+                Store::Redis(s) => s.set_many(&status, COMMITTED, self.window).await,
                 Store::Memory(s) => {
-                    s.commit(keys, self.window);
+                    for key in &status {
+                        s.set(key, COMMITTED, self.window);
+                    }
                     Ok(())
                 }
             }
@@ -211,16 +242,17 @@ impl Idempotency {
         .await
     }
 
-    /// Drops the reservations still held by `token`, so a retry can write the events.
-    pub async fn release(&self, reservation: &Reservation) -> Result<(), StoreError> {
-        if reservation.keys.is_empty() {
+    /// Voids the reservations, so a retry can write the events at once.
+    pub async fn release(&self, reservations: &[Reservation]) -> Result<(), StoreError> {
+        if reservations.is_empty() {
             return Ok(());
         }
+        let status: Vec<Vec<u8>> = reservations.iter().map(|r| self.status_key(&r.token)).collect();
         self.timed("release", async {
             match &self.store {
-                Store::Redis(s) => s.release(&reservation.token, &reservation.keys).await,
+                Store::Redis(s) => s.delete(&status).await,
                 Store::Memory(s) => {
-                    s.release(&reservation.token, &reservation.keys);
+                    s.delete(&status);
                     Ok(())
                 }
             }
@@ -281,8 +313,17 @@ impl Idempotency {
     pub async fn abandon_request(&self, key: &str, body_hash: &str) -> Result<(), StoreError> {
         let mut pending = vec![PENDING];
         pending.extend_from_slice(body_hash.as_bytes());
-        let reservation = Reservation { token: pending, keys: vec![self.request_key(key)] };
-        self.release(&reservation).await
+        let store_key = self.request_key(key);
+        self.timed("request_abandon", async {
+            match &self.store {
+                Store::Redis(s) => s.delete_if(&store_key, &pending).await,
+                Store::Memory(s) => {
+                    s.delete_if(&store_key, &pending);
+                    Ok(())
+                }
+            }
+        })
+        .await
     }
 
     /// The committed offset of a producer's partition.
@@ -322,14 +363,15 @@ impl Idempotency {
     }
 }
 
-/// Interprets a stored event value.
-fn event_state(value: Option<&[u8]>, token: &[u8]) -> Option<KeyState> {
-    match value {
-        None => None,
-        Some(v) if v == COMMITTED => Some(KeyState::Committed),
-        Some(v) if v == token => Some(KeyState::Reserved),
-        Some(_) => Some(KeyState::Pending),
-    }
+/// How long reservations and commits last, and where token statuses live.
+#[derive(Debug, Clone)]
+pub struct Terms {
+    /// Of a pending token: how long a reservation outlives a gateway that died holding it.
+    pub lease: Duration,
+    /// Of an event key and of a committed token.
+    pub window: Duration,
+    /// A token's status key is this prefix followed by the token.
+    pub status_prefix: Vec<u8>,
 }
 
 #[cfg(test)]
@@ -352,13 +394,18 @@ mod tests {
     #[tokio::test]
     async fn memory_store_semantics() {
         let idem = idem();
-        let (t1, t2) = (Idempotency::new_token(), Idempotency::new_token());
-        let keys = vec![b"k1".to_vec(), b"k2".to_vec()];
-        assert_eq!(idem.reserve(&t1, &keys).await.unwrap(), [KeyState::Reserved, KeyState::Reserved]);
-        assert_eq!(idem.reserve(&t2, &keys).await.unwrap(), [KeyState::Pending, KeyState::Pending]);
-        idem.commit(&keys[..1]).await.unwrap();
-        idem.release(&Reservation { token: t1.clone(), keys: keys.clone() }).await.unwrap();
-        assert_eq!(idem.reserve(&t2, &keys).await.unwrap(), [KeyState::Committed, KeyState::Reserved]);
+        // Request 1 puts k1 in partition 0 and k2 in partition 1; request 2 wants both.
+        let (t1, t2) = (Idempotency::new_tokens(2), Idempotency::new_tokens(1));
+        assert_ne!(t1[0], t1[1]);
+        let keys1 = vec![(0, b"k1".to_vec()), (1, b"k2".to_vec())];
+        let keys2 = vec![(0, b"k1".to_vec()), (0, b"k2".to_vec())];
+        assert_eq!(idem.reserve(&t1, &keys1).await.unwrap(), [KeyState::Reserved, KeyState::Reserved]);
+        assert_eq!(idem.reserve(&t2, &keys2).await.unwrap(), [KeyState::Pending, KeyState::Pending]);
+        assert_eq!(idem.reserve(&t1, &keys1).await.unwrap(), [KeyState::Reserved, KeyState::Reserved], "ours");
+        // Partition 0's flush succeeds, partition 1's fails.
+        idem.commit(&[Reservation { token: t1[0].clone() }]).await.unwrap();
+        idem.release(&[Reservation { token: t1[1].clone() }]).await.unwrap();
+        assert_eq!(idem.reserve(&t2, &keys2).await.unwrap(), [KeyState::Committed, KeyState::Reserved]);
         assert!(idem.advance_offset("p", 0, 10).await.unwrap());
         assert!(!idem.advance_offset("p", 0, 9).await.unwrap());
         assert!(idem.advance_offset("p", 0, u64::MAX).await.unwrap());

@@ -6,10 +6,12 @@
 //! was in flight (group commit), so Redis runs one script per group of requests rather than one
 //! per request, and no request waits for a timer.
 //!
-//! Key layout (prefix `bg:` by default): `bg:e:<16 UUID bytes>` per event, holding `c`
-//! (committed, TTL = dedup window) or `p<token>` (reserved, TTL = lease); `bg:r:<key>` per
-//! `Idempotency-Key`; `bg:o:<producer>` a hash of partition → committed offset (no TTL).
-//! Multi-key scripts need one node: Redis Cluster and Sentinel URLs are refused.
+//! Key layout (prefix `bg:` by default): `bg:e:<16 UUID bytes>` per event, holding the 10-byte
+//! token that reserved it (TTL = dedup window); `bg:t:<token>` per request and partition, `p`
+//! (pending, TTL = lease) or `c` (committed, TTL = window); `bg:r:<key>` per `Idempotency-Key`;
+//! `bg:o:<producer>` a hash of partition → committed offset (no TTL). The reservation script
+//! reads status keys it derives from values, so it needs one node: Redis Cluster and Sentinel
+//! URLs are refused.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -20,22 +22,36 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{KeyState, StoreError};
+use super::{KeyState, StoreError, Terms};
 
-/// `ARGV[1]` is the lease; `ARGV[1 + i]` the token reserving `KEYS[i]` (requests batched into
-/// one call each have their own token).
+/// `ARGV[1..3]`: lease, window, status-key prefix; `ARGV[3 + i]`: the token reserving `KEYS[i]`.
+/// Codes: 0 reserved, 1 committed (a duplicate), 2 pending (another request holds it).
 const RESERVE: &str = r"
-local out = {}
-local lease = ARGV[1]
+local lease, window, prefix = ARGV[1], ARGV[2], ARGV[3]
+local out, marked = {}, {}
 for i, key in ipairs(KEYS) do
-  local token = ARGV[i + 1]
-  if redis.call('SET', key, token, 'NX', 'PX', lease) then
+  local token = ARGV[i + 3]
+  if not marked[token] then
+    marked[token] = true
+    local status = prefix .. token
+    if redis.call('GET', status) ~= 'c' then redis.call('SET', status, 'p', 'PX', lease) end
+  end
+  if redis.call('SET', key, token, 'NX', 'PX', window) then
     out[i] = 0
   else
-    local value = redis.call('GET', key)
-    if value == 'c' then out[i] = 1
-    elseif value == token then out[i] = 0
-    else out[i] = 2 end
+    local holder = redis.call('GET', key)
+    if holder == token then
+      out[i] = 0
+    else
+      local state = redis.call('GET', prefix .. holder)
+      if state == 'c' then out[i] = 1
+      elseif state == 'p' then out[i] = 2
+      else
+        -- Released, or its lease ran out: the reservation is void; take the key over.
+        redis.call('SET', key, token, 'PX', window)
+        out[i] = 0
+      end
+    end
   end
 end
 return out
@@ -50,21 +66,15 @@ const MAX_QUEUED_JOBS: usize = 1024;
 
 /// One request's reservation, waiting for its batch.
 struct ReserveJob {
-    token: Vec<u8>,
-    keys: Vec<Vec<u8>>,
-    lease: Duration,
+    tokens: Vec<Vec<u8>>,
+    keys: Vec<(usize, Vec<u8>)>,
+    terms: Terms,
     reply: oneshot::Sender<Result<Vec<KeyState>, StoreError>>,
 }
 
-const RELEASE: &str = r"
-local n = 0
-for _, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then
-    redis.call('DEL', key)
-    n = n + 1
-  end
-end
-return n
+const DELETE_IF: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
 ";
 
 const SET_NX_OR_GET: &str = r"
@@ -90,7 +100,7 @@ pub struct RedisStore {
     /// The batching task's queue, started on first use (it needs a runtime); the task ends
     /// when the store is dropped.
     reservations: OnceLock<mpsc::Sender<ReserveJob>>,
-    release: Script,
+    delete_if: Script,
     set_nx_or_get: Script,
     advance_offset: Script,
 }
@@ -132,7 +142,7 @@ impl RedisStore {
             timeout,
             reserve: Script::new(RESERVE),
             reservations: OnceLock::new(),
-            release: Script::new(RELEASE),
+            delete_if: Script::new(DELETE_IF),
             set_nx_or_get: Script::new(SET_NX_OR_GET),
             advance_offset: Script::new(ADVANCE_OFFSET),
         })
@@ -145,8 +155,13 @@ impl RedisStore {
         }
     }
 
-    /// Reserves `keys` for `token`, in the next batched call.
-    pub async fn reserve(&self, token: &[u8], keys: &[Vec<u8>], lease: Duration) -> Result<Vec<KeyState>, StoreError> {
+    /// Reserves each key for its token, in the next batched call.
+    pub async fn reserve(
+        &self,
+        tokens: &[Vec<u8>],
+        keys: &[(usize, Vec<u8>)],
+        terms: Terms,
+    ) -> Result<Vec<KeyState>, StoreError> {
         let queue = self.reservations.get_or_init(|| {
             let (tx, rx) = mpsc::channel(MAX_QUEUED_JOBS);
             let batcher =
@@ -155,7 +170,7 @@ impl RedisStore {
             tx
         });
         let (reply, answer) = oneshot::channel();
-        let job = ReserveJob { token: token.to_vec(), keys: keys.to_vec(), lease, reply };
+        let job = ReserveJob { tokens: tokens.to_vec(), keys: keys.to_vec(), terms, reply };
         // Queueing plus our batch's call (plus, at worst, the call before it).
         let bound = self.timeout * 3;
         let outcome = tokio::time::timeout(bound, async {
@@ -166,21 +181,29 @@ impl RedisStore {
         outcome.unwrap_or(Err(StoreError::Timeout(bound)))
     }
 
-    pub async fn commit(&self, keys: &[Vec<u8>], window: Duration) -> Result<(), StoreError> {
+    /// Sets every key to `value` with a TTL; one pipeline.
+    pub async fn set_many(&self, keys: &[Vec<u8>], value: &[u8], ttl: Duration) -> Result<(), StoreError> {
         let mut pipe = redis::pipe();
         for key in keys {
-            pipe.cmd("SET").arg(key.as_slice()).arg(super::COMMITTED).arg("PX").arg(window.as_millis() as u64).ignore();
+            pipe.cmd("SET").arg(key.as_slice()).arg(value).arg("PX").arg(ttl.as_millis() as u64).ignore();
         }
         let mut connection = self.connection.clone();
         self.bounded(pipe.query_async::<()>(&mut connection)).await
     }
 
-    pub async fn release(&self, token: &[u8], keys: &[Vec<u8>]) -> Result<(), StoreError> {
-        let mut invocation = self.release.prepare_invoke();
+    pub async fn delete(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("DEL");
         for key in keys {
-            invocation.key(key.as_slice());
+            cmd.arg(key.as_slice());
         }
-        invocation.arg(token);
+        let mut connection = self.connection.clone();
+        self.bounded(cmd.query_async::<u64>(&mut connection)).await.map(drop)
+    }
+
+    /// Deletes `key` if it still holds `value`.
+    pub async fn delete_if(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        let mut invocation = self.delete_if.prepare_invoke();
+        invocation.key(key).arg(value);
         let mut connection = self.connection.clone();
         self.bounded(invocation.invoke_async::<u64>(&mut connection)).await.map(drop)
     }
@@ -243,23 +266,21 @@ impl Batcher {
                     Err(_) => break,
                 }
             }
-            // Jobs with different leases (never, in practice) go in separate calls.
-            let lease = jobs[0].lease;
-            let (now, later): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|j| j.lease == lease);
-            self.call(now, lease).await;
-            if !later.is_empty() {
-                let lease = later[0].lease;
-                self.call(later, lease).await;
-            }
+            // Every job of one store has the same terms.
+            let terms = jobs[0].terms.clone();
+            self.call(jobs, &terms).await;
         }
     }
 
-    async fn call(&mut self, jobs: Vec<ReserveJob>, lease: Duration) {
+    async fn call(&mut self, jobs: Vec<ReserveJob>, terms: &Terms) {
         let mut invocation = self.script.prepare_invoke();
-        invocation.arg(lease.as_millis() as u64);
+        invocation
+            .arg(terms.lease.as_millis() as u64)
+            .arg(terms.window.as_millis() as u64)
+            .arg(terms.status_prefix.as_slice());
         for job in &jobs {
-            for key in &job.keys {
-                invocation.key(key.as_slice()).arg(job.token.as_slice());
+            for (t, key) in &job.keys {
+                invocation.key(key.as_slice()).arg(job.tokens[*t].as_slice());
             }
         }
         let result =

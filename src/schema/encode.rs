@@ -217,13 +217,7 @@ fn encode_text(ty: &ColumnType, raw: &str, out: &mut Vec<u8>) -> bool {
             encode_text(inner, raw, out)
         }
         ColumnType::String => match first {
-            b'"' => match super::event::string_content(raw) {
-                Some(text) => {
-                    write_bytes(out, text.as_bytes());
-                    true
-                }
-                None => false,
-            },
+            b'"' => write_string_literal(out, raw),
             // Objects and arrays are kept as JSON text, as sent without insignificant whitespace.
             b'{' | b'[' => {
                 write_json_text(out, raw);
@@ -267,6 +261,83 @@ fn encode_text(ty: &ColumnType, raw: &str, out: &mut Vec<u8>) -> bool {
         }
         _ => false,
     }
+}
+
+/// Appends the content of a JSON string literal (valid JSON: the parser checked it) as a
+/// String, unescaping straight into `out`. `false` for a lone surrogate escape, which the value
+/// path refuses with serde_json's message.
+fn write_string_literal(out: &mut Vec<u8>, raw: &str) -> bool {
+    let Some(inner) = raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) else { return false };
+    let inner = inner.as_bytes();
+    if !inner.contains(&b'\\') {
+        write_bytes(out, inner);
+        return true;
+    }
+    // Unescaped content is never longer than its escaped form: reserve the length prefix that
+    // length needs, unescape in place, then write the real prefix (one byte shorter, rarely).
+    let start = out.len();
+    let reserved = len_size(inner.len());
+    out.resize(start + reserved, 0);
+    if !unescape(inner, out) {
+        return false;
+    }
+    let len = out.len() - start - reserved;
+    let size = len_size(len);
+    if size < reserved {
+        out.drain(start + size..start + reserved);
+    }
+    let mut prefix = Vec::with_capacity(size);
+    write_len(&mut prefix, len);
+    out[start..start + size].copy_from_slice(&prefix);
+    true
+}
+
+fn len_size(len: usize) -> usize {
+    let bits = usize::BITS - len.leading_zeros();
+    (bits.max(1) as usize).div_ceil(7)
+}
+
+/// Appends the unescaped form of a JSON string's content.
+fn unescape(mut s: &[u8], out: &mut Vec<u8>) -> bool {
+    let hex4 = |s: &[u8]| -> Option<u32> {
+        let text = std::str::from_utf8(s.get(..4)?).ok()?;
+        u32::from_str_radix(text, 16).ok()
+    };
+    while let Some(i) = s.iter().position(|&b| b == b'\\') {
+        out.extend_from_slice(&s[..i]);
+        let Some(&escape) = s.get(i + 1) else { return false };
+        s = &s[i + 2..];
+        let byte = match escape {
+            b'"' => b'"',
+            b'\\' => b'\\',
+            b'/' => b'/',
+            b'b' => 0x08,
+            b'f' => 0x0c,
+            b'n' => b'\n',
+            b'r' => b'\r',
+            b't' => b'\t',
+            b'u' => {
+                let Some(mut code) = hex4(s) else { return false };
+                s = &s[4..];
+                if (0xD800..0xDC00).contains(&code) {
+                    let low = match s {
+                        [b'\\', b'u', rest @ ..] => hex4(rest).filter(|low| (0xDC00..0xE000).contains(low)),
+                        _ => None,
+                    };
+                    let Some(low) = low else { return false };
+                    s = &s[6..];
+                    code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
+                }
+                let Some(c) = char::from_u32(code) else { return false };
+                out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
+                continue;
+            }
+            _ => return false,
+        };
+        out.push(byte);
+    }
+    out.extend_from_slice(s);
+    true
 }
 
 /// An integer literal (no sign but `-`, no fraction, no exponent) within `[min, max]`.
@@ -547,6 +618,9 @@ mod tests {
             ("Float64", "\"3.5\""),
             ("String", "\"h\\u00e9 \\\"q\\\"\""),
             ("String", "\"plain\""),
+            ("String", "\"\\ud83d\\ude00 \\/\\b\\f\\n\\r\\t \\u0041\\u00e9\""),
+            ("String", "\"\\udc00\""),
+            ("String", "\"\\ud800x\""),
             ("String", "12"),
             ("String", "true"),
             ("LowCardinality(String)", "\"click\""),
@@ -566,12 +640,29 @@ mod tests {
             let ty = ColumnType::parse(ty).unwrap();
             let mut text = vec![7];
             let by_text = encode_raw(&ty, raw, &mut text);
+            let Ok(parsed) = serde_json::from_str::<Value>(raw) else {
+                assert!(by_text.is_err(), "{ty} {raw}: what serde_json refuses is refused");
+                continue;
+            };
             let mut value = vec![7];
-            let by_value = encode(&ty, &serde_json::from_str(raw).unwrap(), &mut value);
+            let by_value = encode(&ty, &parsed, &mut value);
             assert_eq!(by_text, by_value, "{ty} {raw}");
             if by_text.is_ok() {
                 assert_eq!(text, value, "{ty} {raw}");
             }
+        }
+    }
+
+    #[test]
+    fn escaped_strings_get_the_right_length_prefix() {
+        for n in [0usize, 1, 63, 64, 127, 128, 129, 200, 16_383, 16_384, 20_000] {
+            // Each escape shrinks two bytes to one, crossing prefix sizes.
+            let raw = format!("\"{}\"", "\\n".repeat(n));
+            let mut out = Vec::new();
+            encode_raw(&ColumnType::String, &raw, &mut out).unwrap();
+            let mut expected = Vec::new();
+            write_bytes(&mut expected, "\n".repeat(n).as_bytes());
+            assert_eq!(out, expected, "{n}");
         }
     }
 
