@@ -387,22 +387,26 @@ async fn reserve(
     let mut by_partition: Vec<Option<Reservation>> = (0..partitions).map(|_| None).collect();
     let mut keep = vec![true; batch.events.len()];
     let mut duplicates = 0;
-    let mut seen = std::collections::HashSet::new();
     // (event index, (token index = partition, key)) of the keys still to decide.
-    let mut todo: Vec<(usize, (usize, Vec<u8>))> = Vec::new();
-    for (i, event) in batch.events.iter().enumerate() {
-        if let Some(id) = &event.id {
-            let key = idempotency.event_key(id);
-            if seen.contains(&key) {
-                keep[i] = false;
-                duplicates += 1;
-            } else {
-                seen.insert(key.clone());
-                todo.push((i, (event.partition, key)));
-            }
-        }
-    }
+    let mut todo: Vec<(usize, (usize, Vec<u8>))> = batch
+        .events
+        .iter()
+        .enumerate()
+        .filter_map(|(i, event)| Some((i, (event.partition, idempotency.event_key(event.id.as_deref()?)))))
+        .collect();
+    // Ids sent twice in the request: the first one stands for all.
+    let mut seen = std::collections::HashSet::with_capacity(todo.len());
+    let first: Vec<bool> = todo.iter().map(|(_, (_, key))| seen.insert(key.as_slice())).collect();
     drop(seen);
+    let mut first = first.into_iter();
+    todo.retain(|(i, _)| {
+        let fresh = first.next().unwrap_or(true);
+        if !fresh {
+            keep[*i] = false;
+            duplicates += 1;
+        }
+        fresh
+    });
     if todo.is_empty() && duplicates == 0 {
         return Ok((by_partition, 0));
     }
@@ -642,19 +646,7 @@ impl Reader<'_> {
         let mut too_many = false;
         let mut fields = EventFields::default();
         let seed = Events { reader: self, fields: &mut fields, take, too_many: &mut too_many };
-        // Valid UTF-8 (nearly every body) is checked once here rather than string by string;
-        // otherwise the byte reader finds the bad sequence and reports where it is.
-        let result = match std::str::from_utf8(text) {
-            Ok(text) => {
-                let mut de = serde_json::Deserializer::from_str(text);
-                seed.deserialize(&mut de).and_then(|()| de.end())
-            }
-            Err(_) => {
-                let mut de = serde_json::Deserializer::from_slice(text);
-                seed.deserialize(&mut de).and_then(|()| de.end())
-            }
-        };
-        match result {
+        match read_json(text, seed) {
             Ok(()) => Ok(()),
             Err(_) if too_many => Err(ApiError::TooManyEvents { limit: self.max_events }),
             Err(e) => Err(malformed(&e)),
@@ -673,20 +665,30 @@ impl Reader<'_> {
                 return Err(ApiError::TooManyEvents { limit: self.max_events });
             }
             let seed = EventSeed { schema: self.schema, fields: &mut fields, unknown: self.unknown };
-            let result = match std::str::from_utf8(line) {
-                Ok(line) => {
-                    let mut de = serde_json::Deserializer::from_str(line);
-                    seed.deserialize(&mut de).and_then(|()| de.end())
-                }
-                Err(_) => {
-                    let mut de = serde_json::Deserializer::from_slice(line);
-                    seed.deserialize(&mut de).and_then(|()| de.end())
-                }
-            };
-            result.map_err(|e| ApiError::MalformedJson { line: i + 1, column: e.column(), reason: json_reason(&e) })?;
+            read_json(line, seed).map_err(|e| ApiError::MalformedJson {
+                line: i + 1,
+                column: e.column(),
+                reason: json_reason(&e),
+            })?;
             take(&fields);
         }
         Ok(())
+    }
+}
+
+/// Reads one JSON text (nothing after it) through `seed`. Valid UTF-8 (nearly every body) is
+/// checked once, up front, rather than string by string; otherwise the byte reader finds the
+/// bad sequence and reports where it is.
+fn read_json<'a>(text: &'a [u8], seed: impl DeserializeSeed<'a, Value = ()>) -> Result<(), serde_json::Error> {
+    match std::str::from_utf8(text) {
+        Ok(text) => {
+            let mut de = serde_json::Deserializer::from_str(text);
+            seed.deserialize(&mut de).and_then(|()| de.end())
+        }
+        Err(_) => {
+            let mut de = serde_json::Deserializer::from_slice(text);
+            seed.deserialize(&mut de).and_then(|()| de.end())
+        }
     }
 }
 

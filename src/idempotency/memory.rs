@@ -44,32 +44,26 @@ impl MemoryStore {
     }
 
     /// The reservation script's logic (see the Redis store), under one lock.
-    pub fn reserve(
-        &self,
-        tokens: &[Vec<u8>],
-        status: &[Vec<u8>],
-        keys: &[(usize, Vec<u8>)],
-        terms: &Terms,
-    ) -> Vec<KeyState> {
+    pub fn reserve(&self, tokens: &[Vec<u8>], keys: &[(usize, Vec<u8>)], terms: &Terms) -> Vec<KeyState> {
         let now = Instant::now();
         let mut inner = self.lock();
         let mut marked = vec![false; tokens.len()];
-        let mut holder_status = terms.status_prefix.clone();
+        let status_of = |token: &[u8]| [terms.status_prefix.as_slice(), token].concat();
         keys.iter()
             .map(|(t, key)| {
                 let (token, t) = (&tokens[*t], *t);
                 if !marked[t] {
                     marked[t] = true;
-                    if inner.get(&status[t], now) != Some(COMMITTED) {
-                        inner.set(&status[t], &[PENDING], terms.lease, now);
+                    let status = status_of(token);
+                    if inner.get(&status, now) != Some(COMMITTED) {
+                        inner.set(&status, &[PENDING], terms.lease, now);
                     }
                 }
                 let state = match inner.get(key, now) {
                     None => None,
                     Some(holder) if holder == token.as_slice() => Some(KeyState::Reserved),
                     Some(holder) => {
-                        holder_status.truncate(terms.status_prefix.len());
-                        holder_status.extend_from_slice(holder);
+                        let holder_status = status_of(holder);
                         match inner.get(&holder_status, now) {
                             Some(s) if s == COMMITTED => Some(KeyState::Committed),
                             Some(_) => Some(KeyState::Pending),

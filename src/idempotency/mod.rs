@@ -106,10 +106,10 @@ pub struct Idempotency {
     store: Store,
     pub mode: DedupMode,
     pub on_error: OnStoreError,
-    pub lease: Duration,
-    pub window: Duration,
     pub pending_wait: Duration,
     prefix: String,
+    /// Lease, window and status-key prefix, as every reservation call needs them.
+    terms: Terms,
 }
 
 /// A request's reservation of the event keys bound for one partition: what the flush that
@@ -136,10 +136,13 @@ impl Idempotency {
             store,
             mode: config.dedup,
             on_error: config.dedup_on_store_error,
-            lease: Duration::from_millis(config.dedup_lease_ms),
-            window: Duration::from_millis(config.dedup_window_ms),
             pending_wait: Duration::from_millis(config.dedup_pending_wait_ms),
             prefix: config.dedup_key_prefix.clone(),
+            terms: Terms {
+                lease: Duration::from_millis(config.dedup_lease_ms),
+                window: Duration::from_millis(config.dedup_window_ms),
+                status_prefix: format!("{}t:", config.dedup_key_prefix).into_bytes(),
+            },
         }
     }
 
@@ -182,13 +185,9 @@ impl Idempotency {
             .collect()
     }
 
-    /// Key of a token's status.
-    fn status_key(&self, token: &[u8]) -> Vec<u8> {
-        let mut key = Vec::with_capacity(self.prefix.len() + 2 + token.len());
-        key.extend_from_slice(self.prefix.as_bytes());
-        key.extend_from_slice(b"t:");
-        key.extend_from_slice(token);
-        key
+    /// Keys of the reservations' token statuses.
+    fn status_keys(&self, reservations: &[Reservation]) -> Vec<Vec<u8>> {
+        reservations.iter().map(|r| [self.terms.status_prefix.as_slice(), &r.token].concat()).collect()
     }
 
     async fn timed<T>(
@@ -211,12 +210,10 @@ impl Idempotency {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let status: Vec<Vec<u8>> = tokens.iter().map(|t| self.status_key(t)).collect();
-        let terms = Terms { lease: self.lease, window: self.window, status_prefix: self.status_key(b"") };
         self.timed("reserve", async {
             match &self.store {
-                Store::Redis(s) => s.reserve(tokens, keys, terms).await,
-                Store::Memory(s) => Ok(s.reserve(tokens, &status, keys, &terms)),
+                Store::Redis(s) => s.reserve(tokens, keys, self.terms.clone()).await,
+                Store::Memory(s) => Ok(s.reserve(tokens, keys, &self.terms)),
             }
         })
         .await
@@ -227,13 +224,13 @@ impl Idempotency {
         if reservations.is_empty() {
             return Ok(());
         }
-        let status: Vec<Vec<u8>> = reservations.iter().map(|r| self.status_key(&r.token)).collect();
+        let status = self.status_keys(reservations);
         self.timed("commit", async {
             match &self.store {
-                Store::Redis(s) => s.set_many(&status, COMMITTED, self.window).await,
+                Store::Redis(s) => s.set_many(&status, COMMITTED, self.terms.window).await,
                 Store::Memory(s) => {
                     for key in &status {
-                        s.set(key, COMMITTED, self.window);
+                        s.set(key, COMMITTED, self.terms.window);
                     }
                     Ok(())
                 }
@@ -247,7 +244,7 @@ impl Idempotency {
         if reservations.is_empty() {
             return Ok(());
         }
-        let status: Vec<Vec<u8>> = reservations.iter().map(|r| self.status_key(&r.token)).collect();
+        let status = self.status_keys(reservations);
         self.timed("release", async {
             match &self.store {
                 Store::Redis(s) => s.delete(&status).await,
@@ -268,8 +265,8 @@ impl Idempotency {
         let existing = self
             .timed("request_begin", async {
                 match &self.store {
-                    Store::Redis(s) => s.set_nx_or_get(&store_key, &pending, self.lease).await,
-                    Store::Memory(s) => Ok(s.set_nx_or_get(&store_key, &pending, self.lease)),
+                    Store::Redis(s) => s.set_nx_or_get(&store_key, &pending, self.terms.lease).await,
+                    Store::Memory(s) => Ok(s.set_nx_or_get(&store_key, &pending, self.terms.lease)),
                 }
             })
             .await?;
@@ -299,9 +296,9 @@ impl Idempotency {
         let store_key = self.request_key(key);
         self.timed("request_finish", async {
             match &self.store {
-                Store::Redis(s) => s.set(&store_key, &value, self.window).await,
+                Store::Redis(s) => s.set(&store_key, &value, self.terms.window).await,
                 Store::Memory(s) => {
-                    s.set(&store_key, &value, self.window);
+                    s.set(&store_key, &value, self.terms.window);
                     Ok(())
                 }
             }

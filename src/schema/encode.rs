@@ -286,9 +286,11 @@ fn write_string_literal(out: &mut Vec<u8>, raw: &str) -> bool {
     if size < reserved {
         out.drain(start + size..start + reserved);
     }
-    let mut prefix = Vec::with_capacity(size);
-    write_len(&mut prefix, len);
-    out[start..start + size].copy_from_slice(&prefix);
+    let mut n = len as u64;
+    for byte in &mut out[start..start + size] {
+        *byte = (n & 0x7f) as u8 | if n >= 0x80 { 0x80 } else { 0 };
+        n >>= 7;
+    }
     true
 }
 
