@@ -16,7 +16,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
+use tokio::net::TcpStream;
 
 const EVENT_TYPES: [&str; 8] = ["page_view", "click", "signup", "purchase", "search", "add_to_cart", "logout", "share"];
 
@@ -142,6 +145,55 @@ struct Load {
     elapsed: f64,
 }
 
+/// One producer's keep-alive HTTP/1.1 connection. hyper's connection API rather than a pooled
+/// client: like `wrk`, the generator should cost the shared cores as little as possible, so
+/// that what is measured is the servers.
+struct Producer {
+    uri: hyper::Uri,
+    sender: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
+}
+
+impl Producer {
+    fn new(url: &str) -> Producer {
+        Producer { uri: url.parse().unwrap(), sender: None }
+    }
+
+    async fn connect(&mut self) -> Option<&mut hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+            let authority = self.uri.authority()?.as_str();
+            let stream = TcpStream::connect(authority).await.ok()?;
+            let _ = stream.set_nodelay(true);
+            let (sender, connection) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.ok()?;
+            tokio::spawn(connection);
+            self.sender = Some(sender);
+        }
+        self.sender.as_mut()
+    }
+
+    /// POSTs `body`; the answer's status and body, or `None` when the connection failed.
+    async fn post(&mut self, body: Bytes) -> Option<(u16, Bytes)> {
+        let request = hyper::Request::post(self.uri.clone())
+            .header("host", self.uri.authority()?.as_str())
+            .header("content-type", "application/json")
+            .body(Full::new(body))
+            .ok()?;
+        let sender = self.connect().await?;
+        sender.ready().await.ok()?;
+        let result = async {
+            let response = sender.send_request(request).await.ok()?;
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await.ok()?.to_bytes();
+            Some((status, body))
+        }
+        .await;
+        if result.is_none() {
+            self.sender = None;
+        }
+        result
+    }
+}
+
 /// Drives `connections` producers for `seconds`, each sending `batch` events per request.
 async fn drive(url: String, ndjson: bool, batch: u64, connections: usize, seconds: f64, first_id: u64) -> Load {
     let next = Arc::new(AtomicU64::new(first_id));
@@ -151,7 +203,7 @@ async fn drive(url: String, ndjson: bool, batch: u64, connections: usize, second
     for _ in 0..connections {
         let (url, next) = (url.clone(), Arc::clone(&next));
         tasks.push(tokio::spawn(async move {
-            let client = reqwest::Client::builder().pool_idle_timeout(Duration::from_secs(2)).build().unwrap();
+            let mut producer = Producer::new(&url);
             let mut load = Load::default();
             let mut body = String::with_capacity(batch as usize * 260);
             while Instant::now() < deadline {
@@ -170,19 +222,10 @@ async fn drive(url: String, ndjson: bool, batch: u64, connections: usize, second
                     body.push(']');
                 }
                 let sent = Instant::now();
-                let response =
-                    client.post(&url).header("content-type", "application/json").body(body.clone()).send().await;
-                let accepted = match response {
-                    Ok(r) if r.status().is_success() => {
-                        let body = r.bytes().await.unwrap_or_default();
-                        // The gateway says how many it accepted; ClickHouse's 200 means all.
-                        accepted_count(&body).or(Some(batch))
-                    }
-                    Ok(r) => {
-                        let _ = r.bytes().await;
-                        None
-                    }
-                    Err(_) => None,
+                let accepted = match producer.post(Bytes::copy_from_slice(body.as_bytes())).await {
+                    // The gateway says how many it accepted; ClickHouse's 200 means all.
+                    Some((200..=299, answer)) => accepted_count(&answer).or(Some(batch)),
+                    _ => None,
                 };
                 load.latencies_us.push(sent.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
                 match accepted {
@@ -242,6 +285,14 @@ fn gateway_env(cmd: &mut Command, servers: &Servers, db: &str) {
         .env("RUST_LOG", "warn")
         .env("BUFFERGATE_CLICKHOUSE_URL", &servers.ch_url)
         .env("BUFFERGATE_DATABASE", db);
+    // Tuning knobs to measure (`BUFFERGATE_CLICKHOUSE_COMPRESSION=none …`) pass through.
+    for (key, value) in std::env::vars() {
+        if (key.starts_with("BUFFERGATE_") || key.starts_with("MIMALLOC_"))
+            && !matches!(key.as_str(), "BUFFERGATE_CLICKHOUSE_URL" | "BUFFERGATE_DATABASE")
+        {
+            cmd.env(key, value);
+        }
+    }
 }
 
 /// `small_direct`, `large_gw_dedup`, ...: what `--only` matches.
