@@ -2,7 +2,6 @@
 //! drop what was already written (idempotency), queue the rows in their partitions, and answer
 //! once they are written (or queued, with `wait=false`).
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,18 +12,16 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use serde::de::{DeserializeSeed, Error as _, MapAccess, SeqAccess, Visitor};
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 use super::body::{self, Format};
 use super::error::ApiError;
 use crate::coalesce::{PartitionRows, Submission, SubmitError};
-use crate::config::UnknownFields;
 use crate::idempotency::{DedupMode, Idempotency, KeyState, OnStoreError, RequestState, Reservation, StoreError};
 use crate::metrics::{self, Outcome};
-use crate::schema::{EncodeContext, EventFields, EventSeed, Instant, TableSchema, quote_ident};
+use crate::schema::{EncodeContext, EventFields, EventSchema, Instant, Scanner, SyntaxError, TableSchema, quote_ident};
 use crate::server::AppState;
 use crate::shed::layer::Divert;
 
@@ -615,7 +612,7 @@ pub fn encode_batch(
         }
         index += 1;
     };
-    let reader = Reader { schema, unknown: ctx.unknown_fields, max_events: shape.max_events };
+    let reader = Reader { schema: EventSchema { schema, unknown: ctx.unknown_fields }, max_events: shape.max_events };
     match format {
         Format::JsonArray => reader.array(text, &mut take)?,
         Format::Ndjson => reader.ndjson(text, &mut take)?,
@@ -623,36 +620,55 @@ pub fn encode_batch(
     Ok(batch)
 }
 
-/// serde_json's message without its " at line L column C" suffix (the fields carry those).
-fn json_reason(e: &serde_json::Error) -> String {
-    let text = e.to_string();
-    text.rsplit_once(" at line ").map_or(text.as_str(), |(head, _)| head).to_string()
-}
-
-fn malformed(e: &serde_json::Error) -> ApiError {
-    ApiError::MalformedJson { line: e.line(), column: e.column(), reason: json_reason(e) }
-}
-
 /// Reads a body's events one at a time, each straight into its fields (no value tree), and
 /// hands each to `take` before reading the next.
 struct Reader<'s> {
-    schema: &'s TableSchema,
-    unknown: UnknownFields,
+    schema: EventSchema<'s>,
     max_events: usize,
 }
 
 impl Reader<'_> {
+    /// A JSON array of events, or a single event object.
     fn array<'a>(&self, text: &'a [u8], take: &mut dyn FnMut(&EventFields<'a>)) -> Result<(), ApiError> {
-        let mut too_many = false;
+        let at = |e: SyntaxError| {
+            let (line, column) = e.position(text);
+            ApiError::MalformedJson { line, column, reason: e.reason.to_string() }
+        };
+        let text = utf8(text).map_err(at)?;
+        let mut scanner = Scanner::new(text);
         let mut fields = EventFields::default();
-        let seed = Events { reader: self, fields: &mut fields, take, too_many: &mut too_many };
-        match read_json(text, seed) {
-            Ok(()) => Ok(()),
-            Err(_) if too_many => Err(ApiError::TooManyEvents { limit: self.max_events }),
-            Err(e) => Err(malformed(&e)),
+        scanner.ws();
+        match scanner.peek() {
+            Some(b'[') => {
+                scanner.bump();
+                scanner.ws();
+                let mut more = scanner.peek() != Some(b']');
+                if !more {
+                    scanner.bump();
+                }
+                let mut count = 0usize;
+                while more {
+                    count += 1;
+                    if count > self.max_events {
+                        return Err(ApiError::TooManyEvents { limit: self.max_events });
+                    }
+                    scanner.event(self.schema, &mut fields).map_err(at)?;
+                    take(&fields);
+                    more = scanner.next_element(b']').map_err(at)?;
+                }
+            }
+            Some(b'{') => {
+                scanner.event(self.schema, &mut fields).map_err(at)?;
+                take(&fields);
+            }
+            None => return Err(at(scanner.error("EOF while parsing a value"))),
+            Some(_) => return Err(at(scanner.error("expected an array of event objects"))),
         }
+        scanner.ws();
+        if scanner.at_end() { Ok(()) } else { Err(at(scanner.error("trailing characters"))) }
     }
 
+    /// One event per line; blank lines are skipped.
     fn ndjson<'a>(&self, text: &'a [u8], take: &mut dyn FnMut(&EventFields<'a>)) -> Result<(), ApiError> {
         let mut count = 0usize;
         let mut fields = EventFields::default();
@@ -664,78 +680,28 @@ impl Reader<'_> {
             if count > self.max_events {
                 return Err(ApiError::TooManyEvents { limit: self.max_events });
             }
-            let seed = EventSeed { schema: self.schema, fields: &mut fields, unknown: self.unknown };
-            read_json(line, seed).map_err(|e| ApiError::MalformedJson {
+            let at = |e: SyntaxError| ApiError::MalformedJson {
                 line: i + 1,
-                column: e.column(),
-                reason: json_reason(&e),
-            })?;
+                column: e.position(line).1,
+                reason: e.reason.to_string(),
+            };
+            let mut scanner = Scanner::new(utf8(line).map_err(at)?);
+            scanner.ws();
+            scanner.event(self.schema, &mut fields).map_err(at)?;
+            scanner.ws();
+            if !scanner.at_end() {
+                return Err(at(scanner.error("trailing characters")));
+            }
             take(&fields);
         }
         Ok(())
     }
 }
 
-/// Reads one JSON text (nothing after it) through `seed`. Valid UTF-8 (nearly every body) is
-/// checked once, up front, rather than string by string; otherwise the byte reader finds the
-/// bad sequence and reports where it is.
-fn read_json<'a>(text: &'a [u8], seed: impl DeserializeSeed<'a, Value = ()>) -> Result<(), serde_json::Error> {
-    match std::str::from_utf8(text) {
-        Ok(text) => {
-            let mut de = serde_json::Deserializer::from_str(text);
-            seed.deserialize(&mut de).and_then(|()| de.end())
-        }
-        Err(_) => {
-            let mut de = serde_json::Deserializer::from_slice(text);
-            seed.deserialize(&mut de).and_then(|()| de.end())
-        }
-    }
-}
-
-/// Visits a top-level array (or a single object) and hands each event over as it is read.
-struct Events<'r, 'f, 'a> {
-    reader: &'r Reader<'r>,
-    fields: &'f mut EventFields<'a>,
-    take: &'f mut dyn FnMut(&EventFields<'a>),
-    too_many: &'f mut bool,
-}
-
-impl<'de> DeserializeSeed<'de> for Events<'_, '_, 'de> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
-        deserializer.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Events<'_, '_, 'de> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("an array of event objects")
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let mut count = 0usize;
-        let (schema, unknown) = (self.reader.schema, self.reader.unknown);
-        while seq.next_element_seed(EventSeed { schema, fields: &mut *self.fields, unknown })?.is_some() {
-            count += 1;
-            if count > self.reader.max_events {
-                *self.too_many = true;
-                return Err(A::Error::custom("too many events"));
-            }
-            (self.take)(self.fields);
-        }
-        Ok(())
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
-        // A single event object instead of an array.
-        let seed = EventSeed { schema: self.reader.schema, fields: &mut *self.fields, unknown: self.reader.unknown };
-        seed.deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
-        (self.take)(self.fields);
-        Ok(())
-    }
+/// The body as text: UTF-8 is checked once, up front, rather than string by string.
+fn utf8(text: &[u8]) -> Result<&str, SyntaxError> {
+    std::str::from_utf8(text)
+        .map_err(|e| SyntaxError { offset: e.valid_up_to(), reason: "invalid UTF-8 (bodies are UTF-8 JSON)" })
 }
 
 #[cfg(test)]

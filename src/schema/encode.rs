@@ -305,6 +305,8 @@ fn unescape(mut s: &[u8], out: &mut Vec<u8>) -> bool {
         let text = std::str::from_utf8(s.get(..4)?).ok()?;
         u32::from_str_radix(text, 16).ok()
     };
+    // A plain search: segments between escapes are short, too short for memchr's set-up.
+    out.reserve(s.len());
     while let Some(i) = s.iter().position(|&b| b == b'\\') {
         out.extend_from_slice(&s[..i]);
         let Some(&escape) = s.get(i + 1) else { return false };
@@ -348,7 +350,10 @@ fn int_text(raw: &str, min: i128, max: i128) -> Option<i128> {
     if digits.is_empty() || digits.len() > 38 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    raw.parse::<i128>().ok().filter(|v| (min..=max).contains(v))
+    // At most 38 digits: the magnitude fits an i128 without overflow checks.
+    let magnitude = digits.bytes().fold(0i128, |n, b| n * 10 + i128::from(b - b'0'));
+    let value = if digits.len() < raw.len() { -magnitude } else { magnitude };
+    (min..=max).contains(&value).then_some(value)
 }
 
 /// Appends JSON text (valid, as the parser checked it) as a String, without the whitespace

@@ -16,12 +16,11 @@ use std::hash::{BuildHasherDefault, DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
-use serde::de::DeserializeSeed;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::UnknownFields;
-pub use event::{EventFields, EventSeed};
+pub use event::{EventFields, EventSchema, Scanner, SyntaxError};
 pub use time::Instant;
 pub use types::{ColumnType, UnsupportedType};
 
@@ -211,14 +210,13 @@ impl TableSchema {
     }
 
     /// Validates one event given as a value and appends its RowBinary row to `out` (the request
-    /// path reads events straight from the body with [`EventSeed`] and calls [`Self::encode_fields`]).
+    /// path reads events straight from the body with a [`Scanner`] and calls [`Self::encode_fields`]).
     pub fn encode_event(&self, event: &Value, ctx: &EncodeContext, out: &mut Vec<u8>) -> Result<u64, Rejection> {
         let text = event.to_string();
         let mut fields = EventFields::default();
-        let mut de = serde_json::Deserializer::from_str(&text);
-        EventSeed { schema: self, fields: &mut fields, unknown: ctx.unknown_fields }
-            .deserialize(&mut de)
-            .map_err(|e| Rejection { field: None, error: e.to_string() })?;
+        Scanner::new(&text)
+            .event(EventSchema { schema: self, unknown: ctx.unknown_fields }, &mut fields)
+            .map_err(|e| Rejection { field: None, error: e.reason.to_string() })?;
         self.encode_fields(&fields, ctx, out)
     }
 
@@ -402,8 +400,8 @@ mod tests {
         let s = schema();
         let hash = |text: &str, fallback: u64| {
             let mut fields = EventFields::default();
-            let seed = EventSeed { schema: &s, fields: &mut fields, unknown: UnknownFields::Reject };
-            seed.deserialize(&mut serde_json::Deserializer::from_str(text)).unwrap();
+            let schema = EventSchema { schema: &s, unknown: UnknownFields::Reject };
+            Scanner::new(text).event(schema, &mut fields).unwrap();
             s.partition_hash(&fields, fallback)
         };
         assert_eq!(hash(r#"{"user_id": 5}"#, 0), hash(r#"{"user_id": "5"}"#, 1));
