@@ -59,6 +59,52 @@ fn json_array(bencher: divan::Bencher, n: u64) {
         .bench(|| encode_batch(divan::black_box(body.as_bytes()), Format::JsonArray, &schema, &ctx, &shape).unwrap());
 }
 
+/// The benchmark harness's event on ClickHouse 18.16's types: JSON objects sent as escaped
+/// text in String columns, whole-second DateTime. String scanning and unescaping dominate.
+fn string_events(n: u64) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                r#"{{"event_id":"00000000-0000-4000-8000-{i:012x}","event_ts":"2024-05-01 12:00:{:02}","user_id":{i},"event_type":"click","payload":"{{\"page\":\"/p/{}\",\"ref\":\"campaign-{}\",\"ms\":{}}}","metadata":"{{\"source\":\"web\",\"ip\":\"10.0.0.{}\"}}"}}"#,
+                i % 60,
+                i % 997,
+                i % 31,
+                i % 5000,
+                i % 256
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[divan::bench(args = [1000], sample_count = 50)]
+fn json_array_text_columns(bencher: divan::Bencher, n: u64) {
+    let column =
+        |name: &str, ty: &str| ColumnInfo { name: name.into(), type_text: ty.into(), default_kind: String::new() };
+    let special =
+        SpecialColumns { id: "event_id".into(), timestamp: "event_ts".into(), partition_key: "user_id".into() };
+    let schema = TableSchema::new(
+        1,
+        "analytics",
+        "events_buffer",
+        vec![
+            column("event_id", "UUID"),
+            column("event_ts", "DateTime"),
+            column("user_id", "UInt64"),
+            column("event_type", "String"),
+            column("payload", "String"),
+            column("metadata", "String"),
+        ],
+        &special,
+    );
+    let body = format!("[{}]", string_events(n));
+    let ctx = EncodeContext { now: Instant::now(), unknown_fields: UnknownFields::Reject };
+    let shape = BatchShape { partitions: 2, max_events: 10_000, keep_ids: false };
+    bencher
+        .counter(divan::counter::ItemsCount::new(n))
+        .bench(|| encode_batch(divan::black_box(body.as_bytes()), Format::JsonArray, &schema, &ctx, &shape).unwrap());
+}
+
 #[divan::bench(args = [1000], sample_count = 50)]
 fn ndjson_with_ids(bencher: divan::Bencher, n: u64) {
     let schema = seed_schema();
