@@ -3,6 +3,10 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# The workspace's other members and targets must exist for the manifest to load.
+COPY bench/Cargo.toml ./bench/Cargo.toml
+COPY bench/src ./bench/src
+COPY benches ./benches
 COPY src ./src
 RUN cargo build --release --locked --bin buffergate
 
