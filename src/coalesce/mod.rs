@@ -38,9 +38,57 @@ pub struct Chunk {
 #[derive(Debug, Default)]
 pub struct PartitionRows {
     pub chunks: Vec<Chunk>,
+    /// The chunk the last row went to: the next row most likely has the same column list.
+    last: usize,
+    /// Bytes to reserve for the first chunk: growing a large one by doubling copies it about
+    /// once more.
+    expected_bytes: usize,
 }
 
 impl PartitionRows {
+    /// No rows yet; about `expected_bytes` of them to come.
+    pub fn with_expected_bytes(expected_bytes: usize) -> Self {
+        Self { expected_bytes, ..Self::default() }
+    }
+
+    /// Encodes a row straight into the chunk of its column list, which `encode` reports only
+    /// once it is done (the mask of columns left to their DEFAULT): the row is written into the
+    /// chunk of the previous row and moved in the rare case its column list differs. Saves
+    /// copying every row out of a scratch buffer. Returns where the row went (chunk index,
+    /// byte range); on error nothing is left behind.
+    pub fn encode<E>(
+        &mut self,
+        encode: impl FnOnce(&mut Vec<u8>) -> Result<u64, E>,
+    ) -> Result<(usize, std::ops::Range<usize>), E> {
+        if self.chunks.is_empty() {
+            self.chunks.push(Chunk { data: Vec::with_capacity(self.expected_bytes), ..Chunk::default() });
+            self.last = 0;
+        }
+        let guess = self.last;
+        let chunk = &mut self.chunks[guess];
+        let start = chunk.data.len();
+        let omitted = match encode(&mut chunk.data) {
+            Ok(omitted) => omitted,
+            Err(error) => {
+                chunk.data.truncate(start);
+                if chunk.rows == 0 {
+                    // The chunk made for this row alone: never leave an empty one.
+                    self.chunks.pop();
+                }
+                return Err(error);
+            }
+        };
+        if chunk.rows == 0 || chunk.omitted == omitted {
+            chunk.omitted = omitted;
+            chunk.rows += 1;
+            return Ok((guess, start..chunk.data.len()));
+        }
+        let row = chunk.data.split_off(start);
+        let (index, range) = self.push(omitted, &row);
+        self.last = index;
+        Ok((index, range))
+    }
+
     /// Appends an encoded row to the chunk of its column list; returns where it went
     /// (chunk index, byte range).
     pub fn push(&mut self, omitted: u64, row: &[u8]) -> (usize, std::ops::Range<usize>) {
@@ -223,5 +271,31 @@ impl CoalescerTasks {
                 tracing::error!(error = %e, "a coalescer partition ended abnormally");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(rows: &mut PartitionRows, bytes: &[u8], omitted: u64) -> Result<(usize, std::ops::Range<usize>), ()> {
+        rows.encode(|out| {
+            out.extend_from_slice(bytes);
+            if omitted == u64::MAX { Err(()) } else { Ok(omitted) }
+        })
+    }
+
+    #[test]
+    fn encoded_rows_land_in_the_chunk_of_their_column_list() {
+        let mut rows = PartitionRows::default();
+        assert_eq!(row(&mut rows, b"bad", u64::MAX), Err(()));
+        assert!(rows.chunks.is_empty(), "a rejected first row leaves no empty chunk");
+        assert_eq!(row(&mut rows, b"aa", 0), Ok((0, 0..2)));
+        assert_eq!(row(&mut rows, b"bbb", 0b10), Ok((1, 0..3)));
+        assert_eq!(row(&mut rows, b"cc", 0b10), Ok((1, 3..5)));
+        assert_eq!(row(&mut rows, b"x", u64::MAX), Err(()));
+        assert_eq!(row(&mut rows, b"dd", 0), Ok((0, 2..4)));
+        let chunks: Vec<_> = rows.chunks.iter().map(|c| (c.omitted, c.rows, c.data.as_slice())).collect();
+        assert_eq!(chunks, vec![(0, 2, &b"aadd"[..]), (0b10, 2, &b"bbbcc"[..])]);
     }
 }

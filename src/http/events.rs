@@ -586,20 +586,19 @@ pub fn encode_batch(
 ) -> Result<EncodedBatch, ApiError> {
     let partitions = shape.partitions.max(1);
     let mut batch = EncodedBatch {
-        partitions: (0..partitions).map(|_| PartitionRows::default()).collect(),
+        // RowBinary is usually well under half the size of the JSON it came from: an
+        // underestimate costs one doubling, an overestimate would hold memory not accounted for.
+        partitions: (0..partitions).map(|_| PartitionRows::with_expected_bytes(text.len() / 3 / partitions)).collect(),
         events: Vec::new(),
         accepted: 0,
         rejected: Vec::new(),
         body_hash: String::new(),
     };
-    let mut row = Vec::with_capacity(256);
     let mut index = 0usize;
     let mut take = |fields: &EventFields| {
-        row.clear();
-        match schema.encode_fields(fields, ctx, &mut row) {
-            Ok(omitted) => {
-                let partition = (schema.partition_hash(fields, index as u64) % partitions as u64) as usize;
-                let (chunk, range) = batch.partitions[partition].push(omitted, &row);
+        let partition = (schema.partition_hash(fields, index as u64) % partitions as u64) as usize;
+        match batch.partitions[partition].encode(|out| schema.encode_fields(fields, ctx, out)) {
+            Ok((chunk, range)) => {
                 batch.accepted += 1;
                 if shape.keep_ids {
                     let id = schema.event_id(fields).map(std::borrow::Cow::into_owned);

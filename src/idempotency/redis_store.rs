@@ -303,19 +303,26 @@ impl Batcher {
     /// the script per key, measured); only keys someone else holds go through the script,
     /// which decides them atomically.
     async fn reserve_native(&mut self, claims: &[(&[u8], &[u8])], terms: &Terms) -> Result<Vec<u8>, StoreError> {
-        let mut pipe = redis::pipe();
         // Statuses first: no key may point at a token that has none (it would look void).
         let mut tokens: Vec<&[u8]> = claims.iter().map(|(_, token)| *token).collect();
         tokens.sort_unstable();
         tokens.dedup();
+        // Commands sized up front: growing each one argument by argument was most of this
+        // task's allocations.
+        let mut pipe = redis::Pipeline::with_capacity(tokens.len() + claims.len());
+        let (lease, window) = (terms.lease.as_millis() as u64, terms.window.as_millis() as u64);
         let mut status = terms.status_prefix.clone();
         for token in tokens {
             status.truncate(terms.status_prefix.len());
             status.extend_from_slice(token);
-            pipe.cmd("SET").arg(status.as_slice()).arg("p").arg("PX").arg(terms.lease.as_millis() as u64).ignore();
+            let mut set = redis::Cmd::with_capacity(5, status.len() + 24);
+            set.arg("SET").arg(status.as_slice()).arg("p").arg("PX").arg(lease);
+            pipe.add_command(set).ignore();
         }
         for (key, token) in claims {
-            pipe.cmd("SET").arg(*key).arg(*token).arg("NX").arg("PX").arg(terms.window.as_millis() as u64).arg("GET");
+            let mut set = redis::Cmd::with_capacity(7, key.len() + token.len() + 32);
+            set.arg("SET").arg(*key).arg(*token).arg("NX").arg("PX").arg(window).arg("GET");
+            pipe.add_command(set);
         }
         let holders: Vec<Option<Vec<u8>>> =
             match tokio::time::timeout(self.timeout, pipe.query_async(&mut self.connection)).await {
