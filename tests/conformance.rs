@@ -229,3 +229,82 @@ async fn capability_probes_detect_the_old_server() {
         "{caps:?}"
     );
 }
+
+/// The Native blocks the gateway sends by default hold exactly what the RowBinary rows they
+/// are transcoded from hold: both files inserted into twin tables read back the same, for
+/// every type the transcoder takes (and a table with one it does not take goes as RowBinary).
+#[test]
+fn native_blocks_read_back_like_the_rowbinary_they_come_from() {
+    let dir = common::scratch("conformance-native");
+    let session = dir.join("session");
+    let columns_sql = "event_id UUID, event_ts DateTime64(3, 'UTC'), user_id UInt64, event_type LowCardinality(String), \
+        b Bool, ip4 IPv4, ip6 IPv6, d Date, d32 Date32, t DateTime, f Float64, i8 Int8, e Enum8('a' = -1, 'b' = 2), \
+        dec Decimal(20, 4), fs FixedString(3), lcu LowCardinality(FixedString(2)), s Nullable(String), u Nullable(UUID), \
+        a Array(Nullable(Int64)), aa Array(Array(String)), m Map(String, Array(Nullable(String))), mu Map(String, UInt64)";
+    let out = chdb(
+        &session,
+        &[
+            ("CREATE DATABASE IF NOT EXISTS conf", "CSV"),
+            (&format!("CREATE TABLE conf.rb ({columns_sql}) ENGINE = Memory"), "CSV"),
+            (&format!("CREATE TABLE conf.nat ({columns_sql}) ENGINE = Memory"), "CSV"),
+            ("DESCRIBE TABLE conf.rb", "JSONEachRow"),
+        ],
+    );
+    let columns = described(&out[3]);
+    let kinds = ["click", "view", "purchase", ""];
+    let pairs = ["ab", "cd", "ef"];
+    let mut events: Vec<Value> = (0..300u64)
+        .map(|n| {
+            json!({"event_id": format!("00000000-0000-4000-8000-{n:012x}"), "event_ts": 1_714_566_896_789u64 + n, "user_id": n,
+                   "event_type": kinds[n as usize % 4], "b": n % 2 == 0, "ip4": format!("10.0.{}.{}", n / 256, n % 256),
+                   "ip6": "2001:db8::1", "d": "2024-05-01", "d32": "1950-01-02", "t": 1_714_566_896u64 + n, "f": n as f64 / 3.0,
+                   "i8": -(n as i64 % 100), "e": if n % 3 == 0 { "a" } else { "b" }, "dec": format!("{n}.25"), "fs": "abc",
+                   "lcu": pairs[n as usize % 3], "s": if n % 5 == 0 { Value::Null } else { json!(format!("s{n}\n\"q\"")) },
+                   "u": if n % 2 == 0 { Value::Null } else { json!("6ba7b810-9dad-11d1-80b4-00c04fd430c8") },
+                   "a": (0..n % 4).map(|i| if i == 1 { Value::Null } else { json!(i) }).collect::<Vec<_>>(),
+                   "aa": if n % 3 == 0 { json!([]) } else { json!([["x", "y"], [], ["z"]]) },
+                   "m": if n % 2 == 0 { json!({}) } else { json!({"k": ["v", null], "e": []}) },
+                   "mu": {"one": 1, "n": n}})
+        })
+        .collect();
+    // Missing fields take the column's default in both forms.
+    events.push(json!({"user_id": 1000}));
+    let file = dir.join("rows.rowbinary");
+    let schema = encode_file(&file, columns.clone(), &events);
+    let rows = std::fs::read(&file).unwrap();
+    let (sql, block) = schema.insert("conf.nat", 0, events.len(), rows, buffergate::config::InsertFormat::Native);
+    assert!(sql.ends_with("FORMAT Native"), "{sql}");
+    let native = dir.join("rows.native");
+    std::fs::write(&native, block).unwrap();
+    let out = chdb(
+        &session,
+        &[
+            (
+                &format!(
+                    "INSERT INTO conf.rb SELECT * FROM file('{}', RowBinary, '{}')",
+                    file.display(),
+                    structure(&columns)
+                ),
+                "CSV",
+            ),
+            (&format!("INSERT INTO conf.nat SELECT * FROM file('{}', Native)", native.display()), "CSV"),
+            ("SELECT * EXCEPT event_id, toString(event_id) AS id FROM conf.rb ORDER BY user_id", "JSONEachRow"),
+            ("SELECT * EXCEPT event_id, toString(event_id) AS id FROM conf.nat ORDER BY user_id", "JSONEachRow"),
+        ],
+    );
+    let (from_rows, from_block) = (json_rows(&out[2]), json_rows(&out[3]));
+    assert_eq!(from_rows.len(), events.len());
+    assert_eq!(from_rows[1]["s"], "s1\n\"q\"");
+    assert_eq!(from_rows, from_block);
+
+    // LowCardinality(Nullable(...)) is not transcoded: those tables get RowBinary.
+    let unsupported = vec![ColumnInfo {
+        name: "lcn".into(),
+        type_text: "LowCardinality(Nullable(String))".into(),
+        default_kind: String::new(),
+    }];
+    let special = SpecialColumns { id: "id".into(), timestamp: "ts".into(), partition_key: "lcn".into() };
+    let schema = TableSchema::new(1, "conf", "t", unsupported, &special);
+    let (sql, body) = schema.insert("conf.t", 0, 1, vec![1], buffergate::config::InsertFormat::Native);
+    assert!(sql.ends_with("FORMAT RowBinary") && body == [1], "{sql}");
+}

@@ -8,6 +8,8 @@ mod common;
 use std::io::Write;
 use std::time::Duration;
 
+use buffergate::config::InsertFormat;
+use buffergate::schema::{ColumnInfo, SpecialColumns, TableSchema};
 use common::{Gateway, clickhouse, config, eventually, migrate};
 use serde_json::{Value, json};
 
@@ -153,25 +155,53 @@ async fn missing_fields_get_generated_ids_receive_time_and_defaults() {
 
 /// Every type 18.16 has, on a table of our own; the types only modern servers have
 /// (DateTime64, Map, Bool, IPv4/6, Date32) are proven against ClickHouse 26 in `conformance.rs`.
+/// Rows go to ClickHouse as Native blocks by default; this table's types all transcode.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_type_of_the_installed_server() {
+async fn every_type_of_the_installed_server_as_native() {
+    every_type("types_native", "", InsertFormat::Native).await;
+}
+
+/// `LowCardinality(Nullable(...))` is not transcoded: such a table gets RowBinary, as does
+/// every table with `insert_format = "row_binary"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_type_of_the_installed_server_as_rowbinary() {
+    every_type("types_rowbinary", "lcn LowCardinality(Nullable(String)), ", InsertFormat::RowBinary).await;
+}
+
+async fn every_type(prefix: &str, extra: &str, format: InsertFormat) {
     let ch = clickhouse();
-    let db = ch.fresh_database("types");
+    let db = ch.fresh_database(prefix);
     ch.exec(&format!("CREATE DATABASE {db}")).await;
-    let columns = "s String, fs FixedString(4), lc LowCardinality(String), lcn LowCardinality(Nullable(String)), \
+    let columns = format!(
+        "s String, fs FixedString(4), lc LowCardinality(String), {extra}\
         n Nullable(Int32), u8 UInt8, u16 UInt16, u32 UInt32, u64 UInt64, i8 Int8, i16 Int16, i32 Int32, i64 Int64, \
         f32 Float32, f64 Float64, id UUID, d Date, dt DateTime, dtz DateTime('Asia/Tokyo'), \
         a Array(String), an Array(Nullable(UInt8)), aa Array(Array(Int16)), e8 Enum8('a' = 1, 'b' = -2), \
-        e16 Enum16('big' = 1000, 'small' = 1), dec Decimal(10, 3), d32 Decimal32(2), computed UInt64 DEFAULT u64 * 2";
+        e16 Enum16('big' = 1000, 'small' = 1), dec Decimal(10, 3), d32 Decimal32(2), computed UInt64 DEFAULT u64 * 2"
+    );
     ch.exec(&format!("CREATE TABLE {db}.raw ({columns}) ENGINE = MergeTree() ORDER BY tuple()")).await;
     ch.exec(&format!("CREATE TABLE {db}.buf AS {db}.raw ENGINE = Buffer({db}, raw, 1, 100, 100, 1000000, 1000000, 100000000, 100000000)"))
         .await;
     let mut config = config(ch, &db);
     config.buffer_table = "buf".into();
     config.destination_table = "raw".into();
+    config.insert_format = format;
+    // The format the gateway's schema picks for this table (it is built from the same DESCRIBE).
+    let described: Vec<ColumnInfo> = ch
+        .rows(&format!("DESCRIBE TABLE {db}.buf"))
+        .await
+        .into_iter()
+        .map(|c| serde_json::from_value(c).unwrap())
+        .collect();
+    let special = SpecialColumns { id: "id".into(), timestamp: "dt".into(), partition_key: "u64".into() };
+    let schema = TableSchema::new(1, &db, "buf", described, &special);
+    let (sql, _) = schema.insert("t", 0, 0, Vec::new(), format);
+    let expected =
+        if format == InsertFormat::Native && extra.is_empty() { "FORMAT Native" } else { "FORMAT RowBinary" };
+    assert!(sql.ends_with(expected), "{sql}");
     let gw = Gateway::start(config).await;
     let full = json!({
-        "s": "ünïcode ✓", "fs": "ab", "lc": "low", "lcn": null, "n": -7, "u8": 255, "u16": 65535,
+        "s": "ünïcode ✓", "fs": "ab", "lc": "low", "n": -7, "u8": 255, "u16": 65535,
         "u32": 4294967295u64, "u64": "18446744073709551615", "i8": -128, "i16": -32768, "i32": 2147483647,
         "i64": -9223372036854775808i64, "f32": 1.5, "f64": -2.25e-10, "id": "123e4567-e89b-12d3-a456-426614174000",
         "d": "2024-02-29", "dt": 1717243200123u64, "dtz": "2024-06-01T12:00:00+09:00", "a": ["x", "", "y"],
@@ -185,7 +215,7 @@ async fn every_type_of_the_installed_server() {
     gw.drain(ch).await;
     let rows = ch
         .rows(&format!(
-            "SELECT s, fs = 'ab\\0\\0' AS fs_padded, lc, lcn, n, u8, u16, u32, toString(u64) AS u64, i8, i16, i32, toString(i64) AS i64, \
+            "SELECT s, fs = 'ab\\0\\0' AS fs_padded, lc, n, u8, u16, u32, toString(u64) AS u64, i8, i16, i32, toString(i64) AS i64, \
              f32, f64, toString(id) AS id, toString(d) AS d, toUnixTimestamp(dt) AS dt, toUnixTimestamp(dtz) AS dtz, a, an, aa, \
              toString(e8) AS e8, toString(e16) AS e16, toString(dec) AS dec, toString(d32) AS d32, toString(computed) AS computed \
              FROM {db}.raw ORDER BY length(s) DESC"
@@ -193,7 +223,7 @@ async fn every_type_of_the_installed_server() {
         .await;
     assert_eq!(rows.len(), 2, "{rows:?}");
     let expected_full = json!({
-        "s": "ünïcode ✓", "fs_padded": 1, "lc": "low", "lcn": null, "n": -7, "u8": 255, "u16": 65535, "u32": 4294967295u64,
+        "s": "ünïcode ✓", "fs_padded": 1, "lc": "low", "n": -7, "u8": 255, "u16": 65535, "u32": 4294967295u64,
         "u64": "18446744073709551615", "i8": -128, "i16": -32768, "i32": 2147483647, "i64": "-9223372036854775808",
         "f32": 1.5, "f64": -2.25e-10, "id": "123e4567-e89b-12d3-a456-426614174000", "d": "2024-02-29",
         "dt": 1717243200, "dtz": 1717210800, "a": ["x", "", "y"], "an": [1, null, 3], "aa": [[1, 2], [], [-3]],

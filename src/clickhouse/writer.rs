@@ -8,8 +8,9 @@ use tokio::sync::{Notify, Semaphore};
 
 use super::retry::{Backoff, is_retryable, is_schema_change};
 use super::{ClickHouse, ClickHouseError};
-use crate::config::Config;
+use crate::config::{Config, InsertFormat};
 use crate::metrics;
+use crate::schema::TableSchema;
 use crate::shed::breaker::Breaker;
 
 /// An INSERT that failed for good: after its last attempt, or at once when not retryable.
@@ -29,6 +30,7 @@ pub struct Writer {
     backoff: Backoff,
     schema_changed: Arc<Notify>,
     breaker: Arc<Breaker>,
+    format: InsertFormat,
 }
 
 impl Writer {
@@ -43,7 +45,22 @@ impl Writer {
             },
             schema_changed,
             breaker,
+            format: config.insert_format,
         }
+    }
+
+    /// Inserts `rows` rows encoded by `schema` with `omitted` into `table`, in the configured
+    /// format.
+    pub async fn write_rows(
+        &self,
+        schema: &TableSchema,
+        table: &str,
+        omitted: u64,
+        rows: usize,
+        data: Vec<u8>,
+    ) -> Result<(), WriteError> {
+        let (sql, body) = schema.insert(table, omitted, rows, data, self.format);
+        self.write(&sql, Bytes::from(body), rows).await
     }
 
     /// Inserts one block of `rows` rows, retrying what may heal.

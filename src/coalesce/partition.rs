@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -71,8 +70,7 @@ impl Batch {
     async fn flush(self, writer: &Writer, idempotency: &Idempotency) {
         let mut result = Ok(());
         for chunk in self.groups.chunks {
-            let sql = self.schema.insert_sql(chunk.omitted);
-            result = writer.write(&sql, Bytes::from(chunk.data), chunk.rows).await;
+            result = writer.write_rows(&self.schema, &self.schema.table, chunk.omitted, chunk.rows, chunk.data).await;
             if result.is_err() {
                 break;
             }

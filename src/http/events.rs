@@ -11,7 +11,6 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
@@ -543,8 +542,7 @@ async fn write_fallback(
     }
     let mut result = Ok(());
     for chunk in merged.chunks {
-        let sql = schema.insert_sql_into(&table, chunk.omitted);
-        result = state.writer.write(&sql, Bytes::from(chunk.data), chunk.rows).await;
+        result = state.writer.write_rows(schema, &table, chunk.omitted, chunk.rows, chunk.data).await;
         if result.is_err() {
             break;
         }

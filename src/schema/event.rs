@@ -406,6 +406,9 @@ mod tests {
             ("\"bad \\x escape\"", 6),
             ("\"\\u12g4\"", 2),
             ("\"open", 5),
+            ("\"abcdefghij\\x\"", 12),
+            ("\"abcdefghijkl\tm\"", 13),
+            ("\"abcdefghijklmnop", 17),
             ("tru", 0),
             ("nul", 0),
             ("[", 1),
@@ -425,7 +428,12 @@ mod tests {
     /// says so (but for lone surrogate escapes, which the encoder refuses per field instead).
     #[test]
     fn agrees_with_serde_json_on_mutations() {
-        let base = r#"[{"id": "a\"b", "n": -12.5e3, "ok": true, "x": null, "o": {"k": [1, "\u00e9"]}}, 7]"#;
+        // Short strings (read byte by byte) and long ones with escapes on and across word
+        // boundaries (read eight bytes at a time).
+        let bases = [
+            r#"[{"id": "a\"b", "n": -12.5e3, "ok": true, "x": null, "o": {"k": [1, "\u00e9"]}}, 7]"#,
+            r#"{"payload": "{\"page\":\"/p/12\",\"ref\":\"campaign-3\",\"ms\":45}", "t": "abcdefg\u00e9hijklmnop\\q"}"#,
+        ];
         let alphabet = b" \t\n\"\\/:,[]{}0123456789-+.eEutrfalsn\x01x";
         let mut seed = 0x2545_f491_4f6c_dd1d_u64;
         let mut next = |n: usize| {
@@ -434,8 +442,8 @@ mod tests {
             seed ^= seed << 17;
             (seed % n as u64) as usize
         };
-        for _ in 0..20_000 {
-            let mut bytes = base.as_bytes().to_vec();
+        for round in 0..40_000 {
+            let mut bytes = bases[round % 2].as_bytes().to_vec();
             for _ in 0..1 + next(3) {
                 let at = next(bytes.len());
                 match next(3) {

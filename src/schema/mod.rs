@@ -7,7 +7,9 @@
 
 pub mod encode;
 pub mod event;
+pub mod native;
 pub mod refresh;
+mod swar;
 pub mod time;
 pub mod types;
 
@@ -19,8 +21,9 @@ use arc_swap::ArcSwapOption;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::config::UnknownFields;
+use crate::config::{InsertFormat, UnknownFields};
 pub use event::{EventFields, EventSchema, Scanner, SyntaxError};
+use native::{NativeColumn, NativeError};
 pub use time::Instant;
 pub use types::{ColumnType, UnsupportedType};
 
@@ -190,23 +193,50 @@ impl TableSchema {
 
     /// [`Self::insert_sql`] into another table with the same columns (`` `db`.`t` ``).
     pub fn insert_sql_into(&self, table: &str, omitted: u64) -> String {
-        let mut sql = format!("INSERT INTO {table} (");
-        let mut first = true;
-        for &i in &self.written {
-            let column = &self.columns[i];
-            if let Role::Written { default_bit: Some(bit), .. } = column.role
-                && omitted & (1 << bit) != 0
-            {
-                continue;
+        self.statement(table, omitted, "RowBinary")
+    }
+
+    fn statement(&self, table: &str, omitted: u64, format: &str) -> String {
+        let names: Vec<String> = self.insert_columns(omitted).map(|i| quote_ident(&self.columns[i].name)).collect();
+        format!("INSERT INTO {table} ({}) FORMAT {format}", names.join(", "))
+    }
+
+    /// Indexes of the columns an INSERT of rows encoded with `omitted` names, in order.
+    fn insert_columns(&self, omitted: u64) -> impl Iterator<Item = usize> + '_ {
+        self.written.iter().copied().filter(move |&i| {
+            !matches!(self.columns[i].role, Role::Written { default_bit: Some(bit), .. } if omitted & (1 << bit) != 0)
+        })
+    }
+
+    /// The statement and body of an INSERT into `table` of `rows` rows encoded with `omitted`:
+    /// a Native block when `format` asks for one and every column can be transcoded, otherwise
+    /// the RowBinary as encoded.
+    pub fn insert(
+        &self,
+        table: &str,
+        omitted: u64,
+        rows: usize,
+        data: Vec<u8>,
+        format: InsertFormat,
+    ) -> (String, Vec<u8>) {
+        if format == InsertFormat::Native {
+            let columns: Vec<NativeColumn<'_>> = self
+                .insert_columns(omitted)
+                .filter_map(|i| match &self.columns[i].role {
+                    Role::Written { ty, .. } => {
+                        Some(NativeColumn { name: &self.columns[i].name, type_text: &self.infos[i].type_text, ty })
+                    }
+                    _ => None,
+                })
+                .collect();
+            match native::transcode(&columns, rows, &data) {
+                Ok(block) => return (self.statement(table, omitted, "Native"), block),
+                Err(NativeError::Unsupported(_)) => {}
+                // A bug of ours: ClickHouse gets the rows as encoded and says what it thinks.
+                Err(error) => tracing::warn!(%error, "rows not transcoded to Native; sent as RowBinary"),
             }
-            if !first {
-                sql.push_str(", ");
-            }
-            first = false;
-            sql.push_str(&quote_ident(&column.name));
         }
-        sql.push_str(") FORMAT RowBinary");
-        sql
+        (self.insert_sql_into(table, omitted), data)
     }
 
     /// Validates one event given as a value and appends its RowBinary row to `out` (the request
