@@ -145,15 +145,21 @@ impl<'a> Scanner<'a> {
             self.pos += 1;
             return Ok(());
         }
+        // Producers mostly send fields in the table's order: try the column after the previous
+        // field's before hashing the name.
+        let mut next_column = 0;
         loop {
             let key = self.key()?;
             let start = self.pos;
             self.value(1)?;
-            let column = match &key {
-                Cow::Borrowed(name) => schema.by_name.get(*name),
-                Cow::Owned(name) => schema.by_name.get(name.as_str()),
+            let column = match schema.columns.get(next_column) {
+                Some(column) if column.name == *key => Some(next_column),
+                _ => schema.by_name.get(&*key).copied(),
             };
-            let problem = match column.copied() {
+            if let Some(i) = column {
+                next_column = i + 1;
+            }
+            let problem = match column {
                 Some(i) => match &schema.columns[i].role {
                     Role::Written { .. } => {
                         // Duplicate fields: the last one wins, as with serde_json.

@@ -233,11 +233,21 @@ impl<'a> Builder<'a> {
             }
             Self::LowCardinality { leaf, keys, positions, rows, .. } => {
                 let value = leaf.take(input)?;
-                let next = keys.len() as u32 + 1;
-                let position = *positions.entry(value).or_insert_with(|| {
-                    keys.push(value);
-                    next
-                });
+                // Low cardinality is the point of the type: a short list is searched faster
+                // than a value is hashed. The map has every key, for when the list grows.
+                let found = if keys.len() <= 16 {
+                    keys.iter().position(|&k| k == value).map(|i| i as u32 + 1)
+                } else {
+                    positions.get(value).copied()
+                };
+                let position = match found {
+                    Some(position) => position,
+                    None => {
+                        keys.push(value);
+                        positions.insert(value, keys.len() as u32);
+                        keys.len() as u32
+                    }
+                };
                 rows.push(position);
             }
         }
@@ -382,6 +392,28 @@ mod tests {
         want.extend_from_slice(&4u64.to_le_bytes());
         want.extend_from_slice(&[1, 2, 1, 3]);
         assert_eq!(out, want);
+    }
+
+    /// Past 16 keys the dictionary is searched by hash: the same positions either way.
+    #[test]
+    fn large_dictionaries_keep_their_positions() {
+        let ty = ColumnType::parse("LowCardinality(String)").unwrap();
+        let values: Vec<Vec<u8>> = (0..100).map(|i| format!("v{}", i % 40).into_bytes()).collect();
+        let mut rows = Vec::new();
+        for v in &values {
+            rows.push(v.len() as u8);
+            rows.extend_from_slice(v);
+        }
+        let mut builder = Builder::new(&ty, true).unwrap();
+        let mut input = &rows[..];
+        for _ in 0..values.len() {
+            builder.read(&mut input).unwrap();
+        }
+        let Builder::LowCardinality { keys, rows: positions, .. } = &builder else { unreachable!() };
+        assert_eq!(keys.len(), 40);
+        for (value, &position) in values.iter().zip(positions) {
+            assert_eq!(&keys[position as usize - 1][1..], value.as_slice());
+        }
     }
 
     #[test]
