@@ -8,6 +8,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use super::retry::{Backoff, is_retryable, is_schema_change};
 use super::{ClickHouse, ClickHouseError};
+use crate::coalesce::Pieces;
 use crate::config::{Config, InsertFormat};
 use crate::metrics;
 use crate::schema::TableSchema;
@@ -49,18 +50,12 @@ impl Writer {
         }
     }
 
-    /// Inserts `rows` rows encoded by `schema` with `omitted` into `table`, in the configured
+    /// Inserts rows encoded by `schema` for one column list into `table`, in the configured
     /// format.
-    pub async fn write_rows(
-        &self,
-        schema: &TableSchema,
-        table: &str,
-        omitted: u64,
-        rows: usize,
-        data: Vec<u8>,
-    ) -> Result<(), WriteError> {
-        let (sql, body) = schema.insert(table, omitted, rows, data, self.format);
-        self.write(&sql, Bytes::from(body), rows).await
+    pub async fn write_rows(&self, schema: &TableSchema, table: &str, rows: Pieces) -> Result<(), WriteError> {
+        let count = rows.rows;
+        let (sql, body) = schema.insert(table, rows.omitted, count, rows.pieces, self.format);
+        self.write(&sql, Bytes::from(body), count).await
     }
 
     /// Inserts one block of `rows` rows, retrying what may heal.

@@ -106,23 +106,41 @@ impl PartitionRows {
         (index, start..chunk.data.len())
     }
 
-    /// Moves a whole chunk in, merging it with the chunk of the same column list.
-    pub fn append(&mut self, chunk: Chunk) {
-        match self.chunks.iter_mut().find(|c| c.omitted == chunk.omitted) {
-            Some(existing) => {
-                existing.rows += chunk.rows;
-                existing.data.extend_from_slice(&chunk.data);
-            }
-            None => self.chunks.push(chunk),
-        }
-    }
-
     pub fn rows(&self) -> usize {
         self.chunks.iter().map(|c| c.rows).sum()
     }
 
     pub fn bytes(&self) -> usize {
         self.chunks.iter().map(|c| c.data.len()).sum()
+    }
+}
+
+/// The rows of several requests for one INSERT column list, kept as the requests' own buffers:
+/// the INSERT reads them in turn (transposing them into one Native block, or sending them
+/// back to back), so merging requests copies nothing.
+#[derive(Debug, Default)]
+pub struct Pieces {
+    pub omitted: u64,
+    pub rows: usize,
+    pub pieces: Vec<Vec<u8>>,
+}
+
+/// Chunks grouped by column list, in order of first appearance.
+#[derive(Debug, Default)]
+pub struct Groups(pub Vec<Pieces>);
+
+impl Groups {
+    pub fn add(&mut self, chunk: Chunk) {
+        let index = match self.0.iter().position(|g| g.omitted == chunk.omitted) {
+            Some(i) => i,
+            None => {
+                self.0.push(Pieces { omitted: chunk.omitted, ..Pieces::default() });
+                self.0.len() - 1
+            }
+        };
+        let group = &mut self.0[index];
+        group.rows += chunk.rows;
+        group.pieces.push(chunk.data);
     }
 }
 

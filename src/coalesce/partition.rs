@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{BatchLimits, FlushResult, PartitionRows, Submission};
+use super::{BatchLimits, FlushResult, Groups, Submission};
 use crate::clickhouse::writer::Writer;
 use crate::idempotency::{Idempotency, Reservation};
 use crate::metrics;
@@ -18,7 +18,7 @@ use crate::shed::budget::Lease;
 /// Rows of several submissions that share a schema, grouped by INSERT column list.
 struct Batch {
     schema: Arc<TableSchema>,
-    groups: PartitionRows,
+    groups: Groups,
     rows: usize,
     bytes: usize,
     acks: Vec<tokio::sync::oneshot::Sender<FlushResult>>,
@@ -32,7 +32,7 @@ impl Batch {
     fn new(first: Submission) -> Self {
         let mut batch = Self {
             schema: Arc::clone(&first.schema),
-            groups: PartitionRows::default(),
+            groups: Groups::default(),
             rows: 0,
             bytes: 0,
             acks: Vec::new(),
@@ -59,7 +59,7 @@ impl Batch {
         for chunk in submission.rows.chunks {
             self.rows += chunk.rows;
             self.bytes += chunk.data.len();
-            self.groups.append(chunk);
+            self.groups.add(chunk);
         }
         self.acks.extend(submission.ack);
         self.leases.extend(submission.lease);
@@ -69,8 +69,8 @@ impl Batch {
 
     async fn flush(self, writer: &Writer, idempotency: &Idempotency) {
         let mut result = Ok(());
-        for chunk in self.groups.chunks {
-            result = writer.write_rows(&self.schema, &self.schema.table, chunk.omitted, chunk.rows, chunk.data).await;
+        for group in self.groups.0 {
+            result = writer.write_rows(&self.schema, &self.schema.table, group).await;
             if result.is_err() {
                 break;
             }

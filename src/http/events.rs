@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 
 use super::body::{self, Format};
 use super::error::ApiError;
-use crate::coalesce::{PartitionRows, Submission, SubmitError};
+use crate::coalesce::{Groups, PartitionRows, Submission, SubmitError};
 use crate::idempotency::{DedupMode, Idempotency, KeyState, OnStoreError, RequestState, Reservation, StoreError};
 use crate::metrics::{self, Outcome};
 use crate::schema::{EncodeContext, EventFields, EventSchema, Instant, Scanner, SyntaxError, TableSchema, quote_ident};
@@ -536,13 +536,13 @@ async fn write_fallback(
     reservations: Vec<Option<Reservation>>,
 ) -> Result<(), ApiError> {
     let table = format!("{}.{}", quote_ident(&state.config.database), quote_ident(&state.config.fallback_table));
-    let mut merged = PartitionRows::default();
+    let mut groups = Groups::default();
     for chunk in partitions.into_iter().flat_map(|p| p.chunks) {
-        merged.append(chunk);
+        groups.add(chunk);
     }
     let mut result = Ok(());
-    for chunk in merged.chunks {
-        result = state.writer.write_rows(schema, &table, chunk.omitted, chunk.rows, chunk.data).await;
+    for group in groups.0 {
+        result = state.writer.write_rows(schema, &table, group).await;
         if result.is_err() {
             break;
         }

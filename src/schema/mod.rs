@@ -208,15 +208,15 @@ impl TableSchema {
         })
     }
 
-    /// The statement and body of an INSERT into `table` of `rows` rows encoded with `omitted`:
-    /// a Native block when `format` asks for one and every column can be transcoded, otherwise
-    /// the RowBinary as encoded.
+    /// The statement and body of an INSERT into `table` of `rows` rows encoded with `omitted`,
+    /// given as consecutive pieces of whole rows: a Native block when `format` asks for one and
+    /// every column can be transcoded, otherwise the RowBinary as encoded.
     pub fn insert(
         &self,
         table: &str,
         omitted: u64,
         rows: usize,
-        data: Vec<u8>,
+        mut pieces: Vec<Vec<u8>>,
         format: InsertFormat,
     ) -> (String, Vec<u8>) {
         if format == InsertFormat::Native {
@@ -229,13 +229,14 @@ impl TableSchema {
                     _ => None,
                 })
                 .collect();
-            match native::transcode(&columns, rows, &data) {
+            match native::transcode(&columns, rows, &pieces) {
                 Ok(block) => return (self.statement(table, omitted, "Native"), block),
                 Err(NativeError::Unsupported(_)) => {}
                 // A bug of ours: ClickHouse gets the rows as encoded and says what it thinks.
                 Err(error) => tracing::warn!(%error, "rows not transcoded to Native; sent as RowBinary"),
             }
         }
+        let data = if pieces.len() == 1 { pieces.pop().unwrap_or_default() } else { pieces.concat() };
         (self.insert_sql_into(table, omitted), data)
     }
 

@@ -53,23 +53,34 @@ pub fn supported(columns: &[NativeColumn<'_>]) -> Result<(), NativeError> {
     Ok(())
 }
 
-/// The Native block holding the `rows` RowBinary rows of `data`, whose values follow
-/// `columns` in order.
-pub fn transcode(columns: &[NativeColumn<'_>], rows: usize, data: &[u8]) -> Result<Vec<u8>, NativeError> {
+/// The Native block holding the `rows` RowBinary rows of `pieces` (each a run of whole rows),
+/// whose values follow `columns` in order.
+pub fn transcode(columns: &[NativeColumn<'_>], rows: usize, pieces: &[Vec<u8>]) -> Result<Vec<u8>, NativeError> {
+    if columns.is_empty() {
+        return Err(NativeError::Unsupported("an INSERT without columns".into()));
+    }
     let mut builders = columns.iter().map(|c| Builder::new(c.ty, true)).collect::<Result<Vec<_>, _>>()?;
     for builder in &mut builders {
         builder.reserve(rows);
     }
-    let mut input = data;
-    for _ in 0..rows {
-        for builder in &mut builders {
-            builder.read(&mut input)?;
+    let mut read = 0;
+    for piece in pieces {
+        let mut input = &piece[..];
+        while !input.is_empty() {
+            if read == rows {
+                return Err(NativeError::Malformed("bytes after the last row"));
+            }
+            for builder in &mut builders {
+                builder.read(&mut input)?;
+            }
+            read += 1;
         }
     }
-    if !input.is_empty() {
-        return Err(NativeError::Malformed("bytes after the last row"));
+    if read < rows {
+        return Err(NativeError::Malformed("fewer rows than announced"));
     }
-    let mut out = Vec::with_capacity(data.len() + 64 * columns.len() + rows * 2);
+    let bytes: usize = pieces.iter().map(Vec::len).sum();
+    let mut out = Vec::with_capacity(bytes + 64 * columns.len() + rows * 2);
     write_len(&mut out, columns.len());
     write_len(&mut out, rows);
     for (column, builder) in columns.iter().zip(&builders) {
@@ -341,7 +352,7 @@ mod tests {
         let (u, s) = (ColumnType::UInt16, ColumnType::String);
         let columns = [column("n", "UInt16", &u), column("s", "String", &s)];
         let rows = [1u8, 0, 2, b'h', b'i', 2, 0, 0];
-        let block = transcode(&columns, 2, &rows).unwrap();
+        let block = transcode(&columns, 2, &[rows[..5].to_vec(), rows[5..].to_vec()]).unwrap();
         let mut want = vec![2, 2, 1, b'n', 6];
         want.extend_from_slice(b"UInt16");
         want.extend_from_slice(&[1, 0, 2, 0]);
@@ -424,9 +435,13 @@ mod tests {
         }
         let ty = ColumnType::String;
         let columns = [column("s", "String", &ty)];
-        assert_eq!(transcode(&columns, 1, &[5, b'a']), Err(NativeError::Malformed("a value runs past the end")));
-        assert_eq!(transcode(&columns, 1, &[1, b'a', 0]), Err(NativeError::Malformed("bytes after the last row")));
-        assert_eq!(transcode(&columns, 1, &[0x80]), Err(NativeError::Malformed("a length prefix is cut off")));
+        assert_eq!(transcode(&columns, 1, &[vec![5, b'a']]), Err(NativeError::Malformed("a value runs past the end")));
+        assert_eq!(
+            transcode(&columns, 1, &[vec![1, b'a'], vec![0]]),
+            Err(NativeError::Malformed("bytes after the last row"))
+        );
+        assert_eq!(transcode(&columns, 2, &[vec![1, b'a']]), Err(NativeError::Malformed("fewer rows than announced")));
+        assert_eq!(transcode(&columns, 1, &[vec![0x80]]), Err(NativeError::Malformed("a length prefix is cut off")));
     }
 
     /// NULL rows hold the inner type's default, the same bytes a missing field gets.
@@ -435,7 +450,7 @@ mod tests {
         for text in ["Nullable(String)", "Nullable(UUID)", "Nullable(Decimal(20, 2))"] {
             let ty = ColumnType::parse(text).unwrap();
             let ColumnType::Nullable(inner) = &ty else { unreachable!() };
-            let block = transcode(&[column("c", text, &ty)], 1, &[1]).unwrap();
+            let block = transcode(&[column("c", text, &ty)], 1, &[vec![1]]).unwrap();
             let mut default = Vec::new();
             encode_default(inner, &mut default);
             assert!(block.ends_with(&[[1].as_slice(), &default].concat()), "{text}");
