@@ -13,7 +13,7 @@
 
 use std::borrow::Cow;
 
-use super::{Rejection, Role, TableSchema};
+use super::{Rejection, Role, TableSchema, swar};
 use crate::config::UnknownFields;
 
 /// Deeper nesting is refused (serde_json's limit too): recursion stays bounded.
@@ -294,10 +294,8 @@ impl<'a> Scanner<'a> {
         let mut escaped = false;
         loop {
             // Eight bytes at a time up to the next quote, backslash or control character.
-            while let Some(chunk) = b.get(i..i + 8) {
-                let mut word = [0; 8];
-                word.copy_from_slice(chunk);
-                let special = special_bytes(u64::from_le_bytes(word));
+            while let Some(word) = swar::word_at(b, i) {
+                let special = swar::string_special_bytes(word);
                 if special != 0 {
                     i += (special.trailing_zeros() / 8) as usize;
                     break;
@@ -329,19 +327,6 @@ impl<'a> Scanner<'a> {
             }
         }
     }
-}
-
-/// The high bit of each byte of `word` that is `"`, `\` or below 0x20, plus possibly bits of
-/// bytes above the first such byte (borrows propagate upwards only): the lowest set bit is
-/// always a true one.
-fn special_bytes(word: u64) -> u64 {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGHS: u64 = 0x8080_8080_8080_8080;
-    let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x;
-    let quote = zero_byte(word ^ (ONES * u64::from(b'"')));
-    let backslash = zero_byte(word ^ (ONES * u64::from(b'\\')));
-    let control = word.wrapping_sub(ONES * 0x20) & !word;
-    (quote | backslash | control) & HIGHS
 }
 
 fn kind_problem(kind: &str) -> String {
@@ -468,19 +453,6 @@ mod tests {
             }
             assert_eq!(ours.is_ok(), theirs.is_ok(), "{text}: {ours:?} vs {theirs:?}");
         }
-    }
-
-    #[test]
-    fn finds_special_bytes_at_every_position() {
-        for at in 0..8 {
-            for special in [b'"', b'\\', 0x01, 0x1f] {
-                let mut word = *b"abcdefgh";
-                word[at] = special;
-                let found = special_bytes(u64::from_le_bytes(word));
-                assert_eq!(found.trailing_zeros() / 8, at as u32, "{special:#x} at {at}");
-            }
-        }
-        assert_eq!(special_bytes(u64::from_le_bytes(*b" ~\x7f\xc3\xa9AZ!")), 0);
     }
 
     #[test]

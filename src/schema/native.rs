@@ -45,14 +45,6 @@ pub struct NativeColumn<'s> {
     pub ty: &'s ColumnType,
 }
 
-/// Whether every column of `columns` can be transcoded.
-pub fn supported(columns: &[NativeColumn<'_>]) -> Result<(), NativeError> {
-    for column in columns {
-        Builder::new(column.ty, true)?;
-    }
-    Ok(())
-}
-
 /// The Native block holding the `rows` RowBinary rows of `pieces` (each a run of whole rows),
 /// whose values follow `columns` in order.
 pub fn transcode(columns: &[NativeColumn<'_>], rows: usize, pieces: &[Vec<u8>]) -> Result<Vec<u8>, NativeError> {
@@ -126,11 +118,11 @@ impl Leaf {
         Ok(value)
     }
 
-    /// The type's default value (zeros, or the empty string).
-    fn default_bytes(self) -> Vec<u8> {
+    /// Appends the type's default value (zeros, or the empty string).
+    fn push_default(self, out: &mut Vec<u8>) {
         match self {
-            Self::Fixed(size) => vec![0; size],
-            Self::String => vec![0],
+            Self::Fixed(size) => out.resize(out.len() + size, 0),
+            Self::String => out.push(0),
         }
     }
 }
@@ -152,18 +144,13 @@ enum Builder<'a> {
         total: u64,
         inner: Box<Builder<'a>>,
     },
-    Map {
-        offsets: Vec<u8>,
-        total: u64,
-        keys: Box<Builder<'a>>,
-        values: Box<Builder<'a>>,
-    },
+    /// Each element a whole column in turn (a `Map` is `Array(Tuple(K, V))`).
+    Tuple(Vec<Builder<'a>>),
     LowCardinality {
         leaf: Leaf,
         keys: Vec<&'a [u8]>,
         positions: HashMap<&'a [u8], u32>,
         rows: Vec<u32>,
-        default: Vec<u8>,
     },
 }
 
@@ -177,23 +164,16 @@ impl<'a> Builder<'a> {
             ColumnType::Array(inner) => {
                 Self::Array { offsets: Vec::new(), total: 0, inner: Box::new(Self::new(inner, false)?) }
             }
-            ColumnType::Map(key, value) => Self::Map {
+            ColumnType::Map(key, value) => Self::Array {
                 offsets: Vec::new(),
                 total: 0,
-                keys: Box::new(Self::new(key, false)?),
-                values: Box::new(Self::new(value, false)?),
+                inner: Box::new(Self::Tuple(vec![Self::new(key, false)?, Self::new(value, false)?])),
             },
             // Its serialization starts with a version word, which nested in a container would
             // have to come before the container's own data: only top-level columns here.
             ColumnType::LowCardinality(inner) if top => {
                 let leaf = Leaf::of(inner).ok_or_else(unsupported)?;
-                Self::LowCardinality {
-                    leaf,
-                    keys: Vec::new(),
-                    positions: HashMap::new(),
-                    rows: Vec::new(),
-                    default: leaf.default_bytes(),
-                }
+                Self::LowCardinality { leaf, keys: Vec::new(), positions: HashMap::new(), rows: Vec::new() }
             }
             _ => Self::Plain { leaf: Leaf::of(ty).ok_or_else(unsupported)?, data: Vec::new() },
         })
@@ -233,14 +213,10 @@ impl<'a> Builder<'a> {
                 *total += n as u64;
                 offsets.extend_from_slice(&total.to_le_bytes());
             }
-            Self::Map { offsets, total, keys, values } => {
-                let (n, _) = read_len(input)?;
-                for _ in 0..n {
-                    keys.read(input)?;
-                    values.read(input)?;
+            Self::Tuple(elements) => {
+                for element in elements {
+                    element.read(input)?;
                 }
-                *total += n as u64;
-                offsets.extend_from_slice(&total.to_le_bytes());
             }
             Self::LowCardinality { leaf, keys, positions, rows, .. } => {
                 let value = leaf.take(input)?;
@@ -268,14 +244,13 @@ impl<'a> Builder<'a> {
     /// The value of a NULL row, which Native stores under the null map.
     fn push_default(&mut self) {
         match self {
-            Self::Plain { leaf, data } => data.extend_from_slice(&leaf.default_bytes()),
+            Self::Plain { leaf, data } => leaf.push_default(data),
             Self::Nullable { nulls, inner } => {
                 nulls.push(1);
                 inner.push_default();
             }
-            Self::Array { offsets, total, .. } | Self::Map { offsets, total, .. } => {
-                offsets.extend_from_slice(&total.to_le_bytes());
-            }
+            Self::Array { offsets, total, .. } => offsets.extend_from_slice(&total.to_le_bytes()),
+            Self::Tuple(elements) => elements.iter_mut().for_each(Builder::push_default),
             Self::LowCardinality { rows, .. } => rows.push(0),
         }
     }
@@ -291,12 +266,8 @@ impl<'a> Builder<'a> {
                 out.extend_from_slice(offsets);
                 inner.write(out);
             }
-            Self::Map { offsets, keys, values, .. } => {
-                out.extend_from_slice(offsets);
-                keys.write(out);
-                values.write(out);
-            }
-            Self::LowCardinality { keys, rows, default, .. } => {
+            Self::Tuple(elements) => elements.iter().for_each(|element| element.write(out)),
+            Self::LowCardinality { leaf, keys, rows, .. } => {
                 const HAS_ADDITIONAL_KEYS: u64 = 1 << 9;
                 const NEED_UPDATE_DICTIONARY: u64 = 1 << 10;
                 // Key version 1: "shared dictionaries with additional keys".
@@ -309,7 +280,7 @@ impl<'a> Builder<'a> {
                 };
                 out.extend_from_slice(&(code | HAS_ADDITIONAL_KEYS | NEED_UPDATE_DICTIONARY).to_le_bytes());
                 out.extend_from_slice(&(dictionary as u64).to_le_bytes());
-                out.extend_from_slice(default);
+                leaf.push_default(out);
                 for key in keys {
                     out.extend_from_slice(key);
                 }
@@ -431,7 +402,8 @@ mod tests {
     fn what_is_not_transcoded_says_so() {
         for text in ["LowCardinality(Nullable(String))", "Array(LowCardinality(String))"] {
             let ty = ColumnType::parse(text).unwrap();
-            assert!(matches!(supported(&[column("c", text, &ty)]), Err(NativeError::Unsupported(_))), "{text}");
+            let result = transcode(&[column("c", text, &ty)], 0, &[]);
+            assert!(matches!(result, Err(NativeError::Unsupported(_))), "{text}: {result:?}");
         }
         let ty = ColumnType::String;
         let columns = [column("s", "String", &ty)];

@@ -136,7 +136,6 @@ impl ColumnType {
         }
     }
 
-    /// A UUID type, possibly Nullable.
     /// The size of each value of a fixed-size type: its RowBinary and Native bytes alike.
     pub fn fixed_size(&self) -> Option<usize> {
         Some(match self {
@@ -146,13 +145,7 @@ impl ColumnType {
             Self::UInt32 | Self::Int32 | Self::Float32 | Self::Date32 | Self::DateTime | Self::Ipv4 => 4,
             Self::UInt64 | Self::Int64 | Self::Float64 | Self::DateTime64(_) => 8,
             Self::Uuid | Self::Ipv6 => 16,
-            Self::Enum { wide, .. } => {
-                if *wide {
-                    2
-                } else {
-                    1
-                }
-            }
+            Self::Enum { wide, .. } => 1 + usize::from(*wide),
             Self::Decimal(p, _) => match p {
                 0..=9 => 4,
                 10..=18 => 8,
@@ -162,6 +155,7 @@ impl ColumnType {
         })
     }
 
+    /// A UUID type, possibly Nullable.
     pub fn is_uuid(&self) -> bool {
         match self.unwrapped() {
             Self::Uuid => true,
