@@ -31,12 +31,18 @@ cat > "$dir/config.xml" <<XML
     <uncompressed_cache_size>268435456</uncompressed_cache_size>
     <max_concurrent_queries>200</max_concurrent_queries>
     <keep_alive_timeout>10</keep_alive_timeout>
+    <!-- Only the "logged" user below logs its queries: tests that must see what reached the
+         server (an INSERT's format) connect as it; everything else stays unlogged. -->
+    <query_log><database>system</database><table>query_log</table><flush_interval_milliseconds>7500</flush_interval_milliseconds></query_log>
 </yandex>
 XML
 cat > "$dir/users.xml" <<XML
 <?xml version="1.0"?>
 <yandex>
-    <profiles><default><max_memory_usage>4000000000</max_memory_usage></default></profiles>
+    <profiles>
+        <default><max_memory_usage>4000000000</max_memory_usage></default>
+        <logged><max_memory_usage>4000000000</max_memory_usage><log_queries>1</log_queries></logged>
+    </profiles>
     <users>
         <default>
             <password></password>
@@ -44,6 +50,12 @@ cat > "$dir/users.xml" <<XML
             <profile>default</profile>
             <quota>default</quota>
         </default>
+        <logged>
+            <password></password>
+            <networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+            <profile>logged</profile>
+            <quota>default</quota>
+        </logged>
     </users>
     <quotas><default><interval><duration>3600</duration><queries>0</queries><errors>0</errors><result_rows>0</result_rows><read_rows>0</read_rows><execution_time>0</execution_time></interval></default></quotas>
 </yandex>

@@ -186,6 +186,8 @@ async fn every_type(prefix: &str, extra: &str, format: InsertFormat) {
     config.buffer_table = "buf".into();
     config.destination_table = "raw".into();
     config.insert_format = format;
+    // Its queries are logged (scripts/clickhouse-server.sh): the test sees the INSERTs' format.
+    config.clickhouse_user = "logged".into();
     // The format the gateway's schema picks for this table (it is built from the same DESCRIBE).
     let described: Vec<ColumnInfo> = ch
         .rows(&format!("DESCRIBE TABLE {db}.buf"))
@@ -237,6 +239,17 @@ async fn every_type(prefix: &str, extra: &str, format: InsertFormat) {
     assert_eq!(rows[1]["n"], Value::Null);
     assert_eq!(rows[1]["id"], "00000000-0000-0000-0000-000000000000");
     assert_eq!(rows[1]["e8"], "a");
+    // What reached the server, not only what the schema would pick.
+    ch.exec("SYSTEM FLUSH LOGS").await;
+    let formats = ch
+        .rows(&format!(
+            "SELECT extract(query, 'FORMAT ([A-Za-z]+)') AS format, count() AS n FROM system.query_log \
+             WHERE type = 2 AND user = 'logged' AND query LIKE 'INSERT INTO `{db}`.`buf`%' GROUP BY format"
+        ))
+        .await;
+    let sent = if expected.ends_with("Native") { "Native" } else { "RowBinary" };
+    assert_eq!(formats.len(), 1, "{formats:?}");
+    assert_eq!(formats[0]["format"], sent, "{formats:?}");
     gw.stop().await;
 }
 
