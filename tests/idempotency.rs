@@ -298,65 +298,36 @@ async fn a_gateway_killed_mid_flush_leaves_leases_that_expire_and_the_retry_stor
     assert_eq!(rows[0], json!({"n": "10", "u": "10"}));
 }
 
-/// The reservation paths: plain `SET … NX GET` pipelines (Redis 7+) and the Lua script alone
-/// (older servers); both run against the same real Redis.
-mod reservations {
-    use super::*;
+fn redis_store(url: &str) -> buffergate::idempotency::RedisStore {
+    buffergate::idempotency::RedisStore::new(url, Duration::from_secs(2)).unwrap()
+}
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn native_concurrent() {
-        concurrent_reservations_share_calls_and_each_key_goes_to_one_request(false).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn scripted_concurrent() {
-        concurrent_reservations_share_calls_and_each_key_goes_to_one_request(true).await;
-    }
-
-    #[tokio::test]
-    async fn native_semantics() {
-        redis_reservations_commit_release_and_expire_per_partition(false).await;
-    }
-
-    #[tokio::test]
-    async fn scripted_semantics() {
-        redis_reservations_commit_release_and_expire_per_partition(true).await;
+/// Calls of each command, as Redis counts them (commands a script runs included).
+async fn command_calls(url: &str) -> impl Fn(&str) -> u64 {
+    let client = redis::Client::open(url).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut connection).await.unwrap();
+    move |name: &str| {
+        info.lines()
+            .filter(|l| l.starts_with(&format!("cmdstat_{name}:")))
+            .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+            .sum::<u64>()
     }
 }
 
-fn redis_store(url: &str, scripted: bool) -> buffergate::idempotency::RedisStore {
-    let store = buffergate::idempotency::RedisStore::new(url, Duration::from_secs(2)).unwrap();
-    if scripted { store.scripted_only() } else { store }
-}
-
-/// Reservations of concurrent requests share Redis calls, and a key wanted by many requests
-/// at once goes to exactly one of them.
-async fn concurrent_reservations_share_calls_and_each_key_goes_to_one_request(scripted: bool) {
+/// Reservations of concurrent requests share Redis calls, each call costs a few commands per
+/// request rather than one per key, and a key wanted by many requests at once goes to exactly
+/// one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reservations_share_calls_and_each_key_goes_to_one_request() {
     use buffergate::idempotency::{Idempotency, KeyState, Store};
     use std::sync::Arc;
 
     let redis = RedisServer::start("redis-batch");
-    let store = redis_store(&redis.url, scripted);
-    let idem = Arc::new(Idempotency::new(Store::Redis(store), &Config::default()));
-    // Script calls and SETs, as Redis counts them.
-    let script_calls = || async {
-        let client = redis::Client::open(redis.url.as_str()).unwrap();
-        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-        let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut connection).await.unwrap();
-        let calls = |name: &str| {
-            info.lines()
-                .filter(|l| l.starts_with(&format!("cmdstat_{name}:")))
-                .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
-                .sum::<u64>()
-        };
-        (calls("evalsha") + calls("eval"), calls("set"))
-    };
-    // An uncontested key: plain SETs on the native path, the script otherwise.
-    let initial = script_calls().await;
+    let idem = Arc::new(Idempotency::new(Store::Redis(redis_store(&redis.url)), &Config::default()));
+    // The first call loads the script.
     idem.reserve(&Idempotency::new_tokens(1), &[(0, b"warm".to_vec())]).await.unwrap();
-    let before = script_calls().await;
-    // (The first script call is EVALSHA, refused, then EVAL: it counts twice.)
-    assert_eq!(before.0 > initial.0, scripted, "script calls for one fresh key: {}", before.0 - initial.0);
+    let before = command_calls(&redis.url).await;
 
     let shared: Vec<Vec<u8>> = (0..10).map(|i| format!("shared-{i}").into_bytes()).collect();
     let requests = 200;
@@ -384,24 +355,87 @@ async fn concurrent_reservations_share_calls_and_each_key_goes_to_one_request(sc
         assert!(states[10..].iter().all(|s| *s == KeyState::Reserved), "a request's own keys are its own");
     }
     assert_eq!(winners, [1; 10], "each shared key is reserved by exactly one request");
-    let after = script_calls().await;
-    let (scripts, sets) = (after.0 - before.0, after.1 - before.1);
-    // Redis counts the SETs a script makes too: one per key at least, either way.
-    assert!(sets >= requests * 20, "{sets} SETs");
+    let after = command_calls(&redis.url).await;
+    let delta = |name: &str| after(name) - before(name);
+    let scripts = delta("evalsha") + delta("eval");
     assert!(scripts < requests, "{scripts} script calls for {requests} concurrent requests: not batched");
+    // Per request: its token's status (one SET); per call: one MGET, then two HMGETs and one
+    // HSET per 2,000 ids.
+    assert_eq!(delta("set"), requests, "one status SET per request, none per key");
+    assert_eq!(delta("mget"), scripts);
+    let hsets = delta("hset");
+    assert!(hsets <= scripts + requests * 20 / 2000, "{hsets} HSETs in {scripts} calls");
+    assert_eq!(delta("hmget"), 2 * hsets);
+}
+
+/// Different partitions of one request in one call: ids grouped by token, answers in the
+/// request's order; more ids than the script handles in one step (and than Lua unpacks at once).
+#[tokio::test]
+async fn a_requests_partitions_are_reserved_and_answered_in_order() {
+    use buffergate::idempotency::{Idempotency, KeyState, Reservation, Store};
+
+    let config = Config { dedup_key_prefix: "order:".into(), ..Config::default() };
+    let idem = Idempotency::new(Store::Redis(redis_store(&redis().url)), &config);
+    let tokens = Idempotency::new_tokens(3);
+    let keys: Vec<(usize, Vec<u8>)> = (0..9000u32).map(|i| (i as usize % 3, i.to_le_bytes().to_vec())).collect();
+    assert!(idem.reserve(&tokens, &keys).await.unwrap().iter().all(|s| *s == KeyState::Reserved));
+    idem.commit(&[Reservation { token: tokens[1].clone() }]).await.unwrap();
+    idem.release(&[Reservation { token: tokens[2].clone() }]).await.unwrap();
+    let again: Vec<(usize, Vec<u8>)> = keys.iter().map(|(_, k)| (0, k.clone())).collect();
+    let expected: Vec<KeyState> =
+        (0..9000).map(|i| [KeyState::Pending, KeyState::Committed, KeyState::Reserved][i % 3]).collect();
+    assert_eq!(idem.reserve(&Idempotency::new_tokens(1), &again).await.unwrap(), expected);
+}
+
+/// Ids live in one hash per window-long slot: a committed id is still found once the slot has
+/// turned, and slots older than the previous one are removed.
+#[tokio::test]
+async fn ids_are_seen_across_a_slot_boundary_and_old_slots_are_removed() {
+    use buffergate::idempotency::{Idempotency, KeyState, Reservation, Store};
+
+    let window = 1000u64;
+    let config = Config { dedup_window_ms: window, dedup_key_prefix: "slots:".into(), ..Config::default() };
+    let idem = Idempotency::new(Store::Redis(redis_store(&redis().url)), &config);
+    let client = redis::Client::open(redis().url.as_str()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let mut redis_ms = async || {
+        let (s, us): (u64, u64) = redis::cmd("TIME").query_async(&mut connection).await.unwrap();
+        s * 1000 + us / 1000
+    };
+    // Reserve and commit late in a slot, so the commit is still inside the window when the
+    // next slot begins.
+    while redis_ms().await % window < 700 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let now = redis_ms().await;
+    let slot = now / window;
+    let t1 = Idempotency::new_tokens(1);
+    let k = vec![(0, b"turning".to_vec())];
+    assert_eq!(idem.reserve(&t1, &k).await.unwrap(), [KeyState::Reserved]);
+    idem.commit(&[Reservation { token: t1[0].clone() }]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis((slot + 1) * window + 50 - now)).await;
+    assert_eq!(redis_ms().await / window, slot + 1, "the slot turned");
+    let t2 = Idempotency::new_tokens(1);
+    assert_eq!(idem.reserve(&t2, &k).await.unwrap(), [KeyState::Committed], "found in the previous slot");
+
+    // Two slots on, the commit has expired and the first slot's hash is gone.
+    tokio::time::sleep(Duration::from_millis(window + 100)).await;
+    assert_eq!(idem.reserve(&t2, &k).await.unwrap(), [KeyState::Reserved]);
+    let keys: Vec<String> = redis::cmd("KEYS").arg("slots:h:*").query_async(&mut connection).await.unwrap();
+    assert!(!keys.contains(&format!("slots:h:{slot}")), "{keys:?}");
+    assert!(keys.len() <= 2, "{keys:?}");
 }
 
 /// The store's own semantics on a real Redis: per-partition commit and release, a void
 /// reservation taken over once its lease has run out.
-async fn redis_reservations_commit_release_and_expire_per_partition(scripted: bool) {
+#[tokio::test]
+async fn redis_reservations_commit_release_and_expire_per_partition() {
     use buffergate::idempotency::{Idempotency, KeyState, Reservation, Store};
 
-    let prefix = format!("semantics-{scripted}:");
-    let config = Config { dedup_lease_ms: 300, dedup_key_prefix: prefix.clone(), ..Config::default() };
-    let store = redis_store(&redis().url, scripted);
-    // The shared server sees both paths at once: keys apart.
-    let key = |name: &str| format!("{prefix}{name}").into_bytes();
-    let idem = Idempotency::new(Store::Redis(store), &config);
+    let prefix = "semantics:";
+    let config = Config { dedup_lease_ms: 300, dedup_key_prefix: prefix.into(), ..Config::default() };
+    let key = |name: &str| name.as_bytes().to_vec();
+    let idem = Idempotency::new(Store::Redis(redis_store(&redis().url)), &config);
     let (t1, t2) = (Idempotency::new_tokens(2), Idempotency::new_tokens(1));
     let keys1 = vec![(0, key("k1")), (1, key("k2"))];
     let keys2 = vec![(0, key("k1")), (0, key("k2"))];

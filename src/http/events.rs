@@ -388,7 +388,7 @@ async fn reserve(
         .events
         .iter()
         .enumerate()
-        .filter_map(|(i, event)| Some((i, (event.partition, idempotency.event_key(event.id.as_deref()?)))))
+        .filter_map(|(i, event)| Some((i, (event.partition, Idempotency::event_key(event.id.as_deref()?)))))
         .collect();
     // Ids sent twice in the request: the first one stands for all.
     let mut seen = std::collections::HashSet::with_capacity(todo.len());

@@ -48,9 +48,11 @@ impl MemoryStore {
         let now = Instant::now();
         let mut inner = self.lock();
         let mut marked = vec![false; tokens.len()];
-        let status_of = |token: &[u8]| [terms.status_prefix.as_slice(), token].concat();
+        let status_of = |token: &[u8]| terms.status_key(token);
         keys.iter()
-            .map(|(t, key)| {
+            .map(|(t, id)| {
+                // Event keys apart from status keys, as Redis keeps them.
+                let key = &[terms.prefix.as_slice(), b"e:", id].concat();
                 let (token, t) = (&tokens[*t], *t);
                 if !marked[t] {
                     marked[t] = true;

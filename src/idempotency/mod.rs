@@ -108,7 +108,7 @@ pub struct Idempotency {
     pub on_error: OnStoreError,
     pub pending_wait: Duration,
     prefix: String,
-    /// Lease, window and status-key prefix, as every reservation call needs them.
+    /// Lease, window and key prefix, as every reservation call needs them.
     terms: Terms,
 }
 
@@ -141,7 +141,7 @@ impl Idempotency {
             terms: Terms {
                 lease: Duration::from_millis(config.dedup_lease_ms),
                 window: Duration::from_millis(config.dedup_window_ms),
-                status_prefix: format!("{}t:", config.dedup_key_prefix).into_bytes(),
+                prefix: config.dedup_key_prefix.clone().into_bytes(),
             },
         }
     }
@@ -150,17 +150,13 @@ impl Idempotency {
         matches!(self.store, Store::Memory(_))
     }
 
-    /// Key of an event id: the prefix, `e:`, then the id's 16 UUID bytes (any spelling of one
+    /// Key of an event id, as the stores keep it: the id's 16 UUID bytes (any spelling of one
     /// UUID is one key), or the id's text when it is not a UUID.
-    pub fn event_key(&self, id: &str) -> Vec<u8> {
-        let mut key = Vec::with_capacity(self.prefix.len() + 18);
-        key.extend_from_slice(self.prefix.as_bytes());
-        key.extend_from_slice(b"e:");
+    pub fn event_key(id: &str) -> Vec<u8> {
         match uuid::Uuid::parse_str(id) {
-            Ok(uuid) => key.extend_from_slice(uuid.as_bytes()),
-            Err(_) => key.extend_from_slice(id.as_bytes()),
+            Ok(uuid) => uuid.as_bytes().to_vec(),
+            Err(_) => id.as_bytes().to_vec(),
         }
-        key
     }
 
     fn request_key(&self, key: &str) -> Vec<u8> {
@@ -187,7 +183,7 @@ impl Idempotency {
 
     /// Keys of the reservations' token statuses.
     fn status_keys(&self, reservations: &[Reservation]) -> Vec<Vec<u8>> {
-        reservations.iter().map(|r| [self.terms.status_prefix.as_slice(), &r.token].concat()).collect()
+        reservations.iter().map(|r| self.terms.status_key(&r.token)).collect()
     }
 
     async fn timed<T>(
@@ -360,15 +356,21 @@ impl Idempotency {
     }
 }
 
-/// How long reservations and commits last, and where token statuses live.
+/// How long reservations and commits last, and where the keys live.
 #[derive(Debug, Clone)]
 pub struct Terms {
     /// Of a pending token: how long a reservation outlives a gateway that died holding it.
     pub lease: Duration,
-    /// Of an event key and of a committed token.
+    /// Of a committed token (and so of what its event keys mean).
     pub window: Duration,
-    /// A token's status key is this prefix followed by the token.
-    pub status_prefix: Vec<u8>,
+    /// Of every key: `<prefix>t:<token>` is a token's status.
+    pub prefix: Vec<u8>,
+}
+
+impl Terms {
+    fn status_key(&self, token: &[u8]) -> Vec<u8> {
+        [self.prefix.as_slice(), b"t:", token].concat()
+    }
 }
 
 #[cfg(test)]
@@ -381,11 +383,10 @@ mod tests {
 
     #[test]
     fn keys_are_compact_and_spelling_independent() {
-        let idem = idem();
-        let a = idem.event_key("018f2b6e-1d2c-7a3b-9c4d-5e6f708192a3");
-        assert_eq!(a, idem.event_key("018F2B6E1D2C7A3B9C4D5E6F708192A3"));
-        assert_eq!(a.len(), "bg:e:".len() + 16);
-        assert_eq!(idem.event_key("order-17"), b"bg:e:order-17".to_vec());
+        let a = Idempotency::event_key("018f2b6e-1d2c-7a3b-9c4d-5e6f708192a3");
+        assert_eq!(a, Idempotency::event_key("018F2B6E1D2C7A3B9C4D5E6F708192A3"));
+        assert_eq!(a.len(), 16);
+        assert_eq!(Idempotency::event_key("order-17"), b"order-17".to_vec());
     }
 
     #[tokio::test]

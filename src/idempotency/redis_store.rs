@@ -6,12 +6,23 @@
 //! was in flight (group commit), so Redis runs one script per group of requests rather than one
 //! per request, and no request waits for a timer.
 //!
-//! Key layout (prefix `bg:` by default): `bg:e:<16 UUID bytes>` per event, holding the 10-byte
-//! token that reserved it (TTL = dedup window); `bg:t:<token>` per request and partition, `p`
-//! (pending, TTL = lease) or `c` (committed, TTL = window); `bg:r:<key>` per `Idempotency-Key`;
-//! `bg:o:<producer>` a hash of partition → committed offset (no TTL). The reservation script
-//! reads status keys it derives from values, so it needs one node: Redis Cluster and Sentinel
-//! URLs are refused.
+//! Key layout (prefix `bg:` by default):
+//! - `bg:h:<slot>`: a hash of event id (its 16 UUID bytes, or its text) → the 10-byte token
+//!   that reserved it, for every event reserved in one *slot*, `floor(Redis TIME / window)`.
+//!   Reservations look in the current and the previous slot, so an id is seen for at least one
+//!   window after it was reserved; the slot before those is `UNLINK`ed (freed off the main
+//!   thread), with an expiry three windows on as a backstop. One hash field costs about 90
+//!   bytes against about 150 for a key with its own TTL, and a reservation is two `HMGET`s and
+//!   one `HSET` per few thousand events rather than one command per event.
+//! - `bg:t:<token>` per request and partition: `p` (pending, TTL = lease) or `c` (committed,
+//!   TTL = window). It decides what the ids holding the token mean, so the dedup window is
+//!   counted from the commit, exactly.
+//! - `bg:r:<key>` per `Idempotency-Key`; `bg:o:<producer>` a hash of partition → committed
+//!   offset (no TTL).
+//!
+//! The reservation script derives key names (slots, token statuses) inside Redis, so it needs
+//! one node: Redis Cluster and Sentinel URLs are refused. It needs Redis 4.0 or later (`UNLINK`,
+//! many-field `HSET`, writes after `TIME` with effects replication).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -24,37 +35,68 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{KeyState, StoreError, Terms};
 
-/// `ARGV[1..3]`: lease, window, status-key prefix; `ARGV[3 + i]`: the token reserving `KEYS[i]`.
-/// Codes: 0 reserved, 1 committed (a duplicate), 2 pending (another request holds it).
+/// `ARGV[1..4]`: lease (ms), window (ms), key prefix, the number of tokens `T`; then the `T`
+/// tokens, how many ids each reserves, and the ids, grouped by token in that order. Answers one
+/// byte per id, in order: 0 reserved, 1 committed (a duplicate), 2 pending (another request
+/// holds it).
+///
+/// The commands are per call, not per request or per id: one `MGET` of the statuses, two
+/// `HMGET`s and one `HSET` per `CHUNK` ids (Lua's `unpack` stops at about 8,000 values).
 const RESERVE: &str = r"
-local lease, window, prefix = ARGV[1], ARGV[2], ARGV[3]
-local out, marked = {}, {}
-for i, key in ipairs(KEYS) do
-  local token = ARGV[i + 3]
-  if not marked[token] then
-    marked[token] = true
-    local status = prefix .. token
-    if redis.call('GET', status) ~= 'c' then redis.call('SET', status, 'p', 'PX', lease) end
-  end
-  if redis.call('SET', key, token, 'NX', 'PX', window) then
-    out[i] = 0
-  else
-    local holder = redis.call('GET', key)
-    if holder == token then
-      out[i] = 0
-    else
-      local state = redis.call('GET', prefix .. holder)
-      if state == 'c' then out[i] = 1
-      elseif state == 'p' then out[i] = 2
-      else
-        -- Released, or its lease ran out: the reservation is void; take the key over.
-        redis.call('SET', key, token, 'PX', window)
-        out[i] = 0
-      end
-    end
-  end
+if redis.replicate_commands then redis.replicate_commands() end
+local lease, window, prefix, T = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local CHUNK = 2000
+local time = redis.call('TIME')
+local slot = math.floor((tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)) / window)
+local function bucket(s) return prefix .. 'h:' .. string.format('%.0f', s) end
+local current, previous = bucket(slot), bucket(slot - 1)
+redis.call('UNLINK', bucket(slot - 2))
+local function each_chunk(first, last, f)
+  for from = first, last, CHUNK do f(from, math.min(from + CHUNK - 1, last)) end
 end
-return out
+-- The tokens' statuses: pending for the lease, unless already committed.
+local statuses = {}
+for t = 1, T do statuses[t] = prefix .. 't:' .. ARGV[4 + t] end
+each_chunk(1, T, function(from, to)
+  local states = redis.call('MGET', unpack(statuses, from, to))
+  for t = from, to do
+    if states[t - from + 1] ~= 'c' then redis.call('SET', statuses[t], 'p', 'PX', lease) end
+  end
+end)
+local out, claimed, fresh = {}, {}, {}
+local t, left = 1, tonumber(ARGV[4 + T + 1])
+each_chunk(5 + 2 * T, #ARGV, function(from, to)
+  local now = redis.call('HMGET', current, unpack(ARGV, from, to))
+  local before = redis.call('HMGET', previous, unpack(ARGV, from, to))
+  for j = from, to do
+    while left == 0 do t = t + 1; left = tonumber(ARGV[4 + T + t]) end
+    left = left - 1
+    local id, token = ARGV[j], ARGV[4 + t]
+    -- Newest first: this call's own claims, then the current slot, then the previous one.
+    local holder = claimed[id] or now[j - from + 1] or before[j - from + 1]
+    local code = 0
+    if holder and holder ~= token then
+      local state = redis.call('GET', prefix .. 't:' .. holder)
+      if state == 'c' then code = 1
+      elseif state == 'p' then code = 2
+      -- Released, or its lease ran out: the reservation is void; take the id over.
+      else holder = false end
+    end
+    if not holder then
+      claimed[id] = token
+      fresh[#fresh + 1] = id
+      fresh[#fresh + 1] = token
+    end
+    out[#out + 1] = code
+  end
+end)
+each_chunk(1, #fresh, function(from, to)
+  redis.call('HSET', current, unpack(fresh, from, to))
+end)
+if #fresh > 0 then redis.call('PEXPIREAT', current, string.format('%.0f', (slot + 3) * window)) end
+local codes = {}
+each_chunk(1, #out, function(from, to) codes[#codes + 1] = string.char(unpack(out, from, to)) end)
+return table.concat(codes)
 ";
 
 /// Keys per batched reservation call, so one script never holds Redis for long (a single
@@ -100,8 +142,6 @@ pub struct RedisStore {
     /// The batching task's queue, started on first use (it needs a runtime); the task ends
     /// when the store is dropped.
     reservations: OnceLock<mpsc::Sender<ReserveJob>>,
-    /// Reserve with the script alone even on Redis 7+ (to test the path older servers take).
-    scripted_only: bool,
     delete_if: Script,
     set_nx_or_get: Script,
     advance_offset: Script,
@@ -144,7 +184,6 @@ impl RedisStore {
             timeout,
             reserve: Script::new(RESERVE),
             reservations: OnceLock::new(),
-            scripted_only: false,
             delete_if: Script::new(DELETE_IF),
             set_nx_or_get: Script::new(SET_NX_OR_GET),
             advance_offset: Script::new(ADVANCE_OFFSET),
@@ -158,13 +197,6 @@ impl RedisStore {
         }
     }
 
-    /// Reserves with the Lua script alone, as on Redis before 7.0, whatever the server.
-    #[must_use]
-    pub fn scripted_only(mut self) -> Self {
-        self.scripted_only = true;
-        self
-    }
-
     /// Reserves each key for its token, in the next batched call.
     pub async fn reserve(
         &self,
@@ -174,13 +206,8 @@ impl RedisStore {
     ) -> Result<Vec<KeyState>, StoreError> {
         let queue = self.reservations.get_or_init(|| {
             let (tx, rx) = mpsc::channel(MAX_QUEUED_JOBS);
-            let batcher = Batcher {
-                connection: self.connection.clone(),
-                script: self.reserve.clone(),
-                timeout: self.timeout,
-                native: None,
-                scripted_only: self.scripted_only,
-            };
+            let batcher =
+                Batcher { connection: self.connection.clone(), script: self.reserve.clone(), timeout: self.timeout };
             tokio::spawn(batcher.run(rx));
             tx
         });
@@ -265,90 +292,9 @@ struct Batcher {
     connection: ConnectionManager,
     script: Script,
     timeout: Duration,
-    /// Whether the server has `SET … NX GET` (Redis 7.0+); unknown until a probe answers.
-    native: Option<bool>,
-    scripted_only: bool,
 }
 
 impl Batcher {
-    async fn probe_native(&mut self) -> Option<bool> {
-        let mut cmd = redis::cmd("INFO");
-        cmd.arg("server");
-        let info = cmd.query_async::<String>(&mut self.connection);
-        let info = tokio::time::timeout(self.timeout, info).await.ok()?.ok()?;
-        let version = info.lines().find_map(|l| l.strip_prefix("redis_version:"))?;
-        let major: u32 = version.split('.').next()?.trim().parse().ok()?;
-        tracing::info!(version = version.trim(), native = major >= 7, "Redis reservations");
-        Some(major >= 7)
-    }
-
-    /// Everything in the Lua script: any Redis version.
-    async fn reserve_scripted(&mut self, claims: &[(&[u8], &[u8])], terms: &Terms) -> Result<Vec<u8>, StoreError> {
-        let mut invocation = self.script.prepare_invoke();
-        invocation
-            .arg(terms.lease.as_millis() as u64)
-            .arg(terms.window.as_millis() as u64)
-            .arg(terms.status_prefix.as_slice());
-        for (key, token) in claims {
-            invocation.key(*key).arg(*token);
-        }
-        match tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<u8>>(&mut self.connection)).await {
-            Ok(Ok(codes)) => Ok(codes),
-            Ok(Err(e)) => Err(backend(&e)),
-            Err(_) => Err(StoreError::Timeout(self.timeout)),
-        }
-    }
-
-    /// Redis 7+: plain pipelined `SET key token NX PX window GET` (about half the server CPU of
-    /// the script per key, measured); only keys someone else holds go through the script,
-    /// which decides them atomically.
-    async fn reserve_native(&mut self, claims: &[(&[u8], &[u8])], terms: &Terms) -> Result<Vec<u8>, StoreError> {
-        // Statuses first: no key may point at a token that has none (it would look void).
-        let mut tokens: Vec<&[u8]> = claims.iter().map(|(_, token)| *token).collect();
-        tokens.sort_unstable();
-        tokens.dedup();
-        // Commands sized up front: growing each one argument by argument was most of this
-        // task's allocations.
-        let mut pipe = redis::Pipeline::with_capacity(tokens.len() + claims.len());
-        let (lease, window) = (terms.lease.as_millis() as u64, terms.window.as_millis() as u64);
-        let mut status = terms.status_prefix.clone();
-        for token in tokens {
-            status.truncate(terms.status_prefix.len());
-            status.extend_from_slice(token);
-            let mut set = redis::Cmd::with_capacity(5, status.len() + 24);
-            set.arg("SET").arg(status.as_slice()).arg("p").arg("PX").arg(lease);
-            pipe.add_command(set).ignore();
-        }
-        for (key, token) in claims {
-            let mut set = redis::Cmd::with_capacity(7, key.len() + token.len() + 32);
-            set.arg("SET").arg(*key).arg(*token).arg("NX").arg("PX").arg(window).arg("GET");
-            pipe.add_command(set);
-        }
-        let holders: Vec<Option<Vec<u8>>> =
-            match tokio::time::timeout(self.timeout, pipe.query_async(&mut self.connection)).await {
-                Ok(Ok(holders)) => holders,
-                Ok(Err(e)) => return Err(backend(&e)),
-                Err(_) => return Err(StoreError::Timeout(self.timeout)),
-            };
-        if holders.len() != claims.len() {
-            return Err(StoreError::Backend(format!("{} answers for {} reservations", holders.len(), claims.len())));
-        }
-        let mut codes = vec![0u8; claims.len()];
-        let contested: Vec<usize> =
-            (0..claims.len()).filter(|&i| holders[i].as_deref().is_some_and(|holder| holder != claims[i].1)).collect();
-        if !contested.is_empty() {
-            let again: Vec<(&[u8], &[u8])> = contested.iter().map(|&i| claims[i]).collect();
-            let decided = self.reserve_scripted(&again, terms).await?;
-            if decided.len() != again.len() {
-                return Err(StoreError::Backend("the reservation script answered short".into()));
-            }
-            for (i, code) in contested.into_iter().zip(decided) {
-                codes[i] = code;
-            }
-        }
-        Ok(codes)
-    }
-
     async fn run(mut self, mut queue: mpsc::Receiver<ReserveJob>) {
         while let Some(first) = queue.recv().await {
             let mut keys = first.keys.len();
@@ -369,41 +315,62 @@ impl Batcher {
     }
 
     async fn call(&mut self, jobs: Vec<ReserveJob>, terms: &Terms) {
-        let claims: Vec<(&[u8], &[u8])> = jobs
+        // The script takes ids grouped by token; `order` is where each job's answers land.
+        let orders: Vec<Vec<usize>> = jobs
             .iter()
-            .flat_map(|job| job.keys.iter().map(|(t, key)| (key.as_slice(), job.tokens[*t].as_slice())))
+            .map(|job| {
+                let mut order: Vec<usize> = (0..job.keys.len()).collect();
+                order.sort_by_key(|&k| job.keys[k].0);
+                order
+            })
             .collect();
-        if self.native.is_none() && !self.scripted_only {
-            self.native = self.probe_native().await;
-        }
-        let result = if self.native == Some(true) {
-            self.reserve_native(&claims, terms).await
-        } else {
-            self.reserve_scripted(&claims, terms).await
+        let groups = || {
+            jobs.iter().zip(&orders).flat_map(|(job, order)| {
+                order.chunk_by(move |&a, &b| job.keys[a].0 == job.keys[b].0).map(move |group| (job, group))
+            })
         };
-        let n = claims.len();
-        drop(claims);
-        let result = result.and_then(|codes| {
-            if codes.len() == n {
-                Ok(codes)
-            } else {
-                Err(StoreError::Backend(format!("the reservation answered {} codes for {n} keys", codes.len())))
+        let n: usize = orders.iter().map(Vec::len).sum();
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .arg(terms.lease.as_millis() as u64)
+            .arg(terms.window.as_millis() as u64)
+            .arg(terms.prefix.as_slice())
+            .arg(groups().count());
+        for (job, group) in groups() {
+            invocation.arg(job.tokens[job.keys[group[0]].0].as_slice());
+        }
+        for (_, group) in groups() {
+            invocation.arg(group.len());
+        }
+        for (job, group) in groups() {
+            for &k in group {
+                invocation.arg(job.keys[k].1.as_slice());
             }
-        });
-        let mut codes = match result {
-            Ok(codes) => codes.into_iter(),
+        }
+        let result =
+            match tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<u8>>(&mut self.connection)).await {
+                Ok(Ok(codes)) if codes.len() == n => Ok(codes),
+                Ok(Ok(codes)) => {
+                    Err(StoreError::Backend(format!("the reservation answered {} codes for {n} keys", codes.len())))
+                }
+                Ok(Err(e)) => Err(backend(&e)),
+                Err(_) => Err(StoreError::Timeout(self.timeout)),
+            };
+        let codes = match result {
+            Ok(codes) => codes,
             Err(error) => return jobs.into_iter().for_each(|job| drop(job.reply.send(Err(error.clone())))),
         };
-        for job in jobs {
-            let states = codes
-                .by_ref()
-                .take(job.keys.len())
-                .map(|code| match code {
+        let mut offset = 0;
+        for (job, order) in jobs.into_iter().zip(orders) {
+            let mut states = vec![KeyState::Reserved; order.len()];
+            for (&k, &code) in order.iter().zip(&codes[offset..]) {
+                states[k] = match code {
                     0 => KeyState::Reserved,
                     1 => KeyState::Committed,
                     _ => KeyState::Pending,
-                })
-                .collect();
+                };
+            }
+            offset += order.len();
             // The request may have given up waiting; its leases expire.
             let _ = job.reply.send(Ok(states));
         }
