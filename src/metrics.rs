@@ -7,7 +7,9 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    Gauge, SharedString, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const HTTP_REQUESTS: &str = "buffergate_http_requests_total";
@@ -130,7 +132,14 @@ fn describe() {
 }
 
 pub fn http_request(route: &'static str, status: u16, elapsed: Duration) {
-    counter!(HTTP_REQUESTS, "route" => route, "status" => status.to_string()).increment(1);
+    // The common answers without formatting a label on every request.
+    let status: SharedString = match status {
+        200 => "200".into(),
+        202 => "202".into(),
+        503 => "503".into(),
+        _ => status.to_string().into(),
+    };
+    counter!(HTTP_REQUESTS, "route" => route, "status" => status).increment(1);
     histogram!(HTTP_DURATION, "route" => route).record(elapsed.as_secs_f64());
 }
 
@@ -153,8 +162,10 @@ pub fn flush_retry() {
     counter!(FLUSH_RETRIES).increment(1);
 }
 
-pub fn queue_rows(partition: usize, delta: f64) {
-    gauge!(QUEUE_ROWS, "partition" => partition.to_string()).increment(delta);
+/// The gauge of a partition's waiting rows, registered once: the coalescer keeps the handle
+/// rather than formatting the label and searching the registry on every request.
+pub fn queue_rows(partition: usize) -> Gauge {
+    gauge!(QUEUE_ROWS, "partition" => partition.to_string())
 }
 
 pub fn inflight_bytes(value: usize) {

@@ -287,7 +287,7 @@ fn gateway_env(cmd: &mut Command, servers: &Servers, db: &str) {
         .env("BUFFERGATE_DATABASE", db);
     // Tuning knobs to measure (`BUFFERGATE_CLICKHOUSE_COMPRESSION=none …`) pass through.
     for (key, value) in std::env::vars() {
-        if (key.starts_with("BUFFERGATE_") || key.starts_with("MIMALLOC_"))
+        if ["BUFFERGATE_", "MIMALLOC_", "TOKIO_"].iter().any(|prefix| key.starts_with(prefix))
             && !matches!(key.as_str(), "BUFFERGATE_CLICKHOUSE_URL" | "BUFFERGATE_DATABASE")
         {
             cmd.env(key, value);

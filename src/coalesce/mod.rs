@@ -184,7 +184,30 @@ pub struct Coalescer {
     queues: Vec<mpsc::Sender<Submission>>,
     queue_timeout: Duration,
     /// Rows waiting in each partition: queued, or in a batch not yet written.
-    queued: Arc<Vec<AtomicUsize>>,
+    queued: Arc<Vec<Waiting>>,
+}
+
+/// Rows waiting in one partition, and the gauge that shows them.
+#[derive(Debug)]
+pub(crate) struct Waiting {
+    rows: AtomicUsize,
+    gauge: ::metrics::Gauge,
+}
+
+impl Waiting {
+    fn new(partition: usize) -> Self {
+        Self { rows: AtomicUsize::new(0), gauge: metrics::queue_rows(partition) }
+    }
+
+    fn add(&self, rows: usize) {
+        self.rows.fetch_add(rows, Ordering::Relaxed);
+        self.gauge.increment(rows as f64);
+    }
+
+    pub(super) fn sub(&self, rows: usize) {
+        self.rows.fetch_sub(rows, Ordering::Relaxed);
+        self.gauge.decrement(rows as f64);
+    }
 }
 
 /// The running partition tasks; [`CoalescerTasks::drain`] flushes what is queued and ends them.
@@ -204,7 +227,7 @@ impl Coalescer {
         let close = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let count = config.partition_count();
-        let queued: Arc<Vec<AtomicUsize>> = Arc::new((0..count).map(|_| AtomicUsize::new(0)).collect());
+        let queued: Arc<Vec<Waiting>> = Arc::new((0..count).map(Waiting::new).collect());
         let queues = (0..count)
             .map(|id| {
                 let (tx, rx) = mpsc::channel(config.queue_capacity);
@@ -241,8 +264,7 @@ impl Coalescer {
         }
         for (permit, (partition, submission)) in permits.into_iter().zip(submissions) {
             let rows = submission.rows.rows();
-            self.queued[partition].fetch_add(rows, Ordering::Relaxed);
-            metrics::queue_rows(partition, rows as f64);
+            self.queued[partition].add(rows);
             permit.send(submission);
         }
         Ok(())
@@ -250,7 +272,7 @@ impl Coalescer {
 
     /// Rows waiting in each partition (queued, or in a batch not yet written).
     pub fn queue_depths(&self) -> Vec<usize> {
-        self.queued.iter().map(|q| q.load(Ordering::Relaxed)).collect()
+        self.queued.iter().map(|q| q.rows.load(Ordering::Relaxed)).collect()
     }
 
     /// Sends everything queued now, without lingering, and waits until it is written.

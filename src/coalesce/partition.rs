@@ -2,16 +2,14 @@
 //! whose rows it held, repeat.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{BatchLimits, FlushResult, Groups, Submission};
+use super::{BatchLimits, FlushResult, Groups, Submission, Waiting};
 use crate::clickhouse::writer::Writer;
 use crate::idempotency::{Idempotency, Reservation};
-use crate::metrics;
 use crate::schema::TableSchema;
 use crate::shed::budget::Lease;
 
@@ -101,14 +99,13 @@ pub(super) struct Partition {
     pub writer: Arc<Writer>,
     pub idempotency: Arc<Idempotency>,
     pub limits: BatchLimits,
-    pub queued: Arc<Vec<AtomicUsize>>,
+    pub queued: Arc<Vec<Waiting>>,
 }
 
 impl Partition {
     /// Counts written (or failed) rows out of the partition's waiting rows.
     fn done(&self, rows: usize) {
-        self.queued[self.id].fetch_sub(rows, Ordering::Relaxed);
-        metrics::queue_rows(self.id, -(rows as f64));
+        self.queued[self.id].sub(rows);
     }
 
     pub(super) async fn run(self, mut queue: mpsc::Receiver<Submission>, close: CancellationToken) {
