@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::clickhouse::{ClickHouse, ClickHouseError};
 use crate::config::Config;
+use crate::idempotency::{self, DedupMode};
 use crate::shed::poller::{BufferParams, read_fill};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -75,6 +76,75 @@ async fn measured_rate(ch: &ClickHouse) -> Result<f64, ClickHouseError> {
 
 /// Runs every check.
 pub async fn run(ch: &ClickHouse, config: &Config, options: Options) -> Result<Vec<Finding>, ClickHouseError> {
+    let mut out = buffer(ch, config, options).await?;
+    out.extend(redis(config).await);
+    Ok(out)
+}
+
+/// The idempotency store, when Redis is configured: reachable, recent enough for the
+/// reservation script, and set up so that remembered ids are neither evicted nor freed on
+/// Redis's main thread.
+async fn redis(config: &Config) -> Vec<Finding> {
+    let mut out = Vec::new();
+    if config.redis_url.is_empty() || config.dedup == DedupMode::Off {
+        return out;
+    }
+    let timeout = std::time::Duration::from_millis(config.redis_timeout_ms.max(1000));
+    let facts = match idempotency::server_facts(&config.redis_url, timeout).await {
+        Ok(facts) => facts,
+        Err(error) => {
+            out.push(finding(
+                "redis",
+                Severity::Error,
+                format!("cannot reach Redis: {error}"),
+                "start Redis or fix redis_url; meanwhile every ingestion request is refused (dedup_on_store_error = reject) or written without deduplication (accept)",
+            ));
+            return out;
+        }
+    };
+    if facts.version().is_none_or(|version| version < (4, 0)) {
+        out.push(finding(
+            "redis_version",
+            Severity::Error,
+            format!("Redis {:?}: the reservation script needs 4.0 or later (UNLINK, many-field HSET)", facts.version),
+            "upgrade Redis (any maintained release)",
+        ));
+    }
+    match (facts.maxmemory, facts.maxmemory_policy.as_deref()) {
+        (Some(limit), Some(policy)) if limit > 0 && policy != "noeviction" => out.push(finding(
+            "redis_eviction",
+            Severity::Warning,
+            format!("maxmemory-policy is {policy} with maxmemory {limit}: when Redis is full it evicts remembered ids (their events are written again) or pending reservations"),
+            "CONFIG SET maxmemory-policy noeviction (a full Redis then refuses writes and the gateway answers 503), and size maxmemory as in docs/delivery-guarantees.md",
+        )),
+        (_, None) => out.push(finding(
+            "redis_eviction",
+            Severity::Info,
+            "cannot read Redis's maxmemory-policy (CONFIG GET refused)",
+            "make sure the server does not evict keys (maxmemory-policy noeviction)",
+        )),
+        _ => {}
+    }
+    match facts.lazyfree_lazy_expire.as_deref() {
+        Some("yes") => {}
+        Some(_) => out.push(finding(
+            "redis_lazyfree",
+            Severity::Warning,
+            "lazyfree-lazy-expire is no: a slot's hash of remembered ids that expires by its TTL (after a pause in traffic longer than the dedup window) is freed on Redis's main thread, stalling every client while millions of fields are freed",
+            "CONFIG SET lazyfree-lazy-expire yes (and in redis.conf)",
+        )),
+        None => out.push(finding(
+            "redis_lazyfree",
+            Severity::Info,
+            "cannot read Redis's lazyfree-lazy-expire (CONFIG GET refused)",
+            "make sure it is yes",
+        )),
+    }
+    out
+}
+
+/// The Buffer table, its destination, and their tuning.
+async fn buffer(ch: &ClickHouse, config: &Config, options: Options) -> Result<Vec<Finding>, ClickHouseError> {
     let mut out = Vec::new();
     let (db, buffer) = (&config.database, &config.buffer_table);
     let Some(engine) = ch.engine_full(db, buffer).await? else {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use buffergate::Config;
 use buffergate::check::{self, Options, Severity};
 use buffergate::clickhouse::ClickHouse;
-use common::{Gateway, clickhouse, command, config, eventually, http, migrate};
+use common::{Gateway, RedisServer, clickhouse, command, config, eventually, free_port, http, migrate};
 use serde_json::{Value, json};
 
 async fn cores() -> u64 {
@@ -105,6 +105,36 @@ async fn check_passes_a_good_setup_and_flags_each_problem() {
     let out = command(&full, &["check", "--rate", "1000000", "--server-memory", "68719476736"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1), "findings fail the command");
     assert!(String::from_utf8_lossy(&out.stdout).contains("fix:"), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+/// With Redis configured, `check` looks at it too: reachable, and neither evicting remembered
+/// ids nor freeing a whole slot's hash on its main thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_flags_a_redis_that_is_down_evicts_or_frees_in_the_foreground() {
+    let redis_server = RedisServer::start("check-redis");
+    let mut good = setup("check_redis", |_| {}).await;
+    good.redis_url = redis_server.url.clone();
+    let client = redis::Client::open(redis_server.url.as_str()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let mut set = async |name: &str, value: &str| {
+        redis::cmd("CONFIG").arg("SET").arg(name).arg(value).query_async::<()>(&mut connection).await.unwrap();
+    };
+    // Redis's defaults free expired keys in the foreground.
+    set("lazyfree-lazy-expire", "no").await;
+    assert_eq!(findings(&good, GOOD).await, vec![("redis_lazyfree", Severity::Warning)]);
+    set("lazyfree-lazy-expire", "yes").await;
+    assert_eq!(findings(&good, GOOD).await, vec![], "a good Redis has no findings");
+
+    set("maxmemory", "100mb").await;
+    set("maxmemory-policy", "allkeys-lru").await;
+    assert_eq!(findings(&good, GOOD).await, vec![("redis_eviction", Severity::Warning)]);
+    set("maxmemory-policy", "noeviction").await;
+    assert_eq!(findings(&good, GOOD).await, vec![]);
+
+    let down = Config { redis_url: format!("redis://127.0.0.1:{}/0", free_port()), ..good.clone() };
+    assert_eq!(findings(&down, GOOD).await, vec![("redis", Severity::Error)]);
+    let off = Config { dedup: buffergate::idempotency::DedupMode::Off, ..down };
+    assert_eq!(findings(&off, GOOD).await, vec![], "without deduplication Redis is not checked");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::Config;
 use crate::metrics;
 pub use memory::MemoryStore;
-pub use redis_store::RedisStore;
+pub use redis_store::{RedisStore, ServerFacts, server_facts};
 
 /// Per-event deduplication.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -286,6 +286,50 @@ impl RedisStore {
     }
 }
 
+/// What `buffergate check` reads from a Redis server.
+#[derive(Debug, Clone, Default)]
+pub struct ServerFacts {
+    pub version: String,
+    /// From `CONFIG GET`; `None` where the server refuses it (managed services often do).
+    pub lazyfree_lazy_expire: Option<String>,
+    pub maxmemory: Option<u64>,
+    pub maxmemory_policy: Option<String>,
+}
+
+impl ServerFacts {
+    /// Major and minor version.
+    pub fn version(&self) -> Option<(u32, u32)> {
+        let mut parts = self.version.trim().split('.').map(|p| p.parse::<u32>().ok());
+        Some((parts.next()??, parts.next()??))
+    }
+}
+
+/// Reads the server's version and the settings deduplication depends on.
+pub async fn server_facts(url: &str, timeout: Duration) -> Result<ServerFacts, StoreError> {
+    let client = Client::open(url).map_err(|e| StoreError::Config(e.to_string()))?;
+    let facts = async {
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        let info: String = redis::cmd("INFO").arg("server").query_async(&mut connection).await?;
+        let version =
+            info.lines().find_map(|l| l.strip_prefix("redis_version:")).unwrap_or_default().trim().to_string();
+        let mut config = async |name: &str| {
+            let pair: redis::RedisResult<Vec<String>> =
+                redis::cmd("CONFIG").arg("GET").arg(name).query_async(&mut connection).await;
+            pair.ok().and_then(|pair| pair.into_iter().nth(1))
+        };
+        Ok::<_, redis::RedisError>(ServerFacts {
+            version,
+            lazyfree_lazy_expire: config("lazyfree-lazy-expire").await,
+            maxmemory: config("maxmemory").await.and_then(|v| v.parse().ok()),
+            maxmemory_policy: config("maxmemory-policy").await,
+        })
+    };
+    match tokio::time::timeout(timeout, facts).await {
+        Ok(result) => result.map_err(|e| backend(&e)),
+        Err(_) => Err(StoreError::Timeout(timeout)),
+    }
+}
+
 /// The reservation batching task: takes everything queued, sends one script call, hands each
 /// request its share of the answer.
 struct Batcher {
@@ -380,6 +424,14 @@ impl Batcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_read_as_major_and_minor() {
+        let facts = |v: &str| ServerFacts { version: v.into(), ..ServerFacts::default() };
+        assert_eq!(facts("7.0.15").version(), Some((7, 0)));
+        assert_eq!(facts("3.2").version(), Some((3, 2)));
+        assert_eq!(facts("").version(), None);
+    }
 
     #[tokio::test]
     async fn cluster_and_sentinel_urls_are_refused_clearly() {
