@@ -49,10 +49,14 @@ impl MemoryStore {
         let mut inner = self.lock();
         let mut marked = vec![false; tokens.len()];
         let status_of = |token: &[u8]| terms.status_key(token);
+        // Event keys apart from status keys, as Redis keeps them; one buffer for all of them.
+        let mut key = [terms.prefix.as_slice(), b"e:"].concat();
+        let key_prefix = key.len();
         keys.iter()
             .map(|(t, id)| {
-                // Event keys apart from status keys, as Redis keeps them.
-                let key = &[terms.prefix.as_slice(), b"e:", id].concat();
+                key.truncate(key_prefix);
+                key.extend_from_slice(id);
+                let key = key.as_slice();
                 let (token, t) = (&tokens[*t], *t);
                 if !marked[t] {
                     marked[t] = true;

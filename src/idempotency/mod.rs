@@ -107,7 +107,6 @@ pub struct Idempotency {
     pub mode: DedupMode,
     pub on_error: OnStoreError,
     pub pending_wait: Duration,
-    prefix: String,
     /// Lease, window and key prefix, as every reservation call needs them.
     terms: Terms,
 }
@@ -137,7 +136,6 @@ impl Idempotency {
             mode: config.dedup,
             on_error: config.dedup_on_store_error,
             pending_wait: Duration::from_millis(config.dedup_pending_wait_ms),
-            prefix: config.dedup_key_prefix.clone(),
             terms: Terms {
                 lease: Duration::from_millis(config.dedup_lease_ms),
                 window: Duration::from_millis(config.dedup_window_ms),
@@ -160,11 +158,11 @@ impl Idempotency {
     }
 
     fn request_key(&self, key: &str) -> Vec<u8> {
-        format!("{}r:{key}", self.prefix).into_bytes()
+        [self.terms.prefix.as_slice(), b"r:", key.as_bytes()].concat()
     }
 
     fn offsets_key(&self, producer: &str) -> Vec<u8> {
-        format!("{}o:{producer}", self.prefix).into_bytes()
+        [self.terms.prefix.as_slice(), b"o:", producer.as_bytes()].concat()
     }
 
     /// Fresh reservation tokens for one request, one per partition (a request's partitions are

@@ -368,29 +368,30 @@ impl Batcher {
                 order
             })
             .collect();
-        let groups = || {
-            jobs.iter().zip(&orders).flat_map(|(job, order)| {
-                order.chunk_by(move |&a, &b| job.keys[a].0 == job.keys[b].0).map(move |group| (job, group))
-            })
-        };
+        let groups: Vec<(&ReserveJob, &[usize])> = jobs
+            .iter()
+            .zip(&orders)
+            .flat_map(|(job, order)| order.chunk_by(|&a, &b| job.keys[a].0 == job.keys[b].0).map(move |g| (job, g)))
+            .collect();
         let n: usize = orders.iter().map(Vec::len).sum();
         let mut invocation = self.script.prepare_invoke();
         invocation
             .arg(terms.lease.as_millis() as u64)
             .arg(terms.window.as_millis() as u64)
             .arg(terms.prefix.as_slice())
-            .arg(groups().count());
-        for (job, group) in groups() {
+            .arg(groups.len());
+        for (job, group) in &groups {
             invocation.arg(job.tokens[job.keys[group[0]].0].as_slice());
         }
-        for (_, group) in groups() {
+        for (_, group) in &groups {
             invocation.arg(group.len());
         }
-        for (job, group) in groups() {
-            for &k in group {
+        for (job, group) in &groups {
+            for &k in *group {
                 invocation.arg(job.keys[k].1.as_slice());
             }
         }
+        drop(groups);
         let result =
             match tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<u8>>(&mut self.connection)).await {
                 Ok(Ok(codes)) if codes.len() == n => Ok(codes),
