@@ -203,6 +203,44 @@ pub fn encode_raw(ty: &ColumnType, raw: &str, out: &mut Vec<u8>) -> Result<(), R
     encode(ty, &value, out)
 }
 
+/// Appends the value sent as the JSON string literal `raw`, whose content (unescaped) the
+/// scanner has read. Strings, UUIDs and timestamps are read from the content; anything else,
+/// and anything that does not fit, goes through [`encode_raw`].
+pub fn encode_content(ty: &ColumnType, content: &[u8], raw: &str, out: &mut Vec<u8>) -> Result<(), Reason> {
+    let start = out.len();
+    if content_text(ty, content, out) {
+        return Ok(());
+    }
+    out.truncate(start);
+    encode_raw(ty, raw, out)
+}
+
+fn content_text(ty: &ColumnType, content: &[u8], out: &mut Vec<u8>) -> bool {
+    match ty {
+        ColumnType::LowCardinality(inner) => content_text(inner, content, out),
+        ColumnType::Nullable(inner) => {
+            out.push(0);
+            content_text(inner, content, out)
+        }
+        ColumnType::String => {
+            write_bytes(out, content);
+            true
+        }
+        ColumnType::Uuid => match uuid::Uuid::try_parse_ascii(content) {
+            Ok(uuid) => {
+                write_uuid(out, uuid);
+                true
+            }
+            Err(_) => false,
+        },
+        ColumnType::DateTime | ColumnType::DateTime64(_) => match time::parse_bytes(content) {
+            Some(at) => encode_time(ty, at, out).is_ok(),
+            None => false,
+        },
+        _ => false,
+    }
+}
+
 /// The fast path of [`encode_raw`]: `false` (with `out` possibly partly written) when `raw`
 /// is not in a form read here, or does not fit; the value path then decides and explains.
 fn encode_text(ty: &ColumnType, raw: &str, out: &mut Vec<u8>) -> bool {
@@ -370,7 +408,7 @@ fn unescape(s: &[u8], out: &mut Vec<u8>) -> bool {
 }
 
 /// An integer literal (no sign but `-`, no fraction, no exponent) within `[min, max]`.
-fn int_text(raw: &str, min: i128, max: i128) -> Option<i128> {
+pub fn int_text(raw: &str, min: i128, max: i128) -> Option<i128> {
     let digits = raw.strip_prefix('-').unwrap_or(raw);
     if digits.is_empty() || digits.len() > 38 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;

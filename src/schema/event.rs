@@ -19,10 +19,30 @@ use crate::config::UnknownFields;
 /// Deeper nesting is refused (serde_json's limit too): recursion stays bounded.
 const MAX_DEPTH: usize = 128;
 
+/// How much of a field's value the scanner has already decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Content {
+    /// Only checked: the encoder reads the raw text.
+    Raw,
+    /// A string literal without escapes: its content is the raw text inside the quotes.
+    Plain,
+    /// A string literal with escapes, unescaped into [`EventFields::unescaped`].
+    Unescaped { start: usize, end: usize },
+}
+
+/// One field's value as found in the body.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Field<'a> {
+    pub raw: &'a str,
+    pub content: Content,
+}
+
 /// The fields of one event, by column index. Reused from event to event of a request.
 #[derive(Debug, Default)]
 pub struct EventFields<'a> {
-    pub(super) values: Vec<Option<&'a str>>,
+    pub(super) values: Vec<Option<Field<'a>>>,
+    /// The unescaped content of the event's String fields that had escapes.
+    pub(super) unescaped: Vec<u8>,
     /// The first field that cannot be written (unknown, computed, unsupported).
     pub(super) problem: Option<Rejection>,
     /// False when the event is not a JSON object at all.
@@ -33,13 +53,29 @@ impl<'a> EventFields<'a> {
     fn reset(&mut self, columns: usize) {
         self.values.clear();
         self.values.resize(columns, None);
+        self.unescaped.clear();
         self.problem = None;
         self.is_object = false;
     }
 
     /// The raw text of column `i`'s field, when the event has it.
     pub(super) fn get(&self, i: usize) -> Option<&'a str> {
+        self.field(i).map(|field| field.raw)
+    }
+
+    /// Column `i`'s field, when the event has it.
+    pub(super) fn field(&self, i: usize) -> Option<Field<'a>> {
         self.values.get(i).copied().flatten()
+    }
+
+    /// The content of a field sent as a string: borrowed from the body, or from what the
+    /// scanner unescaped. `None` for any other value.
+    pub(super) fn string(&self, field: Field<'a>) -> Option<&[u8]> {
+        match field.content {
+            Content::Raw => None,
+            Content::Plain => field.raw.as_bytes().get(1..field.raw.len().saturating_sub(1)),
+            Content::Unescaped { start, end } => self.unescaped.get(start..end),
+        }
     }
 }
 
@@ -150,8 +186,6 @@ impl<'a> Scanner<'a> {
         let mut next_column = 0;
         loop {
             let key = self.key()?;
-            let start = self.pos;
-            self.value(1)?;
             let column = match schema.columns.get(next_column) {
                 Some(column) if column.name == *key => Some(next_column),
                 _ => schema.by_name.get(&*key).copied(),
@@ -159,11 +193,21 @@ impl<'a> Scanner<'a> {
             if let Some(i) = column {
                 next_column = i + 1;
             }
+            let start = self.pos;
+            let content = match column.map(|i| &schema.columns[i].role) {
+                Some(Role::Written { .. }) if self.peek() == Some(b'"') => {
+                    self.string_content(&mut fields.unescaped)?
+                }
+                _ => {
+                    self.value(1)?;
+                    Content::Raw
+                }
+            };
             let problem = match column {
                 Some(i) => match &schema.columns[i].role {
                     Role::Written { .. } => {
                         // Duplicate fields: the last one wins, as with serde_json.
-                        fields.values[i] = Some(&self.text[start..self.pos]);
+                        fields.values[i] = Some(Field { raw: &self.text[start..self.pos], content });
                         None
                     }
                     Role::Computed(kind) => Some((schema.columns[i].name.clone(), kind_problem(kind))),
@@ -293,15 +337,7 @@ impl<'a> Scanner<'a> {
         let mut i = self.pos + 1;
         let mut escaped = false;
         loop {
-            // Eight bytes at a time up to the next quote, backslash or control character.
-            while let Some(word) = swar::word_at(b, i) {
-                let special = swar::string_special_bytes(word);
-                if special != 0 {
-                    i += (special.trailing_zeros() / 8) as usize;
-                    break;
-                }
-                i += 8;
-            }
+            i = plain_run(b, i);
             match b.get(i) {
                 Some(b'"') => {
                     self.pos = i + 1;
@@ -313,20 +349,175 @@ impl<'a> Scanner<'a> {
                         Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => 2,
                         Some(b'u') if b.get(i + 2..i + 6).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) => 6,
                         Some(_) => return Err(SyntaxError { offset: i + 1, reason: "invalid escape" }),
-                        None => return Err(SyntaxError { offset: b.len(), reason: "EOF while parsing a string" }),
+                        None => return Err(eof_in_string(b)),
                     };
                 }
-                Some(&c) if c < 0x20 => {
-                    return Err(SyntaxError {
-                        offset: i,
-                        reason: "control character (\\u0000-\\u001F) found while parsing a string",
-                    });
-                }
+                Some(&c) if c < 0x20 => return Err(control_character(i)),
                 Some(_) => i += 1,
-                None => return Err(SyntaxError { offset: b.len(), reason: "EOF while parsing a string" }),
+                None => return Err(eof_in_string(b)),
             }
         }
     }
+
+    /// Reads a string literal (at its opening quote) for a column, checking it as
+    /// [`Self::string`] does. A string with escapes is unescaped into `into` in the same pass,
+    /// so that the encoder reads its content instead of walking it a second time (JSON sent
+    /// as text in a String column has an escape every few bytes). [`Content::Raw`] for a lone
+    /// surrogate escape, which the encoder refuses with serde_json's message.
+    fn string_content(&mut self, into: &mut Vec<u8>) -> Result<Content, SyntaxError> {
+        let b = self.bytes();
+        let first = self.pos + 1;
+        let mut i = first;
+        // Most strings have no escape: only look, up to the closing quote.
+        loop {
+            i = plain_run(b, i);
+            match b.get(i) {
+                Some(b'"') => {
+                    self.pos = i + 1;
+                    return Ok(Content::Plain);
+                }
+                Some(b'\\') => break,
+                Some(&c) if c < 0x20 => return Err(control_character(i)),
+                Some(_) => i += 1,
+                None => return Err(eof_in_string(b)),
+            }
+        }
+        let start = into.len();
+        into.extend_from_slice(&b[first..i]);
+        let (end, lone_surrogate) = unescape_rest(b, i, into)?;
+        self.pos = end;
+        if lone_surrogate {
+            into.truncate(start);
+            return Ok(Content::Raw);
+        }
+        Ok(Content::Unescaped { start, end: into.len() })
+    }
+}
+
+/// Unescapes a string literal's content from the backslash at `b[i]` to its closing quote
+/// into `into`, checking it as [`Scanner::string`] does. Returns the position after the
+/// closing quote and whether a lone surrogate escape was met.
+///
+/// Output goes through a small buffer on the stack, flushed when nearly full: the loop then
+/// keeps its cursor in a register instead of updating the vector's length at every escape.
+#[inline(never)]
+fn unescape_rest(b: &[u8], mut i: usize, into: &mut Vec<u8>) -> Result<(usize, bool), SyntaxError> {
+    const ROOM: usize = 64;
+    let mut buf = [0u8; ROOM];
+    let mut k = 0;
+    let mut lone_surrogate = false;
+    // At a backslash: one escape, then the text up to the next special byte.
+    loop {
+        // An escape writes at most four bytes.
+        if k > ROOM - 4 {
+            into.extend_from_slice(&buf[..k]);
+            k = 0;
+        }
+        let simple = match b.get(i + 1) {
+            Some(&c @ (b'"' | b'\\' | b'/')) => Some(c),
+            Some(b'b') => Some(0x08),
+            Some(b'f') => Some(0x0c),
+            Some(b'n') => Some(b'\n'),
+            Some(b'r') => Some(b'\r'),
+            Some(b't') => Some(b'\t'),
+            Some(b'u') => {
+                let Some(mut code) = hex4(b, i + 2) else {
+                    return Err(SyntaxError { offset: i + 1, reason: "invalid escape" });
+                };
+                i += 6;
+                if (0xD800..0xDC00).contains(&code) {
+                    // A high surrogate counts only with the low one escaped right after it;
+                    // anything else is read (and checked) as what it is.
+                    match (b.get(i..i + 2), hex4(b, i + 2)) {
+                        (Some([b'\\', b'u']), Some(low)) if (0xDC00..0xE000).contains(&low) => {
+                            code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
+                            i += 6;
+                        }
+                        _ => lone_surrogate = true,
+                    }
+                }
+                match char::from_u32(code) {
+                    Some(c) => k += c.encode_utf8(&mut buf[k..k + 4]).len(),
+                    None => lone_surrogate = true,
+                }
+                None
+            }
+            Some(_) => return Err(SyntaxError { offset: i + 1, reason: "invalid escape" }),
+            None => return Err(eof_in_string(b)),
+        };
+        if let Some(byte) = simple {
+            buf[k] = byte;
+            k += 1;
+            i += 2;
+        }
+        // A whole word is copied and the excess cut off: a fixed-size copy is cheaper than a
+        // short variable one.
+        while let Some(word) = swar::word_at(b, i) {
+            if k > ROOM - 8 {
+                into.extend_from_slice(&buf[..k]);
+                k = 0;
+            }
+            buf[k..k + 8].copy_from_slice(&word.to_le_bytes());
+            let special = swar::string_special_bytes(word);
+            if special != 0 {
+                let j = swar::first_byte(special);
+                k += j;
+                i += j;
+                break;
+            }
+            k += 8;
+            i += 8;
+        }
+        loop {
+            match b.get(i) {
+                Some(b'"') => {
+                    into.extend_from_slice(&buf[..k]);
+                    return Ok((i + 1, lone_surrogate));
+                }
+                Some(b'\\') => break,
+                Some(&c) if c < 0x20 => return Err(control_character(i)),
+                // Only in the last eight bytes of the text.
+                Some(&c) => {
+                    if k == ROOM {
+                        into.extend_from_slice(&buf[..k]);
+                        k = 0;
+                    }
+                    buf[k] = c;
+                    k += 1;
+                    i += 1;
+                }
+                None => return Err(eof_in_string(b)),
+            }
+        }
+    }
+}
+
+/// The end of the run of bytes from `i` that need no attention inside a string: the first
+/// quote, backslash or control character at or after `i`, or a position in the last eight
+/// bytes of `b` from which they have to be looked at one by one.
+#[inline]
+fn plain_run(b: &[u8], mut i: usize) -> usize {
+    while let Some(word) = swar::word_at(b, i) {
+        let special = swar::string_special_bytes(word);
+        if special != 0 {
+            return i + swar::first_byte(special);
+        }
+        i += 8;
+    }
+    i
+}
+
+fn control_character(offset: usize) -> SyntaxError {
+    SyntaxError { offset, reason: "control character (\\u0000-\\u001F) found while parsing a string" }
+}
+
+fn eof_in_string(b: &[u8]) -> SyntaxError {
+    SyntaxError { offset: b.len(), reason: "EOF while parsing a string" }
+}
+
+/// The value of the four hex digits at `b[at..at + 4]`.
+fn hex4(b: &[u8], at: usize) -> Option<u32> {
+    b.get(at..at + 4)?.iter().try_fold(0u32, |n, &d| Some(n << 4 | (d as char).to_digit(16)?))
 }
 
 fn kind_problem(kind: &str) -> String {
@@ -452,6 +643,70 @@ mod tests {
                 }
             }
             assert_eq!(ours.is_ok(), theirs.is_ok(), "{text}: {ours:?} vs {theirs:?}");
+        }
+    }
+
+    /// The String reader checks exactly as the plain one does and unescapes as serde_json
+    /// does, across word boundaries and in the last eight bytes of the text.
+    #[test]
+    fn string_content_agrees_with_string_and_serde_json() {
+        let bases = [
+            r#""{\"page\":\"/p/12\",\"ref\":\"campaign-3\",\"ms\":45}""#,
+            r#""plain text that is longer than a word""#,
+            r#""\u00e9t\u00e9 \ud83d\ude00 \b\f\n\r\t\/ \\ end""#,
+            r#""\ud83d\u0041 lone""#,
+            r#""é""#,
+            // Longer than the unescaping buffer, escapes on every side of its flushes.
+            &format!(r#""{}""#, r#"x\"{\"key\":\"valu\u00e9\",\"n\":12345}\\\ud83d\ude00/"#.repeat(9)),
+            &format!(r#""a\n{}""#, "0123456789abcdefghij".repeat(8)),
+        ];
+        let alphabet = b"\"\\/bfnrtu0123456789abcdefABCDEF\x01 dD8e";
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for round in 0..40_000 {
+            let mut bytes = bases[round % bases.len()].as_bytes().to_vec();
+            let mutations = if bytes.len() > 100 { 1 + next(8) } else { 1 + next(3) };
+            if round >= bases.len() {
+                for _ in 0..mutations {
+                    let at = 1 + next(bytes.len() - 1);
+                    match next(3) {
+                        0 if bytes[at].is_ascii() => bytes[at] = alphabet[next(alphabet.len())],
+                        1 if bytes[at].is_ascii() => drop(bytes.remove(at)),
+                        _ => bytes.insert(at, alphabet[next(alphabet.len())]),
+                    }
+                }
+            }
+            // Followed by more text (the usual case) and at the very end of it.
+            for suffix in ["", ", \"next\": 1}"] {
+                let Ok(text) = String::from_utf8([&bytes[..], suffix.as_bytes()].concat()) else { continue };
+                let mut plain = Scanner::new(&text);
+                let checked = plain.string().map(|_| plain.pos);
+                let mut fused = Scanner::new(&text);
+                let mut into = b"kept".to_vec();
+                let read = fused.string_content(&mut into);
+                match (&checked, &read) {
+                    (Err(a), Err(b)) => assert_eq!(a, b, "{text}"),
+                    (Ok(end), Ok(content)) => {
+                        assert_eq!(*end, fused.pos, "{text}");
+                        let literal = &text[..*end];
+                        let fields = EventFields { unescaped: into.clone(), ..EventFields::default() };
+                        let decoded = fields.string(Field { raw: literal, content: *content });
+                        match serde_json::from_str::<String>(literal) {
+                            Ok(s) => assert_eq!(decoded, Some(s.as_bytes()), "{text}"),
+                            Err(_) => assert_eq!(*content, Content::Raw, "{text}"),
+                        }
+                        if *content == Content::Raw {
+                            assert_eq!(into, b"kept", "{text}");
+                        }
+                    }
+                    _ => panic!("{text}: {checked:?} vs {read:?}"),
+                }
+            }
         }
     }
 

@@ -286,9 +286,13 @@ impl TableSchema {
                 continue;
             };
             let reject = |error: String| Rejection { field: Some(column.name.clone()), error };
-            match fields.get(i) {
-                Some(raw) if raw != "null" || matches!(ty.unwrapped(), ColumnType::Nullable(_)) => {
-                    encode::encode_raw(ty, raw, out).map_err(reject)?;
+            match fields.field(i) {
+                Some(field) if field.raw != "null" || matches!(ty.unwrapped(), ColumnType::Nullable(_)) => {
+                    match fields.string(field) {
+                        Some(content) => encode::encode_content(ty, content, field.raw, out),
+                        None => encode::encode_raw(ty, field.raw, out),
+                    }
+                    .map_err(reject)?;
                 }
                 _ if Some(i) == self.id => encode::write_uuid_column(ty, uuid::Uuid::now_v7(), out),
                 _ if Some(i) == self.timestamp => {
@@ -312,16 +316,18 @@ impl TableSchema {
     pub fn partition_hash(&self, fields: &EventFields, fallback: u64) -> u64 {
         // Integers hash as integers whether sent as 5 or "5" (one key, one partition), without
         // formatting them on the request path.
-        let Some(raw) = self.partition.and_then(|i| fields.get(i)) else { return fallback };
+        let Some(field) = self.partition.and_then(|i| fields.field(i)) else { return fallback };
+        let raw = field.raw;
+        let integer = |text: &str| encode::int_text(text, i128::MIN, i128::MAX).or_else(|| text.parse::<i128>().ok());
         // FNV-1a and a final mix: SipHash was ~4% of encoding a small event, and a key's
         // partition only has to be stable within this process.
         let mut hasher = NameHasher::default();
-        if let Some(text) = event::string_content(raw) {
-            match text.parse::<i128>() {
-                Ok(i) => i.hash(&mut hasher),
-                Err(_) => text.hash(&mut hasher),
+        if let Some(content) = fields.string(field) {
+            match std::str::from_utf8(content).ok().and_then(integer) {
+                Some(i) => i.hash(&mut hasher),
+                None => content.hash(&mut hasher),
             }
-        } else if let Ok(i) = raw.parse::<i128>() {
+        } else if let Some(i) = integer(raw) {
             i.hash(&mut hasher);
         } else if let Ok(f) = raw.parse::<f64>() {
             f.to_bits().hash(&mut hasher);

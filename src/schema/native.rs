@@ -52,8 +52,14 @@ pub fn transcode(columns: &[NativeColumn<'_>], rows: usize, pieces: &[Vec<u8>]) 
         return Err(NativeError::Unsupported("an INSERT without columns".into()));
     }
     let mut builders = columns.iter().map(|c| Builder::new(c.ty, true)).collect::<Result<Vec<_>, _>>()?;
+    let bytes: usize = pieces.iter().map(Vec::len).sum();
+    // No String column holds more than the rows' bytes beyond their fixed-size values: growing
+    // each column from empty instead cost ~2% of the gateway's CPU in reallocation copies. The
+    // excess capacity is never touched, so it is address space, not memory.
+    let fixed: usize = columns.iter().filter_map(|c| c.ty.fixed_size()).sum();
+    let strings = bytes.saturating_sub(fixed * rows);
     for builder in &mut builders {
-        builder.reserve(rows);
+        builder.reserve(rows, strings);
     }
     let mut read = 0;
     for piece in pieces {
@@ -71,7 +77,6 @@ pub fn transcode(columns: &[NativeColumn<'_>], rows: usize, pieces: &[Vec<u8>]) 
     if read < rows {
         return Err(NativeError::Malformed("fewer rows than announced"));
     }
-    let bytes: usize = pieces.iter().map(Vec::len).sum();
     let mut out = Vec::with_capacity(bytes + 64 * columns.len() + rows * 2);
     write_len(&mut out, columns.len());
     write_len(&mut out, rows);
@@ -179,12 +184,14 @@ impl<'a> Builder<'a> {
         })
     }
 
-    fn reserve(&mut self, rows: usize) {
+    /// Room for `rows` rows whose strings take at most `strings` bytes.
+    fn reserve(&mut self, rows: usize, strings: usize) {
         match self {
             Self::Plain { leaf: Leaf::Fixed(size), data } => data.reserve(rows * *size),
+            Self::Plain { leaf: Leaf::String, data } => data.reserve(strings),
             Self::Nullable { nulls, inner } => {
                 nulls.reserve(rows);
-                inner.reserve(rows);
+                inner.reserve(rows, strings);
             }
             Self::LowCardinality { rows: positions, .. } => positions.reserve(rows),
             _ => {}

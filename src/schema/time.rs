@@ -56,6 +56,11 @@ pub fn parse(text: &str) -> Option<Instant> {
     Some(Instant { seconds: date.midnight().assume_utc().unix_timestamp(), nanos: 0 })
 }
 
+/// [`parse`] for text given as bytes (a JSON string's content, UTF-8 or not).
+pub fn parse_bytes(text: &[u8]) -> Option<Instant> {
+    parse_utc(text.trim_ascii()).or_else(|| parse(std::str::from_utf8(text).ok()?))
+}
+
 /// The forms nearly every producer sends, read by hand (the general parser costs several times
 /// more): `YYYY-MM-DD[T ]hh:mm:ss[.f{1,9}][Z]`. `None` hands anything else, and anything out
 /// of range, to the general parser, which decides.
