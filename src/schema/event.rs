@@ -79,6 +79,47 @@ impl<'a> EventFields<'a> {
     }
 }
 
+/// A field name as it appears in a body, quotes included, held as two masked words: the
+/// scanner recognises the field it expects next (producers send fields in table order) with
+/// two word comparisons instead of reading a string, comparing it and maybe hashing it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct KeyPattern {
+    words: [u64; 2],
+    masks: [u64; 2],
+    /// Bytes of the quoted name.
+    len: usize,
+}
+
+impl KeyPattern {
+    /// The pattern of `name`; `None` when its quoted form is longer than 16 bytes or would
+    /// need escapes (such names take the general path).
+    pub(super) fn new(name: &str) -> Option<Self> {
+        let len = name.len() + 2;
+        if len > 16 || name.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+            return None;
+        }
+        let mut bytes = [0u8; 16];
+        bytes[0] = b'"';
+        bytes[1..len - 1].copy_from_slice(name.as_bytes());
+        bytes[len - 1] = b'"';
+        let word = |at: usize| swar::word_at(&bytes, at).unwrap_or_default();
+        let mask = |n: usize| if n >= 8 { u64::MAX } else { (1u64 << (8 * n)) - 1 };
+        Some(Self { words: [word(0), word(8)], masks: [mask(len), mask(len.saturating_sub(8))], len })
+    }
+
+    /// Whether `b[at..]` starts with the quoted name. With fewer than 16 bytes left a text
+    /// never matches; the general path reads those names.
+    #[inline]
+    fn matches(&self, b: &[u8], at: usize) -> bool {
+        match (swar::word_at(b, at), swar::word_at(b, at + 8)) {
+            (Some(first), Some(second)) => {
+                (first ^ self.words[0]) & self.masks[0] == 0 && (second ^ self.words[1]) & self.masks[1] == 0
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Where the text stops being JSON, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SyntaxError {
@@ -185,10 +226,17 @@ impl<'a> Scanner<'a> {
         // field's before hashing the name.
         let mut next_column = 0;
         loop {
-            let key = self.key()?;
-            let column = match schema.columns.get(next_column) {
-                Some(column) if column.name == *key => Some(next_column),
-                _ => schema.by_name.get(&*key).copied(),
+            let expected = schema.columns.get(next_column).and_then(|column| column.key.as_ref());
+            let (column, key) = match expected {
+                Some(pattern) if pattern.matches(self.bytes(), self.pos) => {
+                    self.pos += pattern.len;
+                    self.colon()?;
+                    (Some(next_column), None)
+                }
+                _ => {
+                    let key = self.key()?;
+                    (schema.by_name.get(&*key).copied(), Some(key))
+                }
             };
             if let Some(i) = column {
                 next_column = i + 1;
@@ -217,7 +265,7 @@ impl<'a> Scanner<'a> {
                     )),
                 },
                 None if unknown == UnknownFields::Ignore => None,
-                None => Some((key.into_owned(), "no such column in the table".to_string())),
+                None => Some((key.unwrap_or_default().into_owned(), "no such column in the table".to_string())),
             };
             if let Some((field, error)) = problem {
                 fields.problem.get_or_insert(Rejection { field: Some(field), error });
@@ -245,13 +293,19 @@ impl<'a> Scanner<'a> {
         } else {
             Cow::Borrowed(&literal[1..literal.len() - 1])
         };
+        self.colon()?;
+        Ok(name)
+    }
+
+    /// The colon after a field name, and the whitespace around it.
+    fn colon(&mut self) -> Result<(), SyntaxError> {
         self.ws();
         if self.peek() != Some(b':') {
             return Err(self.error(if self.at_end() { "EOF while parsing an object" } else { "expected `:`" }));
         }
         self.pos += 1;
         self.ws();
-        Ok(name)
+        Ok(())
     }
 
     /// Reads (and checks) any JSON value.
@@ -708,6 +762,30 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn key_patterns_match_exactly_the_quoted_name() {
+        for name in ["", "a", "ts", "event_id", "abcdefghijklmn"] {
+            let pattern = KeyPattern::new(name).unwrap();
+            let quoted = format!("\"{name}\"");
+            let padding = ": 1, \"zzzzzzzzzzzzzzzz\": 2}";
+            assert!(pattern.matches(format!("{quoted}{padding}").as_bytes(), 0), "{name}");
+            assert!(pattern.matches(format!("  {quoted}{padding}").as_bytes(), 2), "{name}");
+            for other in [format!("\"{name}x\""), format!("\"x{name}\""), format!("\"{name}\\\"\"")] {
+                assert!(!pattern.matches(format!("{other}{padding}").as_bytes(), 0), "{name} vs {other}");
+            }
+            if let Some(shorter) = name.get(..name.len().saturating_sub(1)).filter(|_| !name.is_empty()) {
+                assert!(!pattern.matches(format!("\"{shorter}\"{padding}").as_bytes(), 0), "{name}");
+            }
+            // Too close to the end to compare two words: the general path reads it.
+            if quoted.len() < 16 {
+                assert!(!pattern.matches(quoted.as_bytes(), 0), "{name}");
+            }
+        }
+        assert!(KeyPattern::new("abcdefghijklmno").is_none(), "17 bytes quoted");
+        assert!(KeyPattern::new("a\"b").is_none());
+        assert!(KeyPattern::new("a\\b").is_none());
     }
 
     #[test]

@@ -14,7 +14,7 @@ pub mod time;
 pub mod types;
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
@@ -54,6 +54,8 @@ enum Role {
 struct Column {
     name: String,
     role: Role,
+    /// The name as the scanner recognises it in a body.
+    key: Option<event::KeyPattern>,
 }
 
 /// Why an event was not accepted: the field (`None` for the event as a whole) and the reason.
@@ -115,11 +117,6 @@ impl Hasher for NameHasher {
         }
     }
 
-    /// Partition keys that are integers: one step, not sixteen bytes.
-    fn write_i128(&mut self, i: i128) {
-        self.0 = (self.0 ^ (i as u64) ^ ((i >> 64) as u64).rotate_left(32)).wrapping_mul(0x0100_0000_01b3);
-    }
-
     fn finish(&self) -> u64 {
         self.0
     }
@@ -150,7 +147,7 @@ impl TableSchema {
                     Err(UnsupportedType(text)) => Role::Unsupported(text),
                 },
             };
-            columns.push(Column { name: info.name.clone(), role });
+            columns.push(Column { name: info.name.clone(), role, key: event::KeyPattern::new(&info.name) });
         }
         let by_name: HashMap<_, _, _> = columns.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
         let find = |name: &str, pred: fn(&ColumnType) -> bool| {
@@ -314,27 +311,16 @@ impl TableSchema {
 
     /// A hash of the event's partition-key value; `fallback` when the event has none.
     pub fn partition_hash(&self, fields: &EventFields, fallback: u64) -> u64 {
-        // Integers hash as integers whether sent as 5 or "5" (one key, one partition), without
-        // formatting them on the request path.
         let Some(field) = self.partition.and_then(|i| fields.field(i)) else { return fallback };
-        let raw = field.raw;
-        let integer = |text: &str| encode::int_text(text, i128::MIN, i128::MAX).or_else(|| text.parse::<i128>().ok());
-        // FNV-1a and a final mix: SipHash was ~4% of encoding a small event, and a key's
-        // partition only has to be stable within this process.
+        // The value's text is hashed, a string's content rather than its literal: 5 and "5"
+        // (or "\u0035") are one key and go to one partition, and nothing is parsed on the
+        // request path. FNV-1a and a final mix: SipHash was ~4% of encoding a small event, and
+        // a key's partition only has to be stable within this process.
         let mut hasher = NameHasher::default();
-        if let Some(content) = fields.string(field) {
-            match std::str::from_utf8(content).ok().and_then(integer) {
-                Some(i) => i.hash(&mut hasher),
-                None => content.hash(&mut hasher),
-            }
-        } else if let Some(i) = integer(raw) {
-            i.hash(&mut hasher);
-        } else if let Ok(f) = raw.parse::<f64>() {
-            f.to_bits().hash(&mut hasher);
-        } else if let Ok(b) = raw.parse::<bool>() {
-            b.hash(&mut hasher);
-        } else {
-            return fallback;
+        match fields.string(field) {
+            Some(content) => hasher.write(content),
+            None if field.raw == "null" => return fallback,
+            None => hasher.write(field.raw.as_bytes()),
         }
         let h = hasher.finish();
         // splitmix64's finalizer: FNV's low bits, which pick the partition, depend on few input bits.
