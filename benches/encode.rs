@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: fail loudly
 
-use buffergate::config::UnknownFields;
+use buffergate::config::{InsertFormat, UnknownFields};
 use buffergate::http::body::Format;
 use buffergate::http::events::{BatchShape, encode_batch};
 use buffergate::schema::{ColumnInfo, EncodeContext, Instant, SpecialColumns, TableSchema};
@@ -77,13 +77,13 @@ fn string_events(n: u64) -> String {
         .join(",")
 }
 
-#[divan::bench(args = [1000], sample_count = 50)]
-fn json_array_text_columns(bencher: divan::Bencher, n: u64) {
+/// The benchmark harness's table on ClickHouse 18.16.
+fn text_schema() -> TableSchema {
     let column =
         |name: &str, ty: &str| ColumnInfo { name: name.into(), type_text: ty.into(), default_kind: String::new() };
     let special =
         SpecialColumns { id: "event_id".into(), timestamp: "event_ts".into(), partition_key: "user_id".into() };
-    let schema = TableSchema::new(
+    TableSchema::new(
         1,
         "analytics",
         "events_buffer",
@@ -96,13 +96,33 @@ fn json_array_text_columns(bencher: divan::Bencher, n: u64) {
             column("metadata", "String"),
         ],
         &special,
-    );
+    )
+}
+
+#[divan::bench(args = [1000], sample_count = 50)]
+fn json_array_text_columns(bencher: divan::Bencher, n: u64) {
+    let schema = text_schema();
     let body = format!("[{}]", string_events(n));
     let ctx = EncodeContext { now: Instant::now(), unknown_fields: UnknownFields::Reject };
     let shape = BatchShape { partitions: 2, max_events: 10_000, keep_ids: false };
     bencher
         .counter(divan::counter::ItemsCount::new(n))
         .bench(|| encode_batch(divan::black_box(body.as_bytes()), Format::JsonArray, &schema, &ctx, &shape).unwrap());
+}
+
+/// The step before each INSERT: encoded rows transposed into a Native block.
+#[divan::bench(args = [1000], sample_count = 50)]
+fn native_block_text_columns(bencher: divan::Bencher, n: u64) {
+    let schema = text_schema();
+    let body = format!("[{}]", string_events(n));
+    let ctx = EncodeContext { now: Instant::now(), unknown_fields: UnknownFields::Reject };
+    let shape = BatchShape { partitions: 1, max_events: 10_000, keep_ids: false };
+    let batch = encode_batch(body.as_bytes(), Format::JsonArray, &schema, &ctx, &shape).unwrap();
+    let chunk = &batch.partitions[0].chunks[0];
+    bencher.counter(divan::counter::ItemsCount::new(n)).bench(|| {
+        let pieces = vec![chunk.data.clone()];
+        schema.insert("events_buffer", chunk.omitted, chunk.rows, divan::black_box(pieces), InsertFormat::Native)
+    });
 }
 
 #[divan::bench(args = [1000], sample_count = 50)]
