@@ -3,13 +3,14 @@
 //! [`Scanner`] is a strict JSON reader (RFC 8259: no comments, no trailing commas, no control
 //! characters in strings, at most 128 levels of nesting) specialised for event bodies: for each
 //! event object it validates the syntax and records the raw text of each field by column,
-//! borrowed from the body. Encoding then reads the common forms (plain strings, integers,
-//! timestamps, UUIDs) directly from that text and hands anything else to the value-based
-//! encoder, so both paths follow the same rules.
+//! borrowed from the body. A field sent as a string is also unescaped as it is read (into
+//! [`EventFields`]' scratch buffer, only when it has escapes), so the encoder copies or parses
+//! its content without walking the literal again. Encoding reads the common forms (strings,
+//! integers, timestamps, UUIDs) directly and hands anything else to the value-based encoder, so
+//! both paths follow the same rules.
 //!
-//! It replaces a serde visitor over `serde_json::value::RawValue`, which scanned every string
-//! twice (once to find its end, once to encode it) and was a third of the gateway's CPU on
-//! large batches.
+//! The field expected next (producers send fields in table order) is recognised by comparing
+//! its quoted name as two words ([`KeyPattern`]); other names are read and looked up.
 
 use std::borrow::Cow;
 
