@@ -408,7 +408,7 @@ fn unescape(s: &[u8], out: &mut Vec<u8>) -> bool {
 }
 
 /// An integer literal (no sign but `-`, no fraction, no exponent) within `[min, max]`.
-pub fn int_text(raw: &str, min: i128, max: i128) -> Option<i128> {
+fn int_text(raw: &str, min: i128, max: i128) -> Option<i128> {
     let digits = raw.strip_prefix('-').unwrap_or(raw);
     if digits.is_empty() || digits.len() > 38 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;

@@ -155,15 +155,6 @@ impl ColumnType {
         })
     }
 
-    /// A String type, possibly Nullable or LowCardinality.
-    pub fn is_string(&self) -> bool {
-        match self.unwrapped() {
-            Self::String => true,
-            Self::Nullable(inner) => inner.is_string(),
-            _ => false,
-        }
-    }
-
     /// A UUID type, possibly Nullable.
     pub fn is_uuid(&self) -> bool {
         match self.unwrapped() {
