@@ -10,7 +10,6 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use serde_json::Value;
 
-use super::swar;
 use super::time::{self, Instant};
 use super::types::ColumnType;
 
@@ -190,12 +189,13 @@ pub fn encode(ty: &ColumnType, value: &Value, out: &mut Vec<u8>) -> Result<(), R
     }
 }
 
-/// Appends the value whose JSON text (as found in the request body) is `raw`, encoded as `ty`.
-/// The common forms are read straight from the text; anything else is parsed into a value and
-/// goes through [`encode`], so both paths follow the same rules and give the same messages.
-pub fn encode_raw(ty: &ColumnType, raw: &str, out: &mut Vec<u8>) -> Result<(), Reason> {
+/// Appends the value whose JSON text (as found in the request body) is `raw`, encoded as `ty`;
+/// `content` is a string literal's content as the scanner unescaped it. The common forms are
+/// read straight from the text; anything else is parsed into a value and goes through
+/// [`encode`], so both paths follow the same rules and give the same messages.
+pub fn encode_raw(ty: &ColumnType, raw: &str, content: Option<&[u8]>, out: &mut Vec<u8>) -> Result<(), Reason> {
     let start = out.len();
-    if encode_text(ty, raw, out) {
+    if encode_text(ty, raw, content, out) {
         return Ok(());
     }
     out.truncate(start);
@@ -203,62 +203,27 @@ pub fn encode_raw(ty: &ColumnType, raw: &str, out: &mut Vec<u8>) -> Result<(), R
     encode(ty, &value, out)
 }
 
-/// Appends the value sent as the JSON string literal `raw`, whose content (unescaped) the
-/// scanner has read. Strings, UUIDs and timestamps are read from the content; anything else,
-/// and anything that does not fit, goes through [`encode_raw`].
-pub fn encode_content(ty: &ColumnType, content: &[u8], raw: &str, out: &mut Vec<u8>) -> Result<(), Reason> {
-    let start = out.len();
-    if content_text(ty, content, out) {
-        return Ok(());
-    }
-    out.truncate(start);
-    encode_raw(ty, raw, out)
-}
-
-fn content_text(ty: &ColumnType, content: &[u8], out: &mut Vec<u8>) -> bool {
-    match ty {
-        ColumnType::LowCardinality(inner) => content_text(inner, content, out),
-        ColumnType::Nullable(inner) => {
-            out.push(0);
-            content_text(inner, content, out)
-        }
-        ColumnType::String => {
-            write_bytes(out, content);
-            true
-        }
-        ColumnType::Uuid => match uuid::Uuid::try_parse_ascii(content) {
-            Ok(uuid) => {
-                write_uuid(out, uuid);
-                true
-            }
-            Err(_) => false,
-        },
-        ColumnType::DateTime | ColumnType::DateTime64(_) => match time::parse_bytes(content) {
-            Some(at) => encode_time(ty, at, out).is_ok(),
-            None => false,
-        },
-        _ => false,
-    }
-}
-
 /// The fast path of [`encode_raw`]: `false` (with `out` possibly partly written) when `raw`
 /// is not in a form read here, or does not fit; the value path then decides and explains.
-fn encode_text(ty: &ColumnType, raw: &str, out: &mut Vec<u8>) -> bool {
+fn encode_text(ty: &ColumnType, raw: &str, content: Option<&[u8]>, out: &mut Vec<u8>) -> bool {
     let Some(&first) = raw.as_bytes().first() else { return false };
     match ty {
-        ColumnType::LowCardinality(inner) => encode_text(inner, raw, out),
+        ColumnType::LowCardinality(inner) => encode_text(inner, raw, content, out),
         ColumnType::Nullable(_) if raw == "null" => {
             out.push(1);
             true
         }
         ColumnType::Nullable(inner) => {
             out.push(0);
-            encode_text(inner, raw, out)
+            encode_text(inner, raw, content, out)
         }
-        ColumnType::String => match first {
-            b'"' => write_string_literal(out, raw),
+        ColumnType::String => match (first, content) {
+            (b'"', Some(content)) => {
+                write_bytes(out, content);
+                true
+            }
             // Objects and arrays are kept as JSON text, as sent without insignificant whitespace.
-            b'{' | b'[' => {
+            (b'{' | b'[', _) => {
                 write_json_text(out, raw);
                 true
             }
@@ -285,125 +250,18 @@ fn encode_text(ty: &ColumnType, raw: &str, out: &mut Vec<u8>) -> bool {
             }
             _ => false,
         },
-        ColumnType::Uuid => match super::event::string_content(raw).and_then(|s| uuid::Uuid::parse_str(&s).ok()) {
+        ColumnType::Uuid => match content.and_then(|c| uuid::Uuid::try_parse_ascii(c).ok()) {
             Some(uuid) => {
                 write_uuid(out, uuid);
                 true
             }
             None => false,
         },
-        ColumnType::DateTime | ColumnType::DateTime64(_) => {
-            match super::event::string_content(raw).and_then(|s| time::parse(&s)) {
-                Some(at) => encode_time(ty, at, out).is_ok(),
-                None => false,
-            }
-        }
+        ColumnType::DateTime | ColumnType::DateTime64(_) => match content.and_then(time::parse_bytes) {
+            Some(at) => encode_time(ty, at, out).is_ok(),
+            None => false,
+        },
         _ => false,
-    }
-}
-
-/// Appends the content of a JSON string literal (valid JSON: the parser checked it) as a
-/// String, unescaping straight into `out`. `false` for a lone surrogate escape, which the value
-/// path refuses with serde_json's message.
-fn write_string_literal(out: &mut Vec<u8>, raw: &str) -> bool {
-    let Some(inner) = raw.strip_prefix('"').and_then(|r| r.strip_suffix('"')) else { return false };
-    let inner = inner.as_bytes();
-    if !inner.contains(&b'\\') {
-        write_bytes(out, inner);
-        return true;
-    }
-    // Unescaped content is never longer than its escaped form: reserve the length prefix that
-    // length needs, unescape in place, then write the real prefix (one byte shorter, rarely).
-    let start = out.len();
-    let reserved = len_size(inner.len());
-    out.resize(start + reserved, 0);
-    if !unescape(inner, out) {
-        return false;
-    }
-    let len = out.len() - start - reserved;
-    let size = len_size(len);
-    if size < reserved {
-        out.drain(start + size..start + reserved);
-    }
-    let mut n = len as u64;
-    for byte in &mut out[start..start + size] {
-        *byte = (n & 0x7f) as u8 | if n >= 0x80 { 0x80 } else { 0 };
-        n >>= 7;
-    }
-    true
-}
-
-fn len_size(len: usize) -> usize {
-    let bits = usize::BITS - len.leading_zeros();
-    (bits.max(1) as usize).div_ceil(7)
-}
-
-/// Appends the unescaped form of a JSON string's content.
-fn unescape(s: &[u8], out: &mut Vec<u8>) -> bool {
-    let hex4 = |s: &[u8]| -> Option<u32> {
-        let text = std::str::from_utf8(s.get(..4)?).ok()?;
-        u32::from_str_radix(text, 16).ok()
-    };
-    out.reserve(s.len());
-    let mut i = 0;
-    loop {
-        // Up to the next backslash, eight bytes at a time: a whole word is copied and the
-        // excess cut off, a fixed-size copy being cheaper than a short variable one.
-        let at = loop {
-            if let Some(word) = swar::word_at(s, i) {
-                let mask = swar::eq_mask(word, b'\\');
-                let len = out.len();
-                out.extend_from_slice(&word.to_le_bytes());
-                if mask != 0 {
-                    let j = swar::first_byte(mask);
-                    out.truncate(len + j);
-                    break i + j;
-                }
-                i += 8;
-                continue;
-            }
-            let rest = s.get(i..).unwrap_or_default();
-            match rest.iter().position(|&b| b == b'\\') {
-                Some(j) => {
-                    out.extend_from_slice(&rest[..j]);
-                    break i + j;
-                }
-                None => {
-                    out.extend_from_slice(rest);
-                    return true;
-                }
-            }
-        };
-        let Some(&escape) = s.get(at + 1) else { return false };
-        i = at + 2;
-        let byte = match escape {
-            b'"' => b'"',
-            b'\\' => b'\\',
-            b'/' => b'/',
-            b'b' => 0x08,
-            b'f' => 0x0c,
-            b'n' => b'\n',
-            b'r' => b'\r',
-            b't' => b'\t',
-            b'u' => {
-                let Some(mut code) = s.get(i..).and_then(hex4) else { return false };
-                i += 4;
-                if (0xD800..0xDC00).contains(&code) {
-                    let low = match s.get(i..) {
-                        Some([b'\\', b'u', rest @ ..]) => hex4(rest).filter(|low| (0xDC00..0xE000).contains(low)),
-                        _ => None,
-                    };
-                    let Some(low) = low else { return false };
-                    i += 6;
-                    code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
-                }
-                let Some(c) = char::from_u32(code) else { return false };
-                out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes());
-                continue;
-            }
-            _ => return false,
-        };
-        out.push(byte);
     }
 }
 
@@ -650,7 +508,24 @@ fn expectation(ty: &ColumnType) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::UnknownFields;
+    use crate::schema::{ColumnInfo, EncodeContext, EventFields, EventSchema, Scanner, SpecialColumns, TableSchema};
     use serde_json::json;
+
+    /// Encodes `raw` as the request path does: read by the scanner as the one field of an event
+    /// (which unescapes string literals), then encoded.
+    fn through_scanner(ty: &str, raw: &str, out: &mut Vec<u8>) -> Result<(), Reason> {
+        let info = ColumnInfo { name: "v".into(), type_text: ty.into(), default_kind: String::new() };
+        let special = SpecialColumns { id: String::new(), timestamp: String::new(), partition_key: String::new() };
+        let schema = TableSchema::new(1, "db", "t", vec![info], &special);
+        let text = format!("{{\"v\": {raw}}}");
+        let mut fields = EventFields::default();
+        Scanner::new(&text)
+            .event(EventSchema { schema: &schema, unknown: UnknownFields::Reject }, &mut fields)
+            .map_err(|e| e.reason.to_string())?;
+        let ctx = EncodeContext { now: Instant { seconds: 0, nanos: 0 }, unknown_fields: UnknownFields::Reject };
+        schema.encode_fields(&fields, &ctx, out).map(drop).map_err(|rejection| rejection.error)
+    }
 
     #[allow(clippy::needless_pass_by_value)] // json!(...) at every call site
     fn enc(ty: &str, value: Value) -> Result<Vec<u8>, Reason> {
@@ -696,9 +571,9 @@ mod tests {
             ("Map(String, String)", "{\"k\": \"v\"}"),
         ];
         for (ty, raw) in cases {
-            let ty = ColumnType::parse(ty).unwrap();
             let mut text = vec![7];
-            let by_text = encode_raw(&ty, raw, &mut text);
+            let by_text = through_scanner(ty, raw, &mut text);
+            let ty = ColumnType::parse(ty).unwrap();
             let Ok(parsed) = serde_json::from_str::<Value>(raw) else {
                 assert!(by_text.is_err(), "{ty} {raw}: what serde_json refuses is refused");
                 continue;
@@ -718,7 +593,7 @@ mod tests {
             // Each escape shrinks two bytes to one, crossing prefix sizes.
             let raw = format!("\"{}\"", "\\n".repeat(n));
             let mut out = Vec::new();
-            encode_raw(&ColumnType::String, &raw, &mut out).unwrap();
+            through_scanner("String", &raw, &mut out).unwrap();
             let mut expected = Vec::new();
             write_bytes(&mut expected, "\n".repeat(n).as_bytes());
             assert_eq!(out, expected, "{n}");
@@ -736,7 +611,7 @@ mod tests {
                     let raw = format!("\"{}{escape}{}{second}tail\"", "a".repeat(lead), "b".repeat(gap));
                     let expected: String = serde_json::from_str(&raw).unwrap();
                     let mut out = Vec::new();
-                    encode_raw(&ColumnType::String, &raw, &mut out).unwrap();
+                    through_scanner("String", &raw, &mut out).unwrap();
                     let mut want = Vec::new();
                     write_bytes(&mut want, expected.as_bytes());
                     assert_eq!(out, want, "{raw}");
@@ -748,7 +623,7 @@ mod tests {
     #[test]
     fn json_text_in_a_string_column_loses_only_whitespace() {
         let mut out = Vec::new();
-        encode_raw(&ColumnType::String, "{ \"b\" : [1, 2],\n \"a\": \"x y\\\" z\" }", &mut out).unwrap();
+        through_scanner("String", "{ \"b\" : [1, 2],\n \"a\": \"x y\\\" z\" }", &mut out).unwrap();
         assert_eq!(out[1..], *br#"{"b":[1,2],"a":"x y\" z"}"#);
         assert_eq!(usize::from(out[0]), out.len() - 1);
     }

@@ -59,14 +59,22 @@ impl<'a> EventFields<'a> {
         self.is_object = false;
     }
 
-    /// The raw text of column `i`'s field, when the event has it.
-    pub(super) fn get(&self, i: usize) -> Option<&'a str> {
-        self.field(i).map(|field| field.raw)
-    }
-
     /// Column `i`'s field, when the event has it.
     pub(super) fn field(&self, i: usize) -> Option<Field<'a>> {
         self.values.get(i).copied().flatten()
+    }
+
+    /// The content of column `i`'s field when it was sent as a string, as text: borrowed from
+    /// the body when it had no escapes.
+    pub(super) fn text(&self, i: usize) -> Option<Cow<'a, str>> {
+        let field = self.field(i)?;
+        match field.content {
+            Content::Raw => None,
+            Content::Plain => field.raw.get(1..field.raw.len().saturating_sub(1)).map(Cow::Borrowed),
+            Content::Unescaped { .. } => {
+                std::str::from_utf8(self.string(field)?).ok().map(|text| Cow::Owned(text.to_owned()))
+            }
+        }
     }
 
     /// The content of a field sent as a string: borrowed from the body, or from what the
@@ -579,17 +587,6 @@ fn kind_problem(kind: &str) -> String {
     format!("the column is {kind}; ClickHouse computes it")
 }
 
-/// The content of a JSON string literal, borrowed when it has no escapes; `None` when `raw`
-/// is not a string.
-pub fn string_content(raw: &str) -> Option<Cow<'_, str>> {
-    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
-    if inner.contains('\\') {
-        serde_json::from_str::<String>(raw).ok().map(Cow::Owned)
-    } else {
-        Some(Cow::Borrowed(inner))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -661,6 +658,16 @@ mod tests {
         assert_eq!(check(&deep).unwrap_err().reason, "recursion limit exceeded");
     }
 
+    /// A seeded generator of indexes below `n` (xorshift64).
+    fn xorshift(mut seed: u64) -> impl FnMut(usize) -> usize {
+        move |n| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        }
+    }
+
     /// Random one-byte edits of a valid body: never a panic, and valid exactly when serde_json
     /// says so (but for lone surrogate escapes, which the encoder refuses per field instead).
     #[test]
@@ -672,13 +679,7 @@ mod tests {
             r#"{"payload": "{\"page\":\"/p/12\",\"ref\":\"campaign-3\",\"ms\":45}", "t": "abcdefg\u00e9hijklmnop\\q"}"#,
         ];
         let alphabet = b" \t\n\"\\/:,[]{}0123456789-+.eEutrfalsn\x01x";
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d_u64);
         for round in 0..40_000 {
             let mut bytes = bases[round % 2].as_bytes().to_vec();
             for _ in 0..1 + next(3) {
@@ -716,13 +717,7 @@ mod tests {
             &format!(r#""a\n{}""#, "0123456789abcdefghij".repeat(8)),
         ];
         let alphabet = b"\"\\/bfnrtu0123456789abcdefABCDEF\x01 dD8e";
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15_u64);
         for round in 0..40_000 {
             let mut bytes = bases[round % bases.len()].as_bytes().to_vec();
             let mutations = if bytes.len() > 100 { 1 + next(8) } else { 1 + next(3) };

@@ -285,11 +285,7 @@ impl TableSchema {
             let reject = |error: String| Rejection { field: Some(column.name.clone()), error };
             match fields.field(i) {
                 Some(field) if field.raw != "null" || matches!(ty.unwrapped(), ColumnType::Nullable(_)) => {
-                    match fields.string(field) {
-                        Some(content) => encode::encode_content(ty, content, field.raw, out),
-                        None => encode::encode_raw(ty, field.raw, out),
-                    }
-                    .map_err(reject)?;
+                    encode::encode_raw(ty, field.raw, fields.string(field), out).map_err(reject)?;
                 }
                 _ if Some(i) == self.id => encode::write_uuid_column(ty, uuid::Uuid::now_v7(), out),
                 _ if Some(i) == self.timestamp => {
@@ -306,7 +302,7 @@ impl TableSchema {
 
     /// The event's own id (the id column's string), when it sent one.
     pub fn event_id<'a>(&self, fields: &EventFields<'a>) -> Option<std::borrow::Cow<'a, str>> {
-        event::string_content(fields.get(self.id?)?)
+        fields.text(self.id?)
     }
 
     /// A hash of the event's partition-key value; `fallback` when the event has none.
