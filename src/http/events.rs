@@ -594,7 +594,12 @@ pub fn encode_batch(
     };
     let mut index = 0usize;
     let mut take = |fields: &EventFields| {
-        let partition = (schema.partition_hash(fields, index as u64) % partitions as u64) as usize;
+        // One partition (the default on small hosts) needs no key hashed.
+        let partition = if partitions == 1 {
+            0
+        } else {
+            (schema.partition_hash(fields, index as u64) % partitions as u64) as usize
+        };
         match batch.partitions[partition].encode(|out| schema.encode_fields(fields, ctx, out)) {
             Ok((chunk, range)) => {
                 batch.accepted += 1;
