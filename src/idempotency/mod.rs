@@ -206,7 +206,7 @@ impl Idempotency {
         }
         self.timed("reserve", async {
             match &self.store {
-                Store::Redis(s) => s.reserve(tokens, keys, self.terms.clone()).await,
+                Store::Redis(s) => s.reserve(tokens, keys, &self.terms).await,
                 Store::Memory(s) => Ok(s.reserve(tokens, keys, &self.terms)),
             }
         })

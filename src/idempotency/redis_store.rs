@@ -28,7 +28,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
@@ -119,7 +119,6 @@ const MAX_QUEUED_JOBS: usize = 1024;
 struct ReserveJob {
     tokens: Vec<Vec<u8>>,
     keys: Vec<(usize, Vec<u8>)>,
-    terms: Terms,
     reply: oneshot::Sender<Result<Vec<KeyState>, StoreError>>,
 }
 
@@ -211,18 +210,23 @@ impl RedisStore {
         &self,
         tokens: &[Vec<u8>],
         keys: &[(usize, Vec<u8>)],
-        terms: Terms,
+        terms: &Terms,
     ) -> Result<Vec<KeyState>, StoreError> {
         let queue = self.reservations.get_or_init(|| {
             let (tx, rx) = mpsc::channel(MAX_QUEUED_JOBS);
-            let batcher =
-                Batcher { connection: self.connection.clone(), script: self.reserve.clone(), timeout: self.timeout };
-            tokio::spawn(batcher.run(rx));
+            // One store serves one `Idempotency`, so every call has the same terms.
+            let batcher = Batcher {
+                connection: self.connection.clone(),
+                script: self.reserve.clone(),
+                timeout: self.timeout,
+                terms: terms.clone(),
+            };
+            tokio::spawn(Arc::new(batcher).run(rx));
             tx
         });
         let (reply, answer) = oneshot::channel();
-        let job = ReserveJob { tokens: tokens.to_vec(), keys: keys.to_vec(), terms, reply };
-        // Queueing plus our batch's call (plus, at worst, the call before it).
+        let job = ReserveJob { tokens: tokens.to_vec(), keys: keys.to_vec(), reply };
+        // Queueing for a free call plus our batch's own.
         let bound = self.timeout * 3;
         let outcome = tokio::time::timeout(bound, async {
             queue.send(job).await.map_err(|_| StoreError::Backend("the reservation task stopped".into()))?;
@@ -339,17 +343,17 @@ pub async fn server_facts(url: &str, timeout: Duration) -> Result<ServerFacts, S
     }
 }
 
-/// The reservation batching task: takes everything queued, sends one script call, hands each
-/// request its share of the answer.
-#[derive(Clone)]
+/// The reservation batching task: takes everything queued, sends it as one script call (up to
+/// [`MAX_CALLS_IN_FLIGHT`] at a time), hands each request its share of the answer.
 struct Batcher {
     connection: ConnectionManager,
     script: Script,
     timeout: Duration,
+    terms: Terms,
 }
 
 impl Batcher {
-    async fn run(self, mut queue: mpsc::Receiver<ReserveJob>) {
+    async fn run(self: Arc<Self>, mut queue: mpsc::Receiver<ReserveJob>) {
         let mut calls = JoinSet::new();
         loop {
             tokio::select! {
@@ -367,7 +371,7 @@ impl Batcher {
                             Err(_) => break,
                         }
                     }
-                    calls.spawn(self.clone().call(jobs));
+                    calls.spawn(Arc::clone(&self).call(jobs));
                 }
             }
         }
@@ -375,9 +379,8 @@ impl Batcher {
         while calls.join_next().await.is_some() {}
     }
 
-    async fn call(mut self, jobs: Vec<ReserveJob>) {
-        // Every job of one store has the same terms.
-        let terms = jobs[0].terms.clone();
+    async fn call(self: Arc<Self>, jobs: Vec<ReserveJob>) {
+        let terms = &self.terms;
         // The script takes ids grouped by token; `order` is where each job's answers land.
         let orders: Vec<Vec<usize>> = jobs
             .iter()
@@ -412,7 +415,9 @@ impl Batcher {
         }
         drop(groups);
         let result =
-            match tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<u8>>(&mut self.connection)).await {
+            match tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<u8>>(&mut self.connection.clone()))
+                .await
+            {
                 Ok(Ok(codes)) if codes.len() == n => Ok(codes),
                 Ok(Ok(codes)) => {
                     Err(StoreError::Backend(format!("the reservation answered {} codes for {n} keys", codes.len())))
