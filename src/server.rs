@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -140,6 +141,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
             tracing::info!("no longer accepting connections; answering in-flight requests");
         }
     };
+    // Answers are one write each, but nothing gains from Nagle's algorithm holding one back.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let result = axum::serve(listener, http::router(state)).with_graceful_shutdown(stop_http).await;
 
     partitions.drain().await;

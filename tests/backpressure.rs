@@ -92,3 +92,40 @@ async fn exhausted_retries_answer_503_and_accept_nothing() {
     assert_eq!(ch.count(&gw.destination()).await, 20, "stored once, after the retry");
     gw.stop().await;
 }
+
+/// The first attempt of an INSERT sends the blocks its large requests made ahead; when it fails,
+/// the retry sends all the rows again as one block made anew, and nothing is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_insert_with_blocks_made_ahead_stores_every_row_once() {
+    let ch = clickhouse();
+    let db = ch.fresh_database("ahead_retry");
+    let mut config = config(ch, &db);
+    config.partitions = 1;
+    config.insert_retries = 1000;
+    config.circuit_failures = 0;
+    config.flush_linger_ms = 200;
+    migrate(&config).await;
+    let gw = Gateway::start(config.clone()).await;
+    gw.wait_ready().await;
+    ch.exec(&format!("DROP TABLE {db}.events_buffer")).await;
+    let send = |events: Value| {
+        let url = format!("{}/v1/events", gw.url);
+        tokio::spawn(async move {
+            let response = common::http().post(url).json(&events).send().await.unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        })
+    };
+    // A request large enough for a block of its own, and a small one, in one batch.
+    let (large, small) = (send(batch(1, 600)), send(batch(5000, 7)));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    migrate(&config).await;
+    for (request, n) in [(large, 600), (small, 7)] {
+        let (status, body) = request.await.unwrap();
+        assert_eq!((status, body["accepted"].as_u64()), (200, Some(n)), "{body}");
+    }
+    gw.drain(ch).await;
+    let table = gw.destination();
+    assert_eq!(ch.count(&table).await, 607);
+    assert_eq!(ch.count(&format!("(SELECT DISTINCT user_id FROM {table})")).await, 607, "no row twice");
+    gw.stop().await;
+}

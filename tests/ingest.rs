@@ -57,6 +57,49 @@ async fn json_array_lands_in_the_destination_exactly() {
     gw.stop().await;
 }
 
+/// A large request's rows travel as a block made ahead of the INSERT; small requests' rows are
+/// merged into one block at the INSERT. Both kinds in one INSERT land exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_and_small_requests_in_one_insert_land_exactly() {
+    let ch = clickhouse();
+    let mut config = config(ch, &ch.fresh_database("blocks"));
+    config.partitions = 1;
+    // Long enough for the three requests to share the partition's one INSERT.
+    config.flush_linger_ms = 300;
+    migrate(&config).await;
+    let gw = Gateway::start(config).await;
+    let post = |from: u64, n: u64| {
+        let (url, events) = (format!("{}/v1/events", gw.url), (from..from + n).map(seed_event).collect::<Vec<_>>());
+        async move {
+            let response = common::http().post(url).json(&events).send().await.unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let (a, b, c) = tokio::join!(post(1, 3), post(1000, 700), post(2000, 5));
+    for (status, body) in [&a, &b, &c] {
+        assert_eq!(*status, 200, "{body}");
+    }
+    assert_eq!(
+        [a.1["accepted"].as_u64(), b.1["accepted"].as_u64(), c.1["accepted"].as_u64()],
+        [Some(3), Some(700), Some(5)]
+    );
+    gw.drain(ch).await;
+    let table = gw.destination();
+    let stored = ch
+        .rows(&format!(
+            "SELECT count() AS n, uniqExact(user_id) AS ids, sum(user_id) AS total, \
+             countIf(payload = concat('{{\"n\":', toString(user_id), ',\"page\":\"/p/', toString(user_id), '\"}}')) AS exact \
+             FROM {table}"
+        ))
+        .await;
+    let total: u64 = (1..4).chain(1000..1700).chain(2000..2005).sum();
+    assert_eq!(stored[0]["n"].to_string().trim_matches('"'), "708", "{stored:?}");
+    assert_eq!(stored[0]["ids"].to_string().trim_matches('"'), "708", "{stored:?}");
+    assert_eq!(stored[0]["total"].to_string().trim_matches('"'), total.to_string(), "{stored:?}");
+    assert_eq!(stored[0]["exact"].to_string().trim_matches('"'), "708", "every payload intact: {stored:?}");
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ndjson_gzip_and_zstd_bodies() {
     let ch = clickhouse();

@@ -8,6 +8,7 @@ pub mod writer;
 use std::time::Duration;
 
 use bytes::Bytes;
+use clickhouse::insert_formatted::CompressedData;
 use serde::de::DeserializeOwned;
 
 use crate::config::{self, Config};
@@ -62,6 +63,33 @@ fn parse_exception_code(text: &str) -> Option<u32> {
     rest[..end].parse().ok()
 }
 
+/// A client on the `clickhouse` crate's own kind of connection pool, plus `TCP_NODELAY`. An
+/// INSERT body goes out in several writes (its parts, then the chunked encoding's last
+/// chunk); with Nagle's algorithm a small write waits for the ACK of the previous one, which
+/// the server may delay by 40 ms (measured here: requests' p50 ~9 → ~47 ms in some runs,
+/// events/s cut by three quarters).
+fn http_client() -> clickhouse::Client {
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    connector.enforce_http(false);
+    let tls = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider());
+    match tls {
+        Ok(tls) => clickhouse::Client::with_http_client(
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                // Below ClickHouse's keep-alive timeout (3 s by default), as the crate's own.
+                .pool_idle_timeout(Duration::from_secs(2))
+                .build(tls.https_or_http().enable_http1().wrap_connector(connector)),
+        ),
+        // Only if ring offered no safe TLS version.
+        Err(error) => {
+            tracing::warn!(%error, "TLS setup failed; the ClickHouse client runs without TCP_NODELAY");
+            clickhouse::Client::default()
+        }
+    }
+}
+
 /// Version and feature probes of the server, for paths that differ between ClickHouse releases.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Capabilities {
@@ -94,6 +122,38 @@ impl Capabilities {
 pub struct ClickHouse {
     client: clickhouse::Client,
     timeout: Duration,
+    compression: config::Compression,
+}
+
+/// A part of an INSERT body, made before the INSERT (on the request's side, in parallel with
+/// other requests) so that the partition's one INSERT at a time only sends bytes.
+pub struct BodyPart {
+    /// Uncompressed length.
+    pub bytes: usize,
+    data: PartData,
+}
+
+enum PartData {
+    /// Sent as they are, or compressed by the client on the way when it compresses.
+    Plain(Bytes),
+    Compressed(CompressedData),
+}
+
+impl std::fmt::Debug for BodyPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.data {
+            PartData::Plain(_) => "plain",
+            PartData::Compressed(_) => "compressed",
+        };
+        f.debug_struct("BodyPart").field("bytes", &self.bytes).field("data", &kind).finish()
+    }
+}
+
+impl BodyPart {
+    /// Bytes the client sends as they are (compressing them on the way when it compresses).
+    pub fn plain(data: Bytes) -> Self {
+        Self { bytes: data.len(), data: PartData::Plain(data) }
+    }
 }
 
 impl std::fmt::Debug for ClickHouse {
@@ -104,7 +164,7 @@ impl std::fmt::Debug for ClickHouse {
 
 impl ClickHouse {
     pub fn new(config: &Config) -> Self {
-        let mut client = clickhouse::Client::default()
+        let mut client = http_client()
             .with_url(&config.clickhouse_url)
             .with_user(&config.clickhouse_user)
             .with_compression(match config.clickhouse_compression {
@@ -115,12 +175,24 @@ impl ClickHouse {
         if !config.clickhouse_password.is_empty() {
             client = client.with_password(&config.clickhouse_password);
         }
-        Self { client, timeout: config.clickhouse_timeout() }
+        Self { client, timeout: config.clickhouse_timeout(), compression: config.clickhouse_compression }
+    }
+
+    /// `data` as a part of a later INSERT's body: compressed now, as the INSERT would compress
+    /// it, so the INSERT itself does not spend the time.
+    pub fn body_part(&self, data: Vec<u8>) -> BodyPart {
+        let bytes = data.len();
+        if self.compression == config::Compression::Lz4
+            && let Ok(compressed) = CompressedData::new(&data, clickhouse::Compression::Lz4)
+        {
+            return BodyPart { bytes, data: PartData::Compressed(compressed) };
+        }
+        BodyPart::plain(Bytes::from(data))
     }
 
     /// The same endpoint with one more setting on every statement.
     pub fn with_setting(&self, name: &str, value: &str) -> Self {
-        Self { client: self.client.clone().with_setting(name, value), timeout: self.timeout }
+        Self { client: self.client.clone().with_setting(name, value), ..self.clone() }
     }
 
     async fn bounded<T>(&self, fut: impl Future<Output = clickhouse::error::Result<T>>) -> Result<T, ClickHouseError> {
@@ -155,12 +227,19 @@ impl ClickHouse {
         self.execute("SELECT 1").await
     }
 
-    /// Sends one INSERT whose data is already encoded in the statement's format.
-    pub async fn insert(&self, sql: &str, data: Bytes) -> Result<(), ClickHouseError> {
+    /// Sends one INSERT whose data is already encoded in the statement's format, as one body
+    /// made of `parts` in turn.
+    pub async fn insert(&self, sql: &str, parts: Vec<BodyPart>) -> Result<(), ClickHouseError> {
         let map = |e| ClickHouseError::from_client(e, self.timeout);
         let mut insert =
             self.client.insert_formatted_with(sql.to_string()).with_timeouts(Some(self.timeout), Some(self.timeout));
-        insert.send(data).await.map_err(map)?;
+        for part in parts {
+            match part.data {
+                PartData::Plain(data) => insert.send(data).await,
+                PartData::Compressed(data) => insert.send_compressed(data).await,
+            }
+            .map_err(map)?;
+        }
         insert.end().await.map_err(map)
     }
 

@@ -7,12 +7,41 @@ use bytes::Bytes;
 use tokio::sync::{Notify, Semaphore};
 
 use super::retry::{Backoff, is_retryable, is_schema_change};
-use super::{ClickHouse, ClickHouseError};
-use crate::coalesce::Pieces;
+use super::{BodyPart, ClickHouse, ClickHouseError};
+use crate::coalesce::{Built, PartitionRows, Pieces};
 use crate::config::{Config, InsertFormat};
 use crate::metrics;
 use crate::schema::TableSchema;
 use crate::shed::breaker::Breaker;
+
+/// Chunks of at least this many rows get their block made ahead of the INSERT. A block costs
+/// ClickHouse its header (names and types read and parsed per column), which 256 rows make
+/// negligible.
+const MIN_BLOCK_ROWS: usize = 256;
+
+/// The body of an INSERT's first attempt: one block of the pieces not built ahead, then the
+/// built ones; `None` (send everything as one block) if the rest cannot be transcoded.
+fn ahead(
+    schema: &TableSchema,
+    omitted: u64,
+    rows: usize,
+    pieces: &[Vec<u8>],
+    built: Vec<Built>,
+) -> Option<Vec<BodyPart>> {
+    let mut done = vec![false; pieces.len()];
+    let mut rest_rows = rows;
+    for b in &built {
+        *done.get_mut(b.piece)? = true;
+        rest_rows = rest_rows.checked_sub(b.rows)?;
+    }
+    let mut parts = Vec::with_capacity(built.len() + 1);
+    if rest_rows > 0 {
+        let rest: Vec<&[u8]> = pieces.iter().zip(&done).filter(|(_, d)| !**d).map(|(p, _)| p.as_slice()).collect();
+        parts.push(BodyPart::plain(Bytes::from(schema.native_block(omitted, rest_rows, &rest)?)));
+    }
+    parts.extend(built.into_iter().map(|b| b.part));
+    Some(parts)
+}
 
 /// An INSERT that failed for good: after its last attempt, or at once when not retryable.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -50,27 +79,65 @@ impl Writer {
         }
     }
 
-    /// Inserts rows encoded by `schema` for one column list into `table`, in the configured
-    /// format.
-    pub async fn write_rows(&self, schema: &TableSchema, table: &str, rows: Pieces) -> Result<(), WriteError> {
-        let count = rows.rows;
-        let (sql, body) = schema.insert(table, rows.omitted, count, rows.pieces, self.format);
-        self.write(&sql, Bytes::from(body), count).await
+    /// Makes the blocks of a request's large chunks ahead of their INSERT (Native only): done
+    /// by the request, in parallel with others, it leaves the partition's INSERT, one at a time,
+    /// only bytes to send. Small chunks are better merged into one block at the INSERT, as
+    /// ClickHouse reads each block's header (column names and types) anew.
+    pub fn prepare(&self, schema: &TableSchema, rows: &mut PartitionRows) {
+        if self.format != InsertFormat::Native {
+            return;
+        }
+        for chunk in &mut rows.chunks {
+            if chunk.rows >= MIN_BLOCK_ROWS && chunk.block.is_none() {
+                chunk.block =
+                    schema.native_block(chunk.omitted, chunk.rows, &[&chunk.data]).map(|b| self.ch.body_part(b));
+            }
+        }
     }
 
-    /// Inserts one block of `rows` rows, retrying what may heal.
-    pub async fn write(&self, sql: &str, data: Bytes, rows: usize) -> Result<(), WriteError> {
+    /// Inserts rows encoded by `schema` for one column list into `table`, in the configured
+    /// format: the first attempt sends the blocks made ahead plus one block of the other
+    /// pieces; a retry sends everything as one block made again from the rows.
+    pub async fn write_rows(&self, schema: &TableSchema, table: &str, rows: Pieces) -> Result<(), WriteError> {
+        let Pieces { omitted, rows: count, pieces, built } = rows;
+        let mut built = Some(built).filter(|b| !b.is_empty());
+        let mut whole: Option<(String, Bytes)> = None;
+        let mut pieces = Some(pieces);
+        self.write_with(count, |_| {
+            if let (Some(built), Some(pieces)) = (built.take(), &pieces)
+                && let Some(parts) = ahead(schema, omitted, count, pieces, built)
+            {
+                return (schema.native_insert_sql(table, omitted), parts);
+            }
+            let (sql, body) = whole.get_or_insert_with(|| {
+                let (sql, body) = schema.insert(table, omitted, count, pieces.take().unwrap_or_default(), self.format);
+                (sql, Bytes::from(body))
+            });
+            (sql.clone(), vec![BodyPart::plain(body.clone())])
+        })
+        .await
+    }
+
+    /// Inserts one block of `rows` rows, retrying what may heal; `body` makes each attempt's
+    /// statement and body.
+    async fn write_with(
+        &self,
+        rows: usize,
+        mut body: impl FnMut(u32) -> (String, Vec<BodyPart>),
+    ) -> Result<(), WriteError> {
         let mut attempt = 0;
         loop {
             if !self.breaker.allow() {
                 return Err(WriteError { attempts: attempt, error: ClickHouseError::CircuitOpen });
             }
+            let (sql, parts) = body(attempt);
+            let bytes: usize = parts.iter().map(|p| p.bytes).sum();
             let started = std::time::Instant::now();
             let result = match self.permits.acquire().await {
-                Ok(_permit) => self.ch.insert(sql, data.clone()).await,
+                Ok(_permit) => self.ch.insert(&sql, parts).await,
                 Err(_) => Err(ClickHouseError::Protocol("the INSERT semaphore is closed".into())),
             };
-            metrics::flush_attempt(result.is_ok(), rows, data.len(), started.elapsed());
+            metrics::flush_attempt(result.is_ok(), rows, bytes, started.elapsed());
             self.breaker.record(result.is_ok());
             let error = match result {
                 Ok(()) => return Ok(()),
@@ -80,7 +147,7 @@ impl Writer {
                 self.schema_changed.notify_one();
             }
             if !is_retryable(&error) || attempt >= self.retries {
-                tracing::warn!(%error, attempts = attempt + 1, bytes = data.len(), "INSERT failed");
+                tracing::warn!(%error, attempts = attempt + 1, bytes, "INSERT failed");
                 return Err(WriteError { attempts: attempt + 1, error });
             }
             let delay = self.backoff.delay(attempt);

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::clickhouse::BodyPart;
 use crate::clickhouse::writer::{WriteError, Writer};
 use crate::config::Config;
 use crate::idempotency::{Idempotency, Reservation};
@@ -32,6 +33,9 @@ pub struct Chunk {
     pub omitted: u64,
     pub rows: usize,
     pub data: Vec<u8>,
+    /// The rows as their own part of an INSERT body (a compressed Native block), made once the
+    /// request's rows are final ([`Writer::prepare`]); `data` stays for a retry.
+    pub block: Option<BodyPart>,
 }
 
 /// The rows of one request bound for one partition.
@@ -123,6 +127,17 @@ pub struct Pieces {
     pub omitted: u64,
     pub rows: usize,
     pub pieces: Vec<Vec<u8>>,
+    /// Pieces whose block was made ahead: the INSERT's first attempt sends those as they are.
+    pub built: Vec<Built>,
+}
+
+/// A piece's block made ahead of the INSERT.
+#[derive(Debug)]
+pub struct Built {
+    /// Index of the piece in [`Pieces::pieces`].
+    pub piece: usize,
+    pub rows: usize,
+    pub part: BodyPart,
 }
 
 /// Chunks grouped by column list, in order of first appearance.
@@ -140,6 +155,9 @@ impl Groups {
         };
         let group = &mut self.0[index];
         group.rows += chunk.rows;
+        if let Some(part) = chunk.block {
+            group.built.push(Built { piece: group.pieces.len(), rows: chunk.rows, part });
+        }
         group.pieces.push(chunk.data);
     }
 }

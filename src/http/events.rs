@@ -262,6 +262,7 @@ async fn prepare(
     let work = {
         let schema = Arc::clone(&schema);
         let budget = Arc::clone(&state.budget);
+        let writer = Arc::clone(&state.writer);
         move || {
             let text = body::decompress(raw, encoding, max_decompressed)?;
             let _text_lease = match encoding {
@@ -269,6 +270,12 @@ async fn prepare(
                 _ => Some(budget.try_take(text.len()).ok_or_else(|| overloaded("in-flight bytes"))?),
             };
             let mut batch = encode_batch(&text, format, &schema, &ctx, &limits)?;
+            if !limits.keep_ids {
+                // The rows are final (nothing to deduplicate): their blocks can be made now.
+                for rows in &mut batch.partitions {
+                    writer.prepare(&schema, rows);
+                }
+            }
             if hash_body {
                 batch.body_hash = hex(&Sha256::digest(&text));
             }
@@ -314,7 +321,11 @@ async fn deliver(
     metrics::events(Outcome::Rejected, batch.rejected.len());
 
     let (reservations, duplicates) = if idempotency.mode == DedupMode::Event {
-        reserve(idempotency, &mut batch).await?
+        let reserved = reserve(idempotency, &mut batch).await?;
+        for rows in &mut batch.partitions {
+            state.writer.prepare(schema, rows);
+        }
+        reserved
     } else {
         ((0..batch.partitions.len()).map(|_| None).collect(), 0)
     };

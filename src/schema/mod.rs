@@ -221,25 +221,41 @@ impl TableSchema {
         mut pieces: Vec<Vec<u8>>,
         format: InsertFormat,
     ) -> (String, Vec<u8>) {
-        if format == InsertFormat::Native {
-            let columns: Vec<NativeColumn<'_>> = self
-                .insert_columns(omitted)
-                .filter_map(|i| match &self.columns[i].role {
-                    Role::Written { ty, .. } => {
-                        Some(NativeColumn { name: &self.columns[i].name, type_text: &self.infos[i].type_text, ty })
-                    }
-                    _ => None,
-                })
-                .collect();
-            match native::transcode(&columns, rows, &pieces) {
-                Ok(block) => return (self.statement(table, omitted, "Native"), block),
-                Err(NativeError::Unsupported(_)) => {}
-                // A bug of ours: ClickHouse gets the rows as encoded and says what it thinks.
-                Err(error) => tracing::warn!(%error, "rows not transcoded to Native; sent as RowBinary"),
-            }
+        if format == InsertFormat::Native
+            && let Some(block) = self.native_block(omitted, rows, &pieces)
+        {
+            return (self.native_insert_sql(table, omitted), block);
         }
         let data = if pieces.len() == 1 { pieces.pop().unwrap_or_default() } else { pieces.concat() };
         (self.insert_sql_into(table, omitted), data)
+    }
+
+    /// The statement of an INSERT into `table` of Native blocks of rows encoded with `omitted`.
+    pub fn native_insert_sql(&self, table: &str, omitted: u64) -> String {
+        self.statement(table, omitted, "Native")
+    }
+
+    /// The Native block of `rows` rows encoded with `omitted` (pieces of whole rows), or `None`
+    /// when a column's type is not transcoded.
+    pub fn native_block<P: AsRef<[u8]>>(&self, omitted: u64, rows: usize, pieces: &[P]) -> Option<Vec<u8>> {
+        let columns: Vec<NativeColumn<'_>> = self
+            .insert_columns(omitted)
+            .filter_map(|i| match &self.columns[i].role {
+                Role::Written { ty, .. } => {
+                    Some(NativeColumn { name: &self.columns[i].name, type_text: &self.infos[i].type_text, ty })
+                }
+                _ => None,
+            })
+            .collect();
+        match native::transcode(&columns, rows, pieces) {
+            Ok(block) => Some(block),
+            Err(NativeError::Unsupported(_)) => None,
+            // A bug of ours: ClickHouse gets the rows as encoded and says what it thinks.
+            Err(error) => {
+                tracing::warn!(%error, "rows not transcoded to Native; sent as RowBinary");
+                None
+            }
+        }
     }
 
     /// Validates one event given as a value and appends its RowBinary row to `out` (the request
