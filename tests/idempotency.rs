@@ -71,7 +71,13 @@ async fn same_batch_twice(store: Store) {
     ]);
     let (status, body) = gw.post_json(&mixed).await;
     assert_eq!((status, body["accepted"].as_u64(), body["duplicates"].as_u64()), (200, Some(2), Some(2)), "{body}");
-    assert_eq!(stored(ch, &gw).await, (12, 12));
+    // Large requests overlapping by 200 ids: the second's 400 new rows are kept and written
+    // as a block of their own (made after the duplicates are dropped).
+    let (status, body) = gw.post_json(&events(1000, 300)).await;
+    assert_eq!((status, body["accepted"].as_u64()), (200, Some(300)), "{body}");
+    let (status, body) = gw.post_json(&events(1100, 600)).await;
+    assert_eq!((status, body["accepted"].as_u64(), body["duplicates"].as_u64()), (200, Some(400), Some(200)), "{body}");
+    assert_eq!(stored(ch, &gw).await, (712, 712));
     gw.stop().await;
 }
 

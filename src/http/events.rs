@@ -27,6 +27,10 @@ use crate::shed::layer::Divert;
 /// Bodies larger than this are parsed on the blocking pool, off the async workers.
 const INLINE_PARSE_BYTES: usize = 64 * 1024;
 
+/// Requests with at least this many deduplicated events have their blocks made on the
+/// blocking pool (a block of 256 rows takes tens of µs to transpose and compress).
+const PREPARE_OFF_WORKER_ROWS: usize = 256;
+
 #[derive(Debug, Deserialize)]
 pub struct IngestParams {
     /// `false`: answer 202 once the events are validated and queued, before they are written.
@@ -322,9 +326,21 @@ async fn deliver(
 
     let (reservations, duplicates) = if idempotency.mode == DedupMode::Event {
         let reserved = reserve(idempotency, &mut batch).await?;
-        for rows in &mut batch.partitions {
-            state.writer.prepare(schema, rows);
-        }
+        // The rows are final now: their blocks are made here, off the async workers when
+        // there are enough rows for one (see `Writer::prepare`).
+        let (writer, schema) = (Arc::clone(&state.writer), Arc::clone(schema));
+        let mut partitions = std::mem::take(&mut batch.partitions);
+        let prepare = move || {
+            for rows in &mut partitions {
+                writer.prepare(&schema, rows);
+            }
+            partitions
+        };
+        batch.partitions = if batch.accepted >= PREPARE_OFF_WORKER_ROWS {
+            tokio::task::spawn_blocking(prepare).await.map_err(|e| ApiError::Internal(e.to_string()))?
+        } else {
+            prepare()
+        };
         reserved
     } else {
         ((0..batch.partitions.len()).map(|_| None).collect(), 0)
