@@ -168,8 +168,9 @@ pub fn queue_rows(partition: usize) -> Gauge {
     gauge!(QUEUE_ROWS, "partition" => partition.to_string())
 }
 
-pub fn inflight_bytes(value: usize) {
-    gauge!(INFLIGHT_BYTES).set(value as f64);
+/// The gauge of in-flight bytes, registered once by the budget that sets it.
+pub fn inflight_bytes() -> Gauge {
+    gauge!(INFLIGHT_BYTES)
 }
 
 pub fn buffer(bytes: u64, capacity: u64, fill: f64) {

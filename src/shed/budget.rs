@@ -10,6 +10,8 @@ use crate::metrics;
 pub struct Budget {
     used: AtomicUsize,
     limit: usize,
+    /// Registered once (after the recorder is installed), not looked up on every change.
+    gauge: ::metrics::Gauge,
 }
 
 /// Bytes taken from the budget, given back when dropped.
@@ -21,7 +23,7 @@ pub struct Lease {
 
 impl Budget {
     pub fn new(limit: usize) -> Arc<Self> {
-        Arc::new(Self { used: AtomicUsize::new(0), limit })
+        Arc::new(Self { used: AtomicUsize::new(0), limit, gauge: metrics::inflight_bytes() })
     }
 
     /// Takes `bytes`, or `None` when that would exceed the limit.
@@ -31,7 +33,7 @@ impl Budget {
             let next = used.checked_add(bytes).filter(|&n| n <= self.limit)?;
             match self.used.compare_exchange_weak(used, next, Ordering::AcqRel, Ordering::Relaxed) {
                 Ok(_) => {
-                    metrics::inflight_bytes(next);
+                    self.gauge.set(next as f64);
                     return Some(Lease { budget: Arc::clone(self), bytes });
                 }
                 Err(actual) => used = actual,
@@ -60,7 +62,7 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         let before = self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
-        metrics::inflight_bytes(before - self.bytes);
+        self.budget.gauge.set((before - self.bytes) as f64);
     }
 }
 
