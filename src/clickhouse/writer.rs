@@ -158,3 +158,76 @@ impl Writer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coalesce::Chunk;
+    use crate::schema::{ColumnInfo, SpecialColumns};
+    use crate::shed::breaker::Breaker;
+
+    fn schema() -> TableSchema {
+        let info =
+            |name: &str, ty: &str| ColumnInfo { name: name.into(), type_text: ty.into(), default_kind: String::new() };
+        let special = SpecialColumns { id: "id".into(), timestamp: "ts".into(), partition_key: "n".into() };
+        TableSchema::new(1, "db", "t", vec![info("n", "UInt64"), info("s", "String")], &special)
+    }
+
+    /// RowBinary rows `from..to` of (n UInt64, s String).
+    fn rows(from: u64, to: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        for n in from..to {
+            out.extend_from_slice(&n.to_le_bytes());
+            let s = format!("row {n}");
+            out.push(s.len() as u8);
+            out.extend_from_slice(s.as_bytes());
+        }
+        out
+    }
+
+    fn writer(format: InsertFormat) -> Writer {
+        let config = Config { insert_format: format, ..Config::default() };
+        let breaker = Arc::new(Breaker::new(0, std::time::Duration::from_secs(1)));
+        Writer::new(ClickHouse::new(&config), &config, Arc::new(Notify::new()), breaker)
+    }
+
+    #[test]
+    fn large_chunks_get_their_block_made_ahead_and_small_ones_do_not() {
+        let schema = schema();
+        let mut partition = PartitionRows::default();
+        partition.chunks.push(Chunk { rows: 256, data: rows(0, 256), ..Chunk::default() });
+        partition.chunks.push(Chunk { omitted: 1, rows: 255, data: rows(0, 255), ..Chunk::default() });
+        writer(InsertFormat::Native).prepare(&schema, &mut partition);
+        let block = schema.native_block(0, 256, &[rows(0, 256)]).unwrap();
+        assert_eq!(partition.chunks[0].block.as_ref().map(|b| b.bytes), Some(block.len()));
+        assert!(partition.chunks[1].block.is_none(), "below the floor");
+
+        let mut partition = PartitionRows::default();
+        partition.chunks.push(Chunk { rows: 300, data: rows(0, 300), ..Chunk::default() });
+        writer(InsertFormat::RowBinary).prepare(&schema, &mut partition);
+        assert!(partition.chunks[0].block.is_none(), "RowBinary is sent as encoded");
+    }
+
+    #[test]
+    fn the_first_attempt_sends_one_block_of_the_rest_then_the_built_ones() {
+        let schema = schema();
+        let pieces = vec![rows(0, 2), rows(2, 302), rows(302, 305)];
+        let built = schema.native_block(0, 300, &[&pieces[1]]).unwrap();
+        let made = |rows| vec![Built { piece: 1, rows, part: BodyPart::plain(Bytes::from(built.clone())) }];
+        let parts = ahead(&schema, 0, 305, &pieces, made(300)).unwrap();
+        let rest = schema.native_block(0, 5, &[&pieces[0], &pieces[2]]).unwrap();
+        assert_eq!(parts.iter().map(|p| p.bytes).collect::<Vec<_>>(), [rest.len(), built.len()]);
+        // Only built pieces: no empty block in front.
+        let parts = ahead(
+            &schema,
+            0,
+            300,
+            &pieces[1..2],
+            vec![Built { piece: 0, rows: 300, part: BodyPart::plain(Bytes::from(built.clone())) }],
+        )
+        .unwrap();
+        assert_eq!(parts.len(), 1);
+        // Counts that do not add up: everything goes as one block made anew.
+        assert!(ahead(&schema, 0, 299, &pieces, made(300)).is_none());
+    }
+}
