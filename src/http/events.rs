@@ -61,8 +61,9 @@ pub struct RejectedEvent {
 /// Where an accepted event's row went, to filter duplicates out afterwards.
 #[derive(Debug)]
 pub struct EventRow {
-    /// The event's own id (`id_column`), when it sent one.
-    pub id: Option<String>,
+    /// The idempotency key of the event's own id (`id_column`), when it sent one
+    /// ([`Idempotency::event_key`]); taken by the reservation.
+    pub key: Option<Vec<u8>>,
     pub partition: usize,
     pub chunk: usize,
     pub range: std::ops::Range<usize>,
@@ -93,7 +94,7 @@ impl EncodedBatch {
             }
             let chunk = &old[event.partition].chunks[event.chunk];
             let (index, range) = self.partitions[event.partition].push(chunk.omitted, &chunk.data[event.range]);
-            events.push(EventRow { id: event.id, partition: event.partition, chunk: index, range });
+            events.push(EventRow { key: event.key, partition: event.partition, chunk: index, range });
         }
         self.accepted = events.len();
         self.events = events;
@@ -413,9 +414,9 @@ async fn reserve(
     // (event index, (token index = partition, key)) of the keys still to decide.
     let mut todo: Vec<(usize, (usize, Vec<u8>))> = batch
         .events
-        .iter()
+        .iter_mut()
         .enumerate()
-        .filter_map(|(i, event)| Some((i, (event.partition, Idempotency::event_key(event.id.as_deref()?)))))
+        .filter_map(|(i, event)| Some((i, (event.partition, event.key.take()?))))
         .collect();
     // Ids sent twice in the request: the first one stands for all.
     let mut seen = std::collections::HashSet::with_capacity(todo.len());
@@ -631,8 +632,8 @@ pub fn encode_batch(
             Ok((chunk, range)) => {
                 batch.accepted += 1;
                 if shape.keep_ids {
-                    let id = schema.event_id(fields).map(std::borrow::Cow::into_owned);
-                    batch.events.push(EventRow { id, partition, chunk, range });
+                    let key = schema.event_id(fields).map(|id| Idempotency::event_key(&id));
+                    batch.events.push(EventRow { key, partition, chunk, range });
                 }
             }
             Err(rejection) => {

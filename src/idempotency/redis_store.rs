@@ -118,8 +118,36 @@ const MAX_QUEUED_JOBS: usize = 1024;
 /// One request's reservation, waiting for its batch.
 struct ReserveJob {
     tokens: Vec<Vec<u8>>,
-    keys: Vec<(usize, Vec<u8>)>,
+    /// The keys back to back: one allocation per request, not one per key.
+    key_bytes: Vec<u8>,
+    /// Per key: its token's index and where its bytes end in `key_bytes`.
+    keys: Vec<(usize, usize)>,
     reply: oneshot::Sender<Result<Vec<KeyState>, StoreError>>,
+}
+
+impl ReserveJob {
+    fn new(
+        tokens: &[Vec<u8>],
+        keys: &[(usize, Vec<u8>)],
+        reply: oneshot::Sender<Result<Vec<KeyState>, StoreError>>,
+    ) -> Self {
+        let mut key_bytes = Vec::with_capacity(keys.iter().map(|(_, key)| key.len()).sum());
+        let keys = keys
+            .iter()
+            .map(|(token, key)| {
+                key_bytes.extend_from_slice(key);
+                (*token, key_bytes.len())
+            })
+            .collect();
+        Self { tokens: tokens.to_vec(), key_bytes, keys, reply }
+    }
+
+    /// The bytes of key `k`.
+    fn key(&self, k: usize) -> &[u8] {
+        let start = k.checked_sub(1).and_then(|before| self.keys.get(before)).map_or(0, |&(_, end)| end);
+        let end = self.keys.get(k).map_or(start, |&(_, end)| end);
+        self.key_bytes.get(start..end).unwrap_or_default()
+    }
 }
 
 const DELETE_IF: &str = r"
@@ -225,7 +253,7 @@ impl RedisStore {
             tx
         });
         let (reply, answer) = oneshot::channel();
-        let job = ReserveJob { tokens: tokens.to_vec(), keys: keys.to_vec(), reply };
+        let job = ReserveJob::new(tokens, keys, reply);
         // Queueing for a free call plus our batch's own.
         let bound = self.timeout * 3;
         let outcome = tokio::time::timeout(bound, async {
@@ -410,7 +438,7 @@ impl Batcher {
         }
         for (job, group) in &groups {
             for &k in *group {
-                invocation.arg(job.keys[k].1.as_slice());
+                invocation.arg(job.key(k));
             }
         }
         drop(groups);
