@@ -108,19 +108,15 @@ async fn a_retried_insert_with_blocks_made_ahead_stores_every_row_once() {
     let gw = Gateway::start(config.clone()).await;
     gw.wait_ready().await;
     ch.exec(&format!("DROP TABLE {db}.events_buffer")).await;
-    let send = |events: Value| {
-        let url = format!("{}/v1/events", gw.url);
-        tokio::spawn(async move {
-            let response = common::http().post(url).json(&events).send().await.unwrap();
-            (response.status().as_u16(), response.json::<Value>().await.unwrap())
-        })
+    // A request large enough for a block of its own, and a small one, in one batch; the
+    // table comes back while the partition retries it.
+    let (large, small) = (batch(1, 600), batch(5000, 7));
+    let restore = async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        migrate(&config).await;
     };
-    // A request large enough for a block of its own, and a small one, in one batch.
-    let (large, small) = (send(batch(1, 600)), send(batch(5000, 7)));
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    migrate(&config).await;
-    for (request, n) in [(large, 600), (small, 7)] {
-        let (status, body) = request.await.unwrap();
+    let (large, small, ()) = tokio::join!(gw.post_json(&large), gw.post_json(&small), restore);
+    for ((status, body), n) in [(large, 600), (small, 7)] {
         assert_eq!((status, body["accepted"].as_u64()), (200, Some(n)), "{body}");
     }
     gw.drain(ch).await;

@@ -68,14 +68,9 @@ async fn large_and_small_requests_in_one_insert_land_exactly() {
     config.flush_linger_ms = 300;
     migrate(&config).await;
     let gw = Gateway::start(config).await;
-    let post = |from: u64, n: u64| {
-        let (url, events) = (format!("{}/v1/events", gw.url), (from..from + n).map(seed_event).collect::<Vec<_>>());
-        async move {
-            let response = common::http().post(url).json(&events).send().await.unwrap();
-            (response.status().as_u16(), response.json::<Value>().await.unwrap())
-        }
-    };
-    let (a, b, c) = tokio::join!(post(1, 3), post(1000, 700), post(2000, 5));
+    let events = |from: u64, n: u64| Value::Array((from..from + n).map(seed_event).collect());
+    let (small, large, other) = (events(1, 3), events(1000, 700), events(2000, 5));
+    let (a, b, c) = tokio::join!(gw.post_json(&small), gw.post_json(&large), gw.post_json(&other));
     for (status, body) in [&a, &b, &c] {
         assert_eq!(*status, 200, "{body}");
     }

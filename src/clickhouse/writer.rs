@@ -17,7 +17,7 @@ use crate::shed::breaker::Breaker;
 /// Chunks of at least this many rows get their block made ahead of the INSERT. A block costs
 /// ClickHouse its header (names and types read and parsed per column), which 256 rows make
 /// negligible.
-const MIN_BLOCK_ROWS: usize = 256;
+pub const MIN_BLOCK_ROWS: usize = 256;
 
 /// The body of an INSERT's first attempt: one block of the pieces not built ahead, then the
 /// built ones; `None` (send everything as one block) if the rest cannot be transcoded.
@@ -83,11 +83,11 @@ impl Writer {
     /// by the request, in parallel with others, it leaves the partition's INSERT, one at a time,
     /// only bytes to send. Small chunks are better merged into one block at the INSERT, as
     /// ClickHouse reads each block's header (column names and types) anew.
-    pub fn prepare(&self, schema: &TableSchema, rows: &mut PartitionRows) {
+    pub fn prepare(&self, schema: &TableSchema, partitions: &mut [PartitionRows]) {
         if self.format != InsertFormat::Native {
             return;
         }
-        for chunk in &mut rows.chunks {
+        for chunk in partitions.iter_mut().flat_map(|p| &mut p.chunks) {
             if chunk.rows >= MIN_BLOCK_ROWS && chunk.block.is_none() {
                 chunk.block =
                     schema.native_block(chunk.omitted, chunk.rows, &[&chunk.data]).map(|b| self.ch.body_part(b));
@@ -103,7 +103,7 @@ impl Writer {
         let mut built = Some(built).filter(|b| !b.is_empty());
         let mut whole: Option<(String, Bytes)> = None;
         let mut pieces = Some(pieces);
-        self.write_with(count, |_| {
+        self.write_with(count, || {
             if let (Some(built), Some(pieces)) = (built.take(), &pieces)
                 && let Some(parts) = ahead(schema, omitted, count, pieces, built)
             {
@@ -123,14 +123,14 @@ impl Writer {
     async fn write_with(
         &self,
         rows: usize,
-        mut body: impl FnMut(u32) -> (String, Vec<BodyPart>),
+        mut body: impl FnMut() -> (String, Vec<BodyPart>),
     ) -> Result<(), WriteError> {
         let mut attempt = 0;
         loop {
             if !self.breaker.allow() {
                 return Err(WriteError { attempts: attempt, error: ClickHouseError::CircuitOpen });
             }
-            let (sql, parts) = body(attempt);
+            let (sql, parts) = body();
             let bytes: usize = parts.iter().map(|p| p.bytes).sum();
             let started = std::time::Instant::now();
             let result = match self.permits.acquire().await {
@@ -197,14 +197,14 @@ mod tests {
         let mut partition = PartitionRows::default();
         partition.chunks.push(Chunk { rows: 256, data: rows(0, 256), ..Chunk::default() });
         partition.chunks.push(Chunk { omitted: 1, rows: 255, data: rows(0, 255), ..Chunk::default() });
-        writer(InsertFormat::Native).prepare(&schema, &mut partition);
+        writer(InsertFormat::Native).prepare(&schema, std::slice::from_mut(&mut partition));
         let block = schema.native_block(0, 256, &[rows(0, 256)]).unwrap();
         assert_eq!(partition.chunks[0].block.as_ref().map(|b| b.bytes), Some(block.len()));
         assert!(partition.chunks[1].block.is_none(), "below the floor");
 
         let mut partition = PartitionRows::default();
         partition.chunks.push(Chunk { rows: 300, data: rows(0, 300), ..Chunk::default() });
-        writer(InsertFormat::RowBinary).prepare(&schema, &mut partition);
+        writer(InsertFormat::RowBinary).prepare(&schema, std::slice::from_mut(&mut partition));
         assert!(partition.chunks[0].block.is_none(), "RowBinary is sent as encoded");
     }
 

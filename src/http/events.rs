@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 
 use super::body::{self, Format};
 use super::error::ApiError;
+use crate::clickhouse::writer::MIN_BLOCK_ROWS;
 use crate::coalesce::{Groups, PartitionRows, Submission, SubmitError};
 use crate::idempotency::{DedupMode, Idempotency, KeyState, OnStoreError, RequestState, Reservation, StoreError};
 use crate::metrics::{self, Outcome};
@@ -26,10 +27,6 @@ use crate::shed::layer::Divert;
 
 /// Bodies larger than this are parsed on the blocking pool, off the async workers.
 const INLINE_PARSE_BYTES: usize = 64 * 1024;
-
-/// Requests with at least this many deduplicated events have their blocks made on the
-/// blocking pool (a block of 256 rows takes tens of µs to transpose and compress).
-const PREPARE_OFF_WORKER_ROWS: usize = 256;
 
 #[derive(Debug, Deserialize)]
 pub struct IngestParams {
@@ -277,9 +274,7 @@ async fn prepare(
             let mut batch = encode_batch(&text, format, &schema, &ctx, &limits)?;
             if !limits.keep_ids {
                 // The rows are final (nothing to deduplicate): their blocks can be made now.
-                for rows in &mut batch.partitions {
-                    writer.prepare(&schema, rows);
-                }
+                writer.prepare(&schema, &mut batch.partitions);
             }
             if hash_body {
                 batch.body_hash = hex(&Sha256::digest(&text));
@@ -328,16 +323,14 @@ async fn deliver(
     let (reservations, duplicates) = if idempotency.mode == DedupMode::Event {
         let reserved = reserve(idempotency, &mut batch).await?;
         // The rows are final now: their blocks are made here, off the async workers when
-        // there are enough rows for one (see `Writer::prepare`).
+        // there may be enough rows for one (a block takes tens of µs to make).
         let (writer, schema) = (Arc::clone(&state.writer), Arc::clone(schema));
         let mut partitions = std::mem::take(&mut batch.partitions);
         let prepare = move || {
-            for rows in &mut partitions {
-                writer.prepare(&schema, rows);
-            }
+            writer.prepare(&schema, &mut partitions);
             partitions
         };
-        batch.partitions = if batch.accepted >= PREPARE_OFF_WORKER_ROWS {
+        batch.partitions = if batch.accepted >= MIN_BLOCK_ROWS {
             tokio::task::spawn_blocking(prepare).await.map_err(|e| ApiError::Internal(e.to_string()))?
         } else {
             prepare()
