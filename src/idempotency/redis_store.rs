@@ -499,6 +499,14 @@ mod tests {
         assert_eq!(facts("").version(), None);
     }
 
+    #[test]
+    fn connections_turn_nagle_off() {
+        for url in ["redis://127.0.0.1:6379/0", "rediss://redis.example:6380/1"] {
+            let client = client(url).unwrap();
+            assert!(client.get_connection_info().tcp_settings().nodelay(), "{url}");
+        }
+    }
+
     #[tokio::test]
     async fn cluster_and_sentinel_urls_are_refused_clearly() {
         for url in ["redis+sentinel://h:26379/mymaster", "redis+cluster://h:6379", "redis://a:6379,b:6379"] {
