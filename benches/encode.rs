@@ -4,9 +4,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: fail loudly
 
 use buffergate::config::{InsertFormat, UnknownFields};
-use buffergate::http::body::Format;
-use buffergate::http::events::{BatchShape, encode_batch};
-use buffergate::schema::{ColumnInfo, EncodeContext, Instant, SpecialColumns, TableSchema};
+use buffergate::decode::{BatchShape, Format, encode_batch};
+use buffergate::schema::{ColumnInfo, EncodeContext, SpecialColumns, TableSchema, Timestamp};
 
 fn main() {
     divan::main();
@@ -52,7 +51,7 @@ fn events(n: u64, separator: &str) -> String {
 fn json_array(bencher: divan::Bencher, n: u64) {
     let schema = seed_schema();
     let body = format!("[{}]", events(n, ","));
-    let ctx = EncodeContext { now: Instant::now(), unknown_fields: UnknownFields::Reject };
+    let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
     let shape = BatchShape { partitions: 2, max_events: 10_000, keep_ids: false };
     bencher
         .counter(divan::counter::ItemsCount::new(n))
@@ -103,7 +102,7 @@ fn text_schema() -> TableSchema {
 fn json_array_text_columns(bencher: divan::Bencher, n: u64) {
     let schema = text_schema();
     let body = format!("[{}]", string_events(n));
-    let ctx = EncodeContext { now: Instant::now(), unknown_fields: UnknownFields::Reject };
+    let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
     let shape = BatchShape { partitions: 2, max_events: 10_000, keep_ids: false };
     bencher
         .counter(divan::counter::ItemsCount::new(n))
@@ -115,7 +114,7 @@ fn json_array_text_columns(bencher: divan::Bencher, n: u64) {
 fn native_block_text_columns(bencher: divan::Bencher, n: u64) {
     let schema = text_schema();
     let body = format!("[{}]", string_events(n));
-    let ctx = EncodeContext { now: Instant::now(), unknown_fields: UnknownFields::Reject };
+    let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
     let shape = BatchShape { partitions: 1, max_events: 10_000, keep_ids: false };
     let batch = encode_batch(body.as_bytes(), Format::JsonArray, &schema, &ctx, &shape).unwrap();
     let chunk = &batch.partitions[0].chunks[0];
@@ -129,7 +128,7 @@ fn native_block_text_columns(bencher: divan::Bencher, n: u64) {
 fn ndjson_with_ids(bencher: divan::Bencher, n: u64) {
     let schema = seed_schema();
     let body = events(n, "\n");
-    let ctx = EncodeContext { now: Instant::now(), unknown_fields: UnknownFields::Reject };
+    let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
     let shape = BatchShape { partitions: 2, max_events: 10_000, keep_ids: true };
     bencher
         .counter(divan::counter::ItemsCount::new(n))

@@ -6,7 +6,8 @@ use serde::Serialize;
 
 use crate::clickhouse::{ClickHouse, ClickHouseError};
 use crate::config::Config;
-use crate::idempotency::{self, DedupMode};
+use crate::config::DedupMode;
+use crate::idempotency;
 use crate::shed::poller::{BufferParams, read_fill};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -143,125 +144,159 @@ async fn redis(config: &Config) -> Vec<Finding> {
     out
 }
 
-/// The Buffer table, its destination, and their tuning.
+/// The Buffer table, its destination, and their tuning: one finding per check that fails.
 async fn buffer(ch: &ClickHouse, config: &Config, options: Options) -> Result<Vec<Finding>, ClickHouseError> {
+    let params = match buffer_params(ch, config).await? {
+        Ok(params) => params,
+        Err(finding) => return Ok(vec![finding]),
+    };
+    let rate = match options.rate {
+        Some(rate) => Some(rate),
+        None => measured_rate(ch).await.ok(),
+    };
+    let memory = options.server_memory.or(memory(ch).await);
     let mut out = Vec::new();
+    out.extend(destination(ch, config, &params).await?);
+    out.extend(destination_named(config, &params));
+    out.extend(min_bytes(&params));
+    out.extend(num_layers(&params, cores(ch).await?));
+    out.extend(time_trigger(&params, rate));
+    out.extend(flush_sizes(config, &params));
+    out.extend(capacity(&params, memory));
+    out.extend(materialized_views(ch, config, &params).await?);
+    out.extend(fill(ch, config).await);
+    Ok(out)
+}
+
+/// The Buffer's engine arguments, or the finding that there is no Buffer to check.
+async fn buffer_params(ch: &ClickHouse, config: &Config) -> Result<Result<BufferParams, Finding>, ClickHouseError> {
     let (db, buffer) = (&config.database, &config.buffer_table);
     let Some(engine) = ch.engine_full(db, buffer).await? else {
-        out.push(finding(
-            "buffer_table",
-            Severity::Error,
-            format!("{db}.{buffer} does not exist"),
-            "run `buffergate migrate`",
-        ));
-        return Ok(out);
+        let missing = format!("{db}.{buffer} does not exist");
+        return Ok(Err(finding("buffer_table", Severity::Error, missing, "run `buffergate migrate`")));
     };
-    let Some(params) = BufferParams::parse(&engine) else {
-        out.push(finding(
+    Ok(BufferParams::parse(&engine).ok_or_else(|| {
+        finding(
             "buffer_table",
             Severity::Error,
             format!("{db}.{buffer} is not a Buffer table: {engine}"),
             "point buffer_table at the Buffer table, or drop this table and run `buffergate migrate`",
-        ));
-        return Ok(out);
-    };
+        )
+    }))
+}
 
-    // The destination named in the engine is where rows go, whatever the configuration says.
-    let destination = params.table.clone();
-    let target_db = params.database.clone();
-    match ch.engine_full(&target_db, &destination).await? {
-        None => out.push(finding(
+/// The destination named in the engine (where rows go, whatever the configuration says)
+/// exists, is not a Buffer, and has the Buffer's columns.
+async fn destination(
+    ch: &ClickHouse,
+    config: &Config,
+    params: &BufferParams,
+) -> Result<Option<Finding>, ClickHouseError> {
+    let (target_db, destination) = (&params.database, &params.table);
+    Ok(match ch.engine_full(target_db, destination).await? {
+        None => Some(finding(
             "destination",
             Severity::Error,
-            format!("the Buffer flushes into {target_db}.{destination}, which does not exist: ClickHouse silently drops the rows at flush"),
+            format!(
+                "the Buffer flushes into {target_db}.{destination}, which does not exist: ClickHouse silently drops the rows at flush"
+            ),
             "create the destination (`buffergate migrate`) before writing",
         )),
-        Some(dest_engine) if dest_engine.starts_with("Buffer") => out.push(finding(
+        Some(dest_engine) if dest_engine.starts_with("Buffer") => Some(finding(
             "destination",
             Severity::Error,
             format!("the destination {target_db}.{destination} is itself a Buffer table"),
             "point the Buffer at a MergeTree table",
         )),
         Some(_) => {
-            let (b, d) = (ch.columns(db, buffer).await?, ch.columns(&target_db, &destination).await?);
-            if let Some(differences) = crate::clickhouse::migrate::column_differences(&b, &d) {
-                out.push(finding(
-                    "columns",
-                    Severity::Error,
-                    format!("Buffer and destination columns differ ({differences}): values are cast or the flush fails and rows are lost"),
-                    "drain the Buffer (`buffergate drain`), drop it and run `buffergate migrate`",
-                ));
-            }
+            let b = ch.columns(&config.database, &config.buffer_table).await?;
+            let d = ch.columns(target_db, destination).await?;
+            crate::clickhouse::migrate::column_differences(&b, &d).map(|differences| finding(
+                "columns",
+                Severity::Error,
+                format!("Buffer and destination columns differ ({differences}): values are cast or the flush fails and rows are lost"),
+                "drain the Buffer (`buffergate drain`), drop it and run `buffergate migrate`",
+            ))
         }
-    }
-    if target_db != *db || destination != config.destination_table {
-        out.push(finding(
+    })
+}
+
+/// The configuration names the destination the Buffer flushes into.
+fn destination_named(config: &Config, params: &BufferParams) -> Option<Finding> {
+    let (target_db, destination) = (&params.database, &params.table);
+    (*target_db != config.database || *destination != config.destination_table).then(|| {
+        finding(
             "destination",
             Severity::Warning,
             format!(
-                "the Buffer flushes into {target_db}.{destination}, the configuration names {db}.{}",
-                config.destination_table
+                "the Buffer flushes into {target_db}.{destination}, the configuration names {}.{}",
+                config.database, config.destination_table
             ),
             "make destination_table match the Buffer's engine",
-        ));
-    }
+        )
+    })
+}
 
-    if params.min_bytes < 1024 * 1024 {
-        out.push(finding(
+fn min_bytes(params: &BufferParams) -> Option<Finding> {
+    (params.min_bytes < 1024 * 1024).then(|| {
+        finding(
             "min_bytes",
             Severity::Warning,
             format!("min_bytes is {} (< 1 MiB): flushes create many small parts", params.min_bytes),
             "raise min_bytes to at least 1 MiB (10 MiB is a good start)",
-        ));
-    }
+        )
+    })
+}
 
-    match cores(ch).await? {
-        Some(cores) if params.num_layers > cores * 4 || params.num_layers * 4 < cores => out.push(finding(
+/// `num_layers` near the server's core count.
+fn num_layers(params: &BufferParams, cores: Option<u64>) -> Option<Finding> {
+    match cores {
+        Some(cores) if params.num_layers > cores * 4 || params.num_layers * 4 < cores => Some(finding(
             "num_layers",
             Severity::Warning,
             format!("num_layers is {} on a server with {cores} cores", params.num_layers),
             format!("set num_layers near the core count ({cores})"),
         )),
-        Some(_) => {}
-        None => out.push(finding(
+        Some(_) => None,
+        None => Some(finding(
             "num_layers",
             Severity::Info,
             "the server's core count is unknown",
             "compare num_layers with the cores yourself",
         )),
     }
+}
 
-    let rate = match options.rate {
-        Some(rate) => Some(rate),
-        None => measured_rate(ch).await.ok(),
-    };
-    match rate {
-        Some(rate) if rate > 0.0 => {
-            // Rows one layer collects before max_time forces a flush.
-            let per_layer = rate * params.max_time as f64 / params.num_layers as f64;
-            let by_size = per_layer >= params.max_rows as f64 || per_layer >= params.min_rows as f64;
-            if !by_size {
-                out.push(finding(
-                    "time_trigger",
-                    Severity::Warning,
-                    format!(
-                        "at {rate:.0} rows/s over {} layers a layer collects ~{per_layer:.0} rows per max_time ({} s), below min_rows ({}) and max_rows ({}): every flush is triggered by max_time",
-                        params.num_layers, params.max_time, params.min_rows, params.max_rows
-                    ),
-                    "lower min_rows/min_bytes (or num_layers) so that the size thresholds trigger flushes",
-                ));
-            }
-        }
-        _ => out.push(finding(
+/// At the observed insert rate, a size threshold (not `max_time`) triggers flushes.
+fn time_trigger(params: &BufferParams, rate: Option<f64>) -> Option<Finding> {
+    let Some(rate) = rate.filter(|r| *r > 0.0) else {
+        return Some(finding(
             "time_trigger",
             Severity::Info,
             "no inserts observed: cannot tell which threshold triggers flushes",
             "run again under load, or pass --rate",
-        )),
-    }
+        ));
+    };
+    // Rows one layer collects before max_time forces a flush.
+    let per_layer = rate * params.max_time as f64 / params.num_layers as f64;
+    let by_size = per_layer >= params.max_rows as f64 || per_layer >= params.min_rows as f64;
+    (!by_size).then(|| {
+        finding(
+            "time_trigger",
+            Severity::Warning,
+            format!(
+                "at {rate:.0} rows/s over {} layers a layer collects ~{per_layer:.0} rows per max_time ({} s), below min_rows ({}) and max_rows ({}): every flush is triggered by max_time",
+                params.num_layers, params.max_time, params.min_rows, params.max_rows
+            ),
+            "lower min_rows/min_bytes (or num_layers) so that the size thresholds trigger flushes",
+        )
+    })
+}
 
-    if config.flush_max_rows as u64 >= params.max_rows || config.flush_max_bytes as u64 >= params.max_bytes {
-        out.push(finding(
+/// The gateway's batches stay below the Buffer's maxima (larger INSERTs bypass the Buffer).
+fn flush_sizes(config: &Config, params: &BufferParams) -> Option<Finding> {
+    (config.flush_max_rows as u64 >= params.max_rows || config.flush_max_bytes as u64 >= params.max_bytes).then(|| {
+        finding(
             "flush_sizes",
             Severity::Error,
             format!(
@@ -269,27 +304,44 @@ async fn buffer(ch: &ClickHouse, config: &Config, options: Options) -> Result<Ve
                 config.flush_max_rows, config.flush_max_bytes, params.max_rows, params.max_bytes
             ),
             "lower flush_max_rows / flush_max_bytes below the Buffer's maxima",
-        ));
-    }
+        )
+    })
+}
 
+/// The Buffer's capacity against the server's RAM.
+fn capacity(params: &BufferParams, memory: Option<u64>) -> Option<Finding> {
     let capacity = params.capacity();
-    match options.server_memory.or(memory(ch).await) {
-        Some(memory) if capacity > memory / 2 => out.push(finding(
+    match memory {
+        Some(memory) if capacity > memory / 2 => Some(finding(
             "capacity",
             Severity::Error,
-            format!("the Buffer can hold {capacity} bytes (num_layers × max_bytes), more than half the server's {memory} bytes of RAM"),
+            format!(
+                "the Buffer can hold {capacity} bytes (num_layers × max_bytes), more than half the server's {memory} bytes of RAM"
+            ),
             "lower max_bytes or num_layers",
         )),
-        Some(memory) if capacity > memory / 4 => out.push(finding(
+        Some(memory) if capacity > memory / 4 => Some(finding(
             "capacity",
             Severity::Warning,
             format!("the Buffer can hold {capacity} bytes, over a quarter of the server's {memory} bytes of RAM"),
             "lower max_bytes or num_layers",
         )),
-        Some(_) => {}
-        None => out.push(finding("capacity", Severity::Info, format!("the Buffer can hold {capacity} bytes; the server's memory is unknown"), "pass --server-memory to compare")),
+        Some(_) => None,
+        None => Some(finding(
+            "capacity",
+            Severity::Info,
+            format!("the Buffer can hold {capacity} bytes; the server's memory is unknown"),
+            "pass --server-memory to compare",
+        )),
     }
+}
 
+/// Materialized views that read FROM the Buffer (they fire per insert, not per flush).
+async fn materialized_views(
+    ch: &ClickHouse,
+    config: &Config,
+    params: &BufferParams,
+) -> Result<Vec<Finding>, ClickHouseError> {
     #[derive(serde::Deserialize)]
     struct View {
         database: String,
@@ -299,53 +351,59 @@ async fn buffer(ch: &ClickHouse, config: &Config, options: Options) -> Result<Ve
     let views: Vec<View> = ch
         .fetch_json("SELECT database, name, create_table_query FROM system.tables WHERE engine = 'MaterializedView'")
         .await?;
-    for view in views {
-        if reads_from(&view.create_table_query, &view.database, db, buffer) {
-            out.push(finding(
+    let (db, buffer) = (&config.database, &config.buffer_table);
+    Ok(views
+        .into_iter()
+        .filter(|view| reads_from(&view.create_table_query, &view.database, db, buffer))
+        .map(|view| {
+            finding(
                 "materialized_views",
                 Severity::Warning,
                 format!(
                     "materialized view {}.{} reads FROM the Buffer table: it fires on every insert, not per flush",
                     view.database, view.name
                 ),
-                format!("recreate it to read FROM {target_db}.{destination}"),
-            ));
-        }
-    }
+                format!("recreate it to read FROM {}.{}", params.database, params.table),
+            )
+        })
+        .collect())
+}
 
-    match read_fill(ch, config, ch.capabilities().await?.tables_total_bytes).await {
-        Ok(reading) if reading.capacity > 0 => {
-            let fill = reading.bytes as f64 / reading.capacity as f64;
-            let (severity, what) = if fill >= 0.8 {
-                (Some(Severity::Error), "at or above the 80% shed threshold")
-            } else if fill >= 0.7 {
-                (Some(Severity::Warning), "above 70%")
-            } else {
-                (None, "")
-            };
-            if let Some(severity) = severity {
-                out.push(finding(
-                    "fill",
-                    severity,
-                    format!(
-                        "the Buffer is {:.0}% full ({} of {} bytes), {what}",
-                        fill * 100.0,
-                        reading.bytes,
-                        reading.capacity
-                    ),
-                    "drain it (`buffergate drain`) and look at the destination's merges and flush errors",
-                ));
-            }
-        }
-        Ok(_) => {}
-        Err(error) => out.push(finding(
-            "fill",
-            Severity::Warning,
-            format!("cannot read the Buffer's fill: {error}"),
-            "check the gateway user's access to system tables",
-        )),
-    }
-    Ok(out)
+/// How full the Buffer is now, against the configured shed and resume thresholds.
+async fn fill(ch: &ClickHouse, config: &Config) -> Option<Finding> {
+    let per_table = match ch.capabilities().await {
+        Ok(caps) => caps.tables_total_bytes,
+        Err(error) => return Some(unreadable_fill(&error)),
+    };
+    let reading = match read_fill(ch, config, per_table).await {
+        Ok(reading) if reading.capacity > 0 => reading,
+        Ok(_) => return None,
+        Err(error) => return Some(unreadable_fill(&error)),
+    };
+    let fill = reading.bytes as f64 / reading.capacity as f64;
+    let (shed, resume) = (config.shed_threshold * 100.0, config.shed_resume * 100.0);
+    let (severity, what) = if fill >= config.shed_threshold {
+        (Severity::Error, format!("at or above the {shed:.0}% shed threshold"))
+    } else if fill >= config.shed_resume {
+        (Severity::Warning, format!("above the {resume:.0}% resume threshold"))
+    } else {
+        return None;
+    };
+    Some(finding(
+        "fill",
+        severity,
+        format!("the Buffer is {:.0}% full ({} of {} bytes), {what}", fill * 100.0, reading.bytes, reading.capacity),
+        "drain it (`buffergate drain`) and look at the destination's merges and flush errors",
+    ))
+}
+
+fn unreadable_fill(error: &ClickHouseError) -> Finding {
+    finding(
+        "fill",
+        Severity::Warning,
+        format!("cannot read the Buffer's fill: {error}"),
+        "check the gateway user's access to system tables",
+    )
 }
 
 /// Whether a view's query reads FROM `db.buffer` (or FROM `buffer` inside `db`).

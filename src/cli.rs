@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::check;
-use crate::clickhouse::{ClickHouse, migrate};
+use crate::clickhouse::{ClickHouse, drain, migrate};
 use crate::config::{self, Config, LogFormat};
 use crate::server;
 use crate::shutdown::Shutdown;
@@ -98,7 +98,7 @@ pub async fn main() -> ExitCode {
                 }
             }
         }
-        Command::Drain => match migrate::drain(&ClickHouse::new(&config), &config).await {
+        Command::Drain => match drain::drain(&ClickHouse::new(&config), &config).await {
             Ok(rows) => {
                 println!("drained: {rows} rows moved to {}.{}", config.database, config.destination_table);
                 ExitCode::SUCCESS

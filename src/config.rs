@@ -11,9 +11,6 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-use crate::idempotency::{DedupMode, OnStoreError};
-use crate::shed::{OnStale, ShedMode};
-
 /// What is wrong with a configuration; printed as is to the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -23,6 +20,45 @@ pub enum ConfigError {
     MissingFile(String),
     #[error("configuration: {key} {problem}")]
     Invalid { key: &'static str, problem: String },
+}
+
+/// Per-event deduplication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DedupMode {
+    /// By the event's id column.
+    Event,
+    Off,
+}
+
+/// What to do when the store cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStoreError {
+    /// 503 + Retry-After, nothing written: the producer's retry loses nothing.
+    Reject,
+    /// Write without deduplication, and count it.
+    Accept,
+}
+
+/// What to do while the Buffer is saturated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShedMode {
+    /// Answer 503 `buffer_saturated` with `Retry-After`.
+    Reject,
+    /// Write batches straight into `fallback_table` (a MergeTree), bypassing the Buffer.
+    Fallback,
+}
+
+/// What to do when the poller has had no answer from ClickHouse for too long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnStale {
+    /// Keep taking traffic as if the Buffer had room.
+    FailOpen,
+    /// Shed, as if the Buffer were saturated.
+    FailClosed,
 }
 
 /// Compression of the blocks sent to ClickHouse.

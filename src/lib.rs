@@ -1,8 +1,12 @@
 //! buffergate: an HTTP ingestion gateway in front of a ClickHouse Buffer table.
 //!
-//! An event travels `http` (body, limits, errors) → `schema` (validate and encode against the
-//! live table) → `coalesce` (per-partition group commit) → `clickhouse` (INSERT, retry). The
-//! `server` module wires them; `config` and `shutdown` are shared by all.
+//! An event travels `http` (headers, body limits, the answer) → `ingest` (the steps of one
+//! batch, in order) → `decode` (body → validated rows per partition) → `idempotency`
+//! (reserve, commit, release) → `coalesce` (per-partition group commit) → `clickhouse`
+//! (INSERT, retry, breaker). Beside the path: `schema` (column types and encoders), `rows`
+//! (the row types the stages hand on), `shed` (Buffer fill, in-flight budget), `config`,
+//! `metrics`, `health`, `auth`, `shutdown`. `server` wires them; `cli` and `check` are the
+//! commands.
 
 pub mod auth;
 pub mod check;
@@ -10,10 +14,13 @@ pub mod cli;
 pub mod clickhouse;
 pub mod coalesce;
 pub mod config;
+pub mod decode;
 pub mod health;
 pub mod http;
 pub mod idempotency;
+pub mod ingest;
 pub mod metrics;
+pub mod rows;
 pub mod schema;
 pub mod server;
 pub mod shed;

@@ -13,40 +13,22 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AdminToken, ApiKeys, AuthError};
 use crate::clickhouse::ClickHouse;
+use crate::clickhouse::breaker::Breaker;
+use crate::clickhouse::refresh::Refresher;
 use crate::clickhouse::writer::Writer;
 use crate::coalesce::Coalescer;
 use crate::config::Config;
 use crate::health::Health;
 use crate::http;
+use crate::http::state::AppState;
 use crate::idempotency::{Idempotency, StoreError};
+use crate::ingest::Ingest;
 use crate::metrics;
 use crate::schema::SharedSchema;
-use crate::schema::refresh::Refresher;
 use crate::shed::ShedState;
-use crate::shed::breaker::Breaker;
 use crate::shed::budget::Budget;
 use crate::shed::poller::Poller;
 use crate::shutdown::Shutdown;
-use metrics_exporter_prometheus::PrometheusHandle;
-
-/// What every handler can reach.
-#[derive(Debug)]
-pub struct AppState {
-    pub config: Arc<Config>,
-    pub schema: Arc<SharedSchema>,
-    pub health: Arc<Health>,
-    pub coalescer: Coalescer,
-    /// Direct INSERTs (fallback mode); the coalescers hold their own handle.
-    pub writer: Arc<Writer>,
-    pub shed: Arc<ShedState>,
-    pub budget: Arc<Budget>,
-    pub breaker: Arc<Breaker>,
-    pub idempotency: Arc<Idempotency>,
-    pub api_keys: ApiKeys,
-    pub admin: AdminToken,
-    pub ch: ClickHouse,
-    pub metrics: PrometheusHandle,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -86,12 +68,12 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
     // A first look before taking traffic; if ClickHouse is down the gateway still starts,
     // not ready, and keeps looking.
     refresher.refresh().await;
-    let stop_refresh = CancellationToken::new();
-    let refresh_task = tokio::spawn(refresher.run(stop_refresh.clone()));
+    let stop_watchers = CancellationToken::new();
+    let refresh_task = tokio::spawn(refresher.run(stop_watchers.clone()));
 
     let shed = Arc::new(ShedState::default());
     let poller = Poller { ch: ch.clone(), state: Arc::clone(&shed), config: Arc::clone(&config) };
-    let poll_task = tokio::spawn(poller.run(stop_refresh.clone()));
+    let poll_task = tokio::spawn(poller.run(stop_watchers.clone()));
 
     let breaker = Arc::new(Breaker::new(config.circuit_failures, Duration::from_millis(config.circuit_open_ms)));
     let writer = Arc::new(Writer::new(ch.clone(), &config, wake, Arc::clone(&breaker)));
@@ -109,16 +91,20 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
         );
     }
     let (coalescer, partitions) = Coalescer::start(&config, &writer, &idempotency);
-    let state = Arc::new(AppState {
+    let ingest = Ingest {
         config: Arc::clone(&config),
         schema,
         health: Arc::clone(&health),
         coalescer,
         writer,
-        shed,
         budget: Budget::new(config.max_inflight_bytes),
         breaker,
         idempotency,
+    };
+    let state = Arc::new(AppState {
+        config: Arc::clone(&config),
+        ingest,
+        shed,
         api_keys,
         admin: AdminToken::new(&config.admin_token),
         ch,
@@ -126,7 +112,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
     });
 
     let local = listener.local_addr().map_err(ServeError::Serve)?;
-    tracing::info!(listen = %local, partitions = state.coalescer.partitions(), "buffergate serving");
+    tracing::info!(listen = %local, partitions = state.ingest.coalescer.partitions(), "buffergate serving");
 
     let drain_delay = Duration::from_millis(config.shutdown_delay_ms);
     let stop_http = {
@@ -148,7 +134,7 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
     let result = axum::serve(listener, http::router(state)).with_graceful_shutdown(stop_http).await;
 
     partitions.drain().await;
-    stop_refresh.cancel();
+    stop_watchers.cancel();
     let _ = tokio::join!(refresh_task, poll_task);
     tracing::info!("drained; bye");
     result.map_err(ServeError::Serve)

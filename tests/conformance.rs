@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 
 use buffergate::clickhouse::{Capabilities, migrate, probes};
 use buffergate::config::{Config, UnknownFields};
-use buffergate::schema::{ColumnInfo, EncodeContext, Instant, SpecialColumns, TableSchema};
+use buffergate::schema::{ColumnInfo, EncodeContext, SpecialColumns, TableSchema, Timestamp};
 use serde_json::{Value, json};
 
 /// Runs statements in one chdb session; returns each statement's output.
@@ -63,12 +63,13 @@ fn encode_file(path: &std::path::Path, columns: Vec<ColumnInfo>, events: &[Value
         SpecialColumns { id: "event_id".into(), timestamp: "event_ts".into(), partition_key: "user_id".into() };
     let schema = TableSchema::new(1, "conf", "t", columns, &special);
     let ctx = EncodeContext {
-        now: Instant { seconds: 1_700_000_000, nanos: 500_000_000 },
+        now: Timestamp { seconds: 1_700_000_000, nanos: 500_000_000 },
         unknown_fields: UnknownFields::Reject,
     };
     let mut data = Vec::new();
     for event in events {
-        let omitted = schema.encode_event(event, &ctx, &mut data).unwrap_or_else(|r| panic!("{event}: {r:?}"));
+        let omitted = buffergate::decode::encode_event(&schema, event, &ctx, &mut data)
+            .unwrap_or_else(|r| panic!("{event}: {r:?}"));
         assert_eq!(omitted, 0);
     }
     std::fs::write(path, data).unwrap();

@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use buffergate::Config;
-use buffergate::idempotency::OnStoreError;
+use buffergate::config::OnStoreError;
 use common::{
     ClickHouseServer, Gateway, Process, RedisServer, clickhouse, command, config, eventually, free_port, http, migrate,
 };

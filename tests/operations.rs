@@ -133,7 +133,7 @@ async fn check_flags_a_redis_that_is_down_evicts_or_frees_in_the_foreground() {
 
     let down = Config { redis_url: format!("redis://127.0.0.1:{}/0", free_port()), ..good.clone() };
     assert_eq!(findings(&down, GOOD).await, vec![("redis", Severity::Error)]);
-    let off = Config { dedup: buffergate::idempotency::DedupMode::Off, ..down };
+    let off = Config { dedup: buffergate::config::DedupMode::Off, ..down };
     assert_eq!(findings(&off, GOOD).await, vec![], "without deduplication Redis is not checked");
 }
 

@@ -12,7 +12,7 @@ mod common;
 use std::time::Duration;
 
 use buffergate::Config;
-use buffergate::shed::{OnStale, ShedMode};
+use buffergate::config::{OnStale, ShedMode};
 use common::{ClickHouseServer, Gateway, clickhouse, config, eventually, http, migrate};
 use serde_json::{Value, json};
 

@@ -1,6 +1,8 @@
 //! `buffergate migrate`: creates the database, the destination MergeTree table and the Buffer
 //! table in front of it, idempotently, adapting the seed schema to what the server supports.
 
+use super::drain::DrainError;
+use super::drain::drain_table;
 use super::{Capabilities, ClickHouse, ClickHouseError, quote_str};
 use crate::config::Config;
 use crate::schema::{ColumnInfo, quote_ident};
@@ -16,8 +18,8 @@ pub enum MigrateError {
     ColumnsDiffer { buffer: String, destination: String, differences: String },
     #[error("{table} exists but is not a Buffer table (engine: {engine})")]
     NotABuffer { table: String, engine: String },
-    #[error("the Buffer did not empty within 30 s (writers are still filling it?)")]
-    DrainTimeout,
+    #[error(transparent)]
+    Drain(#[from] DrainError),
 }
 
 /// What `migrate` did and what it adapted, one line each, for the operator.
@@ -112,26 +114,43 @@ pub async fn migrate(ch: &ClickHouse, config: &Config) -> Result<Report, Migrate
     };
     let mut report = Report::default();
     report.lines.push(format!("ClickHouse {}", caps.version));
-    let (db, buffer, destination) = (&config.database, &config.buffer_table, &config.destination_table);
+    ch.execute(&format!("CREATE DATABASE IF NOT EXISTS {}", quote_ident(&config.database))).await?;
+    create_destination(&ch, config, &caps, &mut report).await?;
+    create_buffer(&ch, config, &mut report).await?;
+    create_fallback(&ch, config, &mut report).await?;
+    reconcile_columns(&ch, config, &mut report).await?;
+    Ok(report)
+}
 
-    ch.execute(&format!("CREATE DATABASE IF NOT EXISTS {}", quote_ident(db))).await?;
-
-    if ch.engine_full(db, destination).await?.is_none() {
-        if !caps.datetime64 {
-            report.lines.push("this server has no DateTime64: event_ts is created as DateTime (whole seconds)".into());
-        }
-        if !caps.map {
-            report.lines.push("this server has no Map: metadata is created as String holding JSON text".into());
-        }
-        if caps.low_cardinality_needs_setting {
-            report.lines.push("LowCardinality created with allow_experimental_low_cardinality_type = 1".into());
-        }
-        ch.execute(&destination_ddl(config, &caps)).await?;
-        report.lines.push(format!("created {db}.{destination}"));
-    } else {
+/// The destination MergeTree, with the seed columns adapted to the server.
+async fn create_destination(
+    ch: &ClickHouse,
+    config: &Config,
+    caps: &Capabilities,
+    report: &mut Report,
+) -> Result<(), MigrateError> {
+    let (db, destination) = (&config.database, &config.destination_table);
+    if ch.engine_full(db, destination).await?.is_some() {
         report.lines.push(format!("{db}.{destination} exists"));
+        return Ok(());
     }
+    if !caps.datetime64 {
+        report.lines.push("this server has no DateTime64: event_ts is created as DateTime (whole seconds)".into());
+    }
+    if !caps.map {
+        report.lines.push("this server has no Map: metadata is created as String holding JSON text".into());
+    }
+    if caps.low_cardinality_needs_setting {
+        report.lines.push("LowCardinality created with allow_experimental_low_cardinality_type = 1".into());
+    }
+    ch.execute(&destination_ddl(config, caps)).await?;
+    report.lines.push(format!("created {db}.{destination}"));
+    Ok(())
+}
 
+/// The Buffer in front of the destination; an existing one must be a Buffer.
+async fn create_buffer(ch: &ClickHouse, config: &Config, report: &mut Report) -> Result<(), MigrateError> {
+    let (db, buffer) = (&config.database, &config.buffer_table);
     match ch.engine_full(db, buffer).await? {
         None => {
             ch.execute(&buffer_ddl(config)).await?;
@@ -150,114 +169,73 @@ pub async fn migrate(ch: &ClickHouse, config: &Config) -> Result<Report, Migrate
             }
         }
     }
+    Ok(())
+}
 
-    if !config.fallback_table.is_empty() {
-        let fallback = &config.fallback_table;
-        if ch.engine_full(db, fallback).await?.is_none() {
-            // `AS` copies the destination's columns and its MergeTree engine.
-            ch.execute(&format!(
-                "CREATE TABLE IF NOT EXISTS {0}.{1} AS {0}.{2}",
-                quote_ident(db),
-                quote_ident(fallback),
-                quote_ident(destination)
-            ))
-            .await?;
-            report.lines.push(format!("created fallback table {db}.{fallback}"));
-        }
+/// The fallback MergeTree, when one is configured.
+async fn create_fallback(ch: &ClickHouse, config: &Config, report: &mut Report) -> Result<(), MigrateError> {
+    let (db, fallback) = (&config.database, &config.fallback_table);
+    if fallback.is_empty() || ch.engine_full(db, fallback).await?.is_some() {
+        return Ok(());
     }
+    // `AS` copies the destination's columns and its MergeTree engine.
+    ch.execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {0}.{1} AS {0}.{2}",
+        quote_ident(db),
+        quote_ident(fallback),
+        quote_ident(&config.destination_table)
+    ))
+    .await?;
+    report.lines.push(format!("created fallback table {db}.{fallback}"));
+    Ok(())
+}
 
+/// Checks that the Buffer's columns are the destination's; when the destination only gained
+/// columns, swaps in a Buffer with them.
+async fn reconcile_columns(ch: &ClickHouse, config: &Config, report: &mut Report) -> Result<(), MigrateError> {
+    let (db, buffer, destination) = (&config.database, &config.buffer_table, &config.destination_table);
+    let differ = |differences| MigrateError::ColumnsDiffer {
+        buffer: format!("{db}.{buffer}"),
+        destination: format!("{db}.{destination}"),
+        differences,
+    };
     let buffer_columns = ch.columns(db, buffer).await?;
     let destination_columns = ch.columns(db, destination).await?;
-    if let Some(differences) = column_differences(&buffer_columns, &destination_columns) {
-        if !only_added(&buffer_columns, &destination_columns) {
-            return Err(MigrateError::ColumnsDiffer {
-                buffer: format!("{db}.{buffer}"),
-                destination: format!("{db}.{destination}"),
-                differences,
-            });
-        }
-        // The destination gained columns: swap in a new Buffer with the destination's columns,
-        // then drain and drop the old one. Dropping a Buffer that writers can still reach races
-        // with their INSERTs (a row can land after the final flush and vanish with the table);
-        // after the RENAME no INSERT can reach the old one (RENAME waits for those running).
-        // Gateways retry the INSERTs that meet no table in between, then pick the new columns up.
-        let (fresh, old) = (format!("{buffer}__new"), format!("{buffer}__old"));
-        let q = |table: &str| format!("{}.{}", quote_ident(db), quote_ident(table));
-        ch.execute(&format!("DROP TABLE IF EXISTS {}", q(&fresh))).await?;
-        ch.execute(&format!("CREATE TABLE {} AS {} ENGINE = {}", q(&fresh), q(destination), buffer_engine(config)))
-            .await?;
-        ch.execute(&format!("RENAME TABLE {} TO {}, {} TO {}", q(buffer), q(&old), q(&fresh), q(buffer))).await?;
-        let moved = drain_table(&ch, config, &old).await?;
-        ch.execute(&format!("DROP TABLE {}", q(&old))).await?;
-        report.lines.push(format!(
-            "{db}.{destination} gained columns ({differences}): replaced {db}.{buffer} with a Buffer of the new columns and drained {moved} rows from the old one"
-        ));
-        let buffer_columns = ch.columns(db, buffer).await?;
-        if let Some(differences) = column_differences(&buffer_columns, &destination_columns) {
-            return Err(MigrateError::ColumnsDiffer {
-                buffer: format!("{db}.{buffer}"),
-                destination: format!("{db}.{destination}"),
-                differences,
-            });
-        }
+    let Some(differences) = column_differences(&buffer_columns, &destination_columns) else { return Ok(()) };
+    if !only_added(&buffer_columns, &destination_columns) {
+        return Err(differ(differences));
     }
-    Ok(report)
+    let moved = swap_buffer(ch, config).await?;
+    report.lines.push(format!(
+        "{db}.{destination} gained columns ({differences}): replaced {db}.{buffer} with a Buffer of the new columns and drained {moved} rows from the old one"
+    ));
+    match column_differences(&ch.columns(db, buffer).await?, &destination_columns) {
+        Some(differences) => Err(differ(differences)),
+        None => Ok(()),
+    }
+}
+
+/// Replaces the Buffer with one of the destination's columns; returns the rows drained from
+/// the old one. Dropping a Buffer that writers can still reach races with their INSERTs (a row
+/// can land after the final flush and vanish with the table); after the RENAME no INSERT can
+/// reach the old one (RENAME waits for those running). Gateways retry the INSERTs that meet
+/// no table in between, then pick the new columns up.
+async fn swap_buffer(ch: &ClickHouse, config: &Config) -> Result<u64, MigrateError> {
+    let (db, buffer, destination) = (&config.database, &config.buffer_table, &config.destination_table);
+    let (fresh, old) = (format!("{buffer}__new"), format!("{buffer}__old"));
+    let q = |table: &str| format!("{}.{}", quote_ident(db), quote_ident(table));
+    ch.execute(&format!("DROP TABLE IF EXISTS {}", q(&fresh))).await?;
+    ch.execute(&format!("CREATE TABLE {} AS {} ENGINE = {}", q(&fresh), q(destination), buffer_engine(config))).await?;
+    ch.execute(&format!("RENAME TABLE {} TO {}, {} TO {}", q(buffer), q(&old), q(&fresh), q(buffer))).await?;
+    let moved = drain_table(ch, config, &old).await?;
+    ch.execute(&format!("DROP TABLE {}", q(&old))).await?;
+    Ok(moved)
 }
 
 /// Whether every Buffer column is in the destination with the same type (the destination only
 /// gained columns, the schema change `migrate` applies by itself).
 fn only_added(buffer: &[ColumnInfo], destination: &[ColumnInfo]) -> bool {
     buffer.iter().all(|b| destination.iter().any(|d| d.name == b.name && d.type_text == b.type_text))
-}
-
-/// Flushes the Buffer into its destination (`OPTIMIZE TABLE`) and waits until it is empty;
-/// returns the rows moved: the Buffer's own row count where the server reports it (≈20.x+),
-/// else how much the destination grew (which counts concurrent flushes too).
-pub async fn drain(ch: &ClickHouse, config: &Config) -> Result<u64, MigrateError> {
-    drain_table(ch, config, &config.buffer_table).await
-}
-
-/// [`drain`] of a Buffer table by name (in the configured database).
-async fn drain_table(ch: &ClickHouse, config: &Config, table: &str) -> Result<u64, MigrateError> {
-    let (db, buffer, destination) =
-        (quote_ident(&config.database), quote_ident(table), quote_ident(&config.destination_table));
-    let per_table = ch.capabilities().await?.tables_total_bytes;
-    let buffered = || async {
-        #[derive(serde::Deserialize)]
-        struct Row {
-            rows: String,
-        }
-        let sql = format!(
-            "SELECT toString(ifNull(total_rows, 0)) AS rows FROM system.tables WHERE database = {} AND name = {}",
-            quote_str(&config.database),
-            quote_str(table)
-        );
-        let rows: Vec<Row> = ch.fetch_json(&sql).await?;
-        Ok::<u64, ClickHouseError>(rows.first().and_then(|r| r.rows.parse().ok()).unwrap_or(0))
-    };
-    let count = || async {
-        #[derive(serde::Deserialize)]
-        struct Row {
-            n: String,
-        }
-        let rows: Vec<Row> = ch.fetch_json(&format!("SELECT toString(count()) AS n FROM {db}.{destination}")).await?;
-        Ok::<u64, ClickHouseError>(rows.first().and_then(|r| r.n.parse().ok()).unwrap_or(0))
-    };
-    let before = if per_table { buffered().await? } else { count().await? };
-    ch.execute(&format!("OPTIMIZE TABLE {db}.{buffer}")).await?;
-    if !per_table {
-        // OPTIMIZE on a Buffer flushes every layer before it returns.
-        return Ok(count().await?.saturating_sub(before));
-    }
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
-    while buffered().await? > 0 {
-        if tokio::time::Instant::now() > deadline {
-            return Err(MigrateError::DrainTimeout);
-        }
-        ch.execute(&format!("OPTIMIZE TABLE {db}.{buffer}")).await?;
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-    Ok(before)
 }
 
 /// Engine clauses compared without quotes or spaces (servers print arguments differently).

@@ -1,7 +1,11 @@
-//! Everything that talks to ClickHouse: the HTTP client, INSERTs of RowBinary blocks, metadata
-//! queries, capability probes, the retry policy and `migrate`.
+//! Everything that talks to ClickHouse: the HTTP client, INSERTs (Native blocks by default,
+//! RowBinary on request), metadata queries and capability probes; beside it the writer with
+//! its retry policy and circuit breaker, the schema watcher, `migrate` and `drain`.
 
+pub mod breaker;
+pub mod drain;
 pub mod migrate;
+pub mod refresh;
 pub mod retry;
 pub mod writer;
 
@@ -12,6 +16,7 @@ use clickhouse::insert_formatted::CompressedData;
 use serde::de::DeserializeOwned;
 
 use crate::config::{self, Config};
+use crate::rows::{BodyPart, PartData};
 use crate::schema::{ColumnInfo, quote_ident};
 
 /// A failure talking to ClickHouse, classified for the retry policy.
@@ -125,37 +130,6 @@ pub struct ClickHouse {
     compression: config::Compression,
 }
 
-/// A part of an INSERT body, made before the INSERT (on the request's side, in parallel with
-/// other requests) so that the partition's one INSERT at a time only sends bytes.
-pub struct BodyPart {
-    /// Uncompressed length.
-    pub bytes: usize,
-    data: PartData,
-}
-
-enum PartData {
-    /// Sent as they are, or compressed by the client on the way when it compresses.
-    Plain(Bytes),
-    Compressed(CompressedData),
-}
-
-impl std::fmt::Debug for BodyPart {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = match self.data {
-            PartData::Plain(_) => "plain",
-            PartData::Compressed(_) => "compressed",
-        };
-        f.debug_struct("BodyPart").field("bytes", &self.bytes).field("data", &kind).finish()
-    }
-}
-
-impl BodyPart {
-    /// Bytes the client sends as they are (compressing them on the way when it compresses).
-    pub fn plain(data: Bytes) -> Self {
-        Self { bytes: data.len(), data: PartData::Plain(data) }
-    }
-}
-
 impl std::fmt::Debug for ClickHouse {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClickHouse").field("timeout", &self.timeout).finish_non_exhaustive()
@@ -185,7 +159,7 @@ impl ClickHouse {
         if self.compression == config::Compression::Lz4
             && let Ok(compressed) = CompressedData::new(&data, clickhouse::Compression::Lz4)
         {
-            return BodyPart { bytes, data: PartData::Compressed(compressed) };
+            return BodyPart::compressed(bytes, compressed);
         }
         BodyPart::plain(Bytes::from(data))
     }

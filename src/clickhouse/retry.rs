@@ -1,8 +1,11 @@
 //! Which ClickHouse failures are worth retrying, and how long to wait between attempts.
 //!
-//! Retrying is only safe because a failed INSERT into a Buffer table wrote nothing: the server
-//! inserts a block into a buffer layer atomically. (An INSERT that timed out on our side may
-//! still have landed; the idempotency layer is what makes such a retry harmless.)
+//! A failure the server answered wrote nothing: it inserts a block into a Buffer layer
+//! atomically, so sending the block again is safe. A failure without an answer is not: an
+//! INSERT that timed out on our side, or whose connection broke after the body was sent, may
+//! have been executed, and sending it again stores its rows twice. Block deduplication does not
+//! work through a Buffer table, and idempotency keys are committed only after the write, so
+//! neither prevents that; such a retry is at-least-once.
 
 use std::time::Duration;
 

@@ -6,13 +6,13 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::{Notify, Semaphore};
 
+use super::breaker::Breaker;
 use super::retry::{Backoff, is_retryable, is_schema_change};
-use super::{BodyPart, ClickHouse, ClickHouseError};
-use crate::coalesce::{Built, PartitionRows, Pieces};
+use super::{ClickHouse, ClickHouseError};
 use crate::config::{Config, InsertFormat};
 use crate::metrics;
+use crate::rows::{BodyPart, Built, PartitionRows, Pieces};
 use crate::schema::TableSchema;
-use crate::shed::breaker::Breaker;
 
 /// Chunks of at least this many rows get their block made ahead of the INSERT. A block costs
 /// ClickHouse its header (names and types read and parsed per column), which 256 rows make
@@ -83,7 +83,7 @@ impl Writer {
     /// by the request, in parallel with others, it leaves the partition's INSERT, one at a time,
     /// only bytes to send. Small chunks are better merged into one block at the INSERT, as
     /// ClickHouse reads each block's header (column names and types) anew.
-    pub fn prepare(&self, schema: &TableSchema, partitions: &mut [PartitionRows]) {
+    pub fn make_blocks(&self, schema: &TableSchema, partitions: &mut [PartitionRows]) {
         if self.format != InsertFormat::Native {
             return;
         }
@@ -162,9 +162,8 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::coalesce::Chunk;
+    use crate::rows::Chunk;
     use crate::schema::{ColumnInfo, SpecialColumns};
-    use crate::shed::breaker::Breaker;
 
     fn schema() -> TableSchema {
         let info =
@@ -197,14 +196,14 @@ mod tests {
         let mut partition = PartitionRows::default();
         partition.chunks.push(Chunk { rows: 256, data: rows(0, 256), ..Chunk::default() });
         partition.chunks.push(Chunk { omitted: 1, rows: 255, data: rows(0, 255), ..Chunk::default() });
-        writer(InsertFormat::Native).prepare(&schema, std::slice::from_mut(&mut partition));
+        writer(InsertFormat::Native).make_blocks(&schema, std::slice::from_mut(&mut partition));
         let block = schema.native_block(0, 256, &[rows(0, 256)]).unwrap();
         assert_eq!(partition.chunks[0].block.as_ref().map(|b| b.bytes), Some(block.len()));
         assert!(partition.chunks[1].block.is_none(), "below the floor");
 
         let mut partition = PartitionRows::default();
         partition.chunks.push(Chunk { rows: 300, data: rows(0, 300), ..Chunk::default() });
-        writer(InsertFormat::RowBinary).prepare(&schema, std::slice::from_mut(&mut partition));
+        writer(InsertFormat::RowBinary).make_blocks(&schema, std::slice::from_mut(&mut partition));
         assert!(partition.chunks[0].block.is_none(), "RowBinary is sent as encoded");
     }
 

@@ -7,9 +7,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{BatchLimits, FlushResult, Groups, Submission, Waiting};
+use super::{BatchLimits, FlushResult, Submission, Waiting};
 use crate::clickhouse::writer::Writer;
 use crate::idempotency::{Idempotency, Reservation};
+use crate::rows::Groups;
 use crate::schema::TableSchema;
 use crate::shed::budget::Lease;
 

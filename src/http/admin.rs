@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::error::ApiError;
+use super::state::AppState;
 use crate::auth::bearer;
-use crate::clickhouse::migrate;
-use crate::server::AppState;
+use crate::clickhouse::drain;
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     if !state.admin.enabled() {
@@ -38,11 +38,11 @@ pub async fn flush(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
     let Query(params) = params.map_err(|e| ApiError::BadQuery(e.body_text()))?;
-    if let Some(schema) = state.schema.get() {
-        state.coalescer.flush(&schema).await.map_err(|_| ApiError::ShuttingDown)?;
+    if let Some(schema) = state.ingest.schema.get() {
+        state.ingest.coalescer.flush(&schema).await.map_err(|_| ApiError::ShuttingDown)?;
     }
     let drained = if params.drain {
-        let rows = migrate::drain(&state.ch, &state.config).await.map_err(|e| ApiError::FlushFailed(e.to_string()))?;
+        let rows = drain::drain(&state.ch, &state.config).await.map_err(|e| ApiError::FlushFailed(e.to_string()))?;
         Some(rows)
     } else {
         None
@@ -75,14 +75,14 @@ pub struct BufferStatus {
 
 pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Status>, ApiError> {
     authorize(&state, &headers)?;
-    let schema = state.schema.get();
-    let readiness = state.health.readiness(schema.is_some());
+    let schema = state.ingest.schema.get();
+    let readiness = state.ingest.health.readiness(schema.is_some());
     let (bytes, capacity) = (state.shed.bytes(), state.shed.capacity());
     Ok(Json(Status {
         ready: readiness.is_ok() && !(state.config.shed_readiness && state.shed.is_shedding()),
         not_ready_reason: readiness.err(),
-        draining: state.health.is_draining(),
-        clickhouse_version: state.health.clickhouse_version(),
+        draining: state.ingest.health.is_draining(),
+        clickhouse_version: state.ingest.health.clickhouse_version(),
         schema_version: schema.map(|s| s.version),
         buffer: BufferStatus {
             bytes,
@@ -90,10 +90,10 @@ pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
             fill_ratio: if capacity > 0 { bytes as f64 / capacity as f64 } else { 0.0 },
         },
         shedding: state.shed.is_shedding(),
-        circuit_open: state.breaker.is_open(),
-        queue_rows: state.coalescer.queue_depths(),
-        inflight_bytes: state.budget.used(),
-        inflight_limit_bytes: state.budget.limit(),
-        idempotency_store: if state.idempotency.is_embedded() { "embedded" } else { "redis" },
+        circuit_open: state.ingest.breaker.is_open(),
+        queue_rows: state.ingest.coalescer.queue_depths(),
+        inflight_bytes: state.ingest.budget.used(),
+        inflight_limit_bytes: state.ingest.budget.limit(),
+        idempotency_store: if state.ingest.idempotency.is_embedded() { "embedded" } else { "redis" },
     }))
 }

@@ -6,6 +6,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::decode::DecodeError;
+use crate::ingest::IngestError;
+
 /// Seconds a producer is told to wait before retrying a 503 when nothing better is known.
 const RETRY_AFTER_SECONDS: u32 = 1;
 
@@ -17,14 +20,9 @@ pub enum ApiError {
     UnsupportedEncoding(String),
     #[error("the request body exceeds {limit} bytes")]
     BodyTooLarge { limit: usize },
-    #[error("the request body exceeds {limit} bytes once decompressed")]
-    DecompressedTooLarge { limit: usize },
-    #[error("the request holds more than {limit} events")]
-    TooManyEvents { limit: usize },
-    #[error("malformed JSON at line {line}, column {column}: {reason}")]
-    MalformedJson { line: usize, column: usize, reason: String },
-    #[error("the body cannot be decompressed: {0}")]
-    BadEncoding(String),
+    /// The body as a whole cannot be decoded.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
     #[error("invalid query string: {0}")]
     BadQuery(String),
     #[error("the request body could not be read: {0}")]
@@ -51,6 +49,9 @@ pub enum ApiError {
     Internal(String),
     #[error("{0}")]
     BadHeader(String),
+    /// A path parameter out of its bounds.
+    #[error("{0}")]
+    BadPath(String),
     #[error("a request with this Idempotency-Key is still being processed; retry once it has been answered")]
     RequestInFlight,
     #[error("this Idempotency-Key was used for a request with a different body")]
@@ -71,6 +72,25 @@ pub enum ApiError {
     MethodNotAllowed,
 }
 
+impl From<IngestError> for ApiError {
+    fn from(error: IngestError) -> Self {
+        match error {
+            IngestError::Decode(error) => Self::Decode(error),
+            IngestError::NotReady(why) => Self::NotReady(why),
+            IngestError::ShuttingDown => Self::ShuttingDown,
+            IngestError::CircuitOpen => Self::CircuitOpen,
+            IngestError::Overloaded(what) => Self::Overloaded(what),
+            IngestError::QueueFull(why) => Self::QueueFull(why),
+            IngestError::FlushFailed(why) => Self::FlushFailed(why),
+            IngestError::StoreUnavailable(why) => Self::StoreUnavailable(why),
+            IngestError::EventsInFlight => Self::EventsInFlight,
+            IngestError::RequestInFlight => Self::RequestInFlight,
+            IngestError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
+            IngestError::Internal(why) => Self::Internal(why),
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct ErrorBody {
     error: &'static str,
@@ -85,12 +105,13 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             Self::UnsupportedMediaType(_) | Self::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::BodyTooLarge { .. } | Self::DecompressedTooLarge { .. } | Self::TooManyEvents { .. } => {
+            Self::BodyTooLarge { .. }
+            | Self::Decode(DecodeError::DecompressedTooLarge { .. } | DecodeError::TooManyEvents { .. }) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            Self::MalformedJson { .. } | Self::BadEncoding(_) | Self::BadQuery(_) | Self::BodyRead(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::Decode(DecodeError::MalformedJson { .. } | DecodeError::BadEncoding(_))
+            | Self::BadQuery(_)
+            | Self::BodyRead(_) => StatusCode::BAD_REQUEST,
             Self::NotReady(_)
             | Self::QueueFull(_)
             | Self::FlushFailed(_)
@@ -101,7 +122,7 @@ impl ApiError {
             | Self::RequestTimeout
             | Self::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            Self::BadHeader(_) => StatusCode::BAD_REQUEST,
+            Self::BadHeader(_) | Self::BadPath(_) => StatusCode::BAD_REQUEST,
             Self::RequestInFlight => StatusCode::CONFLICT,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::StoreUnavailable(_) | Self::EventsInFlight => StatusCode::SERVICE_UNAVAILABLE,
@@ -119,10 +140,10 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::UnsupportedEncoding(_) => "unsupported_encoding",
             Self::BodyTooLarge { .. } => "body_too_large",
-            Self::DecompressedTooLarge { .. } => "decompressed_body_too_large",
-            Self::TooManyEvents { .. } => "too_many_events",
-            Self::MalformedJson { .. } => "malformed_json",
-            Self::BadEncoding(_) => "bad_encoding",
+            Self::Decode(DecodeError::DecompressedTooLarge { .. }) => "decompressed_body_too_large",
+            Self::Decode(DecodeError::TooManyEvents { .. }) => "too_many_events",
+            Self::Decode(DecodeError::MalformedJson { .. }) => "malformed_json",
+            Self::Decode(DecodeError::BadEncoding(_)) => "bad_encoding",
             Self::BadQuery(_) => "bad_query",
             Self::BodyRead(_) => "body_read_failed",
             Self::NotReady(_) => "not_ready",
@@ -136,6 +157,7 @@ impl ApiError {
             Self::CircuitOpen => "circuit_open",
             Self::Internal(_) => "internal",
             Self::BadHeader(_) => "bad_header",
+            Self::BadPath(_) => "bad_path",
             Self::RequestInFlight => "request_in_flight",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::StoreUnavailable(_) => "idempotency_unavailable",
@@ -159,7 +181,7 @@ impl IntoResponse for ApiError {
             _ => None,
         };
         let (line, column) = match &self {
-            Self::MalformedJson { line, column, .. } => (Some(*line), Some(*column)),
+            Self::Decode(DecodeError::MalformedJson { line, column, .. }) => (Some(*line), Some(*column)),
             _ => (None, None),
         };
         let body = ErrorBody { error: self.code(), message: self.to_string(), line, column };

@@ -7,15 +7,15 @@ use axum::extract::State;
 use serde_json::{Value, json};
 
 use super::error::ApiError;
-use crate::server::AppState;
+use super::state::AppState;
 
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
-    let schema = state.schema.get();
-    state.health.readiness(schema.is_some()).map_err(ApiError::NotReady)?;
+    let schema = state.ingest.schema.get();
+    state.ingest.health.readiness(schema.is_some()).map_err(ApiError::NotReady)?;
     if state.config.shed_readiness && state.shed.is_shedding() {
         return Err(ApiError::NotReady("the ClickHouse Buffer table is saturated"));
     }

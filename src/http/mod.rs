@@ -1,5 +1,6 @@
-//! The HTTP surface: the router and its layers in one place, handlers one file per concern,
-//! and the boundary's error type.
+//! The HTTP surface: the router and its layers in one place, the state handlers share,
+//! handlers one file per concern (HTTP only: the work is `ingest`'s), the shed gate, and the
+//! boundary's error type.
 
 pub mod admin;
 pub mod body;
@@ -7,6 +8,8 @@ pub mod error;
 pub mod events;
 pub mod health;
 pub mod offsets;
+pub mod shed;
+pub mod state;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,9 +26,9 @@ use tower_http::trace::TraceLayer;
 
 use crate::auth::Denied;
 use crate::metrics;
-use crate::server::AppState;
-use crate::shed::layer::{Policy, ShedLayer};
 use error::ApiError;
+use shed::{Gate, Policy};
+use state::AppState;
 
 const EVENTS: &str = "/v1/events";
 const OFFSETS: &str = "/v1/offsets/{producer_id}";
@@ -42,13 +45,16 @@ pub fn router(state: Arc<AppState>) -> Router {
     // Only the ingestion route is shed, limited and timed out; health, readiness and metrics
     // must keep answering while it is.
     let ingest_layers = ServiceBuilder::new()
-        .layer(ShedLayer::new(
-            Arc::clone(&state.shed),
-            Policy {
-                mode: config.shed_mode,
-                stale_after: Duration::from_millis(config.shed_stale_after_ms),
-                on_stale: config.shed_on_stale,
+        .layer(middleware::from_fn_with_state(
+            Gate {
+                state: Arc::clone(&state.shed),
+                policy: Policy {
+                    mode: config.shed_mode,
+                    stale_after: Duration::from_millis(config.shed_stale_after_ms),
+                    on_stale: config.shed_on_stale,
+                },
             },
+            shed::gate,
         ))
         .layer(HandleErrorLayer::new(limit_error))
         .load_shed()

@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use serde::Serialize;
 
 use super::error::ApiError;
-use crate::server::AppState;
+use super::state::AppState;
 
 #[derive(Debug, Serialize)]
 pub struct Offsets {
@@ -22,9 +22,9 @@ pub async fn get_offsets(
     Path(producer_id): Path<String>,
 ) -> Result<Json<Offsets>, ApiError> {
     if producer_id.is_empty() || producer_id.len() > 200 {
-        return Err(ApiError::BadHeader("the producer id must be 1 to 200 characters".into()));
+        return Err(ApiError::BadPath("the producer id must be 1 to 200 characters".into()));
     }
     let partitions =
-        state.idempotency.offsets(&producer_id).await.map_err(|e| ApiError::StoreUnavailable(e.to_string()))?;
+        state.ingest.idempotency.offsets(&producer_id).await.map_err(|e| ApiError::StoreUnavailable(e.to_string()))?;
     Ok(Json(Offsets { producer_id, partitions }))
 }

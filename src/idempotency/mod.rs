@@ -15,34 +15,17 @@
 
 mod memory;
 mod redis_store;
+mod reserve;
 
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
+use crate::config::{Config, DedupMode, OnStoreError};
 use crate::metrics;
 pub use memory::MemoryStore;
 pub use redis_store::{RedisStore, ServerFacts, server_facts};
-
-/// Per-event deduplication.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DedupMode {
-    /// By the event's id column.
-    Event,
-    Off,
-}
-
-/// What to do when the store cannot be reached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnStoreError {
-    /// 503 + Retry-After, nothing written: the producer's retry loses nothing.
-    Reject,
-    /// Write without deduplication, and count it.
-    Accept,
-}
+pub use reserve::{ReserveError, Reserved};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {

@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use serde_json::Value;
 
-use super::time::{self, Instant};
+use super::time::{self, Timestamp};
 use super::types::ColumnType;
 
 /// Why a value does not fit its column.
@@ -330,7 +330,7 @@ pub fn encode_default(ty: &ColumnType, out: &mut Vec<u8>) {
 }
 
 /// Appends an instant to a time column (`DateTime`, `DateTime64`, possibly wrapped).
-pub fn encode_time(ty: &ColumnType, at: Instant, out: &mut Vec<u8>) -> Result<(), Reason> {
+pub fn encode_time(ty: &ColumnType, at: Timestamp, out: &mut Vec<u8>) -> Result<(), Reason> {
     match ty {
         ColumnType::LowCardinality(inner) => encode_time(inner, at, out),
         ColumnType::Nullable(inner) => {
@@ -425,11 +425,11 @@ fn float(value: &Value) -> Result<f64, Reason> {
     }
 }
 
-fn instant(value: &Value) -> Result<Instant, Reason> {
+fn instant(value: &Value) -> Result<Timestamp, Reason> {
     match value {
         Value::String(s) => time::parse(s).ok_or_else(|| format!("{s:?} is not a timestamp: {TIME_FORMS}")),
         Value::Number(n) => {
-            n.as_i64().map(Instant::from_epoch_millis).ok_or_else(|| format!("{n} is not a timestamp: {TIME_FORMS}"))
+            n.as_i64().map(Timestamp::from_epoch_millis).ok_or_else(|| format!("{n} is not a timestamp: {TIME_FORMS}"))
         }
         other => Err(format!("expected a timestamp, got {}: {TIME_FORMS}", kind(other))),
     }
@@ -439,7 +439,7 @@ fn instant(value: &Value) -> Result<Instant, Reason> {
 fn days(value: &Value) -> Result<i64, Reason> {
     match value {
         Value::String(s) => {
-            time::parse(s).map(Instant::days).ok_or_else(|| format!("{s:?} is not a date (YYYY-MM-DD)"))
+            time::parse(s).map(Timestamp::days).ok_or_else(|| format!("{s:?} is not a date (YYYY-MM-DD)"))
         }
         Value::Number(n) => n.as_i64().ok_or_else(|| format!("{n} is not a day number")),
         other => Err(format!("expected a date, got {}", kind(other))),
@@ -508,124 +508,12 @@ fn expectation(ty: &ColumnType) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::UnknownFields;
-    use crate::schema::{ColumnInfo, EncodeContext, EventFields, EventSchema, Scanner, SpecialColumns, TableSchema};
     use serde_json::json;
-
-    /// Encodes `raw` as the request path does: read by the scanner as the one field of an event
-    /// (which unescapes string literals), then encoded.
-    fn through_scanner(ty: &str, raw: &str, out: &mut Vec<u8>) -> Result<(), Reason> {
-        let info = ColumnInfo { name: "v".into(), type_text: ty.into(), default_kind: String::new() };
-        let special = SpecialColumns { id: String::new(), timestamp: String::new(), partition_key: String::new() };
-        let schema = TableSchema::new(1, "db", "t", vec![info], &special);
-        let text = format!("{{\"v\": {raw}}}");
-        let mut fields = EventFields::default();
-        Scanner::new(&text)
-            .event(EventSchema { schema: &schema, unknown: UnknownFields::Reject }, &mut fields)
-            .map_err(|e| e.reason.to_string())?;
-        let ctx = EncodeContext { now: Instant { seconds: 0, nanos: 0 }, unknown_fields: UnknownFields::Reject };
-        schema.encode_fields(&fields, &ctx, out).map(drop).map_err(|rejection| rejection.error)
-    }
 
     #[allow(clippy::needless_pass_by_value)] // json!(...) at every call site
     fn enc(ty: &str, value: Value) -> Result<Vec<u8>, Reason> {
         let mut out = Vec::new();
         encode(&ColumnType::parse(ty).unwrap(), &value, &mut out).map(|()| out)
-    }
-
-    /// The text path must agree with the value path byte for byte, and fall back to it (same
-    /// message) whenever it does not read a form itself.
-    #[test]
-    fn text_path_agrees_with_value_path() {
-        let cases = [
-            ("UInt8", "255"),
-            ("UInt8", "256"),
-            ("UInt64", "18446744073709551615"),
-            ("UInt64", "18446744073709551616"),
-            ("UInt32", "-1"),
-            ("Int64", "-9223372036854775808"),
-            ("Int16", "\"-2\""),
-            ("Int32", "2.0"),
-            ("Int32", "1e3"),
-            ("Float64", "1.25"),
-            ("Float64", "-0.0"),
-            ("Float64", "\"3.5\""),
-            ("String", "\"h\\u00e9 \\\"q\\\"\""),
-            ("String", "\"plain\""),
-            ("String", "\"\\ud83d\\ude00 \\/\\b\\f\\n\\r\\t \\u0041\\u00e9\""),
-            ("String", "\"\\udc00\""),
-            ("String", "\"\\ud800x\""),
-            ("String", "12"),
-            ("String", "true"),
-            ("LowCardinality(String)", "\"click\""),
-            ("Nullable(String)", "null"),
-            ("LowCardinality(Nullable(String))", "\"x\""),
-            ("Nullable(UInt8)", "300"),
-            ("UUID", "\"018f2b6e-1d2c-7a3b-9c4d-5e6f708192a3\""),
-            ("UUID", "\"nope\""),
-            ("DateTime64(3)", "\"2024-05-01T12:00:00.123Z\""),
-            ("DateTime", "\"2024-05-01 12:00:00\""),
-            ("DateTime", "\"1900-01-01 00:00:00\""),
-            ("DateTime", "1714564800000"),
-            ("Array(UInt8)", "[1, 2]"),
-            ("Map(String, String)", "{\"k\": \"v\"}"),
-        ];
-        for (ty, raw) in cases {
-            let mut text = vec![7];
-            let by_text = through_scanner(ty, raw, &mut text);
-            let ty = ColumnType::parse(ty).unwrap();
-            let Ok(parsed) = serde_json::from_str::<Value>(raw) else {
-                assert!(by_text.is_err(), "{ty} {raw}: what serde_json refuses is refused");
-                continue;
-            };
-            let mut value = vec![7];
-            let by_value = encode(&ty, &parsed, &mut value);
-            assert_eq!(by_text, by_value, "{ty} {raw}");
-            if by_text.is_ok() {
-                assert_eq!(text, value, "{ty} {raw}");
-            }
-        }
-    }
-
-    #[test]
-    fn escaped_strings_get_the_right_length_prefix() {
-        for n in [0usize, 1, 63, 64, 127, 128, 129, 200, 16_383, 16_384, 20_000] {
-            // Each escape shrinks two bytes to one, crossing prefix sizes.
-            let raw = format!("\"{}\"", "\\n".repeat(n));
-            let mut out = Vec::new();
-            through_scanner("String", &raw, &mut out).unwrap();
-            let mut expected = Vec::new();
-            write_bytes(&mut expected, "\n".repeat(n).as_bytes());
-            assert_eq!(out, expected, "{n}");
-        }
-    }
-
-    /// Escapes of every kind at every offset of a word, against serde_json's unescaping.
-    #[test]
-    fn unescapes_like_serde_json() {
-        let escapes = [r#"\""#, r"\\", r"\/", r"\b", r"\f", r"\n", r"\r", r"\t", r"\u00e9", r"\ud83d\ude00", "é", "x"];
-        for lead in 0..17 {
-            for (k, escape) in escapes.iter().enumerate() {
-                for gap in [0, 1, 7, 8, 9] {
-                    let second = escapes[(k + 5) % escapes.len()];
-                    let raw = format!("\"{}{escape}{}{second}tail\"", "a".repeat(lead), "b".repeat(gap));
-                    let expected: String = serde_json::from_str(&raw).unwrap();
-                    let mut out = Vec::new();
-                    through_scanner("String", &raw, &mut out).unwrap();
-                    let mut want = Vec::new();
-                    write_bytes(&mut want, expected.as_bytes());
-                    assert_eq!(out, want, "{raw}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn json_text_in_a_string_column_loses_only_whitespace() {
-        let mut out = Vec::new();
-        through_scanner("String", "{ \"b\" : [1, 2],\n \"a\": \"x y\\\" z\" }", &mut out).unwrap();
-        assert_eq!(out[1..], *br#"{"b":[1,2],"a":"x y\" z"}"#);
-        assert_eq!(usize::from(out[0]), out.len() - 1);
     }
 
     #[test]

@@ -6,10 +6,9 @@
 //! RowBinary; a field that does not fit rejects its event alone.
 
 pub mod encode;
-pub mod event;
+mod fields;
 pub mod native;
-pub mod refresh;
-mod swar;
+mod pattern;
 pub mod time;
 pub mod types;
 
@@ -19,12 +18,13 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::config::{InsertFormat, UnknownFields};
-pub use event::{EventFields, EventSchema, Scanner, SyntaxError};
+pub use fields::EventFields;
+pub(crate) use fields::{Content, Field};
 use native::{NativeColumn, NativeError};
-pub use time::Instant;
+pub(crate) use pattern::KeyPattern;
+pub use time::Timestamp;
 pub use types::{ColumnType, UnsupportedType};
 
 /// One row of `system.columns`, as ClickHouse reports it.
@@ -40,7 +40,7 @@ pub struct ColumnInfo {
 
 /// How a column takes part in an INSERT.
 #[derive(Debug, Clone, PartialEq)]
-enum Role {
+pub(crate) enum Role {
     /// Written by the gateway; `default_bit` is set when it has a DEFAULT expression, which
     /// ClickHouse evaluates only if the column is left out of the INSERT.
     Written { ty: ColumnType, default_bit: Option<u8> },
@@ -51,11 +51,11 @@ enum Role {
 }
 
 #[derive(Debug, Clone)]
-struct Column {
-    name: String,
-    role: Role,
+pub(crate) struct Column {
+    pub(crate) name: String,
+    pub(crate) role: Role,
     /// The name as the scanner recognises it in a body.
-    key: Option<event::KeyPattern>,
+    pub(crate) key: Option<KeyPattern>,
 }
 
 /// Why an event was not accepted: the field (`None` for the event as a whole) and the reason.
@@ -69,7 +69,7 @@ pub struct Rejection {
 #[derive(Debug, Clone, Copy)]
 pub struct EncodeContext {
     /// Receive time, for events that omit the timestamp column.
-    pub now: Instant,
+    pub now: Timestamp,
     pub unknown_fields: UnknownFields,
 }
 
@@ -147,7 +147,7 @@ impl TableSchema {
                     Err(UnsupportedType(text)) => Role::Unsupported(text),
                 },
             };
-            columns.push(Column { name: info.name.clone(), role, key: event::KeyPattern::new(&info.name) });
+            columns.push(Column { name: info.name.clone(), role, key: KeyPattern::new(&info.name) });
         }
         let by_name: HashMap<_, _, _> = columns.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
         let find = |name: &str, pred: fn(&ColumnType) -> bool| {
@@ -167,6 +167,16 @@ impl TableSchema {
             partition,
             infos,
         }
+    }
+
+    /// Every column, in table order (the scanner sorts fields into them).
+    pub(crate) fn columns(&self) -> &[Column] {
+        &self.columns
+    }
+
+    /// Index of the column called `name`.
+    pub(crate) fn column_index(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
     }
 
     /// Name of the id column, when the table has it with a UUID type.
@@ -256,17 +266,6 @@ impl TableSchema {
                 None
             }
         }
-    }
-
-    /// Validates one event given as a value and appends its RowBinary row to `out` (the request
-    /// path reads events straight from the body with a [`Scanner`] and calls [`Self::encode_fields`]).
-    pub fn encode_event(&self, event: &Value, ctx: &EncodeContext, out: &mut Vec<u8>) -> Result<u64, Rejection> {
-        let text = event.to_string();
-        let mut fields = EventFields::default();
-        Scanner::new(&text)
-            .event(EventSchema { schema: self, unknown: ctx.unknown_fields }, &mut fields)
-            .map_err(|e| Rejection { field: None, error: e.reason.to_string() })?;
-        self.encode_fields(&fields, ctx, out)
     }
 
     /// Validates one event and appends its RowBinary row to `out`. Returns the mask of columns
@@ -374,97 +373,5 @@ impl SharedSchema {
         }
         self.0.store(Some(Arc::new(schema)));
         Some(version)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn info(name: &str, ty: &str, kind: &str) -> ColumnInfo {
-        ColumnInfo { name: name.into(), type_text: ty.into(), default_kind: kind.into() }
-    }
-
-    fn schema() -> TableSchema {
-        let special =
-            SpecialColumns { id: "event_id".into(), timestamp: "event_ts".into(), partition_key: "user_id".into() };
-        TableSchema::new(
-            1,
-            "db",
-            "t",
-            vec![
-                info("event_id", "UUID", ""),
-                info("event_ts", "DateTime64(3)", ""),
-                info("user_id", "UInt64", ""),
-                info("n", "UInt8", "DEFAULT"),
-                info("m", "String", "MATERIALIZED"),
-                info("t", "Tuple(UInt8, UInt8)", ""),
-            ],
-            &special,
-        )
-    }
-
-    fn ctx() -> EncodeContext {
-        EncodeContext { now: Instant { seconds: 1, nanos: 0 }, unknown_fields: UnknownFields::Reject }
-    }
-
-    #[test]
-    fn fills_id_and_time_and_omits_defaults() {
-        let s = schema();
-        let mut out = Vec::new();
-        let omitted = s.encode_event(&json!({"user_id": 5}), &ctx(), &mut out).unwrap();
-        assert_eq!(omitted, 1);
-        assert_eq!(out.len(), 16 + 8 + 8);
-        assert_eq!(out[1] >> 4, 7, "a generated id is a UUIDv7 (version nibble of the high half)");
-        assert_eq!(out[16..24], 1000i64.to_le_bytes());
-        assert_eq!(s.insert_sql(omitted), "INSERT INTO `db`.`t` (`event_id`, `event_ts`, `user_id`) FORMAT RowBinary");
-        assert_eq!(s.insert_sql(0), "INSERT INTO `db`.`t` (`event_id`, `event_ts`, `user_id`, `n`) FORMAT RowBinary");
-    }
-
-    #[test]
-    fn rejections_name_the_field_and_roll_back() {
-        let s = schema();
-        let mut out = vec![9];
-        for (event, field) in [
-            (json!({"user_id": -1}), Some("user_id")),
-            (json!({"nope": 1}), Some("nope")),
-            (json!({"m": "x"}), Some("m")),
-            (json!({"t": [1, 2]}), Some("t")),
-            (json!([1]), None),
-        ] {
-            let err = s.encode_event(&event, &ctx(), &mut out).unwrap_err();
-            assert_eq!(err.field.as_deref(), field, "{event}");
-            assert_eq!(out, [9]);
-        }
-        let ignore = EncodeContext { unknown_fields: UnknownFields::Ignore, ..ctx() };
-        s.encode_event(&json!({"nope": 1}), &ignore, &mut out).unwrap();
-    }
-
-    #[test]
-    fn partition_hash_is_stable_per_key() {
-        let s = schema();
-        let hash = |text: &str, fallback: u64| {
-            let mut fields = EventFields::default();
-            let schema = EventSchema { schema: &s, unknown: UnknownFields::Reject };
-            Scanner::new(text).event(schema, &mut fields).unwrap();
-            s.partition_hash(&fields, fallback)
-        };
-        assert_eq!(hash(r#"{"user_id": 5}"#, 0), hash(r#"{"user_id": "5"}"#, 1));
-        assert_eq!(hash(r#"{"user_id": -5}"#, 0), hash(r#"{"user_id": "-5"}"#, 1));
-        assert_eq!(hash(r#"{"user_id": 5}"#, 0), hash(r#"{"user_id": "\u0035"}"#, 1), "escapes are read");
-        assert_ne!(hash(r#"{"user_id": 5}"#, 0), hash(r#"{"user_id": 6}"#, 0));
-        assert_eq!(hash("{}", 42), 42);
-        // Sequential ids and text keys spread evenly over the partitions.
-        for partitions in [2u64, 3, 8] {
-            for key in [|i: u64| format!("{i}"), |i: u64| format!("\"user-{i}\"")] {
-                let mut counts = vec![0u64; partitions as usize];
-                for i in 0..8000 {
-                    counts[(hash(&format!(r#"{{"user_id": {}}}"#, key(i)), 0) % partitions) as usize] += 1;
-                }
-                let fair = 8000 / partitions;
-                assert!(counts.iter().all(|&c| c.abs_diff(fair) < fair / 10), "{partitions}: {counts:?}");
-            }
-        }
     }
 }

@@ -7,12 +7,12 @@ use time::{Date, OffsetDateTime, PrimitiveDateTime};
 
 /// A point in time: whole seconds since the Unix epoch and the nanoseconds past them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Instant {
+pub struct Timestamp {
     pub seconds: i64,
     pub nanos: u32,
 }
 
-impl Instant {
+impl Timestamp {
     pub fn from_epoch_millis(millis: i64) -> Self {
         Self { seconds: millis.div_euclid(1000), nanos: (millis.rem_euclid(1000) as u32) * 1_000_000 }
     }
@@ -36,13 +36,13 @@ impl Instant {
 }
 
 /// Parses a timestamp string; naive forms are UTC.
-pub fn parse(text: &str) -> Option<Instant> {
+pub fn parse(text: &str) -> Option<Timestamp> {
     let text = text.trim();
     if let Some(at) = parse_utc(text.as_bytes()) {
         return Some(at);
     }
     if let Ok(t) = OffsetDateTime::parse(text, &Rfc3339) {
-        return Some(Instant { seconds: t.unix_timestamp(), nanos: t.nanosecond() });
+        return Some(Timestamp { seconds: t.unix_timestamp(), nanos: t.nanosecond() });
     }
     let naive = format_description!(
         version = 2,
@@ -50,21 +50,21 @@ pub fn parse(text: &str) -> Option<Instant> {
     );
     if let Ok(t) = PrimitiveDateTime::parse(text, naive) {
         let t = t.assume_utc();
-        return Some(Instant { seconds: t.unix_timestamp(), nanos: t.nanosecond() });
+        return Some(Timestamp { seconds: t.unix_timestamp(), nanos: t.nanosecond() });
     }
     let date = Date::parse(text, format_description!("[year]-[month]-[day]")).ok()?;
-    Some(Instant { seconds: date.midnight().assume_utc().unix_timestamp(), nanos: 0 })
+    Some(Timestamp { seconds: date.midnight().assume_utc().unix_timestamp(), nanos: 0 })
 }
 
 /// [`parse`] for text given as bytes (a JSON string's content, UTF-8 or not).
-pub fn parse_bytes(text: &[u8]) -> Option<Instant> {
+pub fn parse_bytes(text: &[u8]) -> Option<Timestamp> {
     parse_utc(text.trim_ascii()).or_else(|| parse(std::str::from_utf8(text).ok()?))
 }
 
 /// The forms nearly every producer sends, read by hand (the general parser costs several times
 /// more): `YYYY-MM-DD[T ]hh:mm:ss[.f{1,9}][Z]`. `None` hands anything else, and anything out
 /// of range, to the general parser, which decides.
-fn parse_utc(b: &[u8]) -> Option<Instant> {
+fn parse_utc(b: &[u8]) -> Option<Timestamp> {
     let b = b.strip_suffix(b"Z").unwrap_or(b);
     if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b' ') || b[13] != b':' || b[16] != b':' {
         return None;
@@ -99,7 +99,7 @@ fn parse_utc(b: &[u8]) -> Option<Instant> {
     let doy = (153 * (month + if month > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     let days = era * 146_097 + doe - 719_468;
-    Some(Instant { seconds: days * 86_400 + hour * 3600 + minute * 60 + second, nanos })
+    Some(Timestamp { seconds: days * 86_400 + hour * 3600 + minute * 60 + second, nanos })
 }
 
 #[cfg(test)]
@@ -108,15 +108,15 @@ mod tests {
 
     #[test]
     fn accepted_forms() {
-        let expect = Instant { seconds: 1_700_000_000, nanos: 123_000_000 };
+        let expect = Timestamp { seconds: 1_700_000_000, nanos: 123_000_000 };
         assert_eq!(parse("2023-11-14T22:13:20.123Z"), Some(expect));
         assert_eq!(parse("2023-11-15T00:13:20.123+02:00"), Some(expect));
         assert_eq!(parse("2023-11-14 22:13:20.123"), Some(expect));
         assert_eq!(parse("2023-11-14T22:13:20.123"), Some(expect));
-        assert_eq!(parse("2023-11-14 22:13:20"), Some(Instant { nanos: 0, ..expect }));
-        assert_eq!(parse("1970-01-02"), Some(Instant { seconds: 86_400, nanos: 0 }));
-        assert_eq!(Instant::from_epoch_millis(1_700_000_000_123), expect);
-        assert_eq!(Instant::from_epoch_millis(-1), Instant { seconds: -1, nanos: 999_000_000 });
+        assert_eq!(parse("2023-11-14 22:13:20"), Some(Timestamp { nanos: 0, ..expect }));
+        assert_eq!(parse("1970-01-02"), Some(Timestamp { seconds: 86_400, nanos: 0 }));
+        assert_eq!(Timestamp::from_epoch_millis(1_700_000_000_123), expect);
+        assert_eq!(Timestamp::from_epoch_millis(-1), Timestamp { seconds: -1, nanos: 999_000_000 });
     }
 
     /// The hand-written reader agrees with the general parser wherever it answers.
@@ -130,7 +130,7 @@ mod tests {
             OffsetDateTime::parse(text, &Rfc3339)
                 .ok()
                 .or_else(|| PrimitiveDateTime::parse(text, naive).ok().map(PrimitiveDateTime::assume_utc))
-                .map(|t| Instant { seconds: t.unix_timestamp(), nanos: t.nanosecond() })
+                .map(|t| Timestamp { seconds: t.unix_timestamp(), nanos: t.nanosecond() })
         };
         let mut checked = 0;
         for year in [1900, 1969, 1970, 2000, 2023, 2024, 2100, 2299] {
@@ -159,10 +159,10 @@ mod tests {
 
     #[test]
     fn ticks_scale_and_truncate() {
-        let t = Instant { seconds: 2, nanos: 123_456_789 };
+        let t = Timestamp { seconds: 2, nanos: 123_456_789 };
         assert_eq!(t.ticks(0), Some(2));
         assert_eq!(t.ticks(3), Some(2_123));
         assert_eq!(t.ticks(9), Some(2_123_456_789));
-        assert_eq!(Instant { seconds: i64::MAX / 10, nanos: 0 }.ticks(3), None);
+        assert_eq!(Timestamp { seconds: i64::MAX / 10, nanos: 0 }.ticks(3), None);
     }
 }

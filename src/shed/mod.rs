@@ -1,41 +1,20 @@
-//! Protecting ClickHouse and the gateway itself.
+//! Protecting ClickHouse and the gateway itself: the decisions, with no HTTP in them.
 //!
 //! - [`poller`] reads how full the Buffer table is, off the request path, and decides (with
-//!   hysteresis) whether ingestion is shed; the request path reads the verdict from atomics.
-//! - [`layer`] is the tower middleware on the ingestion route that answers 503 +
-//!   `Retry-After` (or diverts to the fallback table) while the Buffer is saturated.
-//! - [`budget`] bounds the bytes held in flight; [`breaker`] stops piling INSERTs onto a
-//!   ClickHouse that keeps failing.
+//!   hysteresis) whether ingestion is shed; the request path reads the verdict ([`Verdict`])
+//!   from atomics. The HTTP layer that answers 503 + `Retry-After` lives in `http::shed`.
+//! - [`budget`] bounds the bytes held in flight.
+//!
+//! The circuit breaker on failing INSERTs sits with the writer it guards
+//! (`clickhouse::breaker`).
 
-pub mod breaker;
 pub mod budget;
-pub mod layer;
 pub mod poller;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
-/// What to do while the Buffer is saturated.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ShedMode {
-    /// Answer 503 `buffer_saturated` with `Retry-After`.
-    Reject,
-    /// Write batches straight into `fallback_table` (a MergeTree), bypassing the Buffer.
-    Fallback,
-}
-
-/// What to do when the poller has had no answer from ClickHouse for too long.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnStale {
-    /// Keep taking traffic as if the Buffer had room.
-    FailOpen,
-    /// Shed, as if the Buffer were saturated.
-    FailClosed,
-}
+use crate::config::OnStale;
 
 /// The request path's view of the Buffer, written by the poller.
 #[derive(Debug)]

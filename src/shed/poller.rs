@@ -109,82 +109,48 @@ pub async fn read_fill(ch: &ClickHouse, config: &Config, per_table: bool) -> Res
     Ok(Reading { bytes, capacity })
 }
 
+/// What the poller remembers from one poll to the next.
+#[derive(Debug, Default)]
+struct Track {
+    /// Whether the server has per-table Buffer sizes; probed once.
+    per_table: Option<bool>,
+    previous: Option<(Instant, u64)>,
+    /// Bytes per second leaving the Buffer, smoothed.
+    drain_rate: Option<f64>,
+    shedding: bool,
+    failing: bool,
+}
+
+impl Track {
+    /// Folds a new reading into the smoothed drain rate.
+    fn observe_drain(&mut self, bytes: u64) {
+        let now = Instant::now();
+        if let Some((at, before)) = self.previous {
+            let seconds = now.duration_since(at).as_secs_f64();
+            if seconds > 0.0 {
+                let sample = (before as f64 - bytes as f64) / seconds;
+                self.drain_rate = Some(match self.drain_rate {
+                    Some(rate) => rate + DRAIN_RATE_WEIGHT * (sample - rate),
+                    None => sample,
+                });
+            }
+        }
+        self.previous = Some((now, bytes));
+    }
+}
+
 impl Poller {
     pub async fn run(self, stop: CancellationToken) {
-        let config = Arc::clone(&self.config);
-        let interval = Duration::from_millis(config.shed_poll_interval_ms);
-        let mut per_table: Option<bool> = None;
-        let mut previous: Option<(Instant, u64)> = None;
-        let mut drain_rate: Option<f64> = None;
-        let mut shedding = false;
-        let mut failing = false;
+        let interval = Duration::from_millis(self.config.shed_poll_interval_ms);
+        let mut track = Track::default();
         loop {
-            let reading = match per_table {
-                Some(per_table) => read_fill(&self.ch, &self.config, per_table).await,
-                None => match self.ch.capabilities().await {
-                    Ok(caps) => {
-                        if !caps.tables_total_bytes {
-                            tracing::warn!(
-                                version = %caps.version,
-                                "system.tables.total_bytes is missing on this server: the Buffer's fill is read from \
-                                 system.metrics StorageBufferBytes, which sums every Buffer table on the server"
-                            );
-                        }
-                        per_table = Some(caps.tables_total_bytes);
-                        read_fill(&self.ch, &self.config, caps.tables_total_bytes).await
-                    }
-                    Err(e) => Err(e),
-                },
-            };
-            match reading {
-                Ok(Reading { bytes, capacity }) => {
-                    if failing {
-                        tracing::info!("Buffer poll answered again");
-                        failing = false;
-                    }
-                    let now = Instant::now();
-                    if let Some((at, before)) = previous {
-                        let seconds = now.duration_since(at).as_secs_f64();
-                        if seconds > 0.0 {
-                            let sample = (before as f64 - bytes as f64) / seconds;
-                            drain_rate = Some(match drain_rate {
-                                Some(rate) => rate + DRAIN_RATE_WEIGHT * (sample - rate),
-                                None => sample,
-                            });
-                        }
-                    }
-                    previous = Some((now, bytes));
-                    let fill = if capacity > 0 { bytes as f64 / capacity as f64 } else { 0.0 };
-                    let next = next_shedding(shedding, fill, config.shed_threshold, config.shed_resume);
-                    if next != shedding {
-                        if next {
-                            tracing::warn!(fill, bytes, capacity, "Buffer saturated: shedding ingestion");
-                        } else {
-                            tracing::info!(
-                                fill,
-                                bytes,
-                                capacity,
-                                "Buffer below the resume threshold: ingestion resumes"
-                            );
-                        }
-                    }
-                    shedding = next;
-                    let wait = retry_after(
-                        bytes,
-                        capacity,
-                        config.shed_resume,
-                        drain_rate.unwrap_or(0.0),
-                        config.shed_retry_after_max_s,
-                    );
-                    self.state.publish(bytes, capacity, shedding, wait);
-                    metrics::buffer(bytes, capacity, fill);
-                    metrics::shed_active(shedding);
-                }
+            match self.read(&mut track).await {
+                Ok(reading) => self.publish(&mut track, reading),
                 Err(error) => {
                     metrics::poll_error();
-                    if !failing {
-                        tracing::warn!(%error, on_stale = ?config.shed_on_stale, "cannot read the Buffer's fill");
-                        failing = true;
+                    if !track.failing {
+                        tracing::warn!(%error, on_stale = ?self.config.shed_on_stale, "cannot read the Buffer's fill");
+                        track.failing = true;
                     }
                 }
             }
@@ -193,6 +159,50 @@ impl Poller {
                 () = tokio::time::sleep(interval) => {}
             }
         }
+    }
+
+    /// Reads the fill, probing once for per-table sizes first.
+    async fn read(&self, track: &mut Track) -> Result<Reading, ClickHouseError> {
+        let per_table = match track.per_table {
+            Some(per_table) => per_table,
+            None => {
+                let caps = self.ch.capabilities().await?;
+                if !caps.tables_total_bytes {
+                    tracing::warn!(
+                        version = %caps.version,
+                        "system.tables.total_bytes is missing on this server: the Buffer's fill is read from \
+                         system.metrics StorageBufferBytes, which sums every Buffer table on the server"
+                    );
+                }
+                *track.per_table.insert(caps.tables_total_bytes)
+            }
+        };
+        read_fill(&self.ch, &self.config, per_table).await
+    }
+
+    /// Decides (with hysteresis) whether to shed and publishes the verdict to the request path.
+    fn publish(&self, track: &mut Track, Reading { bytes, capacity }: Reading) {
+        let config = &self.config;
+        if track.failing {
+            tracing::info!("Buffer poll answered again");
+            track.failing = false;
+        }
+        track.observe_drain(bytes);
+        let fill = if capacity > 0 { bytes as f64 / capacity as f64 } else { 0.0 };
+        let next = next_shedding(track.shedding, fill, config.shed_threshold, config.shed_resume);
+        match (track.shedding, next) {
+            (false, true) => tracing::warn!(fill, bytes, capacity, "Buffer saturated: shedding ingestion"),
+            (true, false) => {
+                tracing::info!(fill, bytes, capacity, "Buffer below the resume threshold: ingestion resumes");
+            }
+            _ => {}
+        }
+        track.shedding = next;
+        let drain_rate = track.drain_rate.unwrap_or(0.0);
+        let wait = retry_after(bytes, capacity, config.shed_resume, drain_rate, config.shed_retry_after_max_s);
+        self.state.publish(bytes, capacity, next, wait);
+        metrics::buffer(bytes, capacity, fill);
+        metrics::shed_active(next);
     }
 }
 

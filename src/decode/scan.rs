@@ -10,124 +10,17 @@
 //! both paths follow the same rules.
 //!
 //! The field expected next (producers send fields in table order) is recognised by comparing
-//! its quoted name as two words ([`KeyPattern`]); other names are read and looked up.
+//! its quoted name as two words ([`crate::schema::KeyPattern`]); other names are read and
+//! looked up.
 
 use std::borrow::Cow;
 
-use super::{Rejection, Role, TableSchema, swar};
+use super::swar;
 use crate::config::UnknownFields;
+use crate::schema::{Content, EventFields, Field, Rejection, Role, TableSchema};
 
 /// Deeper nesting is refused (serde_json's limit too): recursion stays bounded.
 const MAX_DEPTH: usize = 128;
-
-/// How much of a field's value the scanner has already decoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Content {
-    /// Only checked: the encoder reads the raw text.
-    Raw,
-    /// A string literal without escapes: its content is the raw text inside the quotes.
-    Plain,
-    /// A string literal with escapes, unescaped into [`EventFields::unescaped`].
-    Unescaped { start: usize, end: usize },
-}
-
-/// One field's value as found in the body.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Field<'a> {
-    pub raw: &'a str,
-    pub content: Content,
-}
-
-/// The fields of one event, by column index. Reused from event to event of a request.
-#[derive(Debug, Default)]
-pub struct EventFields<'a> {
-    pub(super) values: Vec<Option<Field<'a>>>,
-    /// The unescaped content of the event's String fields that had escapes.
-    pub(super) unescaped: Vec<u8>,
-    /// The first field that cannot be written (unknown, computed, unsupported).
-    pub(super) problem: Option<Rejection>,
-    /// False when the event is not a JSON object at all.
-    pub(super) is_object: bool,
-}
-
-impl<'a> EventFields<'a> {
-    fn reset(&mut self, columns: usize) {
-        self.values.clear();
-        self.values.resize(columns, None);
-        self.unescaped.clear();
-        self.problem = None;
-        self.is_object = false;
-    }
-
-    /// Column `i`'s field, when the event has it.
-    pub(super) fn field(&self, i: usize) -> Option<Field<'a>> {
-        self.values.get(i).copied().flatten()
-    }
-
-    /// The content of column `i`'s field when it was sent as a string, as text: borrowed from
-    /// the body when it had no escapes.
-    pub(super) fn text(&self, i: usize) -> Option<Cow<'a, str>> {
-        let field = self.field(i)?;
-        match field.content {
-            Content::Raw => None,
-            Content::Plain => field.raw.get(1..field.raw.len().saturating_sub(1)).map(Cow::Borrowed),
-            Content::Unescaped { .. } => {
-                std::str::from_utf8(self.string(field)?).ok().map(|text| Cow::Owned(text.to_owned()))
-            }
-        }
-    }
-
-    /// The content of a field sent as a string: borrowed from the body, or from what the
-    /// scanner unescaped. `None` for any other value.
-    pub(super) fn string(&self, field: Field<'a>) -> Option<&[u8]> {
-        match field.content {
-            Content::Raw => None,
-            Content::Plain => field.raw.as_bytes().get(1..field.raw.len().saturating_sub(1)),
-            Content::Unescaped { start, end } => self.unescaped.get(start..end),
-        }
-    }
-}
-
-/// A field name as it appears in a body, quotes included, held as two masked words: the
-/// scanner recognises the field it expects next (producers send fields in table order) with
-/// two word comparisons instead of reading a string, comparing it and maybe hashing it.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct KeyPattern {
-    words: [u64; 2],
-    masks: [u64; 2],
-    /// Bytes of the quoted name.
-    len: usize,
-}
-
-impl KeyPattern {
-    /// The pattern of `name`; `None` when its quoted form is longer than 16 bytes or would
-    /// need escapes (such names take the general path).
-    pub(super) fn new(name: &str) -> Option<Self> {
-        let len = name.len() + 2;
-        if len > 16 || name.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
-            return None;
-        }
-        let mut bytes = [0u8; 16];
-        bytes[0] = b'"';
-        bytes[1..len - 1].copy_from_slice(name.as_bytes());
-        bytes[len - 1] = b'"';
-        let word = |at: usize| swar::word_at(&bytes, at).unwrap_or_default();
-        let mask = |n: usize| if n >= 8 { u64::MAX } else { (1u64 << (8 * n)) - 1 };
-        Some(Self { words: [word(0), word(8)], masks: [mask(len), mask(len.saturating_sub(8))], len })
-    }
-
-    /// Whether `b[at..]` starts with the quoted name. With fewer than 16 bytes left a text
-    /// never matches; the general path reads those names.
-    #[inline]
-    fn matches(&self, b: &[u8], at: usize) -> bool {
-        match (swar::word_at(b, at), swar::word_at(b, at + 8)) {
-            (Some(first), Some(second)) => {
-                (first ^ self.words[0]) & self.masks[0] == 0 && (second ^ self.words[1]) & self.masks[1] == 0
-            }
-            _ => false,
-        }
-    }
-}
 
 /// Where the text stops being JSON, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,7 +113,7 @@ impl<'a> Scanner<'a> {
     /// value is read (and checked) but leaves `fields.is_object` false.
     pub fn event(&mut self, schema: EventSchema<'_>, fields: &mut EventFields<'a>) -> Result<(), SyntaxError> {
         let EventSchema { schema, unknown } = schema;
-        fields.reset(schema.columns.len());
+        fields.reset(schema.columns().len());
         if self.peek() != Some(b'{') {
             return self.value(0);
         }
@@ -235,7 +128,7 @@ impl<'a> Scanner<'a> {
         // field's before hashing the name.
         let mut next_column = 0;
         loop {
-            let expected = schema.columns.get(next_column).and_then(|column| column.key.as_ref());
+            let expected = schema.columns().get(next_column).and_then(|column| column.key.as_ref());
             let (column, key) = match expected {
                 Some(pattern) if pattern.matches(self.bytes(), self.pos) => {
                     self.pos += pattern.len;
@@ -244,14 +137,14 @@ impl<'a> Scanner<'a> {
                 }
                 _ => {
                     let key = self.key()?;
-                    (schema.by_name.get(&*key).copied(), Some(key))
+                    (schema.column_index(&key), Some(key))
                 }
             };
             if let Some(i) = column {
                 next_column = i + 1;
             }
             let start = self.pos;
-            let content = match column.map(|i| &schema.columns[i].role) {
+            let content = match column.map(|i| &schema.columns()[i].role) {
                 Some(Role::Written { .. }) if self.peek() == Some(b'"') => {
                     self.string_content(&mut fields.unescaped)?
                 }
@@ -261,15 +154,15 @@ impl<'a> Scanner<'a> {
                 }
             };
             let problem = match column {
-                Some(i) => match &schema.columns[i].role {
+                Some(i) => match &schema.columns()[i].role {
                     Role::Written { .. } => {
                         // Duplicate fields: the last one wins, as with serde_json.
                         fields.values[i] = Some(Field { raw: &self.text[start..self.pos], content });
                         None
                     }
-                    Role::Computed(kind) => Some((schema.columns[i].name.clone(), kind_problem(kind))),
+                    Role::Computed(kind) => Some((schema.columns()[i].name.clone(), kind_problem(kind))),
                     Role::Unsupported(text) => Some((
-                        schema.columns[i].name.clone(),
+                        schema.columns()[i].name.clone(),
                         format!("column type {text} is not supported by buffergate"),
                     )),
                 },
@@ -758,30 +651,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn key_patterns_match_exactly_the_quoted_name() {
-        for name in ["", "a", "ts", "event_id", "abcdefghijklmn"] {
-            let pattern = KeyPattern::new(name).unwrap();
-            let quoted = format!("\"{name}\"");
-            let padding = ": 1, \"zzzzzzzzzzzzzzzz\": 2}";
-            assert!(pattern.matches(format!("{quoted}{padding}").as_bytes(), 0), "{name}");
-            assert!(pattern.matches(format!("  {quoted}{padding}").as_bytes(), 2), "{name}");
-            for other in [format!("\"{name}x\""), format!("\"x{name}\""), format!("\"{name}\\\"\"")] {
-                assert!(!pattern.matches(format!("{other}{padding}").as_bytes(), 0), "{name} vs {other}");
-            }
-            if let Some(shorter) = name.get(..name.len().saturating_sub(1)).filter(|_| !name.is_empty()) {
-                assert!(!pattern.matches(format!("\"{shorter}\"{padding}").as_bytes(), 0), "{name}");
-            }
-            // Too close to the end to compare two words: the general path reads it.
-            if quoted.len() < 16 {
-                assert!(!pattern.matches(quoted.as_bytes(), 0), "{name}");
-            }
-        }
-        assert!(KeyPattern::new("abcdefghijklmno").is_none(), "17 bytes quoted");
-        assert!(KeyPattern::new("a\"b").is_none());
-        assert!(KeyPattern::new("a\\b").is_none());
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! A circuit breaker on INSERT failures: after `threshold` consecutive failed attempts it
 //! opens, and requests get 503 at once instead of queueing behind retries that will fail too.
 //! After `open_for` it lets one probe INSERT through (half-open): success closes it, failure
-//! opens it again.
+//! opens it again. Time is tokio's clock, so tests step it instead of sleeping.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::metrics;
 
@@ -83,28 +85,30 @@ impl Breaker {
 mod tests {
     use super::*;
 
-    #[test]
-    fn opens_probes_and_closes() {
+    #[tokio::test(start_paused = true)]
+    async fn opens_probes_and_closes() {
         let breaker = Breaker::new(3, Duration::from_millis(50));
         breaker.record(false);
         breaker.record(false);
         assert!(breaker.allow() && !breaker.is_open());
         breaker.record(false);
         assert!(breaker.is_open() && !breaker.allow());
-        std::thread::sleep(Duration::from_millis(60));
+        tokio::time::advance(Duration::from_millis(40)).await;
+        assert!(breaker.is_open(), "still open before open_for has passed");
+        tokio::time::advance(Duration::from_millis(60)).await;
         assert!(!breaker.is_open());
         assert!(breaker.allow(), "one probe");
         assert!(!breaker.allow(), "only one");
         breaker.record(false);
         assert!(breaker.is_open(), "a failed probe opens it again");
-        std::thread::sleep(Duration::from_millis(60));
+        tokio::time::advance(Duration::from_millis(60)).await;
         assert!(breaker.allow());
         breaker.record(true);
         assert!(breaker.allow() && breaker.allow() && !breaker.is_open());
     }
 
-    #[test]
-    fn success_resets_the_count() {
+    #[tokio::test(start_paused = true)]
+    async fn success_resets_the_count() {
         let breaker = Breaker::new(2, Duration::from_secs(60));
         breaker.record(false);
         breaker.record(true);

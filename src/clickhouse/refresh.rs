@@ -8,10 +8,10 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::{SharedSchema, SpecialColumns};
-use crate::clickhouse::ClickHouse;
+use super::ClickHouse;
 use crate::config::Config;
 use crate::health::Health;
+use crate::schema::{SharedSchema, SpecialColumns};
 
 /// What the refresher needs, shared with the rest of the gateway.
 #[derive(Debug, Clone)]

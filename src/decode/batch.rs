@@ -1,0 +1,275 @@
+//! A request body → its events' rows, split by partition: each event is read from the text,
+//! validated and encoded straight into its partition's rows before the next is read.
+
+use serde::Serialize;
+
+use super::DecodeError;
+use super::body::Format;
+use super::scan::{EventSchema, Scanner, SyntaxError};
+use crate::idempotency::Idempotency;
+use crate::rows::PartitionRows;
+use crate::schema::{EncodeContext, EventFields, TableSchema};
+
+#[derive(Debug, Serialize)]
+pub struct RejectedEvent {
+    /// Position of the event in the request (0-based).
+    pub index: usize,
+    /// The offending field; `null` when the event as a whole is wrong.
+    pub field: Option<String>,
+    pub error: String,
+}
+
+/// Where an accepted event's row went, to filter duplicates out afterwards.
+#[derive(Debug)]
+pub struct EventRow {
+    /// The idempotency key of the event's own id (`id_column`), when it sent one
+    /// ([`Idempotency::event_key`]); taken by the reservation.
+    pub key: Option<Vec<u8>>,
+    pub partition: usize,
+    pub chunk: usize,
+    pub range: std::ops::Range<usize>,
+}
+
+/// A request's events, encoded and split by partition.
+#[derive(Debug)]
+pub struct EncodedBatch {
+    pub partitions: Vec<PartitionRows>,
+    /// One per accepted event, in order (kept only when events are deduplicated).
+    pub events: Vec<EventRow>,
+    pub accepted: usize,
+    pub rejected: Vec<RejectedEvent>,
+    /// SHA-256 of the (decompressed) body, hex: what `Idempotency-Key` compares (empty when the
+    /// request has no such key).
+    pub body_hash: String,
+}
+
+impl EncodedBatch {
+    /// Keeps only the accepted events for which `keep` is true.
+    pub fn retain(&mut self, keep: &[bool]) {
+        let fresh = (0..self.partitions.len()).map(|_| PartitionRows::default()).collect();
+        let old = std::mem::replace(&mut self.partitions, fresh);
+        let mut events = Vec::new();
+        for (event, &kept) in std::mem::take(&mut self.events).into_iter().zip(keep) {
+            if !kept {
+                continue;
+            }
+            let chunk = &old[event.partition].chunks[event.chunk];
+            let (index, range) = self.partitions[event.partition].push(chunk.omitted, &chunk.data[event.range]);
+            events.push(EventRow { key: event.key, partition: event.partition, chunk: index, range });
+        }
+        self.accepted = events.len();
+        self.events = events;
+    }
+}
+
+/// What `encode_batch` needs to know besides the schema.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchShape {
+    pub partitions: usize,
+    pub max_events: usize,
+    /// Remember each event's id and row position, for deduplication.
+    pub keep_ids: bool,
+}
+
+/// Parses the body event by event and encodes each straight into its partition's rows; no
+/// event outlives its own encoding, so memory stays proportional to the encoded output.
+pub fn encode_batch(
+    text: &[u8],
+    format: Format,
+    schema: &TableSchema,
+    ctx: &EncodeContext,
+    shape: &BatchShape,
+) -> Result<EncodedBatch, DecodeError> {
+    let partitions = shape.partitions.max(1);
+    let mut batch = EncodedBatch {
+        // RowBinary is usually well under half the size of the JSON it came from: an
+        // underestimate costs one doubling, an overestimate would hold memory not accounted for.
+        partitions: (0..partitions).map(|_| PartitionRows::with_expected_bytes(text.len() / 3 / partitions)).collect(),
+        events: Vec::new(),
+        accepted: 0,
+        rejected: Vec::new(),
+        body_hash: String::new(),
+    };
+    let mut index = 0usize;
+    let mut take = |fields: &EventFields| {
+        // One partition (the default on small hosts) needs no key hashed.
+        let partition = if partitions == 1 {
+            0
+        } else {
+            (schema.partition_hash(fields, index as u64) % partitions as u64) as usize
+        };
+        match batch.partitions[partition].encode(|out| schema.encode_fields(fields, ctx, out)) {
+            Ok((chunk, range)) => {
+                batch.accepted += 1;
+                if shape.keep_ids {
+                    let key = schema.event_id(fields).map(|id| Idempotency::event_key(&id));
+                    batch.events.push(EventRow { key, partition, chunk, range });
+                }
+            }
+            Err(rejection) => {
+                batch.rejected.push(RejectedEvent { index, field: rejection.field, error: rejection.error });
+            }
+        }
+        index += 1;
+    };
+    let reader = Reader { schema: EventSchema { schema, unknown: ctx.unknown_fields }, max_events: shape.max_events };
+    match format {
+        Format::JsonArray => reader.array(text, &mut take)?,
+        Format::Ndjson => reader.ndjson(text, &mut take)?,
+    }
+    Ok(batch)
+}
+
+/// Reads a body's events one at a time, each straight into its fields (no value tree), and
+/// hands each to `take` before reading the next.
+struct Reader<'s> {
+    schema: EventSchema<'s>,
+    max_events: usize,
+}
+
+impl Reader<'_> {
+    /// A JSON array of events, or a single event object.
+    fn array<'a>(&self, text: &'a [u8], take: &mut dyn FnMut(&EventFields<'a>)) -> Result<(), DecodeError> {
+        let at = |e: SyntaxError| {
+            let (line, column) = e.position(text);
+            DecodeError::MalformedJson { line, column, reason: e.reason.to_string() }
+        };
+        let text = utf8(text).map_err(at)?;
+        let mut scanner = Scanner::new(text);
+        let mut fields = EventFields::default();
+        scanner.ws();
+        match scanner.peek() {
+            Some(b'[') => {
+                scanner.bump();
+                scanner.ws();
+                let mut more = scanner.peek() != Some(b']');
+                if !more {
+                    scanner.bump();
+                }
+                let mut count = 0usize;
+                while more {
+                    count += 1;
+                    if count > self.max_events {
+                        return Err(DecodeError::TooManyEvents { limit: self.max_events });
+                    }
+                    scanner.event(self.schema, &mut fields).map_err(at)?;
+                    take(&fields);
+                    more = scanner.next_element(b']').map_err(at)?;
+                }
+            }
+            Some(b'{') => {
+                scanner.event(self.schema, &mut fields).map_err(at)?;
+                take(&fields);
+            }
+            None => return Err(at(scanner.error("EOF while parsing a value"))),
+            Some(_) => return Err(at(scanner.error("expected an array of event objects"))),
+        }
+        scanner.ws();
+        if scanner.at_end() { Ok(()) } else { Err(at(scanner.error("trailing characters"))) }
+    }
+
+    /// One event per line; blank lines are skipped.
+    fn ndjson<'a>(&self, text: &'a [u8], take: &mut dyn FnMut(&EventFields<'a>)) -> Result<(), DecodeError> {
+        let mut count = 0usize;
+        let mut fields = EventFields::default();
+        for (i, line) in text.split(|&b| b == b'\n').enumerate() {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            count += 1;
+            if count > self.max_events {
+                return Err(DecodeError::TooManyEvents { limit: self.max_events });
+            }
+            let at = |e: SyntaxError| DecodeError::MalformedJson {
+                line: i + 1,
+                column: e.position(line).1,
+                reason: e.reason.to_string(),
+            };
+            let mut scanner = Scanner::new(utf8(line).map_err(at)?);
+            scanner.ws();
+            scanner.event(self.schema, &mut fields).map_err(at)?;
+            scanner.ws();
+            if !scanner.at_end() {
+                return Err(at(scanner.error("trailing characters")));
+            }
+            take(&fields);
+        }
+        Ok(())
+    }
+}
+
+/// The body as text: UTF-8 is checked once, up front, rather than string by string.
+fn utf8(text: &[u8]) -> Result<&str, SyntaxError> {
+    std::str::from_utf8(text)
+        .map_err(|e| SyntaxError { offset: e.valid_up_to(), reason: "invalid UTF-8 (bodies are UTF-8 JSON)" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UnknownFields;
+    use crate::schema::{ColumnInfo, SpecialColumns, Timestamp};
+
+    fn schema() -> TableSchema {
+        let special = SpecialColumns { id: "id".into(), timestamp: "ts".into(), partition_key: "k".into() };
+        let info = |n: &str, t: &str| ColumnInfo { name: n.into(), type_text: t.into(), default_kind: String::new() };
+        TableSchema::new(1, "d", "t", vec![info("k", "UInt32"), info("s", "String")], &special)
+    }
+
+    fn run(text: &str, format: Format, max: usize) -> Result<EncodedBatch, DecodeError> {
+        let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
+        encode_batch(
+            text.as_bytes(),
+            format,
+            &schema(),
+            &ctx,
+            &BatchShape { partitions: 4, max_events: max, keep_ids: true },
+        )
+    }
+
+    #[test]
+    fn partial_rejection_keeps_the_rest() {
+        let batch = run(r#"[{"k": 1, "s": "a"}, {"k": -1}, 7, {"k": 2}]"#, Format::JsonArray, 10).unwrap();
+        assert_eq!(batch.accepted, 2);
+        let rejected: Vec<_> = batch.rejected.iter().map(|r| (r.index, r.field.clone())).collect();
+        assert_eq!(rejected, vec![(1, Some("k".to_string())), (2, None)]);
+        assert_eq!(batch.partitions.iter().map(PartitionRows::rows).sum::<usize>(), 2);
+    }
+
+    #[test]
+    fn same_key_same_partition_and_keys_spread() {
+        let used = |batch: &EncodedBatch| batch.partitions.iter().filter(|p| p.rows() > 0).count();
+        let batch = run(r#"[{"k": 9}, {"k": 9}, {"k": 9}]"#, Format::JsonArray, 10).unwrap();
+        assert_eq!(used(&batch), 1, "one key, one partition");
+        let many: Vec<String> = (0..64).map(|k| format!(r#"{{"k": {k}}}"#)).collect();
+        let batch = run(&format!("[{}]", many.join(",")), Format::JsonArray, 100).unwrap();
+        assert_eq!(used(&batch), 4, "64 keys reach all 4 partitions");
+        for (partition, rows) in batch.partitions.iter().enumerate() {
+            let again = run(&format!("[{}]", many.join(",")), Format::JsonArray, 100).unwrap();
+            assert_eq!(again.partitions[partition].rows(), rows.rows(), "stable across requests");
+        }
+    }
+
+    #[test]
+    fn malformed_json_reports_position() {
+        let Err(DecodeError::MalformedJson { line, column, .. }) =
+            run("[{\"k\": 1},\n {\"k\": }]", Format::JsonArray, 10)
+        else {
+            panic!("expected malformed_json")
+        };
+        assert_eq!((line, column), (2, 8));
+        let Err(DecodeError::MalformedJson { line, .. }) = run("{\"k\": 1}\n\n{oops}\n", Format::Ndjson, 10) else {
+            panic!("expected malformed_json")
+        };
+        assert_eq!(line, 3);
+    }
+
+    #[test]
+    fn limits_and_shapes() {
+        assert!(matches!(run("[{}, {}, {}]", Format::JsonArray, 2), Err(DecodeError::TooManyEvents { limit: 2 })));
+        assert!(matches!(run("{}\n{}\n{}\n", Format::Ndjson, 2), Err(DecodeError::TooManyEvents { .. })));
+        assert_eq!(run(r#"{"k": 3}"#, Format::JsonArray, 1).unwrap().accepted, 1);
+        assert!(matches!(run(r#""text""#, Format::JsonArray, 1), Err(DecodeError::MalformedJson { .. })));
+        assert_eq!(run("[]", Format::JsonArray, 1).unwrap().accepted, 0);
+    }
+}

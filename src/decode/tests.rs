@@ -1,0 +1,216 @@
+//! The encoding of whole events as the request path does it: scanned from text, validated
+//! against a schema, encoded into RowBinary.
+
+use serde_json::{Value, json};
+
+use super::*;
+use crate::config::UnknownFields;
+use crate::schema::encode::{Reason, encode, write_len};
+use crate::schema::{ColumnInfo, ColumnType, SpecialColumns, Timestamp};
+
+fn write_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    write_len(out, bytes.len());
+    out.extend_from_slice(bytes);
+}
+
+fn info(name: &str, ty: &str, kind: &str) -> ColumnInfo {
+    ColumnInfo { name: name.into(), type_text: ty.into(), default_kind: kind.into() }
+}
+
+fn schema() -> TableSchema {
+    let special =
+        SpecialColumns { id: "event_id".into(), timestamp: "event_ts".into(), partition_key: "user_id".into() };
+    TableSchema::new(
+        1,
+        "db",
+        "t",
+        vec![
+            info("event_id", "UUID", ""),
+            info("event_ts", "DateTime64(3)", ""),
+            info("user_id", "UInt64", ""),
+            info("n", "UInt8", "DEFAULT"),
+            info("m", "String", "MATERIALIZED"),
+            info("t", "Tuple(UInt8, UInt8)", ""),
+        ],
+        &special,
+    )
+}
+
+fn ctx() -> EncodeContext {
+    EncodeContext { now: Timestamp { seconds: 1, nanos: 0 }, unknown_fields: UnknownFields::Reject }
+}
+
+#[test]
+fn fills_id_and_time_and_omits_defaults() {
+    let s = schema();
+    let mut out = Vec::new();
+    let omitted = encode_event(&s, &json!({"user_id": 5}), &ctx(), &mut out).unwrap();
+    assert_eq!(omitted, 1);
+    assert_eq!(out.len(), 16 + 8 + 8);
+    assert_eq!(out[1] >> 4, 7, "a generated id is a UUIDv7 (version nibble of the high half)");
+    assert_eq!(out[16..24], 1000i64.to_le_bytes());
+    assert_eq!(s.insert_sql(omitted), "INSERT INTO `db`.`t` (`event_id`, `event_ts`, `user_id`) FORMAT RowBinary");
+    assert_eq!(s.insert_sql(0), "INSERT INTO `db`.`t` (`event_id`, `event_ts`, `user_id`, `n`) FORMAT RowBinary");
+}
+
+#[test]
+fn rejections_name_the_field_and_roll_back() {
+    let s = schema();
+    let mut out = vec![9];
+    for (event, field) in [
+        (json!({"user_id": -1}), Some("user_id")),
+        (json!({"nope": 1}), Some("nope")),
+        (json!({"m": "x"}), Some("m")),
+        (json!({"t": [1, 2]}), Some("t")),
+        (json!([1]), None),
+    ] {
+        let err = encode_event(&s, &event, &ctx(), &mut out).unwrap_err();
+        assert_eq!(err.field.as_deref(), field, "{event}");
+        assert_eq!(out, [9]);
+    }
+    // Ignore mode drops the unknown field and writes the rest as if it had not been sent.
+    let ignore = EncodeContext { unknown_fields: UnknownFields::Ignore, ..ctx() };
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    let at_known_time = json!({"event_id": "018f2b6e-1d2c-7a3b-9c4d-5e6f708192a3", "user_id": 5});
+    let mut sent = at_known_time.clone();
+    sent["nope"] = json!(1);
+    assert_eq!(encode_event(&s, &sent, &ignore, &mut with), Ok(1));
+    assert_eq!(encode_event(&s, &at_known_time, &ctx(), &mut without), Ok(1));
+    assert_eq!(with, without);
+}
+
+#[test]
+fn partition_hash_is_stable_per_key() {
+    let s = schema();
+    let hash = |text: &str, fallback: u64| {
+        let mut fields = EventFields::default();
+        Scanner::new(text).event(EventSchema { schema: &s, unknown: UnknownFields::Reject }, &mut fields).unwrap();
+        s.partition_hash(&fields, fallback)
+    };
+    assert_eq!(hash(r#"{"user_id": 5}"#, 0), hash(r#"{"user_id": "5"}"#, 1));
+    assert_eq!(hash(r#"{"user_id": -5}"#, 0), hash(r#"{"user_id": "-5"}"#, 1));
+    assert_eq!(hash(r#"{"user_id": 5}"#, 0), hash(r#"{"user_id": "\u0035"}"#, 1), "escapes are read");
+    assert_ne!(hash(r#"{"user_id": 5}"#, 0), hash(r#"{"user_id": 6}"#, 0));
+    assert_eq!(hash("{}", 42), 42);
+    // Sequential ids and text keys spread evenly over the partitions.
+    for partitions in [2u64, 3, 8] {
+        for key in [|i: u64| format!("{i}"), |i: u64| format!("\"user-{i}\"")] {
+            let mut counts = vec![0u64; partitions as usize];
+            for i in 0..8000 {
+                counts[(hash(&format!(r#"{{"user_id": {}}}"#, key(i)), 0) % partitions) as usize] += 1;
+            }
+            let fair = 8000 / partitions;
+            assert!(counts.iter().all(|&c| c.abs_diff(fair) < fair / 10), "{partitions}: {counts:?}");
+        }
+    }
+}
+
+/// Encodes `raw` as the request path does: read by the scanner as the one field of an event
+/// (which unescapes string literals), then encoded.
+fn through_scanner(ty: &str, raw: &str, out: &mut Vec<u8>) -> Result<(), Reason> {
+    let info = ColumnInfo { name: "v".into(), type_text: ty.into(), default_kind: String::new() };
+    let special = SpecialColumns { id: String::new(), timestamp: String::new(), partition_key: String::new() };
+    let schema = TableSchema::new(1, "db", "t", vec![info], &special);
+    let text = format!("{{\"v\": {raw}}}");
+    let mut fields = EventFields::default();
+    Scanner::new(&text)
+        .event(EventSchema { schema: &schema, unknown: UnknownFields::Reject }, &mut fields)
+        .map_err(|e| e.reason.to_string())?;
+    let ctx = EncodeContext { now: Timestamp { seconds: 0, nanos: 0 }, unknown_fields: UnknownFields::Reject };
+    schema.encode_fields(&fields, &ctx, out).map(drop).map_err(|rejection| rejection.error)
+}
+
+/// The text path must agree with the value path byte for byte, and fall back to it (same
+/// message) whenever it does not read a form itself.
+#[test]
+fn text_path_agrees_with_value_path() {
+    let cases = [
+        ("UInt8", "255"),
+        ("UInt8", "256"),
+        ("UInt64", "18446744073709551615"),
+        ("UInt64", "18446744073709551616"),
+        ("UInt32", "-1"),
+        ("Int64", "-9223372036854775808"),
+        ("Int16", "\"-2\""),
+        ("Int32", "2.0"),
+        ("Int32", "1e3"),
+        ("Float64", "1.25"),
+        ("Float64", "-0.0"),
+        ("Float64", "\"3.5\""),
+        ("String", "\"h\\u00e9 \\\"q\\\"\""),
+        ("String", "\"plain\""),
+        ("String", "\"\\ud83d\\ude00 \\/\\b\\f\\n\\r\\t \\u0041\\u00e9\""),
+        ("String", "\"\\udc00\""),
+        ("String", "\"\\ud800x\""),
+        ("String", "12"),
+        ("String", "true"),
+        ("LowCardinality(String)", "\"click\""),
+        ("Nullable(String)", "null"),
+        ("LowCardinality(Nullable(String))", "\"x\""),
+        ("Nullable(UInt8)", "300"),
+        ("UUID", "\"018f2b6e-1d2c-7a3b-9c4d-5e6f708192a3\""),
+        ("UUID", "\"nope\""),
+        ("DateTime64(3)", "\"2024-05-01T12:00:00.123Z\""),
+        ("DateTime", "\"2024-05-01 12:00:00\""),
+        ("DateTime", "\"1900-01-01 00:00:00\""),
+        ("DateTime", "1714564800000"),
+        ("Array(UInt8)", "[1, 2]"),
+        ("Map(String, String)", "{\"k\": \"v\"}"),
+    ];
+    for (ty, raw) in cases {
+        let mut text = vec![7];
+        let by_text = through_scanner(ty, raw, &mut text);
+        let ty = ColumnType::parse(ty).unwrap();
+        let Ok(parsed) = serde_json::from_str::<Value>(raw) else {
+            assert!(by_text.is_err(), "{ty} {raw}: what serde_json refuses is refused");
+            continue;
+        };
+        let mut value = vec![7];
+        let by_value = encode(&ty, &parsed, &mut value);
+        assert_eq!(by_text, by_value, "{ty} {raw}");
+        if by_text.is_ok() {
+            assert_eq!(text, value, "{ty} {raw}");
+        }
+    }
+}
+
+#[test]
+fn escaped_strings_get_the_right_length_prefix() {
+    for n in [0usize, 1, 63, 64, 127, 128, 129, 200, 16_383, 16_384, 20_000] {
+        // Each escape shrinks two bytes to one, crossing prefix sizes.
+        let raw = format!("\"{}\"", "\\n".repeat(n));
+        let mut out = Vec::new();
+        through_scanner("String", &raw, &mut out).unwrap();
+        let mut expected = Vec::new();
+        write_bytes(&mut expected, "\n".repeat(n).as_bytes());
+        assert_eq!(out, expected, "{n}");
+    }
+}
+
+/// Escapes of every kind at every offset of a word, against serde_json's unescaping.
+#[test]
+fn unescapes_like_serde_json() {
+    let escapes = [r#"\""#, r"\\", r"\/", r"\b", r"\f", r"\n", r"\r", r"\t", r"\u00e9", r"\ud83d\ude00", "é", "x"];
+    for lead in 0..17 {
+        for (k, escape) in escapes.iter().enumerate() {
+            for gap in [0, 1, 7, 8, 9] {
+                let second = escapes[(k + 5) % escapes.len()];
+                let raw = format!("\"{}{escape}{}{second}tail\"", "a".repeat(lead), "b".repeat(gap));
+                let expected: String = serde_json::from_str(&raw).unwrap();
+                let mut out = Vec::new();
+                through_scanner("String", &raw, &mut out).unwrap();
+                let mut want = Vec::new();
+                write_bytes(&mut want, expected.as_bytes());
+                assert_eq!(out, want, "{raw}");
+            }
+        }
+    }
+}
+
+#[test]
+fn json_text_in_a_string_column_loses_only_whitespace() {
+    let mut out = Vec::new();
+    through_scanner("String", "{ \"b\" : [1, 2],\n \"a\": \"x y\\\" z\" }", &mut out).unwrap();
+    assert_eq!(out[1..], *br#"{"b":[1,2],"a":"x y\" z"}"#);
+    assert_eq!(usize::from(out[0]), out.len() - 1);
+}

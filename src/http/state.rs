@@ -1,0 +1,22 @@
+//! What every handler can reach: the ingestion path and the rest of the gateway's shared parts.
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::auth::{AdminToken, ApiKeys};
+use crate::clickhouse::ClickHouse;
+use crate::config::Config;
+use crate::ingest::Ingest;
+use crate::shed::ShedState;
+
+#[derive(Debug)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub ingest: Ingest,
+    pub shed: Arc<ShedState>,
+    pub api_keys: ApiKeys,
+    pub admin: AdminToken,
+    pub ch: ClickHouse,
+    pub metrics: PrometheusHandle,
+}

@@ -1,0 +1,66 @@
+//! Why a batch was not taken, as the ingestion path sees it; the HTTP boundary maps each to a
+//! status and a code (`http::error`), the Kafka front to pause, retry or dead-letter.
+
+use crate::decode::DecodeError;
+use crate::idempotency::{ReserveError, StoreError};
+use crate::metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("not ready: {0}")]
+    NotReady(&'static str),
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+    #[error("ClickHouse INSERTs keep failing; the circuit is open")]
+    CircuitOpen,
+    #[error("the gateway is overloaded ({0})")]
+    Overloaded(&'static str),
+    #[error("{0}")]
+    QueueFull(String),
+    #[error("the events could not be written to ClickHouse: {0}")]
+    FlushFailed(String),
+    #[error("the idempotency store is unavailable: {0}")]
+    StoreUnavailable(String),
+    #[error("some of these events are being written by another request right now")]
+    EventsInFlight,
+    #[error("a request with this idempotency key is still being processed")]
+    RequestInFlight,
+    #[error("this idempotency key was used for a request with a different body")]
+    IdempotencyKeyReused,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl IngestError {
+    /// The in-flight bounds refused the batch (counted as shed).
+    pub(crate) fn overloaded(what: &'static str) -> Self {
+        metrics::shed_request("overloaded");
+        Self::Overloaded(what)
+    }
+
+    pub(crate) fn internal(error: impl std::fmt::Display) -> Self {
+        Self::Internal(error.to_string())
+    }
+
+    /// Refused for lack of room or time, not for what it holds: its events count as shed.
+    pub fn is_shed(&self) -> bool {
+        matches!(self, Self::Overloaded(_) | Self::QueueFull(_) | Self::ShuttingDown | Self::CircuitOpen)
+    }
+}
+
+impl From<StoreError> for IngestError {
+    fn from(error: StoreError) -> Self {
+        Self::StoreUnavailable(error.to_string())
+    }
+}
+
+impl From<ReserveError> for IngestError {
+    fn from(error: ReserveError) -> Self {
+        match error {
+            ReserveError::Store(error) => error.into(),
+            ReserveError::InFlight => Self::EventsInFlight,
+        }
+    }
+}
