@@ -16,7 +16,7 @@ use crate::clickhouse::ClickHouse;
 use crate::clickhouse::breaker::Breaker;
 use crate::clickhouse::refresh::Refresher;
 use crate::clickhouse::writer::Writer;
-use crate::coalesce::Coalescer;
+use crate::coalesce::{Coalescer, CoalescerTasks};
 use crate::config::Config;
 use crate::health::Health;
 use crate::http;
@@ -57,85 +57,113 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
     let ch = ClickHouse::new(&config);
     let health = Arc::new(Health::default());
     let schema = Arc::new(SharedSchema::default());
-    let wake = Arc::new(Notify::new());
-    let refresher = Refresher {
-        ch: ch.clone(),
-        schema: Arc::clone(&schema),
-        health: Arc::clone(&health),
-        config: Arc::clone(&config),
-        wake: Arc::clone(&wake),
-    };
-    // A first look before taking traffic; if ClickHouse is down the gateway still starts,
-    // not ready, and keeps looking.
-    refresher.refresh().await;
-    let stop_watchers = CancellationToken::new();
-    let refresh_task = tokio::spawn(refresher.run(stop_watchers.clone()));
-
     let shed = Arc::new(ShedState::default());
-    let poller = Poller { ch: ch.clone(), state: Arc::clone(&shed), config: Arc::clone(&config) };
-    let poll_task = tokio::spawn(poller.run(stop_watchers.clone()));
-
-    let breaker = Arc::new(Breaker::new(config.circuit_failures, Duration::from_millis(config.circuit_open_ms)));
-    let writer = Arc::new(Writer::new(ch.clone(), &config, wake, Arc::clone(&breaker)));
+    let wake = Arc::new(Notify::new());
+    let watchers = Watchers::start(&ch, &config, &schema, &health, &shed, &wake).await;
+    let (ingest, partitions) = ingest(&config, &ch, schema, &health, wake)?;
     let api_keys = ApiKeys::from_config(&config)?;
     if api_keys.enabled() {
         tracing::info!(keys = api_keys.len(), "producer API keys required");
     } else {
         tracing::warn!("no API keys configured: producer authentication is off");
     }
-    let idempotency = Arc::new(Idempotency::from_config(&config)?);
+    let admin = AdminToken::new(&config.admin_token);
+    let state = Arc::new(AppState { config: Arc::clone(&config), ingest, shed, api_keys, admin, ch, metrics });
+
+    let local = listener.local_addr().map_err(ServeError::Serve)?;
+    tracing::info!(listen = %local, partitions = state.ingest.coalescer.partitions(), "buffergate serving");
+    // Answers are one write each, but nothing gains from Nagle's algorithm holding one back.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let stop_http = stop_accepting(shutdown, health, Duration::from_millis(config.shutdown_delay_ms));
+    let result = axum::serve(listener, http::router(state)).with_graceful_shutdown(stop_http).await;
+
+    partitions.drain().await;
+    watchers.stop().await;
+    tracing::info!("drained; bye");
+    result.map_err(ServeError::Serve)
+}
+
+/// The tasks that watch ClickHouse off the request path: the schema refresher (also the
+/// readiness probe) and the Buffer fill poller.
+struct Watchers {
+    stop: CancellationToken,
+    tasks: [tokio::task::JoinHandle<()>; 2],
+}
+
+impl Watchers {
+    async fn start(
+        ch: &ClickHouse,
+        config: &Arc<Config>,
+        schema: &Arc<SharedSchema>,
+        health: &Arc<Health>,
+        shed: &Arc<ShedState>,
+        wake: &Arc<Notify>,
+    ) -> Self {
+        let refresher = Refresher {
+            ch: ch.clone(),
+            schema: Arc::clone(schema),
+            health: Arc::clone(health),
+            config: Arc::clone(config),
+            wake: Arc::clone(wake),
+        };
+        // A first look before taking traffic; if ClickHouse is down the gateway still starts,
+        // not ready, and keeps looking.
+        refresher.refresh().await;
+        let stop = CancellationToken::new();
+        let poller = Poller { ch: ch.clone(), state: Arc::clone(shed), config: Arc::clone(config) };
+        let tasks = [tokio::spawn(refresher.run(stop.clone())), tokio::spawn(poller.run(stop.clone()))];
+        Self { stop, tasks }
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// The ingestion path and its running partitions.
+fn ingest(
+    config: &Arc<Config>,
+    ch: &ClickHouse,
+    schema: Arc<SharedSchema>,
+    health: &Arc<Health>,
+    wake: Arc<Notify>,
+) -> Result<(Ingest, CoalescerTasks), ServeError> {
+    let breaker = Arc::new(Breaker::new(config.circuit_failures, Duration::from_millis(config.circuit_open_ms)));
+    let writer = Arc::new(Writer::new(ch.clone(), config, wake, Arc::clone(&breaker)));
+    let idempotency = Arc::new(Idempotency::from_config(config)?);
     if idempotency.is_embedded() {
         tracing::warn!(
             "no redis_url: idempotency keys and producer offsets live in this process only; \
              run one replica, or configure BUFFERGATE_REDIS_URL"
         );
     }
-    let (coalescer, partitions) = Coalescer::start(&config, &writer, &idempotency);
+    let (coalescer, partitions) = Coalescer::start(config, &writer, &idempotency);
     let ingest = Ingest {
-        config: Arc::clone(&config),
+        config: Arc::clone(config),
         schema,
-        health: Arc::clone(&health),
+        health: Arc::clone(health),
         coalescer,
         writer,
         budget: Budget::new(config.max_inflight_bytes),
         breaker,
         idempotency,
     };
-    let state = Arc::new(AppState {
-        config: Arc::clone(&config),
-        ingest,
-        shed,
-        api_keys,
-        admin: AdminToken::new(&config.admin_token),
-        ch,
-        metrics,
-    });
+    Ok((ingest, partitions))
+}
 
-    let local = listener.local_addr().map_err(ServeError::Serve)?;
-    tracing::info!(listen = %local, partitions = state.ingest.coalescer.partitions(), "buffergate serving");
-
-    let drain_delay = Duration::from_millis(config.shutdown_delay_ms);
-    let stop_http = {
-        let health = Arc::clone(&health);
-        async move {
-            shutdown.triggered().await;
-            health.start_draining();
-            if !drain_delay.is_zero() {
-                tracing::info!(?drain_delay, "not ready; waiting for load balancers to stop routing here");
-                tokio::time::sleep(drain_delay).await;
-            }
-            tracing::info!("no longer accepting connections; answering in-flight requests");
-        }
-    };
-    // Answers are one write each, but nothing gains from Nagle's algorithm holding one back.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let result = axum::serve(listener, http::router(state)).with_graceful_shutdown(stop_http).await;
-
-    partitions.drain().await;
-    stop_watchers.cancel();
-    let _ = tokio::join!(refresh_task, poll_task);
-    tracing::info!("drained; bye");
-    result.map_err(ServeError::Serve)
+/// Resolves once the listener should stop accepting: on shutdown, readiness turns 503 first
+/// and load balancers get `delay` to stop routing here.
+async fn stop_accepting(shutdown: Shutdown, health: Arc<Health>, delay: Duration) {
+    shutdown.triggered().await;
+    health.start_draining();
+    if !delay.is_zero() {
+        tracing::info!(?delay, "not ready; waiting for load balancers to stop routing here");
+        tokio::time::sleep(delay).await;
+    }
+    tracing::info!("no longer accepting connections; answering in-flight requests");
 }

@@ -377,25 +377,9 @@ fn unescape_rest(b: &[u8], mut i: usize, into: &mut Vec<u8>) -> Result<(usize, b
             Some(b'r') => Some(b'\r'),
             Some(b't') => Some(b'\t'),
             Some(b'u') => {
-                let Some(mut code) = hex4(b, i + 2) else {
-                    return Err(SyntaxError { offset: i + 1, reason: "invalid escape" });
-                };
-                i += 6;
-                if (0xD800..0xDC00).contains(&code) {
-                    // A high surrogate counts only with the low one escaped right after it;
-                    // anything else is read (and checked) as what it is.
-                    match (b.get(i..i + 2), hex4(b, i + 2)) {
-                        (Some([b'\\', b'u']), Some(low)) if (0xDC00..0xE000).contains(&low) => {
-                            code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
-                            i += 6;
-                        }
-                        _ => lone_surrogate = true,
-                    }
-                }
-                match char::from_u32(code) {
-                    Some(c) => k += c.encode_utf8(&mut buf[k..k + 4]).len(),
-                    None => lone_surrogate = true,
-                }
+                let (written, lone) = unicode_escape(b, &mut i, &mut buf[k..k + 4])?;
+                k += written;
+                lone_surrogate |= lone;
                 None
             }
             Some(_) => return Err(SyntaxError { offset: i + 1, reason: "invalid escape" }),
@@ -445,6 +429,33 @@ fn unescape_rest(b: &[u8], mut i: usize, into: &mut Vec<u8>) -> Result<(usize, b
                 None => return Err(eof_in_string(b)),
             }
         }
+    }
+}
+
+/// A `\uXXXX` escape at `b[*i]` (and its low surrogate when one follows), written as UTF-8
+/// into `out`; returns the bytes written and whether a lone surrogate was met (read as what
+/// it is, and reported). Advances `*i` past the escape(s).
+#[inline(always)]
+fn unicode_escape(b: &[u8], i: &mut usize, out: &mut [u8]) -> Result<(usize, bool), SyntaxError> {
+    let Some(mut code) = hex4(b, *i + 2) else {
+        return Err(SyntaxError { offset: *i + 1, reason: "invalid escape" });
+    };
+    *i += 6;
+    let mut lone = false;
+    if (0xD800..0xDC00).contains(&code) {
+        // A high surrogate counts only with the low one escaped right after it; anything else
+        // is read (and checked) as what it is.
+        match (b.get(*i..*i + 2), hex4(b, *i + 2)) {
+            (Some([b'\\', b'u']), Some(low)) if (0xDC00..0xE000).contains(&low) => {
+                code = 0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00);
+                *i += 6;
+            }
+            _ => lone = true,
+        }
+    }
+    match char::from_u32(code) {
+        Some(c) => Ok((c.encode_utf8(out).len(), lone)),
+        None => Ok((0, true)),
     }
 }
 

@@ -50,14 +50,7 @@ pub fn encode(ty: &ColumnType, value: &Value, out: &mut Vec<u8>) -> Result<(), R
             }
             Ok(())
         }
-        (ColumnType::FixedString(n), Value::String(s)) => {
-            if s.len() > *n {
-                return Err(format!("{} bytes do not fit FixedString({n})", s.len()));
-            }
-            out.extend_from_slice(s.as_bytes());
-            out.resize(out.len() + n - s.len(), 0);
-            Ok(())
-        }
+        (ColumnType::FixedString(n), Value::String(s)) => fixed_string(*n, s, out),
         (ColumnType::UInt8, _) => int(value, 0, u8::MAX.into()).map(|v| out.push(v as u8)),
         (ColumnType::UInt16, _) => int(value, 0, u16::MAX.into()).map(|v| out.extend((v as u16).to_le_bytes())),
         (ColumnType::UInt32, _) => int(value, 0, u32::MAX.into()).map(|v| out.extend((v as u32).to_le_bytes())),
@@ -72,100 +65,21 @@ pub fn encode(ty: &ColumnType, value: &Value, out: &mut Vec<u8>) -> Result<(), R
         (ColumnType::Int64, _) => {
             int(value, i64::MIN.into(), i64::MAX.into()).map(|v| out.extend((v as i64).to_le_bytes()))
         }
-        (ColumnType::Float32, _) => {
-            let f = float(value)?;
-            if f.is_finite() && f.abs() > f64::from(f32::MAX) {
-                return Err(format!("{f} is out of range for Float32"));
-            }
-            out.extend((f as f32).to_le_bytes());
-            Ok(())
-        }
+        (ColumnType::Float32, _) => float32(value, out),
         (ColumnType::Float64, _) => float(value).map(|f| out.extend(f.to_le_bytes())),
-        (ColumnType::Bool, _) => {
-            let b = match value {
-                Value::Bool(b) => *b,
-                Value::Number(n) if n.as_u64() == Some(0) => false,
-                Value::Number(n) if n.as_u64() == Some(1) => true,
-                Value::String(s) if s == "true" || s == "1" => true,
-                Value::String(s) if s == "false" || s == "0" => false,
-                _ => return Err("expected true or false".into()),
-            };
-            out.push(u8::from(b));
-            Ok(())
-        }
+        (ColumnType::Bool, _) => boolean(value, out),
         (ColumnType::Uuid, Value::String(s)) => {
             let uuid = uuid::Uuid::parse_str(s).map_err(|_| format!("{s:?} is not a UUID"))?;
             write_uuid(out, uuid);
             Ok(())
         }
-        (ColumnType::Date, _) => {
-            let days = days(value)?;
-            let days =
-                u16::try_from(days).map_err(|_| "out of range for Date (1970-01-01 to 2149-06-06)".to_string())?;
-            out.extend(days.to_le_bytes());
-            Ok(())
-        }
-        (ColumnType::Date32, _) => {
-            let days = days(value)?;
-            if !(MIN_DAYS_32..=MAX_DAYS_32).contains(&days) {
-                return Err("out of range for Date32 (1900-01-01 to 2299-12-31)".into());
-            }
-            out.extend((days as i32).to_le_bytes());
-            Ok(())
-        }
+        (ColumnType::Date, _) => date(value, out),
+        (ColumnType::Date32, _) => date32(value, out),
         (ColumnType::DateTime | ColumnType::DateTime64(_), _) => encode_time(ty, instant(value)?, out),
-        (ColumnType::Decimal(precision, scale), _) => {
-            let text = match value {
-                Value::String(s) => s.clone(),
-                Value::Number(n) => n.to_string(),
-                _ => return Err("expected a decimal number or string".into()),
-            };
-            let v = decimal(&text, *precision, *scale)
-                .ok_or_else(|| format!("{text:?} is not a Decimal({precision}, {scale})"))?;
-            match precision {
-                0..=9 => out.extend((v as i32).to_le_bytes()),
-                10..=18 => out.extend((v as i64).to_le_bytes()),
-                _ => out.extend(v.to_le_bytes()),
-            }
-            Ok(())
-        }
-        (ColumnType::Enum { wide, variants }, _) => {
-            let found = match value {
-                Value::String(s) => variants.iter().find(|(name, _)| name == s).map(|(_, v)| *v),
-                Value::Number(n) => {
-                    n.as_i64().and_then(|n| variants.iter().find(|(_, v)| i64::from(*v) == n)).map(|(_, v)| *v)
-                }
-                _ => None,
-            };
-            let v = found.ok_or_else(|| {
-                let names: Vec<&str> = variants.iter().map(|(n, _)| n.as_str()).collect();
-                format!("{value} is not one of {names:?}")
-            })?;
-            if *wide {
-                out.extend(v.to_le_bytes());
-            } else {
-                out.push(v as i8 as u8);
-            }
-            Ok(())
-        }
-        (ColumnType::Ipv4, _) => {
-            let ip = match value {
-                Value::String(s) => {
-                    s.parse::<Ipv4Addr>().map(u32::from).map_err(|_| format!("{s:?} is not an IPv4 address"))?
-                }
-                _ => int(value, 0, u32::MAX.into())? as u32,
-            };
-            out.extend(ip.to_le_bytes());
-            Ok(())
-        }
-        (ColumnType::Ipv6, Value::String(s)) => {
-            let ip = match s.parse::<IpAddr>().map_err(|_| format!("{s:?} is not an IP address"))? {
-                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-                IpAddr::V6(v6) => v6,
-            };
-            out.extend(ip.octets());
-            Ok(())
-        }
+        (ColumnType::Decimal(precision, scale), _) => decimal_value(value, *precision, *scale, out),
+        (ColumnType::Enum { wide, variants }, _) => enum_value(value, *wide, variants, out),
+        (ColumnType::Ipv4, _) => ipv4(value, out),
+        (ColumnType::Ipv6, Value::String(s)) => ipv6(s, out),
         (ColumnType::Array(inner), Value::Array(items)) => {
             write_len(out, items.len());
             for (i, item) in items.iter().enumerate() {
@@ -173,20 +87,127 @@ pub fn encode(ty: &ColumnType, value: &Value, out: &mut Vec<u8>) -> Result<(), R
             }
             Ok(())
         }
-        (ColumnType::Map(key_ty, value_ty), Value::Object(map)) => {
-            write_len(out, map.len());
-            for (key, item) in map {
-                match key_ty.unwrapped() {
-                    ColumnType::String => write_bytes(out, key.as_bytes()),
-                    _ => encode(key_ty, &Value::String(key.clone()), out)
-                        .map_err(|reason| format!("key {key:?}: {reason}"))?,
-                }
-                encode(value_ty, item, out).map_err(|reason| format!("key {key:?}: {reason}"))?;
-            }
-            Ok(())
-        }
+        (ColumnType::Map(key_ty, value_ty), Value::Object(entries)) => map(key_ty, value_ty, entries, out),
         (ty, value) => Err(format!("expected {}, got {}", expectation(ty), kind(value))),
     }
+}
+
+fn fixed_string(n: usize, s: &str, out: &mut Vec<u8>) -> Result<(), Reason> {
+    if s.len() > n {
+        return Err(format!("{} bytes do not fit FixedString({n})", s.len()));
+    }
+    out.extend_from_slice(s.as_bytes());
+    out.resize(out.len() + n - s.len(), 0);
+    Ok(())
+}
+
+fn float32(value: &Value, out: &mut Vec<u8>) -> Result<(), Reason> {
+    let f = float(value)?;
+    if f.is_finite() && f.abs() > f64::from(f32::MAX) {
+        return Err(format!("{f} is out of range for Float32"));
+    }
+    out.extend((f as f32).to_le_bytes());
+    Ok(())
+}
+
+fn boolean(value: &Value, out: &mut Vec<u8>) -> Result<(), Reason> {
+    let b = match value {
+        Value::Bool(b) => *b,
+        Value::Number(n) if n.as_u64() == Some(0) => false,
+        Value::Number(n) if n.as_u64() == Some(1) => true,
+        Value::String(s) if s == "true" || s == "1" => true,
+        Value::String(s) if s == "false" || s == "0" => false,
+        _ => return Err("expected true or false".into()),
+    };
+    out.push(u8::from(b));
+    Ok(())
+}
+
+fn date(value: &Value, out: &mut Vec<u8>) -> Result<(), Reason> {
+    let days = days(value)?;
+    let days = u16::try_from(days).map_err(|_| "out of range for Date (1970-01-01 to 2149-06-06)".to_string())?;
+    out.extend(days.to_le_bytes());
+    Ok(())
+}
+
+fn date32(value: &Value, out: &mut Vec<u8>) -> Result<(), Reason> {
+    let days = days(value)?;
+    if !(MIN_DAYS_32..=MAX_DAYS_32).contains(&days) {
+        return Err("out of range for Date32 (1900-01-01 to 2299-12-31)".into());
+    }
+    out.extend((days as i32).to_le_bytes());
+    Ok(())
+}
+
+fn decimal_value(value: &Value, precision: u32, scale: u32, out: &mut Vec<u8>) -> Result<(), Reason> {
+    let text = match value {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        _ => return Err("expected a decimal number or string".into()),
+    };
+    let v =
+        decimal(&text, precision, scale).ok_or_else(|| format!("{text:?} is not a Decimal({precision}, {scale})"))?;
+    match precision {
+        0..=9 => out.extend((v as i32).to_le_bytes()),
+        10..=18 => out.extend((v as i64).to_le_bytes()),
+        _ => out.extend(v.to_le_bytes()),
+    }
+    Ok(())
+}
+
+fn enum_value(value: &Value, wide: bool, variants: &[(String, i16)], out: &mut Vec<u8>) -> Result<(), Reason> {
+    let found = match value {
+        Value::String(s) => variants.iter().find(|(name, _)| name == s).map(|(_, v)| *v),
+        Value::Number(n) => n.as_i64().and_then(|n| variants.iter().find(|(_, v)| i64::from(*v) == n)).map(|(_, v)| *v),
+        _ => None,
+    };
+    let v = found.ok_or_else(|| {
+        let names: Vec<&str> = variants.iter().map(|(n, _)| n.as_str()).collect();
+        format!("{value} is not one of {names:?}")
+    })?;
+    if wide {
+        out.extend(v.to_le_bytes());
+    } else {
+        out.push(v as i8 as u8);
+    }
+    Ok(())
+}
+
+fn ipv4(value: &Value, out: &mut Vec<u8>) -> Result<(), Reason> {
+    let ip = match value {
+        Value::String(s) => {
+            s.parse::<Ipv4Addr>().map(u32::from).map_err(|_| format!("{s:?} is not an IPv4 address"))?
+        }
+        _ => int(value, 0, u32::MAX.into())? as u32,
+    };
+    out.extend(ip.to_le_bytes());
+    Ok(())
+}
+
+fn ipv6(s: &str, out: &mut Vec<u8>) -> Result<(), Reason> {
+    let ip = match s.parse::<IpAddr>().map_err(|_| format!("{s:?} is not an IP address"))? {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    out.extend(ip.octets());
+    Ok(())
+}
+
+fn map(
+    key_ty: &ColumnType,
+    value_ty: &ColumnType,
+    map: &serde_json::Map<String, Value>,
+    out: &mut Vec<u8>,
+) -> Result<(), Reason> {
+    write_len(out, map.len());
+    for (key, item) in map {
+        match key_ty.unwrapped() {
+            ColumnType::String => write_bytes(out, key.as_bytes()),
+            _ => encode(key_ty, &Value::String(key.clone()), out).map_err(|reason| format!("key {key:?}: {reason}"))?,
+        }
+        encode(value_ty, item, out).map_err(|reason| format!("key {key:?}: {reason}"))?;
+    }
+    Ok(())
 }
 
 /// Appends the value whose JSON text (as found in the request body) is `raw`, encoded as `ty`;

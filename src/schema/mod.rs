@@ -91,7 +91,7 @@ pub struct TableSchema {
     columns: Vec<Column>,
     /// Indexes into `columns` of the written columns, in table order (the RowBinary order).
     written: Vec<usize>,
-    by_name: HashMap<String, usize, BuildHasherDefault<NameHasher>>,
+    by_name: HashMap<String, usize, BuildHasherDefault<Fnv1a>>,
     id: Option<usize>,
     timestamp: Option<usize>,
     /// The column whose value picks the coalescer partition.
@@ -99,18 +99,20 @@ pub struct TableSchema {
     infos: Vec<ColumnInfo>,
 }
 
-/// FNV-1a over field names: every field of every event is looked up, and SipHash's DoS
-/// resistance buys nothing for a fixed table that requests only read.
+/// FNV-1a, for the two hashes on the request path: field names looked up in the table's
+/// columns (every field of every event), and partition-key values. SipHash's DoS resistance
+/// buys nothing for a fixed table that requests only read, nor for a key's partition, which
+/// only has to be stable within this process.
 #[derive(Debug)]
-struct NameHasher(u64);
+struct Fnv1a(u64);
 
-impl Default for NameHasher {
+impl Default for Fnv1a {
     fn default() -> Self {
         Self(0xcbf2_9ce4_8422_2325)
     }
 }
 
-impl Hasher for NameHasher {
+impl Hasher for Fnv1a {
     fn write(&mut self, bytes: &[u8]) {
         for &b in bytes {
             self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
@@ -327,7 +329,7 @@ impl TableSchema {
         // (or "\u0035") are one key and go to one partition, and nothing is parsed on the
         // request path. FNV-1a and a final mix: SipHash was ~4% of encoding a small event, and
         // a key's partition only has to be stable within this process.
-        let mut hasher = NameHasher::default();
+        let mut hasher = Fnv1a::default();
         match fields.string(field) {
             Some(content) => hasher.write(content),
             None if field.raw == "null" => return fallback,
