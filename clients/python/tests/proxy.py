@@ -1,0 +1,115 @@
+"""A TCP proxy in front of the gateway that answers some requests with a connection reset,
+*after* forwarding them: the gateway writes the events, the producer never hears so.
+
+It reads HTTP/1.1 just far enough to find where each request and answer ends (both carry
+`Content-Length`), so keep-alive connections carry many requests as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"transfer-encoding":
+            raise ValueError("chunked bodies are not expected here")
+        if name.strip().lower() == b"content-length":
+            return int(value.strip())
+    return 0
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Closes with RST rather than FIN: SO_LINGER on, zero timeout."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+class ResettingProxy:
+    """Every `every`-th `POST` is reset: odd ones once the gateway has answered (the answer is
+    dropped), even ones as soon as the request is forwarded (the gateway is still writing when
+    the producer retries)."""
+
+    def __init__(self, upstream_port: int, every: int = 4) -> None:
+        self.upstream_port = upstream_port
+        self.every = every
+        self.posts = 0
+        self.reset_after_answer = 0
+        self.reset_before_answer = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def resets(self) -> int:
+        return self.reset_after_answer + self.reset_before_answer
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        handed_off = False
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                body = await reader.readexactly(_content_length(head))
+                upstream_writer.write(head + body)
+                await upstream_writer.drain()
+                reset = None
+                if head.startswith(b"POST "):
+                    self.posts += 1
+                    if self.posts % self.every == 0:
+                        reset = "after" if (self.posts // self.every) % 2 else "before"
+                if reset == "before":
+                    self.reset_before_answer += 1
+                    _reset(writer)
+                    # Let the gateway finish and answer into the void.
+                    task = asyncio.ensure_future(self._drain_answer(upstream_reader, upstream_writer))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                    handed_off = True
+                    return
+                answer_head = await upstream_reader.readuntil(b"\r\n\r\n")
+                answer = answer_head + await upstream_reader.readexactly(_content_length(answer_head))
+                if reset == "after":
+                    self.reset_after_answer += 1
+                    _reset(writer)
+                    return
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            _reset(writer)
+        finally:
+            if not handed_off:
+                upstream_writer.close()
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    @staticmethod
+    async def _drain_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(_content_length(head))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
