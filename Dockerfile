@@ -8,14 +8,18 @@ COPY bench/Cargo.toml ./bench/Cargo.toml
 COPY bench/src ./bench/src
 COPY benches ./benches
 COPY src ./src
-RUN cargo build --release --locked --bin buffergate
+RUN cargo build --release --locked --bin buffergate && mkdir -p /journal
 
 # Runtime: no shell, no package manager, non-root.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/buffergate /usr/local/bin/buffergate
+# The journal's directory, owned by the user the gateway runs as.
+COPY --from=build --chown=65532:65532 /journal /var/lib/buffergate
 # 65532 is distroless's "nonroot" user, numeric so that runAsNonRoot can verify it.
 USER 65532:65532
 EXPOSE 8080
-ENV BUFFERGATE_LISTEN=0.0.0.0:8080 BUFFERGATE_LOG_FORMAT=json
+ENV BUFFERGATE_LISTEN=0.0.0.0:8080 BUFFERGATE_LOG_FORMAT=json BUFFERGATE_DATA_DIR=/var/lib/buffergate
+# The journal; mount a persistent volume here (a StatefulSet's volume claim in Kubernetes).
+VOLUME ["/var/lib/buffergate"]
 ENTRYPOINT ["/usr/local/bin/buffergate"]
 CMD ["serve"]

@@ -18,6 +18,7 @@ for _ in $(seq 1 150); do curl -fsS "http://127.0.0.1:$ch_http/ping" >/dev/null 
 
 export BUFFERGATE_CLICKHOUSE_URL="http://127.0.0.1:$ch_http" BUFFERGATE_DATABASE=api_conformance
 export BUFFERGATE_LISTEN="127.0.0.1:$gw_port" BUFFERGATE_ADMIN_TOKEN=conformance-admin RUST_LOG=warn
+export BUFFERGATE_DATA_DIR="$dir/gateway-data"
 ./target/debug/buffergate migrate
 ./target/debug/buffergate serve > "$dir/gateway.log" 2>&1 &
 pids+=($!)

@@ -27,5 +27,7 @@ if ! curl -fsS "$url/ping" >/dev/null 2>&1; then
 fi
 
 cargo build --release --locked
+# The journal of this local gateway, beside the private ClickHouse's data.
+export BUFFERGATE_DATA_DIR=${BUFFERGATE_DATA_DIR:-.local/gateway-data}
 ./target/release/buffergate migrate
 exec ./target/release/buffergate serve

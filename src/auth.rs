@@ -6,10 +6,14 @@
 //! with every digest in constant time. No keys configured: authentication is off.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Instant;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
 
+use governor::clock::Clock;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use crate::config::Config;
 
@@ -31,17 +35,17 @@ pub enum Denied {
 }
 
 #[derive(Debug)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
+struct Key {
+    name: String,
+    digest: [u8; 32],
+    /// Shared by every key of one name (e.g. the old and new key during a rotation), so a
+    /// name's traffic has one limit; `None` when there is no rate limit.
+    limiter: Option<Arc<DefaultDirectRateLimiter>>,
 }
 
 #[derive(Debug)]
 pub struct ApiKeys {
-    keys: Vec<(String, [u8; 32])>,
-    rate: f64,
-    burst: f64,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    keys: Vec<Key>,
 }
 
 fn digest(secret: &str) -> [u8; 32] {
@@ -50,7 +54,29 @@ fn digest(secret: &str) -> [u8; 32] {
 
 /// Equality that takes as long whatever the inputs.
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a[..].ct_eq(&b[..]).into()
+}
+
+/// A token bucket of `burst` requests refilled at `rate_per_s`, as a GCRA quota; `None` for
+/// no limit (a rate of 0, or one too high for a nanosecond clock to tell apart from none).
+fn quota(rate_per_s: f64, burst: u32) -> Option<Quota> {
+    if rate_per_s.is_nan() || rate_per_s <= 0.0 {
+        return None;
+    }
+    let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+    // governor counts time in u64 nanoseconds and panics past that: a period so long that a
+    // full burst of it would come near the end of that range is cut short. Only rates below
+    // one request in about a year and a half, at the default burst of 100, are affected.
+    let longest = Duration::from_nanos(u64::MAX / 4 / u64::from(burst.get()));
+    let period = Duration::try_from_secs_f64(1.0 / rate_per_s).map_or(longest, |p| p.min(longest));
+    Quota::with_period(period).map(|q| q.allow_burst(burst))
+}
+
+/// Whole seconds to wait, rounded up and at least one: `Retry-After` takes integers, and an
+/// answer of 0 would invite an immediate retry that is refused again.
+fn retry_after_s(wait: Duration) -> u32 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    u32::try_from(secs).unwrap_or(u32::MAX).max(1)
 }
 
 /// The bearer token of an `Authorization` header value.
@@ -77,22 +103,25 @@ impl ApiKeys {
                 .map_err(|source| AuthError::File { path: config.api_keys_file.clone(), source })?;
             lines.extend(text.lines().map(str::to_string));
         }
+        let quota = quota(config.api_key_rate_per_s, config.api_key_burst);
+        let mut limiters: HashMap<String, Arc<DefaultDirectRateLimiter>> = HashMap::new();
         let keys = lines
             .iter()
             .map(|line| line.trim())
             .filter(|line| !line.is_empty() && !line.starts_with('#'))
             .enumerate()
-            .map(|(i, line)| match named(line) {
-                Some((name, key)) => (name.to_string(), digest(key)),
-                None => (format!("key-{}", i + 1), digest(line)),
+            .map(|(i, line)| {
+                let (name, digest) = match named(line) {
+                    Some((name, key)) => (name.to_string(), digest(key)),
+                    None => (format!("key-{}", i + 1), digest(line)),
+                };
+                let limiter = quota.map(|quota| {
+                    Arc::clone(limiters.entry(name.clone()).or_insert_with(|| Arc::new(RateLimiter::direct(quota))))
+                });
+                Key { name, digest, limiter }
             })
             .collect();
-        Ok(Self {
-            keys,
-            rate: config.api_key_rate_per_s,
-            burst: f64::from(config.api_key_burst.max(1)),
-            buckets: Mutex::new(HashMap::new()),
-        })
+        Ok(Self { keys })
     }
 
     pub fn enabled(&self) -> bool {
@@ -115,31 +144,18 @@ impl ApiKeys {
         let presented = digest(token.ok_or(Denied::Missing)?);
         // Every digest is compared, so the time taken says nothing about which one matched.
         let mut found = None;
-        for (name, key) in &self.keys {
-            if constant_time_eq(&presented, key) && found.is_none() {
-                found = Some(name.clone());
+        for key in &self.keys {
+            if constant_time_eq(&presented, &key.digest) && found.is_none() {
+                found = Some(key);
             }
         }
-        let name = found.ok_or(Denied::Unknown)?;
-        self.take_token(&name)?;
-        Ok(Some(name))
-    }
-
-    fn take_token(&self, name: &str) -> Result<(), Denied> {
-        if self.rate <= 0.0 {
-            return Ok(());
+        let key = found.ok_or(Denied::Unknown)?;
+        if let Some(limiter) = &key.limiter {
+            limiter.check().map_err(|not_until| {
+                Denied::RateLimited(retry_after_s(not_until.wait_time_from(limiter.clock().now())))
+            })?;
         }
-        let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let bucket = buckets.entry(name.to_string()).or_insert(Bucket { tokens: self.burst, at: now });
-        bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * self.rate).min(self.burst);
-        bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Denied::RateLimited(((1.0 - bucket.tokens) / self.rate).ceil().max(1.0) as u32))
-        }
+        Ok(Some(key.name.clone()))
     }
 }
 
@@ -196,6 +212,33 @@ mod tests {
         assert!(keys.check(Some("s3cret")).is_ok());
         assert_eq!(keys.check(Some("s3cret")), Err(Denied::RateLimited(1)));
         assert!(keys.check(Some("bare-key")).is_ok(), "buckets are per key");
+    }
+
+    #[test]
+    fn slow_rates_and_names_shared_by_keys() {
+        let config = Config {
+            api_keys: "team=old-key, team=new-key, other=x".into(),
+            api_key_rate_per_s: 0.25,
+            api_key_burst: 1,
+            ..Config::default()
+        };
+        let keys = ApiKeys::from_config(&config).unwrap();
+        assert_eq!(keys.check(Some("old-key")), Ok(Some("team".into())));
+        assert_eq!(keys.check(Some("new-key")), Err(Denied::RateLimited(4)), "one limit per name, 4 s per request");
+        assert!(keys.check(Some("x")).is_ok());
+    }
+
+    #[test]
+    fn extreme_rates_and_waits() {
+        assert!(quota(0.0, 10).is_none() && quota(-1.0, 10).is_none() && quota(f64::NAN, 10).is_none());
+        assert!(quota(1e12, 10).is_none(), "faster than the clock ticks: no limit");
+        // A period beyond what governor's clock holds is cut short instead of panicking.
+        let limiter = RateLimiter::direct(quota(1e-30, u32::MAX).unwrap());
+        assert!(limiter.check().is_ok());
+        assert_eq!(retry_after_s(Duration::ZERO), 1);
+        assert_eq!(retry_after_s(Duration::from_millis(999)), 1);
+        assert_eq!(retry_after_s(Duration::from_nanos(1_000_000_001)), 2);
+        assert_eq!(retry_after_s(Duration::from_secs(u64::MAX)), u32::MAX);
     }
 
     #[test]

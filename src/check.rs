@@ -79,7 +79,36 @@ async fn measured_rate(ch: &ClickHouse) -> Result<f64, ClickHouseError> {
 pub async fn run(ch: &ClickHouse, config: &Config, options: Options) -> Result<Vec<Finding>, ClickHouseError> {
     let mut out = buffer(ch, config, options).await?;
     out.extend(redis(config).await);
+    out.extend(delivery(ch, config).await?);
     Ok(out)
+}
+
+/// What a 200 promises with this configuration and table: exactly once needs the journal and
+/// an event id per row to look rows up by.
+async fn delivery(ch: &ClickHouse, config: &Config) -> Result<Option<Finding>, ClickHouseError> {
+    if !config.journal_enabled() {
+        return Ok(Some(finding(
+            "journal",
+            Severity::Warning,
+            "the journal is off: acknowledged rows in the Buffer are lost if ClickHouse crashes, and an INSERT whose answer was lost is retried (at-least-once)",
+            "set BUFFERGATE_JOURNAL=true and BUFFERGATE_DATA_DIR to a persistent volume",
+        )));
+    }
+    let columns = ch.columns(&config.database, &config.buffer_table).await?;
+    let has_id = columns.iter().any(|c| {
+        c.name == config.id_column && crate::schema::ColumnType::parse(&c.type_text).is_ok_and(|ty| ty.is_uuid())
+    });
+    Ok((!has_id && !columns.is_empty()).then(|| {
+        finding(
+            "event_id",
+            Severity::Warning,
+            format!(
+                "the table has no UUID column {}: after a ClickHouse crash or an INSERT whose answer was lost, journaled blocks cannot be checked row by row and are sent again whole (at-least-once)",
+                config.id_column
+            ),
+            "add a UUID id column (and set id_column) for exactly-once delivery",
+        )
+    }))
 }
 
 /// The idempotency store, when Redis is configured: reachable, recent enough for the

@@ -11,6 +11,9 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+/// The data directory of a local run; the container image sets `/var/lib/buffergate`.
+pub const DEFAULT_DATA_DIR: &str = "buffergate-data";
+
 /// What is wrong with a configuration; printed as is to the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -211,6 +214,22 @@ pub struct Config {
     /// How long a request waits for events another request is writing before it gets 503.
     pub dedup_pending_wait_ms: u64,
 
+    /// Where the gateway keeps its journal (a volume in a container).
+    pub data_dir: String,
+    /// Journal every block before it is acknowledged (see `docs/delivery-guarantees.md`);
+    /// off: a 200 means the rows reached the Buffer's RAM, and an ambiguous INSERT is retried.
+    pub journal: bool,
+    /// Bound of the journal on disk; when full, requests get 503 `journal_full`.
+    pub journal_max_bytes: u64,
+    /// Size at which the journal starts a new segment file.
+    pub journal_segment_bytes: u64,
+    /// How often unconfirmed blocks are checked against ClickHouse.
+    pub confirm_interval_ms: u64,
+    /// Margin past the Buffer's `max_time` before a block is looked for in the destination.
+    pub confirm_grace_ms: u64,
+    /// At shutdown, how long to spend flushing the Buffer and confirming the journal.
+    pub shutdown_confirm_ms: u64,
+
     /// Bearer token of the admin API (`/admin/flush`, `/v1/status`); empty disables it.
     pub admin_token: String,
     /// Producer API keys, comma-separated (`name=key` or `key`); with `api_keys_file`, both
@@ -289,6 +308,13 @@ impl Default for Config {
             dedup_lease_ms: 60_000,
             dedup_window_ms: 24 * 3600 * 1000,
             dedup_pending_wait_ms: 10_000,
+            data_dir: DEFAULT_DATA_DIR.into(),
+            journal: true,
+            journal_max_bytes: 4 << 30,
+            journal_segment_bytes: 64 << 20,
+            confirm_interval_ms: 1_000,
+            confirm_grace_ms: 5_000,
+            shutdown_confirm_ms: 20_000,
             admin_token: String::new(),
             api_keys: String::new(),
             api_keys_file: String::new(),
@@ -450,6 +476,18 @@ impl Config {
         if self.dedup_window_ms < self.dedup_lease_ms {
             return Err(invalid("dedup_window_ms", "must be at least dedup_lease_ms"));
         }
+        if self.journal_enabled() {
+            // One flush's block must fit a segment, and a segment the journal.
+            if (self.journal_segment_bytes as usize) < self.flush_max_bytes.saturating_mul(2) {
+                return Err(invalid("journal_segment_bytes", "must be at least twice flush_max_bytes"));
+            }
+            if self.journal_max_bytes < self.journal_segment_bytes.saturating_mul(2) {
+                return Err(invalid("journal_max_bytes", "must be at least two segments (journal_segment_bytes)"));
+            }
+            if self.confirm_interval_ms < 10 {
+                return Err(invalid("confirm_interval_ms", "must be at least 10"));
+            }
+        }
         Ok(())
     }
 
@@ -458,8 +496,7 @@ impl Config {
         if self.partitions > 0 {
             return self.partitions;
         }
-        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-        cpus.div_ceil(CPUS_PER_PARTITION)
+        partitions_for_cpus(std::thread::available_parallelism().map_or(1, usize::from))
     }
 
     /// Concurrent INSERTs allowed over all partitions.
@@ -470,6 +507,18 @@ impl Config {
     pub fn clickhouse_timeout(&self) -> Duration {
         Duration::from_millis(self.clickhouse_timeout_ms)
     }
+
+    /// Whether blocks are journaled (and ambiguous INSERTs resolved rather than retried).
+    pub fn journal_enabled(&self) -> bool {
+        self.journal && !self.data_dir.is_empty()
+    }
+}
+
+/// Partitions for a machine of `cpus` CPUs when none are configured: one per
+/// [`CPUS_PER_PARTITION`], at least one. Apart from [`Config::partition_count`] so tests can
+/// ask about machines other than the one they run on.
+pub fn partitions_for_cpus(cpus: usize) -> usize {
+    cpus.div_ceil(CPUS_PER_PARTITION).max(1)
 }
 
 #[cfg(test)]
@@ -484,13 +533,23 @@ mod tests {
 
     #[test]
     fn partitions_default_to_one_per_eight_cpus() {
+        let table = [(1, 1), (2, 1), (7, 1), (8, 1), (9, 2), (16, 2), (17, 3), (64, 8), (65, 9)];
+        for (cpus, partitions) in table {
+            assert_eq!(partitions_for_cpus(cpus), partitions, "{cpus} CPUs");
+        }
+        assert_eq!(partitions_for_cpus(0), 1, "never no partition");
+        // This machine's count goes through the same function: 1 up to 8 CPUs, more above.
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
         let auto = Config::default();
-        assert_eq!(auto.partition_count(), cpus.div_ceil(8));
-        assert!(auto.partition_count() >= 1);
+        assert_eq!(auto.partition_count(), partitions_for_cpus(cpus));
+        if cpus <= 8 {
+            assert_eq!(auto.partition_count(), 1, "{cpus} CPUs");
+        }
         assert_eq!(auto.insert_concurrency(), auto.partition_count());
         let set = Config { partitions: 3, ..Config::default() };
         assert_eq!((set.partition_count(), set.insert_concurrency()), (3, 3));
+        let limited = Config { partitions: 3, max_concurrent_inserts: 2, ..Config::default() };
+        assert_eq!((limited.partition_count(), limited.insert_concurrency()), (3, 2));
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //!
 //! An event travels `http` (headers, body limits, the answer) → `ingest` (the steps of one
 //! batch, in order) → `decode` (body → validated rows per partition) → `idempotency`
-//! (reserve, commit, release) → `coalesce` (per-partition group commit) → `clickhouse`
-//! (INSERT, retry, breaker). Beside the path: `schema` (column types and encoders), `rows`
+//! (reserve, commit, release) → `coalesce` (per-partition group commit) → `journal` (every
+//! block on disk until the MergeTree holds it) → `clickhouse` (INSERT, retry, breaker). Beside the path: `schema` (column types and encoders), `rows`
 //! (the row types the stages hand on), `shed` (Buffer fill, in-flight budget), `config`,
 //! `metrics`, `health`, `auth`, `shutdown`. `server` wires them; `cli` and `check` are the
 //! commands.
@@ -19,6 +19,7 @@ pub mod health;
 pub mod http;
 pub mod idempotency;
 pub mod ingest;
+pub mod journal;
 pub mod metrics;
 pub mod rows;
 pub mod schema;

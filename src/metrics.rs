@@ -56,6 +56,16 @@ impl Outcome {
 }
 
 /// Installs the recorder once per process and returns the handle that renders it.
+pub const JOURNAL_BYTES: &str = "buffergate_journal_bytes";
+pub const JOURNAL_UNCONFIRMED_BLOCKS: &str = "buffergate_journal_unconfirmed_blocks";
+pub const JOURNAL_UNCONFIRMED_ROWS: &str = "buffergate_journal_unconfirmed_rows";
+pub const JOURNAL_OLDEST_SECONDS: &str = "buffergate_journal_oldest_unconfirmed_seconds";
+pub const JOURNAL_CONFIRMED: &str = "buffergate_journal_confirmed_blocks_total";
+pub const JOURNAL_RESOLVED: &str = "buffergate_journal_resolved_blocks_total";
+pub const JOURNAL_RESTORED_ROWS: &str = "buffergate_journal_restored_rows_total";
+pub const JOURNAL_RESTARTS: &str = "buffergate_journal_clickhouse_restarts_total";
+pub const JOURNAL_ERRORS: &str = "buffergate_journal_errors_total";
+
 pub fn install() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
@@ -129,6 +139,45 @@ fn describe() {
         SHED_REQUESTS,
         "Ingestion requests refused before their body was read, by reason (buffer_saturated, stale, overloaded, circuit_open, timeout)."
     );
+    describe_gauge!(JOURNAL_BYTES, Unit::Bytes, "Bytes of the journal on disk.");
+    describe_gauge!(JOURNAL_UNCONFIRMED_BLOCKS, Unit::Count, "Journaled blocks not yet confirmed in the destination.");
+    describe_gauge!(JOURNAL_UNCONFIRMED_ROWS, Unit::Count, "Rows of the journaled blocks not yet confirmed.");
+    describe_gauge!(JOURNAL_OLDEST_SECONDS, Unit::Seconds, "Age of the oldest unconfirmed journaled block.");
+    describe_counter!(JOURNAL_CONFIRMED, "Journaled blocks confirmed in the destination and released.");
+    describe_counter!(
+        JOURNAL_RESOLVED,
+        "Blocks whose rows were looked for after a doubt (restart, ambiguous INSERT, flush error), by cause."
+    );
+    describe_counter!(JOURNAL_RESTORED_ROWS, "Rows sent again because ClickHouse did not hold them, by cause.");
+    describe_counter!(JOURNAL_RESTARTS, "ClickHouse restarts seen (its uptime went back).");
+    describe_counter!(JOURNAL_ERRORS, "Journal operations that failed, by op (append, confirm, read).");
+}
+
+/// The journal's size and what it still protects.
+pub fn journal(bytes: u64, blocks: usize, rows: usize, oldest: Duration) {
+    gauge!(JOURNAL_BYTES).set(bytes as f64);
+    gauge!(JOURNAL_UNCONFIRMED_BLOCKS).set(blocks as f64);
+    gauge!(JOURNAL_UNCONFIRMED_ROWS).set(rows as f64);
+    gauge!(JOURNAL_OLDEST_SECONDS).set(oldest.as_secs_f64());
+}
+
+pub fn journal_confirmed(blocks: usize) {
+    counter!(JOURNAL_CONFIRMED).increment(blocks as u64);
+}
+
+/// A block looked for after a doubt (`cause`: restart, ambiguous, not_found, recovered), and
+/// the rows of it that had to be sent again.
+pub fn journal_resolved(cause: &'static str, restored_rows: usize) {
+    counter!(JOURNAL_RESOLVED, "cause" => cause).increment(1);
+    counter!(JOURNAL_RESTORED_ROWS, "cause" => cause).increment(restored_rows as u64);
+}
+
+pub fn clickhouse_restart() {
+    counter!(JOURNAL_RESTARTS).increment(1);
+}
+
+pub fn journal_error(op: &'static str) {
+    counter!(JOURNAL_ERRORS, "op" => op).increment(1);
 }
 
 pub fn http_request(route: &'static str, status: u16, elapsed: Duration) {

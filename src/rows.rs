@@ -6,6 +6,8 @@
 use bytes::Bytes;
 use clickhouse::insert_formatted::CompressedData;
 
+use crate::schema::Encoded;
+
 /// Rows encoded for one INSERT column list: `omitted` is the mask of columns left to their
 /// DEFAULT expression (see [`crate::schema::TableSchema::insert_sql`]).
 #[derive(Debug, Default)]
@@ -13,9 +15,35 @@ pub struct Chunk {
     pub omitted: u64,
     pub rows: usize,
     pub data: Vec<u8>,
+    /// Where each row ends and which event it is.
+    pub marks: RowMarks,
     /// The rows as their own part of an INSERT body (a compressed Native block), made once the
     /// request's rows are final ([`crate::clickhouse::writer::Writer::make_blocks`]); `data` stays for a retry.
     pub block: Option<BodyPart>,
+}
+
+/// Where each row of a chunk ends in its bytes, its event id and the span of its times: what
+/// the journal keeps so that exactly the rows ClickHouse lacks can be sent again.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RowMarks {
+    /// End offset of each row in the chunk's bytes.
+    pub ends: Vec<u32>,
+    /// Each row's event id, when the table has an id column (else empty).
+    pub ids: Vec<uuid::Uuid>,
+    /// The earliest and latest row time in whole seconds, when the table has a time column.
+    pub seconds: Option<(i64, i64)>,
+}
+
+impl RowMarks {
+    fn push(&mut self, end: usize, encoded: &Encoded) {
+        self.ends.push(u32::try_from(end).unwrap_or(u32::MAX));
+        if let Some(id) = encoded.id {
+            self.ids.push(id);
+        }
+        if let Some(s) = encoded.seconds {
+            self.seconds = Some(self.seconds.map_or((s, s), |(lo, hi)| (lo.min(s), hi.max(s))));
+        }
+    }
 }
 
 /// The rows of one request bound for one partition.
@@ -42,8 +70,8 @@ impl PartitionRows {
     /// byte range); on error nothing is left behind.
     pub fn encode<E>(
         &mut self,
-        encode: impl FnOnce(&mut Vec<u8>) -> Result<u64, E>,
-    ) -> Result<(usize, std::ops::Range<usize>), E> {
+        encode: impl FnOnce(&mut Vec<u8>) -> Result<Encoded, E>,
+    ) -> Result<(usize, std::ops::Range<usize>, Encoded), E> {
         if self.chunks.is_empty() {
             self.chunks.push(Chunk { data: Vec::with_capacity(self.expected_bytes), ..Chunk::default() });
             self.last = 0;
@@ -51,8 +79,8 @@ impl PartitionRows {
         let guess = self.last;
         let chunk = &mut self.chunks[guess];
         let start = chunk.data.len();
-        let omitted = match encode(&mut chunk.data) {
-            Ok(omitted) => omitted,
+        let encoded = match encode(&mut chunk.data) {
+            Ok(encoded) => encoded,
             Err(error) => {
                 chunk.data.truncate(start);
                 if chunk.rows == 0 {
@@ -62,20 +90,22 @@ impl PartitionRows {
                 return Err(error);
             }
         };
-        if chunk.rows == 0 || chunk.omitted == omitted {
-            chunk.omitted = omitted;
+        if chunk.rows == 0 || chunk.omitted == encoded.omitted {
+            chunk.omitted = encoded.omitted;
             chunk.rows += 1;
-            return Ok((guess, start..chunk.data.len()));
+            chunk.marks.push(chunk.data.len(), &encoded);
+            return Ok((guess, start..chunk.data.len(), encoded));
         }
         let row = chunk.data.split_off(start);
-        let (index, range) = self.push(omitted, &row);
+        let (index, range) = self.push(&encoded, &row);
         self.last = index;
-        Ok((index, range))
+        Ok((index, range, encoded))
     }
 
     /// Appends an encoded row to the chunk of its column list; returns where it went
     /// (chunk index, byte range).
-    pub fn push(&mut self, omitted: u64, row: &[u8]) -> (usize, std::ops::Range<usize>) {
+    pub fn push(&mut self, encoded: &Encoded, row: &[u8]) -> (usize, std::ops::Range<usize>) {
+        let omitted = encoded.omitted;
         let index = match self.chunks.iter().position(|c| c.omitted == omitted) {
             Some(i) => i,
             None => {
@@ -87,6 +117,7 @@ impl PartitionRows {
         chunk.rows += 1;
         let start = chunk.data.len();
         chunk.data.extend_from_slice(row);
+        chunk.marks.push(chunk.data.len(), encoded);
         (index, start..chunk.data.len())
     }
 
@@ -107,6 +138,8 @@ pub struct Pieces {
     pub omitted: u64,
     pub rows: usize,
     pub pieces: Vec<Vec<u8>>,
+    /// Each piece's row marks, in the same order.
+    pub marks: Vec<RowMarks>,
     /// Pieces whose block was made ahead: the INSERT's first attempt sends those as they are.
     pub built: Vec<Built>,
 }
@@ -139,6 +172,7 @@ impl Groups {
             group.built.push(Built { piece: group.pieces.len(), rows: chunk.rows, part });
         }
         group.pieces.push(chunk.data);
+        group.marks.push(chunk.marks);
     }
 }
 
@@ -183,10 +217,13 @@ mod tests {
     use super::*;
 
     fn row(rows: &mut PartitionRows, bytes: &[u8], omitted: u64) -> Result<(usize, std::ops::Range<usize>), ()> {
+        let id = uuid::Uuid::from_u64_pair(0, bytes.len() as u64);
         rows.encode(|out| {
             out.extend_from_slice(bytes);
-            if omitted == u64::MAX { Err(()) } else { Ok(omitted) }
+            let encoded = Encoded { omitted, id: Some(id), seconds: Some(bytes.len() as i64) };
+            if omitted == u64::MAX { Err(()) } else { Ok(encoded) }
         })
+        .map(|(chunk, range, _)| (chunk, range))
     }
 
     #[test]
@@ -201,5 +238,10 @@ mod tests {
         assert_eq!(row(&mut rows, b"dd", 0), Ok((0, 2..4)));
         let chunks: Vec<_> = rows.chunks.iter().map(|c| (c.omitted, c.rows, c.data.as_slice())).collect();
         assert_eq!(chunks, vec![(0, 2, &b"aadd"[..]), (0b10, 2, &b"bbbcc"[..])]);
+        // Each chunk knows where its rows end, which events they are, and their time span,
+        // including the row moved to another chunk when its column list differed.
+        let id = |n| uuid::Uuid::from_u64_pair(0, n);
+        assert_eq!(rows.chunks[0].marks, RowMarks { ends: vec![2, 4], ids: vec![id(2), id(2)], seconds: Some((2, 2)) });
+        assert_eq!(rows.chunks[1].marks, RowMarks { ends: vec![3, 5], ids: vec![id(3), id(2)], seconds: Some((2, 3)) });
     }
 }

@@ -23,6 +23,7 @@ use crate::http;
 use crate::http::state::AppState;
 use crate::idempotency::{Idempotency, StoreError};
 use crate::ingest::Ingest;
+use crate::journal::{Durable, JournalError};
 use crate::metrics;
 use crate::schema::SharedSchema;
 use crate::shed::ShedState;
@@ -40,6 +41,8 @@ pub enum ServeError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error("the journal cannot be opened: {0}")]
+    Journal(#[from] JournalError),
 }
 
 /// Binds `config.listen` and runs until `shutdown` trips.
@@ -60,7 +63,10 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
     let shed = Arc::new(ShedState::default());
     let wake = Arc::new(Notify::new());
     let watchers = Watchers::start(&ch, &config, &schema, &health, &shed, &wake).await;
-    let (ingest, partitions) = ingest(&config, &ch, schema, &health, wake)?;
+    let (ingest, partitions) = ingest(&config, &ch, schema, &health, wake).await?;
+    let durable = ingest.durable.clone();
+    let stop_durable = CancellationToken::new();
+    let durable_task = durable.clone().map(|d| tokio::spawn(d.run(stop_durable.clone())));
     let api_keys = ApiKeys::from_config(&config)?;
     if api_keys.enabled() {
         tracing::info!(keys = api_keys.len(), "producer API keys required");
@@ -80,6 +86,13 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
     let result = axum::serve(listener, http::router(state)).with_graceful_shutdown(stop_http).await;
 
     partitions.drain().await;
+    if let Some(durable) = &durable {
+        durable.finish(Duration::from_millis(config.shutdown_confirm_ms)).await;
+    }
+    stop_durable.cancel();
+    if let Some(task) = durable_task {
+        let _ = task.await;
+    }
     watchers.stop().await;
     tracing::info!("drained; bye");
     result.map_err(ServeError::Serve)
@@ -126,7 +139,7 @@ impl Watchers {
 }
 
 /// The ingestion path and its running partitions.
-fn ingest(
+async fn ingest(
     config: &Arc<Config>,
     ch: &ClickHouse,
     schema: Arc<SharedSchema>,
@@ -142,7 +155,15 @@ fn ingest(
              run one replica, or configure BUFFERGATE_REDIS_URL"
         );
     }
-    let (coalescer, partitions) = Coalescer::start(config, &writer, &idempotency);
+    let durable = if config.journal_enabled() {
+        Some(Durable::open(config, ch.clone(), Arc::clone(&writer)).await?)
+    } else {
+        tracing::warn!(
+            "the journal is off: a 200 means the rows reached the Buffer's memory, not that they survive it"
+        );
+        None
+    };
+    let (coalescer, partitions) = Coalescer::start(config, &writer, &idempotency, durable.as_ref());
     let ingest = Ingest {
         config: Arc::clone(config),
         schema,
@@ -152,6 +173,7 @@ fn ingest(
         budget: Budget::new(config.max_inflight_bytes),
         breaker,
         idempotency,
+        durable,
     };
     Ok((ingest, partitions))
 }

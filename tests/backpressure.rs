@@ -8,11 +8,30 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Gateway, clickhouse, config, migrate};
+use common::{ClickHouseServer, Gateway, clickhouse, config, migrate};
 use serde_json::{Value, json};
 
 fn batch(from: u64, n: u64) -> Value {
     Value::Array((from..from + n).map(|i| json!({"user_id": i})).collect())
+}
+
+/// INSERTs into `db`'s Buffer table that ClickHouse refused, as its query log has them: the
+/// gateway must connect as the `logged` user (scripts/clickhouse-server.sh).
+async fn refused_inserts(ch: &ClickHouseServer, db: &str) -> u64 {
+    ch.exec("SYSTEM FLUSH LOGS").await;
+    // type 3 and 4: ExceptionBeforeStart, ExceptionWhileProcessing.
+    let sql = format!(
+        "SELECT count() AS c FROM system.query_log WHERE user = 'logged' AND type IN (3, 4) \
+         AND query LIKE 'INSERT INTO `{db}`.`events_buffer`%'"
+    );
+    let rows = ch.rows(&sql).await;
+    let c = &rows[0]["c"];
+    c.as_u64().or_else(|| c.as_str().and_then(|s| s.parse().ok())).unwrap()
+}
+
+/// The gateway's own count of waiting rows per partition (`GET /v1/status`).
+async fn queue_rows(gw: &Gateway) -> Value {
+    gw.status().await["queue_rows"].clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,6 +44,9 @@ async fn a_full_queue_answers_503_with_retry_after_and_recovers() {
     config.queue_timeout_ms = 300;
     config.insert_retries = 1000;
     config.circuit_failures = 0;
+    // Its failed INSERTs are logged, so the test sees when the first batch is being retried.
+    config.clickhouse_user = "logged".into();
+    config.admin_token = "admin".into();
     migrate(&config).await;
     let gw = Gateway::start(config.clone()).await;
     gw.wait_ready().await;
@@ -39,21 +61,41 @@ async fn a_full_queue_answers_503_with_retry_after_and_recovers() {
             (response.status().as_u16(), response.json::<Value>().await.unwrap())
         })
     };
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let (status, body) =
-        gw.post("/v1/events?wait=false", "application/json", None, batch(100, 5).to_string().into_bytes()).await;
-    assert_eq!(status, 202, "the one free queue slot takes the second request: {body}");
+    // An INSERT is only sent once its batch is closed: from the first refused one on, the
+    // partition holds the first request and retries it, and its queue is empty.
+    common::eventually(Duration::from_secs(20), "a refused INSERT of the first request", || async {
+        refused_inserts(ch, &db).await > 0
+    })
+    .await;
+    assert_eq!(queue_rows(&gw).await, json!([10]), "the first request's rows wait in the partition");
+    // The one free queue slot takes the second request. Its 202 waits for the journal, which
+    // its batch reaches once the first one's INSERT is done.
+    let second = {
+        let gw_url = gw.url.clone();
+        tokio::spawn(async move {
+            let url = format!("{gw_url}/v1/events?wait=false");
+            let response = common::http().post(url).json(&batch(100, 5)).send().await.unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        })
+    };
+    common::eventually(Duration::from_secs(10), "the second request queued", || async {
+        queue_rows(&gw).await == json!([15])
+    })
+    .await;
 
     let response = common::http().post(format!("{}/v1/events", gw.url)).json(&batch(200, 5)).send().await.unwrap();
     assert_eq!(response.status().as_u16(), 503);
     assert_eq!(response.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("1"));
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"], "queue_full", "{body}");
+    assert_eq!(queue_rows(&gw).await, json!([15]), "the refused request queued nothing");
 
     migrate(&config).await;
     let (status, body) = first.await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["accepted"], 10);
+    let (status, body) = second.await.unwrap();
+    assert_eq!((status, &body["accepted"]), (202, &json!(5)), "{body}");
     let table = gw.destination();
     common::eventually(Duration::from_secs(10), "both queued requests stored", || async {
         gw.drain(ch).await;

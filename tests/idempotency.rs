@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -46,6 +47,67 @@ fn events(from: u64, n: u64) -> Value {
             .map(|i| json!({"event_id": format!("00000000-0000-7000-8000-{i:012}"), "user_id": i, "event_type": "e"}))
             .collect(),
     )
+}
+
+/// A metric's series in Prometheus text, each by its label set (sorted) with its value.
+/// Enough for the label values here, which hold no `,`, `=` or quote.
+fn series(text: &str, name: &str) -> BTreeMap<Vec<(String, String)>, f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, labels) = match series.split_once('{') {
+                Some((metric, labels)) => (metric, labels.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let mut labels: Vec<(String, String)> = labels
+                .split(',')
+                .filter(|pair| !pair.is_empty())
+                .map(|pair| {
+                    let (k, v) = pair.split_once('=').unwrap();
+                    (k.to_string(), v.trim_matches('"').to_string())
+                })
+                .collect();
+            labels.sort();
+            Some((labels, value.parse().unwrap()))
+        })
+        .collect()
+}
+
+/// What changed from `before` to `after` in a metric's series: series that appeared count
+/// from 0, unchanged ones are left out.
+fn increase(
+    before: &BTreeMap<Vec<(String, String)>, f64>,
+    after: &BTreeMap<Vec<(String, String)>, f64>,
+) -> Vec<(Vec<(String, String)>, f64)> {
+    after
+        .iter()
+        .map(|(labels, v)| (labels.clone(), v - before.get(labels).copied().unwrap_or(0.0)))
+        .filter(|(_, d)| *d != 0.0)
+        .collect()
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+async fn metrics_text(url: &str) -> String {
+    http().get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap()
+}
+
+/// Rows waiting in the gateway's partitions, summed over the `queue_rows` gauges of its
+/// `/metrics`: only for a gateway that is a process of its own (the recorder is per process).
+async fn queued_rows(url: &str) -> f64 {
+    series(&metrics_text(url).await, "buffergate_coalescer_queue_rows").values().sum()
+}
+
+/// Rows waiting in an in-process gateway's partitions, by its own count (`GET /v1/status`).
+async fn status_queue_rows(gw: &Gateway) -> u64 {
+    let status = gw.status().await;
+    status["queue_rows"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).sum()
 }
 
 async fn stored(ch: &ClickHouseServer, gw: &Gateway) -> (u64, u64) {
@@ -126,7 +188,13 @@ async fn a_failed_write_is_not_remembered(store: Store) {
 
 async fn idempotency_key_replays_conflicts_and_refuses_reuse(store: Store) {
     let ch = clickhouse();
-    let gw = setup(ch, "reqkey", store, |c| c.flush_linger_ms = 1_500).await;
+    // The first request's batch lingers until the admin flush below, so it is still in flight
+    // for the retry however long the steps in between take.
+    let gw = setup(ch, "reqkey", store, |c| {
+        c.flush_linger_ms = 600_000;
+        c.admin_token = "admin".into();
+    })
+    .await;
     let post = |key: &'static str, batch: Value| {
         let url = format!("{}/v1/events", gw.url);
         async move {
@@ -136,10 +204,17 @@ async fn idempotency_key_replays_conflicts_and_refuses_reuse(store: Store) {
         }
     };
     let first = tokio::spawn(post("k-1", events(1, 5)));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Its rows are queued only after its key was claimed.
+    eventually(Duration::from_secs(20), "the first request's rows queued", || async {
+        status_queue_rows(&gw).await == 5
+    })
+    .await;
     let (status, _, body) = post("k-1", events(1, 5)).await;
     assert_eq!(status, 409, "a retry while the first is in flight: {body}");
     assert!(body.contains("request_in_flight"), "{body}");
+    assert!(!first.is_finished(), "the first is still waiting for its flush");
+    let response = http().post(format!("{}/admin/flush", gw.url)).bearer_auth("admin").send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
     let (status, replayed, original) = first.await.unwrap();
     assert_eq!((status, replayed), (200, false), "{original}");
 
@@ -241,13 +316,27 @@ async fn redis_down_rejects_or_accepts_as_configured_and_recovers() {
     gw_reject.wait_ready().await;
     own_redis.kill();
 
+    // The recorder is the process's, shared with every gateway of this test binary: what
+    // each request adds is measured as the change across it. No other test fails a store call.
+    const ERRORS: &str = "buffergate_idempotency_store_errors_total";
+    const BYPASSED: &str = "buffergate_dedup_bypassed_events_total";
+    let counters = || async {
+        let text = metrics_text(&gw_accept.url).await;
+        (series(&text, ERRORS), series(&text, BYPASSED))
+    };
+    let (errors, bypassed) = counters().await;
     let (status, body) = gw_reject.post_json(&events(1, 5)).await;
     assert_eq!((status, body["error"].as_str()), (503, Some("idempotency_unavailable")), "{body}");
+    let (errors_after, bypassed_after) = counters().await;
+    assert_eq!(increase(&errors, &errors_after), [(labels(&[("op", "reserve")]), 1.0)], "one failed reservation");
+    assert_eq!(increase(&bypassed, &bypassed_after), [], "reject mode bypasses nothing");
+
+    let (errors, bypassed) = (errors_after, bypassed_after);
     let (status, body) = gw_accept.post_json(&events(1, 5)).await;
     assert_eq!((status, body["accepted"].as_u64()), (200, Some(5)), "accept mode writes without dedup: {body}");
-    let metrics = http().get(format!("{}/metrics", gw_accept.url)).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("buffergate_idempotency_store_errors_total"), "{metrics}");
-    assert!(metrics.contains("buffergate_dedup_bypassed_events_total"), "{metrics}");
+    let (errors_after, bypassed_after) = counters().await;
+    assert_eq!(increase(&errors, &errors_after), [(labels(&[("op", "reserve")]), 1.0)], "one failed reservation");
+    assert_eq!(increase(&bypassed, &bypassed_after), [(labels(&[]), 5.0)], "the five events, undeduplicated");
 
     own_redis.restart();
     eventually(Duration::from_secs(15), "the reject-mode gateway to reconnect", || async {
@@ -287,7 +376,9 @@ async fn a_gateway_killed_mid_flush_leaves_leases_that_expire_and_the_retry_stor
     };
     ready(url.clone()).await;
     let in_flight = tokio::spawn(http().post(format!("{url}/v1/events")).json(&events(1, 10)).send());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Rows are queued once their ids are reserved; the 5 s linger keeps them there.
+    eventually(Duration::from_secs(20), "the request's rows queued", || async { queued_rows(&url).await == 10.0 })
+        .await;
     first.signal(libc::SIGKILL);
     assert!(in_flight.await.unwrap().is_err(), "the producer never got an answer");
 

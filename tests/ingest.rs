@@ -25,7 +25,7 @@ fn seed_event(i: u64) -> Value {
         "event_id": format!("00000000-0000-4000-8000-{i:012}"),
         "event_ts": "2024-05-01T12:00:00.250Z",
         "user_id": i,
-        "event_type": if i % 2 == 0 { "click" } else { "view" },
+        "event_type": if i.is_multiple_of(2) { "click" } else { "view" },
         "payload": {"page": format!("/p/{i}"), "n": i},
         "metadata": {"source": "test"},
     })

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
@@ -348,6 +349,10 @@ async fn scenario(
             let port = free_port();
             let mut cmd = Command::new(binary);
             gateway_env(&mut cmd, servers, &db);
+            // A journal of its own: a gateway of an earlier scenario must not hand it blocks.
+            let data = std::env::temp_dir().join(format!("buffergate-bench-{db}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&data);
+            cmd.env("BUFFERGATE_DATA_DIR", &data);
             cmd.env("BUFFERGATE_LISTEN", format!("127.0.0.1:{port}"))
                 .env("BUFFERGATE_REDIS_URL", if dedup { servers.redis_url.as_str() } else { "" })
                 .env("BUFFERGATE_DEDUP", if dedup { "event" } else { "off" })
@@ -546,19 +551,39 @@ fn machine() -> String {
     )
 }
 
+/// Producers inserting into the Buffer table directly vs through buffergate, side by side:
+/// throughput, latency, CPU per million events, peak RSS, parts created, exactly-once check.
+#[derive(Debug, Parser)]
+#[command(name = "buffergate-bench")]
+struct Args {
+    /// Seconds each scenario runs, per round.
+    #[arg(long, default_value_t = 6.0)]
+    seconds: f64,
+    /// Rounds of every scenario; each scenario reports its median round.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    rounds: u16,
+    /// Runs only the scenarios whose name contains this (e.g. `large_gw`), for profiling.
+    #[arg(long, value_name = "TEXT")]
+    only: Option<String>,
+    /// Directory for latest.json and latest.md [default: bench/results in the repository]
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// A buffergate binary built elsewhere, run instead of building this checkout's (an A/B
+    /// of two builds, interleaved).
+    #[arg(long, value_name = "PATH")]
+    gateway: Option<PathBuf>,
+}
+
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
-    let seconds: f64 = arg("--seconds").and_then(|s| s.parse().ok()).unwrap_or(6.0);
-    let rounds_wanted: usize = arg("--rounds").and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
-    // Runs only the scenarios whose name contains this (e.g. `large_gw`), for profiling.
-    let only = arg("--only");
-    let out_dir = PathBuf::from(arg("--out").unwrap_or_else(|| repo().join("bench/results").display().to_string()));
+    let args = Args::parse();
+    let seconds = args.seconds;
+    let rounds_wanted = usize::from(args.rounds);
+    let only = args.only;
+    let out_dir = args.out.unwrap_or_else(|| repo().join("bench/results"));
 
-    // `--gateway PATH` runs a binary built elsewhere (an A/B of two builds, interleaved).
-    let binary = match arg("--gateway") {
-        Some(path) => PathBuf::from(path),
+    let binary = match args.gateway {
+        Some(path) => path,
         None => {
             let status = Command::new("cargo")
                 .args(["build", "--release", "--locked", "--bin", "buffergate"])

@@ -5,6 +5,7 @@
 pub mod breaker;
 pub mod drain;
 pub mod migrate;
+pub mod presence;
 pub mod refresh;
 pub mod retry;
 pub mod writer;
@@ -204,9 +205,23 @@ impl ClickHouse {
     /// Sends one INSERT whose data is already encoded in the statement's format, as one body
     /// made of `parts` in turn.
     pub async fn insert(&self, sql: &str, parts: Vec<BodyPart>) -> Result<(), ClickHouseError> {
+        self.insert_as(sql, parts, None).await
+    }
+
+    /// [`Self::insert`] under a `query_id` of ours, so that an INSERT whose answer was lost
+    /// can be found and stopped on the server before its rows are looked for.
+    pub async fn insert_as(
+        &self,
+        sql: &str,
+        parts: Vec<BodyPart>,
+        query_id: Option<&str>,
+    ) -> Result<(), ClickHouseError> {
         let map = |e| ClickHouseError::from_client(e, self.timeout);
         let mut insert =
             self.client.insert_formatted_with(sql.to_string()).with_timeouts(Some(self.timeout), Some(self.timeout));
+        if let Some(id) = query_id {
+            insert = insert.with_setting("query_id", id);
+        }
         for part in parts {
             match part.data {
                 PartData::Plain(data) => insert.send(data).await,

@@ -51,6 +51,19 @@ pub fn is_retryable(err: &ClickHouseError) -> bool {
     }
 }
 
+/// Whether a failed INSERT may have been executed all the same: it was sent and no answer came
+/// back (our timeout, a connection cut mid-way), or the server says it cannot tell
+/// (`UNKNOWN_STATUS_OF_INSERT`). Such a failure is resolved by asking which rows landed, never
+/// by sending the INSERT again. A connection that could not be opened sent nothing.
+pub fn is_ambiguous(err: &ClickHouseError) -> bool {
+    match err {
+        ClickHouseError::Timeout(_) => true,
+        ClickHouseError::Network(message) => !message.contains("(Connect)"),
+        ClickHouseError::Server { code, .. } => *code == 319,
+        ClickHouseError::Protocol(_) | ClickHouseError::CircuitOpen => false,
+    }
+}
+
 /// Whether the failure suggests the table's columns changed (reload the schema).
 pub fn is_schema_change(err: &ClickHouseError) -> bool {
     err.code().is_some_and(|code| SCHEMA_CODES.contains(&code))
@@ -86,6 +99,20 @@ mod tests {
         assert!(!is_retryable(&server(16)) && is_schema_change(&server(16)));
         assert!(!is_retryable(&server(62)), "a syntax error will not heal");
         assert!(!is_retryable(&ClickHouseError::Protocol("x".into())));
+    }
+
+    #[test]
+    fn what_may_have_landed() {
+        assert!(is_ambiguous(&ClickHouseError::Timeout(Duration::from_secs(1))));
+        assert!(is_ambiguous(&ClickHouseError::Network(
+            "network error: connection closed before message completed".into()
+        )));
+        assert!(!is_ambiguous(&ClickHouseError::Network("network error: client error (Connect)".into())), "never sent");
+        assert!(is_ambiguous(&ClickHouseError::Server { code: 319, message: String::new() }));
+        assert!(
+            !is_ambiguous(&ClickHouseError::Server { code: 241, message: String::new() }),
+            "answered: nothing written"
+        );
     }
 
     #[test]

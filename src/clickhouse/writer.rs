@@ -7,7 +7,7 @@ use bytes::Bytes;
 use tokio::sync::{Notify, Semaphore};
 
 use super::breaker::Breaker;
-use super::retry::{Backoff, is_retryable, is_schema_change};
+use super::retry::{Backoff, is_ambiguous, is_retryable, is_schema_change};
 use super::{ClickHouse, ClickHouseError};
 use crate::config::{Config, InsertFormat};
 use crate::metrics;
@@ -43,12 +43,36 @@ fn ahead(
     Some(parts)
 }
 
-/// An INSERT that failed for good: after its last attempt, or at once when not retryable.
+/// An INSERT that failed for good: after its last attempt, or at once when not retryable, or
+/// (`ambiguous`) at once when it may have landed and the journal resolves it.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("INSERT failed after {attempts} attempt(s): {error}")]
 pub struct WriteError {
     pub attempts: u32,
     pub error: ClickHouseError,
+    /// The rows may be in ClickHouse: ask which, never send them again blindly.
+    pub ambiguous: bool,
+}
+
+/// What to do after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    Retry,
+    Fail,
+    /// The attempt may have landed: stop and let the caller find out which rows did.
+    Resolve,
+}
+
+/// The retry policy. With `resolve` (a journal knows the rows), an attempt that may have
+/// landed is never sent again; without it the old at-least-once retry applies.
+pub fn next_step(error: &ClickHouseError, attempt: u32, retries: u32, resolve: bool) -> Next {
+    if resolve && is_ambiguous(error) {
+        Next::Resolve
+    } else if is_retryable(error) && attempt < retries {
+        Next::Retry
+    } else {
+        Next::Fail
+    }
 }
 
 /// The INSERT path into the Buffer table.
@@ -61,6 +85,8 @@ pub struct Writer {
     schema_changed: Arc<Notify>,
     breaker: Arc<Breaker>,
     format: InsertFormat,
+    /// Stop at an ambiguous failure instead of retrying (the journal resolves it).
+    resolve_ambiguous: bool,
 }
 
 impl Writer {
@@ -76,6 +102,7 @@ impl Writer {
             schema_changed,
             breaker,
             format: config.insert_format,
+            resolve_ambiguous: config.journal_enabled(),
         }
     }
 
@@ -98,12 +125,18 @@ impl Writer {
     /// Inserts rows encoded by `schema` for one column list into `table`, in the configured
     /// format: the first attempt sends the blocks made ahead plus one block of the other
     /// pieces; a retry sends everything as one block made again from the rows.
-    pub async fn write_rows(&self, schema: &TableSchema, table: &str, rows: Pieces) -> Result<(), WriteError> {
-        let Pieces { omitted, rows: count, pieces, built } = rows;
+    pub async fn write_rows(
+        &self,
+        schema: &TableSchema,
+        table: &str,
+        rows: Pieces,
+        query_id: Option<&str>,
+    ) -> Result<(), WriteError> {
+        let Pieces { omitted, rows: count, pieces, built, .. } = rows;
         let mut built = Some(built).filter(|b| !b.is_empty());
         let mut whole: Option<(String, Bytes)> = None;
         let mut pieces = Some(pieces);
-        self.write_with(count, || {
+        self.write_with(count, query_id, || {
             if let (Some(built), Some(pieces)) = (built.take(), &pieces)
                 && let Some(parts) = ahead(schema, omitted, count, pieces, built)
             {
@@ -120,21 +153,37 @@ impl Writer {
 
     /// Inserts one block of `rows` rows, retrying what may heal; `body` makes each attempt's
     /// statement and body.
+    /// Sends one group of a journaled block again (RowBinary, as it was journaled), under
+    /// `query_id`; the same policy as every INSERT.
+    pub async fn write_group(
+        &self,
+        statement: &str,
+        data: Vec<u8>,
+        rows: usize,
+        query_id: &str,
+    ) -> Result<(), WriteError> {
+        let body = Bytes::from(data);
+        self.write_with(rows, Some(query_id), || (statement.to_string(), vec![BodyPart::plain(body.clone())])).await
+    }
+
     async fn write_with(
         &self,
         rows: usize,
+        query_id: Option<&str>,
         mut body: impl FnMut() -> (String, Vec<BodyPart>),
     ) -> Result<(), WriteError> {
         let mut attempt = 0;
         loop {
             if !self.breaker.allow() {
-                return Err(WriteError { attempts: attempt, error: ClickHouseError::CircuitOpen });
+                return Err(WriteError { attempts: attempt, error: ClickHouseError::CircuitOpen, ambiguous: false });
             }
             let (sql, parts) = body();
             let bytes: usize = parts.iter().map(|p| p.bytes).sum();
             let started = std::time::Instant::now();
+            // Each attempt its own id under the caller's: all of them can be stopped at once.
+            let id = query_id.map(|base| format!("{base}-{attempt}"));
             let result = match self.permits.acquire().await {
-                Ok(_permit) => self.ch.insert(&sql, parts).await,
+                Ok(_permit) => self.ch.insert_as(&sql, parts, id.as_deref()).await,
                 Err(_) => Err(ClickHouseError::Protocol("the INSERT semaphore is closed".into())),
             };
             metrics::flush_attempt(result.is_ok(), rows, bytes, started.elapsed());
@@ -146,9 +195,16 @@ impl Writer {
             if is_schema_change(&error) {
                 self.schema_changed.notify_one();
             }
-            if !is_retryable(&error) || attempt >= self.retries {
-                tracing::warn!(%error, attempts = attempt + 1, bytes, "INSERT failed");
-                return Err(WriteError { attempts: attempt + 1, error });
+            match next_step(&error, attempt, self.retries, self.resolve_ambiguous) {
+                Next::Retry => {}
+                Next::Resolve => {
+                    tracing::warn!(%error, attempts = attempt + 1, bytes, "INSERT may have landed; resolving");
+                    return Err(WriteError { attempts: attempt + 1, error, ambiguous: true });
+                }
+                Next::Fail => {
+                    tracing::warn!(%error, attempts = attempt + 1, bytes, "INSERT failed");
+                    return Err(WriteError { attempts: attempt + 1, error, ambiguous: false });
+                }
             }
             let delay = self.backoff.delay(attempt);
             tracing::info!(%error, attempt = attempt + 1, ?delay, "INSERT failed, retrying");
@@ -188,6 +244,18 @@ mod tests {
         let config = Config { insert_format: format, ..Config::default() };
         let breaker = Arc::new(Breaker::new(0, std::time::Duration::from_secs(1)));
         Writer::new(ClickHouse::new(&config), &config, Arc::new(Notify::new()), breaker)
+    }
+
+    #[test]
+    fn an_insert_that_may_have_landed_is_resolved_not_retried() {
+        let timeout = ClickHouseError::Timeout(std::time::Duration::from_secs(1));
+        let busy = ClickHouseError::Server { code: 202, message: String::new() };
+        assert_eq!(next_step(&timeout, 0, 3, true), Next::Resolve);
+        assert_eq!(next_step(&timeout, 0, 3, false), Next::Retry, "without a journal: at-least-once");
+        assert_eq!(next_step(&busy, 0, 3, true), Next::Retry, "answered: nothing was written");
+        assert_eq!(next_step(&busy, 3, 3, true), Next::Fail);
+        let syntax = ClickHouseError::Server { code: 62, message: String::new() };
+        assert_eq!(next_step(&syntax, 0, 3, true), Next::Fail);
     }
 
     #[test]

@@ -18,23 +18,34 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::clickhouse::writer::{WriteError, Writer};
+use crate::clickhouse::writer::Writer;
 use crate::config::Config;
 use crate::idempotency::{Idempotency, Reservation};
+use crate::journal::Durable;
 use crate::metrics;
 use crate::rows::PartitionRows;
 use crate::schema::TableSchema;
 use crate::shed::budget::Lease;
 
-/// What a waiting request learns about the flush holding its rows.
-pub type FlushResult = Result<(), WriteError>;
+pub use crate::journal::{FlushError, FlushResult, Waiter};
+
+/// Who hears about a submission's rows, and when.
+#[derive(Debug, Default)]
+pub struct Acks {
+    /// Once they are in the journal (the answer of `wait=false`).
+    pub journaled: Option<Waiter>,
+    /// Once their INSERT succeeded (the answer of `wait=true`; producer offsets).
+    pub written: Option<Waiter>,
+    /// Once they are in the destination (`wait=visible`).
+    pub visible: Option<Waiter>,
+}
 
 /// One request's rows for one partition, and where to report the flush.
 #[derive(Debug)]
 pub struct Submission {
     pub schema: Arc<TableSchema>,
     pub rows: PartitionRows,
-    pub ack: Option<oneshot::Sender<FlushResult>>,
+    pub acks: Acks,
     /// The rows' share of the in-flight budget, released once they are written.
     pub lease: Option<Lease>,
     /// Idempotency keys of these rows' events: committed after the write, released if it fails.
@@ -100,7 +111,12 @@ pub struct CoalescerTasks {
 }
 
 impl Coalescer {
-    pub fn start(config: &Config, writer: &Arc<Writer>, idempotency: &Arc<Idempotency>) -> (Self, CoalescerTasks) {
+    pub fn start(
+        config: &Config,
+        writer: &Arc<Writer>,
+        idempotency: &Arc<Idempotency>,
+        durable: Option<&Arc<Durable>>,
+    ) -> (Self, CoalescerTasks) {
         let limits = BatchLimits {
             max_rows: config.flush_max_rows,
             max_bytes: config.flush_max_bytes,
@@ -117,6 +133,7 @@ impl Coalescer {
                     id,
                     writer: Arc::clone(writer),
                     idempotency: Arc::clone(idempotency),
+                    durable: durable.cloned(),
                     limits,
                     queued: Arc::clone(&queued),
                 };
@@ -167,7 +184,7 @@ impl Coalescer {
                 let barrier = Submission {
                     schema: Arc::clone(schema),
                     rows: PartitionRows::default(),
-                    ack: Some(tx),
+                    acks: Acks { written: Some(tx), ..Acks::default() },
                     lease: None,
                     reservation: None,
                     urgent: true,

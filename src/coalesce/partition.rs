@@ -7,9 +7,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{BatchLimits, FlushResult, Submission, Waiting};
-use crate::clickhouse::writer::Writer;
+use super::{BatchLimits, Submission, Waiting};
+use crate::clickhouse::writer::{WriteError, Writer};
 use crate::idempotency::{Idempotency, Reservation};
+use crate::journal::{Block, BlockId, Durable, FlushError, FlushResult, Waiter};
 use crate::rows::Groups;
 use crate::schema::TableSchema;
 use crate::shed::budget::Lease;
@@ -20,7 +21,10 @@ struct Batch {
     groups: Groups,
     rows: usize,
     bytes: usize,
-    acks: Vec<tokio::sync::oneshot::Sender<FlushResult>>,
+    /// Who waits for the rows: journaled, written, visible.
+    journaled: Vec<Waiter>,
+    written: Vec<Waiter>,
+    visible: Vec<Waiter>,
     /// In-flight budget held by the rows until they are written.
     leases: Vec<Lease>,
     reservations: Vec<Reservation>,
@@ -34,7 +38,9 @@ impl Batch {
             groups: Groups::default(),
             rows: 0,
             bytes: 0,
-            acks: Vec::new(),
+            journaled: Vec::new(),
+            written: Vec::new(),
+            visible: Vec::new(),
             leases: Vec::new(),
             reservations: Vec::new(),
             urgent: false,
@@ -60,38 +66,105 @@ impl Batch {
             self.bytes += chunk.data.len();
             self.groups.add(chunk);
         }
-        self.acks.extend(submission.ack);
+        self.journaled.extend(submission.acks.journaled);
+        self.written.extend(submission.acks.written);
+        self.visible.extend(submission.acks.visible);
         self.leases.extend(submission.lease);
         self.reservations.extend(submission.reservation);
         self.urgent |= submission.urgent;
     }
 
-    async fn flush(self, writer: &Writer, idempotency: &Idempotency) {
-        let mut result = Ok(());
-        for group in self.groups.0 {
-            result = writer.write_rows(&self.schema, &self.schema.table, group).await;
-            if result.is_err() {
-                break;
+    /// Journals the batch and INSERTs it, both at once (the fsync overlaps the INSERT it
+    /// protects), then settles its keys and tells every waiter.
+    async fn flush(self, writer: &Writer, idempotency: &Idempotency, durable: Option<&Durable>) {
+        let Self { schema, groups, journaled, written, visible, leases, reservations, .. } = self;
+        let block = durable.map(|d| Block::of(&schema, &schema.table, &groups, d.next_query_id(), unix_ms()));
+        let append = async {
+            match (durable, &block) {
+                (Some(durable), Some(block)) => Some(durable.append(block).await),
+                _ => None,
+            }
+        };
+        let query_id = block.as_ref().map(|b| b.query_id.clone());
+        let (appended, result) = tokio::join!(append, insert(writer, &schema, groups, query_id.as_deref()));
+        let journal_result: FlushResult = match &appended {
+            Some(Err(error)) => Err(FlushError::from(error)),
+            _ => Ok(()),
+        };
+        tell(journaled, &journal_result);
+        let id = appended.and_then(Result::ok);
+        match (result, durable, block) {
+            (Ok(()), durable, block) => {
+                commit(idempotency, &reservations).await;
+                // A 200 promises the journal too: written but not journaled is refused (the
+                // keys are committed, so the producer's retry is answered as duplicates).
+                tell(written, &journal_result);
+                match (durable, id, block) {
+                    (Some(durable), Some(id), Some(block)) => durable.written(id, &block, visible),
+                    // Not journaled: no confirmation will come.
+                    _ => tell(visible, &journal_result.and(Err(FlushError::Journal("not journaled".into())))),
+                }
+            }
+            (Err(error), Some(durable), Some(block)) if error.ambiguous => {
+                // The rows are in the journal, or at hand, and will be stored exactly once:
+                // their keys are committed now, the requests hear once they are settled.
+                commit(idempotency, &reservations).await;
+                durable.ambiguous(id.unwrap_or_else(unjournaled_id), block, written, visible);
+            }
+            (Err(error), durable, _) => {
+                // On failure the lease expiry frees them anyway.
+                let _ = idempotency.release(&reservations).await;
+                if let (Some(durable), Some(id)) = (durable, id) {
+                    durable.discard(id).await;
+                }
+                let failed = Err(FlushError::Write(error));
+                tell(written, &failed);
+                tell(visible, &failed);
             }
         }
-        // Keys are committed only once the rows are in ClickHouse, and before anyone hears so.
-        if result.is_ok() {
-            if idempotency.commit(&self.reservations).await.is_err() {
-                tracing::warn!(
-                    requests = self.reservations.len(),
-                    "written, but their idempotency keys stay pending until the lease expires"
-                );
-            }
-        } else {
-            // On failure the lease expiry frees them anyway.
-            let _ = idempotency.release(&self.reservations).await;
-        }
-        for ack in self.acks {
-            // The request may be gone (client hung up, or `wait=false`): nothing to tell.
-            let _ = ack.send(result.clone());
-        }
-        drop(self.leases);
+        drop(leases);
     }
+}
+
+/// The batch's INSERTs, one per column list, stopping at the first failure.
+async fn insert(
+    writer: &Writer,
+    schema: &TableSchema,
+    groups: Groups,
+    query_id: Option<&str>,
+) -> Result<(), WriteError> {
+    for (n, group) in groups.0.into_iter().enumerate() {
+        let id = query_id.map(|base| format!("{base}-{n}"));
+        writer.write_rows(schema, &schema.table, group, id.as_deref()).await?;
+    }
+    Ok(())
+}
+
+/// Keys are committed only once the rows are in ClickHouse (or sure to be), and before
+/// anyone hears so.
+async fn commit(idempotency: &Idempotency, reservations: &[Reservation]) {
+    if idempotency.commit(reservations).await.is_err() {
+        tracing::warn!(
+            requests = reservations.len(),
+            "written, but their idempotency keys stay pending until the lease expires"
+        );
+    }
+}
+
+fn tell(waiters: Vec<Waiter>, result: &FlushResult) {
+    for waiter in waiters {
+        // The request may be gone (client hung up): nothing to tell.
+        let _ = waiter.send(result.clone());
+    }
+}
+
+/// An id for a block the journal could not take, so the resolver can still track it.
+fn unjournaled_id() -> BlockId {
+    u64::MAX - u64::from(rand::random::<u32>())
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// One partition's task and what it needs.
@@ -99,6 +172,7 @@ pub(super) struct Partition {
     pub id: usize,
     pub writer: Arc<Writer>,
     pub idempotency: Arc<Idempotency>,
+    pub durable: Option<Arc<Durable>>,
     pub limits: BatchLimits,
     pub queued: Arc<Vec<Waiting>>,
 }
@@ -151,7 +225,7 @@ impl Partition {
             }
             tracing::trace!(partition = self.id, rows = batch.rows, bytes = batch.bytes, "flushing");
             let rows = batch.rows;
-            batch.flush(&self.writer, &self.idempotency).await;
+            batch.flush(&self.writer, &self.idempotency, self.durable.as_deref()).await;
             self.done(rows);
         }
         tracing::debug!(partition = self.id, "coalescer partition drained");

@@ -8,7 +8,7 @@ use super::body::Format;
 use super::scan::{EventSchema, Scanner, SyntaxError};
 use crate::idempotency::Idempotency;
 use crate::rows::PartitionRows;
-use crate::schema::{EncodeContext, EventFields, TableSchema};
+use crate::schema::{EncodeContext, Encoded, EventFields, TableSchema};
 
 #[derive(Debug, Serialize)]
 pub struct RejectedEvent {
@@ -28,6 +28,8 @@ pub struct EventRow {
     pub partition: usize,
     pub chunk: usize,
     pub range: std::ops::Range<usize>,
+    /// What its encoding told (column list, id, time), to carry with the row.
+    pub encoded: Encoded,
 }
 
 /// A request's events, encoded and split by partition.
@@ -54,8 +56,8 @@ impl EncodedBatch {
                 continue;
             }
             let chunk = &old[event.partition].chunks[event.chunk];
-            let (index, range) = self.partitions[event.partition].push(chunk.omitted, &chunk.data[event.range]);
-            events.push(EventRow { key: event.key, partition: event.partition, chunk: index, range });
+            let (index, range) = self.partitions[event.partition].push(&event.encoded, &chunk.data[event.range]);
+            events.push(EventRow { chunk: index, range, ..event });
         }
         self.accepted = events.len();
         self.events = events;
@@ -99,11 +101,11 @@ pub fn encode_batch(
             (schema.partition_hash(fields, index as u64) % partitions as u64) as usize
         };
         match batch.partitions[partition].encode(|out| schema.encode_fields(fields, ctx, out)) {
-            Ok((chunk, range)) => {
+            Ok((chunk, range, encoded)) => {
                 batch.accepted += 1;
                 if shape.keep_ids {
                     let key = schema.event_id(fields).map(|id| Idempotency::event_key(&id));
-                    batch.events.push(EventRow { key, partition, chunk, range });
+                    batch.events.push(EventRow { key, partition, chunk, range, encoded });
                 }
             }
             Err(rejection) => {

@@ -42,7 +42,7 @@ pub fn encode_event(
     Scanner::new(&text)
         .event(EventSchema { schema, unknown: ctx.unknown_fields }, &mut fields)
         .map_err(|e| Rejection { field: None, error: e.reason.to_string() })?;
-    schema.encode_fields(&fields, ctx, out)
+    schema.encode_fields(&fields, ctx, out).map(|encoded| encoded.omitted)
 }
 
 #[cfg(test)]

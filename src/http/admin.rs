@@ -13,6 +13,7 @@ use super::error::ApiError;
 use super::state::AppState;
 use crate::auth::bearer;
 use crate::clickhouse::drain;
+use crate::journal::DurableStatus;
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     if !state.admin.enabled() {
@@ -64,6 +65,8 @@ pub struct Status {
     pub inflight_bytes: usize,
     pub inflight_limit_bytes: usize,
     pub idempotency_store: &'static str,
+    /// The journal; `null` when it is off.
+    pub journal: Option<DurableStatus>,
 }
 
 #[derive(Debug, Serialize)]
@@ -95,5 +98,6 @@ pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
         inflight_bytes: state.ingest.budget.used(),
         inflight_limit_bytes: state.ingest.budget.limit(),
         idempotency_store: if state.ingest.idempotency.is_embedded() { "embedded" } else { "redis" },
+        journal: state.ingest.durable.as_ref().map(|d| d.status()),
     }))
 }

@@ -45,6 +45,10 @@ pub enum ApiError {
     RequestTimeout,
     #[error("ClickHouse INSERTs keep failing; the circuit is open, retry later")]
     CircuitOpen,
+    #[error(
+        "the gateway's journal is full (ClickHouse is not confirming rows fast enough); nothing was written, retry later"
+    )]
+    JournalFull,
     #[error("internal error: {0}")]
     Internal(String),
     #[error("{0}")]
@@ -86,6 +90,8 @@ impl From<IngestError> for ApiError {
             IngestError::EventsInFlight => Self::EventsInFlight,
             IngestError::RequestInFlight => Self::RequestInFlight,
             IngestError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
+            IngestError::JournalFull => Self::JournalFull,
+            IngestError::VisibleNeedsJournal => Self::BadQuery(error.to_string()),
             IngestError::Internal(why) => Self::Internal(why),
         }
     }
@@ -120,7 +126,8 @@ impl ApiError {
             | Self::BufferUnknown { .. }
             | Self::Overloaded(_)
             | Self::RequestTimeout
-            | Self::CircuitOpen => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::CircuitOpen
+            | Self::JournalFull => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::BadHeader(_) | Self::BadPath(_) => StatusCode::BAD_REQUEST,
             Self::RequestInFlight => StatusCode::CONFLICT,
@@ -155,6 +162,7 @@ impl ApiError {
             Self::Overloaded(_) => "overloaded",
             Self::RequestTimeout => "request_timeout",
             Self::CircuitOpen => "circuit_open",
+            Self::JournalFull => "journal_full",
             Self::Internal(_) => "internal",
             Self::BadHeader(_) => "bad_header",
             Self::BadPath(_) => "bad_path",

@@ -17,17 +17,33 @@ use super::body;
 use super::error::ApiError;
 use super::shed::Divert;
 use super::state::AppState;
-use crate::ingest::{self, Claim, Delivery, ProducerOffset};
+use crate::ingest::{self, Claim, Delivery, ProducerOffset, Wait};
 
 #[derive(Debug, Deserialize)]
 pub struct IngestParams {
-    /// `false`: answer 202 once the events are validated and queued, before they are written.
-    #[serde(default = "default_wait")]
-    wait: bool,
+    #[serde(default)]
+    wait: WaitParam,
 }
 
-fn default_wait() -> bool {
-    true
+/// `wait=true` (200 once written), `false` (202 once journaled), `visible` (200 once in the
+/// destination table).
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum WaitParam {
+    #[default]
+    True,
+    False,
+    Visible,
+}
+
+impl From<WaitParam> for Wait {
+    fn from(param: WaitParam) -> Self {
+        match param {
+            WaitParam::True => Wait::Written,
+            WaitParam::False => Wait::Queued,
+            WaitParam::Visible => Wait::Visible,
+        }
+    }
 }
 
 pub async fn ingest(
@@ -73,7 +89,7 @@ async fn handle(
             Claim::Replay { status, body } => return Ok(replayed(status, body)),
         },
     };
-    match ingest.deliver(&schema, batch, Delivery { wait: params.wait, divert, producer }).await {
+    match ingest.deliver(&schema, batch, Delivery { wait: params.wait.into(), divert, producer }).await {
         Ok(delivered) => {
             let status = if delivered.written { StatusCode::OK } else { StatusCode::ACCEPTED };
             let body = serde_json::to_vec(&delivered.response).map_err(|e| ApiError::Internal(e.to_string()))?;

@@ -8,9 +8,8 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use super::{Ingest, IngestError};
-use crate::clickhouse::ClickHouseError;
 use crate::clickhouse::writer::MIN_BLOCK_ROWS;
-use crate::coalesce::{FlushResult, Submission, SubmitError};
+use crate::coalesce::{Acks, FlushError, FlushResult, Submission, SubmitError};
 use crate::config::DedupMode;
 use crate::decode::{EncodedBatch, RejectedEvent};
 use crate::idempotency::{Idempotency, Reservation};
@@ -26,11 +25,21 @@ pub struct ProducerOffset {
     pub offset: u64,
 }
 
+/// When a batch is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Once the rows are journaled (queued, when there is no journal): 202.
+    Queued,
+    /// Once their INSERT into the Buffer succeeded: 200.
+    Written,
+    /// Once they are confirmed in the destination table: 200.
+    Visible,
+}
+
 /// How a batch is to be delivered.
 #[derive(Debug, Clone)]
 pub struct Delivery {
-    /// Answer once the rows are written (else once they are queued).
-    pub wait: bool,
+    pub wait: Wait,
     /// The Buffer is saturated and the rows go to the fallback table.
     pub divert: bool,
     pub producer: Option<ProducerOffset>,
@@ -52,10 +61,12 @@ pub struct Delivered {
     pub response: IngestResponse,
 }
 
-/// Where a batch's rows went, and what to wait for.
+/// Where a batch's rows went, and what to wait for: before the answer, and before the
+/// producer's offset moves.
 struct HandedOff {
     outcome: Outcome,
-    acks: Vec<oneshot::Receiver<FlushResult>>,
+    answer: Vec<oneshot::Receiver<FlushResult>>,
+    offset: Vec<oneshot::Receiver<FlushResult>>,
 }
 
 impl Ingest {
@@ -84,9 +95,10 @@ impl Ingest {
                 metrics::events(Outcome::Shed, accepted);
             }
         })?;
-        let written = how.wait || how.divert;
-        self.settle(handed.acks, how).await?;
-        metrics::events(handed.outcome, accepted);
+        let written = how.wait != Wait::Queued || how.divert;
+        let outcome = handed.outcome;
+        self.settle(handed, how).await?;
+        metrics::events(outcome, accepted);
         Ok(Delivered { written, response: IngestResponse { accepted, duplicates, rejected: batch.rejected } })
     }
 
@@ -140,33 +152,29 @@ impl Ingest {
     ) -> Result<HandedOff, IngestError> {
         if how.divert {
             self.write_fallback(schema, partitions, reservations).await?;
-            return Ok(HandedOff { outcome: Outcome::Fallback, acks: Vec::new() });
+            return Ok(HandedOff { outcome: Outcome::Fallback, answer: Vec::new(), offset: Vec::new() });
         }
-        // Offsets advance only after the write, so the producer's batch must be waited for.
-        let acks = how.wait || how.producer.is_some();
-        let acks = self.enqueue(schema, partitions, reservations, acks).await?;
-        Ok(HandedOff { outcome: Outcome::Accepted, acks })
+        let wants = Wants::of(how, self.durable.is_some())?;
+        self.enqueue(schema, partitions, reservations, wants).await
     }
 
-    /// Waits for the flushes (when the answer waits) and advances the producer's offset once
-    /// they succeeded; with `wait=false` and an offset, that happens after the answer.
-    async fn settle(&self, acks: Vec<oneshot::Receiver<FlushResult>>, how: Delivery) -> Result<(), IngestError> {
+    /// Waits for what the answer waits for, and advances the producer's offset once the rows
+    /// are written (after the answer, when it does not wait for that).
+    async fn settle(&self, handed: HandedOff, how: Delivery) -> Result<(), IngestError> {
+        await_flushes(handed.answer).await?;
+        let Some(producer) = how.producer else { return Ok(()) };
         let idempotency = Arc::clone(&self.idempotency);
         let advance = async move {
-            await_flushes(acks).await?;
-            if let Some(p) = how.producer {
-                advance_offset(&idempotency, &p).await;
+            if await_flushes(handed.offset).await.is_ok() {
+                advance_offset(&idempotency, &producer).await;
             }
-            Ok::<(), IngestError>(())
         };
-        if how.wait || how.divert {
-            advance.await
+        if how.wait == Wait::Queued && !how.divert {
+            tokio::spawn(advance);
         } else {
-            tokio::spawn(async move {
-                let _ = advance.await;
-            });
-            Ok(())
+            advance.await;
         }
+        Ok(())
     }
 
     /// Queues the rows in their partitions; returns the flush outcomes to wait for (`acks`).
@@ -175,8 +183,8 @@ impl Ingest {
         schema: &Arc<TableSchema>,
         partitions: Vec<PartitionRows>,
         mut reservations: Vec<Option<Reservation>>,
-        acks: bool,
-    ) -> Result<Vec<oneshot::Receiver<FlushResult>>, IngestError> {
+        wants: Wants,
+    ) -> Result<HandedOff, IngestError> {
         let encoded: usize = partitions.iter().map(PartitionRows::bytes).sum();
         // Kept to give back if the rows cannot be queued.
         let held: Vec<Reservation> = reservations.iter().flatten().cloned().collect();
@@ -184,21 +192,17 @@ impl Ingest {
             let _ = self.idempotency.release(&held).await;
             return Err(IngestError::overloaded("in-flight bytes"));
         };
-        let mut receivers = Vec::new();
+        let mut handed = HandedOff { outcome: Outcome::Accepted, answer: Vec::new(), offset: Vec::new() };
         let mut submissions = Vec::new();
         for (partition, rows) in partitions.into_iter().enumerate() {
             if rows.chunks.is_empty() {
                 continue;
             }
-            let ack = acks.then(|| {
-                let (tx, rx) = oneshot::channel();
-                receivers.push(rx);
-                tx
-            });
+            let acks = wants.acks(&mut handed);
             let lease = Some(lease.split(rows.bytes()));
             let reservation = reservations.get_mut(partition).and_then(Option::take);
             let schema = Arc::clone(schema);
-            submissions.push((partition, Submission { schema, rows, ack, lease, reservation, urgent: false }));
+            submissions.push((partition, Submission { schema, rows, acks, lease, reservation, urgent: false }));
         }
         if let Err(error) = self.coalescer.submit(submissions).await {
             let _ = self.idempotency.release(&held).await;
@@ -207,7 +211,61 @@ impl Ingest {
                 SubmitError::Closed => IngestError::ShuttingDown,
             });
         }
-        Ok(receivers)
+        Ok(handed)
+    }
+}
+
+/// Which moments of its rows' way a request waits for.
+#[derive(Debug, Clone, Copy)]
+struct Wants {
+    answer: Stage,
+    /// The producer offset moves once the rows are written.
+    offset: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    None,
+    Journaled,
+    Written,
+    Visible,
+}
+
+impl Wants {
+    fn of(how: &Delivery, journal: bool) -> Result<Self, IngestError> {
+        let answer = match (how.wait, journal) {
+            (Wait::Queued, true) => Stage::Journaled,
+            (Wait::Queued, false) => Stage::None,
+            (Wait::Written, _) => Stage::Written,
+            (Wait::Visible, true) => Stage::Visible,
+            (Wait::Visible, false) => return Err(IngestError::VisibleNeedsJournal),
+        };
+        Ok(Self { answer, offset: how.producer.is_some() })
+    }
+
+    /// One submission's acks, their receivers added to `handed`.
+    fn acks(self, handed: &mut HandedOff) -> Acks {
+        let mut acks = Acks::default();
+        let mut make = |to_answer: bool| {
+            let (tx, rx) = oneshot::channel();
+            if to_answer {
+                handed.answer.push(rx);
+            } else {
+                handed.offset.push(rx);
+            }
+            Some(tx)
+        };
+        match self.answer {
+            Stage::None => {}
+            Stage::Journaled => acks.journaled = make(true),
+            Stage::Written => acks.written = make(true),
+            Stage::Visible => acks.visible = make(true),
+        }
+        // Written or later answers already imply the write the offset needs.
+        if self.offset && matches!(self.answer, Stage::None | Stage::Journaled) {
+            acks.written = make(false);
+        }
+        acks
     }
 }
 
@@ -215,7 +273,8 @@ async fn await_flushes(acks: Vec<oneshot::Receiver<FlushResult>>) -> Result<(), 
     for ack in acks {
         match ack.await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) if matches!(e.error, ClickHouseError::CircuitOpen) => return Err(IngestError::CircuitOpen),
+            Ok(Err(e)) if e.is_circuit_open() => return Err(IngestError::CircuitOpen),
+            Ok(Err(FlushError::JournalFull)) => return Err(IngestError::JournalFull),
             Ok(Err(e)) => return Err(IngestError::FlushFailed(e.to_string())),
             Err(_) => return Err(IngestError::FlushFailed("the coalescer stopped before flushing".into())),
         }

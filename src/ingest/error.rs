@@ -29,6 +29,10 @@ pub enum IngestError {
     RequestInFlight,
     #[error("this idempotency key was used for a request with a different body")]
     IdempotencyKeyReused,
+    #[error("the journal is full")]
+    JournalFull,
+    #[error("wait=visible needs the journal, which is off")]
+    VisibleNeedsJournal,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -46,7 +50,10 @@ impl IngestError {
 
     /// Refused for lack of room or time, not for what it holds: its events count as shed.
     pub fn is_shed(&self) -> bool {
-        matches!(self, Self::Overloaded(_) | Self::QueueFull(_) | Self::ShuttingDown | Self::CircuitOpen)
+        matches!(
+            self,
+            Self::Overloaded(_) | Self::QueueFull(_) | Self::ShuttingDown | Self::CircuitOpen | Self::JournalFull
+        )
     }
 }
 

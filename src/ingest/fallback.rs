@@ -20,7 +20,7 @@ impl Ingest {
         }
         let mut result = Ok(());
         for group in groups.0 {
-            result = self.writer.write_rows(schema, &table, group).await;
+            result = self.writer.write_rows(schema, &table, group, None).await;
             if result.is_err() {
                 break;
             }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-pub use deliver::{Delivered, Delivery, IngestResponse, ProducerOffset};
+pub use deliver::{Delivered, Delivery, IngestResponse, ProducerOffset, Wait};
 pub use error::IngestError;
 
 use crate::clickhouse::breaker::Breaker;
@@ -23,6 +23,7 @@ use crate::config::{Config, DedupMode};
 use crate::decode::{self, BatchShape, EncodedBatch, Encoding, Format};
 use crate::health::Health;
 use crate::idempotency::{Idempotency, RequestState};
+use crate::journal::Durable;
 use crate::metrics;
 use crate::schema::{EncodeContext, SharedSchema, TableSchema, Timestamp};
 use crate::shed::budget::{Budget, Lease};
@@ -42,6 +43,8 @@ pub struct Ingest {
     pub budget: Arc<Budget>,
     pub breaker: Arc<Breaker>,
     pub idempotency: Arc<Idempotency>,
+    /// The journal, unless it is off.
+    pub durable: Option<Arc<Durable>>,
 }
 
 /// A body as received: its bytes and how to read them.
@@ -77,6 +80,12 @@ impl Ingest {
             return Err(IngestError::CircuitOpen);
         }
         let schema = self.schema.get().ok_or(IngestError::NotReady("the table schema is not loaded yet"))?;
+        if let Some(durable) = &self.durable
+            && !durable.has_room(announced as u64)
+        {
+            metrics::shed_request("journal_full");
+            return Err(IngestError::JournalFull);
+        }
         let lease = self.budget.try_take(announced).ok_or_else(|| IngestError::overloaded("in-flight bytes"))?;
         Ok((schema, lease))
     }

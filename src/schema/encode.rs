@@ -395,6 +395,35 @@ pub fn write_uuid(out: &mut Vec<u8>, uuid: uuid::Uuid) {
     out.extend(low.to_le_bytes());
 }
 
+/// The UUID at the start of `bytes`, a value of a UUID column of type `ty` (RowBinary: high
+/// then low half, each little-endian); `None` for NULL.
+pub fn read_uuid(ty: &ColumnType, bytes: &[u8]) -> Option<uuid::Uuid> {
+    match ty {
+        ColumnType::LowCardinality(inner) => read_uuid(inner, bytes),
+        ColumnType::Nullable(inner) => (*bytes.first()? == 0).then(|| read_uuid(inner, bytes.get(1..)?)).flatten(),
+        ColumnType::Uuid => {
+            let high = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+            let low = u64::from_le_bytes(bytes.get(8..16)?.try_into().ok()?);
+            Some(uuid::Uuid::from_u64_pair(high, low))
+        }
+        _ => None,
+    }
+}
+
+/// The whole seconds of the time value at the start of `bytes`, of type `ty`; `None` for NULL.
+pub fn read_seconds(ty: &ColumnType, bytes: &[u8]) -> Option<i64> {
+    match ty {
+        ColumnType::LowCardinality(inner) => read_seconds(inner, bytes),
+        ColumnType::Nullable(inner) => (*bytes.first()? == 0).then(|| read_seconds(inner, bytes.get(1..)?)).flatten(),
+        ColumnType::DateTime => Some(i64::from(u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?))),
+        ColumnType::DateTime64(precision) => {
+            let ticks = i64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+            Some(ticks.div_euclid(10i64.checked_pow(*precision)?))
+        }
+        _ => None,
+    }
+}
+
 /// Appends an unsigned LEB128 length.
 pub fn write_len(out: &mut Vec<u8>, len: usize) {
     let mut n = len as u64;

@@ -13,7 +13,7 @@ pub mod time;
 pub mod types;
 
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
@@ -73,6 +73,18 @@ pub struct EncodeContext {
     pub unknown_fields: UnknownFields,
 }
 
+/// What encoding a row tells besides its bytes: what the journal needs to recognise the row
+/// in ClickHouse and to find it by time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Encoded {
+    /// Columns left to their DEFAULT expression (a bit each, see [`TableSchema::insert_sql`]).
+    pub omitted: u64,
+    /// The row's event id, as the id column holds it; `None` without one (or when NULL).
+    pub id: Option<uuid::Uuid>,
+    /// The row's timestamp in whole seconds since the epoch, when the table has one.
+    pub seconds: Option<i64>,
+}
+
 /// Names of the columns the gateway fills in itself.
 #[derive(Debug, Clone)]
 pub struct SpecialColumns {
@@ -91,7 +103,7 @@ pub struct TableSchema {
     columns: Vec<Column>,
     /// Indexes into `columns` of the written columns, in table order (the RowBinary order).
     written: Vec<usize>,
-    by_name: HashMap<String, usize, BuildHasherDefault<Fnv1a>>,
+    by_name: HashMap<String, usize, FastHash>,
     id: Option<usize>,
     timestamp: Option<usize>,
     /// The column whose value picks the coalescer partition.
@@ -99,30 +111,12 @@ pub struct TableSchema {
     infos: Vec<ColumnInfo>,
 }
 
-/// FNV-1a, for the two hashes on the request path: field names looked up in the table's
-/// columns (every field of every event), and partition-key values. SipHash's DoS resistance
-/// buys nothing for a fixed table that requests only read, nor for a key's partition, which
-/// only has to be stable within this process.
-#[derive(Debug)]
-struct Fnv1a(u64);
-
-impl Default for Fnv1a {
-    fn default() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Hasher for Fnv1a {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
+/// The hasher of the two hashes on the request path: field names looked up in the table's
+/// columns (every field of every event), and partition-key values. A fixed seed: SipHash's DoS
+/// resistance buys nothing for a fixed table that requests only read, nor for a key's
+/// partition, which only has to be stable within this process. foldhash measured ~30% faster
+/// than FNV-1a on column names and ~3× on partition keys (`benches/hot_paths.rs`).
+type FastHash = foldhash::fast::FixedState;
 
 /// Columns with DEFAULT expressions that can be left out of an INSERT row by row (one bit each).
 const MAX_DEFAULT_BITS: usize = 64;
@@ -271,13 +265,14 @@ impl TableSchema {
     }
 
     /// Validates one event and appends its RowBinary row to `out`. Returns the mask of columns
-    /// left to their DEFAULT expression; on rejection `out` is left as it was.
+    /// left to their DEFAULT expression and the row's id and time; on rejection `out` is left
+    /// as it was.
     pub fn encode_fields(
         &self,
         fields: &EventFields,
         ctx: &EncodeContext,
         out: &mut Vec<u8>,
-    ) -> Result<u64, Rejection> {
+    ) -> Result<Encoded, Rejection> {
         let start = out.len();
         let result = self.encode_into(fields, ctx, out);
         if result.is_err() {
@@ -286,7 +281,7 @@ impl TableSchema {
         result
     }
 
-    fn encode_into(&self, fields: &EventFields, ctx: &EncodeContext, out: &mut Vec<u8>) -> Result<u64, Rejection> {
+    fn encode_into(&self, fields: &EventFields, ctx: &EncodeContext, out: &mut Vec<u8>) -> Result<Encoded, Rejection> {
         if !fields.is_object {
             return Err(Rejection { field: None, error: "an event must be a JSON object".into() });
         }
@@ -294,11 +289,17 @@ impl TableSchema {
             return Err(problem.clone());
         }
         let mut omitted = 0u64;
+        let (mut id_at, mut time_at) = (None, None);
         for &i in &self.written {
             let column = &self.columns[i];
             let Role::Written { ty, default_bit } = &column.role else {
                 continue;
             };
+            if Some(i) == self.id {
+                id_at = Some((out.len(), ty));
+            } else if Some(i) == self.timestamp {
+                time_at = Some((out.len(), ty));
+            }
             let reject = |error: String| Rejection { field: Some(column.name.clone()), error };
             match fields.field(i) {
                 Some(field) if field.raw != "null" || matches!(ty.unwrapped(), ColumnType::Nullable(_)) => {
@@ -314,7 +315,9 @@ impl TableSchema {
                 },
             }
         }
-        Ok(omitted)
+        let id = id_at.and_then(|(at, ty)| encode::read_uuid(ty, out.get(at..)?));
+        let seconds = time_at.and_then(|(at, ty)| encode::read_seconds(ty, out.get(at..)?));
+        Ok(Encoded { omitted, id, seconds })
     }
 
     /// The event's own id (the id column's string), when it sent one.
@@ -327,19 +330,13 @@ impl TableSchema {
         let Some(field) = self.partition.and_then(|i| fields.field(i)) else { return fallback };
         // The value's text is hashed, a string's content rather than its literal: 5 and "5"
         // (or "\u0035") are one key and go to one partition, and nothing is parsed on the
-        // request path. FNV-1a and a final mix: SipHash was ~4% of encoding a small event, and
-        // a key's partition only has to be stable within this process.
-        let mut hasher = Fnv1a::default();
-        match fields.string(field) {
-            Some(content) => hasher.write(content),
+        // request path. SipHash was ~4% of encoding a small event.
+        let bytes = match fields.string(field) {
+            Some(content) => content,
             None if field.raw == "null" => return fallback,
-            None => hasher.write(field.raw.as_bytes()),
-        }
-        let h = hasher.finish();
-        // splitmix64's finalizer: FNV's low bits, which pick the partition, depend on few input bits.
-        let h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        let h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        h ^ (h >> 31)
+            None => field.raw.as_bytes(),
+        };
+        FastHash::with_seed(0).hash_one(bytes)
     }
 }
 

@@ -143,6 +143,11 @@ impl ClickHouseServer {
         process.wait_exit(Duration::from_secs(10));
     }
 
+    /// Sends `signal` to the server (SIGSTOP / SIGCONT to freeze and thaw it).
+    pub fn signal(&self, signal: i32) {
+        self.process.lock().unwrap().signal(signal);
+    }
+
     /// Starts the server again on the same ports and data directory.
     pub fn restart(&self) {
         let mut cmd = Command::new(repo().join("scripts/clickhouse-server.sh"));
@@ -288,8 +293,20 @@ pub fn config(ch: &ClickHouseServer, db: &str) -> Config {
     }
 }
 
+/// `config` with a data directory of its own when it has the default one: gateways of a test
+/// run never share a journal unless a test means them to.
+pub fn own_data_dir(mut config: Config) -> Config {
+    if config.data_dir == buffergate::config::DEFAULT_DATA_DIR {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        config.data_dir = scratch(&format!("gateway-data-{n}")).display().to_string();
+    }
+    config
+}
+
 /// The `buffergate` binary with `config` passed as `BUFFERGATE_*` variables.
 pub fn command(config: &Config, args: &[&str]) -> Command {
+    let config = &own_data_dir(config.clone());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_buffergate"));
     cmd.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default()).env("RUST_LOG", "info");
     let Value::Object(map) = serde_json::to_value(config).expect("config") else { unreachable!() };
@@ -320,6 +337,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn start(config: Config) -> Gateway {
+        let config = own_data_dir(config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let shutdown = Shutdown::new();
@@ -362,6 +380,12 @@ impl Gateway {
     /// Flushes the Buffer into the destination so the rows can be read back.
     pub async fn drain(&self, ch: &ClickHouseServer) {
         ch.exec(&format!("OPTIMIZE TABLE `{}`.`{}`", self.config.database, self.config.buffer_table)).await;
+    }
+
+    /// `GET /v1/status` with the gateway's admin token.
+    pub async fn status(&self) -> Value {
+        let response = http().get(format!("{}/v1/status", self.url)).bearer_auth(&self.config.admin_token).send();
+        response.await.expect("gateway answers").json().await.unwrap_or(Value::Null)
     }
 
     pub fn destination(&self) -> String {

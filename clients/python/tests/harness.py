@@ -270,6 +270,8 @@ class Gateway:
             "retry_initial_backoff_ms": 50,
             "retry_max_backoff_ms": 200,
             "dedup_key_prefix": f"{database}:",
+            # Its own journal, kept across restarts of this gateway.
+            "data_dir": str(self.dir / "data"),
         }
         if redis is not None:
             config["redis_url"] = redis.url

@@ -1,0 +1,290 @@
+//! A flushed batch as the journal keeps it: the table it went to and, per INSERT column list,
+//! the statement, the rows (RowBinary) and their marks (where each row ends, its event id, the
+//! span of its times). Enough to send again exactly the rows ClickHouse does not have, with
+//! no schema at hand: the statement names its columns.
+//!
+//! Encoding (little-endian): `u8 version (1)`, `u64 unix ms appended`, `str table`,
+//! `str query id`, `u32 groups`, then per group `str statement`, `u32 rows`, `u8 has ids`, `u8 has times`,
+//! `[i64 lo, i64 hi]` when it has times, `rows × u32 end`, `rows × 16 id bytes` when it has
+//! ids, `u32 length + data`. `str` is `u32 length + UTF-8`.
+
+use std::collections::HashSet;
+
+use uuid::Uuid;
+
+use crate::rows::{Groups, RowMarks};
+use crate::schema::TableSchema;
+
+const VERSION: u8 = 1;
+
+/// The rows of one INSERT column list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockGroup {
+    /// `INSERT INTO … (columns) FORMAT RowBinary`.
+    pub statement: String,
+    pub marks: RowMarks,
+    pub data: Vec<u8>,
+}
+
+/// One flushed batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Block {
+    /// `` `db`.`table` `` the rows were written to.
+    pub table: String,
+    /// The `query_id` its INSERTs run under (each attempt adds a suffix): a gateway that
+    /// takes the block over stops any of them still running before looking for its rows.
+    pub query_id: String,
+    /// When the batch was appended, in Unix milliseconds.
+    pub appended_ms: u64,
+    pub groups: Vec<BlockGroup>,
+}
+
+/// A record that is not a block this version can read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unreadable journal block: {0}")]
+pub struct BlockError(&'static str);
+
+impl Block {
+    /// The batch about to be sent: its groups' rows as one RowBinary body each.
+    pub fn of(schema: &TableSchema, table: &str, groups: &Groups, query_id: String, appended_ms: u64) -> Self {
+        let groups = groups
+            .0
+            .iter()
+            .map(|group| {
+                let mut marks = RowMarks::default();
+                let mut data = Vec::with_capacity(group.pieces.iter().map(Vec::len).sum());
+                for (piece, piece_marks) in group.pieces.iter().zip(&group.marks) {
+                    let base = data.len() as u32;
+                    marks.ends.extend(piece_marks.ends.iter().map(|end| base + end));
+                    marks.ids.extend_from_slice(&piece_marks.ids);
+                    marks.seconds = span(marks.seconds, piece_marks.seconds);
+                    data.extend_from_slice(piece);
+                }
+                BlockGroup { statement: schema.insert_sql_into(table, group.omitted), marks, data }
+            })
+            .collect();
+        Self { table: table.to_string(), query_id, appended_ms, groups }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.groups.iter().map(|g| g.marks.ends.len()).sum()
+    }
+
+    /// Every row's event id; empty when the table has no id column.
+    pub fn ids(&self) -> impl Iterator<Item = Uuid> + '_ {
+        self.groups.iter().flat_map(|g| g.marks.ids.iter().copied())
+    }
+
+    /// Whether every row carries an id, so that presence can be asked row by row.
+    pub fn identified(&self) -> bool {
+        self.groups.iter().all(|g| g.marks.ids.len() == g.marks.ends.len())
+    }
+
+    /// A few ids that stand for the block: the first and last row of each group. A Buffer
+    /// layer takes a block whole and is flushed whole, so these are found in the destination
+    /// exactly when the block is.
+    pub fn samples(&self) -> Vec<Uuid> {
+        let mut out: Vec<Uuid> = Vec::new();
+        for group in &self.groups {
+            out.extend(group.marks.ids.first());
+            if group.marks.ids.len() > 1 {
+                out.extend(group.marks.ids.last());
+            }
+        }
+        out
+    }
+
+    /// The earliest and latest row time, when the table has a time column.
+    pub fn seconds(&self) -> Option<(i64, i64)> {
+        self.groups.iter().fold(None, |acc, g| span(acc, g.marks.seconds))
+    }
+
+    /// The same block with only the rows whose id is not in `present` (every row of a group
+    /// without ids: such rows cannot be told apart, so they are sent again).
+    pub fn without(&self, present: &HashSet<Uuid>) -> Self {
+        let groups = self
+            .groups
+            .iter()
+            .filter_map(|group| {
+                if group.marks.ids.len() != group.marks.ends.len() {
+                    return Some(group.clone());
+                }
+                let mut kept =
+                    BlockGroup { statement: group.statement.clone(), marks: RowMarks::default(), data: Vec::new() };
+                let mut start = 0usize;
+                for (&end, id) in group.marks.ends.iter().zip(&group.marks.ids) {
+                    let end = end as usize;
+                    if !present.contains(id) {
+                        kept.data.extend_from_slice(group.data.get(start..end)?);
+                        kept.marks.ends.push(kept.data.len() as u32);
+                        kept.marks.ids.push(*id);
+                    }
+                    start = end;
+                }
+                kept.marks.seconds = group.marks.seconds;
+                (!kept.marks.ends.is_empty()).then_some(kept)
+            })
+            .collect();
+        Self { table: self.table.clone(), query_id: self.query_id.clone(), appended_ms: self.appended_ms, groups }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let bytes: usize =
+            self.groups.iter().map(|g| g.data.len() + g.marks.ends.len() * 20 + g.statement.len() + 40).sum();
+        let mut out = Vec::with_capacity(bytes + self.table.len() + 32);
+        out.push(VERSION);
+        out.extend(self.appended_ms.to_le_bytes());
+        put_str(&mut out, &self.table);
+        put_str(&mut out, &self.query_id);
+        out.extend((self.groups.len() as u32).to_le_bytes());
+        for group in &self.groups {
+            let marks = &group.marks;
+            put_str(&mut out, &group.statement);
+            out.extend((marks.ends.len() as u32).to_le_bytes());
+            let has_ids = marks.ids.len() == marks.ends.len() && !marks.ids.is_empty();
+            out.push(u8::from(has_ids));
+            out.push(u8::from(marks.seconds.is_some()));
+            if let Some((lo, hi)) = marks.seconds {
+                out.extend(lo.to_le_bytes());
+                out.extend(hi.to_le_bytes());
+            }
+            for end in &marks.ends {
+                out.extend(end.to_le_bytes());
+            }
+            if has_ids {
+                for id in &marks.ids {
+                    out.extend_from_slice(id.as_bytes());
+                }
+            }
+            out.extend((group.data.len() as u32).to_le_bytes());
+            out.extend_from_slice(&group.data);
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, BlockError> {
+        let mut r = Reader(bytes);
+        if r.u8()? != VERSION {
+            return Err(BlockError("unknown version"));
+        }
+        let appended_ms = r.u64()?;
+        let table = r.str()?;
+        let query_id = r.str()?;
+        let count = r.u32()? as usize;
+        let mut groups = Vec::with_capacity(count.min(1024));
+        for _ in 0..count {
+            let statement = r.str()?;
+            let rows = r.u32()? as usize;
+            let (has_ids, has_times) = (r.u8()? == 1, r.u8()? == 1);
+            let seconds = if has_times { Some((r.u64()? as i64, r.u64()? as i64)) } else { None };
+            let ends = (0..rows).map(|_| r.u32()).collect::<Result<Vec<_>, _>>()?;
+            let ids = if has_ids {
+                (0..rows)
+                    .map(|_| r.take(16).and_then(|b| Uuid::from_slice(b).map_err(|_| BlockError("id"))))
+                    .collect::<Result<Vec<_>, _>>()?
+            } else {
+                Vec::new()
+            };
+            let length = r.u32()? as usize;
+            let data = r.take(length)?.to_vec();
+            if ends.last().is_some_and(|&end| end as usize != data.len()) {
+                return Err(BlockError("row ends do not match the data"));
+            }
+            groups.push(BlockGroup { statement, marks: RowMarks { ends, ids, seconds }, data });
+        }
+        Ok(Self { table, query_id, appended_ms, groups })
+    }
+}
+
+fn span(a: Option<(i64, i64)>, b: Option<(i64, i64)>) -> Option<(i64, i64)> {
+    match (a, b) {
+        (Some((a_lo, a_hi)), Some((b_lo, b_hi))) => Some((a_lo.min(b_lo), a_hi.max(b_hi))),
+        (one, None) | (None, one) => one,
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, text: &str) {
+    out.extend((text.len() as u32).to_le_bytes());
+    out.extend_from_slice(text.as_bytes());
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], BlockError> {
+        if self.0.len() < n {
+            return Err(BlockError("truncated"));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, BlockError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, BlockError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().map_err(|_| BlockError("u32"))?))
+    }
+
+    fn u64(&mut self) -> Result<u64, BlockError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| BlockError("u64"))?))
+    }
+
+    fn str(&mut self) -> Result<String, BlockError> {
+        let n = self.u32()? as usize;
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| BlockError("text"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(rows: &[(&[u8], u64)], seconds: Option<(i64, i64)>) -> BlockGroup {
+        let mut g = BlockGroup {
+            statement: "INSERT INTO t (a) FORMAT RowBinary".into(),
+            marks: RowMarks::default(),
+            data: Vec::new(),
+        };
+        for (bytes, id) in rows {
+            g.data.extend_from_slice(bytes);
+            g.marks.ends.push(g.data.len() as u32);
+            g.marks.ids.push(Uuid::from_u64_pair(0, *id));
+        }
+        g.marks.seconds = seconds;
+        g
+    }
+
+    #[test]
+    fn round_trip_and_rows_not_present() {
+        let block = Block {
+            table: "`db`.`b`".into(),
+            query_id: "bg-1".into(),
+            appended_ms: 7,
+            groups: vec![group(&[(b"aa", 1), (b"b", 2), (b"ccc", 3)], Some((10, 20))), group(&[(b"d", 4)], None)],
+        };
+        assert_eq!(Block::decode(&block.encode()), Ok(block.clone()));
+        assert_eq!(block.rows(), 4);
+        assert_eq!(block.samples(), [1, 3, 4].map(|n| Uuid::from_u64_pair(0, n)));
+        assert_eq!(block.seconds(), Some((10, 20)));
+        let present: HashSet<Uuid> = [2, 4].into_iter().map(|n| Uuid::from_u64_pair(0, n)).collect();
+        let rest = block.without(&present);
+        assert_eq!(rest.groups.len(), 1, "a group all present is dropped");
+        assert_eq!(rest.groups[0].data, b"aaccc");
+        assert_eq!(rest.groups[0].marks.ends, [2, 5]);
+        assert!(Block::decode(&block.encode()[..20]).is_err(), "a cut record is refused");
+    }
+
+    #[test]
+    fn rows_without_ids_are_all_sent_again() {
+        let mut g = group(&[(b"aa", 1), (b"b", 2)], None);
+        g.marks.ids.clear();
+        let block = Block { table: "t".into(), query_id: "bg-2".into(), appended_ms: 0, groups: vec![g] };
+        assert!(!block.identified());
+        let present: HashSet<Uuid> = HashSet::new();
+        assert_eq!(block.without(&present), block);
+        assert_eq!(Block::decode(&block.encode()), Ok(block));
+    }
+}

@@ -1,0 +1,393 @@
+//! The promise "200 = stored exactly once" under faults, with real processes killed and
+//! frozen: ClickHouse SIGKILLed with a full Buffer, ClickHouse stopped longer than the INSERT
+//! timeout, the gateway SIGKILLed with answered requests, both at once, a torn journal, a full
+//! journal, and ClickHouse killed twice under load. Every test asserts on the rows stored:
+//! each acknowledged event exactly once, and no event twice.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use buffergate::Config;
+use common::{ClickHouseServer, Gateway, Process, command, config, eventually, http, migrate, scratch};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+/// Each test runs its own ClickHouse (it kills it); one at a time keeps a 2-core machine sane.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A Buffer that keeps rows in memory (hour-long thresholds), a journal checked often.
+fn holding_buffer(ch: &ClickHouseServer, db: &str, data_dir: &std::path::Path) -> Config {
+    let mut config = config(ch, db);
+    config.buffer_num_layers = 1;
+    config.buffer_min_time = 3600;
+    config.buffer_max_time = 3600;
+    config.buffer_min_rows = 100_000_000;
+    config.buffer_max_rows = 1_000_000_000;
+    config.buffer_min_bytes = 1_000_000_000;
+    config.buffer_max_bytes = 2_000_000_000;
+    config.data_dir = data_dir.display().to_string();
+    config.confirm_interval_ms = 200;
+    config.shed_stale_after_ms = 60_000;
+    config.admin_token = ADMIN.into();
+    config
+}
+
+/// `n` events with fresh ids.
+fn events(n: usize) -> (Vec<Uuid>, Value) {
+    let ids: Vec<Uuid> = (0..n).map(|_| Uuid::new_v4()).collect();
+    let body = ids.iter().enumerate().map(|(i, id)| json!({"event_id": id.to_string(), "user_id": i})).collect();
+    (ids, Value::Array(body))
+}
+
+async fn post(url: &str, body: &Value) -> Result<(u16, Value), String> {
+    let response = http().post(url).json(body).send().await.map_err(|e| e.to_string())?;
+    let status = response.status().as_u16();
+    Ok((status, response.json().await.unwrap_or(Value::Null)))
+}
+
+/// How many times each id is stored, read through `table`.
+async fn stored(ch: &ClickHouseServer, table: &str) -> std::collections::HashMap<Uuid, u64> {
+    let rows = ch.rows(&format!("SELECT toString(event_id) AS id, count() AS n FROM {table} GROUP BY id")).await;
+    rows.iter()
+        .map(|r| {
+            let n = &r["n"];
+            (
+                Uuid::parse_str(r["id"].as_str().unwrap()).unwrap(),
+                n.as_u64().or_else(|| n.as_str()?.parse().ok()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Every acknowledged id stored exactly once, and nothing stored twice.
+async fn assert_exactly_once(ch: &ClickHouseServer, config: &Config, acknowledged: &HashSet<Uuid>) {
+    let table = format!("`{}`.`{}`", config.database, config.destination_table);
+    ch.exec(&format!("OPTIMIZE TABLE `{}`.`{}`", config.database, config.buffer_table)).await;
+    let stored = stored(ch, &table).await;
+    let twice: Vec<_> = stored.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "{} ids stored more than once, e.g. {:?}", twice.len(), twice.first());
+    let lost: Vec<_> = acknowledged.iter().filter(|id| !stored.contains_key(id)).collect();
+    assert!(lost.is_empty(), "{} of {} acknowledged ids lost", lost.len(), acknowledged.len());
+}
+
+/// Waits until `/v1/status` shows `blocks` unconfirmed blocks, none of them suspect.
+async fn journal_settled(gw: &Gateway, blocks: u64) {
+    eventually(Duration::from_secs(20), "the journal to hold its blocks, settled", || async {
+        let status = gw.status().await;
+        let journal = &status["journal"];
+        journal["unconfirmed_blocks"] == json!(blocks)
+            && journal["suspect_blocks"] == json!(0)
+            && journal["last_answer_s"].as_f64().is_some_and(|s| s < 1.0)
+    })
+    .await;
+}
+
+const ADMIN: &str = "durability-admin";
+
+/// The value of a metric line `name value` (name with its labels, as printed).
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Waits until the Buffer table (its memory and the destination) shows `n` rows.
+async fn until_buffer_holds(ch: &ClickHouseServer, config: &Config, n: u64, what: &str) {
+    let table = format!("`{}`.`{}`", config.database, config.buffer_table);
+    eventually(Duration::from_secs(60), what, || async {
+        let count = ch.count(&table).await;
+        count == n
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_killed_with_a_full_buffer_loses_nothing() {
+    let _serial = SERIAL.lock().await;
+    let ch = ClickHouseServer::start("durability-kill");
+    let config = holding_buffer(&ch, "dur_kill", &scratch("dur-kill-data"));
+    migrate(&config).await;
+    let gw = Gateway::start(config.clone()).await;
+    gw.wait_ready().await;
+    let mut acknowledged = HashSet::new();
+    for _ in 0..20 {
+        let (ids, body) = events(100);
+        let (status, answer) = post(&format!("{}/v1/events", gw.url), &body).await.unwrap();
+        assert_eq!((status, answer["accepted"].as_u64()), (200, Some(100)), "{answer}");
+        acknowledged.extend(ids);
+    }
+    let destination = format!("`{}`.`{}`", config.database, config.destination_table);
+    assert_eq!(ch.count(&destination).await, 0, "the rows are in the Buffer's memory only");
+    // The confirmer has seen the server alive with these blocks owed and settled: the kill is
+    // a restart to it.
+    journal_settled(&gw, 40).await;
+    // The recorder is process-wide (other tests count too): compare before and after.
+    let metrics_url = format!("{}/metrics", gw.url);
+    let before = http().get(&metrics_url).send().await.unwrap().text().await.unwrap();
+    let counted = |text: &str, name: &str| metric(text, name).unwrap_or(0.0);
+
+    ch.kill();
+    ch.restart();
+    until_buffer_holds(&ch, &config, 2000, "the journal to restore the lost Buffer").await;
+    assert_exactly_once(&ch, &config, &acknowledged).await;
+    let text = http().get(&metrics_url).send().await.unwrap().text().await.unwrap();
+    for (name, increase) in [
+        ("buffergate_journal_clickhouse_restarts_total", 1.0),
+        ("buffergate_journal_restored_rows_total{cause=\"restart\"}", 2000.0),
+    ] {
+        assert_eq!(counted(&text, name) - counted(&before, name), increase, "{name}\n{text}");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_frozen_past_the_insert_timeout_stores_once() {
+    let _serial = SERIAL.lock().await;
+    let ch = ClickHouseServer::start("durability-stop");
+    let mut config = holding_buffer(&ch, "dur_stop", &scratch("dur-stop-data"));
+    config.clickhouse_timeout_ms = 1000;
+    migrate(&config).await;
+    let gw = Gateway::start(config.clone()).await;
+    gw.wait_ready().await;
+
+    let (ids, body) = events(100);
+    ch.signal(libc::SIGSTOP);
+    let url = format!("{}/v1/events", gw.url);
+    let request = tokio::spawn(async move { post(&url, &body).await });
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    ch.signal(libc::SIGCONT);
+    let (status, answer) = request.await.unwrap().unwrap();
+    assert_eq!((status, answer["accepted"].as_u64()), (200, Some(100)), "{answer}");
+    until_buffer_holds(&ch, &config, 100, "the one request's rows").await;
+    assert_exactly_once(&ch, &config, &ids.into_iter().collect()).await;
+    gw.stop().await;
+}
+
+/// A gateway process with its own data directory, killable.
+struct GatewayProcess {
+    url: String,
+    process: Process,
+}
+
+async fn spawn_gateway(config: &Config, log: &std::path::Path) -> GatewayProcess {
+    let process = Process::spawn(command(config, &["serve"]), log);
+    let url = format!("http://{}", config.listen);
+    eventually(Duration::from_secs(30), "the gateway process to be ready", || {
+        let url = format!("{url}/readyz");
+        async move { http().get(url).send().await.is_ok_and(|r| r.status().is_success()) }
+    })
+    .await;
+    GatewayProcess { url, process }
+}
+
+/// Posts `requests` batches at once, every fourth with `wait=false`; returns the ids of the
+/// ones answered 200 or 202 and of all of them, once `kill` has been called after the first
+/// answers.
+async fn post_and_kill(url: &str, requests: usize, kill: impl FnOnce()) -> (HashSet<Uuid>, HashSet<Uuid>) {
+    let mut all = HashSet::new();
+    let mut pending = Vec::new();
+    for r in 0..requests {
+        let (ids, body) = events(50);
+        all.extend(ids.iter().copied());
+        let url = format!("{url}/v1/events{}", if r % 4 == 3 { "?wait=false" } else { "" });
+        pending.push(tokio::spawn(async move { (ids, r % 4 == 3, post(&url, &body).await) }));
+    }
+    let mut acknowledged = HashSet::new();
+    let mut kill = Some(kill);
+    let (mut accepted_202, mut accepted_200) = (0, 0);
+    for request in pending {
+        let (ids, queued, result) = request.await.unwrap();
+        if let Ok((status @ (200 | 202), _)) = result {
+            assert_eq!(status, if queued { 202 } else { 200 });
+            if queued {
+                accepted_202 += 1;
+            } else {
+                accepted_200 += 1;
+            }
+            acknowledged.extend(ids);
+        }
+        if let Some(kill) = kill.take() {
+            kill();
+        }
+    }
+    assert!(accepted_200 > 0 || accepted_202 > 0, "some requests were answered before the kill");
+    (acknowledged, all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_killed_with_answered_requests_in_flight_restarts_exactly_once() {
+    let _serial = SERIAL.lock().await;
+    let ch = ClickHouseServer::start("durability-gw");
+    let mut config = holding_buffer(&ch, "dur_gw", &scratch("dur-gw-data"));
+    config.listen = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
+    config.flush_linger_ms = 20;
+    migrate(&config).await;
+    let logs = scratch("dur-gw-logs");
+    let gateway = spawn_gateway(&config, &logs.join("first.log")).await;
+    let (acknowledged, _) = post_and_kill(&gateway.url, 40, || gateway.process.signal(libc::SIGKILL)).await;
+    gateway.process.wait_exit(Duration::from_secs(10));
+
+    let again = spawn_gateway(&config, &logs.join("second.log")).await;
+    assert_exactly_once_eventually(&ch, &config, &acknowledged).await;
+    again.process.signal(libc::SIGTERM);
+    again.process.wait_exit(Duration::from_secs(30));
+}
+
+/// Exactly once, waiting for the restarted gateway to have settled its journal.
+async fn assert_exactly_once_eventually(ch: &ClickHouseServer, config: &Config, acknowledged: &HashSet<Uuid>) {
+    let table = format!("`{}`.`{}`", config.database, config.buffer_table);
+    eventually(Duration::from_secs(60), "every acknowledged id to be stored", || async {
+        let stored = stored(ch, &table).await;
+        acknowledged.iter().all(|id| stored.contains_key(id))
+    })
+    .await;
+    assert_exactly_once(ch, config, acknowledged).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_and_clickhouse_killed_together_and_a_torn_journal_lose_nothing() {
+    let _serial = SERIAL.lock().await;
+    let ch = ClickHouseServer::start("durability-both");
+    let data = scratch("dur-both-data");
+    let mut config = holding_buffer(&ch, "dur_both", &data);
+    config.listen = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
+    migrate(&config).await;
+    let logs = scratch("dur-both-logs");
+    let gateway = spawn_gateway(&config, &logs.join("first.log")).await;
+    let (acknowledged, _) = post_and_kill(&gateway.url, 24, || {
+        gateway.process.signal(libc::SIGKILL);
+        ch.kill();
+    })
+    .await;
+    gateway.process.wait_exit(Duration::from_secs(10));
+    // A record torn mid-write, as a crash during an append leaves it (never acknowledged).
+    tear_the_last_segment(&data.join("journal"));
+    ch.restart();
+    let again = spawn_gateway(&config, &logs.join("second.log")).await;
+    assert_exactly_once_eventually(&ch, &config, &acknowledged).await;
+    again.process.signal(libc::SIGTERM);
+    again.process.wait_exit(Duration::from_secs(30));
+}
+
+/// Appends half a record to the newest journal segment.
+fn tear_the_last_segment(dir: &std::path::Path) {
+    use std::io::Write;
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    segments.sort();
+    let last = segments.last().expect("a journal segment");
+    let mut file = std::fs::OpenOptions::new().append(true).open(last).unwrap();
+    // A length that promises more than follows.
+    file.write_all(&[0x00, 0x10, 0x00, 0x00, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3]).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_journal_answers_503_journal_full() {
+    let _serial = SERIAL.lock().await;
+    let ch = common::clickhouse();
+    let mut config = holding_buffer(ch, &ch.fresh_database("dur_full"), &scratch("dur-full-data"));
+    config.journal_max_bytes = 256 * 1024;
+    config.journal_segment_bytes = 64 * 1024;
+    config.flush_max_bytes = 16 * 1024;
+    migrate(&config).await;
+    let gw = Gateway::start(config.clone()).await;
+    gw.wait_ready().await;
+    let url = format!("{}/v1/events", gw.url);
+    let mut refused = None;
+    for _ in 0..200 {
+        let (_, body) = events(100);
+        let response = http().post(&url).json(&body).send().await.unwrap();
+        if response.status() == 503 {
+            let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+            refused = Some((retry_after, response.json::<Value>().await.unwrap()));
+            break;
+        }
+        assert_eq!(response.status(), 200);
+    }
+    let (retry_after, body) = refused.expect("the journal fills up");
+    assert_eq!(body["error"], "journal_full", "{body}");
+    assert!(retry_after.is_some());
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_killed_twice_under_load_stores_every_acknowledged_event_once() {
+    let _serial = SERIAL.lock().await;
+    let ch = std::sync::Arc::new(ClickHouseServer::start("durability-load"));
+    let config = holding_buffer(&ch, "dur_load", &scratch("dur-load-data"));
+    migrate(&config).await;
+    let gw = Gateway::start(config.clone()).await;
+    gw.wait_ready().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut producers = Vec::new();
+    for _ in 0..4 {
+        let (url, stop) = (format!("{}/v1/events", gw.url), std::sync::Arc::clone(&stop));
+        producers.push(tokio::spawn(async move {
+            let mut acknowledged = HashSet::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // A producer retries the same batch (same ids) until it is acknowledged.
+                let (ids, body) = events(20);
+                for _ in 0..200 {
+                    if let Ok((200, answer)) = post(&url, &body).await {
+                        assert_eq!(answer["rejected"], json!([]), "{answer}");
+                        acknowledged.extend(ids.iter().copied());
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            acknowledged
+        }));
+    }
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let ch = std::sync::Arc::clone(&ch);
+        tokio::task::spawn_blocking(move || {
+            ch.kill();
+            ch.restart();
+        })
+        .await
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acknowledged = HashSet::new();
+    for producer in producers {
+        acknowledged.extend(producer.await.unwrap());
+    }
+    assert!(acknowledged.len() > 100, "the load went on: {} events", acknowledged.len());
+    assert_exactly_once_eventually(&ch, &config, &acknowledged).await;
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_visible_answers_once_the_rows_are_in_the_destination() {
+    let _serial = SERIAL.lock().await;
+    let ch = common::clickhouse();
+    let mut config = holding_buffer(ch, &ch.fresh_database("dur_visible"), &scratch("dur-visible-data"));
+    // The Buffer flushes by time only, two seconds after a layer's first row.
+    config.buffer_min_time = 2;
+    config.buffer_max_time = 2;
+    config.confirm_grace_ms = 500;
+    migrate(&config).await;
+    let gw = Gateway::start(config.clone()).await;
+    gw.wait_ready().await;
+    let destination = format!("`{}`.`{}`", config.database, config.destination_table);
+    let (ids, body) = events(30);
+    let (status, answer) = post(&format!("{}/v1/events?wait=visible", gw.url), &body).await.unwrap();
+    assert_eq!((status, answer["accepted"].as_u64()), (200, Some(30)), "{answer}");
+    assert_eq!(ch.count(&destination).await, 30, "visible in the MergeTree as answered");
+    let stored = stored(ch, &destination).await;
+    assert!(ids.iter().all(|id| stored.get(id) == Some(&1)));
+    gw.stop().await;
+
+    // Without the journal there is nothing to confirm with: the request is refused.
+    let off = Config { journal: false, ..config };
+    let gw = Gateway::start(off).await;
+    gw.wait_ready().await;
+    let (status, answer) = post(&format!("{}/v1/events?wait=visible", gw.url), &events(1).1).await.unwrap();
+    assert_eq!((status, answer["error"].as_str()), (400, Some("bad_query")), "{answer}");
+    gw.stop().await;
+}
