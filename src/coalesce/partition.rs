@@ -101,8 +101,8 @@ impl Batch {
                 tell(written, &journal_result);
                 match (durable, id, block) {
                     (Some(durable), Some(id), Some(block)) => durable.written(id, &block, visible),
-                    // Not journaled: no confirmation will come.
-                    _ => tell(visible, &journal_result.and(Err(FlushError::Journal("not journaled".into())))),
+                    // Not journaled (the append failed): no confirmation will come.
+                    _ => tell(visible, &journal_result),
                 }
             }
             (Err(error), Some(durable), Some(block)) if error.ambiguous => {

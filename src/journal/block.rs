@@ -196,7 +196,8 @@ impl Block {
     }
 }
 
-fn span(a: Option<(i64, i64)>, b: Option<(i64, i64)>) -> Option<(i64, i64)> {
+/// The span covering two spans of times (either may be absent).
+pub(crate) fn span(a: Option<(i64, i64)>, b: Option<(i64, i64)>) -> Option<(i64, i64)> {
     match (a, b) {
         (Some((a_lo, a_hi)), Some((b_lo, b_hi))) => Some((a_lo.min(b_lo), a_hi.max(b_hi))),
         (one, None) | (None, one) => one,

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::Waiter;
-use super::block::Block;
+use super::block::{self, Block};
 use super::store::{BlockId, Journal, JournalConfig, JournalError};
 use crate::clickhouse::presence::Lookup;
 use crate::clickhouse::writer::{WriteError, Writer};
@@ -538,11 +538,7 @@ impl Durable {
             return;
         }
         let ids: Vec<Uuid> = due.iter().flat_map(|d| d.samples.iter().copied()).collect();
-        let span = due.iter().fold(None, |acc: Option<(i64, i64)>, d| match (acc, &d.seconds) {
-            (Some((lo, hi)), Some((a, b))) => Some((lo.min(*a), hi.max(*b))),
-            (None, s) => *s,
-            (acc, None) => acc,
-        });
+        let span = due.iter().fold(None, |acc, d| block::span(acc, d.seconds));
         let found = match self.ch.present(self.places.lookup(&self.places.destination), &ids, span).await {
             Ok(found) => found,
             Err(_) => return,
