@@ -119,8 +119,8 @@ fn native_block_text_columns(bencher: divan::Bencher, n: u64) {
     let batch = encode_batch(body.as_bytes(), Format::JsonArray, &schema, &ctx, &shape).unwrap();
     let chunk = &batch.partitions[0].chunks[0];
     bencher.counter(divan::counter::ItemsCount::new(n)).bench(|| {
-        let pieces = vec![chunk.data.clone()];
-        schema.insert("events_buffer", chunk.omitted, chunk.rows, divan::black_box(pieces), InsertFormat::Native)
+        let pieces = vec![bytes::Bytes::from(chunk.data.clone())];
+        schema.insert("events_buffer", chunk.omitted, chunk.rows, divan::black_box(&pieces), InsertFormat::Native)
     });
 }
 

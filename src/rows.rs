@@ -137,7 +137,8 @@ impl PartitionRows {
 pub struct Pieces {
     pub omitted: u64,
     pub rows: usize,
-    pub pieces: Vec<Vec<u8>>,
+    /// Shared with the journal's record of the batch (see [`crate::journal::block`]).
+    pub pieces: Vec<Bytes>,
     /// Each piece's row marks, in the same order.
     pub marks: Vec<RowMarks>,
     /// Pieces whose block was made ahead: the INSERT's first attempt sends those as they are.
@@ -171,7 +172,7 @@ impl Groups {
         if let Some(part) = chunk.block {
             group.built.push(Built { piece: group.pieces.len(), rows: chunk.rows, part });
         }
-        group.pieces.push(chunk.data);
+        group.pieces.push(Bytes::from(chunk.data));
         group.marks.push(chunk.marks);
     }
 }

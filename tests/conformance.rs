@@ -273,10 +273,11 @@ fn native_blocks_read_back_like_the_rowbinary_they_come_from() {
     let file = dir.join("rows.rowbinary");
     let schema = encode_file(&file, columns.clone(), &events);
     let rows = std::fs::read(&file).unwrap();
-    let (sql, block) = schema.insert("conf.nat", 0, events.len(), vec![rows], buffergate::config::InsertFormat::Native);
+    let (sql, block) =
+        schema.insert("conf.nat", 0, events.len(), &[rows.into()], buffergate::config::InsertFormat::Native);
     assert!(sql.ends_with("FORMAT Native"), "{sql}");
     let native = dir.join("rows.native");
-    std::fs::write(&native, block).unwrap();
+    std::fs::write(&native, &block).unwrap();
     let out = chdb(
         &session,
         &[
@@ -306,6 +307,6 @@ fn native_blocks_read_back_like_the_rowbinary_they_come_from() {
     }];
     let special = SpecialColumns { id: "id".into(), timestamp: "ts".into(), partition_key: "lcn".into() };
     let schema = TableSchema::new(1, "conf", "t", unsupported, &special);
-    let (sql, body) = schema.insert("conf.t", 0, 1, vec![vec![1]], buffergate::config::InsertFormat::Native);
-    assert!(sql.ends_with("FORMAT RowBinary") && body == [1], "{sql}");
+    let (sql, body) = schema.insert("conf.t", 0, 1, &[vec![1].into()], buffergate::config::InsertFormat::Native);
+    assert!(sql.ends_with("FORMAT RowBinary") && body[..] == [1], "{sql}");
 }

@@ -235,7 +235,7 @@ async fn every_type(prefix: &str, extra: &str, format: InsertFormat) {
         .collect();
     let special = SpecialColumns { id: "id".into(), timestamp: "dt".into(), partition_key: "u64".into() };
     let schema = TableSchema::new(1, &db, "buf", described, &special);
-    let (sql, _) = schema.insert("t", 0, 0, Vec::new(), format);
+    let (sql, _) = schema.insert("t", 0, 0, &[], format);
     let expected =
         if format == InsertFormat::Native && extra.is_empty() { "FORMAT Native" } else { "FORMAT RowBinary" };
     assert!(sql.ends_with(expected), "{sql}");

@@ -25,7 +25,7 @@ fn ahead(
     schema: &TableSchema,
     omitted: u64,
     rows: usize,
-    pieces: &[Vec<u8>],
+    pieces: &[Bytes],
     built: Vec<Built>,
 ) -> Option<Vec<BodyPart>> {
     let mut done = vec![false; pieces.len()];
@@ -36,7 +36,7 @@ fn ahead(
     }
     let mut parts = Vec::with_capacity(built.len() + 1);
     if rest_rows > 0 {
-        let rest: Vec<&[u8]> = pieces.iter().zip(&done).filter(|(_, d)| !**d).map(|(p, _)| p.as_slice()).collect();
+        let rest: Vec<&[u8]> = pieces.iter().zip(&done).filter(|(_, d)| !**d).map(|(p, _)| p.as_ref()).collect();
         parts.push(BodyPart::plain(Bytes::from(schema.native_block(omitted, rest_rows, &rest)?)));
     }
     parts.extend(built.into_iter().map(|b| b.part));
@@ -143,8 +143,7 @@ impl Writer {
                 return (schema.native_insert_sql(table, omitted), parts);
             }
             let (sql, body) = whole.get_or_insert_with(|| {
-                let (sql, body) = schema.insert(table, omitted, count, pieces.take().unwrap_or_default(), self.format);
-                (sql, Bytes::from(body))
+                schema.insert(table, omitted, count, &pieces.take().unwrap_or_default(), self.format)
             });
             (sql.clone(), vec![BodyPart::plain(body.clone())])
         })
@@ -158,11 +157,10 @@ impl Writer {
     pub async fn write_group(
         &self,
         statement: &str,
-        data: Vec<u8>,
+        body: Bytes,
         rows: usize,
         query_id: &str,
     ) -> Result<(), WriteError> {
-        let body = Bytes::from(data);
         self.write_with(rows, Some(query_id), || (statement.to_string(), vec![BodyPart::plain(body.clone())])).await
     }
 
@@ -278,7 +276,7 @@ mod tests {
     #[test]
     fn the_first_attempt_sends_one_block_of_the_rest_then_the_built_ones() {
         let schema = schema();
-        let pieces = vec![rows(0, 2), rows(2, 302), rows(302, 305)];
+        let pieces: Vec<Bytes> = [rows(0, 2), rows(2, 302), rows(302, 305)].map(Bytes::from).into();
         let built = schema.native_block(0, 300, &[&pieces[1]]).unwrap();
         let made = |rows| vec![Built { piece: 1, rows, part: BodyPart::plain(Bytes::from(built.clone())) }];
         let parts = ahead(&schema, 0, 305, &pieces, made(300)).unwrap();

@@ -77,8 +77,8 @@ impl Batch {
     /// Journals the batch and INSERTs it, both at once (the fsync overlaps the INSERT it
     /// protects), then settles its keys and tells every waiter.
     async fn flush(self, writer: &Writer, idempotency: &Idempotency, durable: Option<&Durable>) {
-        let Self { schema, groups, journaled, written, visible, leases, reservations, .. } = self;
-        let block = durable.map(|d| Block::of(&schema, &schema.table, &groups, d.next_query_id(), unix_ms()));
+        let Self { schema, mut groups, journaled, written, visible, leases, reservations, .. } = self;
+        let block = durable.map(|d| Block::of(&schema, &schema.table, &mut groups, d.next_query_id(), unix_ms()));
         let append = async {
             match (durable, &block) {
                 (Some(durable), Some(block)) => Some(durable.append(block).await),

@@ -3,13 +3,19 @@
 //! span of its times). Enough to send again exactly the rows ClickHouse does not have, with
 //! no schema at hand: the statement names its columns.
 //!
+//! A block shares its rows with the INSERT that sends them: its data is the batch's own
+//! pieces (reference-counted [`Bytes`]), and [`Block::encode`] hands the journal those same
+//! pieces behind a small header, so journaling a batch copies no row on the gateway's side.
+//!
 //! Encoding (little-endian): `u8 version (1)`, `u64 unix ms appended`, `str table`,
 //! `str query id`, `u32 groups`, then per group `str statement`, `u32 rows`, `u8 has ids`, `u8 has times`,
 //! `[i64 lo, i64 hi]` when it has times, `rows × u32 end`, `rows × 16 id bytes` when it has
 //! ids, `u32 length + data`. `str` is `u32 length + UTF-8`.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 
+use bytes::Bytes;
 use uuid::Uuid;
 
 use crate::rows::{Groups, RowMarks};
@@ -18,13 +24,53 @@ use crate::schema::TableSchema;
 const VERSION: u8 = 1;
 
 /// The rows of one INSERT column list.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct BlockGroup {
     /// `INSERT INTO … (columns) FORMAT RowBinary`.
     pub statement: String,
+    /// Row ends count from the start of the pieces laid end to end.
     pub marks: RowMarks,
-    pub data: Vec<u8>,
+    /// The rows, in pieces of whole rows.
+    pub data: Vec<Bytes>,
 }
+
+impl BlockGroup {
+    /// Bytes of rows.
+    pub fn len(&self) -> usize {
+        self.data.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The rows as one run of bytes: borrowed when there is one piece (a block read back from
+    /// the journal always is), copied otherwise.
+    pub fn joined(&self) -> Cow<'_, [u8]> {
+        match self.data.as_slice() {
+            [] => Cow::Borrowed(&[]),
+            [one] => Cow::Borrowed(one),
+            many => Cow::Owned(many.concat()),
+        }
+    }
+
+    /// The rows as one INSERT body: the piece itself when there is one.
+    pub fn body(&self) -> Bytes {
+        match self.data.as_slice() {
+            [one] => one.clone(),
+            many => Bytes::from(many.concat()),
+        }
+    }
+}
+
+/// Groups are equal when they hold the same rows, however the bytes are split.
+impl PartialEq for BlockGroup {
+    fn eq(&self, other: &Self) -> bool {
+        self.statement == other.statement && self.marks == other.marks && self.joined() == other.joined()
+    }
+}
+
+impl Eq for BlockGroup {}
 
 /// One flushed batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,22 +91,31 @@ pub struct Block {
 pub struct BlockError(&'static str);
 
 impl Block {
-    /// The batch about to be sent: its groups' rows as one RowBinary body each.
-    pub fn of(schema: &TableSchema, table: &str, groups: &Groups, query_id: String, appended_ms: u64) -> Self {
+    /// The batch about to be sent: its groups' pieces, shared with the INSERT, and their marks,
+    /// taken from `groups` (the INSERT does not need them).
+    pub fn of(schema: &TableSchema, table: &str, groups: &mut Groups, query_id: String, appended_ms: u64) -> Self {
         let groups = groups
             .0
-            .iter()
+            .iter_mut()
             .map(|group| {
                 let mut marks = RowMarks::default();
-                let mut data = Vec::with_capacity(group.pieces.iter().map(Vec::len).sum());
-                for (piece, piece_marks) in group.pieces.iter().zip(&group.marks) {
-                    let base = data.len() as u32;
-                    marks.ends.extend(piece_marks.ends.iter().map(|end| base + end));
-                    marks.ids.extend_from_slice(&piece_marks.ids);
+                let mut base = 0u32;
+                for (piece, piece_marks) in group.pieces.iter().zip(std::mem::take(&mut group.marks)) {
+                    if marks.ends.is_empty() && marks.ids.is_empty() {
+                        marks.ends = piece_marks.ends;
+                        marks.ids = piece_marks.ids;
+                    } else {
+                        marks.ends.extend(piece_marks.ends.iter().map(|end| base + end));
+                        marks.ids.extend_from_slice(&piece_marks.ids);
+                    }
                     marks.seconds = span(marks.seconds, piece_marks.seconds);
-                    data.extend_from_slice(piece);
+                    base += piece.len() as u32;
                 }
-                BlockGroup { statement: schema.insert_sql_into(table, group.omitted), marks, data }
+                BlockGroup {
+                    statement: schema.insert_sql_into(table, group.omitted),
+                    marks,
+                    data: group.pieces.clone(),
+                }
             })
             .collect();
         Self { table: table.to_string(), query_id, appended_ms, groups }
@@ -109,29 +164,31 @@ impl Block {
                 if group.marks.ids.len() != group.marks.ends.len() {
                     return Some(group.clone());
                 }
-                let mut kept =
-                    BlockGroup { statement: group.statement.clone(), marks: RowMarks::default(), data: Vec::new() };
+                let rows = group.joined();
+                let (mut data, mut marks) = (Vec::new(), RowMarks::default());
                 let mut start = 0usize;
                 for (&end, id) in group.marks.ends.iter().zip(&group.marks.ids) {
                     let end = end as usize;
                     if !present.contains(id) {
-                        kept.data.extend_from_slice(group.data.get(start..end)?);
-                        kept.marks.ends.push(kept.data.len() as u32);
-                        kept.marks.ids.push(*id);
+                        data.extend_from_slice(rows.get(start..end)?);
+                        marks.ends.push(data.len() as u32);
+                        marks.ids.push(*id);
                     }
                     start = end;
                 }
-                kept.marks.seconds = group.marks.seconds;
+                marks.seconds = group.marks.seconds;
+                let kept = BlockGroup { statement: group.statement.clone(), marks, data: vec![Bytes::from(data)] };
                 (!kept.marks.ends.is_empty()).then_some(kept)
             })
             .collect();
         Self { table: self.table.clone(), query_id: self.query_id.clone(), appended_ms: self.appended_ms, groups }
     }
 
-    pub fn encode(&self) -> Vec<u8> {
-        let bytes: usize =
-            self.groups.iter().map(|g| g.data.len() + g.marks.ends.len() * 20 + g.statement.len() + 40).sum();
-        let mut out = Vec::with_capacity(bytes + self.table.len() + 32);
+    /// The journal record: headers and marks made here, the rows as the block's own pieces.
+    pub fn encode(&self) -> Vec<Bytes> {
+        let marks: usize = self.groups.iter().map(|g| g.marks.ends.len() * 20 + g.statement.len() + 40).sum();
+        let mut parts = Vec::with_capacity(self.groups.iter().map(|g| g.data.len() + 1).sum());
+        let mut out = Vec::with_capacity(marks + self.table.len() + 32);
         out.push(VERSION);
         out.extend(self.appended_ms.to_le_bytes());
         put_str(&mut out, &self.table);
@@ -156,14 +213,19 @@ impl Block {
                     out.extend_from_slice(id.as_bytes());
                 }
             }
-            out.extend((group.data.len() as u32).to_le_bytes());
-            out.extend_from_slice(&group.data);
+            out.extend((group.len() as u32).to_le_bytes());
+            parts.push(Bytes::from(std::mem::take(&mut out)));
+            parts.extend(group.data.iter().filter(|piece| !piece.is_empty()).cloned());
         }
-        out
+        if !out.is_empty() {
+            parts.push(Bytes::from(out));
+        }
+        parts
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<Self, BlockError> {
-        let mut r = Reader(bytes);
+    /// Reads a record back; the groups' rows are slices of `bytes`, not copies.
+    pub fn decode(bytes: &Bytes) -> Result<Self, BlockError> {
+        let mut r = Reader(bytes.as_ref());
         if r.u8()? != VERSION {
             return Err(BlockError("unknown version"));
         }
@@ -186,11 +248,11 @@ impl Block {
                 Vec::new()
             };
             let length = r.u32()? as usize;
-            let data = r.take(length)?.to_vec();
+            let data = bytes.slice_ref(r.take(length)?);
             if ends.last().is_some_and(|&end| end as usize != data.len()) {
                 return Err(BlockError("row ends do not match the data"));
             }
-            groups.push(BlockGroup { statement, marks: RowMarks { ends, ids, seconds }, data });
+            groups.push(BlockGroup { statement, marks: RowMarks { ends, ids, seconds }, data: vec![data] });
         }
         Ok(Self { table, query_id, appended_ms, groups })
     }
@@ -249,9 +311,10 @@ mod tests {
             marks: RowMarks::default(),
             data: Vec::new(),
         };
+        // One piece per row: a batch's rows come in pieces, a block read back in one.
         for (bytes, id) in rows {
-            g.data.extend_from_slice(bytes);
-            g.marks.ends.push(g.data.len() as u32);
+            g.data.push(Bytes::copy_from_slice(bytes));
+            g.marks.ends.push(g.len() as u32);
             g.marks.ids.push(Uuid::from_u64_pair(0, *id));
         }
         g.marks.seconds = seconds;
@@ -266,16 +329,16 @@ mod tests {
             appended_ms: 7,
             groups: vec![group(&[(b"aa", 1), (b"b", 2), (b"ccc", 3)], Some((10, 20))), group(&[(b"d", 4)], None)],
         };
-        assert_eq!(Block::decode(&block.encode()), Ok(block.clone()));
+        assert_eq!(Block::decode(&record(&block)), Ok(block.clone()));
         assert_eq!(block.rows(), 4);
         assert_eq!(block.samples(), [1, 3, 4].map(|n| Uuid::from_u64_pair(0, n)));
         assert_eq!(block.seconds(), Some((10, 20)));
         let present: HashSet<Uuid> = [2, 4].into_iter().map(|n| Uuid::from_u64_pair(0, n)).collect();
         let rest = block.without(&present);
         assert_eq!(rest.groups.len(), 1, "a group all present is dropped");
-        assert_eq!(rest.groups[0].data, b"aaccc");
+        assert_eq!(&*rest.groups[0].joined(), b"aaccc");
         assert_eq!(rest.groups[0].marks.ends, [2, 5]);
-        assert!(Block::decode(&block.encode()[..20]).is_err(), "a cut record is refused");
+        assert!(Block::decode(&record(&block).slice(..20)).is_err(), "a cut record is refused");
     }
 
     #[test]
@@ -286,6 +349,24 @@ mod tests {
         assert!(!block.identified());
         let present: HashSet<Uuid> = HashSet::new();
         assert_eq!(block.without(&present), block);
-        assert_eq!(Block::decode(&block.encode()), Ok(block));
+        assert_eq!(Block::decode(&record(&block)), Ok(block));
+    }
+
+    #[test]
+    fn the_record_shares_the_rows_rather_than_copying_them() {
+        let block = Block {
+            table: "t".into(),
+            query_id: "bg-3".into(),
+            appended_ms: 0,
+            groups: vec![group(&[(b"aa", 1), (b"b", 2)], None)],
+        };
+        let parts = block.encode();
+        for piece in &block.groups[0].data {
+            assert!(parts.iter().any(|part| part.as_ptr() == piece.as_ptr()), "a piece of rows was copied");
+        }
+    }
+
+    fn record(block: &Block) -> Bytes {
+        Bytes::from(block.encode().concat())
     }
 }

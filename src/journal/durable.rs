@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -210,7 +211,7 @@ impl Durable {
         let now = Instant::now();
         let mut owed = BTreeMap::new();
         for record in records {
-            match Block::decode(&record.payload) {
+            match Block::decode(&Bytes::from(record.payload)) {
                 Ok(block) => {
                     let mut entry = Owed::of(&block, now);
                     entry.suspect = Some("recovered");
@@ -469,7 +470,7 @@ impl Durable {
             .into_iter()
             .filter_map(|(id, block)| match block {
                 Some(block) => Some((id, block, true)),
-                None => Some((id, Block::decode(&read.remove(&id)?).ok()?, false)),
+                None => Some((id, Block::decode(&Bytes::from(read.remove(&id)?)).ok()?, false)),
             })
             .collect())
     }
@@ -505,7 +506,7 @@ impl Durable {
         let query_id = format!("{}-r{}", block.query_id, self.sequence.fetch_add(1, Ordering::Relaxed));
         for (n, group) in missing.groups.iter().enumerate() {
             let rows = group.marks.ends.len();
-            self.writer.write_group(&group.statement, group.data.clone(), rows, &format!("{query_id}-{n}")).await?;
+            self.writer.write_group(&group.statement, group.body(), rows, &format!("{query_id}-{n}")).await?;
         }
         Ok(missing.rows())
     }

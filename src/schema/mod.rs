@@ -224,15 +224,18 @@ impl TableSchema {
         table: &str,
         omitted: u64,
         rows: usize,
-        mut pieces: Vec<Vec<u8>>,
+        pieces: &[bytes::Bytes],
         format: InsertFormat,
-    ) -> (String, Vec<u8>) {
+    ) -> (String, bytes::Bytes) {
         if format == InsertFormat::Native
-            && let Some(block) = self.native_block(omitted, rows, &pieces)
+            && let Some(block) = self.native_block(omitted, rows, pieces)
         {
-            return (self.native_insert_sql(table, omitted), block);
+            return (self.native_insert_sql(table, omitted), bytes::Bytes::from(block));
         }
-        let data = if pieces.len() == 1 { pieces.pop().unwrap_or_default() } else { pieces.concat() };
+        let data = match pieces {
+            [one] => one.clone(),
+            many => bytes::Bytes::from(many.concat()),
+        };
         (self.insert_sql_into(table, omitted), data)
     }
 

@@ -1,4 +1,7 @@
-//! The framing of one record (the layout is in the module docs of `journal`).
+//! The framing of one record (the layout is in the module docs of `journal`), and the
+//! batch of records waiting to be written.
+
+use bytes::Bytes;
 
 use super::BlockId;
 
@@ -22,12 +25,95 @@ pub(super) fn block_len(payload: u64) -> Option<u64> {
     Some(HEADER + rest)
 }
 
+/// A block's payload: pieces laid end to end. A batch's rows stay in the buffers they were
+/// encoded into; the journal writes them from there.
+#[derive(Debug, Clone, Default)]
+pub struct Payload(pub Vec<Bytes>);
+
+impl Payload {
+    pub fn len(&self) -> usize {
+        self.0.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(bytes: Vec<u8>) -> Self {
+        Self(vec![Bytes::from(bytes)])
+    }
+}
+
+impl From<Vec<Bytes>> for Payload {
+    fn from(pieces: Vec<Bytes>) -> Self {
+        Self(pieces)
+    }
+}
+
+/// Records gathered for one write: framing and confirmations copied into small buffers,
+/// payload pieces shared (written from where they are with one vectored write).
+#[derive(Debug, Default)]
+pub(super) struct Pending {
+    parts: Vec<Bytes>,
+    /// Bytes in `parts`.
+    shared: usize,
+    /// Framing not yet cut into `parts`.
+    tail: Vec<u8>,
+}
+
+impl Pending {
+    pub fn len(&self) -> usize {
+        self.shared + self.tail.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Everything gathered, in order; leaves the batch empty.
+    pub fn take(&mut self) -> Vec<Bytes> {
+        self.cut();
+        self.shared = 0;
+        std::mem::take(&mut self.parts)
+    }
+
+    fn share(&mut self, piece: &Bytes) {
+        if piece.is_empty() {
+            return;
+        }
+        self.cut();
+        self.shared += piece.len();
+        self.parts.push(piece.clone());
+    }
+
+    fn cut(&mut self) {
+        if !self.tail.is_empty() {
+            self.shared += self.tail.len();
+            self.parts.push(Bytes::from(std::mem::take(&mut self.tail)));
+        }
+    }
+}
+
 /// Appends a block record. The payload's length was checked with [`block_len`].
-pub(super) fn push_block(buf: &mut Vec<u8>, id: BlockId, payload: &[u8]) {
-    let start = begin(buf, KIND_BLOCK);
-    buf.extend_from_slice(&id.to_le_bytes());
-    buf.extend_from_slice(payload);
-    seal(buf, start);
+pub(super) fn push_block(out: &mut Pending, id: BlockId, payload: &Payload) {
+    let mut head = [0u8; 1 + 8];
+    head[0] = KIND_BLOCK;
+    head[1..].copy_from_slice(&id.to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head);
+    for piece in &payload.0 {
+        crc.update(piece);
+    }
+    // block_len kept the rest below u32::MAX.
+    let len = (head.len() + payload.len()) as u32;
+    out.tail.extend_from_slice(&len.to_le_bytes());
+    out.tail.extend_from_slice(&crc.finalize().to_le_bytes());
+    out.tail.extend_from_slice(&head);
+    for piece in &payload.0 {
+        out.share(piece);
+    }
 }
 
 /// The framed size of the confirmation records [`push_confirmations`] writes for `ids` ids.
@@ -36,7 +122,8 @@ pub(super) fn confirmations_len(ids: usize) -> u64 {
 }
 
 /// Appends confirmation records for `ids`.
-pub(super) fn push_confirmations(buf: &mut Vec<u8>, ids: &[BlockId]) {
+pub(super) fn push_confirmations(out: &mut Pending, ids: &[BlockId]) {
+    let buf = &mut out.tail;
     for chunk in ids.chunks(IDS_PER_RECORD) {
         let start = begin(buf, KIND_CONFIRMATIONS);
         // At most IDS_PER_RECORD, so the count fits.
@@ -131,15 +218,22 @@ mod tests {
         out
     }
 
+    fn written(out: &mut Pending) -> Vec<u8> {
+        out.take().concat()
+    }
+
     #[test]
     fn records_round_trip_with_the_lengths_announced() {
-        let mut buf = Vec::new();
-        push_block(&mut buf, 7, b"hello");
-        assert_eq!(buf.len() as u64, block_len(5).unwrap());
+        let mut out = Pending::default();
+        let payload = Payload(vec![Bytes::from_static(b"hel"), Bytes::new(), Bytes::from_static(b"lo")]);
+        push_block(&mut out, 7, &payload);
+        assert_eq!(out.len() as u64, block_len(5).unwrap());
+        let before = out.len();
+        push_confirmations(&mut out, &[3, 7]);
+        assert_eq!((out.len() - before) as u64, confirmations_len(2));
+        let buf = written(&mut out);
+        assert!(out.is_empty());
         assert_eq!(&buf[8..9], &[1]);
-        let before = buf.len();
-        push_confirmations(&mut buf, &[3, 7]);
-        assert_eq!((buf.len() - before) as u64, confirmations_len(2));
         assert_eq!(
             split(&buf),
             vec![Body::Block { id: 7, payload: b"hello".to_vec() }, Body::Confirmations(vec![3, 7])]
@@ -147,11 +241,20 @@ mod tests {
     }
 
     #[test]
+    fn a_payload_is_shared_not_copied() {
+        let piece = Bytes::from(vec![5u8; 4096]);
+        let mut out = Pending::default();
+        push_block(&mut out, 1, &Payload(vec![piece.clone()]));
+        assert!(out.take().iter().any(|part| part.as_ptr() == piece.as_ptr()));
+    }
+
+    #[test]
     fn long_confirmation_lists_are_split_into_records() {
         let ids: Vec<BlockId> = (0..IDS_PER_RECORD as u64 + 3).collect();
-        let mut buf = Vec::new();
-        push_confirmations(&mut buf, &ids);
-        assert_eq!(buf.len() as u64, confirmations_len(ids.len()));
+        let mut out = Pending::default();
+        push_confirmations(&mut out, &ids);
+        assert_eq!(out.len() as u64, confirmations_len(ids.len()));
+        let buf = written(&mut out);
         let bodies = split(&buf);
         assert_eq!(bodies.len(), 2);
         assert_eq!(

@@ -92,6 +92,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+pub use self::format::Payload;
 use self::writer::{Command, Writer};
 
 /// Identifies one appended block. Ids grow in append order, possibly with gaps; an id is never
@@ -294,7 +295,8 @@ impl Journal {
     ///
     /// If the future is dropped once the block is queued, the block is still written (and
     /// found at the next open unless confirmed), under an id the caller never learns.
-    pub async fn append(&self, payload: Vec<u8>) -> Result<BlockId, JournalError> {
+    pub async fn append(&self, payload: impl Into<Payload>) -> Result<BlockId, JournalError> {
+        let payload = payload.into();
         let len = payload.len();
         let bytes = format::block_len(len as u64).ok_or(JournalError::TooLarge { len })?;
         let reservation = self.shared.reserve(bytes)?;

@@ -1,10 +1,10 @@
 //! The writer thread: sole owner of the files and of the [`Book`]. It takes commands off the
-//! channel in batches, writes each batch with one `write` and one `fdatasync`, answers, and
+//! channel in batches, writes each batch with one vectored `write` and one `fdatasync`, answers, and
 //! then deletes what confirmations have freed.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, IoSlice, Write};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 use super::book::Book;
-use super::format;
+use super::format::{self, Payload, Pending};
 use super::scan::{self, Scan};
 use super::{BlockId, Hooks, IoContext, JournalConfig, JournalError, Record, Reservation, Shared, segment_path};
 
@@ -28,7 +28,7 @@ const ROLL_CONFIRMED_AT: u64 = 1 << 20;
 #[derive(Debug)]
 pub(super) enum Command {
     Append {
-        payload: Vec<u8>,
+        payload: Payload,
         /// Held until answered: the bytes count against `max_bytes` until the writer has counted
         /// them as written (or the append failed).
         reservation: Reservation,
@@ -91,7 +91,7 @@ pub(super) struct Writer {
     active: Active,
     next_id: BlockId,
     /// The batch being gathered, written in one go.
-    buf: Vec<u8>,
+    buf: Pending,
     /// `buf` holds block records, so the batch must be synced before it is answered.
     buf_blocks: bool,
     shared: Arc<Shared>,
@@ -137,7 +137,7 @@ impl Writer {
             book,
             next_id: next_id.max(active.name),
             active,
-            buf: Vec::new(),
+            buf: Pending::default(),
             buf_blocks: false,
             shared,
             broken: None,
@@ -294,9 +294,8 @@ impl Writer {
             return Ok(());
         }
         self.active.unsynced = true;
-        self.active.file.write_all(&self.buf).at(&self.active.path)?;
         let n = self.buf.len() as u64;
-        self.buf.clear();
+        write_all_parts(&mut self.active.file, &self.buf.take()).at(&self.active.path)?;
         self.book.grow(self.active.name, n, carried);
         self.shared.disk.fetch_add(n, Relaxed);
         self.shared.used.fetch_add(n, Relaxed);
@@ -380,6 +379,23 @@ impl Writer {
         shared.unconfirmed.store(self.book.unconfirmed_count(), Relaxed);
         shared.set_oldest(self.book.oldest_unconfirmed());
     }
+}
+
+/// Writes `parts` in order with as few `writev` calls as the kernel allows (std caps each at
+/// `IOV_MAX` slices); short writes carry on where they stopped.
+fn write_all_parts(file: &mut File, parts: &[bytes::Bytes]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|part| IoSlice::new(part)).collect();
+    let mut rest = slices.as_mut_slice();
+    IoSlice::advance_slices(&mut rest, 0);
+    while !rest.is_empty() {
+        match file.write_vectored(rest) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Creates segment `name` and makes its directory entry durable.
