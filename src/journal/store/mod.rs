@@ -12,7 +12,7 @@
 //!
 //! One writer thread owns the files. Appends and confirmations reach it through a bounded
 //! channel (a full channel makes callers wait: back-pressure). It takes everything queued,
-//! writes it with one `write` and one `fdatasync` (group commit: whatever queues while a sync
+//! writes it with one vectored `write` and one `fdatasync` (group commit: whatever queues while a sync
 //! runs goes out in the next one), then answers every caller of the batch. A batch that
 //! crosses a segment boundary syncs the old segment before rolling. Confirmations are written
 //! but not synced on their own: a confirmation lost in a crash only makes the caller check that
