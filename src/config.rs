@@ -94,6 +94,18 @@ pub enum UnknownFields {
     Ignore,
 }
 
+/// When the Kafka consumer commits a message's offset: once its rows are...
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KafkaCommit {
+    /// ...in the journal on disk (needs the journal): restored from there after any crash.
+    Journaled,
+    /// ...in the Buffer table (an INSERT succeeded).
+    Written,
+    /// ...in the destination MergeTree table (needs the journal): Kafka keeps them until then.
+    Visible,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -241,6 +253,30 @@ pub struct Config {
     pub api_key_rate_per_s: f64,
     /// ...with bursts of this many.
     pub api_key_burst: u32,
+
+    /// Kafka bootstrap brokers, comma-separated (`buffergate consume`; docs/kafka.md).
+    pub kafka_brokers: String,
+    /// Topics consumed, comma-separated.
+    pub kafka_topics: String,
+    /// The consumer group.
+    pub kafka_group: String,
+    /// Where messages that cannot be decoded or validated go; empty: logged, counted, skipped.
+    pub kafka_dead_letter_topic: String,
+    /// librdkafka properties passed through to the consumer and the dead-letter producer
+    /// (`key=value`, one per line): TLS, SASL, timeouts.
+    pub kafka_properties: String,
+    /// A file of such properties (e.g. a mounted Secret); its lines come after `kafka_properties`.
+    pub kafka_properties_file: String,
+    /// When a message's offset may be committed.
+    pub kafka_commit_after: KafkaCommit,
+    /// How often finished offsets are committed.
+    pub kafka_commit_interval_ms: u64,
+    /// Messages being delivered at once; the partitions pause beyond it.
+    pub kafka_max_in_flight: usize,
+    /// On a revoke, how long to wait for the revoked partitions' messages before giving them up.
+    pub kafka_revoke_timeout_ms: u64,
+    /// How often the partitions' high watermarks are read for the lag gauge.
+    pub kafka_lag_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -320,6 +356,17 @@ impl Default for Config {
             api_keys_file: String::new(),
             api_key_rate_per_s: 0.0,
             api_key_burst: 100,
+            kafka_brokers: String::new(),
+            kafka_topics: String::new(),
+            kafka_group: "buffergate".into(),
+            kafka_dead_letter_topic: String::new(),
+            kafka_properties: String::new(),
+            kafka_properties_file: String::new(),
+            kafka_commit_after: KafkaCommit::Journaled,
+            kafka_commit_interval_ms: 1_000,
+            kafka_max_in_flight: 1_000,
+            kafka_revoke_timeout_ms: 30_000,
+            kafka_lag_interval_ms: 5_000,
         }
     }
 }
@@ -488,7 +535,36 @@ impl Config {
                 return Err(invalid("confirm_interval_ms", "must be at least 10"));
             }
         }
+        self.validate_kafka()
+    }
+
+    /// The Kafka front's settings, checked only when `kafka_topics` is set (`consume`).
+    fn validate_kafka(&self) -> Result<(), ConfigError> {
+        let invalid = |key, problem: &str| Err(ConfigError::Invalid { key, problem: problem.into() });
+        if self.kafka_topics().is_empty() {
+            return Ok(());
+        }
+        if self.kafka_brokers.trim().is_empty() {
+            return invalid("kafka_brokers", "must name at least one broker when kafka_topics is set");
+        }
+        if self.kafka_group.trim().is_empty() {
+            return invalid("kafka_group", "must not be empty");
+        }
+        if self.kafka_topics().iter().any(|t| *t == self.kafka_dead_letter_topic.trim()) {
+            return invalid("kafka_dead_letter_topic", "must not be one of kafka_topics");
+        }
+        if self.kafka_commit_after != KafkaCommit::Written && !self.journal_enabled() {
+            return invalid("kafka_commit_after", "journaled and visible need the journal; use written without it");
+        }
+        if self.kafka_max_in_flight == 0 || self.kafka_commit_interval_ms == 0 || self.kafka_lag_interval_ms == 0 {
+            return invalid("kafka_max_in_flight", "kafka_max_in_flight and the kafka_*_interval_ms must be > 0");
+        }
         Ok(())
+    }
+
+    /// The consumed topics, trimmed, empty ones dropped.
+    pub fn kafka_topics(&self) -> Vec<&str> {
+        self.kafka_topics.split(',').map(str::trim).filter(|t| !t.is_empty()).collect()
     }
 
     /// Partitions to run: the configured count, or one per [`CPUS_PER_PARTITION`] CPUs.

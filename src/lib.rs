@@ -6,7 +6,8 @@
 //! block on disk until the MergeTree holds it) → `clickhouse` (INSERT, retry, breaker). Beside the path: `schema` (column types and encoders), `rows`
 //! (the row types the stages hand on), `shed` (Buffer fill, in-flight budget), `config`,
 //! `metrics`, `health`, `auth`, `shutdown`. `server` wires them; `cli` and `check` are the
-//! commands.
+//! commands. `kafka` is a second front beside `http`: a consumer group member driving the same
+//! `ingest` path (`buffergate consume`).
 
 pub mod auth;
 pub mod check;
@@ -20,6 +21,7 @@ pub mod http;
 pub mod idempotency;
 pub mod ingest;
 pub mod journal;
+pub mod kafka;
 pub mod metrics;
 pub mod rows;
 pub mod schema;

@@ -101,6 +101,7 @@ fn build() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> 
         .set_buckets_for_metric(Matcher::Full(IDEMPOTENCY_DURATION.into()), SECONDS)?
         .set_buckets_for_metric(Matcher::Full(FLUSH_ROWS.into()), ROWS)?
         .set_buckets_for_metric(Matcher::Full(FLUSH_BYTES.into()), BYTES)?
+        .set_buckets_for_metric(Matcher::Full(crate::kafka::metrics::COMMIT_DURATION.into()), SECONDS)?
         .install_recorder()
 }
 
@@ -151,6 +152,7 @@ fn describe() {
     describe_counter!(JOURNAL_RESTORED_ROWS, "Rows sent again because ClickHouse did not hold them, by cause.");
     describe_counter!(JOURNAL_RESTARTS, "ClickHouse restarts seen (its uptime went back).");
     describe_counter!(JOURNAL_ERRORS, "Journal operations that failed, by op (append, confirm, read).");
+    crate::kafka::metrics::describe();
 }
 
 /// The journal's size and what it still protects.

@@ -24,6 +24,7 @@ use crate::http::state::AppState;
 use crate::idempotency::{Idempotency, StoreError};
 use crate::ingest::Ingest;
 use crate::journal::{Durable, JournalError};
+use crate::kafka::{self, KafkaError};
 use crate::metrics;
 use crate::schema::SharedSchema;
 use crate::shed::ShedState;
@@ -43,17 +44,33 @@ pub enum ServeError {
     Auth(#[from] AuthError),
     #[error("the journal cannot be opened: {0}")]
     Journal(#[from] JournalError),
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+}
+
+/// What the process runs besides the HTTP API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `serve`: the HTTP gateway.
+    Serve,
+    /// `consume`: the HTTP gateway and the Kafka consumer (`kafka_*` settings).
+    Consume,
 }
 
 /// Binds `config.listen` and runs until `shutdown` trips.
-pub async fn serve(config: Config, shutdown: Shutdown) -> Result<(), ServeError> {
+pub async fn serve(config: Config, shutdown: Shutdown, role: Role) -> Result<(), ServeError> {
     let listener =
         TcpListener::bind(config.listen).await.map_err(|source| ServeError::Bind { addr: config.listen, source })?;
-    run(config, listener, shutdown).await
+    run_as(config, listener, shutdown, role).await
 }
 
 /// Runs the gateway on an already bound listener (tests bind port 0).
 pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> Result<(), ServeError> {
+    run_as(config, listener, shutdown, Role::Serve).await
+}
+
+/// Runs the gateway, with the Kafka consumer when `role` says so.
+pub async fn run_as(config: Config, listener: TcpListener, shutdown: Shutdown, role: Role) -> Result<(), ServeError> {
     // Before any task records a metric.
     let metrics = metrics::install();
     let config = Arc::new(config);
@@ -74,7 +91,16 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
         tracing::warn!("no API keys configured: producer authentication is off");
     }
     let admin = AdminToken::new(&config.admin_token);
-    let state = Arc::new(AppState { config: Arc::clone(&config), ingest, shed, api_keys, admin, ch, metrics });
+    let ingest = Arc::new(ingest);
+    let front = match role {
+        Role::Serve => None,
+        Role::Consume => {
+            let front = kafka::Front::start(&config, Arc::clone(&ingest), ch.clone(), Arc::clone(&shed))?;
+            Some(front)
+        }
+    };
+    let kafka = front.as_ref().map(kafka::Front::status);
+    let state = Arc::new(AppState { config: Arc::clone(&config), ingest, shed, api_keys, admin, ch, metrics, kafka });
 
     let local = listener.local_addr().map_err(ServeError::Serve)?;
     tracing::info!(listen = %local, partitions = state.ingest.coalescer.partitions(), "buffergate serving");
@@ -82,9 +108,14 @@ pub async fn run(config: Config, listener: TcpListener, shutdown: Shutdown) -> R
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
+    let front = front.map(|front| stop_consuming(front, shutdown.clone()));
     let stop_http = stop_accepting(shutdown, health, Duration::from_millis(config.shutdown_delay_ms));
     let result = axum::serve(listener, http::router(state)).with_graceful_shutdown(stop_http).await;
 
+    // The consumer commits what it delivered before the queues are drained under it.
+    if let Some(front) = front {
+        let _ = front.await;
+    }
     partitions.drain().await;
     if let Some(durable) = &durable {
         durable.finish(Duration::from_millis(config.shutdown_confirm_ms)).await;
@@ -176,6 +207,14 @@ async fn ingest(
         durable,
     };
     Ok((ingest, partitions))
+}
+
+/// Stops the consumer once shutdown trips, concurrently with the HTTP drain.
+fn stop_consuming(front: kafka::Front, shutdown: Shutdown) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        shutdown.triggered().await;
+        front.stop().await;
+    })
 }
 
 /// Resolves once the listener should stop accepting: on shutdown, readiness turns 503 first

@@ -5,6 +5,7 @@ use serde::Serialize;
 
 use super::DecodeError;
 use super::body::Format;
+use super::ids::IdSeed;
 use super::scan::{EventSchema, Scanner, SyntaxError};
 use crate::idempotency::Idempotency;
 use crate::rows::PartitionRows;
@@ -71,6 +72,8 @@ pub struct BatchShape {
     pub max_events: usize,
     /// Remember each event's id and row position, for deduplication.
     pub keep_ids: bool,
+    /// Where events without an id get theirs from (a fresh UUIDv7 each when `None`).
+    pub ids: Option<IdSeed>,
 }
 
 /// Parses the body event by event and encodes each straight into its partition's rows; no
@@ -100,11 +103,16 @@ pub fn encode_batch(
         } else {
             (schema.partition_hash(fields, index as u64) % partitions as u64) as usize
         };
-        match batch.partitions[partition].encode(|out| schema.encode_fields(fields, ctx, out)) {
+        let derived = shape.ids.map(|seed| seed.id(index));
+        match batch.partitions[partition].encode(|out| schema.encode_fields_with_id(fields, ctx, derived, out)) {
             Ok((chunk, range, encoded)) => {
                 batch.accepted += 1;
                 if shape.keep_ids {
-                    let key = schema.event_id(fields).map(|id| Idempotency::event_key(&id));
+                    // A derived id is a key like a sent one: a message read again is recognised.
+                    let key = schema
+                        .event_id(fields)
+                        .map(|id| Idempotency::event_key(&id))
+                        .or_else(|| derived.map(|id| id.as_bytes().to_vec()));
                     batch.events.push(EventRow { key, partition, chunk, range, encoded });
                 }
             }
@@ -225,7 +233,7 @@ mod tests {
             format,
             &schema(),
             &ctx,
-            &BatchShape { partitions: 4, max_events: max, keep_ids: true },
+            &BatchShape { partitions: 4, max_events: max, keep_ids: true, ids: None },
         )
     }
 

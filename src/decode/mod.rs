@@ -4,11 +4,13 @@
 
 mod batch;
 mod body;
+mod ids;
 mod scan;
 mod swar;
 
 pub use batch::{BatchShape, EncodedBatch, EventRow, RejectedEvent, encode_batch};
 pub use body::{Encoding, Format, decompress};
+pub use ids::IdSeed;
 pub use scan::{EventSchema, Scanner, SyntaxError};
 
 use serde_json::Value;

@@ -76,7 +76,7 @@ async fn handle(
         // The body counts against the in-flight budget from before it is read until it is encoded.
         let (schema, _lease) = ingest.admit(content_length(headers).unwrap_or(limit).min(limit))?;
         let raw = body::read_limited(headers, body, limit).await?;
-        let body = ingest::Body { raw, format, encoding, hash: request_key.is_some() };
+        let body = ingest::Body { raw, format, encoding, hash: request_key.is_some(), ids: None, received: None };
         let batch = ingest.decode(&schema, body).await?;
         (schema, batch)
     };

@@ -13,10 +13,12 @@ use crate::shed::ShedState;
 #[derive(Debug)]
 pub struct AppState {
     pub config: Arc<Config>,
-    pub ingest: Ingest,
+    pub ingest: Arc<Ingest>,
     pub shed: Arc<ShedState>,
     pub api_keys: ApiKeys,
     pub admin: AdminToken,
     pub ch: ClickHouse,
     pub metrics: PrometheusHandle,
+    /// The Kafka consumer's state, when this process runs one (`buffergate consume`).
+    pub kafka: Option<Arc<crate::kafka::Status>>,
 }

@@ -20,7 +20,7 @@ use crate::clickhouse::breaker::Breaker;
 use crate::clickhouse::writer::Writer;
 use crate::coalesce::Coalescer;
 use crate::config::{Config, DedupMode};
-use crate::decode::{self, BatchShape, EncodedBatch, Encoding, Format};
+use crate::decode::{self, BatchShape, EncodedBatch, Encoding, Format, IdSeed};
 use crate::health::Health;
 use crate::idempotency::{Idempotency, RequestState};
 use crate::journal::Durable;
@@ -55,6 +55,12 @@ pub struct Body {
     pub encoding: Encoding,
     /// Hash the decompressed body (a request-level idempotency key compares bodies).
     pub hash: bool,
+    /// Where events without an id get one: derived from the body's origin (a Kafka message),
+    /// or `None` for a fresh UUIDv7 each.
+    pub ids: Option<IdSeed>,
+    /// The time given to events without a timestamp; `None`: now. A Kafka message's own
+    /// timestamp makes a message read again encode to the same rows.
+    pub received: Option<Timestamp>,
 }
 
 /// What the store said of a request-level idempotency key.
@@ -99,8 +105,10 @@ impl Ingest {
                 partitions: self.coalescer.partitions(),
                 max_events: self.config.max_events_per_request,
                 keep_ids: self.idempotency.mode == DedupMode::Event,
+                ids: body.ids,
             };
-            let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: self.config.unknown_fields };
+            let now = body.received.unwrap_or_else(Timestamp::now);
+            let ctx = EncodeContext { now, unknown_fields: self.config.unknown_fields };
             let max_decompressed = self.config.max_decompressed_bytes;
             move || decode_body(body, &schema, &ctx, &shape, max_decompressed, &budget, &writer)
         };

@@ -276,15 +276,33 @@ impl TableSchema {
         ctx: &EncodeContext,
         out: &mut Vec<u8>,
     ) -> Result<Encoded, Rejection> {
+        self.encode_fields_with_id(fields, ctx, None, out)
+    }
+
+    /// As [`Self::encode_fields`], giving an event without an id `missing_id` rather than a
+    /// fresh UUIDv7 (ids derived from the event's origin, so that a replay is recognised).
+    pub fn encode_fields_with_id(
+        &self,
+        fields: &EventFields,
+        ctx: &EncodeContext,
+        missing_id: Option<uuid::Uuid>,
+        out: &mut Vec<u8>,
+    ) -> Result<Encoded, Rejection> {
         let start = out.len();
-        let result = self.encode_into(fields, ctx, out);
+        let result = self.encode_into(fields, ctx, missing_id, out);
         if result.is_err() {
             out.truncate(start);
         }
         result
     }
 
-    fn encode_into(&self, fields: &EventFields, ctx: &EncodeContext, out: &mut Vec<u8>) -> Result<Encoded, Rejection> {
+    fn encode_into(
+        &self,
+        fields: &EventFields,
+        ctx: &EncodeContext,
+        missing_id: Option<uuid::Uuid>,
+        out: &mut Vec<u8>,
+    ) -> Result<Encoded, Rejection> {
         if !fields.is_object {
             return Err(Rejection { field: None, error: "an event must be a JSON object".into() });
         }
@@ -308,7 +326,9 @@ impl TableSchema {
                 Some(field) if field.raw != "null" || matches!(ty.unwrapped(), ColumnType::Nullable(_)) => {
                     encode::encode_raw(ty, field.raw, fields.string(field), out).map_err(reject)?;
                 }
-                _ if Some(i) == self.id => encode::write_uuid_column(ty, uuid::Uuid::now_v7(), out),
+                _ if Some(i) == self.id => {
+                    encode::write_uuid_column(ty, missing_id.unwrap_or_else(uuid::Uuid::now_v7), out);
+                }
                 _ if Some(i) == self.timestamp => {
                     encode::encode_time(ty, ctx.now, out).map_err(reject)?;
                 }

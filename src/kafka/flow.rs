@@ -1,0 +1,98 @@
+//! When the consumer pauses its partitions and when it resumes them: the Kafka form of the
+//! HTTP front's 503s. The same signals shed HTTP producers (the Buffer past the shed threshold,
+//! with the poller's hysteresis; the circuit breaker), plus the journal's bound and the
+//! consumer's own bound on messages in flight, each with hysteresis of its own.
+
+/// What the gateway looks like right now.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Signals {
+    /// The Buffer is saturated (the shed poller's verdict, hysteresis included) and rows are
+    /// not diverted to a fallback table.
+    pub buffer_saturated: bool,
+    pub circuit_open: bool,
+    /// The journal has room for a pause margin / for twice that (resume).
+    pub journal_room: bool,
+    pub journal_resume_room: bool,
+    pub in_flight: usize,
+    pub max_in_flight: usize,
+}
+
+/// Why the partitions are paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pause {
+    BufferSaturated,
+    CircuitOpen,
+    JournalFull,
+    InFlight,
+}
+
+impl Pause {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::BufferSaturated => "buffer_saturated",
+            Self::CircuitOpen => "circuit_open",
+            Self::JournalFull => "journal_full",
+            Self::InFlight => "in_flight",
+        }
+    }
+}
+
+/// The pause to be in given the current one: running partitions pause on any pressure;
+/// paused ones resume only once every signal is below its resume mark.
+pub fn decide(paused: Option<Pause>, s: &Signals) -> Option<Pause> {
+    if s.buffer_saturated {
+        return Some(Pause::BufferSaturated);
+    }
+    if s.circuit_open {
+        return Some(Pause::CircuitOpen);
+    }
+    let (journal_ok, in_flight_ok) = match paused {
+        None => (s.journal_room, s.in_flight < s.max_in_flight),
+        Some(_) => (s.journal_resume_room, s.in_flight <= s.max_in_flight / 2),
+    };
+    if !journal_ok {
+        Some(Pause::JournalFull)
+    } else if !in_flight_ok {
+        Some(Pause::InFlight)
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn calm() -> Signals {
+        Signals {
+            journal_room: true,
+            journal_resume_room: true,
+            in_flight: 0,
+            max_in_flight: 100,
+            ..Signals::default()
+        }
+    }
+
+    #[test]
+    fn pauses_on_any_pressure() {
+        assert_eq!(decide(None, &calm()), None);
+        assert_eq!(decide(None, &Signals { buffer_saturated: true, ..calm() }), Some(Pause::BufferSaturated));
+        assert_eq!(decide(None, &Signals { circuit_open: true, ..calm() }), Some(Pause::CircuitOpen));
+        let full = Signals { journal_room: false, journal_resume_room: false, ..calm() };
+        assert_eq!(decide(None, &full), Some(Pause::JournalFull));
+        assert_eq!(decide(None, &Signals { in_flight: 100, ..calm() }), Some(Pause::InFlight));
+    }
+
+    #[test]
+    fn resumes_with_hysteresis() {
+        // The Buffer's hysteresis is the poller's: its verdict turns off below shed_resume.
+        assert_eq!(decide(Some(Pause::BufferSaturated), &calm()), None);
+        let between = Signals { journal_room: true, journal_resume_room: false, ..calm() };
+        assert_eq!(decide(None, &between), None, "running: room for the margin is enough");
+        assert_eq!(decide(Some(Pause::JournalFull), &between), Some(Pause::JournalFull), "paused: needs twice");
+        let half = Signals { in_flight: 60, ..calm() };
+        assert_eq!(decide(None, &half), None);
+        assert_eq!(decide(Some(Pause::InFlight), &half), Some(Pause::InFlight), "resumes at half");
+        assert_eq!(decide(Some(Pause::InFlight), &Signals { in_flight: 50, ..calm() }), None);
+    }
+}
