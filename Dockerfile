@@ -1,6 +1,10 @@
 # syntax=docker/dockerfile:1
 # Build stage: a release binary.
 FROM rust:1.95-bookworm AS build
+# librdkafka (the Kafka front) is built from the rdkafka crate's bundled source with cmake and
+# linked against the system OpenSSL.
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends cmake libssl-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 # The workspace's other members and targets must exist for the manifest to load.
@@ -10,8 +14,9 @@ COPY benches ./benches
 COPY src ./src
 RUN cargo build --release --locked --bin buffergate && mkdir -p /journal
 
-# Runtime: no shell, no package manager, non-root.
-FROM gcr.io/distroless/cc-debian12:nonroot
+# Runtime: no shell, no package manager, non-root; "base" rather than "cc" for libssl3, which the
+# Kafka client's TLS links against.
+FROM gcr.io/distroless/base-debian12:nonroot
 COPY --from=build /src/target/release/buffergate /usr/local/bin/buffergate
 # The journal's directory, owned by the user the gateway runs as.
 COPY --from=build --chown=65532:65532 /journal /var/lib/buffergate

@@ -14,10 +14,9 @@ command -v clickhouse-server >/dev/null 2>&1 || need_apt+=(clickhouse-server cli
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || need_apt+=(postgresql)
-# The rdkafka crate builds its bundled librdkafka with cmake, against OpenSSL and libcurl.
+# The rdkafka crate builds its bundled librdkafka with cmake, against OpenSSL.
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 [ -e /usr/include/openssl/ssl.h ] || need_apt+=(libssl-dev)
-[ -e /usr/include/x86_64-linux-gnu/curl/curl.h ] || [ -e /usr/include/curl/curl.h ] || need_apt+=(libcurl4-openssl-dev)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""
