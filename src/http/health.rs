@@ -19,7 +19,6 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Value>, A
     if state.config.shed_readiness && state.shed.is_shedding() {
         return Err(ApiError::NotReady("the ClickHouse Buffer table is saturated"));
     }
-    // A consumer paused for back-pressure is still ready: pausing is its way of shedding.
     let mut body = json!({"status": "ready", "schema_version": schema.map(|s| s.version)});
     if let Some(kafka) = &state.kafka {
         // A consumer paused for back-pressure is ready: pausing is how it sheds.
