@@ -205,6 +205,9 @@ pub struct Config {
     pub max_concurrent_requests: usize,
     /// An ingestion request still unanswered after this long gets 503.
     pub request_timeout_ms: u64,
+    /// A request body not fully received after this long gets 408: a stalled upload must not
+    /// hold a connection and an in-flight slot for the whole request timeout.
+    pub body_timeout_ms: u64,
     /// Consecutive INSERT failures that open the circuit breaker (0 disables it).
     pub circuit_failures: u32,
     /// How long the breaker stays open before a probe INSERT.
@@ -334,6 +337,7 @@ impl Default for Config {
             max_inflight_bytes: 256 * 1024 * 1024,
             max_concurrent_requests: 1024,
             request_timeout_ms: 60_000,
+            body_timeout_ms: 10_000,
             circuit_failures: 5,
             circuit_open_ms: 5_000,
             redis_url: String::new(),
@@ -467,6 +471,7 @@ impl Config {
             ("shed_poll_interval_ms", self.shed_poll_interval_ms),
             ("shed_stale_after_ms", self.shed_stale_after_ms),
             ("request_timeout_ms", self.request_timeout_ms),
+            ("body_timeout_ms", self.body_timeout_ms),
             ("shed_retry_after_max_s", u64::from(self.shed_retry_after_max_s)),
             ("max_inflight_bytes", self.max_inflight_bytes as u64),
             ("max_concurrent_requests", self.max_concurrent_requests as u64),

@@ -300,6 +300,7 @@ async fn limits_and_bad_requests_get_precise_json_errors_and_store_nothing() {
     config.max_body_bytes = 64 * 1024;
     config.max_decompressed_bytes = 128 * 1024;
     config.max_events_per_request = 100;
+    config.body_timeout_ms = 300;
     migrate(&config).await;
     let gw = Gateway::start(config).await;
 
@@ -334,6 +335,12 @@ async fn limits_and_bad_requests_get_precise_json_errors_and_store_nothing() {
     let malformed = b"{\"user_id\": 1}\n{\"user_id\": }\n".to_vec();
     let (status, body) = gw.post("/v1/events", "application/x-ndjson", None, malformed).await;
     assert_eq!((status, body["line"].as_u64()), (400, Some(2)), "{body}");
+
+    // A body that stops coming is answered 408 after the body timeout, not held for the
+    // request timeout and then called overload.
+    let answer = stalled_upload(&gw.url).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"body_timeout\""), "{answer}");
 
     let response = common::http().get(format!("{}/v1/events", gw.url)).send().await.unwrap();
     assert_eq!(response.status().as_u16(), 405);
@@ -405,4 +412,16 @@ async fn health_readiness_and_schema_changes_without_restart() {
     let rows = ch.rows(&format!("SELECT user_id, country FROM {db}.events_raw ORDER BY user_id")).await;
     assert_eq!(rows, vec![json!({"user_id": "2", "country": "fr"}), json!({"user_id": "3", "country": "zz"})]);
     gw.stop().await;
+}
+
+/// Sends the headers and a tenth of an announced body, then waits for the answer.
+async fn stalled_upload(url: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(url.trim_start_matches("http://")).await.unwrap();
+    let head = "POST /v1/events HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n";
+    socket.write_all(head.as_bytes()).await.unwrap();
+    socket.write_all(b"[{\"user_i").await.unwrap();
+    let mut answer = vec![0; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(30), socket.read(&mut answer)).await.unwrap().unwrap();
+    String::from_utf8_lossy(&answer[..n]).into_owned()
 }

@@ -1,6 +1,8 @@
 //! Reading a request body off the wire: media type and encoding from the headers, and a cap on
 //! the bytes read (decompression, with its own cap, is `decode`'s).
 
+use std::time::Duration;
+
 use axum::body::Body;
 use axum::http::{HeaderMap, header};
 use bytes::Bytes;
@@ -31,14 +33,17 @@ pub fn encoding_of(headers: &HeaderMap) -> Result<Encoding, ApiError> {
     }
 }
 
-/// Reads at most `limit` bytes of body; refuses early when Content-Length announces more.
-pub async fn read_limited(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// Reads at most `limit` bytes of body within `timeout`; refuses early when Content-Length
+/// announces more.
+pub async fn read_limited(headers: &HeaderMap, body: Body, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
     let announced =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if announced.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::BodyTooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
+    let read = tokio::time::timeout(timeout, Limited::new(body, limit).collect());
+    let after_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    match read.await.map_err(|_| ApiError::BodyTimeout { after_ms })? {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<LengthLimitError>() => Err(ApiError::BodyTooLarge { limit }),
         Err(e) => Err(ApiError::BodyRead(e.to_string())),

@@ -27,6 +27,8 @@ pub enum ApiError {
     BadQuery(String),
     #[error("the request body could not be read: {0}")]
     BodyRead(String),
+    #[error("the request body was not received within {after_ms} ms")]
+    BodyTimeout { after_ms: u64 },
     #[error("not ready: {0}")]
     NotReady(&'static str),
     #[error("{0}; retry later")]
@@ -118,6 +120,7 @@ impl ApiError {
             Self::Decode(DecodeError::MalformedJson { .. } | DecodeError::BadEncoding(_))
             | Self::BadQuery(_)
             | Self::BodyRead(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             Self::NotReady(_)
             | Self::QueueFull(_)
             | Self::FlushFailed(_)
@@ -153,6 +156,7 @@ impl ApiError {
             Self::Decode(DecodeError::BadEncoding(_)) => "bad_encoding",
             Self::BadQuery(_) => "bad_query",
             Self::BodyRead(_) => "body_read_failed",
+            Self::BodyTimeout { .. } => "body_timeout",
             Self::NotReady(_) => "not_ready",
             Self::QueueFull(_) => "queue_full",
             Self::FlushFailed(_) => "flush_failed",

@@ -4,6 +4,7 @@
 //! `Idempotency-Key`, or the error.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Extension;
 use axum::body::Body;
@@ -75,7 +76,8 @@ async fn handle(
         let limit = state.config.max_body_bytes;
         // The body counts against the in-flight budget from before it is read until it is encoded.
         let (schema, _lease) = ingest.admit(content_length(headers).unwrap_or(limit).min(limit))?;
-        let raw = body::read_limited(headers, body, limit).await?;
+        let timeout = Duration::from_millis(state.config.body_timeout_ms);
+        let raw = body::read_limited(headers, body, limit, timeout).await?;
         let body = ingest::Body { raw, format, encoding, hash: request_key.is_some(), ids: None, received: None };
         let batch = ingest.decode(&schema, body).await?;
         (schema, batch)
