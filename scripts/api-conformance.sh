@@ -19,6 +19,9 @@ for _ in $(seq 1 150); do curl -fsS "http://127.0.0.1:$ch_http/ping" >/dev/null 
 export BUFFERGATE_CLICKHOUSE_URL="http://127.0.0.1:$ch_http" BUFFERGATE_DATABASE=api_conformance
 export BUFFERGATE_LISTEN="127.0.0.1:$gw_port" BUFFERGATE_ADMIN_TOKEN=conformance-admin RUST_LOG=warn
 export BUFFERGATE_DATA_DIR="$dir/gateway-data"
+# A short-lived Buffer: `wait=visible` answers once rows reach the destination, which takes the
+# Buffer's max_time plus the confirmation grace, and must stay well inside --request-timeout.
+export BUFFERGATE_BUFFER_MIN_TIME=1 BUFFERGATE_BUFFER_MAX_TIME=3 BUFFERGATE_CONFIRM_GRACE_MS=1000
 ./target/debug/buffergate migrate
 ./target/debug/buffergate serve > "$dir/gateway.log" 2>&1 &
 pids+=($!)
