@@ -12,6 +12,10 @@ use crate::schema::quote_ident;
 /// Ids asked about per query: bounded statements, answers of a few hundred KiB at most.
 const IDS_PER_QUERY: usize = 2_000;
 
+/// Between two looks for rows: rows a Buffer is flushing are, for the moment of the flush, in
+/// neither its memory nor the destination, so an id missed once is looked for again.
+pub const RECHECK_PAUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Where to look for ids: the table, its id column and, to prune by time, its time column.
 #[derive(Debug, Clone, Copy)]
 pub struct Lookup<'a> {
@@ -38,6 +42,22 @@ impl ClickHouse {
         for chunk in ids.chunks(IDS_PER_QUERY) {
             let rows: Vec<Row> = self.fetch_json(&presence_sql(lookup, chunk, seconds)).await?;
             found.extend(rows.iter().filter_map(|r| Uuid::parse_str(&r.id).ok()));
+        }
+        Ok(found)
+    }
+
+    /// [`Self::present`], looking again after [`RECHECK_PAUSE`] for the ids missed the first time.
+    pub async fn present_twice(
+        &self,
+        lookup: Lookup<'_>,
+        ids: &[Uuid],
+        seconds: Option<(i64, i64)>,
+    ) -> Result<HashSet<Uuid>, ClickHouseError> {
+        let mut found = self.present(lookup, ids, seconds).await?;
+        if found.len() < ids.len() {
+            tokio::time::sleep(RECHECK_PAUSE).await;
+            let missing: Vec<Uuid> = ids.iter().filter(|id| !found.contains(id)).copied().collect();
+            found.extend(self.present(lookup, &missing, seconds).await?);
         }
         Ok(found)
     }

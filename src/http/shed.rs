@@ -37,9 +37,7 @@ pub struct Gate {
 /// concurrency limit, so a shed request never takes a slot, and answers without reading the body.
 pub async fn gate(State(gate): State<Gate>, mut request: Request, next: Next) -> Response {
     let Gate { state, policy } = gate;
-    // Before the first poll has had time to answer, do not count the state as stale.
-    let grace = state.age() < policy.stale_after;
-    match state.verdict(policy.stale_after, policy.on_stale, grace) {
+    match state.current(policy.stale_after, policy.on_stale) {
         Verdict::Pass => next.run(request).await,
         Verdict::Shed { stale: false, .. } if policy.mode == ShedMode::Fallback => {
             request.extensions_mut().insert(Divert);

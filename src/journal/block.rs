@@ -36,12 +36,8 @@ pub struct BlockGroup {
 
 impl BlockGroup {
     /// Bytes of rows.
-    pub fn len(&self) -> usize {
+    pub fn bytes(&self) -> usize {
         self.data.iter().map(Bytes::len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// The rows as one run of bytes: borrowed when there is one piece (a block read back from
@@ -101,13 +97,8 @@ impl Block {
                 let mut marks = RowMarks::default();
                 let mut base = 0u32;
                 for (piece, piece_marks) in group.pieces.iter().zip(std::mem::take(&mut group.marks)) {
-                    if marks.ends.is_empty() && marks.ids.is_empty() {
-                        marks.ends = piece_marks.ends;
-                        marks.ids = piece_marks.ids;
-                    } else {
-                        marks.ends.extend(piece_marks.ends.iter().map(|end| base + end));
-                        marks.ids.extend_from_slice(&piece_marks.ids);
-                    }
+                    marks.ends.extend(piece_marks.ends.iter().map(|end| base + end));
+                    marks.ids.extend_from_slice(&piece_marks.ids);
                     marks.seconds = span(marks.seconds, piece_marks.seconds);
                     base += piece.len() as u32;
                 }
@@ -213,9 +204,9 @@ impl Block {
                     out.extend_from_slice(id.as_bytes());
                 }
             }
-            out.extend((group.len() as u32).to_le_bytes());
+            out.extend((group.bytes() as u32).to_le_bytes());
             parts.push(Bytes::from(std::mem::take(&mut out)));
-            parts.extend(group.data.iter().filter(|piece| !piece.is_empty()).cloned());
+            parts.extend(group.data.iter().cloned());
         }
         if !out.is_empty() {
             parts.push(Bytes::from(out));
@@ -314,7 +305,7 @@ mod tests {
         // One piece per row: a batch's rows come in pieces, a block read back in one.
         for (bytes, id) in rows {
             g.data.push(Bytes::copy_from_slice(bytes));
-            g.marks.ends.push(g.len() as u32);
+            g.marks.ends.push(g.bytes() as u32);
             g.marks.ids.push(Uuid::from_u64_pair(0, *id));
         }
         g.marks.seconds = seconds;

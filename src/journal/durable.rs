@@ -33,7 +33,7 @@ use uuid::Uuid;
 use super::Waiter;
 use super::block::{self, Block};
 use super::store::{BlockId, Journal, JournalConfig, JournalError};
-use crate::clickhouse::presence::Lookup;
+use crate::clickhouse::presence::{Lookup, RECHECK_PAUSE};
 use crate::clickhouse::writer::{WriteError, Writer};
 use crate::clickhouse::{ClickHouse, ClickHouseError};
 use crate::config::Config;
@@ -42,9 +42,6 @@ use crate::schema::quote_ident;
 
 /// The Memory table in the gateway's database that tells a restart (see [`doubt`]).
 pub const LIVENESS_TABLE: &str = "buffergate_liveness";
-
-/// Between two looks for the rows of suspect blocks (see [`Durable::send_missing`]).
-const RECHECK_PAUSE: Duration = Duration::from_secs(1);
 
 /// Sample ids asked about per confirmation query.
 const SAMPLES_PER_PASS: usize = 4_000;

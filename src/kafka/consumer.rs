@@ -432,8 +432,7 @@ impl Poller {
     fn signals(&self, in_flight: usize) -> Signals {
         let config = &self.worker.config;
         let stale_after = Duration::from_millis(config.shed_stale_after_ms);
-        let shed = &self.worker.shed;
-        let verdict = shed.verdict(stale_after, config.shed_on_stale, shed.age() < stale_after);
+        let verdict = self.worker.shed.current(stale_after, config.shed_on_stale);
         let buffer_saturated = match verdict {
             Verdict::Pass => false,
             // In fallback mode the rows are diverted instead, as HTTP requests are.

@@ -208,12 +208,7 @@ impl Worker {
         }
         let seconds = batch.events.iter().filter_map(|e| e.encoded.seconds);
         let span = seconds.clone().min().zip(seconds.max());
-        let mut present = self.present(&ids, span).await?;
-        if present.len() < ids.len() {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let missing: Vec<Uuid> = ids.iter().filter(|id| !present.contains(id)).copied().collect();
-            present.extend(self.present(&missing, span).await?);
-        }
+        let present = self.present(&ids, span).await?;
         let keep: Vec<bool> =
             batch.events.iter().map(|e| e.encoded.id.is_none_or(|id| !present.contains(&id))).collect();
         let found = keep.iter().filter(|k| !**k).count();
@@ -228,7 +223,7 @@ impl Worker {
         let time = (!self.config.timestamp_column.is_empty()).then_some(self.config.timestamp_column.as_str());
         let lookup = Lookup { table: &self.buffer, id_column: &self.config.id_column, time_column: time };
         self.ch
-            .present(lookup, ids, span)
+            .present_twice(lookup, ids, span)
             .await
             .map_err(|e| IngestError::FlushFailed(format!("looking up the events of a message read again: {e}")))
     }
@@ -240,8 +235,7 @@ impl Worker {
             return false;
         }
         let stale_after = Duration::from_millis(self.config.shed_stale_after_ms);
-        let grace = self.shed.age() < stale_after;
-        matches!(self.shed.verdict(stale_after, self.config.shed_on_stale, grace), Verdict::Shed { stale: false, .. })
+        matches!(self.shed.current(stale_after, self.config.shed_on_stale), Verdict::Shed { stale: false, .. })
     }
 
     /// Dead-letters until acknowledged or `cancel`; `false`: given up.

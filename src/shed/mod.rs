@@ -105,6 +105,12 @@ impl ShedState {
         }
     }
 
+    /// [`Self::verdict`] now, with the start-up grace every caller gives: until `stale_after`
+    /// has passed since the state was made, a poll that has not answered yet is not stale.
+    pub fn current(&self, stale_after: Duration, on_stale: OnStale) -> Verdict {
+        self.verdict(stale_after, on_stale, self.age() < stale_after)
+    }
+
     /// How long since the state was created (for the start-up grace period).
     pub fn age(&self) -> Duration {
         self.epoch.elapsed()
