@@ -105,18 +105,16 @@ impl Batch {
                     _ => tell(visible, &journal_result),
                 }
             }
-            (Err(error), Some(durable), Some(block)) if error.ambiguous => {
+            (Err(error), Some(durable), Some(block)) if keep_after_failure(error.ambiguous, id.is_some()) => {
                 // The rows are in the journal, or at hand, and will be stored exactly once:
                 // their keys are committed now, the requests hear once they are settled.
                 commit(idempotency, &reservations).await;
                 durable.ambiguous(id.unwrap_or_else(unjournaled_id), block, written, visible);
             }
-            (Err(error), durable, _) => {
-                // On failure the lease expiry frees them anyway.
+            (Err(error), _, _) => {
+                // Not journaled, not written: the producers' retries go through. (On failure
+                // the lease expiry frees them anyway.)
                 let _ = idempotency.release(&reservations).await;
-                if let (Some(durable), Some(id)) = (durable, id) {
-                    durable.discard(id).await;
-                }
                 let failed = Err(FlushError::Write(error));
                 tell(written, &failed);
                 tell(visible, &failed);
@@ -124,6 +122,14 @@ impl Batch {
         }
         drop(leases);
     }
+}
+
+/// Whether a batch whose INSERT failed is kept, to be settled through the journal, rather
+/// than given back to its producers: when the INSERT may have landed, and when the block is
+/// journaled, whatever the failure — its `journaled` waiters (202s, Kafka offsets) were told
+/// so already, and a journaled block reaches the destination exactly once.
+fn keep_after_failure(ambiguous: bool, journaled: bool) -> bool {
+    ambiguous || journaled
 }
 
 /// The batch's INSERTs, one per column list, stopping at the first failure.
@@ -229,5 +235,18 @@ impl Partition {
             self.done(rows);
         }
         tracing::debug!(partition = self.id, "coalescer partition drained");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keep_after_failure;
+
+    #[test]
+    fn a_journaled_batch_is_never_given_back() {
+        assert!(keep_after_failure(true, true));
+        assert!(keep_after_failure(false, true), "a clean failure after the append: the 202 stands");
+        assert!(keep_after_failure(true, false), "may have landed: looked for, never sent blind");
+        assert!(!keep_after_failure(false, false), "nothing anywhere: the producer retries");
     }
 }

@@ -280,8 +280,9 @@ impl Durable {
         }
     }
 
-    /// The block's INSERT may have landed: look for its rows now; `written` waiters hear once
-    /// every row is in ClickHouse.
+    /// The block's INSERT may have landed, or failed after the block was journaled: look for
+    /// its rows now and send what is missing; `written` waiters hear once every row is in
+    /// ClickHouse.
     pub fn ambiguous(&self, id: BlockId, block: Block, written: Vec<Waiter>, visible: Vec<Waiter>) {
         let mut entry = Owed::of(&block, Instant::now());
         entry.suspect = Some("ambiguous");
@@ -290,13 +291,6 @@ impl Durable {
         entry.visible = visible;
         self.owed().insert(id, entry);
         self.wake.notify_one();
-    }
-
-    /// The block's INSERT failed for good: nothing was written, nothing to protect.
-    pub async fn discard(&self, id: BlockId) {
-        if self.journal.confirm(&[id]).await.is_err() {
-            metrics::journal_error("confirm");
-        }
     }
 
     pub fn status(&self) -> DurableStatus {
