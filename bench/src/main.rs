@@ -10,6 +10,11 @@
 //! are the median of each round's ratio (a gateway run against the direct run next to it).
 //!
 //!     cargo run --release -p buffergate-bench -- [--seconds 6] [--rounds 3] [--only large_gw] [--out bench/results] [--gateway PATH]
+//!
+//! `--kafka` runs the Kafka scenarios instead ([`kafka`]: a pre-filled topic consumed by
+//! `buffergate consume` and by ClickHouse's Kafka engine) and writes `kafka.json`/`kafka.md`;
+//! `--soak SECONDS` runs the soak ([`soak`]: 1% malformed requests, RSS over time) and writes
+//! `soak.json`/`soak.md`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)] // a harness: fail loudly, print results
 
@@ -25,6 +30,9 @@ use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
+
+mod kafka;
+mod soak;
 
 const EVENT_TYPES: [&str; 8] = ["page_view", "click", "signup", "purchase", "search", "add_to_cart", "logout", "share"];
 
@@ -62,10 +70,15 @@ fn cores() -> f64 {
 
 /// Peak resident memory of a process, in MiB.
 fn peak_rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmHWM:")
+}
+
+/// A memory figure (`VmHWM:`, `VmRSS:`) of `/proc/PID/status`, in MiB.
+fn status_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .map_or(0.0, |kb| kb / 1024.0)
 }
@@ -572,6 +585,13 @@ struct Args {
     /// of two builds, interleaved).
     #[arg(long, value_name = "PATH")]
     gateway: Option<PathBuf>,
+    /// Runs the Kafka scenarios (a topic of this many one-event messages, then a hundredth as
+    /// many of 100 events) instead of the HTTP ones.
+    #[arg(long, value_name = "MESSAGES", num_args = 0..=1, default_missing_value = "100000")]
+    kafka: Option<u64>,
+    /// Runs the soak for this many seconds (1% malformed requests, RSS sampled) instead.
+    #[arg(long, value_name = "SECONDS")]
+    soak: Option<u64>,
 }
 
 #[tokio::main]
@@ -597,6 +617,29 @@ async fn main() {
     let dir = std::env::temp_dir().join(format!("buffergate-bench-{}", std::process::id()));
     let servers = start_servers(&dir).await;
     let version = query(&servers.ch_url, "SELECT version() AS v").await[0]["v"].as_str().unwrap_or("").to_string();
+    if let Some(seconds) = args.soak {
+        let (report, md) = soak::run(&binary, &servers, seconds).await;
+        let md = format!("# buffergate benchmark: soak\n\nMachine: {}. ClickHouse {version}.\n\n{md}", machine());
+        println!("\n{md}");
+        std::fs::create_dir_all(&out_dir).unwrap();
+        std::fs::write(out_dir.join("soak.json"), format!("{report:#}\n")).unwrap();
+        std::fs::write(out_dir.join("soak.md"), md).unwrap();
+        drop(servers);
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    if let Some(messages) = args.kafka {
+        let (results, table) = kafka::run(&binary, &servers, messages).await;
+        let md = format!("# buffergate benchmark: Kafka\n\nMachine: {}. ClickHouse {version}.\n\n{table}", machine());
+        println!("\n{md}");
+        std::fs::create_dir_all(&out_dir).unwrap();
+        let report = json!({"machine": machine(), "clickhouse": version, "results": results});
+        std::fs::write(out_dir.join("kafka.json"), format!("{report:#}\n")).unwrap();
+        std::fs::write(out_dir.join("kafka.md"), md).unwrap();
+        drop(servers);
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
 
     let scenarios: Vec<(Mode, u64, usize)> = [(10u64, 64usize), (1000, 8)]
         .into_iter()

@@ -91,6 +91,8 @@ impl Batch {
             Some(Err(error)) => Err(FlushError::from(error)),
             _ => Ok(()),
         };
+        // Told "safe" now: from here on their block may not be given back.
+        let promised = !journaled.is_empty();
         tell(journaled, &journal_result);
         let id = appended.and_then(Result::ok);
         match (result, durable, block) {
@@ -105,16 +107,21 @@ impl Batch {
                     _ => tell(visible, &journal_result),
                 }
             }
-            (Err(error), Some(durable), Some(block)) if keep_after_failure(error.ambiguous, id.is_some()) => {
+            (Err(error), Some(durable), Some(block))
+                if keep_after_failure(error.ambiguous, promised && id.is_some()) =>
+            {
                 // The rows are in the journal, or at hand, and will be stored exactly once:
                 // their keys are committed now, the requests hear once they are settled.
                 commit(idempotency, &reservations).await;
                 durable.ambiguous(id.unwrap_or_else(unjournaled_id), block, written, visible);
             }
-            (Err(error), _, _) => {
-                // Not journaled, not written: the producers' retries go through. (On failure
-                // the lease expiry frees them anyway.)
+            (Err(error), durable, _) => {
+                // Not written, and nobody was told it is safe: the producers' retries go
+                // through. (On failure the lease expiry frees them anyway.)
                 let _ = idempotency.release(&reservations).await;
+                if let (Some(durable), Some(id)) = (durable, id) {
+                    durable.discard(id).await;
+                }
                 let failed = Err(FlushError::Write(error));
                 tell(written, &failed);
                 tell(visible, &failed);
@@ -126,10 +133,11 @@ impl Batch {
 
 /// Whether a batch whose INSERT failed is kept, to be settled through the journal, rather
 /// than given back to its producers: when the INSERT may have landed, and when the block is
-/// journaled, whatever the failure — its `journaled` waiters (202s, Kafka offsets) were told
-/// so already, and a journaled block reaches the destination exactly once.
-fn keep_after_failure(ambiguous: bool, journaled: bool) -> bool {
-    ambiguous || journaled
+/// journaled and someone was told so (`promised`: 202s, Kafka offsets), whatever the failure —
+/// a journaled block reaches the destination exactly once. A batch only `200`s wait for is
+/// given back on a clean failure, so that they hear 503 at once and retry.
+fn keep_after_failure(ambiguous: bool, promised: bool) -> bool {
+    ambiguous || promised
 }
 
 /// The batch's INSERTs, one per column list, stopping at the first failure.
@@ -245,7 +253,7 @@ mod tests {
     #[test]
     fn a_journaled_batch_is_never_given_back() {
         assert!(keep_after_failure(true, true));
-        assert!(keep_after_failure(false, true), "a clean failure after the append: the 202 stands");
+        assert!(keep_after_failure(false, true), "a clean failure after a promised append: the 202 stands");
         assert!(keep_after_failure(true, false), "may have landed: looked for, never sent blind");
         assert!(!keep_after_failure(false, false), "nothing anywhere: the producer retries");
     }

@@ -280,7 +280,7 @@ impl Durable {
         }
     }
 
-    /// The block's INSERT may have landed, or failed after the block was journaled: look for
+    /// The block's INSERT may have landed, or failed after its journaling was promised: look for
     /// its rows now and send what is missing; `written` waiters hear once every row is in
     /// ClickHouse.
     pub fn ambiguous(&self, id: BlockId, block: Block, written: Vec<Waiter>, visible: Vec<Waiter>) {
@@ -291,6 +291,14 @@ impl Durable {
         entry.visible = visible;
         self.owed().insert(id, entry);
         self.wake.notify_one();
+    }
+
+    /// The block's INSERT failed for good and nobody was told it was journaled: nothing was
+    /// written, nothing to protect.
+    pub async fn discard(&self, id: BlockId) {
+        if self.journal.confirm(&[id]).await.is_err() {
+            metrics::journal_error("confirm");
+        }
     }
 
     pub fn status(&self) -> DurableStatus {

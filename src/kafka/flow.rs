@@ -2,6 +2,12 @@
 //! HTTP front's 503s. The same signals shed HTTP producers (the Buffer past the shed threshold,
 //! with the poller's hysteresis; the circuit breaker), plus the journal's bound and the
 //! consumer's own bound on messages in flight, each with hysteresis of its own.
+//!
+//! The bound on messages in flight pauses the partitions only once it has held for a while
+//! (`in_flight_stalled`): a librdkafka pause drops the messages already fetched and a resume
+//! fetches them again, which, done several times a second, capped one-event messages near
+//! 2,000/s. A brief stop at the bound is the poll loop's: it waits for deliveries to finish
+//! without polling.
 
 /// What the gateway looks like right now.
 #[derive(Debug, Clone, Copy, Default)]
@@ -15,6 +21,8 @@ pub struct Signals {
     pub journal_resume_room: bool,
     pub in_flight: usize,
     pub max_in_flight: usize,
+    /// `in_flight` has been at the bound long enough to pause for it.
+    pub in_flight_stalled: bool,
 }
 
 /// Why the partitions are paused.
@@ -47,7 +55,7 @@ pub fn decide(paused: Option<Pause>, s: &Signals) -> Option<Pause> {
         return Some(Pause::CircuitOpen);
     }
     let (journal_ok, in_flight_ok) = match paused {
-        None => (s.journal_room, s.in_flight < s.max_in_flight),
+        None => (s.journal_room, s.in_flight < s.max_in_flight || !s.in_flight_stalled),
         Some(_) => (s.journal_resume_room, s.in_flight <= s.max_in_flight / 2),
     };
     if !journal_ok {
@@ -80,7 +88,9 @@ mod tests {
         assert_eq!(decide(None, &Signals { circuit_open: true, ..calm() }), Some(Pause::CircuitOpen));
         let full = Signals { journal_room: false, journal_resume_room: false, ..calm() };
         assert_eq!(decide(None, &full), Some(Pause::JournalFull));
-        assert_eq!(decide(None, &Signals { in_flight: 100, ..calm() }), Some(Pause::InFlight));
+        assert_eq!(decide(None, &Signals { in_flight: 100, ..calm() }), None, "at the bound: the loop waits");
+        let stalled = Signals { in_flight: 100, in_flight_stalled: true, ..calm() };
+        assert_eq!(decide(None, &stalled), Some(Pause::InFlight), "at the bound for long: paused");
     }
 
     #[test]
