@@ -113,3 +113,63 @@ class ResettingProxy:
             pass
         finally:
             writer.close()
+
+
+def _header(head: bytes, wanted: bytes) -> bytes | None:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == wanted:
+            return value.strip()
+    return None
+
+
+class StallingProxy:
+    """The first `stall` `POST`s reach the gateway with only half their body: the gateway's
+    body timeout runs out and its `408` goes back to the producer. Later requests pass whole.
+    Records each `POST`'s `Idempotency-Key`."""
+
+    def __init__(self, upstream_port: int, stall: int = 1) -> None:
+        self.upstream_port = upstream_port
+        self.stall = stall
+        self.keys: list[bytes | None] = []
+        self.statuses: list[int] = []
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                body = await reader.readexactly(_content_length(head))
+                stalled = head.startswith(b"POST ") and len(self.keys) < self.stall
+                if head.startswith(b"POST "):
+                    self.keys.append(_header(head, b"idempotency-key"))
+                upstream_writer.write(head + (body[: len(body) // 2] if stalled else body))
+                await upstream_writer.drain()
+                answer_head = await upstream_reader.readuntil(b"\r\n\r\n")
+                answer = answer_head + await upstream_reader.readexactly(_content_length(answer_head))
+                self.statuses.append(int(answer_head.split(b" ")[1]))
+                writer.write(answer)
+                await writer.drain()
+                if stalled:
+                    # The gateway closes the connection it timed out; so does the proxy.
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            _reset(writer)
+        finally:
+            upstream_writer.close()
+            with contextlib.suppress(Exception):
+                writer.close()
