@@ -17,7 +17,9 @@ fn through_scanner(type_text: &str, raw: &str, out: &mut Vec<u8>) -> Result<(), 
     let text = format!("{{\"v\": {raw}}}");
     let mut fields = EventFields::default();
     let mut scanner = Scanner::new(&text);
-    scanner.event(EventSchema { schema: &schema, unknown: UnknownFields::Reject }, &mut fields).map_err(|e| e.reason.to_string())?;
+    scanner
+        .event(EventSchema { schema: &schema, unknown: UnknownFields::Reject }, &mut fields)
+        .map_err(|e| e.reason.to_string())?;
     scanner.ws();
     if !scanner.at_end() {
         return Err("trailing characters".into());

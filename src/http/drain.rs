@@ -44,7 +44,8 @@ struct Left {
 /// more is announced than the bound (it would be cut off anyway), not after a 408 (the client
 /// is too slow to wait for twice).
 fn should_drain(left: Left, bound: Bound) -> bool {
-    !(left.expects_continue && !left.polled)
+    let asked_for = left.polled || !left.expects_continue;
+    asked_for
         && left.announced.is_none_or(|n| n <= bound.max_bytes)
         && left.status != StatusCode::REQUEST_TIMEOUT
         && bound.max_bytes > 0
