@@ -31,23 +31,12 @@ def _reset(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
-class ResettingProxy:
-    """Every `every`-th `POST` is reset: odd ones once the gateway has answered (the answer is
-    dropped), even ones as soon as the request is forwarded (the gateway is still writing when
-    the producer retries)."""
+class _Proxy:
+    """Listens on a free port and serves each connection with `_serve`."""
 
-    def __init__(self, upstream_port: int, every: int = 4) -> None:
+    def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
-        self.every = every
-        self.posts = 0
-        self.reset_after_answer = 0
-        self.reset_before_answer = 0
         self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def resets(self) -> int:
-        return self.reset_after_answer + self.reset_before_answer
 
     async def start(self) -> str:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -58,6 +47,30 @@ class ResettingProxy:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class ResettingProxy(_Proxy):
+    """Every `every`-th `POST` is reset: odd ones once the gateway has answered (the answer is
+    dropped), even ones as soon as the request is forwarded (the gateway is still writing when
+    the producer retries)."""
+
+    def __init__(self, upstream_port: int, every: int = 4) -> None:
+        super().__init__(upstream_port)
+        self.every = every
+        self.posts = 0
+        self.reset_after_answer = 0
+        self.reset_before_answer = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def resets(self) -> int:
+        return self.reset_after_answer + self.reset_before_answer
+
+    async def close(self) -> None:
+        await super().close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -123,27 +136,16 @@ def _header(head: bytes, wanted: bytes) -> bytes | None:
     return None
 
 
-class StallingProxy:
+class StallingProxy(_Proxy):
     """The first `stall` `POST`s reach the gateway with only half their body: the gateway's
     body timeout runs out and its `408` goes back to the producer. Later requests pass whole.
     Records each `POST`'s `Idempotency-Key`."""
 
     def __init__(self, upstream_port: int, stall: int = 1) -> None:
-        self.upstream_port = upstream_port
+        super().__init__(upstream_port)
         self.stall = stall
         self.keys: list[bytes | None] = []
         self.statuses: list[int] = []
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
