@@ -10,7 +10,12 @@ use libfuzzer_sys::fuzz_target;
 
 const LIMIT: usize = 1 << 20;
 
-fn schema() -> TableSchema {
+fn schema() -> &'static TableSchema {
+    static SCHEMA: std::sync::OnceLock<TableSchema> = std::sync::OnceLock::new();
+    SCHEMA.get_or_init(build_schema)
+}
+
+fn build_schema() -> TableSchema {
     let columns = [
         ("event_id", "UUID"),
         ("event_ts", "DateTime64(3)"),
@@ -53,7 +58,7 @@ fuzz_target!(|data: &[u8]| {
     let unknown = if mode & 0x80 == 0 { UnknownFields::Reject } else { UnknownFields::Ignore };
     let ctx = EncodeContext { now: Timestamp { seconds: 1_700_000_000, nanos: 0 }, unknown_fields: unknown };
     let shape = BatchShape { partitions: 3, max_events: 1000, keep_ids: true, ids: None };
-    let result = encode_batch(&text, format, &schema(), &ctx, &shape);
+    let result = encode_batch(&text, format, schema(), &ctx, &shape);
     if format == Format::JsonArray && !matches!(result, Err(DecodeError::TooManyEvents { .. })) {
         let ours = result.is_ok();
         let theirs = serde_json::from_slice::<serde_json::Value>(&text);
