@@ -23,6 +23,15 @@ def _content_length(head: bytes) -> int:
     return 0
 
 
+async def _read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes] | None:
+    """The next request's head and body; `None` once the client has closed."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return None
+    return head, await reader.readexactly(_content_length(head))
+
+
 def _reset(writer: asyncio.StreamWriter) -> None:
     """Closes with RST rather than FIN: SO_LINGER on, zero timeout."""
     sock = writer.get_extra_info("socket")
@@ -80,11 +89,10 @@ class ResettingProxy(_Proxy):
         handed_off = False
         try:
             while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
+                request = await _read_request(reader)
+                if request is None:
                     return
-                body = await reader.readexactly(_content_length(head))
+                head, body = request
                 upstream_writer.write(head + body)
                 await upstream_writer.drain()
                 reset = None
@@ -151,11 +159,10 @@ class StallingProxy(_Proxy):
         upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
         try:
             while True:
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except (asyncio.IncompleteReadError, ConnectionError):
+                request = await _read_request(reader)
+                if request is None:
                     return
-                body = await reader.readexactly(_content_length(head))
+                head, body = request
                 stalled = head.startswith(b"POST ") and len(self.keys) < self.stall
                 if head.startswith(b"POST "):
                     self.keys.append(_header(head, b"idempotency-key"))
