@@ -16,6 +16,8 @@ command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || need_apt+=(postgresql)
 # The rdkafka crate builds its bundled librdkafka with cmake, against OpenSSL.
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+# libfuzzer-sys builds libFuzzer (scripts/fuzz.sh) with the C++ compiler.
+command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 [ -e /usr/include/openssl/ssl.h ] || need_apt+=(libssl-dev)
 
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -208,6 +208,16 @@ pub struct Config {
     /// A request body not fully received after this long gets 408: a stalled upload must not
     /// hold a connection and an in-flight slot for the whole request timeout.
     pub body_timeout_ms: u64,
+    /// Bytes of a refused request's body read and thrown away before the answer, so that a
+    /// client that sends its whole body before reading gets the answer instead of a reset
+    /// connection (0: never drain).
+    pub body_drain_max_bytes: u64,
+    /// How long that drain may take at most.
+    pub body_drain_timeout_ms: u64,
+    /// A connection whose request head (line and headers) has not arrived this long after the
+    /// connection opened or its previous answer was sent is closed: slow-header clients, and
+    /// idle keep-alive connections, hold no socket beyond it.
+    pub header_timeout_ms: u64,
     /// Consecutive INSERT failures that open the circuit breaker (0 disables it).
     pub circuit_failures: u32,
     /// How long the breaker stays open before a probe INSERT.
@@ -338,6 +348,9 @@ impl Default for Config {
             max_concurrent_requests: 1024,
             request_timeout_ms: 60_000,
             body_timeout_ms: 10_000,
+            body_drain_max_bytes: 64 * 1024 * 1024,
+            body_drain_timeout_ms: 10_000,
+            header_timeout_ms: 30_000,
             circuit_failures: 5,
             circuit_open_ms: 5_000,
             redis_url: String::new(),
@@ -472,6 +485,7 @@ impl Config {
             ("shed_stale_after_ms", self.shed_stale_after_ms),
             ("request_timeout_ms", self.request_timeout_ms),
             ("body_timeout_ms", self.body_timeout_ms),
+            ("header_timeout_ms", self.header_timeout_ms),
             ("shed_retry_after_max_s", u64::from(self.shed_retry_after_max_s)),
             ("max_inflight_bytes", self.max_inflight_bytes as u64),
             ("max_concurrent_requests", self.max_concurrent_requests as u64),

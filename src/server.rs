@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -104,13 +103,10 @@ pub async fn run_as(config: Config, listener: TcpListener, shutdown: Shutdown, r
 
     let local = listener.local_addr().map_err(ServeError::Serve)?;
     tracing::info!(listen = %local, partitions = state.ingest.coalescer.partitions(), "buffergate serving");
-    // Answers are one write each, but nothing gains from Nagle's algorithm holding one back.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     let front = front.map(|front| stop_consuming(front, shutdown.clone()));
     let stop_http = stop_accepting(shutdown, health, Duration::from_millis(config.shutdown_delay_ms));
-    let result = axum::serve(listener, http::router(state)).with_graceful_shutdown(stop_http).await;
+    let header_timeout = Duration::from_millis(config.header_timeout_ms);
+    http::conn::serve(listener, http::router(state), header_timeout, stop_http).await;
 
     // The consumer commits what it delivered before the queues are drained under it.
     if let Some(front) = front {
@@ -126,7 +122,7 @@ pub async fn run_as(config: Config, listener: TcpListener, shutdown: Shutdown, r
     }
     watchers.stop().await;
     tracing::info!("drained; bye");
-    result.map_err(ServeError::Serve)
+    Ok(())
 }
 
 /// The tasks that watch ClickHouse off the request path: the schema refresher (also the

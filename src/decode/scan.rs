@@ -492,11 +492,11 @@ fn kind_problem(kind: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// Checks `text` as one JSON value, nothing after it.
-    fn check(text: &str) -> Result<(), SyntaxError> {
+    pub(crate) fn check(text: &str) -> Result<(), SyntaxError> {
         let mut scanner = Scanner::new(text);
         scanner.ws();
         scanner.value(0)?;

@@ -34,7 +34,8 @@ pub fn encoding_of(headers: &HeaderMap) -> Result<Encoding, ApiError> {
 }
 
 /// Reads at most `limit` bytes of body within `timeout`; refuses early when Content-Length
-/// announces more.
+/// announces more, without polling the body (so no `100 Continue` goes out). What is left
+/// unread is the [`super::drain`] middleware's.
 pub async fn read_limited(headers: &HeaderMap, body: Body, limit: usize, timeout: Duration) -> Result<Bytes, ApiError> {
     let announced =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());

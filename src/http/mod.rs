@@ -4,6 +4,8 @@
 
 pub mod admin;
 pub mod body;
+pub mod conn;
+pub mod drain;
 pub mod error;
 pub mod events;
 pub mod health;
@@ -62,8 +64,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .timeout(Duration::from_millis(config.request_timeout_ms));
     // Producer routes need an API key when keys are configured.
     let producer = middleware::from_fn_with_state(Arc::clone(&state), require_api_key);
+    // Outermost, so that whatever refuses a request (auth, shedding, limits, the handler) leaves
+    // its body to be drained before the answer goes out.
+    let bound = drain::Bound {
+        max_bytes: config.body_drain_max_bytes,
+        timeout: Duration::from_millis(config.body_drain_timeout_ms),
+    };
+    let drain = middleware::from_fn_with_state(bound, drain::drain_unread);
     Router::new()
-        .route(EVENTS, post(events::ingest).layer(ingest_layers).layer(producer.clone()))
+        .route(EVENTS, post(events::ingest).layer(ingest_layers).layer(producer.clone()).layer(drain))
         .route(OFFSETS, get(offsets::get_offsets).layer(producer))
         .route(ADMIN_FLUSH, post(admin::flush))
         .route(STATUS, get(admin::status))

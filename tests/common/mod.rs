@@ -3,6 +3,8 @@
 //! producer and to read back what ClickHouse stored.
 #![allow(dead_code, unsafe_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod raw;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -5,8 +5,8 @@ reports what became of every event.
 How each guarantee rests on the gateway (docs/delivery-guarantees.md):
 
 - *Nothing lost*: an event's result is only `accepted`/`duplicate` after a `200`, which the
-  gateway sends once the rows are in ClickHouse. Everything else is retried (503, 429, 5xx,
-  connection errors, an answer that never came) or reported (`rejected`, `failed`).
+  gateway sends once the rows are in ClickHouse. Everything else is retried (503, 429, 408, 409,
+  5xx, connection errors, an answer that never came) or reported (`rejected`, `failed`).
 - *Nothing twice*: every event carries an id the gateway deduplicates on, and every attempt of
   a batch carries the same body and `Idempotency-Key`, so an attempt whose answer was lost is
   either still running (`409 request_in_flight`, retried later), replayed from the store
@@ -51,6 +51,15 @@ log = logging.getLogger("buffergate")
 #: 503 codes that describe the whole fleet (docs/load-shedding.md): every batch of this
 #: producer waits out the `Retry-After`, not only the one that was told.
 _FLEET_WIDE = frozenset({"buffer_saturated", "buffer_unknown", "circuit_open"})
+
+
+def retryable_status(status: int) -> bool:
+    """Whether an error answer is worth the same request again: 408 (the body did not arrive in
+    time; nothing was written), 409 (an earlier attempt of this very batch is still being
+    written; its outcome decides), 429 and 5xx. Any other 4xx says the request itself is wrong
+    and is final."""
+    return status in (408, 409, 429) or status >= 500
+
 
 #: What every 200/202 answer of `POST /v1/events` holds (openapi.yaml, IngestResponse).
 _ANSWER_FIELDS = frozenset({"accepted", "duplicates", "rejected"})
@@ -617,12 +626,10 @@ class Producer:
                     self._breaker_failure(loop.time())
                 else:
                     self.breaker.record_success()
-                if status == 409 or status == 429 or status >= 500:
-                    # 409: an earlier attempt of this very batch is still being written; its
-                    # outcome decides, so ask again shortly.
+                if retryable_status(status):
                     reason = code or f"http_{status}"
                     detail = f"{status} {code or ''} {message}".strip()
-                    if status != 409:
+                    if status not in (408, 409):
                         retry_after = parse_retry_after(response.headers.get("retry-after"))
                 else:
                     raise _Final(

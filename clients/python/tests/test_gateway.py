@@ -4,7 +4,10 @@ through volume, load shedding, gateway restarts and lost answers; bad events ref
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -14,7 +17,7 @@ import pytest
 from buffergate import CircuitBreaker, Producer, RetryPolicy, Status, SyncProducer
 from conftest import MakeGateway
 from harness import ClickHouse, Gateway
-from proxy import ResettingProxy
+from proxy import ResettingProxy, StallingProxy
 
 RETRY = RetryPolicy(initial_backoff=0.05, max_backoff=1.0)
 
@@ -303,3 +306,47 @@ async def test_every_compression_is_read_by_the_gateway(make_gateway: MakeGatewa
     async with Producer(gateway.url, compression=compression, retry=RETRY) as producer:  # type: ignore[arg-type]
         await send_all(producer, events(500))
     assert stored(gateway) == (500, 500)
+
+
+async def test_a_408_is_retried_with_the_same_idempotency_key(make_gateway: MakeGateway) -> None:
+    gateway = make_gateway({"body_timeout_ms": 300})
+    proxy = StallingProxy(gateway.port, stall=1)
+    url = await proxy.start()
+    try:
+        async with Producer(url, max_batch_events=50, retry=RETRY) as producer:
+            ids = await send_all(producer, events(50))
+    finally:
+        await proxy.close()
+    assert proxy.statuses[:2] == [408, 200], proxy.statuses
+    assert len(proxy.keys) == 2, proxy.keys
+    assert proxy.keys[0] is not None, "every attempt carries an Idempotency-Key"
+    assert proxy.keys[0] == proxy.keys[1], "the retry carries the same one"
+    assert producer.stats.retries_by_reason.get("body_timeout") == 1, producer.stats.retries_by_reason
+    assert len(set(ids)) == 50
+    assert stored(gateway) == (50, 50)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json", b'[{"user_id": 1, "payload": "' + b"x" * (16 << 20) + b'"}]'),
+        (
+            "application/x-ndjson",
+            (b'{"user_id": 7, "event_type": "big", "payload": "' + b"y" * 1000 + b'"}\n') * 12_000,
+        ),
+    ],
+    ids=["16 MiB array", "12 MiB of events"],
+)
+def test_urllib_reads_the_413_of_a_body_over_the_limit(
+    make_gateway: MakeGateway, content_type: str, body: bytes
+) -> None:
+    """urllib writes the whole body before it reads: the gateway must read it too, or the
+    client gets a reset instead of the answer."""
+    gateway = make_gateway()
+    request = urllib.request.Request(
+        f"{gateway.url}/v1/events", data=body, headers={"content-type": content_type}, method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 413
+    assert json.loads(refused.value.read())["error"] == "body_too_large"

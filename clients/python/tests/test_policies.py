@@ -17,6 +17,7 @@ from buffergate import BreakerState, CircuitBreaker, RetryPolicy, Status
 from buffergate.backoff import parse_retry_after
 from buffergate.batching import Accumulator, compress, decompress, encode_event, join_body
 from buffergate.ids import _Generator, uuid7_str
+from buffergate.producer import retryable_status
 from buffergate.results import batch_result_from_answer, failed_batch_result
 
 # -- backoff ---------------------------------------------------------------------------------
@@ -69,6 +70,11 @@ def test_giving_up_by_attempts_or_delivery_timeout() -> None:
 def test_policy_rejects_nonsense(kwargs: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         RetryPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_which_error_answers_are_retried() -> None:
+    assert [s for s in (400, 401, 403, 404, 408, 409, 413, 415, 422, 429) if retryable_status(s)] == [408, 409, 429]
+    assert all(retryable_status(s) for s in (500, 502, 503, 504))
 
 
 def test_retry_after_header_forms() -> None:
