@@ -24,18 +24,21 @@ use super::redis_conn::Connection;
 use super::{StoreError, Terms};
 
 /// Computes the slot (`floor(Redis TIME / window)`) and the value a reservation stores: the
-/// token, then the end of its lease in Redis seconds (big-endian, 4 bytes). Shared by both
-/// scripts; `ARGV[1]` lease (ms), `ARGV[2]` window (ms).
+/// token, then the end of its lease in Redis milliseconds (big-endian, 6 bytes: with the
+/// 10-byte token, the value still fits Redis's 32-byte allocation). Shared by both scripts;
+/// `ARGV[1]` lease (ms), `ARGV[2]` window (ms).
 const PRELUDE: &str = r"
 if redis.replicate_commands then redis.replicate_commands() end
 local lease, window = tonumber(ARGV[1]), tonumber(ARGV[2])
 local time = redis.call('TIME')
 local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local now_s = math.floor(now_ms / 1000)
 local slot = math.floor(now_ms / window)
-local lease_end = math.floor((now_ms + lease) / 1000) + 1
-local stamp = string.char(math.floor(lease_end / 16777216) % 256, math.floor(lease_end / 65536) % 256,
-  math.floor(lease_end / 256) % 256, lease_end % 256)
+local function be48(n)
+  local bytes = {}
+  for i = 6, 1, -1 do bytes[i] = n % 256; n = math.floor(n / 256) end
+  return string.char(unpack(bytes))
+end
+local stamp = be48(now_ms + lease)
 local function hash(base, s) return base .. 'h:' .. string.format('%.0f', s) end
 -- A group's current slot hash; the first write of a slot removes the slot before the previous
 -- one (UNLINK: freed off the main thread) and gives the new one a backstop expiry.
@@ -49,61 +52,74 @@ local function current(base)
 end
 local function backstop(name) redis.call('PEXPIREAT', name, string.format('%.0f', (slot + 3) * window)) end
 local function lease_over(value)
-  local a, b, c, d = string.byte(value, 11, 14)
-  return ((a * 256 + b) * 256 + c) * 256 + d <= now_s
+  local ends = 0
+  for i = 11, 16 do ends = ends * 256 + (string.byte(value, i) or 0) end
+  return ends <= now_ms
 end
 ";
 
 /// `KEYS`: the base name (`<prefix>{<tag>}`) of each group in the call. `ARGV[3]`: the number
 /// of runs `R`, then per run its group (index into `KEYS`), token and number of ids, then the
-/// ids, run by run. Answers `{codes, holder…}`: a byte per id (0 reserved, 2 held by a token
-/// whose lease runs, 3 held by one whose lease is over) and the value found for each 2 or 3.
+/// ids, run by run; runs come sorted by group, so a group's ids are contiguous. Answers
+/// `{codes, holder…}`: a byte per id (0 reserved, 2 held by a token whose lease runs, 3 held by
+/// one whose lease is over) and the value found for each 2 or 3. Tokens are 10 bytes.
 ///
-/// Per call: two `HMGET`s per run and one `HSET` per group (per 2,000 ids: Lua's `unpack`
-/// stops at about 8,000 values); nothing per id but the field written.
+/// Per group in the call: two `HMGET`s and one `HSET` (per 2,000 ids: Lua's `unpack` stops at
+/// about 8,000 values); nothing per id but the field written.
 const RESERVE: &str = r"
 local CHUNK = 2000
-local bases, fresh, created = {}, {}, {}
-for k = 1, #KEYS do
-  bases[k], created[k] = current(KEYS[k])
-  fresh[k] = {}
-end
 local R = tonumber(ARGV[3])
-local at = 4 + 3 * R
+local first = 4 + 3 * R
+local last, at = {}, first
+for r = 0, R - 1 do
+  at = at + tonumber(ARGV[6 + 3 * r])
+  last[tonumber(ARGV[4 + 3 * r])] = at - 1
+end
+-- What each id holds: the current slot's value, else the previous slot's.
+local found, names, created, fresh = {}, {}, {}, {}
+local from = first
+for k = 1, #KEYS do
+  names[k], created[k] = current(KEYS[k])
+  fresh[k] = {}
+  local previous, to = hash(KEYS[k], slot - 1), last[k] or from - 1
+  for a = from, to, CHUNK do
+    local b = math.min(a + CHUNK - 1, to)
+    local now = redis.call('HMGET', names[k], unpack(ARGV, a, b))
+    local before = redis.call('HMGET', previous, unpack(ARGV, a, b))
+    for j = a, b do found[j] = now[j - a + 1] or before[j - a + 1] end
+  end
+  from = to + 1
+end
 local codes, holders, claimed = {}, {}, {}
+at = first
 for r = 0, R - 1 do
   local k, token, n = tonumber(ARGV[4 + 3 * r]), ARGV[5 + 3 * r], tonumber(ARGV[6 + 3 * r])
-  local value, f, previous = token .. stamp, fresh[k], hash(KEYS[k], slot - 1)
-  for from = at, at + n - 1, CHUNK do
-    local to = math.min(from + CHUNK - 1, at + n - 1)
-    local now = redis.call('HMGET', bases[k], unpack(ARGV, from, to))
-    local before = redis.call('HMGET', previous, unpack(ARGV, from, to))
-    for j = from, to do
-      local id = ARGV[j]
-      -- Newest first: this call's own claims, then the current slot, then the previous one.
-      local holder = claimed[id] or now[j - from + 1] or before[j - from + 1]
-      if not holder then
-        claimed[id] = value
-        f[#f + 1] = id
-        f[#f + 1] = value
-        codes[#codes + 1] = 0
-      elseif string.sub(holder, 1, 10) == token then
-        codes[#codes + 1] = 0
-      else
-        codes[#codes + 1] = lease_over(holder) and 3 or 2
-        holders[#holders + 1] = holder
-      end
+  local value, f = token .. stamp, fresh[k]
+  for j = at, at + n - 1 do
+    local id = ARGV[j]
+    -- This call's own claims come first: two requests of one batch may want one id.
+    local holder = claimed[id] or found[j]
+    if not holder then
+      claimed[id] = value
+      f[#f + 1] = id
+      f[#f + 1] = value
+      codes[#codes + 1] = 0
+    elseif string.sub(holder, 1, 10) == token then
+      codes[#codes + 1] = 0
+    else
+      codes[#codes + 1] = lease_over(holder) and 3 or 2
+      holders[#holders + 1] = holder
     end
   end
   at = at + n
 end
 for k = 1, #KEYS do
   local f = fresh[k]
-  for from = 1, #f, CHUNK do redis.call('HSET', bases[k], unpack(f, from, math.min(from + CHUNK - 1, #f))) end
-  if created[k] and #f > 0 then backstop(bases[k]) end
+  for a = 1, #f, CHUNK do redis.call('HSET', names[k], unpack(f, a, math.min(a + CHUNK - 1, #f))) end
+  if created[k] and #f > 0 then backstop(names[k]) end
 end
 local out = {}
-for from = 1, #codes, CHUNK do out[#out + 1] = string.char(unpack(codes, from, math.min(from + CHUNK - 1, #codes))) end
+for a = 1, #codes, CHUNK do out[#out + 1] = string.char(unpack(codes, a, math.min(a + CHUNK - 1, #codes))) end
 local answer = {table.concat(out)}
 for i = 1, #holders do answer[i + 1] = holders[i] end
 return answer

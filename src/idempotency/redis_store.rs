@@ -6,7 +6,7 @@
 //! - `bg:{<tag>}h:<slot>`: per id *group* (the id's CRC-32 modulo `redis_key_groups`, each
 //!   with its own hash tag, see [`super::groups`]) and per *slot* of time, `floor(Redis TIME /
 //!   window)`: a hash of event id (its 16 UUID bytes, or its text) → the token that reserved
-//!   it followed by the end of its lease (4 bytes, Redis seconds). Reservations look in the
+//!   it followed by the end of its lease (6 bytes, Redis milliseconds). Reservations look in the
 //!   current and the previous slot, so an id is seen for at least one window after it was
 //!   reserved; the first write of a slot `UNLINK`s the slot before those, and every hash also
 //!   expires three windows on as a backstop.
