@@ -224,7 +224,7 @@ pub struct Config {
     /// How long a write waits for those replicas before it is reported failed.
     pub redis_wait_timeout_ms: u64,
     /// Groups the event ids are spread over (one hash tag, so one cluster slot, each); fixed
-    /// for the life of the remembered ids.
+    /// for the life of the remembered ids. 0: 1 on one primary, 16 on a cluster.
     pub redis_key_groups: u16,
     /// Per-event deduplication by `id_column`.
     pub dedup: DedupMode,
@@ -353,7 +353,7 @@ impl Default for Config {
             redis_timeout_ms: 1_000,
             redis_wait_replicas: 0,
             redis_wait_timeout_ms: 100,
-            redis_key_groups: 16,
+            redis_key_groups: 0,
             dedup: DedupMode::Event,
             dedup_on_store_error: OnStoreError::Reject,
             dedup_key_prefix: "bg:".into(),
@@ -489,7 +489,6 @@ impl Config {
             ("max_concurrent_requests", self.max_concurrent_requests as u64),
             ("redis_timeout_ms", self.redis_timeout_ms),
             ("redis_wait_timeout_ms", self.redis_wait_timeout_ms),
-            ("redis_key_groups", u64::from(self.redis_key_groups)),
             ("dedup_lease_ms", self.dedup_lease_ms),
             ("dedup_window_ms", self.dedup_window_ms),
         ] {

@@ -245,6 +245,23 @@ impl Idempotency {
         .await
     }
 
+    /// [`Self::commit`], retried for [`commit_budget`] (a Redis failover takes seconds): the
+    /// events are written, and while their tokens are uncommitted a producer's retry of them
+    /// waits as pending, but once the lease ends it would write them again.
+    pub async fn commit_with_retries(&self, reservations: &[Reservation]) -> Result<(), StoreError> {
+        let deadline = Instant::now() + commit_budget(self.terms.lease);
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.commit(reservations).await {
+                Err(_) if Instant::now() + pause < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                result => return result,
+            }
+        }
+    }
+
     /// Voids the reservations, so a retry can write the events at once.
     pub async fn release(&self, reservations: &[Reservation]) -> Result<(), StoreError> {
         if reservations.is_empty() {
@@ -369,6 +386,12 @@ impl Idempotency {
     }
 }
 
+/// How long a failed commit is retried: well inside the lease (half of it, at most 10 s; the
+/// partition's next flush waits meanwhile).
+fn commit_budget(lease: Duration) -> Duration {
+    (lease / 2).min(Duration::from_secs(10))
+}
+
 /// How long reservations and commits last, and where the keys live.
 #[derive(Debug, Clone)]
 pub struct Terms {
@@ -410,6 +433,12 @@ mod tests {
         assert_eq!(holder_state(None, false), Pending);
         assert_eq!(holder_state(None, true), Void);
         assert_eq!(holder_state(Some(b"p"), false), Pending, "a status of the previous layout");
+    }
+
+    #[test]
+    fn commits_are_retried_well_inside_the_lease() {
+        assert_eq!(commit_budget(Duration::from_secs(60)), Duration::from_secs(10));
+        assert_eq!(commit_budget(Duration::from_secs(4)), Duration::from_secs(2));
     }
 
     #[test]

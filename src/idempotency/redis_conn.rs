@@ -1,15 +1,19 @@
 //! The connection to Redis: one primary (a connection manager that reconnects by itself) or a
-//! Redis Cluster (the crate's cluster client: it follows slot moves and failovers), behind one
-//! type the store's calls are written against, and `WAIT` on the node that took a write.
+//! Redis Cluster (the crate's cluster client, which follows slot moves, rebuilt from the seeds
+//! after a failover: see [`Cluster`]), behind one type the store's calls are written against,
+//! and `WAIT` on the node that took a write.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::{ClusterClientBuilder, ClusterConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::io::tcp::TcpSettings;
-use redis::{Client, Cmd, IntoConnectionInfo, Pipeline, RedisFuture, Value};
+use redis::{Client, Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
 use super::StoreError;
 use super::groups::key_slot;
@@ -85,13 +89,70 @@ fn nodelay() -> TcpSettings {
 #[derive(Clone)]
 pub enum Connection {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(Arc<Cluster>),
+}
+
+/// A cluster connection, replaced by a fresh one from the seeds when a call fails in a way a
+/// failover explains: the crate refreshes its slot map on `MOVED`, but after a connection error
+/// it reconnects to the same address, and a killed primary that comes back as a replica would
+/// be sent every write of its old slots (`READONLY`) for good.
+pub struct Cluster {
+    client: ClusterClient,
+    config: ClusterConfig,
+    current: ArcSwap<ClusterConnection>,
+    rebuilt: Mutex<Instant>,
+    /// Bound of one call, a little inside the store's own so that a stuck call is seen here.
+    timeout: Duration,
+}
+
+/// Rebuilds are at most this often, however many calls fail at once.
+const REBUILD_EVERY: Duration = Duration::from_millis(500);
+
+/// The failures after which the slot map may be stale.
+fn stale_topology(error: &RedisError) -> bool {
+    matches!(error.code(), Some("READONLY" | "CLUSTERDOWN" | "MASTERDOWN" | "TRYAGAIN"))
+        || error.is_io_error()
+        || error.is_connection_refusal()
+        || error.is_connection_dropped()
+        || error.is_timeout()
+}
+
+impl Cluster {
+    fn connection(&self) -> ClusterConnection {
+        ClusterConnection::clone(&self.current.load())
+    }
+
+    fn recover(&self, error: &RedisError) {
+        if !stale_topology(error) {
+            return;
+        }
+        let mut rebuilt = self.rebuilt.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if rebuilt.elapsed() < REBUILD_EVERY {
+            return;
+        }
+        *rebuilt = Instant::now();
+        tracing::info!(%error, "rebuilding the Redis Cluster connection from the seed nodes");
+        self.current.store(Arc::new(self.client.get_pending_async_connection_with_config(self.config.clone())));
+    }
+
+    /// Runs `call` on the current connection, bounded; a failure that may mean a failover
+    /// rebuilds the connection for the calls after it.
+    async fn run<T>(&self, call: impl AsyncFnOnce(ClusterConnection) -> RedisResult<T>) -> RedisResult<T> {
+        let result = match tokio::time::timeout(self.timeout, call(self.connection())).await {
+            Ok(result) => result,
+            Err(_) => Err(RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))),
+        };
+        if let Err(error) = &result {
+            self.recover(error);
+        }
+        result
+    }
 }
 
 impl Connection {
     /// Connects lazily: the gateway starts even when Redis is down, and reconnects by itself.
     pub fn open(url: &str, timeout: Duration) -> Result<Self, StoreError> {
-        let config = |e: redis::RedisError| StoreError::Config(e.to_string());
+        let config = |e: RedisError| StoreError::Config(e.to_string());
         match topology(url)? {
             Topology::Single(url) => {
                 let config = ConnectionManagerConfig::new()
@@ -105,8 +166,10 @@ impl Connection {
             }
             Topology::Cluster(seeds) => {
                 let client = ClusterClientBuilder::new(seeds).tcp_settings(nodelay()).build().map_err(config)?;
-                let cluster = ClusterConfig::new().set_connection_timeout(timeout).set_response_timeout(timeout);
-                Ok(Self::Cluster(client.get_pending_async_connection_with_config(cluster)))
+                let config = ClusterConfig::new().set_connection_timeout(timeout).set_response_timeout(timeout);
+                let current = ArcSwap::from_pointee(client.get_pending_async_connection_with_config(config.clone()));
+                let rebuilt = Mutex::new(Instant::now());
+                Ok(Self::Cluster(Arc::new(Cluster { client, config, current, rebuilt, timeout: timeout * 9 / 10 })))
             }
         }
     }
@@ -117,7 +180,7 @@ impl Connection {
 
     /// `WAIT replicas timeout` on the primary that holds `key`, after the writes sent to it on
     /// this connection: how many replicas acknowledged them.
-    pub async fn wait(&mut self, key: &[u8], replicas: u32, timeout: Duration) -> redis::RedisResult<u32> {
+    pub async fn wait(&mut self, key: &[u8], replicas: u32, timeout: Duration) -> RedisResult<u32> {
         let mut cmd = redis::cmd("WAIT");
         cmd.arg(replicas).arg(timeout.as_millis() as u64);
         match self {
@@ -125,8 +188,9 @@ impl Connection {
             Self::Cluster(cluster) => {
                 let route = Route::new(key_slot(key), SlotAddr::Master);
                 let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
-                redis::from_redis_value(cluster.route_command(cmd, routing).await?)
-                    .map_err(|e| redis::RedisError::from((redis::ErrorKind::Parse, "WAIT", e.to_string())))
+                let acked = cluster.run(async |mut c| c.route_command(cmd, routing).await).await?;
+                redis::from_redis_value(acked)
+                    .map_err(|e| RedisError::from((redis::ErrorKind::Parse, "WAIT", e.to_string())))
             }
         }
     }
@@ -136,7 +200,7 @@ impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Single(c) => c.req_packed_command(cmd),
-            Self::Cluster(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => Box::pin(c.run(async |mut c| c.req_packed_command(cmd).await)),
         }
     }
 
@@ -148,14 +212,14 @@ impl ConnectionLike for Connection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Self::Single(c) => c.req_packed_commands(cmd, offset, count),
-            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => Box::pin(c.run(async move |mut c| c.req_packed_commands(cmd, offset, count).await)),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Self::Single(c) => c.get_db(),
-            Self::Cluster(c) => c.get_db(),
+            Self::Cluster(c) => c.connection().get_db(),
         }
     }
 }

@@ -81,6 +81,17 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
+/// Id groups: as configured, else one on a single primary (a script call per batch touches
+/// each group's hashes, so more groups only cost there) and 16 on a cluster (enough to spread
+/// over 16 primaries; more for a larger cluster).
+fn key_groups(configured: u16, cluster: bool) -> u16 {
+    match (configured, cluster) {
+        (0, false) => 1,
+        (0, true) => 16,
+        (n, _) => n,
+    }
+}
+
 fn backend(e: &redis::RedisError) -> StoreError {
     StoreError::Backend(e.to_string())
 }
@@ -103,8 +114,10 @@ impl RedisStore {
     fn with(url: &str, timeout: Duration, groups: u16, wait: Option<(u32, Duration)>) -> Result<Self, StoreError> {
         // A write that waits for replicas has that long on top of its own bound.
         let timeout = timeout + wait.map_or(Duration::ZERO, |(_, t)| t);
+        let connection = Connection::open(url, timeout)?;
+        let groups = key_groups(groups, connection.is_cluster());
         Ok(Self {
-            connection: Connection::open(url, timeout)?,
+            connection,
             timeout,
             wait,
             tags: tags(groups),
@@ -369,6 +382,12 @@ pub async fn server_facts(url: &str, timeout: Duration) -> Result<ServerFacts, S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_group_on_a_primary_sixteen_on_a_cluster_unless_configured() {
+        assert_eq!((key_groups(0, false), key_groups(0, true)), (1, 16));
+        assert_eq!((key_groups(64, false), key_groups(64, true)), (64, 64));
+    }
 
     #[test]
     fn versions_read_as_major_and_minor() {

@@ -249,6 +249,25 @@ pub struct RedisCluster {
     pub url: String,
     pub ports: Vec<u16>,
     nodes: Vec<std::sync::Mutex<Option<Process>>>,
+    dir: PathBuf,
+}
+
+/// One cluster node on `port`, its files under `dir/<port>`.
+fn start_node(dir: &Path, port: u16) -> Process {
+    let node_dir = dir.join(port.to_string());
+    std::fs::create_dir_all(&node_dir).expect("node dir");
+    let mut cmd = Command::new("redis-server");
+    // Quick failure detection, and a replica always allowed to take over.
+    cmd.args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+        .args(["--cluster-replica-validity-factor", "0", "--repl-diskless-sync-delay", "0"])
+        .arg("--cluster-config-file")
+        .arg(node_dir.join("nodes.conf"))
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(&node_dir);
+    let process = Process::spawn(cmd, &node_dir.join(format!("redis-{}.log", std::process::id())));
+    wait_port(port, &process);
+    process
 }
 
 impl RedisCluster {
@@ -256,23 +275,7 @@ impl RedisCluster {
         let dir = scratch(name);
         let count = primaries * (1 + replicas);
         let ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
-        let nodes = ports
-            .iter()
-            .map(|&port| {
-                let node_dir = dir.join(port.to_string());
-                std::fs::create_dir_all(&node_dir).expect("node dir");
-                let mut cmd = Command::new("redis-server");
-                cmd.args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
-                    .arg("--cluster-config-file")
-                    .arg(node_dir.join("nodes.conf"))
-                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                    .arg("--dir")
-                    .arg(&node_dir);
-                let process = Process::spawn(cmd, &node_dir.join("redis.log"));
-                wait_port(port, &process);
-                std::sync::Mutex::new(Some(process))
-            })
-            .collect();
+        let nodes = ports.iter().map(|&port| std::sync::Mutex::new(Some(start_node(&dir, port)))).collect();
         let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let created = Command::new("redis-cli")
             .arg("--cluster")
@@ -282,7 +285,7 @@ impl RedisCluster {
             .output()
             .expect("redis-cli --cluster create");
         assert!(created.status.success(), "cluster create: {}", String::from_utf8_lossy(&created.stdout));
-        let cluster = RedisCluster { url: format!("redis+cluster://{}", addresses.join(",")), ports, nodes };
+        let cluster = RedisCluster { url: format!("redis+cluster://{}", addresses.join(",")), ports, nodes, dir };
         cluster.wait_healthy(primaries, replicas);
         cluster
     }
@@ -338,6 +341,13 @@ impl RedisCluster {
             }
         }
         panic!("no primary serves slot {slot}");
+    }
+
+    /// Starts the node on `port` again, with its cluster configuration: a killed primary whose
+    /// replica took over comes back as that replica's replica.
+    pub fn restart(&self, port: u16) {
+        let i = self.ports.iter().position(|&p| p == port).expect("a node of this cluster");
+        *self.nodes[i].lock().unwrap() = Some(start_node(&self.dir, port));
     }
 
     /// SIGKILLs the node on `port` and waits until it is gone.
