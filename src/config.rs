@@ -496,6 +496,12 @@ impl Config {
                 return Err(invalid(key, "must be greater than 0"));
             }
         }
+        if self.dedup_key_prefix.contains(['{', '}']) {
+            return Err(invalid(
+                "dedup_key_prefix",
+                "must not contain { or }: the gateway's keys carry their own hash tags",
+            ));
+        }
         if self.redis_key_groups > 16384 {
             return Err(invalid("redis_key_groups", "must be at most 16384 (Redis Cluster's slots)"));
         }
