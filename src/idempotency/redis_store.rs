@@ -130,6 +130,10 @@ impl RedisStore {
         })
     }
 
+    pub fn is_cluster(&self) -> bool {
+        self.connection.is_cluster()
+    }
+
     /// Base name of a group's keys: `<prefix>{<tag>}`.
     fn base(&self, prefix: &[u8], group: usize) -> Vec<u8> {
         let tag = self.tags.get(group).map_or("", String::as_str);
