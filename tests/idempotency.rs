@@ -656,7 +656,15 @@ async fn a_cluster_primary_killed_under_load_loses_no_committed_id() {
     assert_eq!(ch.rows(&count).await[0], once, "every acknowledged event once ({refused} refusals retried)");
     for p in 0..producers {
         for b in 0..batches {
-            let answer = send((p * batches + b) * 10).await;
+            // Refusals just after the failover are retried, as a producer would.
+            let mut answer = send((p * batches + b) * 10).await;
+            for _ in 0..100 {
+                if matches!(answer, Some((200, _))) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                answer = send((p * batches + b) * 10).await;
+            }
             let accepted = answer.as_ref().and_then(|(_, body)| body["accepted"].as_u64());
             assert_eq!(accepted, Some(0), "batch {p}/{b} again: {answer:?}");
         }

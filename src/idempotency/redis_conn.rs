@@ -111,6 +111,7 @@ const REBUILD_EVERY: Duration = Duration::from_millis(500);
 /// The failures after which the slot map may be stale.
 fn stale_topology(error: &RedisError) -> bool {
     matches!(error.code(), Some("READONLY" | "CLUSTERDOWN" | "MASTERDOWN" | "TRYAGAIN"))
+        || error.detail().is_some_and(|detail| detail.contains("replica instances"))
         || error.is_io_error()
         || error.is_connection_refusal()
         || error.is_connection_dropped()
@@ -188,7 +189,14 @@ impl Connection {
             Self::Cluster(cluster) => {
                 let route = Route::new(key_slot(key), SlotAddr::Master);
                 let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
-                let acked = cluster.run(async |mut c| c.route_command(cmd, routing).await).await?;
+                let acked = cluster
+                    .run(async |mut c| match c.route_command(cmd, routing).await? {
+                        // A refusal (`WAIT` sent to a node that has become a replica) as an error,
+                        // so that it rebuilds a stale slot map.
+                        Value::ServerError(refusal) => Err(refusal.into()),
+                        value => Ok(value),
+                    })
+                    .await?;
                 redis::from_redis_value(acked)
                     .map_err(|e| RedisError::from((redis::ErrorKind::Parse, "WAIT", e.to_string())))
             }
