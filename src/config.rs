@@ -225,8 +225,17 @@ pub struct Config {
 
     /// Redis for idempotency keys and producer offsets; empty: the in-process store (one
     /// replica only).
+    /// `redis+cluster://h1:6379,h2:6379` for a Redis Cluster (the nodes are seeds).
     pub redis_url: String,
     pub redis_timeout_ms: u64,
+    /// Replicas each store write must reach (`WAIT`) before it counts; 0: Redis's asynchronous
+    /// replication alone.
+    pub redis_wait_replicas: u32,
+    /// How long a write waits for those replicas before it is reported failed.
+    pub redis_wait_timeout_ms: u64,
+    /// Groups the event ids are spread over (one hash tag, so one cluster slot, each); fixed
+    /// for the life of the remembered ids. 0: 1 on one primary, 16 on a cluster.
+    pub redis_key_groups: u16,
     /// Per-event deduplication by `id_column`.
     pub dedup: DedupMode,
     pub dedup_on_store_error: OnStoreError,
@@ -355,6 +364,9 @@ impl Default for Config {
             circuit_open_ms: 5_000,
             redis_url: String::new(),
             redis_timeout_ms: 1_000,
+            redis_wait_replicas: 0,
+            redis_wait_timeout_ms: 100,
+            redis_key_groups: 0,
             dedup: DedupMode::Event,
             dedup_on_store_error: OnStoreError::Reject,
             dedup_key_prefix: "bg:".into(),
@@ -490,12 +502,22 @@ impl Config {
             ("max_inflight_bytes", self.max_inflight_bytes as u64),
             ("max_concurrent_requests", self.max_concurrent_requests as u64),
             ("redis_timeout_ms", self.redis_timeout_ms),
+            ("redis_wait_timeout_ms", self.redis_wait_timeout_ms),
             ("dedup_lease_ms", self.dedup_lease_ms),
             ("dedup_window_ms", self.dedup_window_ms),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0"));
             }
+        }
+        if self.dedup_key_prefix.contains(['{', '}']) {
+            return Err(invalid(
+                "dedup_key_prefix",
+                "must not contain { or }: the gateway's keys carry their own hash tags",
+            ));
+        }
+        if self.redis_key_groups > 16384 {
+            return Err(invalid("redis_key_groups", "must be at most 16384 (Redis Cluster's slots)"));
         }
         if self.buffer_num_layers == 0 || self.buffer_num_layers > 256 {
             return Err(invalid("buffer_num_layers", "must be between 1 and 256"));

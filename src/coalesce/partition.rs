@@ -157,7 +157,7 @@ async fn insert(
 /// Keys are committed only once the rows are in ClickHouse (or sure to be), and before
 /// anyone hears so.
 async fn commit(idempotency: &Idempotency, reservations: &[Reservation]) {
-    if idempotency.commit(reservations).await.is_err() {
+    if idempotency.commit_with_retries(reservations).await.is_err() {
         tracing::warn!(
             requests = reservations.len(),
             "written, but their idempotency keys stay pending until the lease expires"

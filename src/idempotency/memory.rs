@@ -5,13 +5,22 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{COMMITTED, KeyState, PENDING, Terms};
+use super::{HolderState, KeyState, TOKEN_BYTES, Terms, holder_state};
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
     values: HashMap<Vec<u8>, (Vec<u8>, Instant)>,
     offsets: HashMap<Vec<u8>, BTreeMap<u32, u64>>,
     writes_since_sweep: usize,
+    /// What lease ends are counted from (an id's value is its token and its lease's end in
+    /// milliseconds since this, as Redis keeps the token and its end in Redis time).
+    epoch: Instant,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Self { values: HashMap::new(), offsets: HashMap::new(), writes_since_sweep: 0, epoch: Instant::now() }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -43,12 +52,13 @@ impl MemoryStore {
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The reservation script's logic (see the Redis store), under one lock.
+    /// The reservation script's logic (see the Redis store), under one lock: a fresh id is
+    /// written, one held by another token is decided by [`holder_state`].
     pub fn reserve(&self, tokens: &[Vec<u8>], keys: &[(usize, Vec<u8>)], terms: &Terms) -> Vec<KeyState> {
         let now = Instant::now();
         let mut inner = self.lock();
-        let mut marked = vec![false; tokens.len()];
-        let status_of = |token: &[u8]| terms.status_key(token);
+        let now_ms = now.duration_since(inner.epoch).as_millis() as u64;
+        let lease_end = (now_ms + terms.lease.as_millis() as u64).to_be_bytes();
         // Event keys apart from status keys, as Redis keeps them; one buffer for all of them.
         let mut key = [terms.prefix.as_slice(), b"e:"].concat();
         let key_prefix = key.len();
@@ -56,40 +66,26 @@ impl MemoryStore {
             .map(|(t, id)| {
                 key.truncate(key_prefix);
                 key.extend_from_slice(id);
-                let key = key.as_slice();
-                let (token, t) = (&tokens[*t], *t);
-                if !marked[t] {
-                    marked[t] = true;
-                    let status = status_of(token);
-                    if inner.get(&status, now) != Some(COMMITTED) {
-                        inner.set(&status, &[PENDING], terms.lease, now);
-                    }
-                }
-                let state = match inner.get(key, now) {
+                let token = tokens[*t].as_slice();
+                let state = match inner.get(&key, now) {
                     None => None,
-                    Some(holder) if holder == token.as_slice() => Some(KeyState::Reserved),
-                    Some(holder) => {
-                        let holder_status = status_of(holder);
-                        match inner.get(&holder_status, now) {
-                            Some(s) if s == COMMITTED => Some(KeyState::Committed),
-                            Some(_) => Some(KeyState::Pending),
-                            None => None,
+                    Some(held) if held.get(..TOKEN_BYTES) == Some(token) => Some(KeyState::Reserved),
+                    Some(held) => {
+                        let (holder, end) = held.split_at(TOKEN_BYTES.min(held.len()));
+                        let lease_over = end.try_into().map_or(true, |end| u64::from_be_bytes(end) <= now_ms);
+                        match holder_state(inner.get(&terms.status_key(holder), now), lease_over) {
+                            HolderState::Committed => Some(KeyState::Committed),
+                            HolderState::Pending => Some(KeyState::Pending),
+                            HolderState::Void => None,
                         }
                     }
                 };
                 state.unwrap_or_else(|| {
-                    inner.set(key, token, terms.window, now);
+                    inner.set(&key, &[token, lease_end.as_slice()].concat(), terms.window, now);
                     KeyState::Reserved
                 })
             })
             .collect()
-    }
-
-    pub fn delete(&self, keys: &[Vec<u8>]) {
-        let mut inner = self.lock();
-        for key in keys {
-            inner.values.remove(key);
-        }
     }
 
     /// Deletes `key` if it still holds `value`.

@@ -8,12 +8,16 @@
 //! between leaves leases that expire, after which a retry is written (at-least-once is kept).
 //!
 //! One write per event: an event's key holds the *token* of the request (and partition) that
-//! reserved it, and the token's own status key says `p` (pending, TTL = lease) or `c`
-//! (committed, TTL = window). Committing or releasing a whole flush is then one write per token,
-//! not one per event; a key whose token has no status any more (released, or its lease ran out)
-//! is void, and the next reservation takes it over.
+//! reserved it and the end of its lease; the token's own status key, written once the flush is
+//! settled, says `c` (committed, TTL = window) or `r` (released). Reserving a fresh id is then
+//! one write, and committing or releasing a whole flush one write per token, not one per event.
+//! A key whose token has no status is pending until its lease ends and void after; a void or
+//! released one is taken over by the next reservation ([`holder_state`]).
 
+mod batch;
+pub mod groups;
 mod memory;
+mod redis_conn;
 mod redis_store;
 mod reserve;
 
@@ -35,6 +39,8 @@ pub enum StoreError {
     Timeout(Duration),
     #[error("idempotency store configuration: {0}")]
     Config(String),
+    #[error("idempotency store write reached {acked} of the {wanted} replicas asked for")]
+    Replication { acked: u32, wanted: u32 },
 }
 
 /// What the store says about an event key after a reservation attempt.
@@ -68,16 +74,39 @@ struct StoredAnswer {
     b: String,
 }
 
-/// Status values: of a token (`p`, `c`) and of a request-level key (`p` + body hash, `d` + answer).
+/// Status values: of a token (`c`, `r`) and of a request-level key (`p` + body hash, `d` + answer).
 const COMMITTED: &[u8] = b"c";
+const RELEASED: &[u8] = b"r";
 const PENDING: u8 = b'p';
 const DONE: u8 = b'd';
+
+/// What an id held by another token means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HolderState {
+    /// Its events were written: a duplicate.
+    Committed,
+    /// Being written now: wait for the outcome.
+    Pending,
+    /// Released, or abandoned (the lease ended with no outcome): take it over.
+    Void,
+}
+
+/// The rule, the same in both stores: a holder's status decides, and without one its lease does.
+pub(crate) fn holder_state(status: Option<&[u8]>, lease_over: bool) -> HolderState {
+    match status {
+        Some(COMMITTED) => HolderState::Committed,
+        Some(RELEASED) => HolderState::Void,
+        _ if lease_over => HolderState::Void,
+        _ => HolderState::Pending,
+    }
+}
 
 /// Bytes of a reservation token: 8 random, then the partition (little-endian u16).
 const TOKEN_BYTES: usize = 10;
 
 /// The backends, with the same semantics.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per process
 pub enum Store {
     Redis(RedisStore),
     Memory(MemoryStore),
@@ -108,7 +137,7 @@ impl Idempotency {
         let store = if config.redis_url.is_empty() {
             Store::Memory(MemoryStore::default())
         } else {
-            Store::Redis(RedisStore::new(&config.redis_url, Duration::from_millis(config.redis_timeout_ms))?)
+            Store::Redis(RedisStore::from_config(config)?)
         };
         Ok(Self::new(store, config))
     }
@@ -216,17 +245,37 @@ impl Idempotency {
         .await
     }
 
+    /// [`Self::commit`], retried for [`commit_budget`] (a Redis failover takes seconds): the
+    /// events are written, and while their tokens are uncommitted a producer's retry of them
+    /// waits as pending, but once the lease ends it would write them again.
+    pub async fn commit_with_retries(&self, reservations: &[Reservation]) -> Result<(), StoreError> {
+        let deadline = Instant::now() + commit_budget(self.terms.lease);
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.commit(reservations).await {
+                Err(_) if Instant::now() + pause < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                result => return result,
+            }
+        }
+    }
+
     /// Voids the reservations, so a retry can write the events at once.
     pub async fn release(&self, reservations: &[Reservation]) -> Result<(), StoreError> {
         if reservations.is_empty() {
             return Ok(());
         }
         let status = self.status_keys(reservations);
+        let ttl = self.terms.released_ttl();
         self.timed("release", async {
             match &self.store {
-                Store::Redis(s) => s.delete(&status).await,
+                Store::Redis(s) => s.set_many(&status, RELEASED, ttl).await,
                 Store::Memory(s) => {
-                    s.delete(&status);
+                    for key in &status {
+                        s.set(key, RELEASED, ttl);
+                    }
                     Ok(())
                 }
             }
@@ -337,6 +386,12 @@ impl Idempotency {
     }
 }
 
+/// How long a failed commit is retried: well inside the lease (half of it, at most 10 s; the
+/// partition's next flush waits meanwhile).
+fn commit_budget(lease: Duration) -> Duration {
+    (lease / 2).min(Duration::from_secs(10))
+}
+
 /// How long reservations and commits last, and where the keys live.
 #[derive(Debug, Clone)]
 pub struct Terms {
@@ -352,6 +407,12 @@ impl Terms {
     fn status_key(&self, token: &[u8]) -> Vec<u8> {
         [self.prefix.as_slice(), b"t:", token].concat()
     }
+
+    /// A released status outlives every lease of its token's ids (their lease ends were
+    /// stamped before the release, by a clock that may run a little apart).
+    fn released_ttl(&self) -> Duration {
+        self.lease * 2
+    }
 }
 
 #[cfg(test)]
@@ -360,6 +421,24 @@ mod tests {
 
     fn idem() -> Idempotency {
         Idempotency::new(Store::Memory(MemoryStore::default()), &Config::default())
+    }
+
+    #[test]
+    fn a_holder_is_decided_by_its_status_then_its_lease() {
+        use HolderState::*;
+        for lease_over in [false, true] {
+            assert_eq!(holder_state(Some(COMMITTED), lease_over), Committed);
+            assert_eq!(holder_state(Some(RELEASED), lease_over), Void);
+        }
+        assert_eq!(holder_state(None, false), Pending);
+        assert_eq!(holder_state(None, true), Void);
+        assert_eq!(holder_state(Some(b"p"), false), Pending, "a status of the previous layout");
+    }
+
+    #[test]
+    fn commits_are_retried_well_inside_the_lease() {
+        assert_eq!(commit_budget(Duration::from_secs(60)), Duration::from_secs(10));
+        assert_eq!(commit_budget(Duration::from_secs(4)), Duration::from_secs(2));
     }
 
     #[test]

@@ -1,155 +1,37 @@
-//! The Redis store: one connection manager (reconnects by itself), every call bounded by a
-//! timeout, and each multi-key step one round trip (a Lua script or a pipeline).
-//!
-//! Reservations, the one store call on every request's path, are batched across concurrent
-//! requests: a single task sends one script call for everything queued while earlier calls were
-//! in flight (group commit, up to two calls pipelined so Redis has the next one as soon as it
-//! finishes one), so Redis runs one script per group of requests rather than one per request,
-//! and no request waits for a timer.
+//! The Redis store, on one primary or a Redis Cluster: every call bounded by a timeout, each
+//! multi-key step one round trip per node (a Lua script, a pipeline, or on a cluster one
+//! command per key sent in parallel), and each write optionally confirmed by `WAIT`.
 //!
 //! Key layout (prefix `bg:` by default):
-//! - `bg:h:<slot>`: a hash of event id (its 16 UUID bytes, or its text) → the 10-byte token
-//!   that reserved it, for every event reserved in one *slot*, `floor(Redis TIME / window)`.
-//!   Reservations look in the current and the previous slot, so an id is seen for at least one
-//!   window after it was reserved; the slot before those is `UNLINK`ed (freed off the main
-//!   thread), with an expiry three windows on as a backstop. One hash field costs about 90
-//!   bytes against about 150 for a key with its own TTL, and a reservation is two `HMGET`s and
-//!   one `HSET` per few thousand events rather than one command per event.
-//! - `bg:t:<token>` per request and partition: `p` (pending, TTL = lease) or `c` (committed,
-//!   TTL = window). It decides what the ids holding the token mean, so the dedup window is
-//!   counted from the commit, exactly.
+//! - `bg:{<tag>}h:<slot>`: per id *group* (the id's CRC-32 modulo `redis_key_groups`, each
+//!   with its own hash tag, see [`super::groups`]) and per *slot* of time, `floor(Redis TIME /
+//!   window)`: a hash of event id (its 16 UUID bytes, or its text) → the token that reserved
+//!   it followed by the end of its lease (6 bytes, Redis milliseconds). Reservations look in the
+//!   current and the previous slot, so an id is seen for at least one window after it was
+//!   reserved; the first write of a slot `UNLINK`s the slot before those, and every hash also
+//!   expires three windows on as a backstop.
+//! - `bg:t:<token>` per request and partition, written once its flush is settled: `c`
+//!   (committed, TTL = window) or `r` (released, TTL = two leases). An id held by a token with
+//!   no status is pending until its lease ends, void after. Nothing is written per token when
+//!   reserving: a fresh id costs one hash field.
 //! - `bg:r:<key>` per `Idempotency-Key`; `bg:o:<producer>` a hash of partition → committed
-//!   offset (no TTL).
+//!   offset (no TTL). Each is one key, so one slot.
 //!
-//! The reservation script derives key names (slots, token statuses) inside Redis, so it needs
-//! one node: Redis Cluster and Sentinel URLs are refused. It needs Redis 4.0 or later (`UNLINK`,
-//! many-field `HSET`, writes after `TIME` with effects replication).
+//! Needs Redis 4.0 or later (`UNLINK`, many-field `HSET`, writes after `TIME` with effects
+//! replication).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use std::sync::{Arc, OnceLock};
-
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::io::tcp::TcpSettings;
-use redis::{Client, IntoConnectionInfo, Script};
+use redis::Script;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinSet;
 
-use super::{KeyState, StoreError, Terms};
-
-/// `ARGV[1..4]`: lease (ms), window (ms), key prefix, the number of tokens `T`; then the `T`
-/// tokens, how many ids each reserves, and the ids, grouped by token in that order. Answers one
-/// byte per id, in order: 0 reserved, 1 committed (a duplicate), 2 pending (another request
-/// holds it).
-///
-/// The commands are per call, not per request or per id: one `MGET` of the statuses, two
-/// `HMGET`s and one `HSET` per `CHUNK` ids (Lua's `unpack` stops at about 8,000 values).
-const RESERVE: &str = r"
-if redis.replicate_commands then redis.replicate_commands() end
-local lease, window, prefix, T = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-local CHUNK = 2000
-local time = redis.call('TIME')
-local slot = math.floor((tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)) / window)
-local function bucket(s) return prefix .. 'h:' .. string.format('%.0f', s) end
-local current, previous = bucket(slot), bucket(slot - 1)
-redis.call('UNLINK', bucket(slot - 2))
-local function each_chunk(first, last, f)
-  for from = first, last, CHUNK do f(from, math.min(from + CHUNK - 1, last)) end
-end
--- The tokens' statuses: pending for the lease, unless already committed.
-local statuses = {}
-for t = 1, T do statuses[t] = prefix .. 't:' .. ARGV[4 + t] end
-each_chunk(1, T, function(from, to)
-  local states = redis.call('MGET', unpack(statuses, from, to))
-  for t = from, to do
-    if states[t - from + 1] ~= 'c' then redis.call('SET', statuses[t], 'p', 'PX', lease) end
-  end
-end)
-local out, claimed, fresh = {}, {}, {}
-local t, left = 1, tonumber(ARGV[4 + T + 1])
-each_chunk(5 + 2 * T, #ARGV, function(from, to)
-  local now = redis.call('HMGET', current, unpack(ARGV, from, to))
-  local before = redis.call('HMGET', previous, unpack(ARGV, from, to))
-  for j = from, to do
-    while left == 0 do t = t + 1; left = tonumber(ARGV[4 + T + t]) end
-    left = left - 1
-    local id, token = ARGV[j], ARGV[4 + t]
-    -- Newest first: this call's own claims, then the current slot, then the previous one.
-    local holder = claimed[id] or now[j - from + 1] or before[j - from + 1]
-    local code = 0
-    if holder and holder ~= token then
-      local state = redis.call('GET', prefix .. 't:' .. holder)
-      if state == 'c' then code = 1
-      elseif state == 'p' then code = 2
-      -- Released, or its lease ran out: the reservation is void; take the id over.
-      else holder = false end
-    end
-    if not holder then
-      claimed[id] = token
-      fresh[#fresh + 1] = id
-      fresh[#fresh + 1] = token
-    end
-    out[#out + 1] = code
-  end
-end)
-each_chunk(1, #fresh, function(from, to)
-  redis.call('HSET', current, unpack(fresh, from, to))
-end)
-if #fresh > 0 then redis.call('PEXPIREAT', current, string.format('%.0f', (slot + 3) * window)) end
-local codes = {}
-each_chunk(1, #out, function(from, to) codes[#codes + 1] = string.char(unpack(out, from, to)) end)
-return table.concat(codes)
-";
-
-/// Keys per batched reservation call, so one script never holds Redis for long (a single
-/// request larger than this still goes alone, in one call): a commit, and the next call, wait
-/// behind it. Calls of 2,048 with two in flight gave ~20% more events/s than calls of 4,096
-/// one at a time on large batches with idempotency (docs/performance.md).
-const MAX_BATCH_KEYS: usize = 2048;
-
-/// Reservation calls in flight at once: while Redis runs one script the next is already
-/// queued behind it on the connection, so Redis does not idle while the gateway hands out one
-/// call's answers and builds the next.
-const MAX_CALLS_IN_FLIGHT: usize = 2;
-
-/// Reservations waiting for the batching task; beyond this, requests wait to queue.
-const MAX_QUEUED_JOBS: usize = 1024;
-
-/// One request's reservation, waiting for its batch.
-struct ReserveJob {
-    tokens: Vec<Vec<u8>>,
-    /// The keys back to back: one allocation per request, not one per key.
-    key_bytes: Vec<u8>,
-    /// Per key: its token's index and where its bytes end in `key_bytes`.
-    keys: Vec<(usize, usize)>,
-    reply: oneshot::Sender<Result<Vec<KeyState>, StoreError>>,
-}
-
-impl ReserveJob {
-    fn new(
-        tokens: &[Vec<u8>],
-        keys: &[(usize, Vec<u8>)],
-        reply: oneshot::Sender<Result<Vec<KeyState>, StoreError>>,
-    ) -> Self {
-        let mut key_bytes = Vec::with_capacity(keys.iter().map(|(_, key)| key.len()).sum());
-        let keys = keys
-            .iter()
-            .map(|(token, key)| {
-                key_bytes.extend_from_slice(key);
-                (*token, key_bytes.len())
-            })
-            .collect();
-        Self { tokens: tokens.to_vec(), key_bytes, keys, reply }
-    }
-
-    /// The bytes of key `k`.
-    fn key(&self, k: usize) -> &[u8] {
-        let start = k.checked_sub(1).and_then(|before| self.keys.get(before)).map_or(0, |&(_, end)| end);
-        let end = self.keys.get(k).map_or(start, |&(_, end)| end);
-        self.key_bytes.get(start..end).unwrap_or_default()
-    }
-}
+use super::batch::{self, Batcher, ReserveJob, Seen, replicated};
+use super::groups::{group_of, tags};
+use super::redis_conn::{Connection, client, first_node};
+use super::{HolderState, KeyState, StoreError, TOKEN_BYTES, Terms, holder_state};
+use crate::config::Config;
 
 const DELETE_IF: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -173,9 +55,14 @@ return 0
 ";
 
 pub struct RedisStore {
-    connection: ConnectionManager,
+    connection: Connection,
     timeout: Duration,
+    /// Replicas each write must reach, and how long to wait for them.
+    wait: Option<(u32, Duration)>,
+    /// Hash tag of each id group.
+    tags: Vec<String>,
     reserve: Script,
+    take_over: Script,
     /// The batching task's queue, started on first use (it needs a runtime); the task ends
     /// when the store is dropped.
     reservations: OnceLock<mpsc::Sender<ReserveJob>>,
@@ -186,20 +73,23 @@ pub struct RedisStore {
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisStore").field("timeout", &self.timeout).finish_non_exhaustive()
+        f.debug_struct("RedisStore")
+            .field("cluster", &self.connection.is_cluster())
+            .field("timeout", &self.timeout)
+            .field("groups", &self.tags.len())
+            .finish_non_exhaustive()
     }
 }
 
-/// A client whose TCP connections set `TCP_NODELAY` (the crate leaves Nagle's algorithm on).
-/// Every call shares one multiplexed connection, so commands are routinely written while an
-/// earlier one is unacknowledged; Nagle would hold such a write back until the ACK, a round
-/// trip on a real network (on loopback the benchmark measured no difference).
-fn client(url: &str) -> Result<Client, StoreError> {
-    let info = url
-        .into_connection_info()
-        .map_err(|e| StoreError::Config(e.to_string()))?
-        .set_tcp_settings(TcpSettings::default().set_nodelay(true));
-    Client::open(info).map_err(|e| StoreError::Config(e.to_string()))
+/// Id groups: as configured, else one on a single primary (a script call per batch touches
+/// each group's hashes, so more groups only cost there) and 16 on a cluster (enough to spread
+/// over 16 primaries; more for a larger cluster).
+fn key_groups(configured: u16, cluster: bool) -> u16 {
+    match (configured, cluster) {
+        (0, false) => 1,
+        (0, true) => 16,
+        (n, _) => n,
+    }
 }
 
 fn backend(e: &redis::RedisError) -> StoreError {
@@ -208,35 +98,46 @@ fn backend(e: &redis::RedisError) -> StoreError {
 
 impl RedisStore {
     /// Connects lazily: the gateway starts even when Redis is down, and reconnects by itself.
+    /// Default groups, no `WAIT`.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, StoreError> {
-        let scheme = url.split("://").next().unwrap_or_default();
-        if !matches!(scheme, "redis" | "rediss" | "unix" | "redis+unix") {
-            return Err(StoreError::Config(format!(
-                "unsupported Redis URL scheme {scheme:?}: Redis Cluster and Sentinel are not supported (the \
-                 reservation scripts touch many keys at once); point redis_url at a single primary, e.g. redis://host:6379/0"
-            )));
-        }
-        if url.contains(',') {
-            return Err(StoreError::Config(
-                "redis_url lists several hosts: use one primary (Cluster and Sentinel are not supported)".into(),
-            ));
-        }
-        let client = client(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
-        let connection = ConnectionManager::new_lazy_with_config(client, config).map_err(|e| backend(&e))?;
+        let defaults = Config::default();
+        Self::with(url, timeout, defaults.redis_key_groups, None)
+    }
+
+    /// The store `config` describes.
+    pub fn from_config(config: &Config) -> Result<Self, StoreError> {
+        let wait = (config.redis_wait_replicas > 0)
+            .then(|| (config.redis_wait_replicas, Duration::from_millis(config.redis_wait_timeout_ms)));
+        Self::with(&config.redis_url, Duration::from_millis(config.redis_timeout_ms), config.redis_key_groups, wait)
+    }
+
+    fn with(url: &str, timeout: Duration, groups: u16, wait: Option<(u32, Duration)>) -> Result<Self, StoreError> {
+        // A write that waits for replicas has that long on top of its own bound.
+        let timeout = timeout + wait.map_or(Duration::ZERO, |(_, t)| t);
+        let connection = Connection::open(url, timeout)?;
+        let groups = key_groups(groups, connection.is_cluster());
         Ok(Self {
             connection,
             timeout,
-            reserve: Script::new(RESERVE),
+            wait,
+            tags: tags(groups),
+            reserve: batch::reserve_script(),
+            take_over: batch::take_over_script(),
             reservations: OnceLock::new(),
             delete_if: Script::new(DELETE_IF),
             set_nx_or_get: Script::new(SET_NX_OR_GET),
             advance_offset: Script::new(ADVANCE_OFFSET),
         })
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        self.connection.is_cluster()
+    }
+
+    /// Base name of a group's keys: `<prefix>{<tag>}`.
+    fn base(&self, prefix: &[u8], group: usize) -> Vec<u8> {
+        let tag = self.tags.get(group).map_or("", String::as_str);
+        [prefix, b"{", tag.as_bytes(), b"}"].concat()
     }
 
     async fn bounded<T>(&self, fut: impl Future<Output = redis::RedisResult<T>>) -> Result<T, StoreError> {
@@ -246,21 +147,72 @@ impl RedisStore {
         }
     }
 
-    /// Reserves each key for its token, in the next batched call.
+    /// Runs `write` on a clone of the connection, then, when configured, `WAIT`s for the
+    /// replicas of the primary holding `key`.
+    async fn write<T, F>(&self, key: &[u8], write: impl FnOnce(Connection) -> F) -> Result<T, StoreError>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
+        let mut connection = self.connection.clone();
+        let value = self.bounded(write(connection.clone())).await?;
+        if let Some((replicas, timeout)) = self.wait {
+            replicated(self.bounded(connection.wait(key, replicas, timeout)).await?, replicas)?;
+        }
+        Ok(value)
+    }
+
+    /// Reserves each key for its token: the next batched call, then the ids found held by
+    /// other tokens settled by their holders' statuses.
     pub async fn reserve(
         &self,
         tokens: &[Vec<u8>],
         keys: &[(usize, Vec<u8>)],
         terms: &Terms,
     ) -> Result<Vec<KeyState>, StoreError> {
+        let seen = self.batched(tokens, keys, terms).await?;
+        let holders: Vec<&[u8]> = seen
+            .iter()
+            .filter_map(|s| match s {
+                Seen::Held { value, .. } => value.get(..TOKEN_BYTES),
+                Seen::Reserved => None,
+            })
+            .collect();
+        if holders.is_empty() {
+            return Ok(vec![KeyState::Reserved; seen.len()]);
+        }
+        let statuses = self.statuses(&holders, terms).await?;
+        let settle = seen.iter().zip(keys).map(|(seen, (t, key))| {
+            let status = match seen {
+                Seen::Held { value, lease_over } => {
+                    let status = value.get(..TOKEN_BYTES).and_then(|h| statuses.get(h)).and_then(Option::as_deref);
+                    Some((value, holder_state(status, *lease_over)))
+                }
+                Seen::Reserved => None,
+            };
+            async move {
+                match status {
+                    None => Ok(KeyState::Reserved),
+                    Some((_, HolderState::Committed)) => Ok(KeyState::Committed),
+                    Some((_, HolderState::Pending)) => Ok(KeyState::Pending),
+                    Some((value, HolderState::Void)) => self.take_over_key(key, value, &tokens[*t], terms).await,
+                }
+            }
+        });
+        futures_util::future::try_join_all(settle).await
+    }
+
+    async fn batched(&self, tokens: &[Vec<u8>], keys: &[(usize, Vec<u8>)], terms: &Terms) -> batch::Answer {
         let queue = self.reservations.get_or_init(|| {
-            let (tx, rx) = mpsc::channel(MAX_QUEUED_JOBS);
+            let (tx, rx) = mpsc::channel(batch::MAX_QUEUED_JOBS);
             // One store serves one `Idempotency`, so every call has the same terms.
+            let bases = (0..self.tags.len()).map(|g| self.base(&terms.prefix, g)).collect();
             let batcher = Batcher {
                 connection: self.connection.clone(),
                 script: self.reserve.clone(),
                 timeout: self.timeout,
                 terms: terms.clone(),
+                bases: Arc::new(bases),
+                wait: self.wait,
             };
             tokio::spawn(Arc::new(batcher).run(rx));
             tx
@@ -277,23 +229,70 @@ impl RedisStore {
         outcome.unwrap_or(Err(StoreError::Timeout(bound)))
     }
 
-    /// Sets every key to `value` with a TTL; one pipeline.
-    pub async fn set_many(&self, keys: &[Vec<u8>], value: &[u8], ttl: Duration) -> Result<(), StoreError> {
-        let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.cmd("SET").arg(key.as_slice()).arg(value).arg("PX").arg(ttl.as_millis() as u64).ignore();
-        }
-        let mut connection = self.connection.clone();
-        self.bounded(pipe.query_async::<()>(&mut connection)).await
+    /// The status of each distinct holder token.
+    async fn statuses(
+        &self,
+        holders: &[&[u8]],
+        terms: &Terms,
+    ) -> Result<HashMap<Vec<u8>, Option<Vec<u8>>>, StoreError> {
+        let mut distinct: Vec<&[u8]> = holders.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let keys: Vec<Vec<u8>> = distinct.iter().map(|token| terms.status_key(token)).collect();
+        let values = self.get_many(&keys).await?;
+        Ok(distinct.into_iter().map(<[u8]>::to_vec).zip(values).collect())
     }
 
-    pub async fn delete(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
-        let mut cmd = redis::cmd("DEL");
-        for key in keys {
-            cmd.arg(key.as_slice());
+    /// Takes over an id whose holder's reservation is void, unless another request got there first.
+    async fn take_over_key(
+        &self,
+        key: &[u8],
+        held: &[u8],
+        token: &[u8],
+        terms: &Terms,
+    ) -> Result<KeyState, StoreError> {
+        let base = self.base(&terms.prefix, group_of(key, self.tags.len() as u16));
+        let mut invocation = self.take_over.prepare_invoke();
+        invocation
+            .key(base.as_slice())
+            .arg(terms.lease.as_millis() as u64)
+            .arg(terms.window.as_millis() as u64)
+            .arg(key)
+            .arg(held)
+            .arg(token);
+        let code: u8 = self.write(&base, |mut c| async move { invocation.invoke_async(&mut c).await }).await?;
+        Ok(if code == 0 { KeyState::Reserved } else { KeyState::Pending })
+    }
+
+    /// Every key's value: one `MGET` on a primary, one `GET` per key in parallel on a cluster
+    /// (the keys are in different slots).
+    async fn get_many(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if !self.connection.is_cluster() {
+            let mut cmd = redis::cmd("MGET");
+            cmd.arg(keys);
+            let mut connection = self.connection.clone();
+            return self.bounded(cmd.query_async(&mut connection)).await;
         }
-        let mut connection = self.connection.clone();
-        self.bounded(cmd.query_async::<u64>(&mut connection)).await.map(drop)
+        let gets = keys.iter().map(|key| {
+            let mut connection = self.connection.clone();
+            async move { redis::cmd("GET").arg(key.as_slice()).query_async(&mut connection).await }
+        });
+        self.bounded(futures_util::future::try_join_all(gets)).await
+    }
+
+    /// Sets every key to `value` with a TTL: one pipeline on a primary, one `SET` per key in
+    /// parallel on a cluster; each confirmed by `WAIT` when configured.
+    pub async fn set_many(&self, keys: &[Vec<u8>], value: &[u8], ttl: Duration) -> Result<(), StoreError> {
+        if !self.connection.is_cluster() {
+            let Some(first) = keys.first() else { return Ok(()) };
+            let mut pipe = redis::pipe();
+            for key in keys {
+                pipe.cmd("SET").arg(key.as_slice()).arg(value).arg("PX").arg(ttl.as_millis() as u64).ignore();
+            }
+            return self.write(first, |mut c| async move { pipe.query_async::<()>(&mut c).await }).await;
+        }
+        let sets = keys.iter().map(|key| self.set(key, value, ttl));
+        futures_util::future::try_join_all(sets).await.map(drop)
     }
 
     /// Deletes `key` if it still holds `value`.
@@ -314,8 +313,7 @@ impl RedisStore {
     pub async fn set(&self, key: &[u8], value: &[u8], ttl: Duration) -> Result<(), StoreError> {
         let mut cmd = redis::cmd("SET");
         cmd.arg(key).arg(value).arg("PX").arg(ttl.as_millis() as u64);
-        let mut connection = self.connection.clone();
-        self.bounded(cmd.query_async::<()>(&mut connection)).await
+        self.write(key, |mut c| async move { cmd.query_async::<()>(&mut c).await }).await
     }
 
     pub async fn offset(&self, key: &[u8], partition: u32) -> Result<Option<u64>, StoreError> {
@@ -328,8 +326,8 @@ impl RedisStore {
     pub async fn advance_offset(&self, key: &[u8], partition: u32, offset: u64) -> Result<bool, StoreError> {
         let mut invocation = self.advance_offset.prepare_invoke();
         invocation.key(key).arg(partition).arg(offset.to_string());
-        let mut connection = self.connection.clone();
-        self.bounded(invocation.invoke_async::<u8>(&mut connection)).await.map(|n| n == 1)
+        let moved: u8 = self.write(key, |mut c| async move { invocation.invoke_async(&mut c).await }).await?;
+        Ok(moved == 1)
     }
 
     pub async fn offsets(&self, key: &[u8]) -> Result<BTreeMap<String, u64>, StoreError> {
@@ -359,8 +357,9 @@ impl ServerFacts {
 }
 
 /// Reads the server's version and the settings deduplication depends on.
+/// On a cluster, of its first seed node (the settings apply to every node alike).
 pub async fn server_facts(url: &str, timeout: Duration) -> Result<ServerFacts, StoreError> {
-    let client = client(url)?;
+    let client = client(&first_node(url)?)?;
     let facts = async {
         let mut connection = client.get_multiplexed_async_connection().await?;
         let info: String = redis::cmd("INFO").arg("server").query_async(&mut connection).await?;
@@ -384,112 +383,15 @@ pub async fn server_facts(url: &str, timeout: Duration) -> Result<ServerFacts, S
     }
 }
 
-/// The reservation batching task: takes everything queued, sends it as one script call (up to
-/// [`MAX_CALLS_IN_FLIGHT`] at a time), hands each request its share of the answer.
-struct Batcher {
-    connection: ConnectionManager,
-    script: Script,
-    timeout: Duration,
-    terms: Terms,
-}
-
-impl Batcher {
-    async fn run(self: Arc<Self>, mut queue: mpsc::Receiver<ReserveJob>) {
-        let mut calls = JoinSet::new();
-        loop {
-            tokio::select! {
-                Some(_) = calls.join_next(), if !calls.is_empty() => {}
-                job = queue.recv(), if calls.len() < MAX_CALLS_IN_FLIGHT => {
-                    let Some(first) = job else { break };
-                    let mut keys = first.keys.len();
-                    let mut jobs = vec![first];
-                    while keys < MAX_BATCH_KEYS {
-                        match queue.try_recv() {
-                            Ok(job) => {
-                                keys += job.keys.len();
-                                jobs.push(job);
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    calls.spawn(Arc::clone(&self).call(jobs));
-                }
-            }
-        }
-        // Calls already sent still answer their requests.
-        while calls.join_next().await.is_some() {}
-    }
-
-    async fn call(self: Arc<Self>, jobs: Vec<ReserveJob>) {
-        let terms = &self.terms;
-        // The script takes ids grouped by token; `order` is where each job's answers land.
-        let orders: Vec<Vec<usize>> = jobs
-            .iter()
-            .map(|job| {
-                let mut order: Vec<usize> = (0..job.keys.len()).collect();
-                order.sort_by_key(|&k| job.keys[k].0);
-                order
-            })
-            .collect();
-        let groups: Vec<(&ReserveJob, &[usize])> = jobs
-            .iter()
-            .zip(&orders)
-            .flat_map(|(job, order)| order.chunk_by(|&a, &b| job.keys[a].0 == job.keys[b].0).map(move |g| (job, g)))
-            .collect();
-        let n: usize = orders.iter().map(Vec::len).sum();
-        let mut invocation = self.script.prepare_invoke();
-        invocation
-            .arg(terms.lease.as_millis() as u64)
-            .arg(terms.window.as_millis() as u64)
-            .arg(terms.prefix.as_slice())
-            .arg(groups.len());
-        for (job, group) in &groups {
-            invocation.arg(job.tokens[job.keys[group[0]].0].as_slice());
-        }
-        for (_, group) in &groups {
-            invocation.arg(group.len());
-        }
-        for (job, group) in &groups {
-            for &k in *group {
-                invocation.arg(job.key(k));
-            }
-        }
-        drop(groups);
-        let result =
-            match tokio::time::timeout(self.timeout, invocation.invoke_async::<Vec<u8>>(&mut self.connection.clone()))
-                .await
-            {
-                Ok(Ok(codes)) if codes.len() == n => Ok(codes),
-                Ok(Ok(codes)) => {
-                    Err(StoreError::Backend(format!("the reservation answered {} codes for {n} keys", codes.len())))
-                }
-                Ok(Err(e)) => Err(backend(&e)),
-                Err(_) => Err(StoreError::Timeout(self.timeout)),
-            };
-        let codes = match result {
-            Ok(codes) => codes,
-            Err(error) => return jobs.into_iter().for_each(|job| drop(job.reply.send(Err(error.clone())))),
-        };
-        let mut offset = 0;
-        for (job, order) in jobs.into_iter().zip(orders) {
-            let mut states = vec![KeyState::Reserved; order.len()];
-            for (&k, &code) in order.iter().zip(&codes[offset..]) {
-                states[k] = match code {
-                    0 => KeyState::Reserved,
-                    1 => KeyState::Committed,
-                    _ => KeyState::Pending,
-                };
-            }
-            offset += order.len();
-            // The request may have given up waiting; its leases expire.
-            let _ = job.reply.send(Ok(states));
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_group_on_a_primary_sixteen_on_a_cluster_unless_configured() {
+        assert_eq!((key_groups(0, false), key_groups(0, true)), (1, 16));
+        assert_eq!((key_groups(64, false), key_groups(64, true)), (64, 64));
+    }
 
     #[test]
     fn versions_read_as_major_and_minor() {
@@ -499,22 +401,15 @@ mod tests {
         assert_eq!(facts("").version(), None);
     }
 
-    #[test]
-    fn connections_turn_nagle_off() {
-        for url in ["redis://127.0.0.1:6379/0", "rediss://redis.example:6380/1"] {
-            let client = client(url).unwrap();
-            assert!(client.get_connection_info().tcp_settings().nodelay(), "{url}");
-        }
-    }
-
     #[tokio::test]
-    async fn cluster_and_sentinel_urls_are_refused_clearly() {
-        for url in ["redis+sentinel://h:26379/mymaster", "redis+cluster://h:6379", "redis://a:6379,b:6379"] {
+    async fn sentinel_and_bare_host_lists_are_refused_clearly() {
+        for url in ["redis+sentinel://h:26379/mymaster", "redis://a:6379,b:6379"] {
             let Err(StoreError::Config(message)) = RedisStore::new(url, Duration::from_secs(1)) else {
                 panic!("{url} accepted")
             };
-            assert!(message.contains("Cluster") && message.contains("Sentinel"), "{message}");
+            assert!(message.contains("cluster") || message.contains("Sentinel"), "{message}");
         }
         assert!(RedisStore::new("redis://127.0.0.1:1/0", Duration::from_secs(1)).is_ok(), "connects lazily");
+        assert!(RedisStore::new("redis+cluster://127.0.0.1:1,127.0.0.1:2", Duration::from_secs(1)).is_ok());
     }
 }

@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use super::{Idempotency, KeyState, Reservation, StoreError};
+use super::{Idempotency, KeyState, Reservation, Store, StoreError};
 use crate::config::OnStoreError;
 use crate::metrics;
 
@@ -55,8 +55,10 @@ impl Idempotency {
         let mut keep = vec![true; keys.len()];
         let mut todo = first_of_each(keys, &mut keep);
         let mut duplicates = keep.iter().filter(|k| !**k).count();
-        let tokens = Idempotency::new_tokens(partitions);
+        let mut tokens = Idempotency::new_tokens(partitions);
         let mut held = vec![false; partitions];
+        // The keys reserved so far, to start over with when they are given back.
+        let mut ours = Vec::new();
         let deadline = tokio::time::Instant::now() + self.pending_wait;
         let mut pause = FIRST_PAUSE;
         while !todo.is_empty() {
@@ -75,7 +77,10 @@ impl Idempotency {
             todo = Vec::new();
             for ((i, key), state) in events.into_iter().zip(keys).zip(states) {
                 match state {
-                    KeyState::Reserved => held[key.0] = true,
+                    KeyState::Reserved => {
+                        held[key.0] = true;
+                        ours.push((i, key));
+                    }
                     KeyState::Committed => {
                         keep[i] = false;
                         duplicates += 1;
@@ -90,12 +95,28 @@ impl Idempotency {
                 self.release_held(&tokens, &held).await;
                 return Err(ReserveError::InFlight);
             }
-            tokio::time::sleep(pause).await;
+            if self.reserves_slot_by_slot() && !ours.is_empty() {
+                // A request's ids are reserved slot by slot here, not at once: two requests can
+                // each hold some of the other's ids and wait for each other. The one that waits
+                // gives its own back and starts over under new tokens (the old ones are
+                // released, so whatever still holds them is void).
+                self.release_held(&tokens, &held).await;
+                tokens = Idempotency::new_tokens(partitions);
+                held.fill(false);
+                todo.append(&mut ours);
+            }
+            tokio::time::sleep(jittered(pause)).await;
             pause = (pause * 2).min(MAX_PAUSE);
         }
         let by_partition =
             tokens.into_iter().zip(&held).map(|(token, &h)| h.then_some(Reservation { token })).collect();
         Ok(Reserved { by_partition, keep, duplicates })
+    }
+
+    /// Whether one reservation call can hold some of a request's ids without the others: on a
+    /// Redis Cluster, where each id group is a call of its own.
+    fn reserves_slot_by_slot(&self) -> bool {
+        matches!(&self.store, Store::Redis(s) if s.is_cluster())
     }
 
     /// Gives reservations back before refusing the request, so the producer's retry need not
@@ -105,6 +126,12 @@ impl Idempotency {
             tokens.iter().zip(held).filter(|(_, h)| **h).map(|(t, _)| Reservation { token: t.clone() }).collect();
         let _ = self.release(&reservations).await;
     }
+}
+
+/// A pause drawn from half to one and a half times `pause`: requests that met stay apart when
+/// they try again.
+fn jittered(pause: Duration) -> Duration {
+    pause.mul_f64(0.5 + rand::random::<f64>())
 }
 
 /// The keys to ask the store about, as (event index, (partition, key)): an id sent twice in the
@@ -130,7 +157,7 @@ fn first_of_each(keys: Vec<Option<(usize, Vec<u8>)>>, keep: &mut [bool]) -> Vec<
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::idempotency::{MemoryStore, Store};
+    use crate::idempotency::MemoryStore;
 
     fn key(partition: usize, k: &str) -> Option<(usize, Vec<u8>)> {
         Some((partition, k.as_bytes().to_vec()))
@@ -148,6 +175,14 @@ mod tests {
         let second = idem.reserve_events(2, vec![key(0, "a"), key(1, "b")]).await.unwrap();
         assert_eq!((second.keep.as_slice(), second.duplicates), (&[false, true][..], 1));
         assert!(second.by_partition[0].is_none() && second.by_partition[1].is_some());
+    }
+
+    #[test]
+    fn pauses_are_jittered_around_their_value() {
+        for _ in 0..100 {
+            let pause = jittered(Duration::from_millis(100));
+            assert!(pause >= Duration::from_millis(50) && pause <= Duration::from_millis(150), "{pause:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -28,7 +28,7 @@ impl Ingest {
         let reservations: Vec<Reservation> = reservations.into_iter().flatten().collect();
         match result {
             Ok(()) => {
-                let _ = self.idempotency.commit(&reservations).await;
+                let _ = self.idempotency.commit_with_retries(&reservations).await;
                 Ok(())
             }
             Err(error) => {

@@ -1,4 +1,4 @@
-//! Test harness: real ClickHouse (and later Redis) processes on free ports with temporary data
+//! Test harness: real ClickHouse, Redis and Redis Cluster processes on free ports with temporary data
 //! directories, stopped by pid; a gateway started in-process on port 0; helpers to post as a
 //! producer and to read back what ClickHouse stored.
 #![allow(dead_code, unsafe_code, clippy::unwrap_used, clippy::expect_used)]
@@ -225,11 +225,7 @@ impl RedisServer {
             .arg("--dir")
             .arg(&self.dir);
         let process = Process::spawn(cmd, &self.dir.join("redis.log"));
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline && process.is_alive(), "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_port(self.port, &process);
         *self.process.lock().unwrap() = Some(process);
     }
 
@@ -238,6 +234,139 @@ impl RedisServer {
             process.signal(libc::SIGKILL);
             process.wait_exit(Duration::from_secs(10));
         }
+    }
+}
+
+/// `redis-cli -p port args…`: its output, trimmed.
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    let output = Command::new("redis-cli").arg("-p").arg(port.to_string()).args(args).output().expect("redis-cli");
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+/// A private Redis Cluster: `primaries` primaries with `replicas` replicas each, every node a
+/// redis-server of its own (no persistence) on a free port, stopped by pid.
+#[derive(Debug)]
+pub struct RedisCluster {
+    /// `redis+cluster://` with every node as a seed.
+    pub url: String,
+    pub ports: Vec<u16>,
+    nodes: Vec<std::sync::Mutex<Option<Process>>>,
+    dir: PathBuf,
+}
+
+/// One cluster node on `port`, its files under `dir/<port>`.
+fn start_node(dir: &Path, port: u16) -> Process {
+    let node_dir = dir.join(port.to_string());
+    std::fs::create_dir_all(&node_dir).expect("node dir");
+    let mut cmd = Command::new("redis-server");
+    // Quick failure detection, and a replica always allowed to take over.
+    cmd.args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+        .args(["--cluster-replica-validity-factor", "0", "--repl-diskless-sync-delay", "0"])
+        .arg("--cluster-config-file")
+        .arg(node_dir.join("nodes.conf"))
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(&node_dir);
+    let process = Process::spawn(cmd, &node_dir.join(format!("redis-{}.log", std::process::id())));
+    wait_port(port, &process);
+    process
+}
+
+impl RedisCluster {
+    pub fn start(name: &str, primaries: usize, replicas: usize) -> RedisCluster {
+        let dir = scratch(name);
+        let count = primaries * (1 + replicas);
+        let ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
+        let nodes = ports.iter().map(|&port| std::sync::Mutex::new(Some(start_node(&dir, port)))).collect();
+        let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster create");
+        assert!(created.status.success(), "cluster create: {}", String::from_utf8_lossy(&created.stdout));
+        let cluster = RedisCluster { url: format!("redis+cluster://{}", addresses.join(",")), ports, nodes, dir };
+        cluster.wait_healthy(primaries, replicas);
+        cluster
+    }
+
+    /// Waits until every live node says `cluster_state:ok` and every primary has its replicas
+    /// connected.
+    pub fn wait_healthy(&self, primaries: usize, replicas: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let live: Vec<u16> = self.live_ports();
+            let ok = live.iter().all(|&p| redis_cli(p, &["cluster", "info"]).contains("cluster_state:ok"));
+            let primary_ports = self.primaries();
+            let replicated = primary_ports.len() == primaries
+                && primary_ports
+                    .iter()
+                    .all(|&p| redis_cli(p, &["info", "replication"]).contains(&format!("connected_slaves:{replicas}")));
+            if ok && replicated {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the cluster did not become healthy");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn live_ports(&self) -> Vec<u16> {
+        self.ports.iter().zip(&self.nodes).filter(|(_, n)| n.lock().unwrap().is_some()).map(|(p, _)| *p).collect()
+    }
+
+    /// Ports of the live primaries that serve slots, as the cluster reports them now.
+    pub fn primaries(&self) -> Vec<u16> {
+        let live = self.live_ports();
+        let Some(&any) = live.first() else { return Vec::new() };
+        redis_cli(any, &["cluster", "nodes"])
+            .lines()
+            .filter(|l| l.contains("master") && !l.contains("fail") && l.split(' ').count() > 8)
+            .filter_map(|l| l.split(' ').nth(1)?.split('@').next()?.rsplit(':').next()?.parse().ok())
+            .filter(|p| live.contains(p))
+            .collect()
+    }
+
+    /// The primary serving `key`'s slot.
+    pub fn primary_of(&self, key: &str) -> u16 {
+        let slot: u16 = redis_cli(self.live_ports()[0], &["cluster", "keyslot", key]).parse().expect("slot");
+        let nodes = redis_cli(self.live_ports()[0], &["cluster", "nodes"]);
+        for line in nodes.lines().filter(|l| l.contains("master") && !l.contains("fail")) {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let serves = fields.iter().skip(8).any(|range| match range.split_once('-') {
+                Some((a, b)) => a.parse::<u16>().is_ok_and(|a| a <= slot) && b.parse::<u16>().is_ok_and(|b| slot <= b),
+                None => range.parse::<u16>() == Ok(slot),
+            });
+            if serves {
+                return fields[1].split('@').next().unwrap().rsplit(':').next().unwrap().parse().unwrap();
+            }
+        }
+        panic!("no primary serves slot {slot}");
+    }
+
+    /// Starts the node on `port` again, with its cluster configuration: a killed primary whose
+    /// replica took over comes back as that replica's replica.
+    pub fn restart(&self, port: u16) {
+        let i = self.ports.iter().position(|&p| p == port).expect("a node of this cluster");
+        *self.nodes[i].lock().unwrap() = Some(start_node(&self.dir, port));
+    }
+
+    /// SIGKILLs the node on `port` and waits until it is gone.
+    pub fn kill(&self, port: u16) {
+        let i = self.ports.iter().position(|&p| p == port).expect("a node of this cluster");
+        if let Some(process) = self.nodes[i].lock().unwrap().take() {
+            process.signal(libc::SIGKILL);
+            process.wait_exit(Duration::from_secs(10));
+        }
+    }
+}
+
+fn wait_port(port: u16, process: &Process) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline && process.is_alive(), "redis-server did not start on {port}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
