@@ -228,7 +228,8 @@ async fn engine_scenario(servers: &Servers, broker: &Broker, messages: u64, firs
     broker.create_topic(topic);
     broker.fill(topic, messages, 1, first_id);
     let ch = &servers.ch_url;
-    let columns = "event_id UUID, event_ts DateTime, user_id UInt64, event_type String, payload String, metadata String";
+    let columns =
+        "event_id UUID, event_ts DateTime, user_id UInt64, event_type String, payload String, metadata String";
     let statements = [
         format!("CREATE DATABASE IF NOT EXISTS {db}"),
         format!("CREATE TABLE {db}.events_raw ({columns}) ENGINE = MergeTree ORDER BY (event_type, event_ts, user_id)"),
@@ -296,7 +297,8 @@ pub async fn run(binary: &Path, servers: &Servers, messages: u64) -> (Vec<Value>
     let mut results = Vec::new();
     for (n, per_message) in [(messages, 1), (messages / 100, 100)] {
         println!("kafka: buffergate consume, {n} messages of {per_message} event(s)...");
-        let result = gateway_scenario(binary, servers, &broker, (n, per_message), (results.len() as u64 + 1) << 40).await;
+        let result =
+            gateway_scenario(binary, servers, &broker, (n, per_message), (results.len() as u64 + 1) << 40).await;
         println!("  {:.0} events/s", num(&result["events_per_second"]));
         results.push(result);
     }
