@@ -274,17 +274,22 @@ async fn stored(ch: &ClickHouseServer, config: &Config) -> HashMap<u64, u64> {
 /// A query's rows, tried again when the connection fails: a server busy with a consumer's
 /// INSERTs on two cores now and then drops a connection before answering (IncompleteMessage).
 async fn query(ch: &ClickHouseServer, sql: &str) -> Vec<Value> {
-    for _ in 0..5 {
-        let Ok(response) = http().post(&ch.url).body(format!("{sql} FORMAT JSONEachRow")).send().await else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
+    let mut error = None;
+    for _ in 0..20 {
+        let response = match http().post(&ch.url).body(format!("{sql} FORMAT JSONEachRow")).send().await {
+            Ok(response) => response,
+            Err(e) => {
+                error = Some(e);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
         };
         let status = response.status();
         let text = response.text().await.unwrap_or_default();
         assert!(status.is_success(), "{sql}\n→ {status}: {text}");
         return text.lines().map(|l| serde_json::from_str(l).expect("JSONEachRow")).collect();
     }
-    panic!("ClickHouse did not answer {sql}");
+    panic!("ClickHouse did not answer {sql}: {error:?}");
 }
 
 async fn rows(ch: &ClickHouseServer, config: &Config) -> u64 {

@@ -47,16 +47,24 @@ impl ClickHouse {
     }
 
     /// [`Self::present`], looking again after [`RECHECK_PAUSE`] for the ids missed the first time.
+    /// Each query holds a permit of `gate` (not the pause between them): callers that look up
+    /// many batches at once bound the SELECTs they send.
     pub async fn present_twice(
         &self,
         lookup: Lookup<'_>,
         ids: &[Uuid],
         seconds: Option<(i64, i64)>,
+        gate: &tokio::sync::Semaphore,
     ) -> Result<HashSet<Uuid>, ClickHouseError> {
-        let mut found = self.present(lookup, ids, seconds).await?;
+        let closed = |_| ClickHouseError::Protocol("the look-up gate is closed".into());
+        let mut found = {
+            let _permit = gate.acquire().await.map_err(closed)?;
+            self.present(lookup, ids, seconds).await?
+        };
         if found.len() < ids.len() {
             tokio::time::sleep(RECHECK_PAUSE).await;
             let missing: Vec<Uuid> = ids.iter().filter(|id| !found.contains(id)).copied().collect();
+            let _permit = gate.acquire().await.map_err(closed)?;
             found.extend(self.present(lookup, &missing, seconds).await?);
         }
         Ok(found)

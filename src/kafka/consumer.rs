@@ -271,6 +271,7 @@ impl Front {
                 KafkaCommit::Written => Wait::Written,
                 KafkaCommit::Visible => Wait::Visible,
             },
+            lookups: tokio::sync::Semaphore::new(super::message::REPLAY_LOOKUPS),
             ingest,
             config: Arc::clone(&config),
             ch,

@@ -85,6 +85,11 @@ fn several_lines(payload: &[u8]) -> bool {
     payload.split(|&b| b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)).nth(1).is_some()
 }
 
+/// Look-ups of replayed messages sent to ClickHouse at once. After a restart every message in
+/// flight (up to `kafka_max_in_flight`) is a suspect: unbounded, their SELECTs overflowed
+/// 18.16's HTTP queue, which then dropped connections (the tests' own queries among them).
+pub const REPLAY_LOOKUPS: usize = 16;
+
 /// Everything one message's delivery needs.
 #[derive(Debug)]
 pub struct Worker {
@@ -97,6 +102,8 @@ pub struct Worker {
     pub wait: Wait,
     /// `` `db`.`buffer` ``: where replayed events are looked for.
     pub buffer: String,
+    /// Bounds the look-ups in flight ([`REPLAY_LOOKUPS`]).
+    pub lookups: tokio::sync::Semaphore,
 }
 
 /// The outcome of one attempt that did not fail.
@@ -223,7 +230,7 @@ impl Worker {
         let time = (!self.config.timestamp_column.is_empty()).then_some(self.config.timestamp_column.as_str());
         let lookup = Lookup { table: &self.buffer, id_column: &self.config.id_column, time_column: time };
         self.ch
-            .present_twice(lookup, ids, span)
+            .present_twice(lookup, ids, span, &self.lookups)
             .await
             .map_err(|e| IngestError::FlushFailed(format!("looking up the events of a message read again: {e}")))
     }
