@@ -240,9 +240,12 @@ impl ConsumerProcess {
         assert!(self.process.wait_exit(TIMEOUT).is_some(), "the consumer died");
     }
 
+    /// SIGTERM; waits for the exit. The bound covers a stop that meets deliveries unfinished:
+    /// the consumer waits `kafka_revoke_timeout_ms` (30 s) for them, twice at worst (on stopping
+    /// and on the revoke that follows), before it gives them up for the next owner.
     fn stop(&self) {
         self.process.signal(libc::SIGTERM);
-        assert!(self.process.wait_exit(Duration::from_secs(60)).is_some(), "the consumer stopped");
+        assert!(self.process.wait_exit(Duration::from_secs(120)).is_some(), "the consumer stopped");
     }
 }
 
