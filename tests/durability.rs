@@ -22,17 +22,9 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A Buffer that keeps rows in memory (hour-long thresholds), a journal checked often.
 fn holding_buffer(ch: &ClickHouseServer, db: &str, data_dir: &std::path::Path) -> Config {
-    let mut config = config(ch, db);
-    config.buffer_num_layers = 1;
-    config.buffer_min_time = 3600;
-    config.buffer_max_time = 3600;
-    config.buffer_min_rows = 100_000_000;
-    config.buffer_max_rows = 1_000_000_000;
-    config.buffer_min_bytes = 1_000_000_000;
-    config.buffer_max_bytes = 2_000_000_000;
+    let mut config = common::holding_buffer(config(ch, db));
     config.data_dir = data_dir.display().to_string();
     config.confirm_interval_ms = 200;
-    config.shed_stale_after_ms = 60_000;
     config.admin_token = ADMIN.into();
     config
 }

@@ -21,7 +21,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use buffergate::Config;
-use common::{ClickHouseServer, Process, RedisServer, clickhouse, command, config, eventually, http, migrate, scratch};
+use common::{
+    ClickHouseServer, Process, RedisServer, clickhouse, command, config, eventually, holding_buffer, http, migrate,
+    scratch,
+};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -186,19 +189,6 @@ fn consumer_config(ch: &ClickHouseServer, db: &str, topic: &str) -> Config {
     config.kafka_commit_interval_ms = 200;
     config.kafka_lag_interval_ms = 300;
     config.kafka_properties = "session.timeout.ms=6000\nheartbeat.interval.ms=500\nfetch.wait.max.ms=100".into();
-    config
-}
-
-/// A Buffer that keeps its rows in memory (thresholds of an hour and gigabytes).
-fn holding_buffer(mut config: Config) -> Config {
-    config.buffer_num_layers = 1;
-    config.buffer_min_time = 3600;
-    config.buffer_max_time = 3600;
-    config.buffer_min_rows = 100_000_000;
-    config.buffer_max_rows = 1_000_000_000;
-    config.buffer_min_bytes = 1_000_000_000;
-    config.buffer_max_bytes = 2_000_000_000;
-    config.shed_stale_after_ms = 60_000;
     config
 }
 

@@ -424,6 +424,21 @@ pub fn config(ch: &ClickHouseServer, db: &str) -> Config {
     }
 }
 
+/// `config` with a Buffer that keeps its rows in memory (one layer, thresholds of an hour and
+/// gigabytes) and a shed poll that tolerates a server stopped for a minute: for tests that
+/// kill ClickHouse with rows in the Buffer, or fill it.
+pub fn holding_buffer(mut config: Config) -> Config {
+    config.buffer_num_layers = 1;
+    config.buffer_min_time = 3600;
+    config.buffer_max_time = 3600;
+    config.buffer_min_rows = 100_000_000;
+    config.buffer_max_rows = 1_000_000_000;
+    config.buffer_min_bytes = 1_000_000_000;
+    config.buffer_max_bytes = 2_000_000_000;
+    config.shed_stale_after_ms = 60_000;
+    config
+}
+
 /// `config` with a data directory of its own when it has the default one: gateways of a test
 /// run never share a journal unless a test means them to.
 pub fn own_data_dir(mut config: Config) -> Config {
