@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what buffergate's tests and local runs need on a Debian bookworm machine:
-# ClickHouse server (18.16 from Debian), Redis, Prometheus (promtool), PostgreSQL (the Python
+# ClickHouse server (18.16 from Debian), ZooKeeper (the cluster tests), Redis, Prometheus (promtool), PostgreSQL (the Python
 # client's ETL test), chdb-core (a modern ClickHouse engine embedded in Python, used for
 # conformance tests), the validators CI runs (openapi-spec-validator, schemathesis,
 # kubernetes-validate, hadolint, yamllint) and what the Python client's checks need (httpx,
@@ -19,6 +19,8 @@ command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 # libfuzzer-sys builds libFuzzer (scripts/fuzz.sh) with the C++ compiler.
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 [ -e /usr/include/openssl/ssl.h ] || need_apt+=(libssl-dev)
+# ZooKeeper coordinates the ClickHouse cluster tests' ReplicatedMergeTree and ON CLUSTER.
+[ -e /usr/share/zookeeper/bin/zkServer.sh ] || need_apt+=(zookeeper)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""
