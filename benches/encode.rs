@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: fail loudly
 
 use buffergate::config::{InsertFormat, UnknownFields};
-use buffergate::decode::{BatchShape, Format, encode_batch};
+use buffergate::decode::{BatchShape, Format, Placing, encode_batch};
 use buffergate::schema::{ColumnInfo, EncodeContext, SpecialColumns, TableSchema, Timestamp};
 
 fn main() {
@@ -14,8 +14,12 @@ fn main() {
 fn seed_schema() -> TableSchema {
     let column =
         |name: &str, ty: &str| ColumnInfo { name: name.into(), type_text: ty.into(), default_kind: String::new() };
-    let special =
-        SpecialColumns { id: "event_id".into(), timestamp: "event_ts".into(), partition_key: "user_id".into() };
+    let special = SpecialColumns {
+        id: "event_id".into(),
+        timestamp: "event_ts".into(),
+        partition_key: "user_id".into(),
+        sharding: None,
+    };
     TableSchema::new(
         1,
         "analytics",
@@ -52,7 +56,8 @@ fn json_array(bencher: divan::Bencher, n: u64) {
     let schema = seed_schema();
     let body = format!("[{}]", events(n, ","));
     let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
-    let shape = BatchShape { partitions: 2, max_events: 10_000, keep_ids: false, ids: None };
+    let shape =
+        BatchShape { partitions: 2, placing: Placing::Shard(0), max_events: 10_000, keep_ids: false, ids: None };
     bencher
         .counter(divan::counter::ItemsCount::new(n))
         .bench(|| encode_batch(divan::black_box(body.as_bytes()), Format::JsonArray, &schema, &ctx, &shape).unwrap());
@@ -80,8 +85,12 @@ fn string_events(n: u64) -> String {
 fn text_schema() -> TableSchema {
     let column =
         |name: &str, ty: &str| ColumnInfo { name: name.into(), type_text: ty.into(), default_kind: String::new() };
-    let special =
-        SpecialColumns { id: "event_id".into(), timestamp: "event_ts".into(), partition_key: "user_id".into() };
+    let special = SpecialColumns {
+        id: "event_id".into(),
+        timestamp: "event_ts".into(),
+        partition_key: "user_id".into(),
+        sharding: None,
+    };
     TableSchema::new(
         1,
         "analytics",
@@ -103,7 +112,8 @@ fn json_array_text_columns(bencher: divan::Bencher, n: u64) {
     let schema = text_schema();
     let body = format!("[{}]", string_events(n));
     let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
-    let shape = BatchShape { partitions: 2, max_events: 10_000, keep_ids: false, ids: None };
+    let shape =
+        BatchShape { partitions: 2, placing: Placing::Shard(0), max_events: 10_000, keep_ids: false, ids: None };
     bencher
         .counter(divan::counter::ItemsCount::new(n))
         .bench(|| encode_batch(divan::black_box(body.as_bytes()), Format::JsonArray, &schema, &ctx, &shape).unwrap());
@@ -115,7 +125,8 @@ fn native_block_text_columns(bencher: divan::Bencher, n: u64) {
     let schema = text_schema();
     let body = format!("[{}]", string_events(n));
     let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
-    let shape = BatchShape { partitions: 1, max_events: 10_000, keep_ids: false, ids: None };
+    let shape =
+        BatchShape { partitions: 1, placing: Placing::Shard(0), max_events: 10_000, keep_ids: false, ids: None };
     let batch = encode_batch(body.as_bytes(), Format::JsonArray, &schema, &ctx, &shape).unwrap();
     let chunk = &batch.partitions[0].chunks[0];
     bencher.counter(divan::counter::ItemsCount::new(n)).bench(|| {
@@ -129,7 +140,7 @@ fn ndjson_with_ids(bencher: divan::Bencher, n: u64) {
     let schema = seed_schema();
     let body = events(n, "\n");
     let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
-    let shape = BatchShape { partitions: 2, max_events: 10_000, keep_ids: true, ids: None };
+    let shape = BatchShape { partitions: 2, placing: Placing::Shard(0), max_events: 10_000, keep_ids: true, ids: None };
     bencher
         .counter(divan::counter::ItemsCount::new(n))
         .bench(|| encode_batch(divan::black_box(body.as_bytes()), Format::Ndjson, &schema, &ctx, &shape).unwrap());

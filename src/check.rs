@@ -22,6 +22,9 @@ pub enum Severity {
 pub struct Finding {
     /// Stable name of the check.
     pub check: &'static str,
+    /// The ClickHouse node the finding is about (its URL), on a cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     pub severity: Severity,
     pub message: String,
     pub fix: String,
@@ -42,7 +45,7 @@ pub(crate) fn finding(
     message: impl Into<String>,
     fix: impl Into<String>,
 ) -> Finding {
-    Finding { check, severity, message: message.into(), fix: fix.into() }
+    Finding { check, node: None, severity, message: message.into(), fix: fix.into() }
 }
 
 /// Whether any finding should fail the command.
@@ -87,6 +90,56 @@ pub async fn run(ch: &ClickHouse, config: &Config, options: Options) -> Result<V
     out.extend(delivery(ch, config).await?);
     out.extend(crate::kafka::check::run(config).await);
     Ok(out)
+}
+
+/// [`run`] on every node of a cluster: the Buffer, the journal's needs and the Distributed
+/// table per node, each finding naming its node; the stores and Kafka once.
+pub async fn run_all(
+    config: &Config,
+    topology: &crate::clickhouse::topology::Topology,
+    options: Options,
+) -> Result<Vec<Finding>, ClickHouseError> {
+    if topology.nodes() == 1 {
+        return run(&ClickHouse::new(config), config, options).await;
+    }
+    let mut out = Vec::new();
+    for (_, _, url) in topology.each() {
+        let ch = ClickHouse::for_url(config, url);
+        let mut node = buffer(&ch, config, options).await.unwrap_or_else(|error| {
+            vec![finding(
+                "clickhouse",
+                Severity::Error,
+                format!("cannot check this node: {error}"),
+                "start it or fix clickhouse_url",
+            )]
+        });
+        if let Ok(Some(f)) = delivery(&ch, config).await {
+            node.push(f);
+        }
+        node.extend(cluster_tables(&ch, config).await);
+        out.extend(node.into_iter().map(|f| Finding { node: Some(url.to_string()), ..f }));
+    }
+    out.extend(redis(config).await);
+    out.extend(crate::kafka::check::run(config).await);
+    Ok(out)
+}
+
+/// The Distributed table reads go through, on one node.
+async fn cluster_tables(ch: &ClickHouse, config: &Config) -> Option<Finding> {
+    let table = crate::clickhouse::fleet::distributed_table(config);
+    match ch.engine_full(&config.database, &table).await {
+        Ok(Some(engine)) if engine.starts_with("Distributed") => None,
+        Ok(_) => Some(finding(
+            "distributed_table",
+            Severity::Warning,
+            format!(
+                "{}.{table} is missing or not a Distributed table: reads of the whole cluster have no table",
+                config.database
+            ),
+            "run buffergate migrate with clickhouse_cluster set",
+        )),
+        Err(_) => None,
+    }
 }
 
 /// What a 200 promises with this configuration and table: exactly once needs the journal and
@@ -459,8 +512,9 @@ pub fn render_text(findings: &[Finding]) -> String {
     }
     let mut out = String::new();
     for f in findings {
+        let node = f.node.as_deref().map(|n| format!("[{n}] ")).unwrap_or_default();
         out.push_str(&format!(
-            "{:<8} {:<19} {}\n         fix: {}\n",
+            "{:<8} {:<19} {node}{}\n         fix: {}\n",
             format!("{:?}", f.severity).to_uppercase(),
             f.check,
             f.message,

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::check;
-use crate::clickhouse::{ClickHouse, drain, migrate};
+use crate::clickhouse::{fleet, migrate};
 use crate::config::{self, Config, LogFormat};
 use crate::server;
 use crate::shutdown::Shutdown;
@@ -78,7 +78,11 @@ pub async fn main() -> ExitCode {
         Command::Consume => run_server(config, server::Role::Consume).await,
         Command::Check { format, rate, server_memory } => {
             let options = check::Options { rate, server_memory };
-            match check::run(&ClickHouse::new(&config), &config, options).await {
+            let findings = match fleet::resolve(&config).await {
+                Ok(topology) => check::run_all(&config, &topology, options).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match findings {
                 Ok(findings) => {
                     let text = match format {
                         OutputFormat::Text => check::render_text(&findings),
@@ -96,17 +100,8 @@ pub async fn main() -> ExitCode {
                 }
             }
         }
-        Command::Drain => match drain::drain(&ClickHouse::new(&config), &config).await {
-            Ok(rows) => {
-                println!("drained: {rows} rows moved to {}.{}", config.database, config.destination_table);
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("buffergate drain: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Command::Migrate => match migrate::migrate(&ClickHouse::new(&config), &config).await {
+        Command::Drain => drain_every_node(&config).await,
+        Command::Migrate => match migrate_every_node(&config).await {
             Ok(report) => {
                 for line in report.lines {
                     eprintln!("{line}");
@@ -120,6 +115,35 @@ pub async fn main() -> ExitCode {
             }
         },
     }
+}
+
+async fn migrate_every_node(config: &Config) -> Result<migrate::Report, migrate::MigrateError> {
+    let topology = fleet::resolve(config).await?;
+    fleet::migrate_all(config, &topology).await
+}
+
+#[allow(clippy::print_stdout)] // drain reports on stdout
+async fn drain_every_node(config: &Config) -> ExitCode {
+    let topology = match fleet::resolve(config).await {
+        Ok(topology) => topology,
+        Err(e) => {
+            eprintln!("buffergate drain: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let several = topology.nodes() > 1;
+    let mut ok = true;
+    for (node, outcome) in fleet::drain_all(config, &topology).await {
+        let on = if several { format!(" on {node}") } else { String::new() };
+        match outcome {
+            Ok(rows) => println!("drained{on}: {rows} rows moved to {}.{}", config.database, config.destination_table),
+            Err(e) => {
+                ok = false;
+                eprintln!("buffergate drain{on}: {e}");
+            }
+        }
+    }
+    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
 }
 
 async fn run_server(config: Config, role: server::Role) -> ExitCode {

@@ -122,7 +122,19 @@ pub struct Config {
     pub listen: SocketAddr,
     pub log_format: LogFormat,
 
+    /// One node (`http://h:8123`), or a cluster: shards separated by `;`, the replicas of a
+    /// shard by `,` (`http://a1:8123,http://a2:8123;http://b1:8123`).
     pub clickhouse_url: String,
+    /// A cluster of the servers' `remote_servers` (`system.clusters`): the shards' weights, the
+    /// Distributed table's cluster, `ON CLUSTER` DDL. Required with several shards; with a
+    /// single URL, the topology itself is read from it.
+    pub clickhouse_cluster: String,
+    /// The Distributed table's sharding key, by which rows are placed on shards: `rand()`,
+    /// `cityHash64(col)` (String), `intHash64(col)` or `col` (unsigned integers).
+    pub sharding_key: String,
+    /// The Distributed table `migrate` creates over the shards' destinations, for reads;
+    /// empty: the destination's name + `_all`.
+    pub distributed_table: String,
     pub clickhouse_user: String,
     pub clickhouse_password: String,
     pub clickhouse_compression: Compression,
@@ -307,6 +319,9 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             log_format: LogFormat::Text,
             clickhouse_url: "http://127.0.0.1:8123".into(),
+            clickhouse_cluster: String::new(),
+            sharding_key: "rand()".into(),
+            distributed_table: String::new(),
             clickhouse_user: "default".into(),
             clickhouse_password: String::new(),
             clickhouse_compression: Compression::Lz4,
@@ -482,9 +497,19 @@ impl Config {
         if self.buffer_table == self.destination_table {
             return Err(invalid("buffer_table", "must differ from destination_table"));
         }
-        if !self.clickhouse_url.starts_with("http://") && !self.clickhouse_url.starts_with("https://") {
-            return Err(invalid("clickhouse_url", "must start with http:// or https://"));
+        let topology = crate::clickhouse::topology::Topology::parse(&self.clickhouse_url)
+            .map_err(|problem| invalid("clickhouse_url", problem))?;
+        if topology.shards.len() > 1 && self.clickhouse_cluster.trim().is_empty() {
+            return Err(invalid(
+                "clickhouse_cluster",
+                "must name the servers' cluster (remote_servers) when clickhouse_url lists several shards",
+            ));
         }
+        if topology.shards.len() > 1 && self.shed_mode == ShedMode::Fallback {
+            return Err(invalid("shed_mode", "fallback works with one shard; a cluster sheds per shard"));
+        }
+        crate::schema::sharding::ShardingKey::parse(&self.sharding_key)
+            .map_err(|problem| invalid("sharding_key", problem))?;
         for (key, value) in [
             ("max_body_bytes", self.max_body_bytes as u64),
             ("max_decompressed_bytes", self.max_decompressed_bytes as u64),
@@ -623,6 +648,20 @@ impl Config {
 
     pub fn clickhouse_timeout(&self) -> Duration {
         Duration::from_millis(self.clickhouse_timeout_ms)
+    }
+
+    /// The sharding key, as validated.
+    pub fn sharding(&self) -> crate::schema::sharding::ShardingKey {
+        crate::schema::sharding::ShardingKey::parse(&self.sharding_key)
+            .unwrap_or(crate::schema::sharding::ShardingKey::Random)
+    }
+
+    /// This configuration for one node of the cluster: its URL, its share of the journal, its
+    /// own data directory (one journal per node, see `journal`).
+    pub fn for_node(&self, url: &str, data_dir: String, nodes: usize) -> Self {
+        let journal_max_bytes =
+            (self.journal_max_bytes / nodes.max(1) as u64).max(self.journal_segment_bytes.saturating_mul(2));
+        Self { clickhouse_url: url.to_string(), data_dir, journal_max_bytes, ..self.clone() }
     }
 
     /// Whether blocks are journaled (and ambiguous INSERTs resolved rather than retried).

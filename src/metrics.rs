@@ -156,11 +156,13 @@ fn describe() {
 }
 
 /// The journal's size and what it still protects.
-pub fn journal(bytes: u64, blocks: usize, rows: usize, oldest: Duration) {
-    gauge!(JOURNAL_BYTES).set(bytes as f64);
-    gauge!(JOURNAL_UNCONFIRMED_BLOCKS).set(blocks as f64);
-    gauge!(JOURNAL_UNCONFIRMED_ROWS).set(rows as f64);
-    gauge!(JOURNAL_OLDEST_SECONDS).set(oldest.as_secs_f64());
+/// One node's journal (`node`: the ClickHouse URL its blocks were written to).
+pub fn journal(node: &str, bytes: u64, blocks: usize, rows: usize, oldest: Duration) {
+    let node = node.to_string();
+    gauge!(JOURNAL_BYTES, "node" => node.clone()).set(bytes as f64);
+    gauge!(JOURNAL_UNCONFIRMED_BLOCKS, "node" => node.clone()).set(blocks as f64);
+    gauge!(JOURNAL_UNCONFIRMED_ROWS, "node" => node.clone()).set(rows as f64);
+    gauge!(JOURNAL_OLDEST_SECONDS, "node" => node).set(oldest.as_secs_f64());
 }
 
 pub fn journal_confirmed(blocks: usize) {
@@ -224,22 +226,23 @@ pub fn inflight_bytes() -> Gauge {
     gauge!(INFLIGHT_BYTES)
 }
 
-pub fn buffer(bytes: u64, capacity: u64, fill: f64) {
-    gauge!(BUFFER_BYTES).set(bytes as f64);
-    gauge!(BUFFER_CAPACITY).set(capacity as f64);
-    gauge!(BUFFER_FILL).set(fill);
+/// One node's Buffer, as its poller read it (`node`: its URL).
+pub fn buffer(node: &str, bytes: u64, capacity: u64, fill: f64) {
+    gauge!(BUFFER_BYTES, "node" => node.to_string()).set(bytes as f64);
+    gauge!(BUFFER_CAPACITY, "node" => node.to_string()).set(capacity as f64);
+    gauge!(BUFFER_FILL, "node" => node.to_string()).set(fill);
 }
 
-pub fn shed_active(active: bool) {
-    gauge!(SHED_ACTIVE).set(if active { 1.0 } else { 0.0 });
+pub fn shed_active(node: &str, active: bool) {
+    gauge!(SHED_ACTIVE, "node" => node.to_string()).set(if active { 1.0 } else { 0.0 });
 }
 
 pub fn poll_error() {
     counter!(POLL_ERRORS).increment(1);
 }
 
-pub fn circuit_open(open: bool) {
-    gauge!(CIRCUIT_OPEN).set(if open { 1.0 } else { 0.0 });
+pub fn circuit_open(node: &str, open: bool) {
+    gauge!(CIRCUIT_OPEN, "node" => node.to_string()).set(if open { 1.0 } else { 0.0 });
 }
 
 pub fn shed_request(reason: &'static str) {

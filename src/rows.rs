@@ -221,7 +221,7 @@ mod tests {
         let id = uuid::Uuid::from_u64_pair(0, bytes.len() as u64);
         rows.encode(|out| {
             out.extend_from_slice(bytes);
-            let encoded = Encoded { omitted, id: Some(id), seconds: Some(bytes.len() as i64) };
+            let encoded = Encoded { omitted, id: Some(id), seconds: Some(bytes.len() as i64), shard_key: None };
             if omitted == u64::MAX { Err(()) } else { Ok(encoded) }
         })
         .map(|(chunk, range, _)| (chunk, range))

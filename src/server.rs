@@ -14,8 +14,9 @@ use crate::auth::{AdminToken, ApiKeys, AuthError};
 use crate::clickhouse::ClickHouse;
 use crate::clickhouse::breaker::Breaker;
 use crate::clickhouse::refresh::Refresher;
+use crate::clickhouse::topology::Topology;
 use crate::clickhouse::writer::Writer;
-use crate::coalesce::{Coalescer, CoalescerTasks};
+use crate::coalesce::{Coalescer, CoalescerTasks, Replica, Shards, ShedPolicy};
 use crate::config::Config;
 use crate::health::Health;
 use crate::http;
@@ -26,6 +27,7 @@ use crate::journal::{Durable, JournalError};
 use crate::kafka::{self, KafkaError};
 use crate::metrics;
 use crate::schema::SharedSchema;
+use crate::schema::sharding::Placement;
 use crate::shed::ShedState;
 use crate::shed::budget::Budget;
 use crate::shed::poller::Poller;
@@ -45,6 +47,8 @@ pub enum ServeError {
     Journal(#[from] JournalError),
     #[error(transparent)]
     Kafka(#[from] KafkaError),
+    #[error("configuration: clickhouse_url / clickhouse_cluster: {0}")]
+    Topology(String),
 }
 
 /// What the process runs besides the HTTP API.
@@ -78,11 +82,10 @@ pub async fn run_as(config: Config, listener: TcpListener, shutdown: Shutdown, r
     let schema = Arc::new(SharedSchema::default());
     let shed = Arc::new(ShedState::default());
     let wake = Arc::new(Notify::new());
-    let watchers = Watchers::start(&ch, &config, &schema, &health, &shed, &wake).await;
-    let (ingest, partitions) = ingest(&config, &ch, schema, &health, wake).await?;
-    let durable = ingest.durable.clone();
-    let stop_durable = CancellationToken::new();
-    let durable_task = durable.clone().map(|d| tokio::spawn(d.run(stop_durable.clone())));
+    let Some(topology) = topology(&config, &ch, &shutdown).await? else { return Ok(()) };
+    let watchers = Watchers::start(&ch, &config, &schema, &health, &wake, topology.shards.len()).await;
+    let nodes = Nodes::open(&config, &topology, &shed, &wake).await?;
+    let (ingest, partitions) = ingest(&config, &nodes, schema, &health)?;
     let api_keys = ApiKeys::from_config(&config)?;
     if api_keys.enabled() {
         tracing::info!(keys = api_keys.len(), "producer API keys required");
@@ -102,7 +105,13 @@ pub async fn run_as(config: Config, listener: TcpListener, shutdown: Shutdown, r
     let state = Arc::new(AppState { config: Arc::clone(&config), ingest, shed, api_keys, admin, ch, metrics, kafka });
 
     let local = listener.local_addr().map_err(ServeError::Serve)?;
-    tracing::info!(listen = %local, partitions = state.ingest.coalescer.partitions(), "buffergate serving");
+    tracing::info!(
+        listen = %local,
+        shards = topology.shards.len(),
+        nodes = topology.nodes(),
+        partitions = state.ingest.coalescer.partitions(),
+        "buffergate serving"
+    );
     let front = front.map(|front| stop_consuming(front, shutdown.clone()));
     let stop_http = stop_accepting(shutdown, health, Duration::from_millis(config.shutdown_delay_ms));
     let header_timeout = Duration::from_millis(config.header_timeout_ms);
@@ -113,23 +122,43 @@ pub async fn run_as(config: Config, listener: TcpListener, shutdown: Shutdown, r
         let _ = front.await;
     }
     partitions.drain().await;
-    if let Some(durable) = &durable {
-        durable.finish(Duration::from_millis(config.shutdown_confirm_ms)).await;
-    }
-    stop_durable.cancel();
-    if let Some(task) = durable_task {
-        let _ = task.await;
-    }
+    nodes.finish(Duration::from_millis(config.shutdown_confirm_ms)).await;
     watchers.stop().await;
     tracing::info!("drained; bye");
     Ok(())
 }
 
+/// The ClickHouse servers to write to: `clickhouse_url`, with the weights (or, given one URL,
+/// the nodes) of `clickhouse_cluster` from `system.clusters`. Waits for the first server to
+/// answer when a cluster is named: placing rows by wrong weights would put them where the
+/// Distributed table does not look. `None` if shutdown came first.
+async fn topology(config: &Config, ch: &ClickHouse, shutdown: &Shutdown) -> Result<Option<Topology>, ServeError> {
+    let listed = Topology::parse(&config.clickhouse_url).map_err(ServeError::Topology)?;
+    let cluster = config.clickhouse_cluster.trim();
+    if cluster.is_empty() {
+        return Ok(Some(listed));
+    }
+    loop {
+        match ch.cluster_rows(cluster).await {
+            Ok(rows) => {
+                let topology = listed.with_cluster(&rows).map_err(ServeError::Topology)?;
+                tracing::info!(cluster, shards = topology.shards.len(), weights = ?topology.weights(), "cluster read");
+                return Ok(Some(topology));
+            }
+            Err(error) => tracing::warn!(%error, cluster, "cannot read the cluster from system.clusters; retrying"),
+        }
+        tokio::select! {
+            () = shutdown.triggered() => return Ok(None),
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
 /// The tasks that watch ClickHouse off the request path: the schema refresher (also the
-/// readiness probe) and the Buffer fill poller.
+/// readiness probe), on the first node; each node's fill poller lives with the node.
 struct Watchers {
     stop: CancellationToken,
-    tasks: [tokio::task::JoinHandle<()>; 2],
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Watchers {
@@ -138,10 +167,11 @@ impl Watchers {
         config: &Arc<Config>,
         schema: &Arc<SharedSchema>,
         health: &Arc<Health>,
-        shed: &Arc<ShedState>,
         wake: &Arc<Notify>,
+        shards: usize,
     ) -> Self {
         let refresher = Refresher {
+            shards,
             ch: ch.clone(),
             schema: Arc::clone(schema),
             health: Arc::clone(health),
@@ -152,12 +182,73 @@ impl Watchers {
         // not ready, and keeps looking.
         refresher.refresh().await;
         let stop = CancellationToken::new();
-        let poller = Poller { ch: ch.clone(), state: Arc::clone(shed), config: Arc::clone(config) };
-        let tasks = [tokio::spawn(refresher.run(stop.clone())), tokio::spawn(poller.run(stop.clone()))];
-        Self { stop, tasks }
+        let task = tokio::spawn(refresher.run(stop.clone()));
+        Self { stop, task }
     }
 
     async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Every ClickHouse node with its machinery (writer, breaker, journal, poller), and the tasks
+/// that run for them.
+struct Nodes {
+    shards: Arc<Shards>,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Nodes {
+    async fn open(
+        config: &Arc<Config>,
+        topology: &Topology,
+        shed: &Arc<ShedState>,
+        wake: &Arc<Notify>,
+    ) -> Result<Self, ServeError> {
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let single = topology.nodes() == 1;
+        let mut shards = vec![Vec::new(); topology.shards.len()];
+        for (shard, _, url) in topology.each() {
+            let node_config = if single {
+                Arc::clone(config)
+            } else {
+                Arc::new(config.for_node(url, node_dir(&config.data_dir, url), topology.nodes()))
+            };
+            // One node: its verdict is the gateway's. Several: each its own, summed below.
+            let node_shed = if single { Arc::clone(shed) } else { Arc::new(ShedState::default()) };
+            let replica = replica(&node_config, url, node_shed, wake).await?;
+            let poller =
+                Poller { ch: ClickHouse::for_url(config, url), state: Arc::clone(&replica.shed), config: node_config };
+            tasks.push(tokio::spawn(poller.run(stop.clone())));
+            if let Some(durable) = &replica.durable {
+                tasks.push(tokio::spawn(Arc::clone(durable).run(stop.clone())));
+            }
+            shards[shard].push(Arc::new(replica));
+        }
+        let shards = Arc::new(Shards {
+            shards,
+            placement: Placement::new(&topology.weights()),
+            policy: ShedPolicy {
+                stale_after: Duration::from_millis(config.shed_stale_after_ms),
+                on_stale: config.shed_on_stale,
+            },
+        });
+        if !single {
+            let interval = Duration::from_millis(config.shed_poll_interval_ms);
+            tasks.push(tokio::spawn(summarize(Arc::clone(&shards), Arc::clone(shed), interval, stop.clone())));
+        }
+        Ok(Self { shards, stop, tasks })
+    }
+
+    /// Settles what each journal can before exit, then stops the nodes' tasks.
+    async fn finish(self, within: Duration) {
+        let finishing = self.shards.replicas().filter_map(|r| r.durable.clone()).map(|d| async move {
+            d.finish(within).await;
+        });
+        futures_util::future::join_all(finishing).await;
         self.stop.cancel();
         for task in self.tasks {
             let _ = task.await;
@@ -165,16 +256,57 @@ impl Watchers {
     }
 }
 
-/// The ingestion path and its running partitions.
-async fn ingest(
+/// A node's own directory under `data_dir` when there are several (each its own journal).
+fn node_dir(data_dir: &str, url: &str) -> String {
+    if data_dir.is_empty() {
+        return String::new();
+    }
+    let name: String = url
+        .split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+        .collect();
+    std::path::Path::new(data_dir).join("nodes").join(name.trim_matches('_')).to_string_lossy().into_owned()
+}
+
+/// The writer, breaker and journal of the node at `url`.
+async fn replica(
     config: &Arc<Config>,
-    ch: &ClickHouse,
+    url: &str,
+    shed: Arc<ShedState>,
+    wake: &Arc<Notify>,
+) -> Result<Replica, ServeError> {
+    let ch = ClickHouse::for_url(config, url);
+    let breaker =
+        Arc::new(Breaker::for_node(config.circuit_failures, Duration::from_millis(config.circuit_open_ms), url));
+    let writer = Arc::new(Writer::new(ch.clone(), config, Arc::clone(wake), Arc::clone(&breaker)));
+    let durable =
+        if config.journal_enabled() { Some(Durable::open(config, ch, Arc::clone(&writer)).await?) } else { None };
+    Ok(Replica { url: url.to_string(), writer, breaker, durable, shed })
+}
+
+/// Publishes the cluster's verdict for the request path's first look (and the Kafka front):
+/// shed once no shard takes rows; each batch is then checked against its own shards.
+async fn summarize(shards: Arc<Shards>, into: Arc<ShedState>, interval: Duration, stop: CancellationToken) {
+    loop {
+        if let Some(summary) = shards.summary() {
+            into.publish(summary.bytes, summary.capacity, summary.shedding, summary.retry_after_s);
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+/// The ingestion path and its running partitions.
+fn ingest(
+    config: &Arc<Config>,
+    nodes: &Nodes,
     schema: Arc<SharedSchema>,
     health: &Arc<Health>,
-    wake: Arc<Notify>,
 ) -> Result<(Ingest, CoalescerTasks), ServeError> {
-    let breaker = Arc::new(Breaker::new(config.circuit_failures, Duration::from_millis(config.circuit_open_ms)));
-    let writer = Arc::new(Writer::new(ch.clone(), config, wake, Arc::clone(&breaker)));
     let idempotency = Arc::new(Idempotency::from_config(config)?);
     if idempotency.is_embedded() {
         tracing::warn!(
@@ -182,15 +314,14 @@ async fn ingest(
              run one replica, or configure BUFFERGATE_REDIS_URL"
         );
     }
-    let durable = if config.journal_enabled() {
-        Some(Durable::open(config, ch.clone(), Arc::clone(&writer)).await?)
-    } else {
+    if !config.journal_enabled() {
         tracing::warn!(
             "the journal is off: a 200 means the rows reached the Buffer's memory, not that they survive it"
         );
-        None
-    };
-    let (coalescer, partitions) = Coalescer::start(config, &writer, &idempotency, durable.as_ref());
+    }
+    let shards = Arc::clone(&nodes.shards);
+    let (coalescer, partitions) = Coalescer::start(config, &shards, &idempotency);
+    let writer = Arc::clone(&shards.shards[0][0].writer);
     let ingest = Ingest {
         config: Arc::clone(config),
         schema,
@@ -198,9 +329,9 @@ async fn ingest(
         coalescer,
         writer,
         budget: Budget::new(config.max_inflight_bytes),
-        breaker,
+        shards,
+        sharding: config.sharding(),
         idempotency,
-        durable,
     };
     Ok((ingest, partitions))
 }

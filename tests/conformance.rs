@@ -59,8 +59,12 @@ fn json_rows(text: &str) -> Vec<Value> {
 
 /// Encodes events with the schema built from `columns`; writes a RowBinary file.
 fn encode_file(path: &std::path::Path, columns: Vec<ColumnInfo>, events: &[Value]) -> TableSchema {
-    let special =
-        SpecialColumns { id: "event_id".into(), timestamp: "event_ts".into(), partition_key: "user_id".into() };
+    let special = SpecialColumns {
+        id: "event_id".into(),
+        timestamp: "event_ts".into(),
+        partition_key: "user_id".into(),
+        sharding: None,
+    };
     let schema = TableSchema::new(1, "conf", "t", columns, &special);
     let ctx = EncodeContext {
         now: Timestamp { seconds: 1_700_000_000, nanos: 500_000_000 },
@@ -305,7 +309,8 @@ fn native_blocks_read_back_like_the_rowbinary_they_come_from() {
         type_text: "LowCardinality(Nullable(String))".into(),
         default_kind: String::new(),
     }];
-    let special = SpecialColumns { id: "id".into(), timestamp: "ts".into(), partition_key: "lcn".into() };
+    let special =
+        SpecialColumns { id: "id".into(), timestamp: "ts".into(), partition_key: "lcn".into(), sharding: None };
     let schema = TableSchema::new(1, "conf", "t", unsupported, &special);
     let (sql, body) = schema.insert("conf.t", 0, 1, &[vec![1].into()], buffergate::config::InsertFormat::Native);
     assert!(sql.ends_with("FORMAT RowBinary") && body[..] == [1], "{sql}");

@@ -233,7 +233,8 @@ async fn every_type(prefix: &str, extra: &str, format: InsertFormat) {
         .into_iter()
         .map(|c| serde_json::from_value(c).unwrap())
         .collect();
-    let special = SpecialColumns { id: "id".into(), timestamp: "dt".into(), partition_key: "u64".into() };
+    let special =
+        SpecialColumns { id: "id".into(), timestamp: "dt".into(), partition_key: "u64".into(), sharding: None };
     let schema = TableSchema::new(1, &db, "buf", described, &special);
     let (sql, _) = schema.insert("t", 0, 0, &[], format);
     let expected =

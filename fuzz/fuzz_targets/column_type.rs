@@ -12,7 +12,7 @@ use libfuzzer_sys::fuzz_target;
 /// Encodes `raw` as the one field `v` of an event, as the request path does.
 fn through_scanner(type_text: &str, raw: &str, out: &mut Vec<u8>) -> Result<(), Reason> {
     let info = ColumnInfo { name: "v".into(), type_text: type_text.into(), default_kind: String::new() };
-    let special = SpecialColumns { id: String::new(), timestamp: String::new(), partition_key: String::new() };
+    let special = SpecialColumns { id: String::new(), timestamp: String::new(), partition_key: String::new(), sharding: None };
     let schema = TableSchema::new(1, "db", "t", vec![info], &special);
     let text = format!("{{\"v\": {raw}}}");
     let mut fields = EventFields::default();

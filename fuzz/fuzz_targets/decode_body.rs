@@ -4,7 +4,7 @@
 #![no_main]
 
 use buffergate::config::UnknownFields;
-use buffergate::decode::{BatchShape, DecodeError, Encoding, Format, decompress, encode_batch};
+use buffergate::decode::{BatchShape, DecodeError, Encoding, Format, Placing, decompress, encode_batch};
 use buffergate::schema::{ColumnInfo, EncodeContext, SpecialColumns, TableSchema, Timestamp};
 use libfuzzer_sys::fuzz_target;
 
@@ -37,7 +37,7 @@ fn build_schema() -> TableSchema {
         .map(|(name, ty)| ColumnInfo { name: (*name).into(), type_text: (*ty).into(), default_kind: String::new() })
         .collect();
     let special =
-        SpecialColumns { id: "event_id".into(), timestamp: "event_ts".into(), partition_key: "user_id".into() };
+        SpecialColumns { id: "event_id".into(), timestamp: "event_ts".into(), partition_key: "user_id".into(), sharding: None };
     TableSchema::new(1, "db", "t", infos, &special)
 }
 
@@ -57,7 +57,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = decompress(bytes::Bytes::copy_from_slice(body), encoding, LIMIT) else { return };
     let unknown = if mode & 0x80 == 0 { UnknownFields::Reject } else { UnknownFields::Ignore };
     let ctx = EncodeContext { now: Timestamp { seconds: 1_700_000_000, nanos: 0 }, unknown_fields: unknown };
-    let shape = BatchShape { partitions: 3, max_events: 1000, keep_ids: true, ids: None };
+    let shape = BatchShape { partitions: 3, placing: Placing::Shard(0), max_events: 1000, keep_ids: true, ids: None };
     let result = encode_batch(&text, format, schema(), &ctx, &shape);
     if format == Format::JsonArray && !matches!(result, Err(DecodeError::TooManyEvents { .. })) {
         let ours = result.is_ok();

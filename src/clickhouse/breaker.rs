@@ -19,6 +19,8 @@ pub struct Breaker {
     /// While open: milliseconds after `epoch` when a probe may go; 0 when closed.
     open_until_ms: AtomicU64,
     probing: AtomicBool,
+    /// The node it guards, as the metrics name it.
+    node: String,
 }
 
 impl Breaker {
@@ -31,7 +33,13 @@ impl Breaker {
             failures: AtomicU32::new(0),
             open_until_ms: AtomicU64::new(0),
             probing: AtomicBool::new(false),
+            node: String::new(),
         }
+    }
+
+    /// The breaker of the node at `url`.
+    pub fn for_node(threshold: u32, open_for: Duration, url: &str) -> Self {
+        Self { node: url.to_string(), ..Self::new(threshold, open_for) }
     }
 
     fn now_ms(&self) -> u64 {
@@ -63,8 +71,8 @@ impl Breaker {
         if ok {
             self.failures.store(0, Ordering::Release);
             if self.open_until_ms.swap(0, Ordering::AcqRel) != 0 {
-                tracing::info!("INSERT circuit closed");
-                metrics::circuit_open(false);
+                tracing::info!(node = %self.node, "INSERT circuit closed");
+                metrics::circuit_open(&self.node, false);
             }
             self.probing.store(false, Ordering::Release);
             return;
@@ -73,9 +81,9 @@ impl Breaker {
         if failures >= self.threshold {
             let until = self.now_ms() + self.open_for.as_millis() as u64;
             if self.open_until_ms.swap(until.max(1), Ordering::AcqRel) == 0 {
-                tracing::warn!(failures, open_for = ?self.open_for, "INSERT circuit opened");
+                tracing::warn!(node = %self.node, failures, open_for = ?self.open_for, "INSERT circuit opened");
             }
-            metrics::circuit_open(true);
+            metrics::circuit_open(&self.node, true);
             self.probing.store(false, Ordering::Release);
         }
     }

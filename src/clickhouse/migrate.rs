@@ -20,6 +20,10 @@ pub enum MigrateError {
     NotABuffer { table: String, engine: String },
     #[error(transparent)]
     Drain(#[from] DrainError),
+    #[error("the cluster: {0}")]
+    Topology(String),
+    #[error("{node}: {error}")]
+    OnNode { node: String, error: Box<MigrateError> },
 }
 
 /// What `migrate` did and what it adapted, one line each, for the operator.

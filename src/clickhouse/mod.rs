@@ -4,10 +4,12 @@
 
 pub mod breaker;
 pub mod drain;
+pub mod fleet;
 pub mod migrate;
 pub mod presence;
 pub mod refresh;
 pub mod retry;
+pub mod topology;
 pub mod writer;
 
 use std::time::Duration;
@@ -138,9 +140,16 @@ impl std::fmt::Debug for ClickHouse {
 }
 
 impl ClickHouse {
+    /// The first node of `clickhouse_url` (the only one, unless it lists a cluster).
     pub fn new(config: &Config) -> Self {
+        let first = config.clickhouse_url.split([';', ',']).next().unwrap_or_default().trim();
+        Self::for_url(config, first)
+    }
+
+    /// The node at `url`, with the configuration's credentials and timeouts.
+    pub fn for_url(config: &Config, url: &str) -> Self {
         let mut client = http_client()
-            .with_url(&config.clickhouse_url)
+            .with_url(url)
             .with_user(&config.clickhouse_user)
             .with_compression(match config.clickhouse_compression {
                 config::Compression::Lz4 => clickhouse::Compression::Lz4,

@@ -22,6 +22,8 @@ pub struct Refresher {
     pub config: Arc<Config>,
     /// Notified by the INSERT path when a failure looks like a schema change.
     pub wake: Arc<Notify>,
+    /// Shards of the cluster: with more than one, rows are placed by the sharding key.
+    pub shards: usize,
 }
 
 impl Refresher {
@@ -30,6 +32,17 @@ impl Refresher {
             id: self.config.id_column.clone(),
             timestamp: self.config.timestamp_column.clone(),
             partition_key: self.config.partition_key.clone(),
+            sharding: self.sharding(),
+        }
+    }
+
+    /// The column rows are placed on shards by: only with several shards and a key column.
+    fn sharding(&self) -> Option<(String, crate::schema::sharding::KeyFunction)> {
+        match self.config.sharding() {
+            crate::schema::sharding::ShardingKey::Column { function, column } if self.shards > 1 => {
+                Some((column, function))
+            }
+            _ => None,
         }
     }
 
@@ -52,6 +65,9 @@ impl Refresher {
                 }
                 if let Some(version) = self.schema.update(db, table, columns, &self.special()) {
                     tracing::info!(version, database = %db, table = %table, "table schema loaded");
+                    if let Some(problem) = self.schema.get().and_then(|s| s.sharding_problem()) {
+                        tracing::error!(%problem, sharding_key = %self.config.sharding_key, "events cannot be placed on shards");
+                    }
                 }
             }
             Err(error) => {

@@ -54,6 +54,13 @@ pub struct WriteError {
     pub ambiguous: bool,
 }
 
+impl WriteError {
+    /// Nothing was sent: no replica would take the INSERT (every breaker open).
+    pub fn not_sent() -> Self {
+        Self { attempts: 0, error: ClickHouseError::CircuitOpen, ambiguous: false }
+    }
+}
+
 /// What to do after a failed attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
@@ -222,7 +229,8 @@ mod tests {
     fn schema() -> TableSchema {
         let info =
             |name: &str, ty: &str| ColumnInfo { name: name.into(), type_text: ty.into(), default_kind: String::new() };
-        let special = SpecialColumns { id: "id".into(), timestamp: "ts".into(), partition_key: "n".into() };
+        let special =
+            SpecialColumns { id: "id".into(), timestamp: "ts".into(), partition_key: "n".into(), sharding: None };
         TableSchema::new(1, "db", "t", vec![info("n", "UInt64"), info("s", "String")], &special)
     }
 

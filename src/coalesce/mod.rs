@@ -9,6 +9,7 @@
 //! while no INSERT is pending, trading latency for fewer INSERTs.
 
 mod partition;
+pub mod route;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,16 +19,15 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::clickhouse::writer::Writer;
 use crate::config::Config;
 use crate::idempotency::{Idempotency, Reservation};
-use crate::journal::Durable;
 use crate::metrics;
 use crate::rows::PartitionRows;
 use crate::schema::TableSchema;
 use crate::shed::budget::Lease;
 
 pub use crate::journal::{FlushError, FlushResult, Waiter};
+pub use route::{Replica, Shards, ShedPolicy};
 
 /// Who hears about a submission's rows, and when.
 #[derive(Debug, Default)]
@@ -74,7 +74,9 @@ pub struct BatchLimits {
 /// The partitions and their queues.
 #[derive(Debug)]
 pub struct Coalescer {
+    /// Shard `s` owns partitions `s × per_shard ..` of these.
     queues: Vec<mpsc::Sender<Submission>>,
+    per_shard: usize,
     queue_timeout: Duration,
     /// Rows waiting in each partition: queued, or in a batch not yet written.
     queued: Arc<Vec<Waiting>>,
@@ -111,12 +113,8 @@ pub struct CoalescerTasks {
 }
 
 impl Coalescer {
-    pub fn start(
-        config: &Config,
-        writer: &Arc<Writer>,
-        idempotency: &Arc<Idempotency>,
-        durable: Option<&Arc<Durable>>,
-    ) -> (Self, CoalescerTasks) {
+    /// Starts `partition_count()` partitions per shard, each writing to its shard's replicas.
+    pub fn start(config: &Config, shards: &Shards, idempotency: &Arc<Idempotency>) -> (Self, CoalescerTasks) {
         let limits = BatchLimits {
             max_rows: config.flush_max_rows,
             max_bytes: config.flush_max_bytes,
@@ -124,16 +122,18 @@ impl Coalescer {
         };
         let close = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let count = config.partition_count();
+        let per_shard = config.partition_count();
+        let replicas: Vec<Arc<[Arc<Replica>]>> = shards.shards.iter().map(|r| r.iter().cloned().collect()).collect();
+        let count = per_shard * replicas.len();
         let queued: Arc<Vec<Waiting>> = Arc::new((0..count).map(Waiting::new).collect());
         let queues = (0..count)
             .map(|id| {
                 let (tx, rx) = mpsc::channel(config.queue_capacity);
                 let partition = partition::Partition {
                     id,
-                    writer: Arc::clone(writer),
+                    replicas: Arc::clone(&replicas[id / per_shard]),
+                    policy: shards.policy,
                     idempotency: Arc::clone(idempotency),
-                    durable: durable.cloned(),
                     limits,
                     queued: Arc::clone(&queued),
                 };
@@ -141,12 +141,19 @@ impl Coalescer {
                 tx
             })
             .collect();
-        let coalescer = Self { queues, queue_timeout: Duration::from_millis(config.queue_timeout_ms), queued };
+        let coalescer =
+            Self { queues, per_shard, queue_timeout: Duration::from_millis(config.queue_timeout_ms), queued };
         (coalescer, CoalescerTasks { tasks, close })
     }
 
+    /// Partitions over all shards.
     pub fn partitions(&self) -> usize {
         self.queues.len()
+    }
+
+    /// Partitions of each shard.
+    pub fn per_shard(&self) -> usize {
+        self.per_shard
     }
 
     /// Queues one request's rows, all partitions or none: room is reserved in every queue

@@ -7,6 +7,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::route::{Replica, ShedPolicy, choose_replica};
 use super::{BatchLimits, Submission, Waiting};
 use crate::clickhouse::writer::{WriteError, Writer};
 use crate::idempotency::{Idempotency, Reservation};
@@ -74,19 +75,36 @@ impl Batch {
         self.urgent |= submission.urgent;
     }
 
-    /// Journals the batch and INSERTs it, both at once (the fsync overlaps the INSERT it
-    /// protects), then settles its keys and tells every waiter.
-    async fn flush(self, writer: &Writer, idempotency: &Idempotency, durable: Option<&Durable>) {
+    /// Journals the batch and INSERTs it on a replica of its shard, both at once (the fsync
+    /// overlaps the INSERT it protects), fails over to another replica when the INSERT failed
+    /// cleanly, then settles its keys and tells every waiter.
+    async fn flush(self, route: &Route<'_>, idempotency: &Idempotency) {
         let Self { schema, mut groups, journaled, written, visible, leases, reservations, .. } = self;
-        let block = durable.map(|d| Block::of(&schema, &schema.table, &mut groups, d.next_query_id(), unix_ms()));
+        let mut tried = Vec::new();
+        let Some(first) = route.next(&tried) else {
+            let failed = Err(FlushError::Write(WriteError::not_sent()));
+            let _ = idempotency.release(&reservations).await;
+            for waiters in [journaled, written, visible] {
+                tell(waiters, &failed);
+            }
+            return;
+        };
+        tried.push(first);
+        let replica = &route.replicas[first];
+        let durable = replica.durable.as_deref();
+        // With another replica to fail over to, the block is made even without a journal: a
+        // second attempt sends its rows.
+        let keep_block = durable.is_some() || route.replicas.len() > 1;
+        let query_id = durable.map_or_else(|| format!("bg-{:016x}", rand::random::<u64>()), Durable::next_query_id);
+        let block = keep_block.then(|| Block::of(&schema, &schema.table, &mut groups, query_id.clone(), unix_ms()));
         let append = async {
             match (durable, &block) {
                 (Some(durable), Some(block)) => Some(durable.append(block).await),
                 _ => None,
             }
         };
-        let query_id = block.as_ref().map(|b| b.query_id.clone());
-        let (appended, result) = tokio::join!(append, insert(writer, &schema, groups, query_id.as_deref()));
+        let sent_id = durable.map(|_| query_id.as_str());
+        let (appended, mut result) = tokio::join!(append, insert(&replica.writer, &schema, groups, sent_id));
         let journal_result: FlushResult = match &appended {
             Some(Err(error)) => Err(FlushError::from(error)),
             _ => Ok(()),
@@ -94,7 +112,26 @@ impl Batch {
         // Told "safe" now: from here on their block may not be given back.
         let promised = !journaled.is_empty();
         tell(journaled, &journal_result);
-        let id = appended.and_then(Result::ok);
+        let mut at = Settle { replica, id: appended.and_then(Result::ok) };
+        // A clean failure wrote nothing: the block moves to the next replica, its journal
+        // record with it (appended there before it is dropped here).
+        while let (Err(error), Some(block)) = (&result, &block)
+            && !error.ambiguous
+            && let Some(next) = route.next(&tried)
+        {
+            tried.push(next);
+            tracing::warn!(from = %at.replica.url, to = %route.replicas[next].url, %error, "INSERT failed; failing over");
+            match failover(&at, &route.replicas[next], block, promised).await {
+                Some((moved, outcome)) => {
+                    at = moved;
+                    result = outcome;
+                }
+                // The next replica's journal could not take it: it stays where it is.
+                None => break,
+            }
+        }
+        let Settle { replica, id } = at;
+        let durable = replica.durable.as_deref();
         match (result, durable, block) {
             (Ok(()), durable, block) => {
                 commit(idempotency, &reservations).await;
@@ -129,6 +166,61 @@ impl Batch {
         }
         drop(leases);
     }
+}
+
+/// Where a batch's block is, and its journal record there.
+struct Settle<'a> {
+    replica: &'a Replica,
+    id: Option<BlockId>,
+}
+
+/// Which replicas of its shard a partition writes to, preferring its own.
+pub(super) struct Route<'a> {
+    pub replicas: &'a [Arc<Replica>],
+    pub preferred: usize,
+    pub policy: ShedPolicy,
+}
+
+impl Route<'_> {
+    fn next(&self, tried: &[usize]) -> Option<usize> {
+        let usable: Vec<bool> = self.replicas.iter().map(|r| r.usable(self.policy)).collect();
+        // `is_open`, not `allow`: asking must not take a half-open breaker's one probe.
+        let allowed: Vec<bool> = self.replicas.iter().map(|r| !r.breaker.is_open()).collect();
+        choose_replica(&usable, &allowed, self.preferred, tried)
+    }
+}
+
+/// Sends a block whose INSERT failed cleanly on `from` to `to`: journaled there first (when
+/// either journals), then its record on `from` dropped, then sent (as RowBinary, the groups
+/// of the block). `None` when `to`'s journal cannot take a promised block: it stays on `from`.
+async fn failover<'a>(
+    from: &Settle<'_>,
+    to: &'a Replica,
+    block: &Block,
+    promised: bool,
+) -> Option<(Settle<'a>, Result<(), WriteError>)> {
+    let id = match &to.durable {
+        Some(durable) => match durable.append(block).await {
+            Ok(id) => Some(id),
+            Err(_) if promised && from.id.is_some() => return None,
+            Err(_) => None,
+        },
+        None => None,
+    };
+    if let (Some(durable), Some(old)) = (&from.replica.durable, from.id) {
+        durable.discard(old).await;
+    }
+    let mut result = Ok(());
+    for (n, group) in block.groups.iter().enumerate() {
+        let rows = group.marks.ends.len();
+        // Under the block's own query id: resolving it on `to` stops these INSERTs too.
+        let query_id = format!("{}-f{n}", block.query_id);
+        result = to.writer.write_group(&group.statement, group.body(), rows, &query_id).await;
+        if result.is_err() {
+            break;
+        }
+    }
+    Some((Settle { replica: to, id }, result))
 }
 
 /// Whether a batch whose INSERT failed is kept, to be settled through the journal, rather
@@ -184,9 +276,10 @@ fn unix_ms() -> u64 {
 /// One partition's task and what it needs.
 pub(super) struct Partition {
     pub id: usize,
-    pub writer: Arc<Writer>,
+    /// The replicas of the partition's shard.
+    pub replicas: Arc<[Arc<Replica>]>,
+    pub policy: ShedPolicy,
     pub idempotency: Arc<Idempotency>,
-    pub durable: Option<Arc<Durable>>,
     pub limits: BatchLimits,
     pub queued: Arc<Vec<Waiting>>,
 }
@@ -239,7 +332,8 @@ impl Partition {
             }
             tracing::trace!(partition = self.id, rows = batch.rows, bytes = batch.bytes, "flushing");
             let rows = batch.rows;
-            batch.flush(&self.writer, &self.idempotency, self.durable.as_deref()).await;
+            let route = Route { replicas: &self.replicas, preferred: self.id, policy: self.policy };
+            batch.flush(&route, &self.idempotency).await;
             self.done(rows);
         }
         tracing::debug!(partition = self.id, "coalescer partition drained");

@@ -9,7 +9,8 @@ use super::ids::IdSeed;
 use super::scan::{EventSchema, Scanner, SyntaxError};
 use crate::idempotency::Idempotency;
 use crate::rows::PartitionRows;
-use crate::schema::{EncodeContext, Encoded, EventFields, TableSchema};
+use crate::schema::sharding::Placement;
+use crate::schema::{EncodeContext, Encoded, EventFields, Rejection, TableSchema};
 
 #[derive(Debug, Serialize)]
 pub struct RejectedEvent {
@@ -65,10 +66,21 @@ impl EncodedBatch {
     }
 }
 
+/// Which shard an event's row goes to.
+#[derive(Debug, Clone)]
+pub enum Placing {
+    /// Every event of the request to this shard (one shard, or `rand()`).
+    Shard(usize),
+    /// Each event to the shard of its sharding-key value, as the Distributed table would.
+    ByKey(Placement),
+}
+
 /// What `encode_batch` needs to know besides the schema.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct BatchShape {
+    /// Partitions per shard.
     pub partitions: usize,
+    pub placing: Placing,
     pub max_events: usize,
     /// Remember each event's id and row position, for deduplication.
     pub keep_ids: bool,
@@ -85,27 +97,51 @@ pub fn encode_batch(
     ctx: &EncodeContext,
     shape: &BatchShape,
 ) -> Result<EncodedBatch, DecodeError> {
-    let partitions = shape.partitions.max(1);
+    let per_shard = shape.partitions.max(1);
+    let shards = match &shape.placing {
+        Placing::Shard(shard) => shard + 1,
+        Placing::ByKey(placement) => placement.shards().max(1),
+    };
+    let partitions = per_shard * shards;
     let mut batch = EncodedBatch {
         // RowBinary is usually well under half the size of the JSON it came from: an
         // underestimate costs one doubling, an overestimate would hold memory not accounted for.
-        partitions: (0..partitions).map(|_| PartitionRows::with_expected_bytes(text.len() / 3 / partitions)).collect(),
+        partitions: (0..partitions).map(|_| PartitionRows::with_expected_bytes(text.len() / 3 / per_shard)).collect(),
         events: Vec::new(),
         accepted: 0,
         rejected: Vec::new(),
         body_hash: String::new(),
     };
     let mut index = 0usize;
+    // Rows placed by key are encoded here first: their shard is known once they are.
+    let mut scratch = Vec::new();
     let mut take = |fields: &EventFields| {
-        // One partition (the default on small hosts) needs no key hashed.
-        let partition = if partitions == 1 {
-            0
-        } else {
-            (schema.partition_hash(fields, index as u64) % partitions as u64) as usize
-        };
+        // One partition per shard (the default on small hosts) needs no key hashed.
+        let within =
+            if per_shard == 1 { 0 } else { (schema.partition_hash(fields, index as u64) % per_shard as u64) as usize };
         let derived = shape.ids.map(|seed| seed.id(index));
-        match batch.partitions[partition].encode(|out| schema.encode_fields_with_id(fields, ctx, derived, out)) {
-            Ok((chunk, range, encoded)) => {
+        let placed = match &shape.placing {
+            Placing::Shard(shard) => {
+                let partition = shard * per_shard + within;
+                batch.partitions[partition]
+                    .encode(|out| schema.encode_fields_with_id(fields, ctx, derived, out))
+                    .map(|(chunk, range, encoded)| (partition, chunk, range, encoded))
+            }
+            Placing::ByKey(placement) => {
+                scratch.clear();
+                schema.encode_fields_with_id(fields, ctx, derived, &mut scratch).and_then(|encoded| {
+                    let key = encoded.shard_key.ok_or_else(|| Rejection {
+                        field: None,
+                        error: "the event has no sharding-key value".into(),
+                    })?;
+                    let partition = placement.shard_of(key) * per_shard + within;
+                    let (chunk, range) = batch.partitions[partition].push(&encoded, &scratch);
+                    Ok((partition, chunk, range, encoded))
+                })
+            }
+        };
+        match placed {
+            Ok((partition, chunk, range, encoded)) => {
                 batch.accepted += 1;
                 if shape.keep_ids {
                     // A derived id is a key like a sent one: a message read again is recognised.
@@ -221,7 +257,8 @@ mod tests {
     use crate::schema::{ColumnInfo, SpecialColumns, Timestamp};
 
     fn schema() -> TableSchema {
-        let special = SpecialColumns { id: "id".into(), timestamp: "ts".into(), partition_key: "k".into() };
+        let special =
+            SpecialColumns { id: "id".into(), timestamp: "ts".into(), partition_key: "k".into(), sharding: None };
         let info = |n: &str, t: &str| ColumnInfo { name: n.into(), type_text: t.into(), default_kind: String::new() };
         TableSchema::new(1, "d", "t", vec![info("k", "UInt32"), info("s", "String")], &special)
     }
@@ -233,8 +270,37 @@ mod tests {
             format,
             &schema(),
             &ctx,
-            &BatchShape { partitions: 4, max_events: max, keep_ids: true, ids: None },
+            &BatchShape { partitions: 4, placing: Placing::Shard(0), max_events: max, keep_ids: true, ids: None },
         )
+    }
+
+    #[test]
+    fn rows_go_to_the_shard_of_their_key_as_a_distributed_table_places_them() {
+        use crate::schema::sharding::{KeyFunction, Placement};
+        let special = SpecialColumns {
+            id: String::new(),
+            timestamp: String::new(),
+            partition_key: "k".into(),
+            sharding: Some(("k".into(), KeyFunction::Identity)),
+        };
+        let info = |n: &str, t: &str| ColumnInfo { name: n.into(), type_text: t.into(), default_kind: String::new() };
+        let schema = TableSchema::new(1, "d", "t", vec![info("k", "UInt32"), info("s", "String")], &special);
+        let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
+        // Weights 1 and 2: k % 3 = 0 on shard 0, 1 and 2 on shard 1; two partitions per shard.
+        let shape = BatchShape {
+            partitions: 2,
+            placing: Placing::ByKey(Placement::new(&[1, 2])),
+            max_events: 100,
+            keep_ids: true,
+            ids: None,
+        };
+        let text = r#"[{"k": 0}, {"k": 1}, {"k": 2}, {"k": 3}, {"k": 4}, {"k": 6}, {"s": "no key: 0"}]"#;
+        let batch = encode_batch(text.as_bytes(), Format::JsonArray, &schema, &ctx, &shape).unwrap();
+        assert_eq!(batch.partitions.len(), 4);
+        let on_shard = |s: usize| batch.partitions[s * 2..s * 2 + 2].iter().map(PartitionRows::rows).sum::<usize>();
+        assert_eq!((on_shard(0), on_shard(1)), (4, 3), "0, 3, 6 and the default 0 on shard 0");
+        let shards: Vec<usize> = batch.events.iter().map(|e| e.partition / 2).collect();
+        assert_eq!(shards, [0, 1, 1, 0, 1, 0, 0]);
     }
 
     #[test]

@@ -8,7 +8,7 @@ mod ids;
 mod scan;
 mod swar;
 
-pub use batch::{BatchShape, EncodedBatch, EventRow, RejectedEvent, encode_batch};
+pub use batch::{BatchShape, EncodedBatch, EventRow, Placing, RejectedEvent, encode_batch};
 pub use body::{Encoding, Format, decompress};
 pub use ids::IdSeed;
 pub use scan::{EventSchema, Scanner, SyntaxError};

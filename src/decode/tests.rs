@@ -18,8 +18,12 @@ fn info(name: &str, ty: &str, kind: &str) -> ColumnInfo {
 }
 
 fn schema() -> TableSchema {
-    let special =
-        SpecialColumns { id: "event_id".into(), timestamp: "event_ts".into(), partition_key: "user_id".into() };
+    let special = SpecialColumns {
+        id: "event_id".into(),
+        timestamp: "event_ts".into(),
+        partition_key: "user_id".into(),
+        sharding: None,
+    };
     TableSchema::new(
         1,
         "db",
@@ -109,7 +113,8 @@ fn partition_hash_is_stable_per_key() {
 /// (which unescapes string literals), then encoded.
 fn through_scanner(ty: &str, raw: &str, out: &mut Vec<u8>) -> Result<(), Reason> {
     let info = ColumnInfo { name: "v".into(), type_text: ty.into(), default_kind: String::new() };
-    let special = SpecialColumns { id: String::new(), timestamp: String::new(), partition_key: String::new() };
+    let special =
+        SpecialColumns { id: String::new(), timestamp: String::new(), partition_key: String::new(), sharding: None };
     let schema = TableSchema::new(1, "db", "t", vec![info], &special);
     let text = format!("{{\"v\": {raw}}}");
     let mut fields = EventFields::default();
@@ -298,7 +303,12 @@ mod differential {
     }
 
     fn schema() -> TableSchema {
-        let special = SpecialColumns { id: String::new(), timestamp: String::new(), partition_key: String::new() };
+        let special = SpecialColumns {
+            id: String::new(),
+            timestamp: String::new(),
+            partition_key: String::new(),
+            sharding: None,
+        };
         TableSchema::new(1, "db", "t", KEYS.iter().map(|k| info(k, "String", "")).collect(), &special)
     }
 

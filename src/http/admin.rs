@@ -65,8 +65,50 @@ pub struct Status {
     pub inflight_bytes: usize,
     pub inflight_limit_bytes: usize,
     pub idempotency_store: &'static str,
-    /// The journal; `null` when it is off.
+    /// The journal (every node's, summed); `null` when it is off.
     pub journal: Option<DurableStatus>,
+    /// Each ClickHouse node: its shard and replica (from 1), its Buffer, breaker and journal.
+    pub nodes: Vec<NodeStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeStatus {
+    pub url: String,
+    pub shard: usize,
+    pub replica: usize,
+    pub buffer: BufferStatus,
+    pub shedding: bool,
+    pub circuit_open: bool,
+    pub journal: Option<DurableStatus>,
+}
+
+impl BufferStatus {
+    fn of(shed: &crate::shed::ShedState) -> Self {
+        let (bytes, capacity) = (shed.bytes(), shed.capacity());
+        Self {
+            bytes,
+            capacity_bytes: capacity,
+            fill_ratio: if capacity > 0 { bytes as f64 / capacity as f64 } else { 0.0 },
+        }
+    }
+}
+
+fn nodes(shards: &crate::coalesce::Shards) -> Vec<NodeStatus> {
+    let mut nodes = Vec::new();
+    for (shard, replicas) in shards.shards.iter().enumerate() {
+        for (replica, node) in replicas.iter().enumerate() {
+            nodes.push(NodeStatus {
+                url: node.url.clone(),
+                shard: shard + 1,
+                replica: replica + 1,
+                buffer: BufferStatus::of(&node.shed),
+                shedding: node.shed.is_shedding(),
+                circuit_open: node.breaker.is_open(),
+                journal: node.durable.as_ref().map(|d| d.status()),
+            });
+        }
+    }
+    nodes
 }
 
 #[derive(Debug, Serialize)]
@@ -80,24 +122,20 @@ pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
     authorize(&state, &headers)?;
     let schema = state.ingest.schema.get();
     let readiness = state.ingest.health.readiness(schema.is_some());
-    let (bytes, capacity) = (state.shed.bytes(), state.shed.capacity());
     Ok(Json(Status {
         ready: readiness.is_ok() && !(state.config.shed_readiness && state.shed.is_shedding()),
         not_ready_reason: readiness.err(),
         draining: state.ingest.health.is_draining(),
         clickhouse_version: state.ingest.health.clickhouse_version(),
         schema_version: schema.map(|s| s.version),
-        buffer: BufferStatus {
-            bytes,
-            capacity_bytes: capacity,
-            fill_ratio: if capacity > 0 { bytes as f64 / capacity as f64 } else { 0.0 },
-        },
+        buffer: BufferStatus::of(&state.shed),
         shedding: state.shed.is_shedding(),
-        circuit_open: state.ingest.breaker.is_open(),
+        circuit_open: state.ingest.circuit_open(),
         queue_rows: state.ingest.coalescer.queue_depths(),
         inflight_bytes: state.ingest.budget.used(),
         inflight_limit_bytes: state.ingest.budget.limit(),
         idempotency_store: if state.ingest.idempotency.is_embedded() { "embedded" } else { "redis" },
-        journal: state.ingest.durable.as_ref().map(|d| d.status()),
+        journal: state.ingest.journal_status(),
+        nodes: nodes(&state.ingest.shards),
     }))
 }

@@ -39,6 +39,8 @@ pub enum ApiError {
     ShuttingDown,
     #[error("the ClickHouse Buffer table is saturated; retry in {retry_after_s} s")]
     BufferSaturated { retry_after_s: u32 },
+    #[error("{}; nothing was written, retry in {retry_after_s} s", shard_text(*shard))]
+    ShardSaturated { shard: Option<usize>, retry_after_s: u32 },
     #[error("the ClickHouse Buffer's fill is unknown (no answer from ClickHouse); retry in {retry_after_s} s")]
     BufferUnknown { retry_after_s: u32 },
     #[error("the gateway is overloaded ({0}); retry later")]
@@ -78,6 +80,18 @@ pub enum ApiError {
     MethodNotAllowed,
 }
 
+/// The shard a refusal is about, as the message names it (shards count from 1, as in
+/// `system.clusters`).
+fn shard_text(shard: Option<usize>) -> String {
+    match shard {
+        Some(shard) => format!(
+            "shard {} of the ClickHouse cluster, which some of these events belong to, is saturated or unavailable",
+            shard + 1
+        ),
+        None => "every shard of the ClickHouse cluster is saturated or unavailable".into(),
+    }
+}
+
 impl From<IngestError> for ApiError {
     fn from(error: IngestError) -> Self {
         match error {
@@ -93,6 +107,7 @@ impl From<IngestError> for ApiError {
             IngestError::RequestInFlight => Self::RequestInFlight,
             IngestError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
             IngestError::JournalFull => Self::JournalFull,
+            IngestError::ShardUnavailable { shard, retry_after_s } => Self::ShardSaturated { shard, retry_after_s },
             IngestError::VisibleNeedsJournal => Self::BadQuery(error.to_string()),
             IngestError::Internal(why) => Self::Internal(why),
         }
@@ -126,6 +141,7 @@ impl ApiError {
             | Self::FlushFailed(_)
             | Self::ShuttingDown
             | Self::BufferSaturated { .. }
+            | Self::ShardSaturated { .. }
             | Self::BufferUnknown { .. }
             | Self::Overloaded(_)
             | Self::RequestTimeout
@@ -162,6 +178,7 @@ impl ApiError {
             Self::FlushFailed(_) => "flush_failed",
             Self::ShuttingDown => "shutting_down",
             Self::BufferSaturated { .. } => "buffer_saturated",
+            Self::ShardSaturated { .. } => "shard_saturated",
             Self::BufferUnknown { .. } => "buffer_unknown",
             Self::Overloaded(_) => "overloaded",
             Self::RequestTimeout => "request_timeout",
@@ -188,6 +205,7 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let retry_after = match &self {
             Self::BufferSaturated { retry_after_s }
+            | Self::ShardSaturated { retry_after_s, .. }
             | Self::BufferUnknown { retry_after_s }
             | Self::RateLimited { retry_after_s } => Some(*retry_after_s),
             _ => None,

@@ -87,6 +87,9 @@ impl Ingest {
             return Ok(Delivered { written: true, response });
         }
         metrics::events(Outcome::Rejected, batch.rejected.len());
+        if !how.divert {
+            self.check_shards(&batch).inspect_err(|_| metrics::events(Outcome::Shed, batch.accepted))?;
+        }
         let (reservations, duplicates) = self.dedupe(schema, &mut batch).await?;
         metrics::events(Outcome::Duplicate, duplicates);
         let accepted = batch.accepted;
@@ -154,7 +157,7 @@ impl Ingest {
             self.write_fallback(schema, partitions, reservations).await?;
             return Ok(HandedOff { outcome: Outcome::Fallback, answer: Vec::new(), offset: Vec::new() });
         }
-        let wants = Wants::of(how, self.durable.is_some())?;
+        let wants = Wants::of(how, self.journaled())?;
         self.enqueue(schema, partitions, reservations, wants).await
     }
 

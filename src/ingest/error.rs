@@ -31,6 +31,10 @@ pub enum IngestError {
     IdempotencyKeyReused,
     #[error("the journal is full")]
     JournalFull,
+    /// A shard the batch's events belong to takes no rows now (its replicas saturated, shed or
+    /// failing); `None`: no shard can take a request that any shard may take.
+    #[error("shard {shard:?} cannot take rows now")]
+    ShardUnavailable { shard: Option<usize>, retry_after_s: u32 },
     #[error("wait=visible needs the journal, which is off")]
     VisibleNeedsJournal,
     #[error("internal error: {0}")]
@@ -52,7 +56,12 @@ impl IngestError {
     pub fn is_shed(&self) -> bool {
         matches!(
             self,
-            Self::Overloaded(_) | Self::QueueFull(_) | Self::ShuttingDown | Self::CircuitOpen | Self::JournalFull
+            Self::Overloaded(_)
+                | Self::QueueFull(_)
+                | Self::ShuttingDown
+                | Self::CircuitOpen
+                | Self::JournalFull
+                | Self::ShardUnavailable { .. }
         )
     }
 }

@@ -16,16 +16,17 @@ use sha2::{Digest, Sha256};
 pub use deliver::{Delivered, Delivery, IngestResponse, ProducerOffset, Wait};
 pub use error::IngestError;
 
-use crate::clickhouse::breaker::Breaker;
 use crate::clickhouse::writer::Writer;
-use crate::coalesce::Coalescer;
+use crate::coalesce::{Coalescer, Shards};
 use crate::config::{Config, DedupMode};
-use crate::decode::{self, BatchShape, EncodedBatch, Encoding, Format, IdSeed};
+use crate::decode::{self, BatchShape, EncodedBatch, Encoding, Format, IdSeed, Placing};
 use crate::health::Health;
 use crate::idempotency::{Idempotency, RequestState};
-use crate::journal::Durable;
+use crate::journal::{Durable, DurableStatus};
 use crate::metrics;
+use crate::schema::sharding::ShardingKey;
 use crate::schema::{EncodeContext, SharedSchema, TableSchema, Timestamp};
+use crate::shed::Verdict;
 use crate::shed::budget::{Budget, Lease};
 
 /// Bodies larger than this are decoded on the blocking pool, off the async workers.
@@ -38,13 +39,13 @@ pub struct Ingest {
     pub schema: Arc<SharedSchema>,
     pub health: Arc<Health>,
     pub coalescer: Coalescer,
-    /// Direct INSERTs (fallback mode); the coalescers hold their own handle.
+    /// The first node's writer: blocks made ahead, direct INSERTs (fallback mode, one node).
     pub writer: Arc<Writer>,
     pub budget: Arc<Budget>,
-    pub breaker: Arc<Breaker>,
+    /// The ClickHouse nodes, each with its writer, breaker, journal and shed verdict.
+    pub shards: Arc<Shards>,
+    pub sharding: ShardingKey,
     pub idempotency: Arc<Idempotency>,
-    /// The journal, unless it is off.
-    pub durable: Option<Arc<Durable>>,
 }
 
 /// A body as received: its bytes and how to read them.
@@ -81,14 +82,12 @@ impl Ingest {
         if self.health.is_draining() {
             return Err(IngestError::ShuttingDown);
         }
-        if self.breaker.is_open() {
+        if self.circuit_open() {
             metrics::shed_request("circuit_open");
             return Err(IngestError::CircuitOpen);
         }
         let schema = self.schema.get().ok_or(IngestError::NotReady("the table schema is not loaded yet"))?;
-        if let Some(durable) = &self.durable
-            && !durable.has_room(announced as u64)
-        {
+        if !self.journal_has_room(announced as u64) {
             metrics::shed_request("journal_full");
             return Err(IngestError::JournalFull);
         }
@@ -102,7 +101,8 @@ impl Ingest {
         let work = {
             let (schema, budget, writer) = (Arc::clone(schema), Arc::clone(&self.budget), Arc::clone(&self.writer));
             let shape = BatchShape {
-                partitions: self.coalescer.partitions(),
+                partitions: self.coalescer.per_shard(),
+                placing: self.placing()?,
                 max_events: self.config.max_events_per_request,
                 keep_ids: self.idempotency.mode == DedupMode::Event,
                 ids: body.ids,
@@ -113,6 +113,70 @@ impl Ingest {
             move || decode_body(body, &schema, &ctx, &shape, max_decompressed, &budget, &writer)
         };
         if inline { work() } else { tokio::task::spawn_blocking(work).await.map_err(IngestError::internal)? }
+    }
+
+    /// Where the events of the next request go: by key, or all to one shard with room.
+    fn placing(&self) -> Result<Placing, IngestError> {
+        let shards = &self.shards;
+        if shards.shards.len() == 1 {
+            return Ok(Placing::Shard(0));
+        }
+        if matches!(self.sharding, ShardingKey::Column { .. }) {
+            return Ok(Placing::ByKey(shards.placement.clone()));
+        }
+        match shards.pick_random(rand::random()) {
+            Some(shard) => Ok(Placing::Shard(shard)),
+            None => {
+                metrics::shed_request("shard_saturated");
+                let retry_after_s = (0..shards.shards.len()).map(|s| retry_after(shards.verdict(s))).min().unwrap_or(1);
+                Err(IngestError::ShardUnavailable { shard: None, retry_after_s })
+            }
+        }
+    }
+
+    /// Refuses a batch with rows for a shard that takes none now: all of it, so that the
+    /// answer stays all or nothing (the producer's retry finds the shard back, or keeps
+    /// hearing 503 with the shard's `Retry-After`).
+    pub fn check_shards(&self, batch: &EncodedBatch) -> Result<(), IngestError> {
+        if self.shards.shards.len() == 1 {
+            return Ok(());
+        }
+        let per_shard = self.coalescer.per_shard();
+        for (shard, rows) in batch.partitions.chunks(per_shard).enumerate() {
+            if rows.iter().all(|p| p.chunks.is_empty()) {
+                continue;
+            }
+            if let verdict @ Verdict::Shed { .. } = self.shards.verdict(shard) {
+                metrics::shed_request("shard_saturated");
+                return Err(IngestError::ShardUnavailable { shard: Some(shard), retry_after_s: retry_after(verdict) });
+            }
+        }
+        Ok(())
+    }
+
+    /// The journals of every node (none when the journal is off).
+    pub fn durables(&self) -> impl Iterator<Item = &Arc<Durable>> {
+        self.shards.replicas().filter_map(|r| r.durable.as_ref())
+    }
+
+    /// Whether rows are journaled.
+    pub fn journaled(&self) -> bool {
+        self.durables().next().is_some()
+    }
+
+    /// Whether every node's journal has room for `bytes` more.
+    pub fn journal_has_room(&self, bytes: u64) -> bool {
+        self.durables().all(|d| d.has_room(bytes))
+    }
+
+    /// The journals' state summed over the nodes; `None` when the journal is off.
+    pub fn journal_status(&self) -> Option<DurableStatus> {
+        self.durables().map(|d| d.status()).reduce(DurableStatus::combine)
+    }
+
+    /// Whether no node takes INSERTs (every circuit breaker open).
+    pub fn circuit_open(&self) -> bool {
+        self.shards.replicas().all(|r| r.breaker.is_open())
     }
 
     /// Claims a request-level idempotency key for a body, or says how it was answered before.
@@ -137,6 +201,13 @@ impl Ingest {
     /// Forgets a claimed key whose request failed: nothing was accepted, so a retry must run.
     pub async fn abandon_request(&self, key: &str, body_hash: &str) {
         let _ = self.idempotency.abandon_request(key, body_hash).await;
+    }
+}
+
+fn retry_after(verdict: Verdict) -> u32 {
+    match verdict {
+        Verdict::Shed { retry_after_s, .. } => retry_after_s,
+        Verdict::Pass => 1,
     }
 }
 

@@ -165,6 +165,8 @@ impl Places {
 /// The journal and the blocks it protects.
 #[derive(Debug)]
 pub struct Durable {
+    /// The ClickHouse node this journal's blocks are written to (its URL).
+    node: String,
     journal: Journal,
     writer: Arc<Writer>,
     ch: ClickHouse,
@@ -192,6 +194,25 @@ pub struct DurableStatus {
     pub oldest_unconfirmed_s: f64,
     /// Seconds since the confirmer last had an answer from ClickHouse; `None` before the first.
     pub last_answer_s: Option<f64>,
+}
+
+impl DurableStatus {
+    /// Two nodes' journals as one: sizes and counts summed, ages the worst.
+    pub fn combine(self, other: Self) -> Self {
+        Self {
+            bytes: self.bytes + other.bytes,
+            max_bytes: self.max_bytes + other.max_bytes,
+            unconfirmed_blocks: self.unconfirmed_blocks + other.unconfirmed_blocks,
+            unconfirmed_rows: self.unconfirmed_rows + other.unconfirmed_rows,
+            suspect_blocks: self.suspect_blocks + other.suspect_blocks,
+            oldest_unconfirmed_s: self.oldest_unconfirmed_s.max(other.oldest_unconfirmed_s),
+            last_answer_s: match (self.last_answer_s, other.last_answer_s) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                // A node that never answered is the worst of all.
+                _ => None,
+            },
+        }
+    }
 }
 
 impl Durable {
@@ -231,6 +252,7 @@ impl Durable {
             time_column: config.timestamp_column.clone(),
         };
         Ok(Arc::new(Self {
+            node: config.clickhouse_url.clone(),
             journal,
             writer,
             ch,
@@ -347,6 +369,7 @@ impl Durable {
                         "restart" => {
                             metrics::clickhouse_restart();
                             tracing::warn!(
+                                node = %self.node,
                                 uptime = now.uptime,
                                 "ClickHouse restarted: every unconfirmed block is looked for"
                             );
@@ -575,6 +598,7 @@ impl Durable {
     fn publish(&self) {
         let status = self.status();
         metrics::journal(
+            &self.node,
             status.bytes,
             status.unconfirmed_blocks,
             status.unconfirmed_rows,

@@ -381,9 +381,12 @@ impl Poller {
     /// Waits until the journal has no suspect block (those an earlier process left are
     /// settled first); `false` if stopped meanwhile.
     fn wait_for_journal(&self) -> bool {
-        let Some(durable) = self.worker.ingest.durable.clone() else { return true };
+        let ingest = Arc::clone(&self.worker.ingest);
+        if !ingest.journaled() {
+            return true;
+        }
         let mut told = false;
-        while durable.status().suspect_blocks > 0 {
+        while ingest.journal_status().is_some_and(|s| s.suspect_blocks > 0) {
             if !told {
                 tracing::info!("waiting for the journal to settle the blocks of an earlier process before consuming");
                 told = true;
@@ -468,12 +471,12 @@ impl Poller {
             Verdict::Shed { stale: true, .. } => true,
         };
         let margin = config.flush_max_bytes as u64;
-        let durable = self.worker.ingest.durable.as_ref();
+        let ingest = &self.worker.ingest;
         Signals {
             buffer_saturated,
-            circuit_open: self.worker.ingest.breaker.is_open(),
-            journal_room: durable.is_none_or(|d| d.has_room(margin)),
-            journal_resume_room: durable.is_none_or(|d| d.has_room(margin * 2)),
+            circuit_open: ingest.circuit_open(),
+            journal_room: ingest.journal_has_room(margin),
+            journal_resume_room: ingest.journal_has_room(margin * 2),
             in_flight,
             max_in_flight: config.kafka_max_in_flight,
             in_flight_stalled,

@@ -64,6 +64,7 @@ pub fn disposition(error: &IngestError) -> Disposition {
         IngestError::ShuttingDown | IngestError::VisibleNeedsJournal => Disposition::Stop,
         IngestError::JournalFull => Disposition::Retry("journal_full"),
         IngestError::CircuitOpen => Disposition::Retry("circuit_open"),
+        IngestError::ShardUnavailable { .. } => Disposition::Retry("shard_saturated"),
         IngestError::Overloaded(_) | IngestError::QueueFull(_) => Disposition::Retry("overloaded"),
         IngestError::EventsInFlight => Disposition::Retry("events_in_flight"),
         IngestError::StoreUnavailable(_) => Disposition::Retry("idempotency_unavailable"),

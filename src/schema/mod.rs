@@ -9,6 +9,7 @@ pub mod encode;
 mod fields;
 pub mod native;
 mod pattern;
+pub mod sharding;
 pub mod time;
 pub mod types;
 
@@ -83,6 +84,9 @@ pub struct Encoded {
     pub id: Option<uuid::Uuid>,
     /// The row's timestamp in whole seconds since the epoch, when the table has one.
     pub seconds: Option<i64>,
+    /// The row's sharding-key value, computed as the cluster's Distributed table computes it
+    /// (when rows are placed by a column).
+    pub shard_key: Option<u64>,
 }
 
 /// Names of the columns the gateway fills in itself.
@@ -91,6 +95,8 @@ pub struct SpecialColumns {
     pub id: String,
     pub timestamp: String,
     pub partition_key: String,
+    /// The column rows are placed on shards by, and how (`None`: one shard, or `rand()`).
+    pub sharding: Option<(String, sharding::KeyFunction)>,
 }
 
 /// The Buffer table's columns and how to encode each.
@@ -108,7 +114,18 @@ pub struct TableSchema {
     timestamp: Option<usize>,
     /// The column whose value picks the coalescer partition.
     partition: Option<usize>,
+    /// The column whose value places a row on its shard, how, and its type.
+    sharding: Option<ShardColumn>,
     infos: Vec<ColumnInfo>,
+}
+
+/// The sharding-key column as the encoder reads it back from a row.
+#[derive(Debug, Clone, Copy)]
+struct ShardColumn {
+    index: usize,
+    function: sharding::KeyFunction,
+    /// `None`: a type the key cannot be computed from; its events are refused.
+    ty: Option<sharding::KeyType>,
 }
 
 /// The hasher of the two hashes on the request path: field names looked up in the table's
@@ -152,6 +169,15 @@ impl TableSchema {
         let id = find(&special.id, ColumnType::is_uuid);
         let timestamp = find(&special.timestamp, ColumnType::is_time);
         let partition = by_name.get(&special.partition_key).copied();
+        let sharding = special.sharding.as_ref().map(|(name, function)| {
+            let index = by_name.get(name).copied();
+            let ty = index.and_then(|i| match &columns[i].role {
+                Role::Written { ty, .. } => key_type(ty),
+                _ => None,
+            });
+            // A missing column: every event is refused with the reason, until the table has it.
+            ShardColumn { index: index.unwrap_or(usize::MAX), function: *function, ty }
+        });
         Self {
             version,
             table: format!("{}.{}", quote_ident(database), quote_ident(table)),
@@ -161,7 +187,22 @@ impl TableSchema {
             by_name,
             columns,
             partition,
+            sharding,
             infos,
+        }
+    }
+
+    /// Why events cannot be placed on shards with this table (the sharding-key column is
+    /// missing or of a type the key cannot be computed from), if so.
+    pub fn sharding_problem(&self) -> Option<String> {
+        let shard = self.sharding?;
+        match (self.columns.get(shard.index), shard.ty) {
+            (None, _) => Some("the sharding-key column is not in the table".into()),
+            (Some(column), None) => Some(format!(
+                "the sharding-key column {} must be String (for cityHash64) or UInt8–UInt64 (for intHash64 or itself)",
+                column.name
+            )),
+            _ => None,
         }
     }
 
@@ -310,7 +351,7 @@ impl TableSchema {
             return Err(problem.clone());
         }
         let mut omitted = 0u64;
-        let (mut id_at, mut time_at) = (None, None);
+        let (mut id_at, mut time_at, mut shard_at) = (None, None, None);
         for &i in &self.written {
             let column = &self.columns[i];
             let Role::Written { ty, default_bit } = &column.role else {
@@ -320,6 +361,9 @@ impl TableSchema {
                 id_at = Some((out.len(), ty));
             } else if Some(i) == self.timestamp {
                 time_at = Some((out.len(), ty));
+            }
+            if self.sharding.is_some_and(|s| s.index == i) {
+                shard_at = Some((out.len(), *default_bit));
             }
             let reject = |error: String| Rejection { field: Some(column.name.clone()), error };
             match fields.field(i) {
@@ -340,7 +384,31 @@ impl TableSchema {
         }
         let id = id_at.and_then(|(at, ty)| encode::read_uuid(ty, out.get(at..)?));
         let seconds = time_at.and_then(|(at, ty)| encode::read_seconds(ty, out.get(at..)?));
-        Ok(Encoded { omitted, id, seconds })
+        let shard_key = match self.sharding {
+            None => None,
+            Some(shard) => Some(self.shard_key(shard, shard_at, omitted, out)?),
+        };
+        Ok(Encoded { omitted, id, seconds, shard_key })
+    }
+
+    /// The row's sharding-key value, read back from its encoded bytes; an event whose value
+    /// ClickHouse would compute itself (a DEFAULT left to the server) cannot be placed.
+    fn shard_key(
+        &self,
+        shard: ShardColumn,
+        at: Option<(usize, Option<u8>)>,
+        omitted: u64,
+        out: &[u8],
+    ) -> Result<u64, Rejection> {
+        let name = self.columns.get(shard.index).map(|c| c.name.clone());
+        let refuse = |error: &str| Rejection { field: name.clone(), error: error.into() };
+        let (at, bit) = at.ok_or_else(|| refuse("the sharding-key column cannot be written"))?;
+        if bit.is_some_and(|bit| omitted & (1 << bit) != 0) {
+            return Err(refuse("the sharding-key field is required: its DEFAULT would be computed by ClickHouse"));
+        }
+        let ty = shard.ty.ok_or_else(|| refuse("the sharding-key column's type cannot place rows"))?;
+        sharding::key_value(shard.function, ty, out.get(at..).unwrap_or_default())
+            .ok_or_else(|| refuse("the sharding-key value could not be read"))
     }
 
     /// The event's own id (the id column's string), when it sent one.
@@ -360,6 +428,18 @@ impl TableSchema {
             None => field.raw.as_bytes(),
         };
         FastHash::with_seed(0).hash_one(bytes)
+    }
+}
+
+/// The key type a column's values are read as, for the sharding key.
+fn key_type(ty: &ColumnType) -> Option<sharding::KeyType> {
+    match ty.unwrapped() {
+        ColumnType::String => Some(sharding::KeyType::String),
+        ColumnType::UInt8 => Some(sharding::KeyType::Unsigned(1)),
+        ColumnType::UInt16 => Some(sharding::KeyType::Unsigned(2)),
+        ColumnType::UInt32 => Some(sharding::KeyType::Unsigned(4)),
+        ColumnType::UInt64 => Some(sharding::KeyType::Unsigned(8)),
+        _ => None,
     }
 }
 

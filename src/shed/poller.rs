@@ -191,9 +191,11 @@ impl Poller {
         let fill = if capacity > 0 { bytes as f64 / capacity as f64 } else { 0.0 };
         let next = next_shedding(track.shedding, fill, config.shed_threshold, config.shed_resume);
         match (track.shedding, next) {
-            (false, true) => tracing::warn!(fill, bytes, capacity, "Buffer saturated: shedding ingestion"),
+            (false, true) => {
+                tracing::warn!(node = %config.clickhouse_url, fill, bytes, capacity, "Buffer saturated: shedding ingestion");
+            }
             (true, false) => {
-                tracing::info!(fill, bytes, capacity, "Buffer below the resume threshold: ingestion resumes");
+                tracing::info!(node = %config.clickhouse_url, fill, bytes, capacity, "Buffer below the resume threshold: ingestion resumes");
             }
             _ => {}
         }
@@ -201,8 +203,8 @@ impl Poller {
         let drain_rate = track.drain_rate.unwrap_or(0.0);
         let wait = retry_after(bytes, capacity, config.shed_resume, drain_rate, config.shed_retry_after_max_s);
         self.state.publish(bytes, capacity, next, wait);
-        metrics::buffer(bytes, capacity, fill);
-        metrics::shed_active(next);
+        metrics::buffer(&self.config.clickhouse_url, bytes, capacity, fill);
+        metrics::shed_active(&self.config.clickhouse_url, next);
     }
 }
 

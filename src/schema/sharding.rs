@@ -1,0 +1,224 @@
+//! Which shard of a ClickHouse cluster a row belongs to, computed exactly as the cluster's
+//! Distributed table computes it, so that a query with `optimize_skip_unused_shards` finds
+//! the rows the gateway wrote into the shards' local tables.
+//!
+//! A Distributed table evaluates its sharding key on each row, takes the value modulo the sum
+//! of the shards' weights, and gives the row to the shard whose weight range holds the
+//! remainder (shards in the cluster's order). The gateway supports the keys whose value it can
+//! compute bit for bit from the encoded row: `cityHash64(col)` of a String column, and
+//! `intHash64(col)` or the bare column of an unsigned integer column; and `rand()`, which
+//! places nothing (the gateway picks a shard per request, one with room).
+
+/// How a row's sharding-key value is computed from one column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyFunction {
+    /// The unsigned integer itself.
+    Identity,
+    /// `intHash64` (MurmurHash3's 64-bit finaliser, see [`int_hash64`]).
+    IntHash64,
+    /// `cityHash64` of a string's bytes (CityHash 1.0.2, as ClickHouse has it).
+    CityHash64,
+}
+
+/// A Distributed table's sharding key, as configured (`sharding_key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShardingKey {
+    /// `rand()`: rows are not placed by value; any shard may take a request.
+    Random,
+    Column {
+        function: KeyFunction,
+        column: String,
+    },
+}
+
+impl ShardingKey {
+    /// Parses the supported forms: `rand()`, `col`, `intHash64(col)`, `cityHash64(col)`
+    /// (a column name may be quoted with backticks).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("rand()") {
+            return Ok(Self::Random);
+        }
+        let (function, inner) = match text.split_once('(') {
+            None => (KeyFunction::Identity, text),
+            Some((name, rest)) => {
+                let inner = rest.strip_suffix(')').ok_or_else(|| format!("{text:?}: unbalanced parentheses"))?;
+                let function = match name.trim() {
+                    "intHash64" => KeyFunction::IntHash64,
+                    "cityHash64" => KeyFunction::CityHash64,
+                    other => {
+                        return Err(format!(
+                            "{other}(): not a supported sharding function (rand(), intHash64(col), cityHash64(col), col)"
+                        ));
+                    }
+                };
+                (function, inner)
+            }
+        };
+        let column = inner.trim().trim_matches('`');
+        let plain = !column.is_empty() && column.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !plain {
+            return Err(format!("{text:?}: the sharding key must name one column"));
+        }
+        Ok(Self::Column { function, column: column.to_string() })
+    }
+
+    /// The key as a Distributed table's engine argument.
+    pub fn to_sql(&self) -> String {
+        match self {
+            Self::Random => "rand()".into(),
+            Self::Column { function: KeyFunction::Identity, column } => format!("`{column}`"),
+            Self::Column { function: KeyFunction::IntHash64, column } => format!("intHash64(`{column}`)"),
+            Self::Column { function: KeyFunction::CityHash64, column } => format!("cityHash64(`{column}`)"),
+        }
+    }
+
+    pub fn column(&self) -> Option<&str> {
+        match self {
+            Self::Random => None,
+            Self::Column { column, .. } => Some(column),
+        }
+    }
+}
+
+/// ClickHouse's SQL `intHash64`: MurmurHash3's finaliser of the value xor a constant.
+pub fn int_hash64(x: u64) -> u64 {
+    let mut x = x ^ 0x4cf2_d2ba_ae6d_a887;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^= x >> 33;
+    x
+}
+
+/// ClickHouse's `cityHash64` of a string.
+pub fn city_hash64(bytes: &[u8]) -> u64 {
+    ch_cityhash102::cityhash64(bytes)
+}
+
+/// The column types a key function can be computed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyType {
+    String,
+    /// An unsigned integer of this many bytes.
+    Unsigned(usize),
+}
+
+/// The sharding-key value of a row whose key column, as RowBinary, starts `value`; `None`
+/// when the bytes are short (never for a row the encoder wrote).
+pub fn key_value(function: KeyFunction, ty: KeyType, value: &[u8]) -> Option<u64> {
+    match (function, ty) {
+        (KeyFunction::CityHash64, KeyType::String) => {
+            let (len, used) = read_varint(value)?;
+            let bytes = value.get(used..used.checked_add(usize::try_from(len).ok()?)?)?;
+            Some(city_hash64(bytes))
+        }
+        (KeyFunction::Identity | KeyFunction::IntHash64, KeyType::Unsigned(size)) => {
+            let mut le = [0u8; 8];
+            le[..size].copy_from_slice(value.get(..size)?);
+            let n = u64::from_le_bytes(le);
+            Some(if function == KeyFunction::IntHash64 { int_hash64(n) } else { n })
+        }
+        _ => None,
+    }
+}
+
+fn read_varint(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (i, &b) in bytes.iter().enumerate().take(10) {
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
+/// The shards' weights as a Distributed table uses them: `slots[v % slots.len()]` is the
+/// shard of a row whose key value is `v`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    slots: Vec<usize>,
+    shards: usize,
+}
+
+impl Placement {
+    /// Shards in the cluster's order, each with its weight (a weight of 0 takes no rows).
+    pub fn new(weights: &[u64]) -> Self {
+        let slots: Vec<usize> = weights
+            .iter()
+            .enumerate()
+            .flat_map(|(shard, &weight)| std::iter::repeat_n(shard, usize::try_from(weight).unwrap_or(0)))
+            .collect();
+        Self { slots, shards: weights.len() }
+    }
+
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+
+    /// The shard of a row with key value `value`.
+    pub fn shard_of(&self, value: u64) -> usize {
+        match self.slots.len() {
+            0 => 0,
+            n => self.slots[(value % n as u64) as usize],
+        }
+    }
+
+    /// The shards' weights, for picking one at random in proportion.
+    pub fn weight(&self, shard: usize) -> usize {
+        self.slots.iter().filter(|&&s| s == shard).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Values from ClickHouse 26.9 (`SELECT cityHash64('abc'), intHash64(12345), ...`); the
+    // cluster tests check 18.16 places rows the same way.
+    #[test]
+    fn hashes_are_clickhouse_s() {
+        assert_eq!(city_hash64(b"abc"), 4220206313085259313);
+        assert_eq!(city_hash64(b""), 11160318154034397263);
+        assert_eq!(city_hash64(&[b'x'; 100]), 8273723555210364035);
+        assert_eq!(int_hash64(12345), 16722121143744093920);
+    }
+
+    #[test]
+    fn key_values_are_read_from_row_binary() {
+        assert_eq!(key_value(KeyFunction::CityHash64, KeyType::String, b"\x03abcrest"), Some(city_hash64(b"abc")));
+        assert_eq!(key_value(KeyFunction::CityHash64, KeyType::String, b"\x05ab"), None, "short");
+        assert_eq!(key_value(KeyFunction::Identity, KeyType::Unsigned(2), &[0x39, 0x30, 0xff]), Some(12345));
+        assert_eq!(
+            key_value(KeyFunction::IntHash64, KeyType::Unsigned(8), &12345u64.to_le_bytes()),
+            Some(int_hash64(12345))
+        );
+        assert_eq!(
+            key_value(KeyFunction::CityHash64, KeyType::Unsigned(8), &[0; 8]),
+            None,
+            "cityHash64 of a number is not supported"
+        );
+    }
+
+    #[test]
+    fn weights_make_ranges_in_shard_order() {
+        let placement = Placement::new(&[1, 2]);
+        assert_eq!((0..6).map(|v| placement.shard_of(v)).collect::<Vec<_>>(), [0, 1, 1, 0, 1, 1]);
+        assert_eq!((placement.weight(0), placement.weight(1)), (1, 2));
+        assert_eq!(Placement::new(&[0, 1]).shard_of(7), 1, "a weight of 0 takes nothing");
+    }
+
+    #[test]
+    fn sharding_keys_parse() {
+        assert_eq!(ShardingKey::parse("rand()"), Ok(ShardingKey::Random));
+        let city = ShardingKey::parse("cityHash64(`user_id`)").unwrap();
+        assert_eq!(city, ShardingKey::Column { function: KeyFunction::CityHash64, column: "user_id".into() });
+        assert_eq!(city.to_sql(), "cityHash64(`user_id`)");
+        assert_eq!(ShardingKey::parse(" n ").unwrap().to_sql(), "`n`");
+        assert!(ShardingKey::parse("sipHash64(x)").is_err());
+        assert!(ShardingKey::parse("cityHash64(a, b)").is_err());
+        assert!(ShardingKey::parse("cityHash64(x").is_err());
+    }
+}
