@@ -97,7 +97,7 @@ pub async fn run_as(config: Config, listener: TcpListener, shutdown: Shutdown, r
     let front = match role {
         Role::Serve => None,
         Role::Consume => {
-            let front = kafka::Front::start(&config, Arc::clone(&ingest), ch.clone(), Arc::clone(&shed))?;
+            let front = kafka::Front::start(&config, Arc::clone(&ingest), Arc::clone(&shed))?;
             Some(front)
         }
     };
@@ -281,9 +281,12 @@ async fn replica(
     let breaker =
         Arc::new(Breaker::for_node(config.circuit_failures, Duration::from_millis(config.circuit_open_ms), url));
     let writer = Arc::new(Writer::new(ch.clone(), config, Arc::clone(wake), Arc::clone(&breaker)));
-    let durable =
-        if config.journal_enabled() { Some(Durable::open(config, ch, Arc::clone(&writer)).await?) } else { None };
-    Ok(Replica { url: url.to_string(), writer, breaker, durable, shed })
+    let durable = if config.journal_enabled() {
+        Some(Durable::open(config, ch.clone(), Arc::clone(&writer)).await?)
+    } else {
+        None
+    };
+    Ok(Replica { url: url.to_string(), ch, writer, breaker, durable, shed })
 }
 
 /// Publishes the cluster's verdict for the request path's first look (and the Kafka front):

@@ -444,7 +444,7 @@ async fn poison_messages_go_to_the_dead_letter_topic_with_reasons_and_the_rest_i
 
 /// The value of an unlabelled metric.
 fn gauge(metrics: &str, name: &str) -> f64 {
-    metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()).unwrap_or(f64::NAN)
+    common::sample(metrics, name).unwrap_or(f64::NAN)
 }
 
 /// Events of about 1 KB, to fill a 2 MB Buffer.

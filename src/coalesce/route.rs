@@ -11,6 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::clickhouse::ClickHouse;
 use crate::clickhouse::breaker::Breaker;
 use crate::clickhouse::writer::Writer;
 use crate::config::OnStale;
@@ -23,6 +24,8 @@ use crate::shed::{ShedState, Verdict};
 pub struct Replica {
     /// The node's URL, as configured (its name in logs, metrics and findings).
     pub url: String,
+    /// Its client, for what is asked of every node (look-ups of replayed rows).
+    pub ch: ClickHouse,
     pub writer: Arc<Writer>,
     pub breaker: Arc<Breaker>,
     pub durable: Option<Arc<Durable>>,

@@ -24,7 +24,6 @@ use super::message::{Handled, Incoming, Worker};
 use super::offsets::PartitionOffsets;
 use super::replay::Marks;
 use super::{KafkaError, Status, metrics, settings};
-use crate::clickhouse::ClickHouse;
 use crate::config::{Config, KafkaCommit, ShedMode};
 use crate::ingest::{Ingest, Wait};
 use crate::schema::quote_ident;
@@ -252,12 +251,7 @@ pub struct Front {
 impl Front {
     /// Starts the consumer thread. It first waits for the journal to settle what an earlier
     /// process left, so that looking replayed events up cannot race the journal restoring them.
-    pub fn start(
-        config: &Arc<Config>,
-        ingest: Arc<Ingest>,
-        ch: ClickHouse,
-        shed: Arc<ShedState>,
-    ) -> Result<Self, KafkaError> {
+    pub fn start(config: &Arc<Config>, ingest: Arc<Ingest>, shed: Arc<ShedState>) -> Result<Self, KafkaError> {
         let consumer_config = settings::consumer(config)?;
         let dead = dead_letters(config)?;
         let status = Arc::new(Status::default());
@@ -274,7 +268,6 @@ impl Front {
             lookups: tokio::sync::Semaphore::new(super::message::REPLAY_LOOKUPS),
             ingest,
             config: Arc::clone(&config),
-            ch,
             shed,
             dead,
         });

@@ -14,7 +14,6 @@ use uuid::Uuid;
 use super::dead_letter::{DeadLetters, Reason};
 use super::metrics;
 use super::replay::Marks;
-use crate::clickhouse::ClickHouse;
 use crate::clickhouse::presence::Lookup;
 use crate::config::{Config, ShedMode};
 use crate::decode::{DecodeError, EncodedBatch, Encoding, Format, IdSeed, RejectedEvent};
@@ -96,7 +95,6 @@ pub const REPLAY_LOOKUPS: usize = 16;
 pub struct Worker {
     pub ingest: Arc<Ingest>,
     pub config: Arc<Config>,
-    pub ch: ClickHouse,
     pub shed: Arc<ShedState>,
     pub dead: DeadLetters,
     pub marks: Marks,
@@ -230,10 +228,16 @@ impl Worker {
     async fn present(&self, ids: &[Uuid], span: Option<(i64, i64)>) -> Result<HashSet<Uuid>, IngestError> {
         let time = (!self.config.timestamp_column.is_empty()).then_some(self.config.timestamp_column.as_str());
         let lookup = Lookup { table: &self.buffer, id_column: &self.config.id_column, time_column: time };
-        self.ch
-            .present_twice(lookup, ids, span, &self.lookups)
-            .await
-            .map_err(|e| IngestError::FlushFailed(format!("looking up the events of a message read again: {e}")))
+        // Every node answers for the rows written to it (a replica's Buffer holds rows the
+        // others have not seen): present anywhere is present, and every node must answer.
+        let looks = self.ingest.shards.replicas().map(|r| r.ch.present_twice(lookup, ids, span, &self.lookups));
+        let mut present = HashSet::new();
+        for found in futures_util::future::join_all(looks).await {
+            let found = found
+                .map_err(|e| IngestError::FlushFailed(format!("looking up the events of a message read again: {e}")))?;
+            present.extend(found);
+        }
+        Ok(present)
     }
 
     /// Whether rows go to the fallback table now (`shed_mode = fallback` and the Buffer

@@ -554,3 +554,15 @@ where
     }
     panic!("timed out waiting for {what}");
 }
+
+/// The value of the first sample of `name` in a Prometheus exposition, whatever its labels.
+pub fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let value = match rest.strip_prefix('{') {
+            Some(labelled) => labelled.split_once("} ")?.1,
+            None => rest.strip_prefix(' ')?,
+        };
+        value.trim().parse().ok()
+    })
+}
