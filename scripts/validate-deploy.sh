@@ -28,9 +28,12 @@ yamllint -d '{extends: default, rules: {line-length: {max: 240, allow-non-breaka
 # (Prometheus Operator) and kustomization files are not resources.
 mapfile -t manifests < <(find k8s -name '*.yaml' ! -name 'kustomization.yaml' ! -name 'servicemonitor.yaml' | sort)
 kubernetes-validate --strict --quiet "${manifests[@]}"
-# The example overlay (base + the Kafka consumer component) renders, where kubectl is there.
+# The overlays (example: base + the Kafka consumer component; cluster: a sharded, replicated
+# ClickHouse) render, where kubectl is there.
 if command -v kubectl >/dev/null; then
-    kubectl kustomize k8s/overlays/example >/dev/null
+    for overlay in k8s/overlays/*/; do
+        kubectl kustomize "$overlay" >/dev/null
+    done
 fi
 promtool check rules deploy/prometheus/alerts.yaml
 (cd deploy/prometheus && promtool test rules alerts_test.yaml)

@@ -102,7 +102,7 @@ pub async fn run_as(config: Config, listener: TcpListener, shutdown: Shutdown, r
         }
     };
     let kafka = front.as_ref().map(kafka::Front::status);
-    let state = Arc::new(AppState { config: Arc::clone(&config), ingest, shed, api_keys, admin, ch, metrics, kafka });
+    let state = Arc::new(AppState { config: Arc::clone(&config), ingest, shed, api_keys, admin, metrics, kafka });
 
     let local = listener.local_addr().map_err(ServeError::Serve)?;
     tracing::info!(

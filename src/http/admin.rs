@@ -1,5 +1,5 @@
 //! The admin API, behind `admin_token` (404 when none is configured): `POST /admin/flush`
-//! and `GET /v1/status`.
+//! and `GET /v1/status`, both over every ClickHouse node.
 
 use std::sync::Arc;
 
@@ -43,7 +43,12 @@ pub async fn flush(
         state.ingest.coalescer.flush(&schema).await.map_err(|_| ApiError::ShuttingDown)?;
     }
     let drained = if params.drain {
-        let rows = drain::drain(&state.ch, &state.config).await.map_err(|e| ApiError::FlushFailed(e.to_string()))?;
+        // Every node's Buffer: on a cluster, each replica holds rows of its own.
+        let drains = state.ingest.shards.replicas().map(|r| drain::drain(&r.ch, &state.config));
+        let mut rows = 0;
+        for drained in futures_util::future::join_all(drains).await {
+            rows += drained.map_err(|e| ApiError::FlushFailed(e.to_string()))?;
+        }
         Some(rows)
     } else {
         None

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::auth::{AdminToken, ApiKeys};
-use crate::clickhouse::ClickHouse;
 use crate::config::Config;
 use crate::ingest::Ingest;
 use crate::shed::ShedState;
@@ -17,7 +16,6 @@ pub struct AppState {
     pub shed: Arc<ShedState>,
     pub api_keys: ApiKeys,
     pub admin: AdminToken,
-    pub ch: ClickHouse,
     pub metrics: PrometheusHandle,
     /// The Kafka consumer's state, when this process runs one (`buffergate consume`).
     pub kafka: Option<Arc<crate::kafka::Status>>,
