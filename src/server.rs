@@ -77,13 +77,12 @@ pub async fn run_as(config: Config, listener: TcpListener, shutdown: Shutdown, r
     // Before any task records a metric.
     let metrics = metrics::install();
     let config = Arc::new(config);
-    let ch = ClickHouse::new(&config);
     let health = Arc::new(Health::default());
     let schema = Arc::new(SharedSchema::default());
     let shed = Arc::new(ShedState::default());
     let wake = Arc::new(Notify::new());
-    let Some(topology) = topology(&config, &ch, &shutdown).await? else { return Ok(()) };
-    let watchers = Watchers::start(&ch, &config, &schema, &health, &wake, topology.shards.len()).await;
+    let Some(topology) = topology(&config, &shutdown).await? else { return Ok(()) };
+    let watchers = Watchers::start(&config, &topology, &schema, &health, &wake).await;
     let nodes = Nodes::open(&config, &topology, &shed, &wake).await?;
     let (ingest, partitions) = ingest(&config, &nodes, schema, &health)?;
     let api_keys = ApiKeys::from_config(&config)?;
@@ -130,22 +129,26 @@ pub async fn run_as(config: Config, listener: TcpListener, shutdown: Shutdown, r
 
 /// The ClickHouse servers to write to: `clickhouse_url`, with the weights (or, given one URL,
 /// the nodes) of `clickhouse_cluster` from `system.clusters`. Waits for the first server to
-/// answer when a cluster is named: placing rows by wrong weights would put them where the
-/// Distributed table does not look. `None` if shutdown came first.
-async fn topology(config: &Config, ch: &ClickHouse, shutdown: &Shutdown) -> Result<Option<Topology>, ServeError> {
+/// answer when a cluster is named (any listed node will do): placing rows by wrong weights
+/// would put them where the Distributed table does not look. `None` if shutdown came first.
+async fn topology(config: &Config, shutdown: &Shutdown) -> Result<Option<Topology>, ServeError> {
     let listed = Topology::parse(&config.clickhouse_url).map_err(ServeError::Topology)?;
     let cluster = config.clickhouse_cluster.trim();
     if cluster.is_empty() {
         return Ok(Some(listed));
     }
     loop {
-        match ch.cluster_rows(cluster).await {
-            Ok(rows) => {
-                let topology = listed.with_cluster(&rows).map_err(ServeError::Topology)?;
-                tracing::info!(cluster, shards = topology.shards.len(), weights = ?topology.weights(), "cluster read");
-                return Ok(Some(topology));
+        for (_, _, url) in listed.each() {
+            match ClickHouse::for_url(config, url).cluster_rows(cluster).await {
+                Ok(rows) => {
+                    let topology = listed.clone().with_cluster(&rows).map_err(ServeError::Topology)?;
+                    tracing::info!(cluster, shards = topology.shards.len(), weights = ?topology.weights(), "cluster read");
+                    return Ok(Some(topology));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, node = url, cluster, "cannot read the cluster from system.clusters");
+                }
             }
-            Err(error) => tracing::warn!(%error, cluster, "cannot read the cluster from system.clusters; retrying"),
         }
         tokio::select! {
             () = shutdown.triggered() => return Ok(None),
@@ -163,16 +166,15 @@ struct Watchers {
 
 impl Watchers {
     async fn start(
-        ch: &ClickHouse,
         config: &Arc<Config>,
+        topology: &Topology,
         schema: &Arc<SharedSchema>,
         health: &Arc<Health>,
         wake: &Arc<Notify>,
-        shards: usize,
     ) -> Self {
         let refresher = Refresher {
-            shards,
-            ch: ch.clone(),
+            shards: topology.shards.len(),
+            nodes: topology.each().map(|(_, _, url)| ClickHouse::for_url(config, url)).collect(),
             schema: Arc::clone(schema),
             health: Arc::clone(health),
             config: Arc::clone(config),

@@ -1,6 +1,7 @@
 //! Keeps the shared schema in step with the table: reads the columns at start-up, then on a
 //! timer and whenever an INSERT failure suggests the table changed. Also the readiness probe
-//! of ClickHouse itself.
+//! of ClickHouse itself. On a cluster the nodes are asked in turn: one node down does not make
+//! the gateway unready (every node has the same tables, `migrate` made them so).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::ClickHouse;
+use super::{ClickHouse, ClickHouseError};
 use crate::config::Config;
 use crate::health::Health;
 use crate::schema::{SharedSchema, SpecialColumns};
@@ -16,7 +17,8 @@ use crate::schema::{SharedSchema, SpecialColumns};
 /// What the refresher needs, shared with the rest of the gateway.
 #[derive(Debug, Clone)]
 pub struct Refresher {
-    pub ch: ClickHouse,
+    /// Every node, the first listed first.
+    pub nodes: Vec<ClickHouse>,
     pub schema: Arc<SharedSchema>,
     pub health: Arc<Health>,
     pub config: Arc<Config>,
@@ -49,7 +51,16 @@ impl Refresher {
     /// Reads the columns once and updates the schema and health.
     pub async fn refresh(&self) {
         let (db, table) = (&self.config.database, &self.config.buffer_table);
-        match self.ch.columns(db, table).await {
+        let mut answer = Err(ClickHouseError::Protocol("no ClickHouse node configured".into()));
+        let mut answered = None;
+        for ch in &self.nodes {
+            answer = ch.columns(db, table).await;
+            if answer.is_ok() {
+                answered = Some(ch);
+                break;
+            }
+        }
+        match answer {
             Ok(columns) if columns.is_empty() => {
                 self.health.set_clickhouse_up(true);
                 self.health.set_table_present(false);
@@ -59,7 +70,8 @@ impl Refresher {
                 self.health.set_clickhouse_up(true);
                 self.health.set_table_present(true);
                 if self.health.clickhouse_version().is_none()
-                    && let Ok(caps) = self.ch.capabilities().await
+                    && let Some(ch) = answered
+                    && let Ok(caps) = ch.capabilities().await
                 {
                     self.health.set_clickhouse_version(caps.version);
                 }
