@@ -209,9 +209,12 @@ impl Nodes {
         shed: &Arc<ShedState>,
         wake: &Arc<Notify>,
     ) -> Result<Self, ServeError> {
+        let single = topology.nodes() == 1;
+        if !single && config.journal_enabled() {
+            refuse_orphaned_journals(config, topology).await?;
+        }
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
-        let single = topology.nodes() == 1;
         let mut shards = vec![Vec::new(); topology.shards.len()];
         for (shard, _, url) in topology.each() {
             let node_config = if single {
@@ -256,6 +259,35 @@ impl Nodes {
             let _ = task.await;
         }
     }
+}
+
+/// Refuses to start while a journal holds blocks for a node the topology no longer has: the
+/// single node's journal (`<data_dir>/journal`) of a gateway now given a cluster, or a node
+/// taken out of `clickhouse_url`. Only that node can say whether their rows landed.
+async fn refuse_orphaned_journals(config: &Config, topology: &Topology) -> Result<(), ServeError> {
+    let data = std::path::Path::new(&config.data_dir);
+    let mut dirs = vec![data.join("journal")];
+    let known: Vec<String> = topology.each().map(|(_, _, url)| node_dir(&config.data_dir, url)).collect();
+    if let Ok(entries) = std::fs::read_dir(data.join("nodes")) {
+        dirs.extend(
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| !known.iter().any(|k| std::path::Path::new(k) == p))
+                .map(|p| p.join("journal")),
+        );
+    }
+    for dir in dirs {
+        let blocks = crate::journal::durable::leftover(config, dir.clone()).await?;
+        if blocks > 0 {
+            return Err(ServeError::Topology(format!(
+                "{} holds {blocks} unconfirmed blocks written to a node not in clickhouse_url: run a gateway with that \
+                 node until they are settled (its /v1/status shows none unconfirmed), or move the directory away to give them up",
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// A node's own directory under `data_dir` when there are several (each its own journal).

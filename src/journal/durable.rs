@@ -196,6 +196,20 @@ pub struct DurableStatus {
     pub last_answer_s: Option<f64>,
 }
 
+/// Unconfirmed blocks in a journal directory no running node owns (a node taken out of
+/// `clickhouse_url`, or the single node's journal of a gateway now given a cluster): 0 when
+/// there is none. Opened, counted and closed again.
+pub async fn leftover(config: &Config, dir: std::path::PathBuf) -> Result<usize, JournalError> {
+    if !dir.exists() {
+        return Ok(0);
+    }
+    let store = JournalConfig { dir, max_bytes: config.journal_max_bytes, segment_bytes: config.journal_segment_bytes };
+    let (journal, records) =
+        tokio::task::spawn_blocking(move || Journal::open(store)).await.map_err(|_| JournalError::Closed)??;
+    journal.close().await?;
+    Ok(records.len())
+}
+
 impl DurableStatus {
     /// Two nodes' journals as one: sizes and counts summed, ages the worst.
     pub fn combine(self, other: Self) -> Self {
