@@ -2,10 +2,18 @@
 # Runs a private ClickHouse server in the foreground: its own data directory, loopback only,
 # the given ports. Used by the test harness and by `scripts/run-local.sh`; never touches the
 # system-wide server or its ports.
-#   usage: clickhouse-server.sh DATA_DIR HTTP_PORT TCP_PORT
+# EXTRA_CONFIG, if given, is merged over the generated config.xml (copied into config.d): a
+# cluster node's ZooKeeper, macros, remote_servers and interserver port.
+#   usage: clickhouse-server.sh DATA_DIR HTTP_PORT TCP_PORT [EXTRA_CONFIG]
 set -euo pipefail
-dir=$(realpath -m "$1"); http_port=$2; tcp_port=$3
+dir=$(realpath -m "$1"); http_port=$2; tcp_port=$3; extra=${4:-}
 mkdir -p "$dir/data" "$dir/tmp" "$dir/user_files" "$dir/format_schemas" "$dir/log"
+# config.d holds only what this start was given, like the config.xml written below.
+rm -rf "$dir/config.d"
+if [ -n "$extra" ]; then
+    mkdir -p "$dir/config.d"
+    cp "$extra" "$dir/config.d/"
+fi
 cat > "$dir/config.xml" <<XML
 <?xml version="1.0"?>
 <yandex>

@@ -1,8 +1,10 @@
-//! Test harness: real ClickHouse, Redis and Redis Cluster processes on free ports with temporary data
-//! directories, stopped by pid; a gateway started in-process on port 0; helpers to post as a
-//! producer and to read back what ClickHouse stored.
+//! Test harness: real ClickHouse (one server, or in `cluster` a sharded, replicated cluster), Redis
+//! and Redis Cluster processes on free ports with temporary data directories, stopped by pid; a
+//! gateway started in-process on port 0; helpers to post as a producer and to read back what
+//! ClickHouse stored.
 #![allow(dead_code, unsafe_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod cluster;
 pub mod raw;
 
 use std::path::{Path, PathBuf};
@@ -116,6 +118,11 @@ pub struct ClickHouseServer {
     pub http_port: u16,
     tcp_port: u16,
     pub dir: PathBuf,
+    /// Merged over the generated configuration on every start: a cluster node's part.
+    extra_config: Option<PathBuf>,
+    /// How long after a kill a restart waits: a cluster node's ZooKeeper session outlives it.
+    restart_grace: Duration,
+    killed_at: std::sync::Mutex<Option<Instant>>,
     process: std::sync::Mutex<Process>,
 }
 
@@ -126,16 +133,39 @@ impl ClickHouseServer {
         sweep_stale_scratch();
         let dir = scratch(name);
         for _attempt in 0..3 {
-            let (http_port, tcp_port) = (free_port(), free_port());
-            let mut cmd = Command::new(repo().join("scripts/clickhouse-server.sh"));
-            cmd.arg(&dir).arg(http_port.to_string()).arg(tcp_port.to_string());
-            let process = Process::spawn(cmd, &dir.join("stdout.log"));
-            let url = format!("http://127.0.0.1:{http_port}");
-            if wait_http(&format!("{url}/ping"), Duration::from_secs(60), &process) {
-                return ClickHouseServer { url, http_port, tcp_port, dir, process: std::sync::Mutex::new(process) };
+            if let Some(server) = ClickHouseServer::launch(&dir, free_port(), free_port(), None) {
+                return server;
             }
         }
         panic!("clickhouse-server did not start; see {}", dir.display());
+    }
+
+    /// Starts a server on these ports and data directory, with `extra_config` (a file for
+    /// config.d) if given; `None` if it did not come up.
+    pub fn launch(
+        dir: &Path,
+        http_port: u16,
+        tcp_port: u16,
+        extra_config: Option<PathBuf>,
+    ) -> Option<ClickHouseServer> {
+        let process = spawn_clickhouse(dir, http_port, tcp_port, extra_config.as_deref(), "stdout.log");
+        let url = format!("http://127.0.0.1:{http_port}");
+        let up = wait_http(&format!("{url}/ping"), Duration::from_secs(60), &process);
+        let process = std::sync::Mutex::new(process);
+        up.then(|| ClickHouseServer {
+            url,
+            http_port,
+            tcp_port,
+            dir: dir.to_path_buf(),
+            extra_config,
+            restart_grace: Duration::ZERO,
+            killed_at: std::sync::Mutex::new(None),
+            process,
+        })
+    }
+
+    pub fn tcp_port(&self) -> u16 {
+        self.tcp_port
     }
 
     /// Stops the server (SIGKILL, as a crash would) and waits until it is gone.
@@ -143,6 +173,7 @@ impl ClickHouseServer {
         let process = self.process.lock().unwrap();
         process.signal(libc::SIGKILL);
         process.wait_exit(Duration::from_secs(10));
+        *self.killed_at.lock().unwrap() = Some(Instant::now());
     }
 
     /// Sends `signal` to the server (SIGSTOP / SIGCONT to freeze and thaw it).
@@ -150,11 +181,14 @@ impl ClickHouseServer {
         self.process.lock().unwrap().signal(signal);
     }
 
-    /// Starts the server again on the same ports and data directory.
+    /// Starts the server again on the same ports, data directory and configuration; a cluster
+    /// node killed moments ago first waits for its restart grace to pass.
     pub fn restart(&self) {
-        let mut cmd = Command::new(repo().join("scripts/clickhouse-server.sh"));
-        cmd.arg(&self.dir).arg(self.http_port.to_string()).arg(self.tcp_port.to_string());
-        let process = Process::spawn(cmd, &self.dir.join("stdout-restarted.log"));
+        if let Some(killed_at) = self.killed_at.lock().unwrap().take() {
+            std::thread::sleep(self.restart_grace.saturating_sub(killed_at.elapsed()));
+        }
+        let extra = self.extra_config.as_deref();
+        let process = spawn_clickhouse(&self.dir, self.http_port, self.tcp_port, extra, "stdout-restarted.log");
         assert!(wait_http(&format!("{}/ping", self.url), Duration::from_secs(60), &process), "ClickHouse restarts");
         *self.process.lock().unwrap() = process;
     }
@@ -173,8 +207,15 @@ impl ClickHouseServer {
 
     /// Runs a statement (LowCardinality allowed, as 18.16 needs); returns ClickHouse's error.
     pub async fn try_exec(&self, sql: &str) -> Result<(), String> {
+        self.try_exec_with(sql, &[]).await
+    }
+
+    /// `try_exec` with query-level settings (sent as URL parameters, where every statement,
+    /// DDL included, takes them).
+    pub async fn try_exec_with(&self, sql: &str, settings: &[(&str, &str)]) -> Result<(), String> {
         let url = format!("{}/?allow_experimental_low_cardinality_type=1", self.url);
-        let response = http().post(url).body(sql.to_string()).send().await.map_err(|e| e.to_string())?;
+        let request = http().post(url).query(settings).body(sql.to_string());
+        let response = request.send().await.map_err(|e| e.to_string())?;
         let status = response.status();
         if status.is_success() {
             Ok(())
@@ -368,6 +409,17 @@ fn wait_port(port: u16, process: &Process) {
         assert!(Instant::now() < deadline && process.is_alive(), "redis-server did not start on {port}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// `scripts/clickhouse-server.sh` for `dir` and these ports, its output in the file `log` in `dir`.
+fn spawn_clickhouse(dir: &Path, http_port: u16, tcp_port: u16, extra_config: Option<&Path>, log: &str) -> Process {
+    let mut cmd = Command::new(repo().join("scripts/clickhouse-server.sh"));
+    cmd.arg(dir).arg(http_port.to_string()).arg(tcp_port.to_string());
+    if let Some(extra) = extra_config {
+        cmd.arg(extra);
+    }
+    std::fs::create_dir_all(dir).expect("server dir");
+    Process::spawn(cmd, &dir.join(log))
 }
 
 /// The ClickHouse server shared by all tests of this binary.
