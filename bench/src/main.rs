@@ -64,6 +64,13 @@ fn machine_ticks() -> (f64, f64) {
     (total - idle, total)
 }
 
+/// µs of Redis CPU per event of a scenario with idempotency on (CPU s per million events is
+/// µs per event); `None` without idempotency, where Redis only idles.
+fn redis_per_event(result: &Value) -> Option<f64> {
+    let dedup = result["scenario"].as_str().is_some_and(|name| name.ends_with("_gw_dedup"));
+    dedup.then(|| num(&result["cpu_seconds_per_million_events"]["redis"]))
+}
+
 fn cores() -> f64 {
     std::thread::available_parallelism().map_or(1, usize::from) as f64
 }
@@ -665,7 +672,8 @@ async fn main() {
             // Ids never repeat across scenarios: the Redis store outlives each gateway.
             first_id += 1 << 40;
             let result = scenario(&binary, &servers, (mode, batch, connections), seconds, round, first_id).await;
-            println!("  {:.0} events/s", num(&result["events_per_second"]));
+            let redis = redis_per_event(&result).map(|us| format!(", Redis {us:.2} µs of CPU per event"));
+            println!("  {:.0} events/s{}", num(&result["events_per_second"]), redis.unwrap_or_default());
             this.push(result);
         }
         rounds.push(this);
@@ -678,6 +686,10 @@ async fn main() {
             runs.sort_by(|a, b| eps(a).total_cmp(&eps(b)));
             let mut median = runs[runs.len() / 2].clone();
             median["events_per_second_by_round"] = json!(rounds.iter().map(|round| eps(&round[i])).collect::<Vec<_>>());
+            if redis_per_event(&median).is_some() {
+                let by_round: Vec<Option<f64>> = rounds.iter().map(|round| redis_per_event(&round[i])).collect();
+                median["redis_cpu_us_per_event_by_round"] = json!(by_round);
+            }
             median
         })
         .collect();
@@ -714,6 +726,17 @@ async fn main() {
             .map(|v| format!("{:.0}", num(v)))
             .collect();
         let _ = writeln!(md, "- {}: {}", r["scenario"].as_str().unwrap_or(""), by_round.join(", "));
+    }
+    let redis: Vec<String> = results
+        .iter()
+        .filter_map(|r| {
+            let by_round = r["redis_cpu_us_per_event_by_round"].as_array()?;
+            let shown: Vec<String> = by_round.iter().map(|v| format!("{:.2}", num(v))).collect();
+            Some(format!("- {}: {}", r["scenario"].as_str().unwrap_or(""), shown.join(", ")))
+        })
+        .collect();
+    if !redis.is_empty() {
+        let _ = writeln!(md, "\nRedis µs of CPU per event by round (idempotency on):\n\n{}", redis.join("\n"));
     }
     let _ = writeln!(md, "\nTargets:\n");
     let targets = targets(&results, &rounds);

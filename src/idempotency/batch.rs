@@ -60,68 +60,66 @@ end
 
 /// `KEYS`: the base name (`<prefix>{<tag>}`) of each group in the call. `ARGV[3]`: the number
 /// of runs `R`, then per run its group (index into `KEYS`), token and number of ids, then the
-/// ids, run by run; runs come sorted by group, so a group's ids are contiguous. Answers
-/// `{codes, holder…}`: a byte per id (0 reserved, 2 held by a token whose lease runs, 3 held by
-/// one whose lease is over) and the value found for each 2 or 3. Tokens are 10 bytes.
+/// ids, run by run; runs come sorted by group, so a group's ids are contiguous, and no id is
+/// twice in a call ([`first_claims`]). Answers `{n, [position, lease over, holder]…}`: the
+/// number of ids seen, then for each id another token holds its position among the call's ids
+/// (from 0), `1` if that holder's lease is over (else `0`), and the value found. Tokens are 10
+/// bytes.
 ///
-/// Per group in the call: two `HMGET`s and one `HSET` (per 2,000 ids: Lua's `unpack` stops at
-/// about 8,000 values); nothing per id but the field written.
+/// Per group in the call: one `HMGET` of the current slot, one of the previous slot when that
+/// exists, and one `HSET` (per 2,000 ids: Lua's `unpack` stops at about 8,000 values). A fresh
+/// id adds nothing to the answer and nothing to any table but the `HSET`'s arguments: what the
+/// script does per id is most of what Redis spends on it besides the hash itself.
 const RESERVE: &str = r"
 local CHUNK = 2000
 local R = tonumber(ARGV[3])
 local first = 4 + 3 * R
-local last, at = {}, first
-for r = 0, R - 1 do
-  at = at + tonumber(ARGV[6 + 3 * r])
-  last[tonumber(ARGV[4 + 3 * r])] = at - 1
-end
--- What each id holds: the current slot's value, else the previous slot's.
-local found, names, created, fresh = {}, {}, {}, {}
-local from = first
+local answer = {tostring(#ARGV - first + 1)}
+local r, at = 0, first
 for k = 1, #KEYS do
-  names[k], created[k] = current(KEYS[k])
-  fresh[k] = {}
-  local previous, to = hash(KEYS[k], slot - 1), last[k] or from - 1
-  for a = from, to, CHUNK do
-    local b = math.min(a + CHUNK - 1, to)
-    local now = redis.call('HMGET', names[k], unpack(ARGV, a, b))
-    local before = redis.call('HMGET', previous, unpack(ARGV, a, b))
-    for j = a, b do found[j] = now[j - a + 1] or before[j - a + 1] end
+  local name, created = current(KEYS[k])
+  local previous = hash(KEYS[k], slot - 1)
+  -- Absent in a gateway's first window: not asking it then saves a nil per id.
+  local old = redis.call('EXISTS', previous) == 1
+  local to, e = at - 1, r
+  while e < R and tonumber(ARGV[4 + 3 * e]) == k do
+    to = to + tonumber(ARGV[6 + 3 * e])
+    e = e + 1
   end
-  from = to + 1
-end
-local codes, holders, claimed = {}, {}, {}
-at = first
-for r = 0, R - 1 do
-  local k, token, n = tonumber(ARGV[4 + 3 * r]), ARGV[5 + 3 * r], tonumber(ARGV[6 + 3 * r])
-  local value, f = token .. stamp, fresh[k]
-  for j = at, at + n - 1 do
-    local id = ARGV[j]
-    -- This call's own claims come first: two requests of one batch may want one id.
-    local holder = claimed[id] or found[j]
-    if not holder then
-      claimed[id] = value
-      f[#f + 1] = id
-      f[#f + 1] = value
-      codes[#codes + 1] = 0
-    elseif string.sub(holder, 1, 10) == token then
-      codes[#codes + 1] = 0
+  -- What each id holds: the current slot's value, else the previous slot's.
+  local found = {}
+  for a = at, to, CHUNK do
+    local b = math.min(a + CHUNK - 1, to)
+    local now = redis.call('HMGET', name, unpack(ARGV, a, b))
+    if old then
+      local before = redis.call('HMGET', previous, unpack(ARGV, a, b))
+      for j = a, b do found[j] = now[j - a + 1] or before[j - a + 1] end
     else
-      codes[#codes + 1] = lease_over(holder) and 3 or 2
-      holders[#holders + 1] = holder
+      for j = a, b do found[j] = now[j - a + 1] end
     end
   end
-  at = at + n
+  local fresh, nf = {}, 0
+  for run = r, e - 1 do
+    local token, n = ARGV[5 + 3 * run], tonumber(ARGV[6 + 3 * run])
+    local value = token .. stamp
+    for j = at, at + n - 1 do
+      local holder = found[j]
+      if not holder then
+        fresh[nf + 1] = ARGV[j]
+        fresh[nf + 2] = value
+        nf = nf + 2
+      elseif string.sub(holder, 1, 10) ~= token then
+        answer[#answer + 1] = tostring(j - first)
+        answer[#answer + 1] = lease_over(holder) and '1' or '0'
+        answer[#answer + 1] = holder
+      end
+    end
+    at = at + n
+  end
+  for a = 1, nf, CHUNK do redis.call('HSET', name, unpack(fresh, a, math.min(a + CHUNK - 1, nf))) end
+  if created and nf > 0 then backstop(name) end
+  r = e
 end
-for k = 1, #KEYS do
-  local f = fresh[k]
-  for a = 1, #f, CHUNK do redis.call('HSET', names[k], unpack(f, a, math.min(a + CHUNK - 1, #f))) end
-  if created[k] and #f > 0 then backstop(names[k]) end
-end
-local out = {}
-for a = 1, #codes, CHUNK do out[#out + 1] = string.char(unpack(codes, a, math.min(a + CHUNK - 1, #codes))) end
-local answer = {table.concat(out)}
-for i = 1, #holders do answer[i + 1] = holders[i] end
 return answer
 ";
 
@@ -273,6 +271,7 @@ impl Batcher {
             })
             .collect();
         entries.sort_unstable();
+        let (entries, repeats) = first_claims(entries, |e| jobs[e.job].key(e.key));
         let calls: Vec<&[Entry]> = if self.connection.is_cluster() {
             entries.chunk_by(|a, b| a.group == b.group).collect()
         } else {
@@ -288,6 +287,10 @@ impl Batcher {
             for (entry, state) in call.iter().zip(answer) {
                 seen[entry.job][entry.key] = state;
             }
+        }
+        for (repeat, first) in repeats {
+            let claim = &entries[first];
+            seen[repeat.job][repeat.key] = repeated(&seen[claim.job][claim.key], jobs[claim.job].token(claim.key));
         }
         for (job, seen) in jobs.into_iter().zip(seen) {
             // The request may have given up waiting; its leases expire.
@@ -342,23 +345,58 @@ pub fn replicated(acked: u32, wanted: u32) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Splits a batch's entries, sorted, into the first request for each id, still sorted, and the
+/// later ones, each with the index of the first it repeats: two requests of one batch may want
+/// one id, and the script, which has no table of what it claimed, must see each id once.
+/// An id has one group, so a repeat is always in its first's call.
+fn first_claims<'a>(entries: Vec<Entry>, key: impl Fn(&Entry) -> &'a [u8]) -> (Vec<Entry>, Vec<(Entry, usize)>) {
+    if entries.first().is_none_or(|first| entries.iter().all(|e| e.job == first.job)) {
+        // One request's ids are distinct already (`reserve::first_of_each`).
+        return (entries, Vec::new());
+    }
+    let mut firsts = Vec::with_capacity(entries.len());
+    let mut repeats = Vec::new();
+    let mut index = std::collections::HashMap::with_capacity(entries.len());
+    for entry in entries {
+        match index.entry(key(&entry)) {
+            std::collections::hash_map::Entry::Occupied(at) => repeats.push((entry, *at.get())),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(firsts.len());
+                firsts.push(entry);
+            }
+        }
+    }
+    (firsts, repeats)
+}
+
+/// What a later request of a batch sees of an id an earlier one asked for: the same holder, or,
+/// when the earlier one got it, that request's token, whose lease has just begun (pending).
+fn repeated(first: &Seen, first_token: &[u8]) -> Seen {
+    match first {
+        Seen::Reserved => Seen::Held { value: first_token.to_vec(), lease_over: false },
+        held => held.clone(),
+    }
+}
+
 /// The script's answer as one [`Seen`] per id.
 fn decode(answer: Vec<Vec<u8>>, n: usize) -> Result<Vec<Seen>, StoreError> {
+    let malformed = |what: &str| StoreError::Backend(format!("the reservation's answer: {what}"));
+    let number = |part: &[u8]| std::str::from_utf8(part).ok().and_then(|text| text.parse::<usize>().ok());
     let mut parts = answer.into_iter();
-    let codes = parts.next().unwrap_or_default();
-    if codes.len() != n {
-        return Err(StoreError::Backend(format!("the reservation answered {} codes for {n} keys", codes.len())));
+    if parts.next().as_deref().and_then(number) != Some(n) {
+        return Err(malformed(&format!("not the count of the {n} ids asked")));
     }
-    codes
-        .iter()
-        .map(|&code| match code {
-            0 => Ok(Seen::Reserved),
-            _ => match parts.next() {
-                Some(value) => Ok(Seen::Held { value, lease_over: code == 3 }),
-                None => Err(StoreError::Backend("the reservation answered fewer holders than it reported".into())),
-            },
-        })
-        .collect()
+    let mut seen = vec![Seen::Reserved; n];
+    while let Some(position) = parts.next() {
+        let (Some(over), Some(value)) = (parts.next(), parts.next()) else {
+            return Err(malformed("a holder cut short"));
+        };
+        let Some(state) = number(&position).and_then(|at| seen.get_mut(at)) else {
+            return Err(malformed("a position out of range"));
+        };
+        *state = Seen::Held { value, lease_over: over == b"1" };
+    }
+    Ok(seen)
 }
 
 #[cfg(test)]
@@ -367,7 +405,15 @@ mod tests {
 
     #[test]
     fn answers_decode_in_order_with_their_holders() {
-        let answer = vec![vec![0, 2, 0, 3], b"held".to_vec(), b"over".to_vec()];
+        let answer = vec![
+            b"4".to_vec(),
+            b"1".to_vec(),
+            b"0".to_vec(),
+            b"held".to_vec(),
+            b"3".to_vec(),
+            b"1".to_vec(),
+            b"over".to_vec(),
+        ];
         assert_eq!(
             decode(answer, 4).unwrap(),
             [
@@ -377,8 +423,29 @@ mod tests {
                 Seen::Held { value: b"over".to_vec(), lease_over: true },
             ]
         );
-        assert!(decode(vec![vec![0, 2]], 2).is_err(), "a holder missing");
-        assert!(decode(vec![vec![0]], 2).is_err(), "a code missing");
+        assert_eq!(decode(vec![b"2".to_vec()], 2).unwrap(), [Seen::Reserved, Seen::Reserved], "all fresh");
+        assert!(decode(vec![b"2".to_vec(), b"1".to_vec(), b"0".to_vec()], 2).is_err(), "a holder cut short");
+        assert!(decode(vec![b"2".to_vec(), b"2".to_vec(), b"0".to_vec(), b"x".to_vec()], 2).is_err(), "out of range");
+        assert!(decode(vec![b"1".to_vec()], 2).is_err(), "a count that is not the ids'");
+        assert!(decode(Vec::new(), 2).is_err(), "no count");
         assert!(replicated(0, 1).is_err() && replicated(1, 1).is_ok());
+    }
+
+    #[test]
+    fn an_id_two_requests_of_a_batch_want_is_asked_once_and_the_later_one_sees_it_pending() {
+        let entry = |group, job, key| Entry { group, job, token: 0, key };
+        let keys = [[&b"a"[..], b"b"], [b"b", b"c"]];
+        let mut entries = vec![entry(0, 0, 0), entry(0, 0, 1), entry(0, 1, 0), entry(1, 1, 1)];
+        entries.sort_unstable();
+        let (firsts, repeats) = first_claims(entries, |e| keys[e.job][e.key]);
+        assert_eq!(firsts, [entry(0, 0, 0), entry(0, 0, 1), entry(1, 1, 1)]);
+        assert_eq!(repeats, [(entry(0, 1, 0), 1)], "job 1's b repeats job 0's");
+        let one_job = vec![entry(0, 0, 0), entry(0, 0, 1)];
+        assert_eq!(first_claims(one_job.clone(), |e| keys[e.job][e.key]), (one_job, Vec::new()));
+
+        let token = b"0123456789";
+        assert_eq!(repeated(&Seen::Reserved, token), Seen::Held { value: token.to_vec(), lease_over: false });
+        let held = Seen::Held { value: b"other".to_vec(), lease_over: true };
+        assert_eq!(repeated(&held, token), held);
     }
 }
