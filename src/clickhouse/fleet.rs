@@ -4,7 +4,8 @@
 //! with the destination a ReplicatedMergeTree when a shard has several replicas, and beside
 //! them a Distributed table over the destinations for reads (never for writes: a Buffer over
 //! a Distributed table loses and duplicates rows). With ZooKeeper and a named cluster the DDL
-//! runs once `ON CLUSTER`; otherwise node by node, the same statements.
+//! runs once `ON CLUSTER`; otherwise (and on 18.x, whose DDL worker drops the setting its
+//! LowCardinality DDL needs) node by node, the same statements.
 
 use super::migrate::{self, MigrateError, Report};
 use super::topology::Topology;
@@ -95,7 +96,15 @@ pub async fn migrate_all(config: &Config, topology: &Topology) -> Result<Report,
         }
     }
     let engine = destination_engine(config, replicated);
-    match cluster.filter(|_| zookeeper) {
+    // 18.x's DDL worker runs ON CLUSTER statements without the query's settings, and its
+    // LowCardinality DDL needs one: there, node by node.
+    if cluster.is_some() && zookeeper && caps.low_cardinality_needs_setting {
+        report.lines.push(
+            "ClickHouse 18.x: the tables are created node by node (ON CLUSTER would drop the LowCardinality setting)"
+                .into(),
+        );
+    }
+    match cluster.filter(|_| zookeeper && !caps.low_cardinality_needs_setting) {
         Some(cluster) => {
             create(&node(config, topology.first(), &caps), config, &caps, &engine, Some(cluster)).await?;
             report.lines.push(format!("created the tables ON CLUSTER {cluster} (destination ENGINE = {engine})"));
