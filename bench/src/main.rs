@@ -14,7 +14,8 @@
 //! `--kafka` runs the Kafka scenarios instead ([`kafka`]: a pre-filled topic consumed by
 //! `buffergate consume` and by ClickHouse's Kafka engine) and writes `kafka.json`/`kafka.md`;
 //! `--soak SECONDS` runs the soak ([`soak`]: 1% malformed requests, RSS over time) and writes
-//! `soak.json`/`soak.md`.
+//! `soak.json`/`soak.md`; `--cluster SECONDS` runs the cluster scenarios ([`cluster`]: two
+//! ClickHouse shards behind one gateway, rows placed by key) and writes `cluster.json`/`cluster.md`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)] // a harness: fail loudly, print results
 
@@ -31,6 +32,7 @@ use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 
+mod cluster;
 mod kafka;
 mod soak;
 
@@ -116,20 +118,30 @@ impl Drop for Servers {
     }
 }
 
-async fn start_servers(dir: &Path) -> Servers {
-    let (http, tcp, redis_port) = (free_port(), free_port(), free_port());
-    let clickhouse = Command::new(repo().join("scripts/clickhouse-server.sh"))
-        .arg(dir.join("clickhouse"))
+/// A private ClickHouse server with its files in `dir` (`scripts/clickhouse-server.sh`).
+fn spawn_clickhouse(dir: &Path, http: u16, tcp: u16) -> Child {
+    Command::new(repo().join("scripts/clickhouse-server.sh"))
+        .arg(dir)
         .args([http.to_string(), tcp.to_string()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("clickhouse-server (scripts/install-deps.sh installs it)");
-    let redis = Command::new("redis-server")
-        .args(["--bind", "127.0.0.1", "--port", &redis_port.to_string(), "--save", "", "--appendonly", "no"])
+        .expect("clickhouse-server (scripts/install-deps.sh installs it)")
+}
+
+/// A Redis without persistence on `port`.
+fn spawn_redis(port: u16) -> Child {
+    Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
         .stdout(Stdio::null())
         .spawn()
-        .expect("redis-server");
+        .expect("redis-server")
+}
+
+async fn start_servers(dir: &Path) -> Servers {
+    let (http, tcp, redis_port) = (free_port(), free_port(), free_port());
+    let clickhouse = spawn_clickhouse(&dir.join("clickhouse"), http, tcp);
+    let redis = spawn_redis(redis_port);
     let ch_url = format!("http://127.0.0.1:{http}");
     wait_http(&format!("{ch_url}/ping")).await;
     Servers {
@@ -236,17 +248,42 @@ impl Producer {
 
 /// Drives `connections` producers for `seconds`, each sending `batch` events per request.
 async fn drive(url: String, ndjson: bool, batch: u64, connections: usize, seconds: f64, first_id: u64) -> Load {
+    drive_paced(url, ndjson, (batch, connections), seconds, first_id, None).await
+}
+
+/// [`drive`], at most `rate` events/s in all when given: each producer sends a request every
+/// `connections × batch / rate` seconds (the producers staggered), so that runs compared at
+/// the same rate do the same work per second, whatever their batching would allow.
+async fn drive_paced(
+    url: String,
+    ndjson: bool,
+    (batch, connections): (u64, usize),
+    seconds: f64,
+    first_id: u64,
+    rate: Option<f64>,
+) -> Load {
     let next = Arc::new(AtomicU64::new(first_id));
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
+    let period = rate.map(|rate| Duration::from_secs_f64(connections as f64 * batch as f64 / rate));
     let mut tasks = Vec::new();
-    for _ in 0..connections {
+    for i in 0..connections {
         let (url, next) = (url.clone(), Arc::clone(&next));
+        let mut ticks = period.map(|period| {
+            let first = tokio::time::Instant::now() + period.mul_f64(i as f64 / connections as f64);
+            let mut ticks = tokio::time::interval_at(first, period);
+            // Behind (the servers slower than the rate): carry on from now, no burst.
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks
+        });
         tasks.push(tokio::spawn(async move {
             let mut producer = Producer::new(&url);
             let mut load = Load::default();
             let mut body = String::with_capacity(batch as usize * 260);
             while Instant::now() < deadline {
+                if let Some(ticks) = ticks.as_mut() {
+                    ticks.tick().await;
+                }
                 let first = next.fetch_add(batch, Ordering::Relaxed);
                 body.clear();
                 if !ndjson {
@@ -320,10 +357,15 @@ fn num(v: &Value) -> f64 {
 }
 
 fn gateway_env(cmd: &mut Command, servers: &Servers, db: &str) {
+    gateway_env_for(cmd, &servers.ch_url, db);
+}
+
+/// The gateway's environment with `clickhouse_url` = `ch_url` (one node, or a cluster's list).
+fn gateway_env_for(cmd: &mut Command, ch_url: &str, db: &str) {
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("RUST_LOG", "warn")
-        .env("BUFFERGATE_CLICKHOUSE_URL", &servers.ch_url)
+        .env("BUFFERGATE_CLICKHOUSE_URL", ch_url)
         .env("BUFFERGATE_DATABASE", db);
     // Tuning knobs to measure (`BUFFERGATE_CLICKHOUSE_COMPRESSION=none …`) pass through.
     for (key, value) in std::env::vars() {
@@ -599,6 +641,14 @@ struct Args {
     /// Runs the soak for this many seconds (1% malformed requests, RSS sampled) instead.
     #[arg(long, value_name = "SECONDS")]
     soak: Option<u64>,
+    /// Runs the cluster scenarios instead (two ClickHouse shards, rows placed by key), each
+    /// for this many seconds per round (`--rounds` rounds).
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "20")]
+    cluster: Option<f64>,
+    /// The rate, events/s, at which `--cluster` also runs every setup, to compare their CPU
+    /// per event at the same load; meant to be below what every setup sustains.
+    #[arg(long, value_name = "EVENTS_PER_SECOND", default_value_t = 40_000.0)]
+    cluster_rate: f64,
 }
 
 #[tokio::main]
@@ -618,10 +668,25 @@ async fn main() {
                 .status()
                 .unwrap();
             assert!(status.success(), "cargo build --release");
-            repo().join("target/release/buffergate")
+            // Where cargo put it: a shared CARGO_TARGET_DIR (a worktree's build) or the checkout's.
+            std::env::var_os("CARGO_TARGET_DIR")
+                .map_or_else(|| repo().join("target"), |dir| repo().join(PathBuf::from(dir)))
+                .join("release/buffergate")
         }
     };
     let dir = std::env::temp_dir().join(format!("buffergate-bench-{}", std::process::id()));
+    if let Some(seconds) = args.cluster {
+        // Its own servers: two ClickHouses that know each other as a cluster.
+        let (report, md) = cluster::run(&binary, &dir, seconds, rounds_wanted, args.cluster_rate).await;
+        let md = format!("# buffergate benchmark: cluster\n\nMachine: {}. {md}", machine());
+        println!("\n{md}");
+        std::fs::create_dir_all(&out_dir).unwrap();
+        let report = json!({"machine": machine(), "cluster": report});
+        std::fs::write(out_dir.join("cluster.json"), format!("{report:#}\n")).unwrap();
+        std::fs::write(out_dir.join("cluster.md"), md).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     let servers = start_servers(&dir).await;
     let version = query(&servers.ch_url, "SELECT version() AS v").await[0]["v"].as_str().unwrap_or("").to_string();
     if let Some(seconds) = args.soak {
