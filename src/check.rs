@@ -179,18 +179,33 @@ async fn redis(config: &Config) -> Vec<Finding> {
         return out;
     }
     let timeout = std::time::Duration::from_millis(config.redis_timeout_ms.max(1000));
-    let facts = match idempotency::server_facts(&config.redis_url, timeout).await {
-        Ok(facts) => facts,
-        Err(error) => {
-            out.push(finding(
-                "redis",
-                Severity::Error,
-                format!("cannot reach Redis: {error}"),
-                "start Redis or fix redis_url; meanwhile every ingestion request is refused (dedup_on_store_error = reject) or written without deduplication (accept)",
-            ));
-            return out;
-        }
+    let unreachable = |error: &dyn std::fmt::Display| {
+        finding(
+            "redis",
+            Severity::Error,
+            format!("cannot reach Redis: {error}"),
+            "start Redis or fix redis_url; meanwhile every ingestion request is refused (dedup_on_store_error = reject) or written without deduplication (accept)",
+        )
     };
+    let primaries = match idempotency::primaries_facts(&config.redis_url, timeout).await {
+        Ok(primaries) => primaries,
+        Err(error) => return vec![unreachable(&error)],
+    };
+    // A Redis Cluster: every primary is checked, each finding names its node.
+    let cluster = config.redis_url.contains("+cluster://");
+    for (node, facts) in primaries {
+        let findings = match facts {
+            Ok(facts) => redis_facts(&facts),
+            Err(error) => vec![unreachable(&error)],
+        };
+        out.extend(findings.into_iter().map(|f| Finding { node: cluster.then(|| node.clone()), ..f }));
+    }
+    out
+}
+
+/// What one Redis server's settings mean for the idempotency keys it holds.
+fn redis_facts(facts: &idempotency::ServerFacts) -> Vec<Finding> {
+    let mut out = Vec::new();
     if facts.version().is_none_or(|version| version < (4, 0)) {
         out.push(finding(
             "redis_version",

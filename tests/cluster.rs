@@ -203,14 +203,15 @@ async fn converged(cluster: &ClickHouseCluster, db: &str, shard: usize, expected
     for node in cluster.shard(shard) {
         let table = format!("`{db}`.events_raw");
         eventually(
-            Duration::from_secs(60),
+            Duration::from_secs(120),
             &format!("shard {shard}'s replica {} to hold {expected} rows", node.url),
             || {
                 let table = table.clone();
                 async move {
                     let count = node.count(&table).await;
                     if count != expected {
-                        let queue = node.rows("SELECT type, last_exception, num_tries FROM system.replication_queue").await;
+                        let queue =
+                            node.rows("SELECT type, last_exception, num_tries FROM system.replication_queue").await;
                         eprintln!("{} has {count}; queue {:?}", node.url, queue.iter().take(3).collect::<Vec<_>>());
                     }
                     count == expected

@@ -143,27 +143,29 @@ async fn create(
     engine: &str,
     cluster: Option<&str>,
 ) -> Result<(), ClickHouseError> {
-    let db = quote_ident(&config.database);
-    ch.execute(&format!("CREATE DATABASE IF NOT EXISTS {db}{}", on(cluster))).await?;
-    let destination = migrate::destination_ddl(config, caps)
-        .replacen(
-            &format!("{db}.{}", quote_ident(&config.destination_table)),
-            &format!("{db}.{}{}", quote_ident(&config.destination_table), on(cluster)),
-            1,
-        )
-        .replace("ENGINE = MergeTree()", &format!("ENGINE = {engine}"));
-    ch.execute(&destination).await?;
-    let buffer = migrate::buffer_ddl(config).replacen(
-        &format!("{db}.{} AS", quote_ident(&config.buffer_table)),
-        &format!("{db}.{}{} AS", quote_ident(&config.buffer_table), on(cluster)),
-        1,
-    );
-    ch.execute(&buffer).await?;
-    let named = Some(config.clickhouse_cluster.trim()).filter(|c| !c.is_empty());
-    if let Some(name) = named {
-        ch.execute(&distributed_ddl(config, name, cluster.is_some())).await?;
+    for statement in statements(config, caps, engine, cluster) {
+        ch.execute(&statement).await?;
     }
     Ok(())
+}
+
+/// The DDL [`create`] runs, `ON CLUSTER cluster` in each when given (run once for every node).
+pub fn statements(config: &Config, caps: &Capabilities, engine: &str, cluster: Option<&str>) -> Vec<String> {
+    let db = quote_ident(&config.database);
+    let named = |table: &str| format!("{db}.{}", quote_ident(table));
+    let mut out = vec![format!("CREATE DATABASE IF NOT EXISTS {db}{}", on(cluster))];
+    let destination = named(&config.destination_table);
+    out.push(
+        migrate::destination_ddl(config, caps)
+            .replacen(&destination, &format!("{destination}{}", on(cluster)), 1)
+            .replace("ENGINE = MergeTree()", &format!("ENGINE = {engine}")),
+    );
+    let buffer = named(&config.buffer_table);
+    out.push(migrate::buffer_ddl(config).replacen(&format!("{buffer} AS"), &format!("{buffer}{} AS", on(cluster)), 1));
+    if let Some(name) = Some(config.clickhouse_cluster.trim()).filter(|c| !c.is_empty()) {
+        out.push(distributed_ddl(config, name, cluster.is_some()));
+    }
+    out
 }
 
 /// Whether the server has ZooKeeper (or Keeper) configured.
@@ -218,5 +220,29 @@ mod tests {
             "ReplicatedMergeTree('/clickhouse/tables/{shard}/analytics/events_raw', '{replica}')"
         );
         assert_eq!(destination_engine(&config, false), "MergeTree()");
+    }
+
+    #[test]
+    fn on_cluster_ddl_names_the_cluster_in_every_statement() {
+        let config = Config { clickhouse_cluster: "bg".into(), ..Config::default() };
+        let engine = destination_engine(&config, true);
+        let ddl = statements(&config, &Capabilities::modern(), &engine, Some("bg"));
+        assert_eq!(ddl.len(), 4);
+        assert_eq!(ddl[0], "CREATE DATABASE IF NOT EXISTS `analytics` ON CLUSTER `bg`");
+        assert!(
+            ddl[1].starts_with("CREATE TABLE IF NOT EXISTS `analytics`.`events_raw` ON CLUSTER `bg`\n("),
+            "{}",
+            ddl[1]
+        );
+        assert!(ddl[1].contains(&format!("ENGINE = {engine}\nPARTITION BY")), "{}", ddl[1]);
+        assert!(
+            ddl[2].starts_with("CREATE TABLE IF NOT EXISTS `analytics`.`events_buffer` ON CLUSTER `bg` AS `analytics`.`events_raw` ENGINE = Buffer("),
+            "{}",
+            ddl[2]
+        );
+        assert!(ddl[3].contains("`events_raw_all` ON CLUSTER `bg` AS"), "{}", ddl[3]);
+        // Node by node: the same statements without the clause.
+        let each = statements(&config, &Capabilities::modern(), "MergeTree()", None);
+        assert!(each.iter().all(|s| !s.contains("ON CLUSTER")), "{each:?}");
     }
 }

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, DedupMode, OnStoreError};
 use crate::metrics;
 pub use memory::MemoryStore;
-pub use redis_store::{RedisStore, ServerFacts, server_facts};
+pub use redis_store::{RedisStore, ServerFacts, primaries_facts, server_facts};
 pub use reserve::{ReserveError, Reserved};
 
 #[derive(Debug, Clone, thiserror::Error)]

@@ -359,7 +359,62 @@ impl ServerFacts {
 /// Reads the server's version and the settings deduplication depends on.
 /// On a cluster, of its first seed node (the settings apply to every node alike).
 pub async fn server_facts(url: &str, timeout: Duration) -> Result<ServerFacts, StoreError> {
-    let client = client(&first_node(url)?)?;
+    facts_of(&first_node(url)?, timeout).await
+}
+
+/// The facts of every primary: the one server, or each primary of a Redis Cluster as the
+/// first seed's `CLUSTER NODES` lists them (each with the seed's scheme and credentials).
+pub async fn primaries_facts(
+    url: &str,
+    timeout: Duration,
+) -> Result<Vec<(String, Result<ServerFacts, StoreError>)>, StoreError> {
+    let seed = match super::redis_conn::topology(url)? {
+        super::redis_conn::Topology::Single(node) => {
+            let facts = facts_of(&node, timeout).await;
+            return Ok(vec![(node, facts)]);
+        }
+        super::redis_conn::Topology::Cluster(seeds) => {
+            seeds.into_iter().next().ok_or_else(|| StoreError::Config("no seed".into()))?
+        }
+    };
+    let listing = async {
+        let mut connection = client(&seed)?.get_multiplexed_async_connection().await.map_err(|e| backend(&e))?;
+        redis::cmd("CLUSTER").arg("NODES").query_async::<String>(&mut connection).await.map_err(|e| backend(&e))
+    };
+    let nodes = tokio::time::timeout(timeout, listing).await.map_err(|_| StoreError::Timeout(timeout))??;
+    let mut out = Vec::new();
+    for address in cluster_primaries(&nodes) {
+        let node = with_address(&seed, &address);
+        let facts = facts_of(&node, timeout).await;
+        out.push((address, facts));
+    }
+    Ok(out)
+}
+
+/// The `host:port` of every primary that is not failing, from `CLUSTER NODES`.
+fn cluster_primaries(nodes: &str) -> Vec<String> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let flags = fields.get(2)?;
+            let primary = flags.split(',').any(|f| f == "master") && !flags.contains("fail");
+            primary.then(|| fields.get(1)?.split(['@', ',']).next().map(String::from)).flatten()
+        })
+        .collect()
+}
+
+/// `seed` (`redis://[user:pass@]host:port[/db]`) pointing at `address` instead.
+fn with_address(seed: &str, address: &str) -> String {
+    let (scheme, rest) = seed.split_once("://").unwrap_or(("redis", seed));
+    let (auth, hostpart) = rest.rsplit_once('@').map_or(("", rest), |(a, h)| (a, h));
+    let path = hostpart.find('/').map_or("", |i| &hostpart[i..]);
+    let auth = if auth.is_empty() { String::new() } else { format!("{auth}@") };
+    format!("{scheme}://{auth}{address}{path}")
+}
+
+async fn facts_of(node: &str, timeout: Duration) -> Result<ServerFacts, StoreError> {
+    let client = client(node)?;
     let facts = async {
         let mut connection = client.get_multiplexed_async_connection().await?;
         let info: String = redis::cmd("INFO").arg("server").query_async(&mut connection).await?;
@@ -391,6 +446,17 @@ mod tests {
     fn one_group_on_a_primary_sixteen_on_a_cluster_unless_configured() {
         assert_eq!((key_groups(0, false), key_groups(0, true)), (1, 16));
         assert_eq!((key_groups(64, false), key_groups(64, true)), (64, 64));
+    }
+
+    #[test]
+    fn every_live_primary_of_a_cluster_is_checked() {
+        let nodes = "a1 127.0.0.1:7001@17001 myself,master - 0 0 1 connected 0-5460\n\
+                     b2 127.0.0.1:7002@17002,host-b master - 0 0 2 connected 5461-10922\n\
+                     c3 127.0.0.1:7003@17003 master,fail - 0 0 3 disconnected\n\
+                     d4 127.0.0.1:7004@17004 slave a1 0 0 1 connected\n";
+        assert_eq!(cluster_primaries(nodes), ["127.0.0.1:7001", "127.0.0.1:7002"]);
+        assert_eq!(with_address("rediss://u:p@h1:6379/0", "10.0.0.2:7000"), "rediss://u:p@10.0.0.2:7000/0");
+        assert_eq!(with_address("redis://h1:6379", "10.0.0.2:7000"), "redis://10.0.0.2:7000");
     }
 
     #[test]
