@@ -79,7 +79,7 @@ impl Batch {
     /// overlaps the INSERT it protects), fails over to another replica when the INSERT failed
     /// cleanly, then settles its keys and tells every waiter.
     async fn flush(self, route: &Route<'_>, idempotency: &Idempotency) {
-        let Self { schema, mut groups, journaled, written, visible, leases, reservations, .. } = self;
+        let Self { schema, groups, journaled, written, visible, leases, reservations, .. } = self;
         let mut tried = Vec::new();
         let Some(first) = route.next(&tried) else {
             let failed = Err(FlushError::Write(WriteError::not_sent()));
@@ -90,29 +90,11 @@ impl Batch {
             return;
         };
         tried.push(first);
-        let replica = &route.replicas[first];
-        let durable = replica.durable.as_deref();
-        // With another replica to fail over to, the block is made even without a journal: a
-        // second attempt sends its rows.
-        let keep_block = durable.is_some() || route.replicas.len() > 1;
-        let query_id = durable.map_or_else(|| format!("bg-{:016x}", rand::random::<u64>()), Durable::next_query_id);
-        let block = keep_block.then(|| Block::of(&schema, &schema.table, &mut groups, query_id.clone(), unix_ms()));
-        let append = async {
-            match (durable, &block) {
-                (Some(durable), Some(block)) => Some(durable.append(block).await),
-                _ => None,
-            }
-        };
-        let sent_id = durable.map(|_| query_id.as_str());
-        let (appended, mut result) = tokio::join!(append, insert(&replica.writer, &schema, groups, sent_id));
-        let journal_result: FlushResult = match &appended {
-            Some(Err(error)) => Err(FlushError::from(error)),
-            _ => Ok(()),
-        };
+        let sent = attempt(&route.replicas[first], &schema, groups, route.replicas.len() > 1).await;
         // Told "safe" now: from here on their block may not be given back.
         let promised = !journaled.is_empty();
-        tell(journaled, &journal_result);
-        let mut at = Settle { replica, id: appended.and_then(Result::ok) };
+        tell(journaled, &sent.journal_result);
+        let Sent { mut at, mut result, block, journal_result } = sent;
         // A clean failure wrote nothing: the block moves to the next replica, its journal
         // record with it (appended there before it is dropped here).
         while let (Err(error), Some(block)) = (&result, &block)
@@ -121,50 +103,97 @@ impl Batch {
         {
             tried.push(next);
             tracing::warn!(from = %at.replica.url, to = %route.replicas[next].url, %error, "INSERT failed; failing over");
-            match failover(&at, &route.replicas[next], block, promised).await {
-                Some((moved, outcome)) => {
-                    at = moved;
-                    result = outcome;
-                }
+            let Some((moved, outcome)) = failover(&at, &route.replicas[next], block, promised).await else {
                 // The next replica's journal could not take it: it stays where it is.
-                None => break,
-            }
+                break;
+            };
+            (at, result) = (moved, outcome);
         }
-        let Settle { replica, id } = at;
-        let durable = replica.durable.as_deref();
-        match (result, durable, block) {
-            (Ok(()), durable, block) => {
-                commit(idempotency, &reservations).await;
-                // A 200 promises the journal too: written but not journaled is refused (the
-                // keys are committed, so the producer's retry is answered as duplicates).
-                tell(written, &journal_result);
-                match (durable, id, block) {
-                    (Some(durable), Some(id), Some(block)) => durable.written(id, &block, visible),
-                    // Not journaled (the append failed): no confirmation will come.
-                    _ => tell(visible, &journal_result),
-                }
-            }
-            (Err(error), Some(durable), Some(block))
-                if keep_after_failure(error.ambiguous, promised && id.is_some()) =>
-            {
-                // The rows are in the journal, or at hand, and will be stored exactly once:
-                // their keys are committed now, the requests hear once they are settled.
-                commit(idempotency, &reservations).await;
-                durable.ambiguous(id.unwrap_or_else(unjournaled_id), block, written, visible);
-            }
-            (Err(error), durable, _) => {
-                // Not written, and nobody was told it is safe: the producers' retries go
-                // through. (On failure the lease expiry frees them anyway.)
-                let _ = idempotency.release(&reservations).await;
-                if let (Some(durable), Some(id)) = (durable, id) {
-                    durable.discard(id).await;
-                }
-                let failed = Err(FlushError::Write(error));
-                tell(written, &failed);
-                tell(visible, &failed);
-            }
-        }
+        let waiters = Waiters { written, visible, promised, journal_result };
+        settle(at, result, block, waiters, idempotency, &reservations).await;
         drop(leases);
+    }
+}
+
+/// A batch's first attempt: where it went, how it went, its block (kept when journaled, or
+/// when another replica may need it) and how its journaling went.
+struct Sent<'a> {
+    at: Settle<'a>,
+    result: Result<(), WriteError>,
+    block: Option<Block>,
+    journal_result: FlushResult,
+}
+
+/// Journals the batch on `replica` (when it journals) while sending it there.
+async fn attempt<'a>(replica: &'a Replica, schema: &TableSchema, mut groups: Groups, keep_block: bool) -> Sent<'a> {
+    let durable = replica.durable.as_deref();
+    let query_id = durable.map_or_else(|| format!("bg-{:016x}", rand::random::<u64>()), Durable::next_query_id);
+    let block = (durable.is_some() || keep_block)
+        .then(|| Block::of(schema, &schema.table, &mut groups, query_id.clone(), unix_ms()));
+    let append = async {
+        match (durable, &block) {
+            (Some(durable), Some(block)) => Some(durable.append(block).await),
+            _ => None,
+        }
+    };
+    let sent_id = durable.map(|_| query_id.as_str());
+    let (appended, result) = tokio::join!(append, insert(&replica.writer, schema, groups, sent_id));
+    let journal_result: FlushResult = match &appended {
+        Some(Err(error)) => Err(FlushError::from(error)),
+        _ => Ok(()),
+    };
+    Sent { at: Settle { replica, id: appended.and_then(Result::ok) }, result, block, journal_result }
+}
+
+/// Who still waits for a batch once its INSERT is done.
+struct Waiters {
+    written: Vec<Waiter>,
+    visible: Vec<Waiter>,
+    /// Someone was told the block is journaled (202s, Kafka offsets).
+    promised: bool,
+    journal_result: FlushResult,
+}
+
+/// Settles a batch after its last attempt: its keys committed (written, or sure to be) or
+/// released, its block handed to the journal of the node it is at, its waiters told.
+async fn settle(
+    Settle { replica, id }: Settle<'_>,
+    result: Result<(), WriteError>,
+    block: Option<Block>,
+    Waiters { written, visible, promised, journal_result }: Waiters,
+    idempotency: &Idempotency,
+    reservations: &[Reservation],
+) {
+    let durable = replica.durable.as_deref();
+    match (result, durable, block) {
+        (Ok(()), durable, block) => {
+            commit(idempotency, reservations).await;
+            // A 200 promises the journal too: written but not journaled is refused (the
+            // keys are committed, so the producer's retry is answered as duplicates).
+            tell(written, &journal_result);
+            match (durable, id, block) {
+                (Some(durable), Some(id), Some(block)) => durable.written(id, &block, visible),
+                // Not journaled (the append failed): no confirmation will come.
+                _ => tell(visible, &journal_result),
+            }
+        }
+        (Err(error), Some(durable), Some(block)) if keep_after_failure(error.ambiguous, promised && id.is_some()) => {
+            // The rows are in the journal, or at hand, and will be stored exactly once:
+            // their keys are committed now, the requests hear once they are settled.
+            commit(idempotency, reservations).await;
+            durable.ambiguous(id.unwrap_or_else(unjournaled_id), block, written, visible);
+        }
+        (Err(error), durable, _) => {
+            // Not written, and nobody was told it is safe: the producers' retries go
+            // through. (On failure the lease expiry frees them anyway.)
+            let _ = idempotency.release(reservations).await;
+            if let (Some(durable), Some(id)) = (durable, id) {
+                durable.discard(id).await;
+            }
+            let failed = Err(FlushError::Write(error));
+            tell(written, &failed);
+            tell(visible, &failed);
+        }
     }
 }
 
