@@ -198,6 +198,29 @@ async fn stored(node: &ClickHouseServer, db: &str) -> (u64, HashSet<String>) {
     (rows.len() as u64, ids)
 }
 
+/// Waits until the replicas of `shard` agree: the same row count on each, twice a second
+/// apart, and nothing left in their replication queues.
+async fn settled(cluster: &ClickHouseCluster, db: &str, shard: usize) {
+    let table = format!("`{db}`.events_raw");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut last = None;
+    loop {
+        let mut counts = Vec::new();
+        let mut queued = 0;
+        for node in cluster.shard(shard) {
+            counts.push(node.count(&table).await);
+            queued += node.count("system.replication_queue").await;
+        }
+        let agreed = (counts.windows(2).all(|w| w[0] == w[1]) && queued == 0).then_some(counts[0]);
+        if agreed.is_some() && agreed == last {
+            return;
+        }
+        assert!(Instant::now() < deadline, "shard {shard}'s replicas do not agree: {counts:?}, {queued} queued");
+        last = agreed;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// Waits until every replica of `shard` holds `expected` rows (replication is asynchronous).
 async fn converged(cluster: &ClickHouseCluster, db: &str, shard: usize, expected: u64) {
     for node in cluster.shard(shard) {
@@ -277,6 +300,13 @@ async fn rows_land_on_the_shard_the_distributed_table_would_choose_and_read_back
                 "SELECT groupArray(user_id) AS u FROM (SELECT user_id FROM `{db}`.events_raw ORDER BY user_id)"
             ))
             .await;
+        // The Distributed INSERT reached one replica of the shard: wait for this one to have it.
+        let expected = users.iter().filter(|&&u| shard_of(&cluster, u) == shard).count() as u64;
+        let probe = format!("`{db}`.probe");
+        eventually(Duration::from_secs(60), "the probe rows to replicate", || async {
+            node.count(&probe).await == expected
+        })
+        .await;
         let theirs = node
             .rows(&format!("SELECT groupArray(user_id) AS u FROM (SELECT user_id FROM `{db}`.probe ORDER BY user_id)"))
             .await;
@@ -365,12 +395,9 @@ async fn a_replica_sigkilled_under_load_and_restarted_loses_and_duplicates_nothi
     drain_all(&gw).await;
     let mut seen: HashMap<String, u64> = HashMap::new();
     for shard in 0..2 {
-        // Both replicas converge; either then tells the shard's rows.
-        let mut most = 0;
-        for node in cluster.shard(shard) {
-            most = most.max(stored(node, db).await.0);
-        }
-        converged(&cluster, db, shard, most).await;
+        // Both replicas converge (each fetches the parts the other was sent); either then
+        // tells the shard's rows.
+        settled(&cluster, db, shard).await;
         let (count, ids) = stored(cluster.node(shard, 1), db).await;
         assert_eq!(count, ids.len() as u64, "shard {shard}: no id twice");
         for id in ids {
