@@ -82,13 +82,19 @@ impl Topology {
         }
         if self.nodes() == 1 && shards.len() + shards[0].2.len() > 2 {
             let seed = self.first();
-            let shards = shards
+            let shards: Vec<ShardSpec> = shards
                 .into_iter()
                 .map(|(_, weight, hosts)| ShardSpec {
                     weight,
                     replicas: hosts.iter().map(|host| with_host(seed, host)).collect(),
                 })
                 .collect();
+            let mut seen = std::collections::HashSet::new();
+            if let Some(twice) = shards.iter().flat_map(|s| &s.replicas).find(|r| !seen.insert(r.as_str())) {
+                return Err(format!(
+                    "the cluster's nodes share a host ({twice}): their HTTP ports cannot be derived; list them in clickhouse_url"
+                ));
+            }
             return Ok(Self { shards });
         }
         if shards.len() != self.shards.len() {
@@ -183,5 +189,7 @@ mod tests {
         let wrong = Topology::parse("http://x:1;http://y:1;http://z:1").unwrap().with_cluster(&rows);
         assert!(wrong.unwrap_err().contains("3 shards"));
         assert!(Topology::parse("http://x:1").unwrap().with_cluster(&[]).is_err());
+        let one_host = [row(1, 1, "h"), row(2, 1, "h")];
+        assert!(Topology::parse("http://h:1").unwrap().with_cluster(&one_host).unwrap_err().contains("share a host"));
     }
 }
