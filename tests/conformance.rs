@@ -315,3 +315,35 @@ fn native_blocks_read_back_like_the_rowbinary_they_come_from() {
     let (sql, body) = schema.insert("conf.t", 0, 1, &[vec![1].into()], buffergate::config::InsertFormat::Native);
     assert!(sql.ends_with("FORMAT RowBinary") && body[..] == [1], "{sql}");
 }
+
+/// The sharding keys the gateway computes itself are ClickHouse's own, on 18.16 and on 26:
+/// `cityHash64` of strings of every length class CityHash treats apart, `intHash64` of
+/// integers across the range.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharding_hashes_match_old_and_new_servers() {
+    use buffergate::schema::sharding::{city_hash64, int_hash64};
+    let strings: Vec<String> = [0usize, 1, 3, 4, 8, 9, 16, 17, 32, 33, 64, 65, 100, 1000]
+        .iter()
+        .map(|&n| "k".repeat(n) + &n.to_string())
+        .collect();
+    let numbers: [u64; 6] = [0, 1, 12345, 1 << 32, u64::MAX - 1, u64::MAX];
+    let select = {
+        let s: Vec<String> = strings.iter().map(|t| format!("toString(cityHash64('{t}'))")).collect();
+        let n: Vec<String> = numbers.iter().map(|v| format!("toString(intHash64(toUInt64({v})))")).collect();
+        format!("SELECT [{}] AS h", s.into_iter().chain(n).collect::<Vec<_>>().join(", "))
+    };
+    let want: Vec<String> = strings
+        .iter()
+        .map(|t| city_hash64(t.as_bytes()))
+        .chain(numbers.iter().map(|&v| int_hash64(v)))
+        .map(|h| h.to_string())
+        .collect();
+    let old = common::clickhouse().rows(&select).await;
+    let old: Vec<String> = serde_json::from_value(old[0]["h"].clone()).unwrap();
+    assert_eq!(old, want, "ClickHouse 18.16");
+    let dir = common::scratch("conformance-hashes");
+    let new = chdb(&dir.join("session"), &[(&select, "JSONEachRow")]);
+    let new: Value = serde_json::from_str(new[0].lines().next().unwrap()).unwrap();
+    let new: Vec<String> = serde_json::from_value(new["h"].clone()).unwrap();
+    assert_eq!(new, want, "ClickHouse 26");
+}
