@@ -224,7 +224,8 @@ impl Nodes {
             };
             // One node: its verdict is the gateway's. Several: each its own, summed below.
             let node_shed = if single { Arc::clone(shed) } else { Arc::new(ShedState::default()) };
-            let replica = replica(&node_config, url, node_shed, wake).await?;
+            let siblings = topology.shards[shard].replicas.len() > 1;
+            let replica = replica(&node_config, url, siblings, node_shed, wake).await?;
             let poller =
                 Poller { ch: ClickHouse::for_url(config, url), state: Arc::clone(&replica.shed), config: node_config };
             tasks.push(tokio::spawn(poller.run(stop.clone())));
@@ -304,17 +305,20 @@ fn node_dir(data_dir: &str, url: &str) -> String {
     std::path::Path::new(data_dir).join("nodes").join(name.trim_matches('_')).to_string_lossy().into_owned()
 }
 
-/// The writer, breaker and journal of the node at `url`.
+/// The writer, breaker and journal of the node at `url` (`siblings`: its shard has other
+/// replicas to fail over to).
 async fn replica(
     config: &Arc<Config>,
     url: &str,
+    siblings: bool,
     shed: Arc<ShedState>,
     wake: &Arc<Notify>,
 ) -> Result<Replica, ServeError> {
     let ch = ClickHouse::for_url(config, url);
     let breaker =
         Arc::new(Breaker::for_node(config.circuit_failures, Duration::from_millis(config.circuit_open_ms), url));
-    let writer = Arc::new(Writer::new(ch.clone(), config, Arc::clone(wake), Arc::clone(&breaker)));
+    let writer =
+        Arc::new(Writer::new(ch.clone(), config, Arc::clone(wake), Arc::clone(&breaker)).with_siblings(siblings));
     let durable = if config.journal_enabled() {
         Some(Durable::open(config, ch.clone(), Arc::clone(&writer)).await?)
     } else {

@@ -64,6 +64,12 @@ pub fn is_ambiguous(err: &ClickHouseError) -> bool {
     }
 }
 
+/// Whether the server could not be reached at all (the connection was refused or never
+/// opened): nothing was sent, and another replica can take the INSERT at once.
+pub fn is_unreachable(err: &ClickHouseError) -> bool {
+    matches!(err, ClickHouseError::Network(message) if message.contains("(Connect)"))
+}
+
 /// Whether the failure suggests the table's columns changed (reload the schema).
 pub fn is_schema_change(err: &ClickHouseError) -> bool {
     err.code().is_some_and(|code| SCHEMA_CODES.contains(&code))

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use tokio::sync::{Notify, Semaphore};
 
 use super::breaker::Breaker;
-use super::retry::{Backoff, is_ambiguous, is_retryable, is_schema_change};
+use super::retry::{Backoff, is_ambiguous, is_retryable, is_schema_change, is_unreachable};
 use super::{ClickHouse, ClickHouseError};
 use crate::config::{Config, InsertFormat};
 use crate::metrics;
@@ -71,10 +71,14 @@ pub enum Next {
 }
 
 /// The retry policy. With `resolve` (a journal knows the rows), an attempt that may have
-/// landed is never sent again; without it the old at-least-once retry applies.
-pub fn next_step(error: &ClickHouseError, attempt: u32, retries: u32, resolve: bool) -> Next {
+/// landed is never sent again; without it the old at-least-once retry applies. With
+/// `siblings` (other replicas of the shard), a node that cannot be reached is given up at
+/// once: the batch fails over instead of waiting out the backoff.
+pub fn next_step(error: &ClickHouseError, attempt: u32, retries: u32, resolve: bool, siblings: bool) -> Next {
     if resolve && is_ambiguous(error) {
         Next::Resolve
+    } else if siblings && is_unreachable(error) {
+        Next::Fail
     } else if is_retryable(error) && attempt < retries {
         Next::Retry
     } else {
@@ -94,6 +98,8 @@ pub struct Writer {
     format: InsertFormat,
     /// Stop at an ambiguous failure instead of retrying (the journal resolves it).
     resolve_ambiguous: bool,
+    /// The node has sibling replicas: when it cannot be reached, give up at once (fail over).
+    siblings: bool,
 }
 
 impl Writer {
@@ -110,7 +116,13 @@ impl Writer {
             breaker,
             format: config.insert_format,
             resolve_ambiguous: config.journal_enabled(),
+            siblings: false,
         }
+    }
+
+    /// The writer of a node whose shard has other replicas to fail over to.
+    pub fn with_siblings(self, siblings: bool) -> Self {
+        Self { siblings, ..self }
     }
 
     /// Makes the blocks of a request's large chunks ahead of their INSERT (Native only): done
@@ -200,7 +212,7 @@ impl Writer {
             if is_schema_change(&error) {
                 self.schema_changed.notify_one();
             }
-            match next_step(&error, attempt, self.retries, self.resolve_ambiguous) {
+            match next_step(&error, attempt, self.retries, self.resolve_ambiguous, self.siblings) {
                 Next::Retry => {}
                 Next::Resolve => {
                     tracing::warn!(%error, attempts = attempt + 1, bytes, "INSERT may have landed; resolving");
@@ -256,12 +268,16 @@ mod tests {
     fn an_insert_that_may_have_landed_is_resolved_not_retried() {
         let timeout = ClickHouseError::Timeout(std::time::Duration::from_secs(1));
         let busy = ClickHouseError::Server { code: 202, message: String::new() };
-        assert_eq!(next_step(&timeout, 0, 3, true), Next::Resolve);
-        assert_eq!(next_step(&timeout, 0, 3, false), Next::Retry, "without a journal: at-least-once");
-        assert_eq!(next_step(&busy, 0, 3, true), Next::Retry, "answered: nothing was written");
-        assert_eq!(next_step(&busy, 3, 3, true), Next::Fail);
+        assert_eq!(next_step(&timeout, 0, 3, true, false), Next::Resolve);
+        assert_eq!(next_step(&timeout, 0, 3, false, false), Next::Retry, "without a journal: at-least-once");
+        assert_eq!(next_step(&busy, 0, 3, true, false), Next::Retry, "answered: nothing was written");
+        assert_eq!(next_step(&busy, 3, 3, true, false), Next::Fail);
+        let refused = ClickHouseError::Network("client error (Connect): connection refused".into());
+        assert_eq!(next_step(&refused, 0, 3, true, false), Next::Retry, "the only replica: wait for it");
+        assert_eq!(next_step(&refused, 0, 3, true, true), Next::Fail, "another replica takes it at once");
+        assert_eq!(next_step(&timeout, 0, 3, true, true), Next::Resolve, "may have landed: stays with its node");
         let syntax = ClickHouseError::Server { code: 62, message: String::new() };
-        assert_eq!(next_step(&syntax, 0, 3, true), Next::Fail);
+        assert_eq!(next_step(&syntax, 0, 3, true, false), Next::Fail);
     }
 
     #[test]
