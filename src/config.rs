@@ -169,7 +169,7 @@ pub struct Config {
     /// Event field whose value picks the coalescer partition.
     pub partition_key: String,
 
-    /// Number of coalescer partitions; 0 means one per [`CPUS_PER_PARTITION`] CPUs, at least one.
+    /// Coalescer partitions (per shard on a cluster); 0 means one per [`CPUS_PER_PARTITION`] CPUs, at least one.
     pub partitions: usize,
     /// Submissions (one per request and partition) a partition queues before producers wait.
     pub queue_capacity: usize,
