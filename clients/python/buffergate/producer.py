@@ -49,7 +49,8 @@ __all__ = ["Producer", "ProducerClosedError"]
 log = logging.getLogger("buffergate")
 
 #: 503 codes that describe the whole fleet (docs/load-shedding.md): every batch of this
-#: producer waits out the `Retry-After`, not only the one that was told.
+#: producer waits out the `Retry-After`, not only the one that was told. `shard_saturated`
+#: is not among them: on a ClickHouse cluster only batches with events of that shard wait.
 _FLEET_WIDE = frozenset({"buffer_saturated", "buffer_unknown", "circuit_open"})
 
 
