@@ -136,17 +136,18 @@ fn read_varint(bytes: &[u8]) -> Option<(u64, usize)> {
 }
 
 /// The shards' weights as a Distributed table uses them: `slots[v % slots.len()]` is the
-/// shard of a row whose key value is `v`.
+/// shard of a row whose key value is `v`. Shared, not copied: every request placed by key
+/// carries it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
-    slots: Vec<usize>,
+    slots: std::sync::Arc<[usize]>,
     shards: usize,
 }
 
 impl Placement {
     /// Shards in the cluster's order, each with its weight (a weight of 0 takes no rows).
     pub fn new(weights: &[u64]) -> Self {
-        let slots: Vec<usize> = weights
+        let slots: std::sync::Arc<[usize]> = weights
             .iter()
             .enumerate()
             .flat_map(|(shard, &weight)| std::iter::repeat_n(shard, usize::try_from(weight).unwrap_or(0)))
