@@ -478,3 +478,95 @@ async fn one_saturated_shard_leaves_the_other_ingesting() {
     .await;
     gw.stop().await;
 }
+
+/// One shard of two replicas, each replica preferred by one of the two partitions.
+async fn one_shard_of_two(name: &str, db: &str) -> (ClickHouseCluster, Config) {
+    let cluster = ClickHouseCluster::start(name, 1, 2);
+    let config =
+        Config { partitions: 2, sharding_key: "rand()".into(), ..holding_buffer(gateway_config(&cluster, db)) };
+    migrate_cluster(&config).await;
+    (cluster, config)
+}
+
+/// Ids stored over both replicas, each once (the replicas converged first).
+async fn stored_once(cluster: &ClickHouseCluster, db: &str) -> HashSet<String> {
+    settled(cluster, db, 0).await;
+    let (count, ids) = stored(cluster.node(0, 1), db).await;
+    assert_eq!(count, ids.len() as u64, "no id twice");
+    ids
+}
+
+fn ids_of(range: std::ops::Range<u64>) -> HashSet<String> {
+    range.map(|id| Uuid::from_u64_pair(0xc1, id).to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replica_is_failed_over_at_once_and_what_was_acknowledged_is_stored_without_it() {
+    let _serial = SERIAL.lock().await;
+    let db = "cl_failover";
+    let (cluster, config) = one_shard_of_two("cl-failover", db).await;
+    let gw = Gateway::start(config).await;
+    gw.wait_ready().await;
+    // Dead while idle: nothing is in flight on it, every batch the partition of its own sends
+    // it meets a refused connection (its breaker is closed, its fill not yet stale).
+    cluster.node(0, 0).kill();
+    for (request, wait) in (0..40u64).zip(["true", "false"].into_iter().cycle()) {
+        let body = Value::Array((request * 10..request * 10 + 10).map(|id| event(id, id)).collect());
+        let response = http().post(format!("{}/v1/events?wait={wait}", gw.url)).json(&body).send().await.unwrap();
+        let status = response.status().as_u16();
+        assert_eq!(
+            status,
+            if wait == "true" { 200 } else { 202 },
+            "request {request}: {}",
+            response.text().await.unwrap()
+        );
+    }
+    // With the dead replica still down, the other holds every row: 200s and 202s alike
+    // (their journal records moved with them) were sent there.
+    let survivor = cluster.node(0, 1);
+    let table = format!("`{db}`.events_raw");
+    eventually(Duration::from_secs(30), "the surviving replica to hold every acknowledged row", || async {
+        survivor.exec(&format!("OPTIMIZE TABLE `{db}`.events_buffer")).await;
+        survivor.count(&table).await == 400
+    })
+    .await;
+    let status = gw.status().await;
+    assert_eq!(status["nodes"][0]["journal"]["unconfirmed_blocks"], 0, "nothing left for the dead one: {status}");
+    cluster.node(0, 0).restart();
+    assert_eq!(stored_once(&cluster, db).await, ids_of(0..400));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_replica_s_inserts_are_settled_on_it_never_sent_to_the_other() {
+    let _serial = SERIAL.lock().await;
+    let db = "cl_frozen";
+    let (cluster, mut config) = one_shard_of_two("cl-frozen", db).await;
+    config.clickhouse_timeout_ms = 1_000;
+    let gw = Gateway::start(config).await;
+    gw.wait_ready().await;
+    // Frozen, its INSERTs time out: they may land once it thaws, so they stay with it. (Thawed
+    // within the harness's ZooKeeper session, 4 s, so that its replication carries on.)
+    cluster.node(0, 0).signal(libc::SIGSTOP);
+    let sends = (0..20u64).map(|request| {
+        let body = Value::Array((request * 10..request * 10 + 10).map(|id| event(id, id)).collect());
+        let url = format!("{}/v1/events?wait=false", gw.url);
+        async move { http().post(url).json(&body).send().await.map(|r| r.status().as_u16()) }
+    });
+    let statuses = futures_util::future::join_all(sends).await;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    cluster.node(0, 0).signal(libc::SIGCONT);
+    assert!(statuses.iter().all(|s| matches!(s, Ok(202))), "{statuses:?}");
+    let status_url = format!("{}/v1/status", gw.url);
+    eventually(Duration::from_secs(60), "the frozen replica's blocks to be settled", || {
+        let url = status_url.clone();
+        async move {
+            let status: Value = http().get(url).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+            status["journal"]["suspect_blocks"].as_u64() == Some(0)
+        }
+    })
+    .await;
+    drain_all(&gw).await;
+    assert_eq!(stored_once(&cluster, db).await, ids_of(0..200), "every event once");
+    gw.stop().await;
+}
