@@ -101,8 +101,9 @@ impl Shards {
     /// A shard for a request that any shard may take (`rand()`): one with room, at random in
     /// proportion to the weights; `None` when none has room.
     pub fn pick_random(&self, draw: u64) -> Option<usize> {
-        let open: Vec<usize> = (0..self.shards.len()).filter(|&s| self.verdict(s) == Verdict::Pass).collect();
-        pick_weighted(&open, |s| self.placement.weight(s), draw)
+        // Asked on every such request: the verdicts are atomics, nothing is collected.
+        let open = (0..self.shards.len()).filter(|&s| self.verdict(s) == Verdict::Pass);
+        pick_weighted(open, |s| self.placement.weight(s), draw)
     }
 }
 
@@ -140,20 +141,24 @@ pub fn shard_verdict(replicas: impl Iterator<Item = (Verdict, bool)>) -> Verdict
 }
 
 /// One of `candidates`, chosen by `draw` in proportion to `weight`.
-fn pick_weighted(candidates: &[usize], weight: impl Fn(usize) -> usize, draw: u64) -> Option<usize> {
-    let total: usize = candidates.iter().map(|&c| weight(c)).sum();
+fn pick_weighted(
+    mut candidates: impl Iterator<Item = usize> + Clone,
+    weight: impl Fn(usize) -> usize,
+    draw: u64,
+) -> Option<usize> {
+    let total: usize = candidates.clone().map(&weight).sum();
     if total == 0 {
-        return candidates.first().copied();
+        return candidates.next();
     }
     let mut at = (draw % total as u64) as usize;
-    for &c in candidates {
+    for c in candidates.clone() {
         let w = weight(c);
         if at < w {
             return Some(c);
         }
         at -= w;
     }
-    candidates.last().copied()
+    candidates.last()
 }
 
 /// The replica a batch goes to next: the first usable one from `preferred` on that was not
@@ -196,9 +201,9 @@ mod tests {
     #[test]
     fn random_requests_follow_the_weights_of_shards_with_room() {
         let weight = |s: usize| [1, 2, 1][s];
-        let picks: Vec<_> = (0..4).map(|d| pick_weighted(&[0, 1, 2], weight, d).unwrap()).collect();
+        let picks: Vec<_> = (0..4).map(|d| pick_weighted(0..3, weight, d).unwrap()).collect();
         assert_eq!(picks, [0, 1, 1, 2]);
-        assert_eq!(pick_weighted(&[2], weight, 7), Some(2), "only the one with room");
-        assert_eq!(pick_weighted(&[], weight, 7), None);
+        assert_eq!(pick_weighted(2..3, weight, 7), Some(2), "only the one with room");
+        assert_eq!(pick_weighted(0..0, weight, 7), None);
     }
 }
