@@ -241,7 +241,15 @@ fn start_node(
             return server;
         }
     }
-    panic!("cluster node {name} did not start; see {}", node_dir.display());
+    let logs = ["stdout.log", "log/server.err.log"].map(|log| tail(&node_dir.join(log), 20)).join("\n");
+    panic!("cluster node {name} did not start; see {}:\n{logs}", node_dir.display());
+}
+
+/// The last `lines` lines of a log, for a failure message that explains itself in CI.
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let kept: Vec<&str> = text.lines().rev().take(lines).collect();
+    format!("--- {}\n{}", path.display(), kept.into_iter().rev().collect::<Vec<_>>().join("\n"))
 }
 
 /// `s1r1`, `s1r2`, …: a replica's name in the `{replica}` macro and its directory, unique in the

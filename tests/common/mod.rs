@@ -79,8 +79,26 @@ impl Drop for Process {
     }
 }
 
+/// A port no process listens on, chosen below the kernel's ephemeral range. A port from that
+/// range (what binding port 0 gives) can be taken, between this call and the server's bind, by
+/// any outgoing connection's source port, or by a polling client's connect to itself; a server
+/// that then fails to bind is a flaky test. Ports are handed out in turn from an offset derived
+/// from the process id, so two test binaries rarely probe the same ones.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    static NEXT: AtomicUsize = AtomicUsize::new(usize::MAX);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<usize>().ok())
+        .unwrap_or(32768);
+    let (low, span) = (ephemeral_low / 2, ephemeral_low - ephemeral_low / 2);
+    let _ = NEXT.compare_exchange(usize::MAX, std::process::id() as usize * 97, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..span {
+        let port = u16::try_from(low + NEXT.fetch_add(1, Ordering::Relaxed) % span).expect("port below 65536");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {low}..{ephemeral_low}");
 }
 
 fn repo() -> PathBuf {
