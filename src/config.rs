@@ -230,6 +230,11 @@ pub struct Config {
     /// connection opened or its previous answer was sent is closed: slow-header clients, and
     /// idle keep-alive connections, hold no socket beyond it.
     pub header_timeout_ms: u64,
+    /// Open client connections at most; a connection accepted beyond it is closed at once, so
+    /// idle or slow clients can never take the file descriptors the gateway needs for
+    /// ClickHouse, Redis and the journal. At start the soft open-files limit is raised (up to
+    /// the hard one) to leave room for them.
+    pub max_connections: usize,
     /// Consecutive INSERT failures that open the circuit breaker (0 disables it).
     pub circuit_failures: u32,
     /// How long the breaker stays open before a probe INSERT.
@@ -374,7 +379,8 @@ impl Default for Config {
             body_timeout_ms: 10_000,
             body_drain_max_bytes: 64 * 1024 * 1024,
             body_drain_timeout_ms: 10_000,
-            header_timeout_ms: 30_000,
+            header_timeout_ms: 75_000,
+            max_connections: 4096,
             circuit_failures: 5,
             circuit_open_ms: 5_000,
             redis_url: String::new(),
@@ -526,6 +532,7 @@ impl Config {
             ("shed_retry_after_max_s", u64::from(self.shed_retry_after_max_s)),
             ("max_inflight_bytes", self.max_inflight_bytes as u64),
             ("max_concurrent_requests", self.max_concurrent_requests as u64),
+            ("max_connections", self.max_connections as u64),
             ("redis_timeout_ms", self.redis_timeout_ms),
             ("redis_wait_timeout_ms", self.redis_wait_timeout_ms),
             ("dedup_lease_ms", self.dedup_lease_ms),

@@ -32,6 +32,8 @@ pub const SHED_REQUESTS: &str = "buffergate_shed_requests_total";
 pub const IDEMPOTENCY_DURATION: &str = "buffergate_idempotency_duration_seconds";
 pub const IDEMPOTENCY_ERRORS: &str = "buffergate_idempotency_store_errors_total";
 pub const DEDUP_BYPASSED: &str = "buffergate_dedup_bypassed_events_total";
+pub const CONNECTIONS_OPEN: &str = "buffergate_http_connections_open";
+pub const CONNECTIONS_REFUSED: &str = "buffergate_http_connections_refused_total";
 
 /// What became of an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +142,8 @@ fn describe() {
         SHED_REQUESTS,
         "Ingestion requests refused before their body was read, by reason (buffer_saturated, stale, overloaded, circuit_open, timeout)."
     );
+    describe_gauge!(CONNECTIONS_OPEN, Unit::Count, "Client connections open.");
+    describe_counter!(CONNECTIONS_REFUSED, "Client connections closed as accepted because max_connections were open.");
     describe_gauge!(JOURNAL_BYTES, Unit::Bytes, "Bytes of the journal on disk.");
     describe_gauge!(JOURNAL_UNCONFIRMED_BLOCKS, Unit::Count, "Journaled blocks not yet confirmed in the destination.");
     describe_gauge!(JOURNAL_UNCONFIRMED_ROWS, Unit::Count, "Rows of the journaled blocks not yet confirmed.");
@@ -182,6 +186,15 @@ pub fn clickhouse_restart() {
 
 pub fn journal_error(op: &'static str) {
     counter!(JOURNAL_ERRORS, "op" => op).increment(1);
+}
+
+/// A client connection opened (`+1`) or ended (`-1`).
+pub fn connections(change: f64) {
+    gauge!(CONNECTIONS_OPEN).increment(change);
+}
+
+pub fn connection_refused() {
+    counter!(CONNECTIONS_REFUSED).increment(1);
 }
 
 pub fn http_request(route: &'static str, status: u16, elapsed: Duration) {

@@ -113,8 +113,12 @@ pub async fn run_as(config: Config, listener: TcpListener, shutdown: Shutdown, r
     );
     let front = front.map(|front| stop_consuming(front, shutdown.clone()));
     let stop_http = stop_accepting(shutdown, health, Duration::from_millis(config.shutdown_delay_ms));
-    let header_timeout = Duration::from_millis(config.header_timeout_ms);
-    http::conn::serve(listener, http::router(state), header_timeout, stop_http).await;
+    http::conn::raise_open_files_limit(config.max_connections);
+    let limits = http::conn::Limits {
+        header_timeout: Duration::from_millis(config.header_timeout_ms),
+        max_connections: config.max_connections,
+    };
+    http::conn::serve(listener, http::router(state), limits, stop_http).await;
 
     // The consumer commits what it delivered before the queues are drained under it.
     if let Some(front) = front {

@@ -620,3 +620,50 @@ async fn broken_and_hostile_requests_get_exact_answers() {
     let stored: Vec<String> = rows.iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
     assert_eq!(stored, expected.into_iter().collect::<Vec<_>>(), "exactly the good events, once each");
 }
+
+/// Sends `GET path` on `stream` and reads its answer; `None` when the connection was closed
+/// without one.
+fn get(stream: &mut std::net::TcpStream, path: &str) -> Option<Answer> {
+    raw::send(stream, &raw::request("GET", path, &[], b"")).ok()?;
+    raw::answers(stream, 1, Duration::from_secs(10)).into_iter().next()
+}
+
+/// A gateway holding `max_connections` connections closes the next one at once, unanswered,
+/// keeps serving the ones it holds, takes a new one as soon as one of them leaves, and counts
+/// what it refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_max_connections_are_closed_at_once() {
+    const MAX: usize = 16;
+    let ch = clickhouse();
+    let db = ch.fresh_database("connection_limit");
+    let mut config = config(ch, &db);
+    config.max_connections = MAX;
+    migrate(&config).await;
+    let gateway = common::Gateway::start(config).await;
+    gateway.wait_ready().await;
+    let addr: SocketAddr = gateway.url.trim_start_matches("http://").parse().unwrap();
+    tokio::task::block_in_place(|| {
+        let mut held = Vec::new();
+        loop {
+            let mut stream = raw::connect(addr);
+            let Some(answer) = get(&mut stream, "/healthz") else { break };
+            assert_eq!(answer.status, 200);
+            held.push(stream);
+            assert!(held.len() <= MAX, "{} connections served at once", held.len());
+        }
+        // The readiness probe's connection may still have held a slot for a moment.
+        assert!(held.len() >= MAX - 1, "refused with only {} connections open", held.len());
+        for stream in &mut held {
+            assert_eq!(get(stream, "/healthz").map(|a| a.status), Some(200), "a held connection still served");
+        }
+        held.truncate(held.len() - 1);
+        let answer = (0..50).find_map(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            get(&mut raw::connect(addr), "/metrics")
+        });
+        let metrics = String::from_utf8(answer.expect("a slot freed by a leaving client is taken").body).unwrap();
+        let refused = common::sample(&metrics, "buffergate_http_connections_refused_total");
+        assert!(refused.is_some_and(|n| n >= 1.0), "refused connections counted: {refused:?}");
+    });
+    gateway.stop().await;
+}
