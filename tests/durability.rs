@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use buffergate::Config;
+use buffergate::config::ShedMode;
 use common::{ClickHouseServer, Gateway, Process, command, config, eventually, http, migrate, scratch};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -155,6 +156,60 @@ async fn clickhouse_frozen_past_the_insert_timeout_stores_once() {
     assert_eq!((status, answer["accepted"].as_u64()), (200, Some(100)), "{answer}");
     until_buffer_holds(&ch, &config, 100, "the one request's rows").await;
     assert_exactly_once(&ch, &config, &ids.into_iter().collect()).await;
+    gw.stop().await;
+}
+
+/// ClickHouse frozen (SIGSTOP) past the INSERT timeout while a request is diverted to the
+/// fallback table, thawed a moment later; the producer retries every 503 as told. The INSERT
+/// may have landed: the gateway must find out instead of releasing the keys, so that each event
+/// is stored once. Releasing them, the retry stores the landed rows a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_insert_that_may_have_landed_is_settled_not_stored_twice() {
+    let _serial = SERIAL.lock().await;
+    let ch = std::sync::Arc::new(ClickHouseServer::start("durability-fallback"));
+    let mut config = holding_buffer(&ch, "dur_fallback", &scratch("dur-fallback-data"));
+    config.shed_mode = ShedMode::Fallback;
+    config.fallback_table = "events_fallback".into();
+    // Any row in the Buffer saturates it: every request after the first is diverted.
+    (config.shed_threshold, config.shed_resume) = (1e-9, 1e-9);
+    config.shed_poll_interval_ms = 100;
+    config.clickhouse_timeout_ms = 1_000;
+    migrate(&config).await;
+    let gw = Gateway::start(config.clone()).await;
+    gw.wait_ready().await;
+    let fallback = format!("`{}`.`{}`", config.database, config.fallback_table);
+    eventually(Duration::from_secs(20), "requests diverted to the fallback table", || async {
+        gw.post_json(&events(10).1).await.0 == 200 && ch.count(&fallback).await > 0
+    })
+    .await;
+
+    let (ids, body) = events(100);
+    ch.signal(libc::SIGSTOP);
+    let thaw = tokio::spawn({
+        let ch = std::sync::Arc::clone(&ch);
+        async move {
+            tokio::time::sleep(Duration::from_millis(2_500)).await;
+            ch.signal(libc::SIGCONT);
+        }
+    });
+    let mut answers = Vec::new();
+    for _attempt in 0..20 {
+        let (status, answer) = gw.post_json(&body).await;
+        answers.push((status, answer["error"].clone()));
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    thaw.await.unwrap();
+    assert_eq!(answers.last().map(|a| a.0), Some(200), "answered at last: {answers:?}");
+    let in_fallback = stored(&ch, &fallback).await;
+    ch.exec(&format!("OPTIMIZE TABLE `{}`.`{}`", config.database, config.buffer_table)).await;
+    let in_destination = stored(&ch, &gw.destination()).await;
+    for id in &ids {
+        let copies = in_fallback.get(id).unwrap_or(&0) + in_destination.get(id).unwrap_or(&0);
+        assert_eq!(copies, 1, "{id} stored {copies} times; answers {answers:?}");
+    }
     gw.stop().await;
 }
 
