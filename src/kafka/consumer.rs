@@ -496,14 +496,16 @@ impl Poller {
     }
 
     /// Shutting down: lets the deliveries finish (up to the revoke timeout), commits, stops
-    /// what is left, and leaves the group (the revoke callback then finds nothing to do).
+    /// what is left, and leaves the group. The partitions are forgotten before leaving, so the
+    /// revoke callback that leaving runs finds nothing to do: kept, their unfinished
+    /// deliveries would have it wait out the revoke timeout a second time.
     fn leave(&self, config: &Config) {
         let all: Vec<Tp> = self.shared.parts().keys().cloned().collect();
         if !self.shared.wait_idle(&all, Duration::from_millis(config.kafka_revoke_timeout_ms)) {
             tracing::warn!("stopping with kafka deliveries unfinished: their messages are read again next time");
         }
         commit(&self.consumer, &self.shared, None);
-        for part in self.shared.parts().values() {
+        for (_, part) in self.shared.parts().drain() {
             part.cancel.cancel();
         }
         self.consumer.unsubscribe();
