@@ -162,7 +162,7 @@ async fn topology(config: &Config, shutdown: &Shutdown) -> Result<Option<Topolog
 }
 
 /// The tasks that watch ClickHouse off the request path: the schema refresher (also the
-/// readiness probe), on the first node; each node's fill poller lives with the node.
+/// readiness probe), asking the nodes in turn; each node's fill poller lives with the node.
 struct Watchers {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -230,8 +230,7 @@ impl Nodes {
             let node_shed = if single { Arc::clone(shed) } else { Arc::new(ShedState::default()) };
             let siblings = topology.shards[shard].replicas.len() > 1;
             let replica = replica(&node_config, url, siblings, node_shed, wake).await?;
-            let poller =
-                Poller { ch: ClickHouse::for_url(config, url), state: Arc::clone(&replica.shed), config: node_config };
+            let poller = Poller { ch: replica.ch.clone(), state: Arc::clone(&replica.shed), config: node_config };
             tasks.push(tokio::spawn(poller.run(stop.clone())));
             if let Some(durable) = &replica.durable {
                 tasks.push(tokio::spawn(Arc::clone(durable).run(stop.clone())));

@@ -180,6 +180,19 @@ fn event(id: u64, user: u64) -> Value {
     json!({"event_id": Uuid::from_u64_pair(0xc1, id).to_string(), "user_id": user, "event_type": "t", "payload": "p"})
 }
 
+/// Waits until no node's journal holds a suspect block (every doubt settled).
+async fn suspects_settled(gw: &Gateway, within: Duration, what: &str) {
+    let status_url = format!("{}/v1/status", gw.url);
+    eventually(within, what, || {
+        let url = status_url.clone();
+        async move {
+            let status: Value = http().get(url).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
+            status["journal"]["suspect_blocks"].as_u64() == Some(0)
+        }
+    })
+    .await;
+}
+
 /// `POST /admin/flush?drain=true`: every node's Buffer into its destination.
 async fn drain_all(gw: &Gateway) {
     let response = http()
@@ -376,15 +389,7 @@ async fn a_replica_sigkilled_under_load_and_restarted_loses_and_duplicates_nothi
     assert!(acknowledged.len() > 1000, "load went on around the kill: {}", acknowledged.len());
 
     // The killed replica's journal sees the restart and sends again what its Buffer lost.
-    let status_url = format!("{}/v1/status", gw.url);
-    eventually(Duration::from_secs(120), "every suspect block to be settled", || {
-        let url = status_url.clone();
-        async move {
-            let status: Value = http().get(url).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
-            status["journal"]["suspect_blocks"].as_u64() == Some(0)
-        }
-    })
-    .await;
+    suspects_settled(&gw, Duration::from_secs(120), "every suspect block to be settled").await;
     let metrics = http().get(format!("{}/metrics", gw.url)).send().await.unwrap().text().await.unwrap();
     let restored: f64 = metrics
         .lines()
@@ -557,15 +562,7 @@ async fn a_frozen_replica_s_inserts_are_settled_on_it_never_sent_to_the_other() 
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     cluster.node(0, 0).signal(libc::SIGCONT);
     assert!(statuses.iter().all(|s| matches!(s, Ok(202))), "{statuses:?}");
-    let status_url = format!("{}/v1/status", gw.url);
-    eventually(Duration::from_secs(60), "the frozen replica's blocks to be settled", || {
-        let url = status_url.clone();
-        async move {
-            let status: Value = http().get(url).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap();
-            status["journal"]["suspect_blocks"].as_u64() == Some(0)
-        }
-    })
-    .await;
+    suspects_settled(&gw, Duration::from_secs(60), "the frozen replica's blocks to be settled").await;
     drain_all(&gw).await;
     assert_eq!(stored_once(&cluster, db).await, ids_of(0..200), "every event once");
     gw.stop().await;

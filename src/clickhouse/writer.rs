@@ -120,6 +120,11 @@ impl Writer {
         }
     }
 
+    /// The client of the node it writes to.
+    pub fn client(&self) -> &ClickHouse {
+        &self.ch
+    }
+
     /// The writer of a node whose shard has other replicas to fail over to.
     pub fn with_siblings(self, siblings: bool) -> Self {
         Self { siblings, ..self }

@@ -239,16 +239,8 @@ async fn failover<'a>(
     if let (Some(durable), Some(old)) = (&from.replica.durable, from.id) {
         durable.discard(old).await;
     }
-    let mut result = Ok(());
-    for (n, group) in block.groups.iter().enumerate() {
-        let rows = group.marks.ends.len();
-        // Under the block's own query id: resolving it on `to` stops these INSERTs too.
-        let query_id = format!("{}-f{n}", block.query_id);
-        result = to.writer.write_group(&group.statement, group.body(), rows, &query_id).await;
-        if result.is_err() {
-            break;
-        }
-    }
+    // Under the block's own query id: resolving it on `to` stops these INSERTs too.
+    let result = block.send(&to.writer, &format!("{}-f", block.query_id)).await.map_err(|(_, error)| error);
     Some((Settle { replica: to, id }, result))
 }
 

@@ -82,23 +82,18 @@ impl Ingest {
 
     /// Sends each column list of `block` under `query_id`, stopping at the first failure.
     async fn send_fallback(&self, block: &Block, query_id: &str) -> Sent {
-        for (n, group) in block.groups.iter().enumerate() {
-            let rows = group.marks.ends.len();
-            let id = format!("{query_id}-{n}");
-            if let Err(error) = self.writer.write_group(&group.statement, group.body(), rows, &id).await {
-                return after_failure(error, n);
-            }
+        match block.send(&self.writer, query_id).await {
+            Ok(()) => Sent::All,
+            Err((written, error)) => after_failure(error, written),
         }
-        Sent::All
     }
 
     /// Stops the request's INSERTs, looks up which of its rows the table holds and sends the
     /// others; up to [`SETTLE_ROUNDS`] times while ClickHouse cannot be asked or the sending
     /// fails. Rows without ids cannot be told apart: such a request stays in doubt.
     async fn settle_fallback(&self, block: &Block, mut error: WriteError) -> Sent {
-        let Some(ch) = self.shards.replicas().next().map(|replica| replica.ch.clone()) else {
-            return Sent::Doubt(error);
-        };
+        // The node the INSERTs went to.
+        let ch = self.writer.client();
         if !block.identified() {
             return Sent::Doubt(error);
         }

@@ -18,6 +18,7 @@ use std::collections::HashSet;
 use bytes::Bytes;
 use uuid::Uuid;
 
+use crate::clickhouse::writer::{WriteError, Writer};
 use crate::rows::{Groups, RowMarks};
 use crate::schema::TableSchema;
 
@@ -173,6 +174,18 @@ impl Block {
             })
             .collect();
         Self { table: self.table.clone(), query_id: self.query_id.clone(), appended_ms: self.appended_ms, groups }
+    }
+
+    /// Sends the groups through `writer` in order, group `n` under `{query_id}-{n}` (as
+    /// RowBinary, as they were journaled); stops at the first failure, with the number of
+    /// groups written before it.
+    pub async fn send(&self, writer: &Writer, query_id: &str) -> Result<(), (usize, WriteError)> {
+        for (n, group) in self.groups.iter().enumerate() {
+            let rows = group.marks.ends.len();
+            let id = format!("{query_id}-{n}");
+            writer.write_group(&group.statement, group.body(), rows, &id).await.map_err(|error| (n, error))?;
+        }
+        Ok(())
     }
 
     /// The journal record: headers and marks made here, the rows as the block's own pieces.

@@ -540,10 +540,7 @@ impl Durable {
             missing
         };
         let query_id = format!("{}-r{}", block.query_id, self.sequence.fetch_add(1, Ordering::Relaxed));
-        for (n, group) in missing.groups.iter().enumerate() {
-            let rows = group.marks.ends.len();
-            self.writer.write_group(&group.statement, group.body(), rows, &format!("{query_id}-{n}")).await?;
-        }
+        missing.send(&self.writer, &query_id).await.map_err(|(_, error)| error)?;
         Ok(missing.rows())
     }
 
