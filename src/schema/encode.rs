@@ -438,6 +438,19 @@ pub fn write_len(out: &mut Vec<u8>, len: usize) {
     }
 }
 
+/// Reads an unsigned LEB128 value (at most 10 bytes) off the front of `bytes`: the value and
+/// the bytes it took; `None` when it is cut off.
+pub fn read_len(bytes: &[u8]) -> Option<(u64, usize)> {
+    let mut value = 0u64;
+    for (i, &byte) in bytes.iter().enumerate().take(10) {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte < 0x80 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
 fn write_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     write_len(out, bytes.len());
     out.extend_from_slice(bytes);

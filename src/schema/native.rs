@@ -25,7 +25,7 @@
 
 use std::collections::HashMap;
 
-use super::encode::write_len;
+use super::encode::{self, write_len};
 use super::types::ColumnType;
 
 /// Why a batch could not be transcoded; it is then sent as RowBinary unchanged.
@@ -320,17 +320,10 @@ fn move_fixed<const N: usize>(input: &mut &[u8], data: &mut Vec<u8>) -> Result<(
 /// A RowBinary length prefix (unsigned LEB128) off the front of `input`: the length and the
 /// prefix's own size.
 fn read_len(input: &mut &[u8]) -> Result<(usize, usize), NativeError> {
-    let mut value = 0u64;
-    for (i, &byte) in input.iter().enumerate().take(10) {
-        value |= u64::from(byte & 0x7f) << (7 * i);
-        if byte < 0x80 {
-            *input = &input[i + 1..];
-            return usize::try_from(value)
-                .map(|v| (v, i + 1))
-                .map_err(|_| NativeError::Malformed("a length overflows"));
-        }
-    }
-    Err(NativeError::Malformed("a length prefix is cut off"))
+    let (value, used) = encode::read_len(input).ok_or(NativeError::Malformed("a length prefix is cut off"))?;
+    let value = usize::try_from(value).map_err(|_| NativeError::Malformed("a length overflows"))?;
+    *input = input.get(used..).unwrap_or_default();
+    Ok((value, used))
 }
 
 #[cfg(test)]

@@ -110,7 +110,7 @@ pub enum KeyType {
 pub fn key_value(function: KeyFunction, ty: KeyType, value: &[u8]) -> Option<u64> {
     match (function, ty) {
         (KeyFunction::CityHash64, KeyType::String) => {
-            let (len, used) = read_varint(value)?;
+            let (len, used) = super::encode::read_len(value)?;
             let bytes = value.get(used..used.checked_add(usize::try_from(len).ok()?)?)?;
             Some(city_hash64(bytes))
         }
@@ -124,39 +124,27 @@ pub fn key_value(function: KeyFunction, ty: KeyType, value: &[u8]) -> Option<u64
     }
 }
 
-fn read_varint(bytes: &[u8]) -> Option<(u64, usize)> {
-    let mut value = 0u64;
-    for (i, &b) in bytes.iter().enumerate().take(10) {
-        value |= u64::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            return Some((value, i + 1));
-        }
-    }
-    None
-}
-
 /// The shards' weights as a Distributed table uses them: `slots[v % slots.len()]` is the
 /// shard of a row whose key value is `v`. Shared, not copied: every request placed by key
 /// carries it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placement {
     slots: std::sync::Arc<[usize]>,
-    shards: usize,
+    /// Each shard's weight, asked for on every `rand()` request.
+    weights: std::sync::Arc<[usize]>,
 }
 
 impl Placement {
     /// Shards in the cluster's order, each with its weight (a weight of 0 takes no rows).
     pub fn new(weights: &[u64]) -> Self {
-        let slots: std::sync::Arc<[usize]> = weights
-            .iter()
-            .enumerate()
-            .flat_map(|(shard, &weight)| std::iter::repeat_n(shard, usize::try_from(weight).unwrap_or(0)))
-            .collect();
-        Self { slots, shards: weights.len() }
+        let weights: std::sync::Arc<[usize]> = weights.iter().map(|&w| usize::try_from(w).unwrap_or(0)).collect();
+        let slots =
+            weights.iter().enumerate().flat_map(|(shard, &weight)| std::iter::repeat_n(shard, weight)).collect();
+        Self { slots, weights }
     }
 
     pub fn shards(&self) -> usize {
-        self.shards
+        self.weights.len()
     }
 
     /// The shard of a row with key value `value`.
@@ -169,7 +157,7 @@ impl Placement {
 
     /// The shards' weights, for picking one at random in proportion.
     pub fn weight(&self, shard: usize) -> usize {
-        self.slots.iter().filter(|&&s| s == shard).count()
+        self.weights.get(shard).copied().unwrap_or(0)
     }
 }
 
