@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{AdminToken, ApiKeys, AuthError};
 use crate::clickhouse::ClickHouse;
 use crate::clickhouse::breaker::Breaker;
+use crate::clickhouse::fleet;
+use crate::clickhouse::migrate::MigrateError;
 use crate::clickhouse::refresh::Refresher;
 use crate::clickhouse::topology::Topology;
 use crate::clickhouse::writer::Writer;
@@ -136,23 +138,15 @@ pub async fn run_as(config: Config, listener: TcpListener, shutdown: Shutdown, r
 /// answer when a cluster is named (any listed node will do): placing rows by wrong weights
 /// would put them where the Distributed table does not look. `None` if shutdown came first.
 async fn topology(config: &Config, shutdown: &Shutdown) -> Result<Option<Topology>, ServeError> {
-    let listed = Topology::parse(&config.clickhouse_url).map_err(ServeError::Topology)?;
-    let cluster = config.clickhouse_cluster.trim();
-    if cluster.is_empty() {
-        return Ok(Some(listed));
-    }
     loop {
-        for (_, _, url) in listed.each() {
-            match ClickHouse::for_url(config, url).cluster_rows(cluster).await {
-                Ok(rows) => {
-                    let topology = listed.clone().with_cluster(&rows).map_err(ServeError::Topology)?;
-                    tracing::info!(cluster, shards = topology.shards.len(), weights = ?topology.weights(), "cluster read");
-                    return Ok(Some(topology));
-                }
-                Err(error) => {
-                    tracing::warn!(%error, node = url, cluster, "cannot read the cluster from system.clusters");
-                }
+        match fleet::resolve(config).await {
+            Ok(topology) => {
+                tracing::info!(shards = topology.shards.len(), weights = ?topology.weights(), "ClickHouse topology");
+                return Ok(Some(topology));
             }
+            Err(MigrateError::Topology(problem)) => return Err(ServeError::Topology(problem)),
+            // No node answered (each is logged): asked again until one does.
+            Err(_) => {}
         }
         tokio::select! {
             () = shutdown.triggered() => return Ok(None),

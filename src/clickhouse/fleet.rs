@@ -17,15 +17,26 @@ use crate::schema::quote_ident;
 /// `{replica}` are each server's macros.
 pub const REPLICA_PATH: &str = "/clickhouse/tables/{shard}/{database}/{table}";
 
-/// The topology `clickhouse_url` and `clickhouse_cluster` describe, read from the first node.
+/// The topology `clickhouse_url` and `clickhouse_cluster` describe: the cluster read from
+/// `system.clusters` of the first listed node that answers. `MigrateError::Topology` when the
+/// configuration and the cluster disagree; a ClickHouse error when no node answered.
 pub async fn resolve(config: &Config) -> Result<Topology, MigrateError> {
     let listed = Topology::parse(&config.clickhouse_url).map_err(MigrateError::Topology)?;
     let cluster = config.clickhouse_cluster.trim();
     if cluster.is_empty() {
         return Ok(listed);
     }
-    let rows = ClickHouse::new(config).cluster_rows(cluster).await?;
-    listed.with_cluster(&rows).map_err(MigrateError::Topology)
+    let mut unanswered = ClickHouseError::Protocol("no ClickHouse node configured".into());
+    for (_, _, url) in listed.each() {
+        match ClickHouse::for_url(config, url).cluster_rows(cluster).await {
+            Ok(rows) => return listed.clone().with_cluster(&rows).map_err(MigrateError::Topology),
+            Err(error) => {
+                tracing::warn!(%error, node = url, cluster, "cannot read the cluster from system.clusters");
+                unanswered = error;
+            }
+        }
+    }
+    Err(unanswered.into())
 }
 
 /// The table reads go through (`distributed_table`, or the destination's name + `_all`).

@@ -374,7 +374,7 @@ impl Poller {
     /// Waits until the journal has no suspect block (those an earlier process left are
     /// settled first); `false` if stopped meanwhile.
     fn wait_for_journal(&self) -> bool {
-        let ingest = Arc::clone(&self.worker.ingest);
+        let ingest = &self.worker.ingest;
         if !ingest.journaled() {
             return true;
         }
