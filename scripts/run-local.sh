@@ -7,8 +7,15 @@
 # Every BUFFERGATE_* variable is passed through (see docs/configuration.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Each step names itself; the first that fails stops the script and says which it was.
+step=""
+trap 'echo "run-local.sh: stopped: $step failed (exit $?)" >&2' ERR
+begin() { step=$1; echo "run-local.sh: $step" >&2; }
+
+begin "installing dependencies (scripts/install-deps.sh)"
 ./scripts/install-deps.sh
 
+begin "starting ClickHouse"
 url=${BUFFERGATE_CLICKHOUSE_URL:-http://127.0.0.1:8123}
 if ! curl -fsS "$url/ping" >/dev/null 2>&1; then
   hostport=${url#*://}; hostport=${hostport%%/*}
@@ -23,11 +30,14 @@ if ! curl -fsS "$url/ping" >/dev/null 2>&1; then
     curl -fsS "$url/ping" >/dev/null 2>&1 && break
     sleep 0.2
   done
-  curl -fsS "$url/ping" >/dev/null || { echo "ClickHouse did not start; see .local/clickhouse.log" >&2; exit 1; }
+  curl -fsS "$url/ping" >/dev/null || { echo "ClickHouse did not start; see .local/clickhouse.log" >&2; false; }
 fi
 
+begin "building buffergate (cargo build --release --locked)"
 cargo build --release --locked
 # The journal of this local gateway, beside the private ClickHouse's data.
 export BUFFERGATE_DATA_DIR=${BUFFERGATE_DATA_DIR:-.local/gateway-data}
+begin "creating the tables (buffergate migrate)"
 ./target/release/buffergate migrate
+begin "serving (buffergate serve)"
 exec ./target/release/buffergate serve
