@@ -2,9 +2,10 @@
 # Build stage: a release binary.
 FROM rust:1.95-bookworm AS build
 # librdkafka (the Kafka front) is built from the rdkafka crate's bundled source with cmake and
-# linked against the system OpenSSL.
+# linked against the system OpenSSL; its 2.12 sources include <curl/curl.h> even without curl
+# (only the header is used, libcurl is not linked).
 # hadolint ignore=DL3008
-RUN apt-get update && apt-get install -y --no-install-recommends cmake libssl-dev && rm -rf /var/lib/apt/lists/*
+RUN apt-get update && apt-get install -y --no-install-recommends cmake libssl-dev libcurl4-openssl-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 # The workspace's other members and targets must exist for the manifest to load.

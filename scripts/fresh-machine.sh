@@ -15,7 +15,7 @@
 # the apt sources and the trusted CA certificates are the host's own, read at run time.
 #   usage: sudo scripts/fresh-machine.sh [--tests]
 #   --tests   also run the README's test command (./scripts/test.sh) inside the fresh root
-set -euo pipefail
+set -Eeuo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 run_tests=0
 [ "${1:-}" = "--tests" ] && run_tests=1
@@ -144,7 +144,7 @@ PY
 # run-local.sh's own install-deps.sh must find everything in place.
 begin "./scripts/run-local.sh, then the README's curl example"
 unshare --net /bin/bash -s "$root" "$run" <<'NETNS'
-set -euo pipefail
+set -Eeuo pipefail
 root=$1; run=$2
 ip link set lo up
 chroot "$root" /usr/bin/env -i HOME=/root PATH=/opt/cargo-bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \

@@ -22,6 +22,8 @@ compgen -G "/usr/include/*/curl/curl.h" >/dev/null || [ -e /usr/include/curl/cur
 # libfuzzer-sys builds libFuzzer (scripts/fuzz.sh) with the C++ compiler.
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 [ -e /usr/include/openssl/ssl.h ] || need_apt+=(libssl-dev)
+# openssl-sys finds OpenSSL through pkg-config on Linux.
+command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 # ZooKeeper coordinates the ClickHouse cluster tests' ReplicatedMergeTree and ON CLUSTER.
 [ -e /usr/share/zookeeper/bin/zkServer.sh ] || need_apt+=(zookeeper)
 

@@ -5,7 +5,7 @@
 #      http://127.0.0.1:8123), starts a private one with its data under .local/clickhouse;
 #   3. builds buffergate, runs `buffergate migrate`, then `buffergate serve` in the foreground.
 # Every BUFFERGATE_* variable is passed through (see docs/configuration.md).
-set -euo pipefail
+set -Eeuo pipefail
 cd "$(dirname "$0")/.."
 # Each step names itself; the first that fails stops the script and says which it was.
 step=""
