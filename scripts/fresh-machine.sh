@@ -125,7 +125,7 @@ in_root 'cargo build --release --locked 2>&1 | tail -n 40; exit "${PIPESTATUS[0]
 # shell block under "Run it" that posts to localhost:8080, its first command, the answer
 # printed after it, and the commands that follow (flush, then SELECT).
 begin "the README's curl example, read from README.md"
-python3 - "$repo/README.md" "$root/root" <<'PY'
+python3 - "$repo/README.md" "$root" <<'PY'
 import pathlib, re, sys
 readme = pathlib.Path(sys.argv[1]).read_text()
 blocks = re.findall(r"```sh\n(.*?)```", readme, re.S)
