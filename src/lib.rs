@@ -13,6 +13,7 @@ pub mod auth;
 pub mod check;
 pub mod cli;
 pub mod clickhouse;
+pub mod cluster;
 pub mod coalesce;
 pub mod config;
 pub mod decode;

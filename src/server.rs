@@ -16,10 +16,11 @@ use crate::clickhouse::breaker::Breaker;
 use crate::clickhouse::fleet;
 use crate::clickhouse::migrate::MigrateError;
 use crate::clickhouse::refresh::Refresher;
-use crate::clickhouse::topology::Topology;
 use crate::clickhouse::writer::Writer;
-use crate::coalesce::{Coalescer, CoalescerTasks, Replica, Shards, ShedPolicy};
+use crate::cluster::{Replica, Shards};
+use crate::coalesce::{Coalescer, CoalescerTasks};
 use crate::config::Config;
+use crate::config::Topology;
 use crate::health::Health;
 use crate::http;
 use crate::http::state::AppState;
@@ -234,10 +235,7 @@ impl Nodes {
         let shards = Arc::new(Shards {
             shards,
             placement: Placement::new(&topology.weights()),
-            policy: ShedPolicy {
-                stale_after: Duration::from_millis(config.shed_stale_after_ms),
-                on_stale: config.shed_on_stale,
-            },
+            policy: crate::shed::Policy::of(config),
         });
         if !single {
             let interval = Duration::from_millis(config.shed_poll_interval_ms);

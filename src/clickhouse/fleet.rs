@@ -8,9 +8,8 @@
 //! LowCardinality DDL needs) node by node, the same statements.
 
 use super::migrate::{self, MigrateError, Report};
-use super::topology::Topology;
 use super::{Capabilities, ClickHouse, ClickHouseError, quote_str};
-use crate::config::Config;
+use crate::config::{Config, Topology};
 use crate::schema::quote_ident;
 
 /// Where a replicated destination keeps its parts' log in ZooKeeper; `{shard}` and

@@ -3,13 +3,13 @@
 //! its retry policy and circuit breaker, the schema watcher, `migrate` and `drain`.
 
 pub mod breaker;
+pub mod clusters;
 pub mod drain;
 pub mod fleet;
 pub mod migrate;
 pub mod presence;
 pub mod refresh;
 pub mod retry;
-pub mod topology;
 pub mod writer;
 
 use std::time::Duration;

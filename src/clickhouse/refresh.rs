@@ -39,11 +39,9 @@ impl Refresher {
     }
 
     /// The column rows are placed on shards by: only with several shards and a key column.
-    fn sharding(&self) -> Option<(String, crate::schema::sharding::KeyFunction)> {
+    fn sharding(&self) -> Option<(String, crate::config::KeyFunction)> {
         match self.config.sharding() {
-            crate::schema::sharding::ShardingKey::Column { function, column } if self.shards > 1 => {
-                Some((column, function))
-            }
+            crate::config::ShardingKey::Column { function, column } if self.shards > 1 => Some((column, function)),
             _ => None,
         }
     }

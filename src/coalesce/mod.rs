@@ -9,7 +9,6 @@
 //! while no INSERT is pending, trading latency for fewer INSERTs.
 
 mod partition;
-pub mod route;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::{Replica, Shards};
 use crate::config::Config;
 use crate::idempotency::{Idempotency, Reservation};
 use crate::metrics;
@@ -27,7 +27,6 @@ use crate::schema::TableSchema;
 use crate::shed::budget::Lease;
 
 pub use crate::journal::{FlushError, FlushResult, Waiter};
-pub use route::{Replica, Shards, ShedPolicy};
 
 /// Who hears about a submission's rows, and when.
 #[derive(Debug, Default)]

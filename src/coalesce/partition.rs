@@ -7,13 +7,14 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::route::{Replica, ShedPolicy, choose_replica};
 use super::{BatchLimits, Submission, Waiting};
 use crate::clickhouse::writer::{WriteError, Writer};
+use crate::cluster::{Replica, choose_replica};
 use crate::idempotency::{Idempotency, Reservation};
 use crate::journal::{Block, BlockId, Durable, FlushError, FlushResult, Waiter};
 use crate::rows::Groups;
 use crate::schema::TableSchema;
+use crate::shed::Policy;
 use crate::shed::budget::Lease;
 
 /// Rows of several submissions that share a schema, grouped by INSERT column list.
@@ -207,7 +208,7 @@ struct Settle<'a> {
 pub(super) struct Route<'a> {
     pub replicas: &'a [Arc<Replica>],
     pub preferred: usize,
-    pub policy: ShedPolicy,
+    pub policy: Policy,
 }
 
 impl Route<'_> {
@@ -299,7 +300,7 @@ pub(super) struct Partition {
     pub id: usize,
     /// The replicas of the partition's shard.
     pub replicas: Arc<[Arc<Replica>]>,
-    pub policy: ShedPolicy,
+    pub policy: Policy,
     pub idempotency: Arc<Idempotency>,
     pub limits: BatchLimits,
     pub queued: Arc<Vec<Waiting>>,

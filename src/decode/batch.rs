@@ -276,7 +276,8 @@ mod tests {
 
     #[test]
     fn rows_go_to_the_shard_of_their_key_as_a_distributed_table_places_them() {
-        use crate::schema::sharding::{KeyFunction, Placement};
+        use crate::config::KeyFunction;
+        use crate::schema::sharding::Placement;
         let special = SpecialColumns {
             id: String::new(),
             timestamp: String::new(),

@@ -98,7 +98,7 @@ impl BufferStatus {
     }
 }
 
-fn nodes(shards: &crate::coalesce::Shards) -> Vec<NodeStatus> {
+fn nodes(shards: &crate::cluster::Shards) -> Vec<NodeStatus> {
     let mut nodes = Vec::new();
     for (shard, replicas) in shards.shards.iter().enumerate() {
         for (replica, node) in replicas.iter().enumerate() {

@@ -29,7 +29,7 @@ use tower_http::trace::TraceLayer;
 use crate::auth::Denied;
 use crate::metrics;
 use error::ApiError;
-use shed::{Gate, Policy};
+use shed::Gate;
 use state::AppState;
 
 const EVENTS: &str = "/v1/events";
@@ -48,14 +48,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     // must keep answering while it is.
     let ingest_layers = ServiceBuilder::new()
         .layer(middleware::from_fn_with_state(
-            Gate {
-                state: Arc::clone(&state.shed),
-                policy: Policy {
-                    mode: config.shed_mode,
-                    stale_after: Duration::from_millis(config.shed_stale_after_ms),
-                    on_stale: config.shed_on_stale,
-                },
-            },
+            Gate { state: Arc::clone(&state.shed), policy: crate::shed::Policy::of(config) },
             shed::gate,
         ))
         .layer(HandleErrorLayer::new(limit_error))

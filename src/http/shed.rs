@@ -4,27 +4,18 @@
 //! fallback table. Health, readiness and metrics routes never pass through it.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
-use crate::config::{OnStale, ShedMode};
 use crate::metrics;
-use crate::shed::{ShedState, Verdict};
+use crate::shed::{Policy, ShedState, Verdict};
 
 /// Request extension: the Buffer is saturated and this request's rows go to the fallback table.
 #[derive(Debug, Clone, Copy)]
 pub struct Divert;
-
-#[derive(Debug, Clone, Copy)]
-pub struct Policy {
-    pub mode: ShedMode,
-    pub stale_after: Duration,
-    pub on_stale: OnStale,
-}
 
 /// What the gate needs: the poller's verdict and the policy to apply to it.
 #[derive(Debug, Clone)]
@@ -37,9 +28,9 @@ pub struct Gate {
 /// concurrency limit, so a shed request never takes a slot, and answers without reading the body.
 pub async fn gate(State(gate): State<Gate>, mut request: Request, next: Next) -> Response {
     let Gate { state, policy } = gate;
-    match state.current(policy.stale_after, policy.on_stale) {
+    match policy.verdict(&state) {
         Verdict::Pass => next.run(request).await,
-        Verdict::Shed { stale: false, .. } if policy.mode == ShedMode::Fallback => {
+        verdict if policy.diverts(verdict) => {
             request.extensions_mut().insert(Divert);
             next.run(request).await
         }

@@ -17,14 +17,15 @@ pub use deliver::{Delivered, Delivery, IngestResponse, ProducerOffset, Wait};
 pub use error::IngestError;
 
 use crate::clickhouse::writer::Writer;
-use crate::coalesce::{Coalescer, Shards};
+use crate::cluster::Shards;
+use crate::coalesce::Coalescer;
+use crate::config::ShardingKey;
 use crate::config::{Config, DedupMode};
 use crate::decode::{self, BatchShape, EncodedBatch, Encoding, Format, IdSeed, Placing};
 use crate::health::Health;
 use crate::idempotency::{Idempotency, RequestState};
 use crate::journal::{Durable, DurableStatus};
 use crate::metrics;
-use crate::schema::sharding::ShardingKey;
 use crate::schema::{EncodeContext, SharedSchema, TableSchema, Timestamp};
 use crate::shed::Verdict;
 use crate::shed::budget::{Budget, Lease};

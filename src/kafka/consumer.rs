@@ -20,14 +20,16 @@ use tokio_util::sync::CancellationToken;
 
 use super::dead_letter::DeadLetters;
 use super::flow::{self, Pause, Signals};
-use super::message::{Handled, Incoming, Worker};
+use super::incoming::Incoming;
+use super::message::{Handled, Worker};
 use super::offsets::PartitionOffsets;
 use super::replay::Marks;
-use super::{KafkaError, Status, metrics, settings};
-use crate::config::{Config, KafkaCommit, ShedMode};
+use super::{KafkaError, Status, settings};
+use crate::config::{Config, KafkaCommit};
 use crate::ingest::{Ingest, Wait};
+use crate::metrics::kafka as metrics;
 use crate::schema::quote_ident;
-use crate::shed::{ShedState, Verdict};
+use crate::shed::{Policy, ShedState, Verdict};
 
 const POLL: Duration = Duration::from_millis(100);
 /// While paused no message comes, so `poll` would sit out its whole timeout: a short one lets
@@ -455,14 +457,10 @@ impl Poller {
 
     fn signals(&self, in_flight: usize, in_flight_stalled: bool) -> Signals {
         let config = &self.worker.config;
-        let stale_after = Duration::from_millis(config.shed_stale_after_ms);
-        let verdict = self.worker.shed.current(stale_after, config.shed_on_stale);
-        let buffer_saturated = match verdict {
-            Verdict::Pass => false,
-            // In fallback mode the rows are diverted instead, as HTTP requests are.
-            Verdict::Shed { stale: false, .. } => config.shed_mode == ShedMode::Reject,
-            Verdict::Shed { stale: true, .. } => true,
-        };
+        let policy = Policy::of(config);
+        let verdict = policy.verdict(&self.worker.shed);
+        // In fallback mode the rows are diverted instead, as HTTP requests are.
+        let buffer_saturated = verdict != Verdict::Pass && !policy.diverts(verdict);
         let margin = config.flush_max_bytes as u64;
         let ingest = &self.worker.ingest;
         Signals {

@@ -9,7 +9,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::KafkaError;
-use super::message::Incoming;
+use super::incoming::Incoming;
 use crate::decode::RejectedEvent;
 
 pub const REASON: &str = "buffergate-reason";

@@ -7,32 +7,19 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::dead_letter::{DeadLetters, Reason};
-use super::metrics;
+use super::incoming::Incoming;
 use super::replay::Marks;
 use crate::clickhouse::presence::Lookup;
-use crate::config::{Config, ShedMode};
+use crate::config::Config;
 use crate::decode::{DecodeError, EncodedBatch, Encoding, Format, IdSeed, RejectedEvent};
 use crate::ingest::{self, Delivery, Ingest, IngestError, Wait};
+use crate::metrics::kafka as metrics;
 use crate::schema::Timestamp;
-use crate::shed::{ShedState, Verdict};
-
-/// A message as read, detached from the consumer.
-#[derive(Debug, Clone)]
-pub struct Incoming {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Bytes,
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
-    /// The message's timestamp in milliseconds, when it has one.
-    pub timestamp_ms: Option<i64>,
-}
+use crate::shed::{Policy, ShedState};
 
 /// What became of a message.
 #[derive(Debug, PartialEq, Eq)]
@@ -243,11 +230,8 @@ impl Worker {
     /// Whether rows go to the fallback table now (`shed_mode = fallback` and the Buffer
     /// saturated), as the HTTP gate decides for a request.
     fn divert(&self) -> bool {
-        if self.config.shed_mode != ShedMode::Fallback {
-            return false;
-        }
-        let stale_after = Duration::from_millis(self.config.shed_stale_after_ms);
-        matches!(self.shed.current(stale_after, self.config.shed_on_stale), Verdict::Shed { stale: false, .. })
+        let policy = Policy::of(&self.config);
+        policy.diverts(policy.verdict(&self.shed))
     }
 
     /// Dead-letters until acknowledged or `cancel`; `false`: given up.
@@ -315,7 +299,7 @@ mod tests {
             partition: 0,
             offset: 0,
             key: None,
-            payload: Bytes::copy_from_slice(payload.as_bytes()),
+            payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
             headers: ct.map(|c| vec![("Content-Type".to_string(), Some(c.as_bytes().to_vec()))]).unwrap_or_default(),
             timestamp_ms: None,
         };

@@ -8,20 +8,23 @@
 //! - [`offsets`]: which offset of a partition may be committed (the done prefix);
 //! - [`flow`]: when to pause and resume (the shed threshold's hysteresis, the journal's bound);
 //! - [`replay`]: which messages read again may have been delivered before;
-//! - [`dead_letter`], [`settings`] (librdkafka properties), [`status`], [`metrics`], [`check`].
+//! - [`dead_letter`], [`settings`] (librdkafka properties), [`status`]; `incoming`:
+//!   a message as read, which delivery and dead-lettering share.
+//!
+//! Its checks for `buffergate check` are in [`crate::check`], its metrics in [`crate::metrics`].
 
-pub mod check;
 mod consumer;
 pub mod dead_letter;
 pub mod flow;
+mod incoming;
 pub mod message;
-pub mod metrics;
 pub mod offsets;
 pub mod replay;
 pub mod settings;
 pub mod status;
 
 pub use consumer::Front;
+pub use incoming::Incoming;
 pub use status::Status;
 
 /// Why the Kafka front cannot run or a dead letter was not sent.

@@ -36,7 +36,7 @@ impl Status {
     pub fn set_partitions(&self, assigned: usize, paused: usize) {
         self.assigned.store(assigned, Ordering::Relaxed);
         self.paused.store(paused, Ordering::Relaxed);
-        super::metrics::partitions(assigned, paused);
+        crate::metrics::kafka::partitions(assigned, paused);
     }
 
     pub fn assigned(&self) -> usize {

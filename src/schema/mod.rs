@@ -20,7 +20,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwapOption;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{InsertFormat, UnknownFields};
+use crate::config::{InsertFormat, KeyFunction, UnknownFields};
 pub use fields::EventFields;
 pub(crate) use fields::{Content, Field};
 use native::{NativeColumn, NativeError};
@@ -96,7 +96,7 @@ pub struct SpecialColumns {
     pub timestamp: String,
     pub partition_key: String,
     /// The column rows are placed on shards by, and how (`None`: one shard, or `rand()`).
-    pub sharding: Option<(String, sharding::KeyFunction)>,
+    pub sharding: Option<(String, KeyFunction)>,
 }
 
 /// The Buffer table's columns and how to encode each.
@@ -123,7 +123,7 @@ pub struct TableSchema {
 #[derive(Debug, Clone, Copy)]
 struct ShardColumn {
     index: usize,
-    function: sharding::KeyFunction,
+    function: KeyFunction,
     /// `None`: a type the key cannot be computed from; its events are refused.
     ty: Option<sharding::KeyType>,
 }

@@ -7,79 +7,10 @@
 //! remainder (shards in the cluster's order). The gateway supports the keys whose value it can
 //! compute bit for bit from the encoded row: `cityHash64(col)` of a String column, and
 //! `intHash64(col)` or the bare column of an unsigned integer column; and `rand()`, which
-//! places nothing (the gateway picks a shard per request, one with room).
+//! places nothing (the gateway picks a shard per request, one with room). The key itself is
+//! parsed with the configuration ([`crate::config::ShardingKey`]).
 
-/// How a row's sharding-key value is computed from one column.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeyFunction {
-    /// The unsigned integer itself.
-    Identity,
-    /// `intHash64` (MurmurHash3's 64-bit finaliser, see [`int_hash64`]).
-    IntHash64,
-    /// `cityHash64` of a string's bytes (CityHash 1.0.2, as ClickHouse has it).
-    CityHash64,
-}
-
-/// A Distributed table's sharding key, as configured (`sharding_key`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ShardingKey {
-    /// `rand()`: rows are not placed by value; any shard may take a request.
-    Random,
-    Column {
-        function: KeyFunction,
-        column: String,
-    },
-}
-
-impl ShardingKey {
-    /// Parses the supported forms: `rand()`, `col`, `intHash64(col)`, `cityHash64(col)`
-    /// (a column name may be quoted with backticks).
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let text = text.trim();
-        if text.eq_ignore_ascii_case("rand()") {
-            return Ok(Self::Random);
-        }
-        let (function, inner) = match text.split_once('(') {
-            None => (KeyFunction::Identity, text),
-            Some((name, rest)) => {
-                let inner = rest.strip_suffix(')').ok_or_else(|| format!("{text:?}: unbalanced parentheses"))?;
-                let function = match name.trim() {
-                    "intHash64" => KeyFunction::IntHash64,
-                    "cityHash64" => KeyFunction::CityHash64,
-                    other => {
-                        return Err(format!(
-                            "{other}(): not a supported sharding function (rand(), intHash64(col), cityHash64(col), col)"
-                        ));
-                    }
-                };
-                (function, inner)
-            }
-        };
-        let column = inner.trim().trim_matches('`');
-        let plain = !column.is_empty() && column.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !plain {
-            return Err(format!("{text:?}: the sharding key must name one column"));
-        }
-        Ok(Self::Column { function, column: column.to_string() })
-    }
-
-    /// The key as a Distributed table's engine argument.
-    pub fn to_sql(&self) -> String {
-        match self {
-            Self::Random => "rand()".into(),
-            Self::Column { function: KeyFunction::Identity, column } => format!("`{column}`"),
-            Self::Column { function: KeyFunction::IntHash64, column } => format!("intHash64(`{column}`)"),
-            Self::Column { function: KeyFunction::CityHash64, column } => format!("cityHash64(`{column}`)"),
-        }
-    }
-
-    pub fn column(&self) -> Option<&str> {
-        match self {
-            Self::Random => None,
-            Self::Column { column, .. } => Some(column),
-        }
-    }
-}
+use crate::config::KeyFunction;
 
 /// ClickHouse's SQL `intHash64`: MurmurHash3's finaliser of the value xor a constant.
 pub fn int_hash64(x: u64) -> u64 {
@@ -197,17 +128,5 @@ mod tests {
         assert_eq!((0..6).map(|v| placement.shard_of(v)).collect::<Vec<_>>(), [0, 1, 1, 0, 1, 1]);
         assert_eq!((placement.weight(0), placement.weight(1)), (1, 2));
         assert_eq!(Placement::new(&[0, 1]).shard_of(7), 1, "a weight of 0 takes nothing");
-    }
-
-    #[test]
-    fn sharding_keys_parse() {
-        assert_eq!(ShardingKey::parse("rand()"), Ok(ShardingKey::Random));
-        let city = ShardingKey::parse("cityHash64(`user_id`)").unwrap();
-        assert_eq!(city, ShardingKey::Column { function: KeyFunction::CityHash64, column: "user_id".into() });
-        assert_eq!(city.to_sql(), "cityHash64(`user_id`)");
-        assert_eq!(ShardingKey::parse(" n ").unwrap().to_sql(), "`n`");
-        assert!(ShardingKey::parse("sipHash64(x)").is_err());
-        assert!(ShardingKey::parse("cityHash64(a, b)").is_err());
-        assert!(ShardingKey::parse("cityHash64(x").is_err());
     }
 }

@@ -14,7 +14,7 @@ pub mod poller;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::config::OnStale;
+use crate::config::{Config, OnStale, ShedMode};
 
 /// The request path's view of the Buffer, written by the poller.
 #[derive(Debug)]
@@ -38,6 +38,38 @@ impl Default for ShedState {
             bytes: AtomicU64::new(0),
             capacity: AtomicU64::new(0),
         }
+    }
+}
+
+/// How a shed verdict is read and acted on, built once from the configuration: every front
+/// (the HTTP gate, the Kafka consumer) and every replica choice applies the same one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub mode: ShedMode,
+    /// A fill older than this is stale...
+    pub stale_after: Duration,
+    /// ...and then taken as room (`fail_open`) or as saturation (`fail_closed`).
+    pub on_stale: OnStale,
+}
+
+impl Policy {
+    pub fn of(config: &Config) -> Self {
+        Self {
+            mode: config.shed_mode,
+            stale_after: Duration::from_millis(config.shed_stale_after_ms),
+            on_stale: config.shed_on_stale,
+        }
+    }
+
+    /// The verdict of `state` under this policy.
+    pub fn verdict(&self, state: &ShedState) -> Verdict {
+        state.current(self.stale_after, self.on_stale)
+    }
+
+    /// Whether rows go to the fallback table under `verdict`: in fallback mode, while the
+    /// Buffer is known to be saturated (a stale fill is never a reason to bypass it).
+    pub fn diverts(&self, verdict: Verdict) -> bool {
+        self.mode == ShedMode::Fallback && matches!(verdict, Verdict::Shed { stale: false, .. })
     }
 }
 
@@ -145,6 +177,17 @@ pub fn retry_after(bytes: u64, capacity: u64, resume: f64, drain_rate: f64, max:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_known_saturation_diverts_to_the_fallback_table() {
+        let policy =
+            Policy { mode: ShedMode::Fallback, stale_after: Duration::from_secs(1), on_stale: OnStale::FailClosed };
+        assert!(policy.diverts(Verdict::Shed { retry_after_s: 1, stale: false }));
+        assert!(!policy.diverts(Verdict::Shed { retry_after_s: 1, stale: true }), "unknown: shed, not bypassed");
+        assert!(!policy.diverts(Verdict::Pass));
+        let reject = Policy { mode: ShedMode::Reject, ..policy };
+        assert!(!reject.diverts(Verdict::Shed { retry_after_s: 1, stale: false }));
+    }
 
     #[test]
     fn hysteresis() {

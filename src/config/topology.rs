@@ -7,8 +7,9 @@
 //! weights, and must agree with the list; given a single URL, the list itself is derived from
 //! it: each replica's `host_name` with the seed URL's scheme and HTTP port (`system.clusters`
 //! has only the native TCP port).
-
-use super::{ClickHouse, ClickHouseError, quote_str};
+//!
+//! Pure parsing, here beside the key it parses: the gateway, `migrate`, `check` and `drain`
+//! resolve it against the servers through `crate::clickhouse::fleet`.
 
 /// One shard: its weight (rows a Distributed table sends it, relative to the others) and its
 /// replicas' URLs.
@@ -125,35 +126,6 @@ pub struct ClusterRow {
     pub shard_num: u64,
     pub shard_weight: u64,
     pub host_name: String,
-}
-
-impl ClickHouse {
-    /// The shards and replicas of `cluster` as the server defines it, in order.
-    pub async fn cluster_rows(&self, cluster: &str) -> Result<Vec<ClusterRow>, ClickHouseError> {
-        #[derive(serde::Deserialize)]
-        struct Row {
-            shard_num: String,
-            shard_weight: String,
-            host_name: String,
-        }
-        let sql = format!(
-            "SELECT toString(shard_num) AS shard_num, toString(shard_weight) AS shard_weight, host_name \
-             FROM system.clusters WHERE cluster = {} ORDER BY shard_num, replica_num",
-            quote_str(cluster)
-        );
-        let number = |text: &str| text.parse::<u64>().map_err(|_| ClickHouseError::Protocol(format!("{text:?}")));
-        self.fetch_json::<Row>(&sql)
-            .await?
-            .into_iter()
-            .map(|r| {
-                Ok(ClusterRow {
-                    shard_num: number(&r.shard_num)?,
-                    shard_weight: number(&r.shard_weight)?,
-                    host_name: r.host_name,
-                })
-            })
-            .collect()
-    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
-//! Where a batch goes: the shards of the ClickHouse cluster, each with its replicas, and the
-//! choice of a replica for each batch.
+//! The ClickHouse cluster as the gateway runs it: shards of replicas, each replica a node with
+//! its own machinery, and the choice of a shard for a request and of a replica for a batch.
+//! The topology it is built from is parsed with the configuration ([`crate::config::Topology`]);
+//! how a row's key picks a shard is [`crate::schema::sharding`]'s.
 //!
 //! Every replica is a node with its own Buffer, so each has everything the single-node path
 //! has: its own writer (INSERT permits, circuit breaker), its own journal and confirmer (the
@@ -9,15 +11,13 @@
 //! replica's Buffer gets large blocks.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::clickhouse::ClickHouse;
 use crate::clickhouse::breaker::Breaker;
 use crate::clickhouse::writer::Writer;
-use crate::config::OnStale;
 use crate::journal::Durable;
 use crate::schema::sharding::Placement;
-use crate::shed::{ShedState, Verdict};
+use crate::shed::{Policy, ShedState, Verdict};
 
 /// One ClickHouse node and the gateway's machinery for it.
 #[derive(Debug)]
@@ -32,21 +32,14 @@ pub struct Replica {
     pub shed: Arc<ShedState>,
 }
 
-/// How the shed verdict of a replica is read.
-#[derive(Debug, Clone, Copy)]
-pub struct ShedPolicy {
-    pub stale_after: Duration,
-    pub on_stale: OnStale,
-}
-
 impl Replica {
     /// The replica's shed verdict under `policy`.
-    pub fn verdict(&self, policy: ShedPolicy) -> Verdict {
-        self.shed.current(policy.stale_after, policy.on_stale)
+    pub fn verdict(&self, policy: Policy) -> Verdict {
+        policy.verdict(&self.shed)
     }
 
     /// Whether new rows may go here: not shed, breaker not open.
-    pub fn usable(&self, policy: ShedPolicy) -> bool {
+    pub fn usable(&self, policy: Policy) -> bool {
         self.verdict(policy) == Verdict::Pass && !self.breaker.is_open()
     }
 }
@@ -57,7 +50,7 @@ pub struct Shards {
     pub shards: Vec<Vec<Arc<Replica>>>,
     /// The shards' weights; rows placed by a key follow it, `rand()` requests are spread by it.
     pub placement: Placement,
-    pub policy: ShedPolicy,
+    pub policy: Policy,
 }
 
 impl Shards {

@@ -3,6 +3,10 @@
 //!
 //! The recorder is process-global (the `metrics` facade is); several gateways in one process
 //! (tests) share it.
+//!
+//! [`kafka`]: the Kafka front's own metrics, described and installed with these.
+
+pub mod kafka;
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -103,7 +107,7 @@ fn build() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> 
         .set_buckets_for_metric(Matcher::Full(IDEMPOTENCY_DURATION.into()), SECONDS)?
         .set_buckets_for_metric(Matcher::Full(FLUSH_ROWS.into()), ROWS)?
         .set_buckets_for_metric(Matcher::Full(FLUSH_BYTES.into()), BYTES)?
-        .set_buckets_for_metric(Matcher::Full(crate::kafka::metrics::COMMIT_DURATION.into()), SECONDS)?
+        .set_buckets_for_metric(Matcher::Full(kafka::COMMIT_DURATION.into()), SECONDS)?
         .install_recorder()
 }
 
@@ -156,7 +160,7 @@ fn describe() {
     describe_counter!(JOURNAL_RESTORED_ROWS, "Rows sent again because ClickHouse did not hold them, by cause.");
     describe_counter!(JOURNAL_RESTARTS, "ClickHouse restarts seen (its uptime went back).");
     describe_counter!(JOURNAL_ERRORS, "Journal operations that failed, by op (append, confirm, read).");
-    crate::kafka::metrics::describe();
+    kafka::describe();
 }
 
 /// The journal's size and what it still protects.

@@ -6,9 +6,9 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::settings;
-use crate::check::{Finding, Severity, finding};
+use super::{Finding, Severity, finding};
 use crate::config::{Config, DedupMode};
+use crate::kafka::settings;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 

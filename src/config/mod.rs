@@ -11,6 +11,12 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+mod sharding;
+mod topology;
+
+pub use sharding::{KeyFunction, ShardingKey};
+pub use topology::{ClusterRow, ShardSpec, Topology};
+
 /// The data directory of a local run; the container image sets `/var/lib/buffergate`.
 pub const DEFAULT_DATA_DIR: &str = "buffergate-data";
 
@@ -503,8 +509,7 @@ impl Config {
         if self.buffer_table == self.destination_table {
             return Err(invalid("buffer_table", "must differ from destination_table"));
         }
-        let topology = crate::clickhouse::topology::Topology::parse(&self.clickhouse_url)
-            .map_err(|problem| invalid("clickhouse_url", problem))?;
+        let topology = Topology::parse(&self.clickhouse_url).map_err(|problem| invalid("clickhouse_url", problem))?;
         if topology.shards.len() > 1 && self.clickhouse_cluster.trim().is_empty() {
             return Err(invalid(
                 "clickhouse_cluster",
@@ -514,8 +519,7 @@ impl Config {
         if topology.shards.len() > 1 && self.shed_mode == ShedMode::Fallback {
             return Err(invalid("shed_mode", "fallback works with one shard; a cluster sheds per shard"));
         }
-        crate::schema::sharding::ShardingKey::parse(&self.sharding_key)
-            .map_err(|problem| invalid("sharding_key", problem))?;
+        ShardingKey::parse(&self.sharding_key).map_err(|problem| invalid("sharding_key", problem))?;
         for (key, value) in [
             ("max_body_bytes", self.max_body_bytes as u64),
             ("max_decompressed_bytes", self.max_decompressed_bytes as u64),
@@ -658,9 +662,8 @@ impl Config {
     }
 
     /// The sharding key, as validated.
-    pub fn sharding(&self) -> crate::schema::sharding::ShardingKey {
-        crate::schema::sharding::ShardingKey::parse(&self.sharding_key)
-            .unwrap_or(crate::schema::sharding::ShardingKey::Random)
+    pub fn sharding(&self) -> ShardingKey {
+        ShardingKey::parse(&self.sharding_key).unwrap_or(ShardingKey::Random)
     }
 
     /// This configuration for one node of the cluster: its URL, its share of the journal, its

@@ -1,57 +1,10 @@
-//! `buffergate check`: the tuning checklist, run against the live server and the gateway's own
-//! configuration. Each finding has a severity and a concrete fix; warnings and errors make the
-//! command exit 1.
+//! The Buffer table, its destination, and their tuning against the server's cores, memory and
+//! insert rate.
 
-use serde::Serialize;
-
+use super::{Finding, Options, Severity, finding};
 use crate::clickhouse::{ClickHouse, ClickHouseError};
 use crate::config::Config;
-use crate::config::DedupMode;
-use crate::idempotency;
 use crate::shed::poller::{BufferParams, read_fill};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Severity {
-    Info,
-    Warning,
-    Error,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Finding {
-    /// Stable name of the check.
-    pub check: &'static str,
-    /// The ClickHouse node the finding is about (its URL), on a cluster.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
-    pub severity: Severity,
-    pub message: String,
-    pub fix: String,
-}
-
-/// What the server cannot tell about itself.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Options {
-    /// Expected rows per second into the Buffer; measured (server-wide) when absent.
-    pub rate: Option<f64>,
-    /// The server's memory in bytes, where `system.asynchronous_metrics` does not say.
-    pub server_memory: Option<u64>,
-}
-
-pub(crate) fn finding(
-    check: &'static str,
-    severity: Severity,
-    message: impl Into<String>,
-    fix: impl Into<String>,
-) -> Finding {
-    Finding { check, node: None, severity, message: message.into(), fix: fix.into() }
-}
-
-/// Whether any finding should fail the command.
-pub fn failed(findings: &[Finding]) -> bool {
-    findings.iter().any(|f| f.severity >= Severity::Warning)
-}
 
 #[derive(serde::Deserialize)]
 struct Value {
@@ -83,172 +36,8 @@ async fn measured_rate(ch: &ClickHouse) -> Result<f64, ClickHouseError> {
     Ok((read().await? - before).max(0.0))
 }
 
-/// Runs every check.
-pub async fn run(ch: &ClickHouse, config: &Config, options: Options) -> Result<Vec<Finding>, ClickHouseError> {
-    let mut out = buffer(ch, config, options).await?;
-    out.extend(redis(config).await);
-    out.extend(delivery(ch, config).await?);
-    out.extend(crate::kafka::check::run(config).await);
-    Ok(out)
-}
-
-/// [`run`] on every node of a cluster: the Buffer, the journal's needs and the Distributed
-/// table per node, each finding naming its node; the stores and Kafka once.
-pub async fn run_all(
-    config: &Config,
-    topology: &crate::clickhouse::topology::Topology,
-    options: Options,
-) -> Result<Vec<Finding>, ClickHouseError> {
-    if topology.nodes() == 1 {
-        return run(&ClickHouse::new(config), config, options).await;
-    }
-    let mut out = Vec::new();
-    for (_, _, url) in topology.each() {
-        let ch = ClickHouse::for_url(config, url);
-        let mut node = buffer(&ch, config, options).await.unwrap_or_else(|error| {
-            vec![finding(
-                "clickhouse",
-                Severity::Error,
-                format!("cannot check this node: {error}"),
-                "start it or fix clickhouse_url",
-            )]
-        });
-        if let Ok(Some(f)) = delivery(&ch, config).await {
-            node.push(f);
-        }
-        node.extend(cluster_tables(&ch, config).await);
-        out.extend(node.into_iter().map(|f| Finding { node: Some(url.to_string()), ..f }));
-    }
-    out.extend(redis(config).await);
-    out.extend(crate::kafka::check::run(config).await);
-    Ok(out)
-}
-
-/// The Distributed table reads go through, on one node.
-async fn cluster_tables(ch: &ClickHouse, config: &Config) -> Option<Finding> {
-    let table = crate::clickhouse::fleet::distributed_table(config);
-    match ch.engine_full(&config.database, &table).await {
-        Ok(Some(engine)) if engine.starts_with("Distributed") => None,
-        Ok(_) => Some(finding(
-            "distributed_table",
-            Severity::Warning,
-            format!(
-                "{}.{table} is missing or not a Distributed table: reads of the whole cluster have no table",
-                config.database
-            ),
-            "run buffergate migrate with clickhouse_cluster set",
-        )),
-        Err(_) => None,
-    }
-}
-
-/// What a 200 promises with this configuration and table: exactly once needs the journal and
-/// an event id per row to look rows up by.
-async fn delivery(ch: &ClickHouse, config: &Config) -> Result<Option<Finding>, ClickHouseError> {
-    if !config.journal_enabled() {
-        return Ok(Some(finding(
-            "journal",
-            Severity::Warning,
-            "the journal is off: acknowledged rows in the Buffer are lost if ClickHouse crashes, and an INSERT whose answer was lost is retried (at-least-once)",
-            "set BUFFERGATE_JOURNAL=true and BUFFERGATE_DATA_DIR to a persistent volume",
-        )));
-    }
-    let columns = ch.columns(&config.database, &config.buffer_table).await?;
-    let has_id = columns.iter().any(|c| {
-        c.name == config.id_column && crate::schema::ColumnType::parse(&c.type_text).is_ok_and(|ty| ty.is_uuid())
-    });
-    Ok((!has_id && !columns.is_empty()).then(|| {
-        finding(
-            "event_id",
-            Severity::Warning,
-            format!(
-                "the table has no UUID column {}: after a ClickHouse crash or an INSERT whose answer was lost, journaled blocks cannot be checked row by row and are sent again whole (at-least-once)",
-                config.id_column
-            ),
-            "add a UUID id column (and set id_column) for exactly-once delivery",
-        )
-    }))
-}
-
-/// The idempotency store, when Redis is configured: reachable, recent enough for the
-/// reservation script, and set up so that remembered ids are neither evicted nor freed on
-/// Redis's main thread.
-async fn redis(config: &Config) -> Vec<Finding> {
-    let mut out = Vec::new();
-    if config.redis_url.is_empty() || config.dedup == DedupMode::Off {
-        return out;
-    }
-    let timeout = std::time::Duration::from_millis(config.redis_timeout_ms.max(1000));
-    let unreachable = |error: &dyn std::fmt::Display| {
-        finding(
-            "redis",
-            Severity::Error,
-            format!("cannot reach Redis: {error}"),
-            "start Redis or fix redis_url; meanwhile every ingestion request is refused (dedup_on_store_error = reject) or written without deduplication (accept)",
-        )
-    };
-    let primaries = match idempotency::primaries_facts(&config.redis_url, timeout).await {
-        Ok(primaries) => primaries,
-        Err(error) => return vec![unreachable(&error)],
-    };
-    // A Redis Cluster: every primary is checked, each finding names its node.
-    let cluster = config.redis_url.contains("+cluster://");
-    for (node, facts) in primaries {
-        let findings = match facts {
-            Ok(facts) => redis_facts(&facts),
-            Err(error) => vec![unreachable(&error)],
-        };
-        out.extend(findings.into_iter().map(|f| Finding { node: cluster.then(|| node.clone()), ..f }));
-    }
-    out
-}
-
-/// What one Redis server's settings mean for the idempotency keys it holds.
-fn redis_facts(facts: &idempotency::ServerFacts) -> Vec<Finding> {
-    let mut out = Vec::new();
-    if facts.version().is_none_or(|version| version < (4, 0)) {
-        out.push(finding(
-            "redis_version",
-            Severity::Error,
-            format!("Redis {:?}: the reservation script needs 4.0 or later (UNLINK, many-field HSET)", facts.version),
-            "upgrade Redis (any maintained release)",
-        ));
-    }
-    match (facts.maxmemory, facts.maxmemory_policy.as_deref()) {
-        (Some(limit), Some(policy)) if limit > 0 && policy != "noeviction" => out.push(finding(
-            "redis_eviction",
-            Severity::Warning,
-            format!("maxmemory-policy is {policy} with maxmemory {limit}: when Redis is full it evicts remembered ids (their events are written again) or pending reservations"),
-            "CONFIG SET maxmemory-policy noeviction (a full Redis then refuses writes and the gateway answers 503), and size maxmemory as in docs/delivery-guarantees.md",
-        )),
-        (_, None) => out.push(finding(
-            "redis_eviction",
-            Severity::Info,
-            "cannot read Redis's maxmemory-policy (CONFIG GET refused)",
-            "make sure the server does not evict keys (maxmemory-policy noeviction)",
-        )),
-        _ => {}
-    }
-    match facts.lazyfree_lazy_expire.as_deref() {
-        Some("yes") => {}
-        Some(_) => out.push(finding(
-            "redis_lazyfree",
-            Severity::Warning,
-            "lazyfree-lazy-expire is no: a slot's hash of remembered ids that expires by its TTL (after a pause in traffic longer than the dedup window) is freed on Redis's main thread, stalling every client while millions of fields are freed",
-            "CONFIG SET lazyfree-lazy-expire yes (and in redis.conf)",
-        )),
-        None => out.push(finding(
-            "redis_lazyfree",
-            Severity::Info,
-            "cannot read Redis's lazyfree-lazy-expire (CONFIG GET refused)",
-            "make sure it is yes",
-        )),
-    }
-    out
-}
-
 /// The Buffer table, its destination, and their tuning: one finding per check that fails.
-async fn buffer(ch: &ClickHouse, config: &Config, options: Options) -> Result<Vec<Finding>, ClickHouseError> {
+pub(super) async fn run(ch: &ClickHouse, config: &Config, options: Options) -> Result<Vec<Finding>, ClickHouseError> {
     let params = match buffer_params(ch, config).await? {
         Ok(params) => params,
         Err(finding) => return Ok(vec![finding]),
@@ -518,25 +307,6 @@ fn reads_from(query: &str, view_db: &str, db: &str, buffer: &str) -> bool {
         .collect();
     let (qualified, bare) = (format!("{db}.{buffer}").to_lowercase(), buffer.to_lowercase());
     words.windows(2).any(|w| w[0] == "from" && (w[1] == qualified || (view_db == db && w[1] == bare)))
-}
-
-/// Prints findings as a table for people.
-pub fn render_text(findings: &[Finding]) -> String {
-    if findings.is_empty() {
-        return "ok: no findings\n".into();
-    }
-    let mut out = String::new();
-    for f in findings {
-        let node = f.node.as_deref().map(|n| format!("[{n}] ")).unwrap_or_default();
-        out.push_str(&format!(
-            "{:<8} {:<19} {node}{}\n         fix: {}\n",
-            format!("{:?}", f.severity).to_uppercase(),
-            f.check,
-            f.message,
-            f.fix
-        ));
-    }
-    out
 }
 
 #[cfg(test)]

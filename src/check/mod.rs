@@ -1,0 +1,120 @@
+//! `buffergate check`: the tuning checklist, run against the live server and the gateway's own
+//! configuration. Each finding has a severity and a concrete fix; warnings and errors make the
+//! command exit 1.
+//!
+//! One file per area: [`buffer`] (the Buffer table, its destination and their tuning),
+//! [`delivery`] (what exactly-once needs of the table, the cluster's Distributed table),
+//! [`redis`] (the idempotency store) and [`kafka`] (the Kafka front).
+
+mod buffer;
+mod delivery;
+mod kafka;
+mod redis;
+
+use serde::Serialize;
+
+use crate::clickhouse::{ClickHouse, ClickHouseError};
+use crate::config::Config;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Info,
+    Warning,
+    Error,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    /// Stable name of the check.
+    pub check: &'static str,
+    /// The ClickHouse node the finding is about (its URL), on a cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub severity: Severity,
+    pub message: String,
+    pub fix: String,
+}
+
+/// What the server cannot tell about itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Expected rows per second into the Buffer; measured (server-wide) when absent.
+    pub rate: Option<f64>,
+    /// The server's memory in bytes, where `system.asynchronous_metrics` does not say.
+    pub server_memory: Option<u64>,
+}
+
+pub(crate) fn finding(
+    check: &'static str,
+    severity: Severity,
+    message: impl Into<String>,
+    fix: impl Into<String>,
+) -> Finding {
+    Finding { check, node: None, severity, message: message.into(), fix: fix.into() }
+}
+
+/// Whether any finding should fail the command.
+pub fn failed(findings: &[Finding]) -> bool {
+    findings.iter().any(|f| f.severity >= Severity::Warning)
+}
+
+/// Runs every check.
+pub async fn run(ch: &ClickHouse, config: &Config, options: Options) -> Result<Vec<Finding>, ClickHouseError> {
+    let mut out = buffer::run(ch, config, options).await?;
+    out.extend(redis::run(config).await);
+    out.extend(delivery::run(ch, config).await?);
+    out.extend(kafka::run(config).await);
+    Ok(out)
+}
+
+/// [`run`] on every node of a cluster: the Buffer, the journal's needs and the Distributed
+/// table per node, each finding naming its node; the stores and Kafka once.
+pub async fn run_all(
+    config: &Config,
+    topology: &crate::config::Topology,
+    options: Options,
+) -> Result<Vec<Finding>, ClickHouseError> {
+    if topology.nodes() == 1 {
+        return run(&ClickHouse::new(config), config, options).await;
+    }
+    let mut out = Vec::new();
+    for (_, _, url) in topology.each() {
+        let ch = ClickHouse::for_url(config, url);
+        let mut node = buffer::run(&ch, config, options).await.unwrap_or_else(|error| {
+            vec![finding(
+                "clickhouse",
+                Severity::Error,
+                format!("cannot check this node: {error}"),
+                "start it or fix clickhouse_url",
+            )]
+        });
+        if let Ok(Some(f)) = delivery::run(&ch, config).await {
+            node.push(f);
+        }
+        node.extend(delivery::cluster_tables(&ch, config).await);
+        out.extend(node.into_iter().map(|f| Finding { node: Some(url.to_string()), ..f }));
+    }
+    out.extend(redis::run(config).await);
+    out.extend(kafka::run(config).await);
+    Ok(out)
+}
+
+/// Prints findings as a table for people.
+pub fn render_text(findings: &[Finding]) -> String {
+    if findings.is_empty() {
+        return "ok: no findings\n".into();
+    }
+    let mut out = String::new();
+    for f in findings {
+        let node = f.node.as_deref().map(|n| format!("[{n}] ")).unwrap_or_default();
+        out.push_str(&format!(
+            "{:<8} {:<19} {node}{}\n         fix: {}\n",
+            format!("{:?}", f.severity).to_uppercase(),
+            f.check,
+            f.message,
+            f.fix
+        ));
+    }
+    out
+}
