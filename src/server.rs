@@ -25,14 +25,13 @@ use crate::health::Health;
 use crate::http;
 use crate::http::state::AppState;
 use crate::idempotency::{Idempotency, StoreError};
-use crate::ingest::Ingest;
+use crate::ingest::Pipeline;
 use crate::journal::{Durable, JournalError};
 use crate::kafka::{self, KafkaError};
 use crate::metrics;
 use crate::schema::SharedSchema;
 use crate::schema::sharding::Placement;
 use crate::shed::ShedState;
-use crate::shed::budget::Budget;
 use crate::shed::poller::Poller;
 use crate::shutdown::Shutdown;
 
@@ -111,7 +110,7 @@ pub async fn run_as(config: Config, listener: TcpListener, shutdown: Shutdown, r
         listen = %local,
         shards = topology.shards.len(),
         nodes = topology.nodes(),
-        partitions = state.ingest.coalescer.partitions(),
+        partitions = state.ingest.coalescer().partitions(),
         "buffergate serving"
     );
     let front = front.map(|front| stop_consuming(front, shutdown.clone()));
@@ -342,7 +341,7 @@ fn ingest(
     nodes: &Nodes,
     schema: Arc<SharedSchema>,
     health: &Arc<Health>,
-) -> Result<(Ingest, CoalescerTasks), ServeError> {
+) -> Result<(Pipeline, CoalescerTasks), ServeError> {
     let idempotency = Arc::new(Idempotency::from_config(config)?);
     if idempotency.is_embedded() {
         tracing::warn!(
@@ -357,19 +356,8 @@ fn ingest(
     }
     let shards = Arc::clone(&nodes.shards);
     let (coalescer, partitions) = Coalescer::start(config, &shards, &idempotency);
-    let writer = Arc::clone(&shards.shards[0][0].writer);
-    let ingest = Ingest {
-        config: Arc::clone(config),
-        schema,
-        health: Arc::clone(health),
-        coalescer,
-        writer,
-        budget: Budget::new(config.max_inflight_bytes),
-        shards,
-        sharding: config.sharding(),
-        idempotency,
-    };
-    Ok((ingest, partitions))
+    let pipeline = Pipeline::new(Arc::clone(config), schema, Arc::clone(health), coalescer, shards, idempotency);
+    Ok((pipeline, partitions))
 }
 
 /// Stops the consumer once shutdown trips, concurrently with the HTTP drain.

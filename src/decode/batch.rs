@@ -97,6 +97,14 @@ pub fn encode_batch(
     ctx: &EncodeContext,
     shape: &BatchShape,
 ) -> Result<EncodedBatch, DecodeError> {
+    if format == Format::JsonOrLines {
+        return match encode_batch(text, Format::JsonArray, schema, ctx, shape) {
+            Err(DecodeError::MalformedJson { .. }) if several_lines(text) => {
+                encode_batch(text, Format::Ndjson, schema, ctx, shape)
+            }
+            other => other,
+        };
+    }
     let per_shard = shape.partitions.max(1);
     let shards = match &shape.placing {
         Placing::Shard(shard) => shard + 1,
@@ -161,9 +169,14 @@ pub fn encode_batch(
     let reader = Reader { schema: EventSchema { schema, unknown: ctx.unknown_fields }, max_events: shape.max_events };
     match format {
         Format::JsonArray => reader.array(text, &mut take)?,
-        Format::Ndjson => reader.ndjson(text, &mut take)?,
+        Format::Ndjson | Format::JsonOrLines => reader.ndjson(text, &mut take)?,
     }
     Ok(batch)
+}
+
+/// Whether a body has more than one line that is not blank.
+fn several_lines(text: &[u8]) -> bool {
+    text.split(|&b| b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)).nth(1).is_some()
 }
 
 /// Reads a body's events one at a time, each straight into its fields (no value tree), and
@@ -348,5 +361,19 @@ mod tests {
         assert_eq!(run(r#"{"k": 3}"#, Format::JsonArray, 1).unwrap().accepted, 1);
         assert!(matches!(run(r#""text""#, Format::JsonArray, 1), Err(DecodeError::MalformedJson { .. })));
         assert_eq!(run("[]", Format::JsonArray, 1).unwrap().accepted, 0);
+    }
+
+    #[test]
+    fn json_or_lines_reads_several_lines_as_ndjson() {
+        assert_eq!(run(r#"[{"k": 1}, {"k": 2}]"#, Format::JsonOrLines, 10).unwrap().accepted, 2);
+        assert_eq!(run(r#"{"k": 1}"#, Format::JsonOrLines, 10).unwrap().accepted, 1);
+        assert_eq!(run("{\"k\": 1}\n{\"k\": 2}\n", Format::JsonOrLines, 10).unwrap().accepted, 2);
+        assert!(
+            matches!(run("{\"k\": 1}\n\n", Format::JsonOrLines, 10), Ok(batch) if batch.accepted == 1),
+            "one line and blanks: JSON"
+        );
+        assert!(matches!(run("{oops}\n", Format::JsonOrLines, 10), Err(DecodeError::MalformedJson { .. })));
+        assert!(several_lines(b"{}\n{}\n"));
+        assert!(!several_lines(b"{}\n\n"));
     }
 }

@@ -14,6 +14,9 @@ pub enum Format {
     JsonArray,
     /// `application/x-ndjson`: one event object per line.
     Ndjson,
+    /// JSON as [`Self::JsonArray`], read as NDJSON when that fails and the body has several
+    /// lines (a Kafka message without a content type may be either).
+    JsonOrLines,
 }
 
 /// `Content-Encoding` of the body.

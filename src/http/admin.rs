@@ -39,12 +39,12 @@ pub async fn flush(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
     let Query(params) = params.map_err(|e| ApiError::BadQuery(e.body_text()))?;
-    if let Some(schema) = state.ingest.schema.get() {
-        state.ingest.coalescer.flush(&schema).await.map_err(|_| ApiError::ShuttingDown)?;
+    if let Some(schema) = state.ingest.schema() {
+        state.ingest.coalescer().flush(&schema).await.map_err(|_| ApiError::ShuttingDown)?;
     }
     let drained = if params.drain {
         // Every node's Buffer: on a cluster, each replica holds rows of its own.
-        let drains = state.ingest.shards.replicas().map(|r| drain::drain(&r.ch, &state.config));
+        let drains = state.ingest.shards().replicas().map(|r| drain::drain(&r.ch, &state.config));
         let mut rows = 0;
         for drained in futures_util::future::join_all(drains).await {
             rows += drained.map_err(|e| ApiError::FlushFailed(e.to_string()))?;
@@ -125,22 +125,22 @@ pub struct BufferStatus {
 
 pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Status>, ApiError> {
     authorize(&state, &headers)?;
-    let schema = state.ingest.schema.get();
-    let readiness = state.ingest.health.readiness(schema.is_some());
+    let schema = state.ingest.schema();
+    let readiness = state.ingest.health().readiness(schema.is_some());
     Ok(Json(Status {
         ready: readiness.is_ok() && !(state.config.shed_readiness && state.shed.is_shedding()),
         not_ready_reason: readiness.err(),
-        draining: state.ingest.health.is_draining(),
-        clickhouse_version: state.ingest.health.clickhouse_version(),
+        draining: state.ingest.health().is_draining(),
+        clickhouse_version: state.ingest.health().clickhouse_version(),
         schema_version: schema.map(|s| s.version),
         buffer: BufferStatus::of(&state.shed),
         shedding: state.shed.is_shedding(),
         circuit_open: state.ingest.circuit_open(),
-        queue_rows: state.ingest.coalescer.queue_depths(),
-        inflight_bytes: state.ingest.budget.used(),
-        inflight_limit_bytes: state.ingest.budget.limit(),
-        idempotency_store: if state.ingest.idempotency.is_embedded() { "embedded" } else { "redis" },
+        queue_rows: state.ingest.coalescer().queue_depths(),
+        inflight_bytes: state.ingest.budget().used(),
+        inflight_limit_bytes: state.ingest.budget().limit(),
+        idempotency_store: if state.ingest.idempotency().is_embedded() { "embedded" } else { "redis" },
         journal: state.ingest.journal_status(),
-        nodes: nodes(&state.ingest.shards),
+        nodes: nodes(state.ingest.shards()),
     }))
 }

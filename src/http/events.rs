@@ -1,5 +1,5 @@
-//! `POST /v1/events`: the HTTP half of ingestion. Reads the headers and the body within their
-//! limits, runs the batch through [`crate::ingest`], and answers: 200 once the events are
+//! `POST /v1/events`: the HTTP half of ingestion. Turns the headers and the body (read within
+//! its limits once admitted) into an [`ingest::Request`], runs it, and answers: 200 once the events are
 //! written, 202 once queued (`wait=false`), a replayed answer for a repeated
 //! `Idempotency-Key`, or the error.
 
@@ -18,7 +18,7 @@ use super::body;
 use super::error::ApiError;
 use super::shed::Divert;
 use super::state::AppState;
-use crate::ingest::{self, Claim, Delivery, ProducerOffset, Wait};
+use crate::ingest::{self, Answer, Delivery, ProducerOffset, Wait};
 
 #[derive(Debug, Deserialize)]
 pub struct IngestParams {
@@ -68,44 +68,30 @@ async fn handle(
     body: Body,
 ) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::BadQuery(e.body_text()))?;
-    let request_key = idempotency_key(headers)?;
+    let key = idempotency_key(headers)?;
     let producer = producer_offset(headers)?;
-    let ingest = &state.ingest;
-    let (schema, batch) = {
-        let (format, encoding) = (body::format_of(headers)?, body::encoding_of(headers)?);
-        let limit = state.config.max_body_bytes;
-        // The body counts against the in-flight budget from before it is read until it is encoded.
-        let (schema, _lease) = ingest.admit(content_length(headers).unwrap_or(limit).min(limit))?;
-        let timeout = Duration::from_millis(state.config.body_timeout_ms);
-        let raw = body::read_limited(headers, body, limit, timeout).await?;
-        let body = ingest::Body { raw, format, encoding, hash: request_key.is_some(), ids: None, received: None };
-        let batch = ingest.decode(&schema, body).await?;
-        (schema, batch)
+    let (format, encoding) = (body::format_of(headers)?, body::encoding_of(headers)?);
+    let limit = state.config.max_body_bytes;
+    let timeout = Duration::from_millis(state.config.body_timeout_ms);
+    let request = ingest::Request {
+        body: Box::pin(body::read_limited(headers, body, limit, timeout)),
+        announced: content_length(headers).unwrap_or(limit).min(limit),
+        format,
+        encoding,
+        ids: None,
+        received: None,
+        key,
+        delivery: Delivery { wait: params.wait.into(), divert, producer },
+        replayed: false,
+        before_write: None,
     };
-    let body_hash = batch.body_hash.clone();
-    let claimed = match &request_key {
-        None => None,
-        Some(key) => match ingest.claim_request(key, &body_hash).await? {
-            Claim::Claimed => Some(key.as_str()),
-            Claim::Bypassed => None,
-            Claim::Replay { status, body } => return Ok(replayed(status, body)),
-        },
-    };
-    match ingest.deliver(&schema, batch, Delivery { wait: params.wait.into(), divert, producer }).await {
-        Ok(delivered) => {
-            let status = if delivered.written { StatusCode::OK } else { StatusCode::ACCEPTED };
+    match state.ingest.run(request).await? {
+        Answer::Delivered(delivered) => {
+            let status = StatusCode::from_u16(delivered.status()).unwrap_or(StatusCode::OK);
             let body = serde_json::to_vec(&delivered.response).map_err(|e| ApiError::Internal(e.to_string()))?;
-            if let Some(key) = claimed {
-                ingest.finish_request(key, &body_hash, status.as_u16(), &body).await;
-            }
             Ok(json_response(status, body))
         }
-        Err(error) => {
-            if let Some(key) = claimed {
-                ingest.abandon_request(key, &body_hash).await;
-            }
-            Err(error.into())
-        }
+        Answer::Replayed { status, body } => Ok(replayed(status, body)),
     }
 }
 

@@ -24,7 +24,11 @@ pub async fn get_offsets(
     if producer_id.is_empty() || producer_id.len() > 200 {
         return Err(ApiError::BadPath("the producer id must be 1 to 200 characters".into()));
     }
-    let partitions =
-        state.ingest.idempotency.offsets(&producer_id).await.map_err(|e| ApiError::StoreUnavailable(e.to_string()))?;
+    let partitions = state
+        .ingest
+        .idempotency()
+        .offsets(&producer_id)
+        .await
+        .map_err(|e| ApiError::StoreUnavailable(e.to_string()))?;
     Ok(Json(Offsets { producer_id, partitions }))
 }

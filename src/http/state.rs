@@ -6,13 +6,13 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::auth::{AdminToken, ApiKeys};
 use crate::config::Config;
-use crate::ingest::Ingest;
+use crate::ingest::Pipeline;
 use crate::shed::ShedState;
 
 #[derive(Debug)]
 pub struct AppState {
     pub config: Arc<Config>,
-    pub ingest: Arc<Ingest>,
+    pub ingest: Arc<Pipeline>,
     pub shed: Arc<ShedState>,
     pub api_keys: ApiKeys,
     pub admin: AdminToken,

@@ -1,13 +1,13 @@
 //! Delivering a decoded batch: the producer's offset checked, its events deduplicated, its
 //! rows handed to the coalescers (or the fallback table), the flushes waited for, the offset
-//! advanced. Each step is its own function; [`Ingest::deliver`] runs them in order.
+//! advanced. Each step is its own function; [`Pipeline::deliver`] runs them in order.
 
 use std::sync::Arc;
 
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use super::{Ingest, IngestError};
+use super::{IngestError, Pipeline};
 use crate::clickhouse::writer::MIN_BLOCK_ROWS;
 use crate::coalesce::{Acks, FlushError, FlushResult, Submission, SubmitError};
 use crate::config::DedupMode;
@@ -61,6 +61,13 @@ pub struct Delivered {
     pub response: IngestResponse,
 }
 
+impl Delivered {
+    /// The HTTP status of the answer: 200 once written, 202 once queued.
+    pub fn status(&self) -> u16 {
+        if self.written { 200 } else { 202 }
+    }
+}
+
 /// Where a batch's rows went, and what to wait for: before the answer, and before the
 /// producer's offset moves.
 struct HandedOff {
@@ -69,9 +76,9 @@ struct HandedOff {
     offset: Vec<oneshot::Receiver<FlushResult>>,
 }
 
-impl Ingest {
+impl Pipeline {
     /// Delivers a decoded batch and says what happened to each of its events.
-    pub async fn deliver(
+    pub(super) async fn deliver(
         &self,
         schema: &Arc<TableSchema>,
         mut batch: EncodedBatch,

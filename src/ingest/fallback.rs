@@ -10,7 +10,7 @@
 
 use uuid::Uuid;
 
-use super::{Ingest, IngestError};
+use super::{IngestError, Pipeline};
 use crate::clickhouse::presence::{Lookup, RECHECK_PAUSE};
 use crate::clickhouse::writer::WriteError;
 use crate::idempotency::Reservation;
@@ -40,7 +40,7 @@ fn after_failure(error: WriteError, written: usize) -> Sent {
     if written == 0 && !error.ambiguous { Sent::Nothing(error) } else { Sent::Doubt(error) }
 }
 
-impl Ingest {
+impl Pipeline {
     pub(super) async fn write_fallback(
         &self,
         schema: &TableSchema,

@@ -1,17 +1,30 @@
-//! The path of one batch of events, whatever brought it: admit it (draining, breaker, schema,
-//! in-flight budget), decode it, deduplicate it, check the producer's offset, hand its rows to
-//! the coalescers (or the fallback table), wait for the flush, advance the offset. The HTTP
-//! handler calls these steps in turn and turns their outcome into a response; nothing here
-//! knows HTTP.
+//! The one ingestion sequence, whatever brought the events. A front (`http`, `kafka`) only
+//! turns a request or a message into a [`Request`]; [`Pipeline::run`] takes it through every
+//! step, in this order, and says what became of it:
+//!
+//! 1. admit ([`admit`]): draining, breaker, schema, journal room, in-flight budget;
+//! 2. read the body (the front's own reader, within its limits) and decode it ([`decode`]);
+//! 3. drop the events ClickHouse already holds, when the body may have been delivered before
+//!    ([`present`]);
+//! 4. claim a request-level idempotency key, or replay its recorded answer ([`keys`]);
+//! 5. deliver ([`deliver`]): the producer's offset checked, the events deduplicated, the rows
+//!    handed to the coalescers (or the fallback table, [`fallback`]), the flushes waited for;
+//! 6. record the answer for the key, or forget the key when nothing was accepted.
+//!
+//! Nothing here knows HTTP or Kafka.
 
+mod admit;
+mod decode;
 mod deliver;
 mod error;
 mod fallback;
+mod keys;
+mod present;
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
+use futures_util::future::BoxFuture;
 
 pub use deliver::{Delivered, Delivery, IngestResponse, ProducerOffset, Wait};
 pub use error::IngestError;
@@ -19,222 +32,185 @@ pub use error::IngestError;
 use crate::clickhouse::writer::Writer;
 use crate::cluster::Shards;
 use crate::coalesce::Coalescer;
-use crate::config::ShardingKey;
-use crate::config::{Config, DedupMode};
-use crate::decode::{self, BatchShape, EncodedBatch, Encoding, Format, IdSeed, Placing};
+use crate::config::{Config, ShardingKey};
+use crate::decode::{Encoding, Format, IdSeed};
 use crate::health::Health;
-use crate::idempotency::{Idempotency, RequestState};
-use crate::journal::{Durable, DurableStatus};
-use crate::metrics;
-use crate::schema::{EncodeContext, SharedSchema, TableSchema, Timestamp};
-use crate::shed::Verdict;
-use crate::shed::budget::{Budget, Lease};
+use crate::idempotency::Idempotency;
+use crate::schema::{SharedSchema, TableSchema, Timestamp};
+use crate::shed::budget::Budget;
+use keys::Claim;
 
-/// Bodies larger than this are decoded on the blocking pool, off the async workers.
-const INLINE_DECODE_BYTES: usize = 64 * 1024;
+/// Look-ups of events that may have been delivered before, sent to ClickHouse at once. After a
+/// restart every Kafka message in flight (up to `kafka_max_in_flight`) is one: unbounded, their
+/// SELECTs overflowed 18.16's HTTP queue, which then dropped connections.
+const PRESENCE_LOOKUPS: usize = 16;
 
 /// The parts of the gateway a batch passes through.
 #[derive(Debug)]
-pub struct Ingest {
-    pub config: Arc<Config>,
-    pub schema: Arc<SharedSchema>,
-    pub health: Arc<Health>,
-    pub coalescer: Coalescer,
+pub struct Pipeline {
+    config: Arc<Config>,
+    schema: Arc<SharedSchema>,
+    health: Arc<Health>,
+    coalescer: Coalescer,
     /// The first node's writer: blocks made ahead, direct INSERTs (fallback mode, one node).
-    pub writer: Arc<Writer>,
-    pub budget: Arc<Budget>,
+    writer: Arc<Writer>,
+    budget: Arc<Budget>,
     /// The ClickHouse nodes, each with its writer, breaker, journal and shed verdict.
-    pub shards: Arc<Shards>,
-    pub sharding: ShardingKey,
-    pub idempotency: Arc<Idempotency>,
+    shards: Arc<Shards>,
+    sharding: ShardingKey,
+    idempotency: Arc<Idempotency>,
+    /// Bounds the presence look-ups in flight ([`PRESENCE_LOOKUPS`]).
+    lookups: tokio::sync::Semaphore,
 }
 
-/// A body as received: its bytes and how to read them.
-#[derive(Debug)]
-pub struct Body {
-    pub raw: Bytes,
+/// One request or message, as a front hands it over.
+pub struct Request<'a, E> {
+    /// The body, read once the request is admitted: its announced size is held against the
+    /// in-flight budget from before it is read until it is decoded.
+    pub body: BoxFuture<'a, Result<Bytes, E>>,
+    pub announced: usize,
     pub format: Format,
     pub encoding: Encoding,
-    /// Hash the decompressed body (a request-level idempotency key compares bodies).
-    pub hash: bool,
     /// Where events without an id get one: derived from the body's origin (a Kafka message),
     /// or `None` for a fresh UUIDv7 each.
     pub ids: Option<IdSeed>,
     /// The time given to events without a timestamp; `None`: now. A Kafka message's own
     /// timestamp makes a message read again encode to the same rows.
     pub received: Option<Timestamp>,
+    /// A request-level idempotency key (`Idempotency-Key`).
+    pub key: Option<String>,
+    pub delivery: Delivery,
+    /// The events may have been delivered before (a message read again after a crash or a
+    /// rebalance): those ClickHouse holds are dropped before anything is written.
+    pub replayed: bool,
+    /// Awaited right before the rows are handed on; its failure fails the request (the Kafka
+    /// front marks a message as possibly written here).
+    pub before_write: Option<BoxFuture<'a, Result<(), IngestError>>>,
 }
 
-/// What the store said of a request-level idempotency key.
+impl<E> std::fmt::Debug for Request<'_, E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("announced", &self.announced)
+            .field("format", &self.format)
+            .field("encoding", &self.encoding)
+            .field("key", &self.key)
+            .field("delivery", &self.delivery)
+            .field("replayed", &self.replayed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What became of a request.
 #[derive(Debug)]
-pub enum Claim {
-    /// Ours: deliver, then record the answer (or forget the key on failure).
-    Claimed,
-    /// Answered before, with this status and body.
-    Replay { status: u16, body: Vec<u8> },
-    /// The store is down and the policy is to go on without it.
-    Bypassed,
+pub enum Answer {
+    Delivered(Delivered),
+    /// Its idempotency key was answered before: this status and body again.
+    Replayed {
+        status: u16,
+        body: Vec<u8>,
+    },
 }
 
-impl Ingest {
-    /// Whether a batch of about `announced` bytes may come in now; the lease holds its bytes
-    /// against the in-flight budget until it is decoded.
-    pub fn admit(&self, announced: usize) -> Result<(Arc<TableSchema>, Lease), IngestError> {
-        if self.health.is_draining() {
-            return Err(IngestError::ShuttingDown);
+/// A body as received: its bytes and how to read them.
+#[derive(Debug)]
+struct Body {
+    raw: Bytes,
+    format: Format,
+    encoding: Encoding,
+    /// Hash the decompressed body (a request-level idempotency key compares bodies).
+    hash: bool,
+    ids: Option<IdSeed>,
+    received: Option<Timestamp>,
+}
+
+impl Pipeline {
+    pub fn new(
+        config: Arc<Config>,
+        schema: Arc<SharedSchema>,
+        health: Arc<Health>,
+        coalescer: Coalescer,
+        shards: Arc<Shards>,
+        idempotency: Arc<Idempotency>,
+    ) -> Self {
+        Self {
+            writer: Arc::clone(&shards.shards[0][0].writer),
+            budget: Budget::new(config.max_inflight_bytes),
+            sharding: config.sharding(),
+            lookups: tokio::sync::Semaphore::new(PRESENCE_LOOKUPS),
+            config,
+            schema,
+            health,
+            coalescer,
+            shards,
+            idempotency,
         }
-        if self.circuit_open() {
-            metrics::shed_request("circuit_open");
-            return Err(IngestError::CircuitOpen);
-        }
-        let schema = self.schema.get().ok_or(IngestError::NotReady("the table schema is not loaded yet"))?;
-        if !self.journal_has_room(announced as u64) {
-            metrics::shed_request("journal_full");
-            return Err(IngestError::JournalFull);
-        }
-        let lease = self.budget.try_take(announced).ok_or_else(|| IngestError::overloaded("in-flight bytes"))?;
-        Ok((schema, lease))
     }
 
-    /// Decompresses and encodes a body, off the async workers when it is large or compressed.
-    pub async fn decode(&self, schema: &Arc<TableSchema>, body: Body) -> Result<EncodedBatch, IngestError> {
-        let inline = body.raw.len() <= INLINE_DECODE_BYTES && body.encoding == Encoding::Identity;
-        let work = {
-            let (schema, budget, writer) = (Arc::clone(schema), Arc::clone(&self.budget), Arc::clone(&self.writer));
-            let shape = BatchShape {
-                partitions: self.coalescer.per_shard(),
-                placing: self.placing()?,
-                max_events: self.config.max_events_per_request,
-                keep_ids: self.idempotency.mode == DedupMode::Event,
-                ids: body.ids,
-            };
-            let now = body.received.unwrap_or_else(Timestamp::now);
-            let ctx = EncodeContext { now, unknown_fields: self.config.unknown_fields };
-            let max_decompressed = self.config.max_decompressed_bytes;
-            move || decode_body(body, &schema, &ctx, &shape, max_decompressed, &budget, &writer)
+    /// Runs a request through every step, in order (see the module's documentation).
+    pub async fn run<E: From<IngestError>>(&self, request: Request<'_, E>) -> Result<Answer, E> {
+        let Request { body, announced, format, encoding, ids, received, key, delivery, replayed, before_write } =
+            request;
+        let (schema, mut batch) = {
+            let (schema, _lease) = self.admit(announced)?;
+            let raw = body.await?;
+            let body = Body { raw, format, encoding, hash: key.is_some(), ids, received };
+            let batch = self.decode(&schema, body).await?;
+            (schema, batch)
         };
-        if inline { work() } else { tokio::task::spawn_blocking(work).await.map_err(IngestError::internal)? }
-    }
-
-    /// Where the events of the next request go: by key, or all to one shard with room.
-    fn placing(&self) -> Result<Placing, IngestError> {
-        let shards = &self.shards;
-        if shards.shards.len() == 1 {
-            return Ok(Placing::Shard(0));
+        if replayed {
+            self.drop_present(&mut batch).await?;
         }
-        if matches!(self.sharding, ShardingKey::Column { .. }) {
-            return Ok(Placing::ByKey(shards.placement.clone()));
+        let body_hash = batch.body_hash.clone();
+        let claimed = match &key {
+            None => None,
+            Some(key) => match self.claim_request(key, &body_hash).await? {
+                Claim::Claimed => Some(key.as_str()),
+                Claim::Bypassed => None,
+                Claim::Replay { status, body } => return Ok(Answer::Replayed { status, body }),
+            },
+        };
+        let delivered = async {
+            if let Some(mark) = before_write {
+                mark.await?;
+            }
+            self.deliver(&schema, batch, delivery).await
         }
-        match shards.pick_random(rand::random()) {
-            Some(shard) => Ok(Placing::Shard(shard)),
-            None => {
-                metrics::shed_request("shard_saturated");
-                let retry_after_s = (0..shards.shards.len()).map(|s| retry_after(shards.verdict(s))).min().unwrap_or(1);
-                Err(IngestError::ShardUnavailable { shard: None, retry_after_s })
+        .await;
+        if let Some(key) = claimed {
+            match &delivered {
+                Ok(delivered) => {
+                    let body = serde_json::to_vec(&delivered.response).map_err(IngestError::internal)?;
+                    self.finish_request(key, &body_hash, delivered.status(), &body).await;
+                }
+                Err(_) => self.abandon_request(key, &body_hash).await,
             }
         }
+        Ok(Answer::Delivered(delivered?))
     }
 
-    /// Refuses a batch with rows for a shard that takes none now: all of it, so that the
-    /// answer stays all or nothing (the producer's retry finds the shard back, or keeps
-    /// hearing 503 with the shard's `Retry-After`).
-    pub fn check_shards(&self, batch: &EncodedBatch) -> Result<(), IngestError> {
-        if self.shards.shards.len() == 1 {
-            return Ok(());
-        }
-        let per_shard = self.coalescer.per_shard();
-        for (shard, rows) in batch.partitions.chunks(per_shard).enumerate() {
-            if rows.iter().all(|p| p.chunks.is_empty()) {
-                continue;
-            }
-            if let verdict @ Verdict::Shed { .. } = self.shards.verdict(shard) {
-                metrics::shed_request("shard_saturated");
-                return Err(IngestError::ShardUnavailable { shard: Some(shard), retry_after_s: retry_after(verdict) });
-            }
-        }
-        Ok(())
+    /// The loaded schema, `None` before the first read.
+    pub fn schema(&self) -> Option<Arc<TableSchema>> {
+        self.schema.get()
     }
 
-    /// The journals of every node (none when the journal is off).
-    pub fn durables(&self) -> impl Iterator<Item = &Arc<Durable>> {
-        self.shards.replicas().filter_map(|r| r.durable.as_ref())
+    pub fn health(&self) -> &Health {
+        &self.health
     }
 
-    /// Whether rows are journaled.
-    pub fn journaled(&self) -> bool {
-        self.durables().next().is_some()
+    pub fn coalescer(&self) -> &Coalescer {
+        &self.coalescer
     }
 
-    /// Whether every node's journal has room for `bytes` more.
-    pub fn journal_has_room(&self, bytes: u64) -> bool {
-        self.durables().all(|d| d.has_room(bytes))
+    pub fn shards(&self) -> &Shards {
+        &self.shards
     }
 
-    /// The journals' state summed over the nodes; `None` when the journal is off.
-    pub fn journal_status(&self) -> Option<DurableStatus> {
-        self.durables().map(|d| d.status()).reduce(DurableStatus::combine)
+    pub fn idempotency(&self) -> &Arc<Idempotency> {
+        &self.idempotency
     }
 
-    /// Whether no node takes INSERTs (every circuit breaker open).
-    pub fn circuit_open(&self) -> bool {
-        self.shards.replicas().all(|r| r.breaker.is_open())
+    pub fn budget(&self) -> &Budget {
+        &self.budget
     }
-
-    /// Claims a request-level idempotency key for a body, or says how it was answered before.
-    pub async fn claim_request(&self, key: &str, body_hash: &str) -> Result<Claim, IngestError> {
-        match self.idempotency.begin_request(key, body_hash).await {
-            Ok(RequestState::New) => Ok(Claim::Claimed),
-            Ok(RequestState::InFlight { same_body: true }) => Err(IngestError::RequestInFlight),
-            Ok(RequestState::InFlight { same_body: false } | RequestState::Done { same_body: false, .. }) => {
-                Err(IngestError::IdempotencyKeyReused)
-            }
-            Ok(RequestState::Done { status, body, .. }) => Ok(Claim::Replay { status, body }),
-            Err(error) => self.idempotency.tolerate(error).map(|()| Claim::Bypassed).map_err(IngestError::from),
-        }
-    }
-
-    /// Records the answer to replay for a claimed key; on failure the answer is simply not
-    /// replayable (the events are written).
-    pub async fn finish_request(&self, key: &str, body_hash: &str, status: u16, body: &[u8]) {
-        let _ = self.idempotency.finish_request(key, body_hash, status, body).await;
-    }
-
-    /// Forgets a claimed key whose request failed: nothing was accepted, so a retry must run.
-    pub async fn abandon_request(&self, key: &str, body_hash: &str) {
-        let _ = self.idempotency.abandon_request(key, body_hash).await;
-    }
-}
-
-fn retry_after(verdict: Verdict) -> u32 {
-    match verdict {
-        Verdict::Shed { retry_after_s, .. } => retry_after_s,
-        Verdict::Pass => 1,
-    }
-}
-
-/// The decoding itself, on whichever thread: decompress (its output counts against the
-/// budget), encode, make the blocks when the rows are final, hash when asked.
-fn decode_body(
-    body: Body,
-    schema: &TableSchema,
-    ctx: &EncodeContext,
-    shape: &BatchShape,
-    max_decompressed: usize,
-    budget: &Arc<Budget>,
-    writer: &Writer,
-) -> Result<EncodedBatch, IngestError> {
-    let text = decode::decompress(body.raw, body.encoding, max_decompressed)?;
-    let _text_lease = match body.encoding {
-        Encoding::Identity => None,
-        _ => Some(budget.try_take(text.len()).ok_or_else(|| IngestError::overloaded("in-flight bytes"))?),
-    };
-    let mut batch = decode::encode_batch(&text, body.format, schema, ctx, shape)?;
-    if !shape.keep_ids {
-        // The rows are final (nothing to deduplicate): their blocks can be made now.
-        writer.make_blocks(schema, &mut batch.partitions);
-    }
-    if body.hash {
-        batch.body_hash = hex::encode(Sha256::digest(&text));
-    }
-    Ok(batch)
 }

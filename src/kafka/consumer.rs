@@ -26,9 +26,8 @@ use super::offsets::PartitionOffsets;
 use super::replay::Marks;
 use super::{KafkaError, Status, settings};
 use crate::config::{Config, KafkaCommit};
-use crate::ingest::{Ingest, Wait};
+use crate::ingest::{Pipeline, Wait};
 use crate::metrics::kafka as metrics;
-use crate::schema::quote_ident;
 use crate::shed::{Policy, ShedState, Verdict};
 
 const POLL: Duration = Duration::from_millis(100);
@@ -253,21 +252,19 @@ pub struct Front {
 impl Front {
     /// Starts the consumer thread. It first waits for the journal to settle what an earlier
     /// process left, so that looking replayed events up cannot race the journal restoring them.
-    pub fn start(config: &Arc<Config>, ingest: Arc<Ingest>, shed: Arc<ShedState>) -> Result<Self, KafkaError> {
+    pub fn start(config: &Arc<Config>, ingest: Arc<Pipeline>, shed: Arc<ShedState>) -> Result<Self, KafkaError> {
         let consumer_config = settings::consumer(config)?;
         let dead = dead_letters(config)?;
         let status = Arc::new(Status::default());
         let shared = Arc::new(Shared::default());
         let config = Arc::clone(config);
         let worker = Arc::new(Worker {
-            marks: Marks::new(Arc::clone(&ingest.idempotency), config.kafka_group.trim(), config.kafka_max_in_flight),
-            buffer: format!("{}.{}", quote_ident(&config.database), quote_ident(&config.buffer_table)),
+            marks: Marks::new(Arc::clone(ingest.idempotency()), config.kafka_group.trim(), config.kafka_max_in_flight),
             wait: match config.kafka_commit_after {
                 KafkaCommit::Journaled => Wait::Queued,
                 KafkaCommit::Written => Wait::Written,
                 KafkaCommit::Visible => Wait::Visible,
             },
-            lookups: tokio::sync::Semaphore::new(super::message::REPLAY_LOOKUPS),
             ingest,
             config: Arc::clone(&config),
             shed,

@@ -1,22 +1,21 @@
-//! One Kafka message through the shared ingestion path, as `http::events` drives it for a
-//! request: admit, decode (ids derived from the message's place in the log), deduplicate,
-//! coalesce, wait for what the commit policy asks. What cannot be decoded or validated goes to
-//! the dead-letter topic; what failed for lack of room or time is retried, never skipped.
+//! One Kafka message through the shared ingestion path: turned into an [`ingest::Request`]
+//! (ids derived from the message's place in the log, its own timestamp, looked for in
+//! ClickHouse first when it may have been delivered before, its replay mark written before its
+//! rows go on) and run as `http::events` runs a request, waiting for what the commit policy
+//! asks. What cannot be decoded or validated goes to the dead-letter topic; what failed for lack
+//! of room or time is retried, never skipped.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use super::dead_letter::{DeadLetters, Reason};
 use super::incoming::Incoming;
 use super::replay::Marks;
-use crate::clickhouse::presence::Lookup;
 use crate::config::Config;
-use crate::decode::{DecodeError, EncodedBatch, Encoding, Format, IdSeed, RejectedEvent};
-use crate::ingest::{self, Delivery, Ingest, IngestError, Wait};
+use crate::decode::{Encoding, Format, IdSeed, RejectedEvent};
+use crate::ingest::{self, Answer, Delivery, IngestError, Pipeline, Request, Wait};
 use crate::metrics::kafka as metrics;
 use crate::schema::Timestamp;
 use crate::shed::{Policy, ShedState};
@@ -65,31 +64,18 @@ fn format_of(message: &Incoming) -> Format {
     let ndjson = message.headers.iter().any(|(k, v)| {
         k.eq_ignore_ascii_case("content-type") && v.as_deref().is_some_and(|v| v.windows(6).any(|w| w == b"ndjson"))
     });
-    if ndjson { Format::Ndjson } else { Format::JsonArray }
+    if ndjson { Format::Ndjson } else { Format::JsonOrLines }
 }
-
-fn several_lines(payload: &[u8]) -> bool {
-    payload.split(|&b| b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)).nth(1).is_some()
-}
-
-/// Look-ups of replayed messages sent to ClickHouse at once. After a restart every message in
-/// flight (up to `kafka_max_in_flight`) is a suspect: unbounded, their SELECTs overflowed
-/// 18.16's HTTP queue, which then dropped connections (the tests' own queries among them).
-pub const REPLAY_LOOKUPS: usize = 16;
 
 /// Everything one message's delivery needs.
 #[derive(Debug)]
 pub struct Worker {
-    pub ingest: Arc<Ingest>,
+    pub ingest: Arc<Pipeline>,
     pub config: Arc<Config>,
     pub shed: Arc<ShedState>,
     pub dead: DeadLetters,
     pub marks: Marks,
     pub wait: Wait,
-    /// `` `db`.`buffer` ``: where replayed events are looked for.
-    pub buffer: String,
-    /// Bounds the look-ups in flight ([`REPLAY_LOOKUPS`]).
-    pub lookups: tokio::sync::Semaphore,
 }
 
 /// The outcome of one attempt that did not fail.
@@ -149,82 +135,23 @@ impl Worker {
             let limit = self.config.max_body_bytes;
             return Ok(Attempt::Refused(format!("the message exceeds max_body_bytes ({limit} bytes)")));
         }
-        let ingest = &self.ingest;
-        let (schema, batch) = {
-            let (schema, _lease) = ingest.admit(message.payload.len())?;
-            let batch = self.decode(&schema, message).await?;
-            (schema, batch)
-        };
-        let mut batch = batch;
-        if suspect {
-            self.drop_present(&mut batch).await?;
-        }
-        let rejected = std::mem::take(&mut batch.rejected);
-        self.marks.cover(&message.topic, message.partition, message.offset).await?;
-        let divert = self.divert();
-        ingest.deliver(&schema, batch, Delivery { wait: self.wait, divert, producer: None }).await?;
-        Ok(Attempt::Stored { rejected })
-    }
-
-    /// Decodes as JSON, then as NDJSON when JSON fails on a message of several lines.
-    async fn decode(
-        &self,
-        schema: &Arc<crate::schema::TableSchema>,
-        message: &Incoming,
-    ) -> Result<EncodedBatch, IngestError> {
-        let body = |format| ingest::Body {
-            raw: message.payload.clone(),
-            format,
+        let request: Request<'_, IngestError> = Request {
+            body: Box::pin(std::future::ready(Ok(message.payload.clone()))),
+            announced: message.payload.len(),
+            format: format_of(message),
             encoding: Encoding::Identity,
-            hash: false,
             ids: Some(IdSeed::for_message(&message.topic, message.partition, message.offset)),
             received: message.timestamp_ms.map(Timestamp::from_epoch_millis),
+            key: None,
+            delivery: Delivery { wait: self.wait, divert: self.divert(), producer: None },
+            replayed: suspect,
+            before_write: Some(Box::pin(self.marks.cover(&message.topic, message.partition, message.offset))),
         };
-        let format = format_of(message);
-        match self.ingest.decode(schema, body(format)).await {
-            Err(IngestError::Decode(DecodeError::MalformedJson { .. }))
-                if format == Format::JsonArray && several_lines(&message.payload) =>
-            {
-                self.ingest.decode(schema, body(Format::Ndjson)).await
-            }
-            other => other,
+        match self.ingest.run(request).await? {
+            Answer::Delivered(delivered) => Ok(Attempt::Stored { rejected: delivered.response.rejected }),
+            // Messages carry no request-level key: nothing is ever replayed.
+            Answer::Replayed { .. } => Ok(Attempt::Stored { rejected: Vec::new() }),
         }
-    }
-
-    /// Drops the events ClickHouse already holds (looked up by id through the Buffer table,
-    /// which answers for its own rows and the destination's). Looked for twice, a second
-    /// apart, when some are missing: rows the Buffer is flushing are in neither for a moment.
-    async fn drop_present(&self, batch: &mut EncodedBatch) -> Result<(), IngestError> {
-        let ids: Vec<Uuid> = batch.events.iter().filter_map(|e| e.encoded.id).collect();
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let seconds = batch.events.iter().filter_map(|e| e.encoded.seconds);
-        let span = seconds.clone().min().zip(seconds.max());
-        let present = self.present(&ids, span).await?;
-        let keep: Vec<bool> =
-            batch.events.iter().map(|e| e.encoded.id.is_none_or(|id| !present.contains(&id))).collect();
-        let found = keep.iter().filter(|k| !**k).count();
-        if found > 0 {
-            batch.retain(&keep);
-            metrics::replayed_duplicates(found);
-        }
-        Ok(())
-    }
-
-    async fn present(&self, ids: &[Uuid], span: Option<(i64, i64)>) -> Result<HashSet<Uuid>, IngestError> {
-        let time = (!self.config.timestamp_column.is_empty()).then_some(self.config.timestamp_column.as_str());
-        let lookup = Lookup { table: &self.buffer, id_column: &self.config.id_column, time_column: time };
-        // Every node answers for the rows written to it (a replica's Buffer holds rows the
-        // others have not seen): present anywhere is present, and every node must answer.
-        let looks = self.ingest.shards.replicas().map(|r| r.ch.present_twice(lookup, ids, span, &self.lookups));
-        let mut present = HashSet::new();
-        for found in futures_util::future::join_all(looks).await {
-            let found = found
-                .map_err(|e| IngestError::FlushFailed(format!("looking up the events of a message read again: {e}")))?;
-            present.extend(found);
-        }
-        Ok(present)
     }
 
     /// Whether rows go to the fallback table now (`shed_mode = fallback` and the Buffer
@@ -284,7 +211,7 @@ mod tests {
 
     #[test]
     fn a_message_s_faults_dead_letter_it_the_gateway_s_make_it_wait() {
-        let bad = IngestError::Decode(DecodeError::TooManyEvents { limit: 1 });
+        let bad = IngestError::Decode(crate::decode::DecodeError::TooManyEvents { limit: 1 });
         assert!(matches!(disposition(&bad), Disposition::DeadLetter(_)));
         assert_eq!(disposition(&IngestError::JournalFull), Disposition::Retry("journal_full"));
         assert_eq!(disposition(&IngestError::EventsInFlight), Disposition::Retry("events_in_flight"));
@@ -303,9 +230,7 @@ mod tests {
             headers: ct.map(|c| vec![("Content-Type".to_string(), Some(c.as_bytes().to_vec()))]).unwrap_or_default(),
             timestamp_ms: None,
         };
-        assert_eq!(format_of(&message("{}", None)), Format::JsonArray);
+        assert_eq!(format_of(&message("{}", None)), Format::JsonOrLines);
         assert_eq!(format_of(&message("{}", Some("application/x-ndjson"))), Format::Ndjson);
-        assert!(several_lines(b"{}\n{}\n"));
-        assert!(!several_lines(b"{}\n\n"));
     }
 }

@@ -1,0 +1,66 @@
+//! Decoding a body on the right thread: decompressed (its output counted against the
+//! in-flight budget), encoded against the table's schema, its blocks made when its rows are
+//! final, hashed when a request-level key compares bodies.
+
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::{Body, IngestError, Pipeline};
+use crate::clickhouse::writer::Writer;
+use crate::config::DedupMode;
+use crate::decode::{self, BatchShape, EncodedBatch, Encoding};
+use crate::schema::{EncodeContext, TableSchema, Timestamp};
+use crate::shed::budget::Budget;
+
+/// Bodies larger than this are decoded on the blocking pool, off the async workers.
+const INLINE_DECODE_BYTES: usize = 64 * 1024;
+
+impl Pipeline {
+    /// Decompresses and encodes a body, off the async workers when it is large or compressed.
+    pub(super) async fn decode(&self, schema: &Arc<TableSchema>, body: Body) -> Result<EncodedBatch, IngestError> {
+        let inline = body.raw.len() <= INLINE_DECODE_BYTES && body.encoding == Encoding::Identity;
+        let work = {
+            let (schema, budget, writer) = (Arc::clone(schema), Arc::clone(&self.budget), Arc::clone(&self.writer));
+            let shape = BatchShape {
+                partitions: self.coalescer.per_shard(),
+                placing: self.placing()?,
+                max_events: self.config.max_events_per_request,
+                keep_ids: self.idempotency.mode == DedupMode::Event,
+                ids: body.ids,
+            };
+            let now = body.received.unwrap_or_else(Timestamp::now);
+            let ctx = EncodeContext { now, unknown_fields: self.config.unknown_fields };
+            let max_decompressed = self.config.max_decompressed_bytes;
+            move || decode_body(body, &schema, &ctx, &shape, max_decompressed, &budget, &writer)
+        };
+        if inline { work() } else { tokio::task::spawn_blocking(work).await.map_err(IngestError::internal)? }
+    }
+}
+
+/// The decoding itself, on whichever thread: decompress (its output counts against the
+/// budget), encode, make the blocks when the rows are final, hash when asked.
+fn decode_body(
+    body: Body,
+    schema: &TableSchema,
+    ctx: &EncodeContext,
+    shape: &BatchShape,
+    max_decompressed: usize,
+    budget: &Arc<Budget>,
+    writer: &Writer,
+) -> Result<EncodedBatch, IngestError> {
+    let text = decode::decompress(body.raw, body.encoding, max_decompressed)?;
+    let _text_lease = match body.encoding {
+        Encoding::Identity => None,
+        _ => Some(budget.try_take(text.len()).ok_or_else(|| IngestError::overloaded("in-flight bytes"))?),
+    };
+    let mut batch = decode::encode_batch(&text, body.format, schema, ctx, shape)?;
+    if !shape.keep_ids {
+        // The rows are final (nothing to deduplicate): their blocks can be made now.
+        writer.make_blocks(schema, &mut batch.partitions);
+    }
+    if body.hash {
+        batch.body_hash = hex::encode(Sha256::digest(&text));
+    }
+    Ok(batch)
+}

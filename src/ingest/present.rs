@@ -1,0 +1,53 @@
+//! Events that may have been delivered before (a Kafka message read again after a crash or a
+//! rebalance): the ones ClickHouse already holds are dropped before anything is written.
+//!
+//! They are looked up by id through each node's Buffer table, which answers for its own rows
+//! and its destination's; twice, a pause apart, for those missing the first time (rows the
+//! Buffer is flushing are in neither for a moment). Every node answers for the rows written to
+//! it (a replica's Buffer holds rows the others have not seen): present anywhere is present,
+//! and every node must answer.
+
+use std::collections::HashSet;
+
+use uuid::Uuid;
+
+use super::{IngestError, Pipeline};
+use crate::clickhouse::presence::Lookup;
+use crate::decode::EncodedBatch;
+use crate::metrics;
+use crate::schema::quote_ident;
+
+impl Pipeline {
+    pub(super) async fn drop_present(&self, batch: &mut EncodedBatch) -> Result<(), IngestError> {
+        let ids: Vec<Uuid> = batch.events.iter().filter_map(|e| e.encoded.id).collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let seconds = batch.events.iter().filter_map(|e| e.encoded.seconds);
+        let span = seconds.clone().min().zip(seconds.max());
+        let present = self.present(&ids, span).await?;
+        let keep: Vec<bool> =
+            batch.events.iter().map(|e| e.encoded.id.is_none_or(|id| !present.contains(&id))).collect();
+        let found = keep.iter().filter(|k| !**k).count();
+        if found > 0 {
+            batch.retain(&keep);
+            metrics::kafka::replayed_duplicates(found);
+        }
+        Ok(())
+    }
+
+    async fn present(&self, ids: &[Uuid], span: Option<(i64, i64)>) -> Result<HashSet<Uuid>, IngestError> {
+        let config = &self.config;
+        let buffer = format!("{}.{}", quote_ident(&config.database), quote_ident(&config.buffer_table));
+        let time = (!config.timestamp_column.is_empty()).then_some(config.timestamp_column.as_str());
+        let lookup = Lookup { table: &buffer, id_column: &config.id_column, time_column: time };
+        let looks = self.shards.replicas().map(|r| r.ch.present_twice(lookup, ids, span, &self.lookups));
+        let mut present = HashSet::new();
+        for found in futures_util::future::join_all(looks).await {
+            let found = found
+                .map_err(|e| IngestError::FlushFailed(format!("looking up the events of a message read again: {e}")))?;
+            present.extend(found);
+        }
+        Ok(present)
+    }
+}
