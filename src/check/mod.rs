@@ -2,9 +2,9 @@
 //! configuration. Each finding has a severity and a concrete fix; warnings and errors make the
 //! command exit 1.
 //!
-//! One file per area: [`buffer`] (the Buffer table, its destination and their tuning),
-//! [`delivery`] (what exactly-once needs of the table, the cluster's Distributed table),
-//! [`redis`] (the idempotency store) and [`kafka`] (the Kafka front).
+//! One file per area: `buffer` (the Buffer table, its destination and their tuning),
+//! `delivery` (what exactly-once needs of the table, the cluster's Distributed table),
+//! `redis` (the idempotency store) and `kafka` (the Kafka front).
 
 mod buffer;
 mod delivery;

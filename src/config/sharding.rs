@@ -6,7 +6,7 @@
 pub enum KeyFunction {
     /// The unsigned integer itself.
     Identity,
-    /// `intHash64` (MurmurHash3's 64-bit finaliser, see [`int_hash64`]).
+    /// `intHash64` (MurmurHash3's 64-bit finaliser, see [`crate::schema::sharding::int_hash64`]).
     IntHash64,
     /// `cityHash64` of a string's bytes (CityHash 1.0.2, as ClickHouse has it).
     CityHash64,

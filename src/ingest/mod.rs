@@ -2,13 +2,13 @@
 //! turns a request or a message into a [`Request`]; [`Pipeline::run`] takes it through every
 //! step, in this order, and says what became of it:
 //!
-//! 1. admit ([`admit`]): draining, breaker, schema, journal room, in-flight budget;
-//! 2. read the body (the front's own reader, within its limits) and decode it ([`decode`]);
+//! 1. admit (`admit`): draining, breaker, schema, journal room, in-flight budget;
+//! 2. read the body (the front's own reader, within its limits) and decode it (`decode`);
 //! 3. drop the events ClickHouse already holds, when the body may have been delivered before
-//!    ([`present`]);
-//! 4. claim a request-level idempotency key, or replay its recorded answer ([`keys`]);
-//! 5. deliver ([`deliver`]): the producer's offset checked, the events deduplicated, the rows
-//!    handed to the coalescers (or the fallback table, [`fallback`]), the flushes waited for;
+//!    (`present`);
+//! 4. claim a request-level idempotency key, or replay its recorded answer (`keys`);
+//! 5. deliver (`deliver`): the producer's offset checked, the events deduplicated, the rows
+//!    handed to the coalescers (or the fallback table, `fallback`), the flushes waited for;
 //! 6. record the answer for the key, or forget the key when nothing was accepted.
 //!
 //! Nothing here knows HTTP or Kafka.

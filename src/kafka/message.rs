@@ -1,4 +1,4 @@
-//! One Kafka message through the shared ingestion path: turned into an [`ingest::Request`]
+//! One Kafka message through the shared ingestion path: turned into a [`Request`]
 //! (ids derived from the message's place in the log, its own timestamp, looked for in
 //! ClickHouse first when it may have been delivered before, its replay mark written before its
 //! rows go on) and run as `http::events` runs a request, waiting for what the commit policy
@@ -15,7 +15,7 @@ use super::incoming::Incoming;
 use super::replay::Marks;
 use crate::config::Config;
 use crate::decode::{Encoding, Format, IdSeed, RejectedEvent};
-use crate::ingest::{self, Answer, Delivery, IngestError, Pipeline, Request, Wait};
+use crate::ingest::{Answer, Delivery, IngestError, Pipeline, Request, Wait};
 use crate::metrics::kafka as metrics;
 use crate::schema::Timestamp;
 use crate::shed::{Policy, ShedState};
