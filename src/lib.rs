@@ -17,6 +17,7 @@ pub mod cluster;
 pub mod coalesce;
 pub mod config;
 pub mod decode;
+pub mod flush;
 pub mod health;
 pub mod http;
 pub mod idempotency;

@@ -20,38 +20,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{Replica, Shards};
 use crate::config::Config;
-use crate::idempotency::{Idempotency, Reservation};
+use crate::flush::{Acks, Limits, Submission};
+use crate::idempotency::Idempotency;
 use crate::metrics;
 use crate::rows::PartitionRows;
 use crate::schema::TableSchema;
-use crate::shed::budget::Lease;
-
-pub use crate::journal::{FlushError, FlushResult, Waiter};
-
-/// Who hears about a submission's rows, and when.
-#[derive(Debug, Default)]
-pub struct Acks {
-    /// Once they are in the journal (the answer of `wait=false`).
-    pub journaled: Option<Waiter>,
-    /// Once their INSERT succeeded (the answer of `wait=true`; producer offsets).
-    pub written: Option<Waiter>,
-    /// Once they are in the destination (`wait=visible`).
-    pub visible: Option<Waiter>,
-}
-
-/// One request's rows for one partition, and where to report the flush.
-#[derive(Debug)]
-pub struct Submission {
-    pub schema: Arc<TableSchema>,
-    pub rows: PartitionRows,
-    pub acks: Acks,
-    /// The rows' share of the in-flight budget, released once they are written.
-    pub lease: Option<Lease>,
-    /// Idempotency keys of these rows' events: committed after the write, released if it fails.
-    pub reservation: Option<Reservation>,
-    /// Send the batch holding this without lingering (an admin flush).
-    pub urgent: bool,
-}
 
 /// Why rows could not be queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -60,14 +33,6 @@ pub enum SubmitError {
     QueueFull(Duration),
     #[error("the gateway is shutting down")]
     Closed,
-}
-
-/// Limits a partition applies to each batch.
-#[derive(Debug, Clone, Copy)]
-pub struct BatchLimits {
-    pub max_rows: usize,
-    pub max_bytes: usize,
-    pub linger: Duration,
 }
 
 /// The partitions and their queues.
@@ -114,7 +79,7 @@ pub struct CoalescerTasks {
 impl Coalescer {
     /// Starts `partition_count()` partitions per shard, each writing to its shard's replicas.
     pub fn start(config: &Config, shards: &Shards, idempotency: &Arc<Idempotency>) -> (Self, CoalescerTasks) {
-        let limits = BatchLimits {
+        let limits = Limits {
             max_rows: config.flush_max_rows,
             max_bytes: config.flush_max_bytes,
             linger: Duration::from_millis(config.flush_linger_ms),

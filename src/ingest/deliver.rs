@@ -9,13 +9,15 @@ use tokio::sync::oneshot;
 
 use super::{IngestError, Pipeline};
 use crate::clickhouse::writer::MIN_BLOCK_ROWS;
-use crate::coalesce::{Acks, FlushError, FlushResult, Submission, SubmitError};
+use crate::coalesce::SubmitError;
 use crate::config::DedupMode;
 use crate::decode::{EncodedBatch, RejectedEvent};
+use crate::flush::{Acks, Submission, fallback};
 use crate::idempotency::{Idempotency, Reservation};
+use crate::journal::{FlushError, FlushResult};
 use crate::metrics::{self, Outcome};
 use crate::rows::PartitionRows;
-use crate::schema::TableSchema;
+use crate::schema::{TableSchema, quote_ident};
 
 /// A producer reading from a log: the batch is `offset` of `partition` of `producer`.
 #[derive(Debug, Clone)]
@@ -185,6 +187,27 @@ impl Pipeline {
             advance.await;
         }
         Ok(())
+    }
+
+    /// Writes the rows straight into the fallback table (see [`fallback`]).
+    async fn write_fallback(
+        &self,
+        schema: &TableSchema,
+        partitions: Vec<PartitionRows>,
+        reservations: Vec<Option<Reservation>>,
+    ) -> Result<(), IngestError> {
+        let config = &self.config;
+        let name = format!("{}.{}", quote_ident(&config.database), quote_ident(&config.fallback_table));
+        let time_column = (!config.timestamp_column.is_empty()).then_some(config.timestamp_column.as_str());
+        let table = fallback::Table { name: &name, id_column: &config.id_column, time_column };
+        match fallback::write(&self.writer, table, schema, partitions, reservations, &self.idempotency).await {
+            fallback::Outcome::Written => Ok(()),
+            fallback::Outcome::NotWritten(error) => Err(IngestError::FlushFailed(error.to_string())),
+            fallback::Outcome::Unsettled(error) => Err(IngestError::FlushFailed(format!(
+                "{error}; whether its rows were stored could not be settled, so its events' \
+                 idempotency keys stay reserved until their lease ends"
+            ))),
+        }
     }
 
     /// Queues the rows in their partitions; returns the flush outcomes to wait for (`acks`).

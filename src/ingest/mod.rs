@@ -8,7 +8,7 @@
 //!    (`present`);
 //! 4. claim a request-level idempotency key, or replay its recorded answer (`keys`);
 //! 5. deliver (`deliver`): the producer's offset checked, the events deduplicated, the rows
-//!    handed to the coalescers (or the fallback table, `fallback`), the flushes waited for;
+//!    handed to the coalescers (or the fallback table), the flushes waited for;
 //! 6. record the answer for the key, or forget the key when nothing was accepted.
 //!
 //! Nothing here knows HTTP or Kafka.
@@ -17,7 +17,6 @@ mod admit;
 mod decode;
 mod deliver;
 mod error;
-mod fallback;
 mod keys;
 mod present;
 

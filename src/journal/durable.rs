@@ -32,9 +32,10 @@ use uuid::Uuid;
 
 use super::Waiter;
 use super::block::{self, Block};
+use super::resolve::{Doubtful, Resolver};
 use super::store::{BlockId, Journal, JournalConfig, JournalError};
-use crate::clickhouse::presence::{Lookup, RECHECK_PAUSE};
-use crate::clickhouse::writer::{WriteError, Writer};
+use crate::clickhouse::presence::Lookup;
+use crate::clickhouse::writer::Writer;
 use crate::clickhouse::{ClickHouse, ClickHouseError};
 use crate::config::Config;
 use crate::metrics;
@@ -114,11 +115,6 @@ struct ServerMark {
     flush_errors: u64,
     /// This process's row was still in the liveness table (`None`: it cannot be kept there).
     marked: Option<bool>,
-}
-
-/// A failure to ask ClickHouse while settling: the block stays suspect.
-fn unanswered(error: ClickHouseError) -> WriteError {
-    WriteError { attempts: 0, error, ambiguous: true }
 }
 
 /// The decision of one look at the server: was there reason for doubt since the last? With
@@ -452,21 +448,17 @@ impl Durable {
                 return;
             }
         };
-        // Every block is looked at once, then, after one pause for flushes in progress, once
-        // more for what the first look missed.
-        let mut looked = Vec::with_capacity(blocks.len());
-        for (id, block, at_hand) in blocks {
-            let first = self.first_look(&block).await;
-            looked.push((id, block, at_hand, first));
-        }
-        if looked.iter().any(|(_, block, _, first)| block.identified() && first.as_ref().is_ok_and(|m| m.rows() > 0)) {
-            tokio::time::sleep(RECHECK_PAUSE).await;
-        }
-        for (id, block, at_hand, first) in looked {
-            let outcome = match first {
-                Ok(missing) => self.send_missing(&block, missing).await,
-                Err(error) => Err(error),
-            };
+        let doubtful: Vec<Doubtful<'_>> = blocks
+            .iter()
+            .map(|(_, block, _)| Doubtful {
+                block,
+                resend_id: format!("{}-r{}", block.query_id, self.sequence.fetch_add(1, Ordering::Relaxed)),
+            })
+            .collect();
+        let outcomes = self.resolver().settle(&doubtful).await;
+        drop(doubtful);
+        for ((id, block, at_hand), outcome) in blocks.into_iter().zip(outcomes) {
+            let outcome = outcome.map(|settled| settled.sent);
             let mut owed = self.owed();
             let Some(entry) = owed.get_mut(&id) else { continue };
             match outcome {
@@ -511,37 +503,10 @@ impl Durable {
             .collect())
     }
 
-    /// Stops the block's INSERTs still running and asks which rows ClickHouse holds (through
-    /// the table it was written to: a Buffer answers for its memory and its destination
-    /// alike); returns the block of the rows it lacks.
-    async fn first_look(&self, block: &Block) -> Result<Block, WriteError> {
-        self.ch.stop_queries(&block.query_id).await.map_err(unanswered)?;
-        if !block.identified() {
-            // Rows without ids cannot be told apart: sent again whole (at-least-once).
-            return Ok(block.clone());
-        }
-        let ids: Vec<Uuid> = block.ids().collect();
-        let present =
-            self.ch.present(self.places.lookup(&block.table), &ids, block.seconds()).await.map_err(unanswered)?;
-        tracing::debug!(query_id = %block.query_id, rows = block.rows(), found = present.len(), "looked for a suspect block's rows");
-        Ok(block.without(&present))
-    }
-
-    /// Looks again for the rows the first look missed (rows a Buffer is flushing are, for the
-    /// moment of the flush, in neither its memory nor the destination) and sends the rows
-    /// missing twice. Returns the rows sent.
-    async fn send_missing(&self, block: &Block, missing: Block) -> Result<usize, WriteError> {
-        let missing = if block.identified() && missing.rows() > 0 {
-            let again: Vec<Uuid> = missing.ids().collect();
-            let found =
-                self.ch.present(self.places.lookup(&block.table), &again, block.seconds()).await.map_err(unanswered)?;
-            missing.without(&found)
-        } else {
-            missing
-        };
-        let query_id = format!("{}-r{}", block.query_id, self.sequence.fetch_add(1, Ordering::Relaxed));
-        missing.send(&self.writer, &query_id).await.map_err(|(_, error)| error)?;
-        Ok(missing.rows())
+    /// The one settling of blocks of unknown fate, on this journal's node.
+    fn resolver(&self) -> Resolver<'_> {
+        let time = (!self.places.time_column.is_empty()).then_some(self.places.time_column.as_str());
+        Resolver { ch: &self.ch, writer: &self.writer, id_column: &self.places.id_column, time_column: time }
     }
 
     /// Confirms the blocks whose samples the destination holds, once they are due (or

@@ -11,6 +11,7 @@
 
 pub mod block;
 pub mod durable;
+pub mod resolve;
 pub mod store;
 
 use tokio::sync::oneshot;
