@@ -26,7 +26,7 @@ use crate::http;
 use crate::http::state::AppState;
 use crate::idempotency::{Idempotency, StoreError};
 use crate::ingest::Pipeline;
-use crate::journal::{Durable, JournalError};
+use crate::journal::{Journal, WalError};
 use crate::kafka::{self, KafkaError};
 use crate::metrics;
 use crate::schema::SharedSchema;
@@ -46,7 +46,7 @@ pub enum ServeError {
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error("the journal cannot be opened: {0}")]
-    Journal(#[from] JournalError),
+    Journal(#[from] WalError),
     #[error(transparent)]
     Kafka(#[from] KafkaError),
     #[error("configuration: clickhouse_url / clickhouse_cluster: {0}")]
@@ -226,8 +226,8 @@ impl Nodes {
             let replica = replica(&node_config, url, siblings, node_shed, wake).await?;
             let poller = Poller { ch: replica.ch.clone(), state: Arc::clone(&replica.shed), config: node_config };
             tasks.push(tokio::spawn(poller.run(stop.clone())));
-            if let Some(durable) = &replica.durable {
-                tasks.push(tokio::spawn(Arc::clone(durable).run(stop.clone())));
+            if let Some(journal) = &replica.journal {
+                tasks.push(tokio::spawn(Arc::clone(journal).run(stop.clone())));
             }
             shards[shard].push(Arc::new(replica));
         }
@@ -245,7 +245,7 @@ impl Nodes {
 
     /// Settles what each journal can before exit, then stops the nodes' tasks.
     async fn finish(self, within: Duration) {
-        let finishing = self.shards.replicas().filter_map(|r| r.durable.clone()).map(|d| async move {
+        let finishing = self.shards.replicas().filter_map(|r| r.journal.clone()).map(|d| async move {
             d.finish(within).await;
         });
         futures_util::future::join_all(finishing).await;
@@ -273,7 +273,7 @@ async fn refuse_orphaned_journals(config: &Config, topology: &Topology) -> Resul
         );
     }
     for dir in dirs {
-        let blocks = crate::journal::durable::leftover(config, dir.clone()).await?;
+        let blocks = crate::journal::leftover(config, dir.clone()).await?;
         if blocks > 0 {
             return Err(ServeError::Topology(format!(
                 "{} holds {blocks} unconfirmed blocks written to a node not in clickhouse_url: run a gateway with that \
@@ -313,12 +313,12 @@ async fn replica(
         Arc::new(Breaker::for_node(config.circuit_failures, Duration::from_millis(config.circuit_open_ms), url));
     let writer =
         Arc::new(Writer::new(ch.clone(), config, Arc::clone(wake), Arc::clone(&breaker)).with_siblings(siblings));
-    let durable = if config.journal_enabled() {
-        Some(Durable::open(config, ch.clone(), Arc::clone(&writer)).await?)
+    let journal = if config.journal_enabled() {
+        Some(Journal::open(config, ch.clone(), Arc::clone(&writer)).await?)
     } else {
         None
     };
-    Ok(Replica { url: url.to_string(), ch, writer, breaker, durable, shed })
+    Ok(Replica { url: url.to_string(), ch, writer, breaker, journal, shed })
 }
 
 /// Publishes the cluster's verdict for the request path's first look (and the Kafka front):

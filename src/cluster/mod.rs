@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::clickhouse::ClickHouse;
 use crate::clickhouse::breaker::Breaker;
 use crate::clickhouse::writer::Writer;
-use crate::journal::Durable;
+use crate::journal::Journal;
 use crate::schema::sharding::Placement;
 use crate::shed::{Policy, ShedState, Verdict};
 
@@ -28,7 +28,7 @@ pub struct Replica {
     pub ch: ClickHouse,
     pub writer: Arc<Writer>,
     pub breaker: Arc<Breaker>,
-    pub durable: Option<Arc<Durable>>,
+    pub journal: Option<Arc<Journal>>,
     pub shed: Arc<ShedState>,
 }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 use crate::clickhouse::writer::{WriteError, Writer};
 use crate::cluster::{Replica, choose_replica};
 use crate::idempotency::{Idempotency, Reservation};
-use crate::journal::{Block, BlockId, Durable, FlushError, FlushResult, Waiter};
+use crate::journal::{Block, BlockId, FlushError, FlushResult, Journal, Waiter};
 use crate::rows::{Groups, PartitionRows};
 use crate::schema::TableSchema;
 use crate::shed::Policy;
@@ -176,17 +176,17 @@ async fn attempt<'a>(
     mut groups: Groups,
     keep_block: bool,
 ) -> FirstAttempt<'a> {
-    let durable = replica.durable.as_deref();
-    let query_id = durable.map_or_else(|| format!("bg-{:016x}", rand::random::<u64>()), Durable::next_query_id);
-    let block = (durable.is_some() || keep_block)
+    let journal = replica.journal.as_deref();
+    let query_id = journal.map_or_else(|| format!("bg-{:016x}", rand::random::<u64>()), Journal::next_query_id);
+    let block = (journal.is_some() || keep_block)
         .then(|| Block::of(schema, &schema.table, &mut groups, query_id.clone(), unix_ms()));
     let append = async {
-        match (durable, &block) {
-            (Some(durable), Some(block)) => Some(durable.append(block).await),
+        match (journal, &block) {
+            (Some(journal), Some(block)) => Some(journal.append(block).await),
             _ => None,
         }
     };
-    let sent_id = durable.map(|_| query_id.as_str());
+    let sent_id = journal.map(|_| query_id.as_str());
     let (appended, result) = tokio::join!(append, insert(&replica.writer, schema, groups, sent_id));
     let journal_result: FlushResult = match &appended {
         Some(Err(error)) => Err(FlushError::from(error)),
@@ -221,16 +221,16 @@ async fn failover<'a>(
     block: &Block,
     promised: bool,
 ) -> Option<(Holder<'a>, Result<(), WriteError>)> {
-    let id = match &to.durable {
-        Some(durable) => match durable.append(block).await {
+    let id = match &to.journal {
+        Some(journal) => match journal.append(block).await {
             Ok(id) => Some(id),
             Err(_) if promised && from.id.is_some() => return None,
             Err(_) => None,
         },
         None => None,
     };
-    if let (Some(durable), Some(old)) = (&from.replica.durable, from.id) {
-        durable.discard(old).await;
+    if let (Some(journal), Some(old)) = (&from.replica.journal, from.id) {
+        journal.discard(old).await;
     }
     // Under the block's own query id: resolving it on `to` stops these INSERTs too.
     let result = block.send(&to.writer, &format!("{}-f", block.query_id)).await.map_err(|(_, error)| error);

@@ -28,31 +28,31 @@ pub(super) async fn settle(
     idempotency: &Idempotency,
     reservations: &[Reservation],
 ) {
-    let durable = replica.durable.as_deref();
-    match (result, durable, block) {
-        (Ok(()), durable, block) => {
+    let journal = replica.journal.as_deref();
+    match (result, journal, block) {
+        (Ok(()), journal, block) => {
             commit(idempotency, reservations).await;
             // A 200 promises the journal too: written but not journaled is refused (the
             // keys are committed, so the producer's retry is answered as duplicates).
             tell(written, &journal_result);
-            match (durable, id, block) {
-                (Some(durable), Some(id), Some(block)) => durable.written(id, &block, visible),
+            match (journal, id, block) {
+                (Some(journal), Some(id), Some(block)) => journal.written(id, &block, visible),
                 // Not journaled (the append failed): no confirmation will come.
                 _ => tell(visible, &journal_result),
             }
         }
-        (Err(error), Some(durable), Some(block)) if keep_after_failure(error.ambiguous, promised && id.is_some()) => {
+        (Err(error), Some(journal), Some(block)) if keep_after_failure(error.ambiguous, promised && id.is_some()) => {
             // The rows are in the journal, or at hand, and will be stored exactly once:
             // their keys are committed now, the requests hear once they are settled.
             commit(idempotency, reservations).await;
-            durable.ambiguous(id.unwrap_or_else(unjournaled_id), block, written, visible);
+            journal.ambiguous(id.unwrap_or_else(unjournaled_id), block, written, visible);
         }
-        (Err(error), durable, _) => {
+        (Err(error), journal, _) => {
             // Not written, and nobody was told it is safe: the producers' retries go
             // through. (On failure the lease expiry frees them anyway.)
             let _ = idempotency.release(reservations).await;
-            if let (Some(durable), Some(id)) = (durable, id) {
-                durable.discard(id).await;
+            if let (Some(journal), Some(id)) = (journal, id) {
+                journal.discard(id).await;
             }
             let failed = Err(FlushError::Write(error));
             tell(written, &failed);

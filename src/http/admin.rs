@@ -13,7 +13,7 @@ use super::error::ApiError;
 use super::state::AppState;
 use crate::auth::bearer;
 use crate::clickhouse::drain;
-use crate::journal::DurableStatus;
+use crate::journal::JournalStatus;
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     if !state.admin.enabled() {
@@ -71,7 +71,7 @@ pub struct Status {
     pub inflight_limit_bytes: usize,
     pub idempotency_store: &'static str,
     /// The journal (every node's, summed); `null` when it is off.
-    pub journal: Option<DurableStatus>,
+    pub journal: Option<JournalStatus>,
     /// Each ClickHouse node: its shard and replica (from 1), its Buffer, breaker and journal.
     pub nodes: Vec<NodeStatus>,
 }
@@ -84,7 +84,7 @@ pub struct NodeStatus {
     pub buffer: BufferStatus,
     pub shedding: bool,
     pub circuit_open: bool,
-    pub journal: Option<DurableStatus>,
+    pub journal: Option<JournalStatus>,
 }
 
 impl BufferStatus {
@@ -109,7 +109,7 @@ fn nodes(shards: &crate::cluster::Shards) -> Vec<NodeStatus> {
                 buffer: BufferStatus::of(&node.shed),
                 shedding: node.shed.is_shedding(),
                 circuit_open: node.breaker.is_open(),
-                journal: node.durable.as_ref().map(|d| d.status()),
+                journal: node.journal.as_ref().map(|d| d.status()),
             });
         }
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::{IngestError, Pipeline};
 use crate::config::ShardingKey;
 use crate::decode::{EncodedBatch, Placing};
-use crate::journal::{Durable, DurableStatus};
+use crate::journal::{Journal, JournalStatus};
 use crate::metrics;
 use crate::schema::TableSchema;
 use crate::shed::Verdict;
@@ -73,23 +73,23 @@ impl Pipeline {
     }
 
     /// The journals of every node (none when the journal is off).
-    pub fn durables(&self) -> impl Iterator<Item = &Arc<Durable>> {
-        self.shards.replicas().filter_map(|r| r.durable.as_ref())
+    pub fn journals(&self) -> impl Iterator<Item = &Arc<Journal>> {
+        self.shards.replicas().filter_map(|r| r.journal.as_ref())
     }
 
     /// Whether rows are journaled.
     pub fn journaled(&self) -> bool {
-        self.durables().next().is_some()
+        self.journals().next().is_some()
     }
 
     /// Whether every node's journal has room for `bytes` more.
     pub fn journal_has_room(&self, bytes: u64) -> bool {
-        self.durables().all(|d| d.has_room(bytes))
+        self.journals().all(|d| d.has_room(bytes))
     }
 
     /// The journals' state summed over the nodes; `None` when the journal is off.
-    pub fn journal_status(&self) -> Option<DurableStatus> {
-        self.durables().map(|d| d.status()).reduce(DurableStatus::combine)
+    pub fn journal_status(&self) -> Option<JournalStatus> {
+        self.journals().map(|d| d.status()).reduce(JournalStatus::combine)
     }
 
     /// Whether no node takes INSERTs (every circuit breaker open).

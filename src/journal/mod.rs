@@ -1,34 +1,73 @@
 //! Durable acknowledgement: every block the gateway sends to the Buffer is first appended to
-//! a local write-ahead journal, and stays there until ClickHouse's MergeTree destination is
-//! known to hold its rows. An answer goes out only once the block is on disk (and, for 200,
-//! once its INSERT succeeded), so a ClickHouse that dies with a full Buffer, an INSERT whose
-//! answer was lost, or a gateway killed mid-flush loses nothing and stores nothing twice.
+//! a local write-ahead log, and stays there until ClickHouse's MergeTree destination is known
+//! to hold its rows. An answer goes out only once the block is on disk (and, for 200, once its
+//! INSERT succeeded), so a ClickHouse that dies with a full Buffer, an INSERT whose answer was
+//! lost, or a gateway killed mid-flush loses nothing and stores nothing twice.
 //!
-//! - [`store`]: the journal on disk (segments of checksummed records, group-committed fsync,
-//!   bounded, a torn tail cut at start-up);
+//! Three facts make "the destination holds it" knowable without reading every row back:
+//! - a Buffer layer takes an INSERT's block whole and flushes it whole, within about
+//!   `max_time` of its arrival while flushes succeed; so once that time has passed, finding
+//!   the block's sample ids (first and last row of each column list) in the destination
+//!   confirms it;
+//! - a killed server loses the Buffer and comes back with a lower `uptime()`; a failed flush
+//!   shows as `StorageBufferErrorOnFlush`. Either makes every unconfirmed block suspect;
+//! - reading the Buffer table returns its buffered rows and the destination's: for a suspect
+//!   block, the gateway asks which of its event ids ClickHouse holds and sends exactly the
+//!   missing rows again, after stopping any INSERT of it still running on the server.
+//!
+//! A block whose samples are not in the destination after `max_time` and the grace is made
+//! suspect too (a restart missed between polls, a flush that dropped rows). Nothing is ever
+//! sent again without having been looked for.
+//!
+//! - [`Journal`] (here): one node's journal: append, and what became of each block's INSERT;
+//! - [`wal`]: the write-ahead log on disk (segments of checksummed records, group-committed
+//!   fsync, bounded, a torn tail cut at start-up), a self-contained unit with its own tests;
 //! - [`block`]: a flushed batch as a record (statement, rows, row ends, event ids, times);
-//! - [`durable`]: the blocks still owed and the task that confirms, resolves and restores them.
+//! - `ledger`: the blocks still owed, whether each is suspect ([`Suspect`]) and who waits;
+//! - `watch`: what the confirmer watches of its node, and when it doubts every block
+//!   ([`Doubt`]);
+//! - `confirm`: the task that confirms, settles suspects and restores lost rows;
+//! - [`resolve`]: the one way an INSERT of unknown fate is settled.
 
 pub mod block;
-pub mod durable;
+mod confirm;
+mod ledger;
 pub mod resolve;
-pub mod store;
+pub mod wal;
+mod watch;
 
-use tokio::sync::oneshot;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use crate::clickhouse::ClickHouseError;
-use crate::clickhouse::writer::WriteError;
+use bytes::Bytes;
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+
+use crate::clickhouse::presence::Lookup;
+use crate::clickhouse::writer::{WriteError, Writer};
+use crate::clickhouse::{ClickHouse, ClickHouseError};
+use crate::config::Config;
+use crate::metrics;
+use crate::schema::quote_ident;
+use ledger::Owed;
+use wal::{Wal, WalConfig};
 
 pub use block::Block;
-pub use durable::{Durable, DurableStatus};
-pub use store::{BlockId, JournalError};
+pub use ledger::Suspect;
+pub use wal::{BlockId, WalError};
+pub use watch::Doubt;
+
+/// The Memory table in the gateway's database that tells a restart (see [`Doubt`]).
+pub const LIVENESS_TABLE: &str = "buffergate_liveness";
 
 /// Why a request's rows were not acknowledged.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FlushError {
     #[error(transparent)]
     Write(#[from] WriteError),
-    /// The journal is at its bound: nothing more can be made durable now.
+    /// The journal is at its bound: nothing more can be made journal now.
     #[error("the journal is full")]
     JournalFull,
     #[error("the journal failed: {0}")]
@@ -42,10 +81,10 @@ impl FlushError {
     }
 }
 
-impl From<&JournalError> for FlushError {
-    fn from(error: &JournalError) -> Self {
+impl From<&WalError> for FlushError {
+    fn from(error: &WalError) -> Self {
         match error {
-            JournalError::Full { .. } => Self::JournalFull,
+            WalError::Full { .. } => Self::JournalFull,
             other => Self::Journal(other.to_string()),
         }
     }
@@ -56,3 +95,160 @@ pub type FlushResult = Result<(), FlushError>;
 
 /// Someone waiting for rows: to be journaled, written or visible.
 pub type Waiter = oneshot::Sender<FlushResult>;
+
+/// Where blocks are written and looked for.
+#[derive(Debug, Clone)]
+struct Places {
+    buffer: String,
+    /// A Memory table whose rows, like the Buffer's, die with the server's memory.
+    liveness: String,
+    destination: String,
+    id_column: String,
+    time_column: String,
+}
+
+impl Places {
+    fn lookup<'a>(&'a self, table: &'a str) -> Lookup<'a> {
+        let time = (!self.time_column.is_empty()).then_some(self.time_column.as_str());
+        Lookup { table, id_column: &self.id_column, time_column: time }
+    }
+}
+
+/// The journal and the blocks it protects.
+#[derive(Debug)]
+pub struct Journal {
+    /// The ClickHouse node this journal's blocks are written to (its URL).
+    node: String,
+    wal: Wal,
+    writer: Arc<Writer>,
+    ch: ClickHouse,
+    places: Places,
+    /// How long after its arrival a block's rows should have left the Buffer.
+    flush_window: Duration,
+    interval: Duration,
+    owed: Mutex<BTreeMap<BlockId, Owed>>,
+    wake: Notify,
+    /// Prefix of this process's INSERT query ids.
+    instance: String,
+    sequence: AtomicU64,
+    /// When the confirmer last had an answer.
+    answered: Mutex<Option<Instant>>,
+}
+
+/// The journal's state for `/v1/status`.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct JournalStatus {
+    pub bytes: u64,
+    pub max_bytes: u64,
+    pub unconfirmed_blocks: usize,
+    pub unconfirmed_rows: usize,
+    pub suspect_blocks: usize,
+    pub oldest_unconfirmed_s: f64,
+    /// Seconds since the confirmer last had an answer from ClickHouse; `None` before the first.
+    pub last_answer_s: Option<f64>,
+}
+
+/// Unconfirmed blocks in a journal directory no running node owns (a node taken out of
+/// `clickhouse_url`, or the single node's journal of a gateway now given a cluster): 0 when
+/// there is none. Opened, counted and closed again.
+pub async fn leftover(config: &Config, dir: std::path::PathBuf) -> Result<usize, WalError> {
+    if !dir.exists() {
+        return Ok(0);
+    }
+    let store = WalConfig { dir, max_bytes: config.journal_max_bytes, segment_bytes: config.journal_segment_bytes };
+    let (wal, records) =
+        tokio::task::spawn_blocking(move || Wal::open(store)).await.map_err(|_| WalError::Closed)??;
+    wal.close().await?;
+    Ok(records.len())
+}
+
+impl JournalStatus {
+    /// Two nodes' journals as one: sizes and counts summed, ages the worst.
+    pub fn combine(self, other: Self) -> Self {
+        Self {
+            bytes: self.bytes + other.bytes,
+            max_bytes: self.max_bytes + other.max_bytes,
+            unconfirmed_blocks: self.unconfirmed_blocks + other.unconfirmed_blocks,
+            unconfirmed_rows: self.unconfirmed_rows + other.unconfirmed_rows,
+            suspect_blocks: self.suspect_blocks + other.suspect_blocks,
+            oldest_unconfirmed_s: self.oldest_unconfirmed_s.max(other.oldest_unconfirmed_s),
+            last_answer_s: match (self.last_answer_s, other.last_answer_s) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                // A node that never answered is the worst of all.
+                _ => None,
+            },
+        }
+    }
+}
+
+impl Journal {
+    /// Opens the journal under `data_dir`; every block found there is suspect (this process
+    /// cannot know what became of it) and is settled by [`Self::run`].
+    pub async fn open(config: &Config, ch: ClickHouse, writer: Arc<Writer>) -> Result<Arc<Self>, WalError> {
+        let store = WalConfig {
+            dir: std::path::Path::new(&config.data_dir).join("journal"),
+            max_bytes: config.journal_max_bytes,
+            segment_bytes: config.journal_segment_bytes,
+        };
+        let (wal, records) =
+            tokio::task::spawn_blocking(move || Wal::open(store)).await.map_err(|_| WalError::Closed)??;
+        let now = Instant::now();
+        let mut owed = BTreeMap::new();
+        for record in records {
+            match Block::decode(&Bytes::from(record.payload)) {
+                Ok(block) => {
+                    let mut entry = Owed::of(&block, now);
+                    entry.suspect = Some(Suspect::Recovered);
+                    owed.insert(record.id, entry);
+                }
+                Err(error) => {
+                    metrics::journal_error("read");
+                    tracing::error!(id = record.id, %error, "journal record unreadable: its rows cannot be checked");
+                }
+            }
+        }
+        if !owed.is_empty() {
+            tracing::warn!(blocks = owed.len(), "journal holds unconfirmed blocks from before: settling them");
+        }
+        let places = Places {
+            buffer: format!("{}.{}", quote_ident(&config.database), quote_ident(&config.buffer_table)),
+            liveness: format!("{}.{}", quote_ident(&config.database), quote_ident(LIVENESS_TABLE)),
+            destination: format!("{}.{}", quote_ident(&config.database), quote_ident(&config.destination_table)),
+            id_column: config.id_column.clone(),
+            time_column: config.timestamp_column.clone(),
+        };
+        Ok(Arc::new(Self {
+            node: config.clickhouse_url.clone(),
+            wal,
+            writer,
+            ch,
+            places,
+            flush_window: Duration::from_secs(config.buffer_max_time) + Duration::from_millis(config.confirm_grace_ms),
+            interval: Duration::from_millis(config.confirm_interval_ms),
+            owed: Mutex::new(owed),
+            wake: Notify::new(),
+            instance: format!("bg-{:016x}", rand::random::<u64>()),
+            sequence: AtomicU64::new(0),
+            answered: Mutex::new(None),
+        }))
+    }
+
+    /// A fresh `query_id` for a block's INSERTs.
+    pub fn next_query_id(&self) -> String {
+        format!("{}-{}", self.instance, self.sequence.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Whether `bytes` more fit in the journal now.
+    pub fn has_room(&self, bytes: u64) -> bool {
+        self.wal.has_room(bytes)
+    }
+
+    /// Journals a block; resolves once it is on disk.
+    pub async fn append(&self, block: &Block) -> Result<BlockId, WalError> {
+        let result = self.wal.append(block.encode()).await;
+        if result.is_err() {
+            metrics::journal_error("append");
+        }
+        result
+    }
+}

@@ -8,12 +8,12 @@ use std::time::Instant;
 
 use super::book::Book;
 use super::format::{self, Body, HEADER};
-use super::{BlockId, IoContext, JournalError, segment_path};
+use super::{BlockId, IoContext, WalError, segment_path};
 
 const SEGMENT_SUFFIX: &str = ".journal";
 
 /// The segment names in `dir`, in order. Other files are left alone.
-pub(super) fn segment_names(dir: &Path) -> Result<Vec<u64>, JournalError> {
+pub(super) fn segment_names(dir: &Path) -> Result<Vec<u64>, WalError> {
     let mut names = Vec::new();
     for entry in fs::read_dir(dir).at(dir)? {
         let entry = entry.at(dir)?;
@@ -55,7 +55,7 @@ impl Scan {
     /// Reads segment `name`; cuts the file at the first record whose length or checksum does
     /// not hold. A torn write can only leave such a record at the end of what was written, but
     /// a segment is cut there wherever it sits: what follows a bad record cannot be framed.
-    pub fn segment(&mut self, dir: &Path, name: u64) -> Result<(), JournalError> {
+    pub fn segment(&mut self, dir: &Path, name: u64) -> Result<(), WalError> {
         let path = segment_path(dir, name);
         self.book.add_segment(name);
         let file = OpenOptions::new().read(true).write(true).open(&path).at(&path)?;
@@ -97,7 +97,7 @@ impl Scan {
         name: u64,
         offset: u64,
         left: u64,
-    ) -> Result<Result<u64, &'static str>, JournalError> {
+    ) -> Result<Result<u64, &'static str>, WalError> {
         if left < HEADER {
             return Ok(Err("the file ends inside a record header"));
         }
@@ -113,7 +113,7 @@ impl Scan {
         if crc32fast::hash(&rest) != crc {
             return Ok(Err("a record's checksum does not match"));
         }
-        let corrupt = |reason: &'static str| JournalError::Corrupt { path: path.to_path_buf(), offset, reason };
+        let corrupt = |reason: &'static str| WalError::Corrupt { path: path.to_path_buf(), offset, reason };
         match format::decode(rest).map_err(corrupt)? {
             Body::Block { id, payload } => {
                 // Ids are handed out in order and a segment is named by the first id it may
@@ -136,18 +136,18 @@ impl Scan {
     }
 }
 
-fn read(reader: &mut BufReader<&File>, buf: &mut [u8], path: &Path) -> Result<(), JournalError> {
+fn read(reader: &mut BufReader<&File>, buf: &mut [u8], path: &Path) -> Result<(), WalError> {
     // The lengths were checked against the file's size, so running short means the file
     // changed under us: an I/O error, not a tail to cut.
     reader.read_exact(buf).at(path)
 }
 
-/// Creates `dir` if missing, making its entry in the parent durable too: otherwise a crash
+/// Creates `dir` if missing, making its entry in the parent journal too: otherwise a crash
 /// could lose the directory with every segment acknowledged in it.
-pub(super) fn ensure_dir(dir: &Path) -> Result<(), JournalError> {
+pub(super) fn ensure_dir(dir: &Path) -> Result<(), WalError> {
     match fs::metadata(dir) {
         Ok(meta) if meta.is_dir() => Ok(()),
-        Ok(_) => Err(JournalError::Io {
+        Ok(_) => Err(WalError::Io {
             path: dir.to_path_buf(),
             source: io::Error::new(io::ErrorKind::NotADirectory, "not a directory").into(),
         }),
@@ -169,7 +169,7 @@ pub(super) fn ensure_dir(dir: &Path) -> Result<(), JournalError> {
 pub(super) fn read_blocks(
     dir: &Path,
     wanted: &std::collections::HashSet<BlockId>,
-) -> Result<std::collections::HashMap<BlockId, Vec<u8>>, JournalError> {
+) -> Result<std::collections::HashMap<BlockId, Vec<u8>>, WalError> {
     let mut found = std::collections::HashMap::new();
     let names = segment_names(dir)?;
     // A segment named n holds ids >= n, and the next segment's name bounds them: only the

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::book::Book;
 use super::format::{self, Payload, Pending};
 use super::scan::{self, Scan};
-use super::{BlockId, Hooks, IoContext, JournalConfig, JournalError, Record, Reservation, Shared, segment_path};
+use super::{BlockId, Hooks, IoContext, Record, Reservation, Shared, WalConfig, WalError, segment_path};
 
 /// Stop gathering a batch past this many payload bytes, so one batch's buffer stays modest.
 const MAX_BATCH_BYTES: usize = 8 << 20;
@@ -32,14 +32,14 @@ pub(super) enum Command {
         /// Held until answered: the bytes count against `max_bytes` until the writer has counted
         /// them as written (or the append failed).
         reservation: Reservation,
-        reply: oneshot::Sender<Result<BlockId, JournalError>>,
+        reply: oneshot::Sender<Result<BlockId, WalError>>,
     },
     Confirm {
         ids: Vec<BlockId>,
-        reply: oneshot::Sender<Result<(), JournalError>>,
+        reply: oneshot::Sender<Result<(), WalError>>,
     },
     Close {
-        reply: oneshot::Sender<Result<(), JournalError>>,
+        reply: oneshot::Sender<Result<(), WalError>>,
     },
 }
 
@@ -53,14 +53,14 @@ impl Command {
     }
 
     /// Answers with `outcome`; `id` is what an append was given.
-    fn answer(self, outcome: &Result<(), JournalError>, id: Option<BlockId>) {
+    fn answer(self, outcome: &Result<(), WalError>, id: Option<BlockId>) {
         // A caller that stopped waiting drops its receiver; nothing to tell it.
         match self {
             Self::Append { reply, reservation, .. } => {
                 // Released first: once written, the bytes are counted as on disk, and a caller
                 // that appends again at once must not see them twice.
                 drop(reservation);
-                let _ = reply.send(outcome.clone().and_then(|()| id.ok_or(JournalError::Closed)));
+                let _ = reply.send(outcome.clone().and_then(|()| id.ok_or(WalError::Closed)));
             }
             Self::Confirm { reply, .. } | Self::Close { reply } => {
                 let _ = reply.send(outcome.clone());
@@ -81,10 +81,10 @@ struct Active {
 }
 
 #[derive(Debug)]
-pub(super) struct Writer {
+pub(super) struct Appender {
     dir: PathBuf,
     /// Synced after a segment is created or deleted: `fdatasync` of a file does not make its
-    /// directory entry durable.
+    /// directory entry journal.
     dir_handle: File,
     segment_bytes: u64,
     book: Book,
@@ -98,14 +98,14 @@ pub(super) struct Writer {
     /// The failure that stopped the journal. After a failed write or `fdatasync` what the file
     /// holds is unknown (Linux may drop the dirty pages and report the error only once), so
     /// carrying on could acknowledge records that never reach the disk.
-    broken: Option<JournalError>,
+    broken: Option<WalError>,
     hooks: Hooks,
 }
 
-impl Writer {
+impl Appender {
     /// Scans `config.dir` and makes it ready to append; returns the unconfirmed records.
-    pub fn open(config: JournalConfig, shared: Arc<Shared>, hooks: Hooks) -> Result<(Self, Vec<Record>), JournalError> {
-        let JournalConfig { dir, segment_bytes, .. } = config;
+    pub fn open(config: WalConfig, shared: Arc<Shared>, hooks: Hooks) -> Result<(Self, Vec<Record>), WalError> {
+        let WalConfig { dir, segment_bytes, .. } = config;
         scan::ensure_dir(&dir)?;
         let dir_handle = File::open(&dir).at(&dir)?;
         let names = scan::segment_names(&dir)?;
@@ -179,7 +179,7 @@ impl Writer {
                 return;
             }
         }
-        // Every handle dropped without close: make the (unsynced) confirmations durable too.
+        // Every handle dropped without close: make the (unsynced) confirmations journal too.
         if self.broken.is_none()
             && let Err(error) = self.sync_if_dirty()
         {
@@ -230,7 +230,7 @@ impl Writer {
     }
 
     /// Adds one command's record to the batch; returns the id an append gets.
-    fn stage(&mut self, command: &Command, now: Instant) -> Result<Option<BlockId>, JournalError> {
+    fn stage(&mut self, command: &Command, now: Instant) -> Result<Option<BlockId>, WalError> {
         match command {
             Command::Append { payload, .. } => {
                 // append() checked that the length fits.
@@ -260,10 +260,10 @@ impl Writer {
 
     /// Rolls to a new segment first when `len` more bytes would take the active one past
     /// `segment_bytes` (a record larger than that gets a segment of its own).
-    fn make_room(&mut self, len: u64) -> Result<(), JournalError> {
+    fn make_room(&mut self, len: u64) -> Result<(), WalError> {
         let fill = self.book.segment(self.active.name).map_or(0, |s| s.fill()) + self.buf.len() as u64;
         if fill > 0 && fill + len > self.segment_bytes {
-            // What this batch put in the old segment must be durable before it is answered,
+            // What this batch put in the old segment must be journal before it is answered,
             // and the writes to the new one are synced on that one's handle only.
             self.write_buf()?;
             self.sync_if_dirty()?;
@@ -272,7 +272,7 @@ impl Writer {
         Ok(())
     }
 
-    fn finish_batch(&mut self) -> Result<(), JournalError> {
+    fn finish_batch(&mut self) -> Result<(), WalError> {
         let must_sync = self.buf_blocks;
         self.write_buf()?;
         // Confirmations alone are not synced: losing one in a crash only makes the caller
@@ -283,12 +283,12 @@ impl Writer {
         self.reclaim()
     }
 
-    fn write_buf(&mut self) -> Result<(), JournalError> {
+    fn write_buf(&mut self) -> Result<(), WalError> {
         self.write(false)
     }
 
     /// Writes `buf` to the active segment; `carried` when it holds carried confirmations.
-    fn write(&mut self, carried: bool) -> Result<(), JournalError> {
+    fn write(&mut self, carried: bool) -> Result<(), WalError> {
         self.buf_blocks = false;
         if self.buf.is_empty() {
             return Ok(());
@@ -302,7 +302,7 @@ impl Writer {
         Ok(())
     }
 
-    fn sync(&mut self) -> Result<(), JournalError> {
+    fn sync(&mut self) -> Result<(), WalError> {
         if !self.hooks.sync_delay.is_zero() {
             std::thread::sleep(self.hooks.sync_delay);
         }
@@ -313,11 +313,11 @@ impl Writer {
         Ok(())
     }
 
-    fn sync_if_dirty(&mut self) -> Result<(), JournalError> {
+    fn sync_if_dirty(&mut self) -> Result<(), WalError> {
         if self.active.unsynced { self.sync() } else { Ok(()) }
     }
 
-    fn roll(&mut self) -> Result<(), JournalError> {
+    fn roll(&mut self) -> Result<(), WalError> {
         // The new segment is named by the next id, or one past the active one when that held
         // no block: names must stay unique and in order.
         let name = self.next_id.max(self.active.name + 1);
@@ -334,7 +334,7 @@ impl Writer {
     /// A block counts as unconfirmed unless a confirmation of it survives, so deleting a
     /// segment must not drop a confirmation of a block in a segment that stays. Those are
     /// written again into the active segment and synced before any file is removed.
-    fn reclaim(&mut self) -> Result<(), JournalError> {
+    fn reclaim(&mut self) -> Result<(), WalError> {
         if self.book.is_spent(self.active.name, ROLL_CONFIRMED_AT.min(self.segment_bytes)) {
             self.roll()?;
         }
@@ -346,7 +346,7 @@ impl Writer {
         if !needed.is_empty() {
             format::push_confirmations(&mut self.buf, &needed);
             self.write(true)?;
-            // Synced before the unlink: a confirmation that was durable stays durable.
+            // Synced before the unlink: a confirmation that was journal stays journal.
             self.sync()?;
             for id in needed {
                 self.book.confirm(id, self.active.name);
@@ -355,7 +355,7 @@ impl Writer {
         self.delete(&doomed)
     }
 
-    fn delete(&mut self, doomed: &BTreeSet<u64>) -> Result<(), JournalError> {
+    fn delete(&mut self, doomed: &BTreeSet<u64>) -> Result<(), WalError> {
         for &name in doomed {
             let path = segment_path(&self.dir, name);
             match fs::remove_file(&path) {
@@ -367,7 +367,7 @@ impl Writer {
                 self.shared.used.fetch_sub(segment.size, Relaxed);
             }
         }
-        // Made durable at once, so that a crash cannot bring back a deleted segment without the
+        // Made journal at once, so that a crash cannot bring back a deleted segment without the
         // later one that held its blocks' confirmations.
         self.dir_handle.sync_all().at(&self.dir)
     }
@@ -398,8 +398,8 @@ fn write_all_parts(file: &mut File, parts: &[bytes::Bytes]) -> io::Result<()> {
     Ok(())
 }
 
-/// Creates segment `name` and makes its directory entry durable.
-fn create_segment(dir: &Path, dir_handle: &File, name: u64) -> Result<Active, JournalError> {
+/// Creates segment `name` and makes its directory entry journal.
+fn create_segment(dir: &Path, dir_handle: &File, name: u64) -> Result<Active, WalError> {
     let path = segment_path(dir, name);
     let file = OpenOptions::new().append(true).create_new(true).open(&path).at(&path)?;
     dir_handle.sync_all().at(dir)?;
@@ -407,9 +407,9 @@ fn create_segment(dir: &Path, dir_handle: &File, name: u64) -> Result<Active, Jo
 }
 
 /// What a command gets once the journal has stopped on `first`.
-fn stopped_by(first: &JournalError) -> JournalError {
+fn stopped_by(first: &WalError) -> WalError {
     match first {
-        JournalError::Io { path, source } => JournalError::Broken { path: path.clone(), source: Arc::clone(source) },
+        WalError::Io { path, source } => WalError::Broken { path: path.clone(), source: Arc::clone(source) },
         other => other.clone(),
     }
 }

@@ -15,16 +15,16 @@ fn payload(i: u64) -> Vec<u8> {
 
 const FRAMED: u64 = 57;
 
-fn config(dir: &Path, max_bytes: u64, segment_bytes: u64) -> JournalConfig {
-    JournalConfig { dir: dir.to_path_buf(), max_bytes, segment_bytes }
+fn config(dir: &Path, max_bytes: u64, segment_bytes: u64) -> WalConfig {
+    WalConfig { dir: dir.to_path_buf(), max_bytes, segment_bytes }
 }
 
-fn roomy(dir: &Path) -> JournalConfig {
+fn roomy(dir: &Path) -> WalConfig {
     config(dir, 1 << 20, 1 << 16)
 }
 
-fn open(config: JournalConfig) -> (Journal, Vec<BlockId>) {
-    let (journal, records) = Journal::open(config).unwrap();
+fn open(config: WalConfig) -> (Wal, Vec<BlockId>) {
+    let (journal, records) = Wal::open(config).unwrap();
     (journal, ids(&records))
 }
 
@@ -50,7 +50,7 @@ fn disk_bytes(dir: &Path) -> u64 {
     segments(dir).into_iter().map(|n| fs::metadata(segment_file(dir, n)).unwrap().len()).sum()
 }
 
-async fn append_all(journal: &Journal, ids: impl IntoIterator<Item = u64>) {
+async fn append_all(journal: &Wal, ids: impl IntoIterator<Item = u64>) {
     for i in ids {
         assert_eq!(journal.append(payload(i)).await.unwrap(), i);
     }
@@ -66,7 +66,7 @@ async fn unconfirmed_blocks_come_back_after_reopen_and_ids_go_on() {
     journal.close().await.unwrap();
     drop(journal);
 
-    let (journal, records) = Journal::open(roomy(tmp.path())).unwrap();
+    let (journal, records) = Wal::open(roomy(tmp.path())).unwrap();
     assert_eq!(ids(&records), [1, 3]);
     assert_eq!(records[0].payload, payload(1));
     assert_eq!(records[1].payload, payload(3));
@@ -114,7 +114,7 @@ async fn a_tail_torn_mid_record_is_cut_and_appends_go_on_after_it() {
     journal.close().await.unwrap();
     drop(journal);
 
-    let (_journal, records) = Journal::open(roomy(tmp.path())).unwrap();
+    let (_journal, records) = Wal::open(roomy(tmp.path())).unwrap();
     assert_eq!(ids(&records), [1, 2, 3]);
     assert_eq!(records[2].payload, b"again");
 }
@@ -184,8 +184,8 @@ async fn a_record_that_checks_but_cannot_be_read_stops_the_open() {
     record.extend_from_slice(&rest);
     OpenOptions::new().append(true).open(segment_file(tmp.path(), 1)).unwrap().write_all(&record).unwrap();
 
-    let error = Journal::open(roomy(tmp.path())).unwrap_err();
-    assert!(matches!(error, JournalError::Corrupt { offset: FRAMED, .. }), "{error:?}");
+    let error = Wal::open(roomy(tmp.path())).unwrap_err();
+    assert!(matches!(error, WalError::Corrupt { offset: FRAMED, .. }), "{error:?}");
 }
 
 #[tokio::test]
@@ -197,7 +197,7 @@ async fn full_refuses_at_once_and_room_comes_back_after_confirming() {
     assert!(!journal.has_room(40));
     assert!(journal.has_room(0));
     let error = journal.append(payload(4)).await.unwrap_err();
-    assert!(matches!(error, JournalError::Full { .. }), "{error:?}");
+    assert!(matches!(error, WalError::Full { .. }), "{error:?}");
     assert_eq!(journal.stats().bytes, 3 * FRAMED);
     assert_eq!(disk_bytes(tmp.path()), 3 * FRAMED);
 
@@ -299,7 +299,7 @@ async fn concurrent_appends_share_syncs() {
     let tmp = TempDir::new().unwrap();
     // A slow sync, so that the appends queue behind it however fast this disk syncs.
     let hooks = Hooks { sync_delay: Duration::from_millis(20) };
-    let (journal, _) = Journal::open_with(roomy(tmp.path()), hooks).unwrap();
+    let (journal, _) = Wal::open_with(roomy(tmp.path()), hooks).unwrap();
     let journal = Arc::new(journal);
     let tasks: Vec<_> = (0..100)
         .map(|i| {
@@ -348,8 +348,8 @@ async fn a_closed_journal_refuses_work() {
     let tmp = TempDir::new().unwrap();
     let (journal, _) = open(roomy(tmp.path()));
     journal.close().await.unwrap();
-    assert!(matches!(journal.append(payload(1)).await, Err(JournalError::Closed)));
-    assert!(matches!(journal.confirm(&[1]).await, Err(JournalError::Closed)));
+    assert!(matches!(journal.append(payload(1)).await, Err(WalError::Closed)));
+    assert!(matches!(journal.confirm(&[1]).await, Err(WalError::Closed)));
     journal.close().await.unwrap();
 }
 
@@ -377,7 +377,7 @@ async fn a_second_open_of_a_directory_in_use_is_refused_and_blocks_are_read_back
     let (journal, _) = open(roomy(dir.path()));
     let first = journal.append(payload(1)).await.unwrap();
     let second = journal.append(payload(2)).await.unwrap();
-    assert!(matches!(Journal::open(roomy(dir.path())), Err(JournalError::Locked { .. })));
+    assert!(matches!(Wal::open(roomy(dir.path())), Err(WalError::Locked { .. })));
     // What the confirmer reads back while the journal runs.
     let read = journal.read(&[second, 999]).await.unwrap();
     assert_eq!(read.len(), 1);

@@ -4,9 +4,9 @@
 //! caller; the journal never looks inside) and answers its HTTP request only once the append
 //! has resolved, i.e. once the record is written and `fdatasync`ed. When the caller knows the
 //! rows are in ClickHouse's MergeTree it confirms the block; segments whose blocks are all
-//! confirmed are deleted. On start-up [`Journal::open`] hands back every block not confirmed,
+//! confirmed are deleted. On start-up [`Wal::open`] hands back every block not confirmed,
 //! in append order, for the caller to check and send again. The journal is bounded: an append
-//! that would take it past `max_bytes` fails at once with [`JournalError::Full`].
+//! that would take it past `max_bytes` fails at once with [`WalError::Full`].
 //!
 //! # Writing
 //!
@@ -20,7 +20,7 @@
 //! when the segment is created, and the directory again after segments are deleted.
 //!
 //! After a failed write or sync the journal refuses all further work
-//! ([`JournalError::Broken`]) until it is opened again: what the file holds is unknown then. A
+//! ([`WalError::Broken`]) until it is opened again: what the file holds is unknown then. A
 //! block whose append failed that way may still be found at the next open.
 //!
 //! # On disk
@@ -46,7 +46,7 @@
 //! the file or whose checksum does not match (a torn write, a zero-filled tail) is cut, with all
 //! that follows it in that segment, and a warning says how many bytes. A record whose checksum
 //! holds but that cannot be understood (an unknown kind, ids out of order) stops the open with
-//! [`JournalError::Corrupt`] instead: cutting it would silently drop records a newer writer or
+//! [`WalError::Corrupt`] instead: cutting it would silently drop records a newer writer or
 //! another program put there.
 //!
 //! # Deletion
@@ -56,7 +56,7 @@
 //!
 //! - a segment other than the active one is deleted once every block in it is confirmed;
 //! - the confirmations in it whose blocks are in segments that stay are first written again
-//!   into the active segment and synced, so no confirmation that was durable is lost;
+//!   into the active segment and synced, so no confirmation that was journal is lost;
 //! - the active segment is closed (rolled over, then deleted by the first rule) once it held
 //!   blocks, all are confirmed, and it is at least min(1 MiB, `segment_bytes`) long and longer
 //!   than the confirmations carried into it (so each roll writes at least as much new data as
@@ -69,16 +69,16 @@
 //!
 //! # Stopping
 //!
-//! [`Journal::close`] lets the writer finish what is queued, syncs, and stops it; appends made
-//! later fail with [`JournalError::Closed`]. Dropping the last handle without closing does the
+//! [`Wal::close`] lets the writer finish what is queued, syncs, and stops it; appends made
+//! later fail with [`WalError::Closed`]. Dropping the last handle without closing does the
 //! same in the background, without waiting. One journal per directory: two processes writing
 //! one directory would corrupt it, so an open journal holds `<dir>/lock` (an advisory lock the
-//! kernel drops with the process), and a second open fails with [`JournalError::Locked`].
+//! kernel drops with the process), and a second open fails with [`WalError::Locked`].
 
+mod appender;
 mod book;
 mod format;
 mod scan;
-mod writer;
 
 #[cfg(test)]
 mod tests;
@@ -92,8 +92,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use self::appender::{Appender, Command};
 pub use self::format::Payload;
-use self::writer::{Command, Writer};
 
 /// Identifies one appended block. Ids grow in append order, possibly with gaps; an id is never
 /// given to a second block once an append of it was acknowledged.
@@ -103,7 +103,7 @@ pub type BlockId = u64;
 const QUEUE: usize = 1024;
 
 #[derive(Debug, Clone)]
-pub struct JournalConfig {
+pub struct WalConfig {
     /// Where the segment files live; created if missing.
     pub dir: PathBuf,
     /// Appends are refused while the segment files add up to this (counting appends in flight).
@@ -123,7 +123,7 @@ pub struct Record {
 }
 
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct JournalStats {
+pub struct WalStats {
     /// The segment files' sizes added up.
     pub bytes: u64,
     pub segments: usize,
@@ -137,7 +137,7 @@ pub struct JournalStats {
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum JournalError {
+pub enum WalError {
     #[error("the journal is full ({max_bytes} bytes); retry once blocks are confirmed")]
     Full { max_bytes: u64 },
     #[error("a block of {len} bytes is larger than a journal record can hold")]
@@ -157,12 +157,12 @@ pub enum JournalError {
 
 /// Attaches the path an I/O error happened on.
 trait IoContext<T> {
-    fn at(self, path: &Path) -> Result<T, JournalError>;
+    fn at(self, path: &Path) -> Result<T, WalError>;
 }
 
 impl<T> IoContext<T> for io::Result<T> {
-    fn at(self, path: &Path) -> Result<T, JournalError> {
-        self.map_err(|source| JournalError::Io { path: path.to_path_buf(), source: Arc::new(source) })
+    fn at(self, path: &Path) -> Result<T, WalError> {
+        self.map_err(|source| WalError::Io { path: path.to_path_buf(), source: Arc::new(source) })
     }
 }
 
@@ -220,11 +220,11 @@ impl Shared {
         self.oldest.store(nanos, Relaxed);
     }
 
-    fn reserve(self: &Arc<Self>, bytes: u64) -> Result<Reservation, JournalError> {
+    fn reserve(self: &Arc<Self>, bytes: u64) -> Result<Reservation, WalError> {
         let max_bytes = self.max_bytes;
         self.used
             .fetch_update(Relaxed, Relaxed, |used| used.checked_add(bytes).filter(|&n| n <= max_bytes))
-            .map_err(|_| JournalError::Full { max_bytes })?;
+            .map_err(|_| WalError::Full { max_bytes })?;
         Ok(Reservation { shared: Arc::clone(self), bytes })
     }
 }
@@ -244,9 +244,9 @@ impl Drop for Reservation {
     }
 }
 
-/// The journal; share it as `Arc<Journal>`.
+/// The journal; share it as `Arc<Wal>`.
 #[derive(Debug)]
-pub struct Journal {
+pub struct Wal {
     commands: mpsc::Sender<Command>,
     shared: Arc<Shared>,
     dir: PathBuf,
@@ -256,32 +256,32 @@ pub struct Journal {
 
 /// Takes the directory's lock file (an advisory `flock`, released when the process dies): two
 /// gateways appending to one journal would corrupt each other's records.
-fn lock_dir(dir: &Path) -> Result<std::fs::File, JournalError> {
+fn lock_dir(dir: &Path) -> Result<std::fs::File, WalError> {
     let path = dir.join("lock");
     let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).at(&path)?;
     match file.try_lock() {
         Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(JournalError::Locked { path }),
+        Err(std::fs::TryLockError::WouldBlock) => Err(WalError::Locked { path }),
         Err(std::fs::TryLockError::Error(error)) => Err(error).at(&path),
     }
 }
 
-impl Journal {
+impl Wal {
     /// Opens the journal in `config.dir`, creating the directory if missing, and returns it with
     /// every block not confirmed, in append order.
     ///
     /// Blocking: it reads every segment. Call it before the runtime serves, or from
     /// `spawn_blocking`. Torn or corrupt tails are cut (see the module docs); segments whose
     /// blocks were all confirmed are deleted.
-    pub fn open(config: JournalConfig) -> Result<(Self, Vec<Record>), JournalError> {
+    pub fn open(config: WalConfig) -> Result<(Self, Vec<Record>), WalError> {
         Self::open_with(config, Hooks::default())
     }
 
-    fn open_with(config: JournalConfig, hooks: Hooks) -> Result<(Self, Vec<Record>), JournalError> {
+    fn open_with(config: WalConfig, hooks: Hooks) -> Result<(Self, Vec<Record>), WalError> {
         scan::ensure_dir(&config.dir)?;
         let lock = lock_dir(&config.dir)?;
         let shared = Arc::new(Shared::new(config.max_bytes));
-        let (writer, records) = Writer::open(config, Arc::clone(&shared), hooks)?;
+        let (writer, records) = Appender::open(config, Arc::clone(&shared), hooks)?;
         let dir = writer.dir().to_path_buf();
         let (commands, queue) = mpsc::channel(QUEUE);
         std::thread::Builder::new().name("journal-writer".into()).spawn(move || writer.run(queue)).at(&dir)?;
@@ -289,40 +289,40 @@ impl Journal {
         Ok((Self { commands, shared, dir, _lock: lock }, records))
     }
 
-    /// Appends one block and resolves once it is durable: written and `fdatasync`ed, with
-    /// whatever other appends queued meanwhile. Fails at once with [`JournalError::Full`],
+    /// Appends one block and resolves once it is journal: written and `fdatasync`ed, with
+    /// whatever other appends queued meanwhile. Fails at once with [`WalError::Full`],
     /// writing nothing, when the record would take the journal past `max_bytes`.
     ///
     /// If the future is dropped once the block is queued, the block is still written (and
     /// found at the next open unless confirmed), under an id the caller never learns.
-    pub async fn append(&self, payload: impl Into<Payload>) -> Result<BlockId, JournalError> {
+    pub async fn append(&self, payload: impl Into<Payload>) -> Result<BlockId, WalError> {
         let payload = payload.into();
         let len = payload.len();
-        let bytes = format::block_len(len as u64).ok_or(JournalError::TooLarge { len })?;
+        let bytes = format::block_len(len as u64).ok_or(WalError::TooLarge { len })?;
         let reservation = self.shared.reserve(bytes)?;
         let (reply, answer) = oneshot::channel();
-        self.commands.send(Command::Append { payload, reservation, reply }).await.map_err(|_| JournalError::Closed)?;
-        answer.await.unwrap_or(Err(JournalError::Closed))
+        self.commands.send(Command::Append { payload, reservation, reply }).await.map_err(|_| WalError::Closed)?;
+        answer.await.unwrap_or(Err(WalError::Closed))
     }
 
     /// Marks blocks confirmed (their rows are known to be in ClickHouse). Unknown and already
     /// confirmed ids are ignored. Resolves once the confirmation is written — not synced (see
     /// the module docs) — and the segments it frees are deleted.
-    pub async fn confirm(&self, ids: &[BlockId]) -> Result<(), JournalError> {
+    pub async fn confirm(&self, ids: &[BlockId]) -> Result<(), WalError> {
         if ids.is_empty() {
             return Ok(());
         }
         let (reply, answer) = oneshot::channel();
-        self.commands.send(Command::Confirm { ids: ids.to_vec(), reply }).await.map_err(|_| JournalError::Closed)?;
-        answer.await.unwrap_or(Err(JournalError::Closed))
+        self.commands.send(Command::Confirm { ids: ids.to_vec(), reply }).await.map_err(|_| WalError::Closed)?;
+        answer.await.unwrap_or(Err(WalError::Closed))
     }
 
     /// The payloads of unconfirmed blocks, read back from disk (to settle blocks whose rows
     /// ClickHouse may have lost); ids not found are left out.
-    pub async fn read(&self, ids: &[BlockId]) -> Result<std::collections::HashMap<BlockId, Vec<u8>>, JournalError> {
+    pub async fn read(&self, ids: &[BlockId]) -> Result<std::collections::HashMap<BlockId, Vec<u8>>, WalError> {
         let dir = self.dir.clone();
         let wanted: std::collections::HashSet<BlockId> = ids.iter().copied().collect();
-        tokio::task::spawn_blocking(move || scan::read_blocks(&dir, &wanted)).await.map_err(|_| JournalError::Closed)?
+        tokio::task::spawn_blocking(move || scan::read_blocks(&dir, &wanted)).await.map_err(|_| WalError::Closed)?
     }
 
     /// The bound given at open.
@@ -330,10 +330,10 @@ impl Journal {
         self.shared.max_bytes
     }
 
-    pub fn stats(&self) -> JournalStats {
+    pub fn stats(&self) -> WalStats {
         let shared = &self.shared;
         let oldest = shared.oldest.load(Relaxed);
-        JournalStats {
+        WalStats {
             bytes: shared.disk.load(Relaxed),
             segments: shared.segments.load(Relaxed),
             unconfirmed: shared.unconfirmed.load(Relaxed),
@@ -352,9 +352,9 @@ impl Journal {
     }
 
     /// Lets the writer finish everything queued before this call, syncs, and stops it. Later
-    /// appends and confirmations fail with [`JournalError::Closed`]; closing again is a no-op.
+    /// appends and confirmations fail with [`WalError::Closed`]; closing again is a no-op.
     /// Errors if the last writes or the final sync failed.
-    pub async fn close(&self) -> Result<(), JournalError> {
+    pub async fn close(&self) -> Result<(), WalError> {
         let (reply, answer) = oneshot::channel();
         if self.commands.send(Command::Close { reply }).await.is_err() {
             return Ok(());
