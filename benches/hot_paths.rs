@@ -94,11 +94,12 @@ mod rate_limit {
     /// `ApiKeys::check` as a request calls it, SHA-256 of the presented key included.
     #[divan::bench]
     fn api_keys_check(bencher: divan::Bencher) {
-        let config = Config {
-            api_keys: "team-a=alpha-key, team-b=beta-key".into(),
-            api_key_rate_per_s: RATE_PER_S,
-            api_key_burst: BURST,
-            ..Config::default()
+        let config = {
+            let mut config = Config::default();
+            config.auth.api_keys = "team-a=alpha-key, team-b=beta-key".into();
+            config.auth.api_key_rate_per_s = RATE_PER_S;
+            config.auth.api_key_burst = BURST;
+            config
         };
         let keys = ApiKeys::from_config(&config).unwrap();
         bencher.bench(|| keys.check(black_box(Some("beta-key"))).unwrap());

@@ -97,13 +97,13 @@ fn named(line: &str) -> Option<(&str, &str)> {
 
 impl ApiKeys {
     pub fn from_config(config: &Config) -> Result<Self, AuthError> {
-        let mut lines: Vec<String> = config.api_keys.split(',').map(str::to_string).collect();
-        if !config.api_keys_file.is_empty() {
-            let text = std::fs::read_to_string(&config.api_keys_file)
-                .map_err(|source| AuthError::File { path: config.api_keys_file.clone(), source })?;
+        let mut lines: Vec<String> = config.auth.api_keys.split(',').map(str::to_string).collect();
+        if !config.auth.api_keys_file.is_empty() {
+            let text = std::fs::read_to_string(&config.auth.api_keys_file)
+                .map_err(|source| AuthError::File { path: config.auth.api_keys_file.clone(), source })?;
             lines.extend(text.lines().map(str::to_string));
         }
-        let quota = quota(config.api_key_rate_per_s, config.api_key_burst);
+        let quota = quota(config.auth.api_key_rate_per_s, config.auth.api_key_burst);
         let mut limiters: HashMap<String, Arc<DefaultDirectRateLimiter>> = HashMap::new();
         let keys = lines
             .iter()
@@ -185,11 +185,12 @@ mod tests {
     use super::*;
 
     fn keys(rate: f64) -> ApiKeys {
-        let config = Config {
-            api_keys: "alice=s3cret, bare-key, cGFkZGVk==".into(),
-            api_key_rate_per_s: rate,
-            api_key_burst: 2,
-            ..Config::default()
+        let config = {
+            let mut config = Config::default();
+            config.auth.api_keys = "alice=s3cret, bare-key, cGFkZGVk==".into();
+            config.auth.api_key_rate_per_s = rate;
+            config.auth.api_key_burst = 2;
+            config
         };
         ApiKeys::from_config(&config).unwrap()
     }
@@ -216,11 +217,12 @@ mod tests {
 
     #[test]
     fn slow_rates_and_names_shared_by_keys() {
-        let config = Config {
-            api_keys: "team=old-key, team=new-key, other=x".into(),
-            api_key_rate_per_s: 0.25,
-            api_key_burst: 1,
-            ..Config::default()
+        let config = {
+            let mut config = Config::default();
+            config.auth.api_keys = "team=old-key, team=new-key, other=x".into();
+            config.auth.api_key_rate_per_s = 0.25;
+            config.auth.api_key_burst = 1;
+            config
         };
         let keys = ApiKeys::from_config(&config).unwrap();
         assert_eq!(keys.check(Some("old-key")), Ok(Some("team".into())));

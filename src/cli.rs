@@ -65,7 +65,7 @@ pub async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_tracing(config.log_format);
+    init_tracing(config.http.log_format);
     for name in config::unknown_env_vars() {
         tracing::warn!(variable = %name, "ignoring an environment variable that names no configuration key");
     }
@@ -136,7 +136,10 @@ async fn drain_every_node(config: &Config) -> ExitCode {
     for (node, outcome) in fleet::drain_all(config, &topology).await {
         let on = if several { format!(" on {node}") } else { String::new() };
         match outcome {
-            Ok(rows) => println!("drained{on}: {rows} rows moved to {}.{}", config.database, config.destination_table),
+            Ok(rows) => println!(
+                "drained{on}: {rows} rows moved to {}.{}",
+                config.table.database, config.table.destination_table
+            ),
             Err(e) => {
                 ok = false;
                 eprintln!("buffergate drain{on}: {e}");

@@ -64,8 +64,9 @@ pub enum Role {
 
 /// Binds `config.listen` and runs until `shutdown` trips.
 pub async fn serve(config: Config, shutdown: Shutdown, role: Role) -> Result<(), ServeError> {
-    let listener =
-        TcpListener::bind(config.listen).await.map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+    let listener = TcpListener::bind(config.http.listen)
+        .await
+        .map_err(|source| ServeError::Bind { addr: config.http.listen, source })?;
     run_as(config, listener, shutdown, role).await
 }
 
@@ -93,7 +94,7 @@ pub async fn run_as(config: Config, listener: TcpListener, shutdown: Shutdown, r
     } else {
         tracing::warn!("no API keys configured: producer authentication is off");
     }
-    let admin = AdminToken::new(&config.admin_token);
+    let admin = AdminToken::new(&config.auth.admin_token);
     let ingest = Arc::new(ingest);
     let front = match role {
         Role::Serve => None,
@@ -114,11 +115,11 @@ pub async fn run_as(config: Config, listener: TcpListener, shutdown: Shutdown, r
         "buffergate serving"
     );
     let front = front.map(|front| stop_consuming(front, shutdown.clone()));
-    let stop_http = stop_accepting(shutdown, health, Duration::from_millis(config.shutdown_delay_ms));
-    http::conn::raise_open_files_limit(config.max_connections);
+    let stop_http = stop_accepting(shutdown, health, Duration::from_millis(config.http.shutdown_delay_ms));
+    http::conn::raise_open_files_limit(config.http.max_connections);
     let limits = http::conn::Limits {
-        header_timeout: Duration::from_millis(config.header_timeout_ms),
-        max_connections: config.max_connections,
+        header_timeout: Duration::from_millis(config.http.header_timeout_ms),
+        max_connections: config.http.max_connections,
     };
     http::conn::serve(listener, http::router(state), limits, stop_http).await;
 
@@ -127,7 +128,7 @@ pub async fn run_as(config: Config, listener: TcpListener, shutdown: Shutdown, r
         let _ = front.await;
     }
     partitions.drain().await;
-    nodes.finish(Duration::from_millis(config.shutdown_confirm_ms)).await;
+    nodes.finish(Duration::from_millis(config.journal.shutdown_confirm_ms)).await;
     watchers.stop().await;
     tracing::info!("drained; bye");
     Ok(())
@@ -218,7 +219,7 @@ impl Nodes {
             let node_config = if single {
                 Arc::clone(config)
             } else {
-                Arc::new(config.for_node(url, node_dir(&config.data_dir, url), topology.nodes()))
+                Arc::new(config.for_node(url, node_dir(&config.journal.data_dir, url), topology.nodes()))
             };
             // One node: its verdict is the gateway's. Several: each its own, summed below.
             let node_shed = if single { Arc::clone(shed) } else { Arc::new(ShedState::default()) };
@@ -237,7 +238,7 @@ impl Nodes {
             policy: crate::shed::Policy::of(config),
         });
         if !single {
-            let interval = Duration::from_millis(config.shed_poll_interval_ms);
+            let interval = Duration::from_millis(config.shed.shed_poll_interval_ms);
             tasks.push(tokio::spawn(summarize(Arc::clone(&shards), Arc::clone(shed), interval, stop.clone())));
         }
         Ok(Self { shards, stop, tasks })
@@ -260,9 +261,9 @@ impl Nodes {
 /// single node's journal (`<data_dir>/journal`) of a gateway now given a cluster, or a node
 /// taken out of `clickhouse_url`. Only that node can say whether their rows landed.
 async fn refuse_orphaned_journals(config: &Config, topology: &Topology) -> Result<(), ServeError> {
-    let data = std::path::Path::new(&config.data_dir);
+    let data = std::path::Path::new(&config.journal.data_dir);
     let mut dirs = vec![data.join("journal")];
-    let known: Vec<String> = topology.each().map(|(_, _, url)| node_dir(&config.data_dir, url)).collect();
+    let known: Vec<String> = topology.each().map(|(_, _, url)| node_dir(&config.journal.data_dir, url)).collect();
     if let Ok(entries) = std::fs::read_dir(data.join("nodes")) {
         dirs.extend(
             entries
@@ -309,8 +310,11 @@ async fn replica(
     wake: &Arc<Notify>,
 ) -> Result<Replica, ServeError> {
     let ch = ClickHouse::for_url(config, url);
-    let breaker =
-        Arc::new(Breaker::for_node(config.circuit_failures, Duration::from_millis(config.circuit_open_ms), url));
+    let breaker = Arc::new(Breaker::for_node(
+        config.clickhouse.circuit_failures,
+        Duration::from_millis(config.clickhouse.circuit_open_ms),
+        url,
+    ));
     let writer =
         Arc::new(Writer::new(ch.clone(), config, Arc::clone(wake), Arc::clone(&breaker)).with_siblings(siblings));
     let journal = if config.journal_enabled() {

@@ -39,14 +39,14 @@ async fn a_full_queue_answers_503_with_retry_after_and_recovers() {
     let ch = clickhouse();
     let db = ch.fresh_database("queue");
     let mut config = config(ch, &db);
-    config.partitions = 1;
-    config.queue_capacity = 1;
-    config.queue_timeout_ms = 300;
-    config.insert_retries = 1000;
-    config.circuit_failures = 0;
+    config.batching.partitions = 1;
+    config.batching.queue_capacity = 1;
+    config.batching.queue_timeout_ms = 300;
+    config.clickhouse.insert_retries = 1000;
+    config.clickhouse.circuit_failures = 0;
     // Its failed INSERTs are logged, so the test sees when the first batch is being retried.
-    config.clickhouse_user = "logged".into();
-    config.admin_token = "admin".into();
+    config.clickhouse.clickhouse_user = "logged".into();
+    config.auth.admin_token = "admin".into();
     migrate(&config).await;
     let gw = Gateway::start(config.clone()).await;
     gw.wait_ready().await;
@@ -112,11 +112,11 @@ async fn exhausted_retries_answer_503_and_accept_nothing() {
     let ch = clickhouse();
     let db = ch.fresh_database("retries");
     let mut config = config(ch, &db);
-    config.insert_retries = 2;
-    config.circuit_failures = 0;
+    config.clickhouse.insert_retries = 2;
+    config.clickhouse.circuit_failures = 0;
     // One partition: with two, the other partition's INSERT may still be retrying when this
     // request gives up, and land once the table is back (see docs/batching.md).
-    config.partitions = 1;
+    config.batching.partitions = 1;
     migrate(&config).await;
     let gw = Gateway::start(config.clone()).await;
     gw.wait_ready().await;
@@ -142,10 +142,10 @@ async fn a_retried_insert_with_blocks_made_ahead_stores_every_row_once() {
     let ch = clickhouse();
     let db = ch.fresh_database("ahead_retry");
     let mut config = config(ch, &db);
-    config.partitions = 1;
-    config.insert_retries = 1000;
-    config.circuit_failures = 0;
-    config.flush_linger_ms = 200;
+    config.batching.partitions = 1;
+    config.clickhouse.insert_retries = 1000;
+    config.clickhouse.circuit_failures = 0;
+    config.batching.flush_linger_ms = 200;
     migrate(&config).await;
     let gw = Gateway::start(config.clone()).await;
     gw.wait_ready().await;

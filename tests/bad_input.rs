@@ -566,16 +566,16 @@ async fn broken_and_hostile_requests_get_exact_answers() {
     let db = ch.fresh_database("bad_input");
     let mut config = config(ch, &db);
     let port = free_port();
-    config.listen = format!("127.0.0.1:{port}").parse().unwrap();
-    config.redis_url = redis().url.clone();
-    config.api_keys = format!("producer={KEY}");
-    config.admin_token = "admin-token".into();
-    config.max_body_bytes = LIMIT;
-    config.max_decompressed_bytes = LIMIT;
-    config.max_events_per_request = MAX_EVENTS;
-    config.body_timeout_ms = BODY_TIMEOUT_MS;
-    config.header_timeout_ms = HEADER_TIMEOUT_MS;
-    config.body_drain_timeout_ms = 5_000;
+    config.http.listen = format!("127.0.0.1:{port}").parse().unwrap();
+    config.idempotency.redis_url = redis().url.clone();
+    config.auth.api_keys = format!("producer={KEY}");
+    config.auth.admin_token = "admin-token".into();
+    config.http.max_body_bytes = LIMIT;
+    config.http.max_decompressed_bytes = LIMIT;
+    config.http.max_events_per_request = MAX_EVENTS;
+    config.http.body_timeout_ms = BODY_TIMEOUT_MS;
+    config.http.header_timeout_ms = HEADER_TIMEOUT_MS;
+    config.http.body_drain_timeout_ms = 5_000;
     migrate(&config).await;
     let dir = common::scratch("bad_input");
     let gateway = Process::spawn(command(&config, &["serve"]), &dir.join("gateway.log"));
@@ -585,7 +585,7 @@ async fn broken_and_hostile_requests_get_exact_answers() {
         async move { http().get(url).send().await.is_ok_and(|r| r.status().is_success()) }
     })
     .await;
-    let addr: SocketAddr = config.listen;
+    let addr: SocketAddr = config.http.listen;
 
     let cases = cases();
     assert!(cases.len() >= 40, "{} cases", cases.len());
@@ -614,8 +614,8 @@ async fn broken_and_hostile_requests_get_exact_answers() {
     // Exactly the good events, once each.
     let mut expected: BTreeSet<String> = cases.iter().flat_map(|c| c.stores.iter().cloned()).collect();
     expected.insert(id(99));
-    ch.exec(&format!("OPTIMIZE TABLE `{db}`.`{}`", config.buffer_table)).await;
-    let table = format!("`{db}`.`{}`", config.destination_table);
+    ch.exec(&format!("OPTIMIZE TABLE `{db}`.`{}`", config.table.buffer_table)).await;
+    let table = format!("`{db}`.`{}`", config.table.destination_table);
     let rows = ch.rows(&format!("SELECT toString(event_id) AS id FROM {table} ORDER BY id")).await;
     let stored: Vec<String> = rows.iter().map(|r| r["id"].as_str().unwrap().to_string()).collect();
     assert_eq!(stored, expected.into_iter().collect::<Vec<_>>(), "exactly the good events, once each");
@@ -637,7 +637,7 @@ async fn connections_beyond_max_connections_are_closed_at_once() {
     let ch = clickhouse();
     let db = ch.fresh_database("connection_limit");
     let mut config = config(ch, &db);
-    config.max_connections = MAX;
+    config.http.max_connections = MAX;
     migrate(&config).await;
     let gateway = common::Gateway::start(config).await;
     gateway.wait_ready().await;

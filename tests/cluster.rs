@@ -149,18 +149,17 @@ async fn a_two_by_two_cluster_replicates_and_distributes() {
 /// The gateway's configuration for `cluster`: every node listed, the cluster named, rows
 /// placed by `intHash64(user_id)`, a journal of its own.
 fn gateway_config(cluster: &ClickHouseCluster, db: &str) -> Config {
-    Config {
-        clickhouse_url: cluster.urls_spec(),
-        clickhouse_cluster: cluster.cluster_name().into(),
-        sharding_key: "intHash64(user_id)".into(),
-        database: db.into(),
-        partitions: 1,
-        schema_refresh_interval_ms: 300,
-        retry_initial_backoff_ms: 50,
-        retry_max_backoff_ms: 200,
-        admin_token: ADMIN.into(),
-        ..Config::default()
-    }
+    let mut config = Config::default();
+    config.clickhouse.clickhouse_url = cluster.urls_spec();
+    config.clickhouse.clickhouse_cluster = cluster.cluster_name().into();
+    config.clickhouse.sharding_key = "intHash64(user_id)".into();
+    config.table.database = db.into();
+    config.batching.partitions = 1;
+    config.clickhouse.schema_refresh_interval_ms = 300;
+    config.clickhouse.retry_initial_backoff_ms = 50;
+    config.clickhouse.retry_max_backoff_ms = 200;
+    config.auth.admin_token = ADMIN.into();
+    config
 }
 
 const ADMIN: &str = "cluster-admin";
@@ -366,7 +365,11 @@ async fn a_replica_sigkilled_under_load_and_restarted_loses_and_duplicates_nothi
     let db = "cl_kill";
     // The Buffers keep their rows: the killed replica loses what it held, the journal must
     // send it again once the replica is back.
-    let config = Config { partitions: 2, ..holding_buffer(gateway_config(&cluster, db)) };
+    let config = {
+        let mut config = holding_buffer(gateway_config(&cluster, db));
+        config.batching.partitions = 2;
+        config
+    };
     migrate_cluster(&config).await;
     let gw = Gateway::start(config.clone()).await;
     gw.wait_ready().await;
@@ -428,9 +431,9 @@ async fn one_saturated_shard_leaves_the_other_ingesting() {
     let db = "cl_shed";
     let mut config = holding_buffer(gateway_config(&cluster, db));
     // 18.16 reports Buffer bytes per server: each shard here is a server of its own.
-    config.buffer_capacity_bytes = 1_000_000;
-    config.shed_poll_interval_ms = 100;
-    config.flush_max_bytes = 200_000;
+    config.shed.buffer_capacity_bytes = 1_000_000;
+    config.shed.shed_poll_interval_ms = 100;
+    config.batching.flush_max_bytes = 200_000;
     migrate_cluster(&config).await;
     let gw = Gateway::start(config.clone()).await;
     gw.wait_ready().await;
@@ -487,8 +490,12 @@ async fn one_saturated_shard_leaves_the_other_ingesting() {
 /// One shard of two replicas, each replica preferred by one of the two partitions.
 async fn one_shard_of_two(name: &str, db: &str) -> (ClickHouseCluster, Config) {
     let cluster = ClickHouseCluster::start(name, 1, 2);
-    let config =
-        Config { partitions: 2, sharding_key: "rand()".into(), ..holding_buffer(gateway_config(&cluster, db)) };
+    let config = {
+        let mut config = holding_buffer(gateway_config(&cluster, db));
+        config.batching.partitions = 2;
+        config.clickhouse.sharding_key = "rand()".into();
+        config
+    };
     migrate_cluster(&config).await;
     (cluster, config)
 }
@@ -547,7 +554,7 @@ async fn a_frozen_replica_s_inserts_are_settled_on_it_never_sent_to_the_other() 
     let _serial = SERIAL.lock().await;
     let db = "cl_frozen";
     let (cluster, mut config) = one_shard_of_two("cl-frozen", db).await;
-    config.clickhouse_timeout_ms = 1_000;
+    config.clickhouse.clickhouse_timeout_ms = 1_000;
     let gw = Gateway::start(config).await;
     gw.wait_ready().await;
     // Frozen, its INSERTs time out: they may land once it thaws, so they stay with it. (Thawed

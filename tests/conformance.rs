@@ -84,7 +84,11 @@ fn encode_file(path: &std::path::Path, columns: Vec<ColumnInfo>, events: &[Value
 fn seed_schema_on_a_modern_server_round_trips_through_the_buffer() {
     let dir = common::scratch("conformance-seed");
     let session = dir.join("session");
-    let config = Config { database: "conf".into(), ..Config::default() };
+    let config = {
+        let mut config = Config::default();
+        config.table.database = "conf".into();
+        config
+    };
     let caps = Capabilities::modern();
     let ddl_destination = migrate::destination_ddl(&config, &caps);
     let ddl_buffer = migrate::buffer_ddl(&config);

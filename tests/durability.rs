@@ -24,9 +24,9 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// A Buffer that keeps rows in memory (hour-long thresholds), a journal checked often.
 fn holding_buffer(ch: &ClickHouseServer, db: &str, data_dir: &std::path::Path) -> Config {
     let mut config = common::holding_buffer(config(ch, db));
-    config.data_dir = data_dir.display().to_string();
-    config.confirm_interval_ms = 200;
-    config.admin_token = ADMIN.into();
+    config.journal.data_dir = data_dir.display().to_string();
+    config.journal.confirm_interval_ms = 200;
+    config.auth.admin_token = ADMIN.into();
     config
 }
 
@@ -59,8 +59,8 @@ async fn stored(ch: &ClickHouseServer, table: &str) -> std::collections::HashMap
 
 /// Every acknowledged id stored exactly once, and nothing stored twice.
 async fn assert_exactly_once(ch: &ClickHouseServer, config: &Config, acknowledged: &HashSet<Uuid>) {
-    let table = format!("`{}`.`{}`", config.database, config.destination_table);
-    ch.exec(&format!("OPTIMIZE TABLE `{}`.`{}`", config.database, config.buffer_table)).await;
+    let table = format!("`{}`.`{}`", config.table.database, config.table.destination_table);
+    ch.exec(&format!("OPTIMIZE TABLE `{}`.`{}`", config.table.database, config.table.buffer_table)).await;
     let stored = stored(ch, &table).await;
     let twice: Vec<_> = stored.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "{} ids stored more than once, e.g. {:?}", twice.len(), twice.first());
@@ -89,7 +89,7 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 
 /// Waits until the Buffer table (its memory and the destination) shows `n` rows.
 async fn until_buffer_holds(ch: &ClickHouseServer, config: &Config, n: u64, what: &str) {
-    let table = format!("`{}`.`{}`", config.database, config.buffer_table);
+    let table = format!("`{}`.`{}`", config.table.database, config.table.buffer_table);
     eventually(Duration::from_secs(60), what, || async {
         let count = ch.count(&table).await;
         count == n
@@ -112,7 +112,7 @@ async fn clickhouse_killed_with_a_full_buffer_loses_nothing() {
         assert_eq!((status, answer["accepted"].as_u64()), (200, Some(100)), "{answer}");
         acknowledged.extend(ids);
     }
-    let destination = format!("`{}`.`{}`", config.database, config.destination_table);
+    let destination = format!("`{}`.`{}`", config.table.database, config.table.destination_table);
     assert_eq!(ch.count(&destination).await, 0, "the rows are in the Buffer's memory only");
     // The confirmer has seen the server alive with these blocks owed and settled: the kill is
     // a restart to it.
@@ -141,7 +141,7 @@ async fn clickhouse_frozen_past_the_insert_timeout_stores_once() {
     let _serial = SERIAL.lock().await;
     let ch = ClickHouseServer::start("durability-stop");
     let mut config = holding_buffer(&ch, "dur_stop", &scratch("dur-stop-data"));
-    config.clickhouse_timeout_ms = 1000;
+    config.clickhouse.clickhouse_timeout_ms = 1000;
     migrate(&config).await;
     let gw = Gateway::start(config.clone()).await;
     gw.wait_ready().await;
@@ -168,16 +168,16 @@ async fn a_fallback_insert_that_may_have_landed_is_settled_not_stored_twice() {
     let _serial = SERIAL.lock().await;
     let ch = std::sync::Arc::new(ClickHouseServer::start("durability-fallback"));
     let mut config = holding_buffer(&ch, "dur_fallback", &scratch("dur-fallback-data"));
-    config.shed_mode = ShedMode::Fallback;
-    config.fallback_table = "events_fallback".into();
+    config.shed.shed_mode = ShedMode::Fallback;
+    config.shed.fallback_table = "events_fallback".into();
     // Any row in the Buffer saturates it: every request after the first is diverted.
-    (config.shed_threshold, config.shed_resume) = (1e-9, 1e-9);
-    config.shed_poll_interval_ms = 100;
-    config.clickhouse_timeout_ms = 1_000;
+    (config.shed.shed_threshold, config.shed.shed_resume) = (1e-9, 1e-9);
+    config.shed.shed_poll_interval_ms = 100;
+    config.clickhouse.clickhouse_timeout_ms = 1_000;
     migrate(&config).await;
     let gw = Gateway::start(config.clone()).await;
     gw.wait_ready().await;
-    let fallback = format!("`{}`.`{}`", config.database, config.fallback_table);
+    let fallback = format!("`{}`.`{}`", config.table.database, config.shed.fallback_table);
     eventually(Duration::from_secs(20), "requests diverted to the fallback table", || async {
         gw.post_json(&events(10).1).await.0 == 200 && ch.count(&fallback).await > 0
     })
@@ -204,7 +204,7 @@ async fn a_fallback_insert_that_may_have_landed_is_settled_not_stored_twice() {
     thaw.await.unwrap();
     assert_eq!(answers.last().map(|a| a.0), Some(200), "answered at last: {answers:?}");
     let in_fallback = stored(&ch, &fallback).await;
-    ch.exec(&format!("OPTIMIZE TABLE `{}`.`{}`", config.database, config.buffer_table)).await;
+    ch.exec(&format!("OPTIMIZE TABLE `{}`.`{}`", config.table.database, config.table.buffer_table)).await;
     let in_destination = stored(&ch, &gw.destination()).await;
     for id in &ids {
         let copies = in_fallback.get(id).unwrap_or(&0) + in_destination.get(id).unwrap_or(&0);
@@ -221,7 +221,7 @@ struct GatewayProcess {
 
 async fn spawn_gateway(config: &Config, log: &std::path::Path) -> GatewayProcess {
     let process = Process::spawn(command(config, &["serve"]), log);
-    let url = format!("http://{}", config.listen);
+    let url = format!("http://{}", config.http.listen);
     eventually(Duration::from_secs(30), "the gateway process to be ready", || {
         let url = format!("{url}/readyz");
         async move { http().get(url).send().await.is_ok_and(|r| r.status().is_success()) }
@@ -269,8 +269,8 @@ async fn gateway_killed_with_answered_requests_in_flight_restarts_exactly_once()
     let _serial = SERIAL.lock().await;
     let ch = ClickHouseServer::start("durability-gw");
     let mut config = holding_buffer(&ch, "dur_gw", &scratch("dur-gw-data"));
-    config.listen = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
-    config.flush_linger_ms = 20;
+    config.http.listen = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
+    config.batching.flush_linger_ms = 20;
     migrate(&config).await;
     let logs = scratch("dur-gw-logs");
     let gateway = spawn_gateway(&config, &logs.join("first.log")).await;
@@ -285,7 +285,7 @@ async fn gateway_killed_with_answered_requests_in_flight_restarts_exactly_once()
 
 /// Exactly once, waiting for the restarted gateway to have settled its journal.
 async fn assert_exactly_once_eventually(ch: &ClickHouseServer, config: &Config, acknowledged: &HashSet<Uuid>) {
-    let table = format!("`{}`.`{}`", config.database, config.buffer_table);
+    let table = format!("`{}`.`{}`", config.table.database, config.table.buffer_table);
     eventually(Duration::from_secs(60), "every acknowledged id to be stored", || async {
         let stored = stored(ch, &table).await;
         acknowledged.iter().all(|id| stored.contains_key(id))
@@ -300,7 +300,7 @@ async fn gateway_and_clickhouse_killed_together_and_a_torn_journal_lose_nothing(
     let ch = ClickHouseServer::start("durability-both");
     let data = scratch("dur-both-data");
     let mut config = holding_buffer(&ch, "dur_both", &data);
-    config.listen = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
+    config.http.listen = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
     migrate(&config).await;
     let logs = scratch("dur-both-logs");
     let gateway = spawn_gateway(&config, &logs.join("first.log")).await;
@@ -335,9 +335,9 @@ async fn a_full_journal_answers_503_journal_full() {
     let _serial = SERIAL.lock().await;
     let ch = common::clickhouse();
     let mut config = holding_buffer(ch, &ch.fresh_database("dur_full"), &scratch("dur-full-data"));
-    config.journal_max_bytes = 256 * 1024;
-    config.journal_segment_bytes = 64 * 1024;
-    config.flush_max_bytes = 16 * 1024;
+    config.journal.journal_max_bytes = 256 * 1024;
+    config.journal.journal_segment_bytes = 64 * 1024;
+    config.batching.flush_max_bytes = 16 * 1024;
     migrate(&config).await;
     let gw = Gateway::start(config.clone()).await;
     gw.wait_ready().await;
@@ -420,13 +420,13 @@ async fn wait_visible_answers_once_the_rows_are_in_the_destination() {
     let ch = common::clickhouse();
     let mut config = holding_buffer(ch, &ch.fresh_database("dur_visible"), &scratch("dur-visible-data"));
     // The Buffer flushes by time only, two seconds after a layer's first row.
-    config.buffer_min_time = 2;
-    config.buffer_max_time = 2;
-    config.confirm_grace_ms = 500;
+    config.table.buffer_min_time = 2;
+    config.table.buffer_max_time = 2;
+    config.journal.confirm_grace_ms = 500;
     migrate(&config).await;
     let gw = Gateway::start(config.clone()).await;
     gw.wait_ready().await;
-    let destination = format!("`{}`.`{}`", config.database, config.destination_table);
+    let destination = format!("`{}`.`{}`", config.table.database, config.table.destination_table);
     let (ids, body) = events(30);
     let (status, answer) = post(&format!("{}/v1/events?wait=visible", gw.url), &body).await.unwrap();
     assert_eq!((status, answer["accepted"].as_u64()), (200, Some(30)), "{answer}");
@@ -436,7 +436,11 @@ async fn wait_visible_answers_once_the_rows_are_in_the_destination() {
     gw.stop().await;
 
     // Without the journal there is nothing to confirm with: the request is refused.
-    let off = Config { journal: false, ..config };
+    let off = {
+        let mut config = config;
+        config.journal.journal = false;
+        config
+    };
     let gw = Gateway::start(off).await;
     gw.wait_ready().await;
     let (status, answer) = post(&format!("{}/v1/events?wait=visible", gw.url), &events(1).1).await.unwrap();

@@ -49,9 +49,9 @@ impl Store {
 
 async fn setup(ch: &ClickHouseServer, prefix: &str, store: Store, tune: impl FnOnce(&mut Config)) -> Gateway {
     let mut config = config(ch, &ch.fresh_database(prefix));
-    config.redis_url = store.url();
+    config.idempotency.redis_url = store.url();
     // Databases are fresh per test, but the Redis servers are shared: keep keys apart.
-    config.dedup_key_prefix = format!("{}:", config.database);
+    config.idempotency.dedup_key_prefix = format!("{}:", config.table.database);
     tune(&mut config);
     migrate(&config).await;
     let gw = Gateway::start(config).await;
@@ -188,9 +188,9 @@ async fn concurrent_senders_store_one_copy(store: Store) {
 async fn a_failed_write_is_not_remembered(store: Store) {
     let ch = ClickHouseServer::start(&format!("idem-chdown-{store:?}"));
     let gw = setup(&ch, "chdown", store, |c| {
-        c.insert_retries = 1;
-        c.circuit_failures = 0;
-        c.clickhouse_timeout_ms = 2_000;
+        c.clickhouse.insert_retries = 1;
+        c.clickhouse.circuit_failures = 0;
+        c.clickhouse.clickhouse_timeout_ms = 2_000;
     })
     .await;
     ch.kill();
@@ -209,8 +209,8 @@ async fn idempotency_key_replays_conflicts_and_refuses_reuse(store: Store) {
     // The first request's batch lingers until the admin flush below, so it is still in flight
     // for the retry however long the steps in between take.
     let gw = setup(ch, "reqkey", store, |c| {
-        c.flush_linger_ms = 600_000;
-        c.admin_token = "admin".into();
+        c.batching.flush_linger_ms = 600_000;
+        c.auth.admin_token = "admin".into();
     })
     .await;
     let post = |key: &'static str, batch: Value| {
@@ -330,10 +330,14 @@ async fn redis_down_rejects_or_accepts_as_configured_and_recovers() {
     let ch = clickhouse();
     let own_redis = RedisServer::start("redis-down");
     let mut reject = config(ch, &ch.fresh_database("redisdown"));
-    reject.redis_url = own_redis.url.clone();
-    reject.redis_timeout_ms = 300;
+    reject.idempotency.redis_url = own_redis.url.clone();
+    reject.idempotency.redis_timeout_ms = 300;
     migrate(&reject).await;
-    let accept = Config { dedup_on_store_error: OnStoreError::Accept, ..reject.clone() };
+    let accept = {
+        let mut config = reject.clone();
+        config.idempotency.dedup_on_store_error = OnStoreError::Accept;
+        config
+    };
     let (gw_reject, gw_accept) = (Gateway::start(reject).await, Gateway::start(accept).await);
     gw_reject.wait_ready().await;
     own_redis.kill();
@@ -375,17 +379,17 @@ async fn redis_down_rejects_or_accepts_as_configured_and_recovers() {
 async fn a_gateway_killed_mid_flush_leaves_leases_that_expire_and_the_retry_stores_once() {
     let ch = clickhouse();
     let mut config = config(ch, &ch.fresh_database("sigkill"));
-    config.redis_url = redis().url.clone();
-    config.dedup_key_prefix = format!("{}:", config.database);
-    config.flush_linger_ms = 5_000;
-    config.dedup_lease_ms = 1_500;
-    config.dedup_pending_wait_ms = 6_000;
+    config.idempotency.redis_url = redis().url.clone();
+    config.idempotency.dedup_key_prefix = format!("{}:", config.table.database);
+    config.batching.flush_linger_ms = 5_000;
+    config.idempotency.dedup_lease_ms = 1_500;
+    config.idempotency.dedup_pending_wait_ms = 6_000;
     migrate(&config).await;
     let dir = common::scratch("sigkill");
     let start = |config: &Config, log: &str| {
         let mut config = config.clone();
         let port = free_port();
-        config.listen = format!("127.0.0.1:{port}").parse().unwrap();
+        config.http.listen = format!("127.0.0.1:{port}").parse().unwrap();
         (Process::spawn(command(&config, &["serve"]), &dir.join(log)), format!("http://127.0.0.1:{port}"))
     };
     let (first, url) = start(&config, "first.log");
@@ -404,16 +408,17 @@ async fn a_gateway_killed_mid_flush_leaves_leases_that_expire_and_the_retry_stor
     first.signal(libc::SIGKILL);
     assert!(in_flight.await.unwrap().is_err(), "the producer never got an answer");
 
-    config.flush_linger_ms = 0;
+    config.batching.flush_linger_ms = 0;
     let (_second, url) = start(&config, "second.log");
     ready(url.clone()).await;
     let response = http().post(format!("{url}/v1/events")).json(&events(1, 10)).send().await.unwrap();
     assert_eq!(response.status().as_u16(), 200);
     let body: Value = response.json().await.unwrap();
     assert_eq!((body["accepted"].as_u64(), body["duplicates"].as_u64()), (Some(10), Some(0)), "{body}");
-    ch.exec(&format!("OPTIMIZE TABLE {}.events_buffer", config.database)).await;
-    let rows =
-        ch.rows(&format!("SELECT count() AS n, uniqExact(event_id) AS u FROM {}.events_raw", config.database)).await;
+    ch.exec(&format!("OPTIMIZE TABLE {}.events_buffer", config.table.database)).await;
+    let rows = ch
+        .rows(&format!("SELECT count() AS n, uniqExact(event_id) AS u FROM {}.events_raw", config.table.database))
+        .await;
     assert_eq!(rows[0], json!({"n": "10", "u": "10"}));
 }
 
@@ -496,7 +501,11 @@ async fn concurrent_reservations_share_calls_and_each_key_goes_to_one_request() 
 async fn a_requests_partitions_are_reserved_and_answered_in_order(store: Store) {
     use buffergate::idempotency::{Idempotency, KeyState, Reservation};
 
-    let config = Config { dedup_key_prefix: "order:".into(), ..Config::default() };
+    let config = {
+        let mut config = Config::default();
+        config.idempotency.dedup_key_prefix = "order:".into();
+        config
+    };
     let idem = Idempotency::new(buffergate::idempotency::Store::Redis(redis_store(&store.url())), &config);
     let tokens = Idempotency::new_tokens(3);
     let keys: Vec<(usize, Vec<u8>)> = (0..9000u32).map(|i| (i as usize % 3, i.to_le_bytes().to_vec())).collect();
@@ -516,7 +525,12 @@ async fn ids_are_seen_across_a_slot_boundary_and_old_slots_are_removed() {
     use buffergate::idempotency::{Idempotency, KeyState, Reservation, Store};
 
     let window = 1000u64;
-    let config = Config { dedup_window_ms: window, dedup_key_prefix: "slots:".into(), ..Config::default() };
+    let config = {
+        let mut config = Config::default();
+        config.idempotency.dedup_window_ms = window;
+        config.idempotency.dedup_key_prefix = "slots:".into();
+        config
+    };
     let idem = Idempotency::new(Store::Redis(redis_store(&redis().url)), &config);
     let client = redis::Client::open(redis().url.as_str()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
@@ -554,7 +568,12 @@ async fn redis_reservations_commit_release_and_expire_per_partition(store: Store
     use buffergate::idempotency::{Idempotency, KeyState, Reservation};
 
     let prefix = "semantics:";
-    let config = Config { dedup_lease_ms: 300, dedup_key_prefix: prefix.into(), ..Config::default() };
+    let config = {
+        let mut config = Config::default();
+        config.idempotency.dedup_lease_ms = 300;
+        config.idempotency.dedup_key_prefix = prefix.into();
+        config
+    };
     let key = |name: &str| name.as_bytes().to_vec();
     let idem = Idempotency::new(buffergate::idempotency::Store::Redis(redis_store(&store.url())), &config);
     let (t1, t2) = (Idempotency::new_tokens(2), Idempotency::new_tokens(1));
@@ -593,13 +612,13 @@ async fn a_cluster_primary_killed_under_load_loses_no_committed_id() {
     let ch = clickhouse();
     let redis = RedisCluster::start("redis-failover", 3, 1);
     let mut config = config(ch, &ch.fresh_database("failover"));
-    config.redis_url = redis.url.clone();
-    config.redis_wait_replicas = 1;
-    config.redis_wait_timeout_ms = 500;
-    config.redis_timeout_ms = 500;
+    config.idempotency.redis_url = redis.url.clone();
+    config.idempotency.redis_wait_replicas = 1;
+    config.idempotency.redis_wait_timeout_ms = 500;
+    config.idempotency.redis_timeout_ms = 500;
     migrate(&config).await;
     let port = free_port();
-    config.listen = format!("127.0.0.1:{port}").parse().unwrap();
+    config.http.listen = format!("127.0.0.1:{port}").parse().unwrap();
     let dir = common::scratch("failover-gateway");
     let _gateway = Process::spawn(command(&config, &["serve"]), &dir.join("gateway.log"));
     let url = format!("http://127.0.0.1:{port}");
@@ -650,8 +669,8 @@ async fn a_cluster_primary_killed_under_load_loses_no_committed_id() {
         refused += tokio::time::timeout(Duration::from_secs(120), sender).await.expect("producers finish").unwrap();
     }
     let total = producers * batches * 10;
-    let destination = format!("`{}`.`{}`", config.database, config.destination_table);
-    ch.exec(&format!("OPTIMIZE TABLE `{}`.`{}`", config.database, config.buffer_table)).await;
+    let destination = format!("`{}`.`{}`", config.table.database, config.table.destination_table);
+    ch.exec(&format!("OPTIMIZE TABLE `{}`.`{}`", config.table.database, config.table.buffer_table)).await;
     let count = format!("SELECT toString(count()) AS n, toString(uniqExact(event_id)) AS u FROM {destination}");
     let once = json!({"n": total.to_string(), "u": total.to_string()});
     assert_eq!(ch.rows(&count).await[0], once, "every acknowledged event once ({refused} refusals retried)");
@@ -670,6 +689,6 @@ async fn a_cluster_primary_killed_under_load_loses_no_committed_id() {
             assert_eq!(accepted, Some(0), "batch {p}/{b} again: {answer:?}");
         }
     }
-    ch.exec(&format!("OPTIMIZE TABLE `{}`.`{}`", config.database, config.buffer_table)).await;
+    ch.exec(&format!("OPTIMIZE TABLE `{}`.`{}`", config.table.database, config.table.buffer_table)).await;
     assert_eq!(ch.rows(&count).await[0], once);
 }

@@ -63,9 +63,9 @@ async fn json_array_lands_in_the_destination_exactly() {
 async fn large_and_small_requests_in_one_insert_land_exactly() {
     let ch = clickhouse();
     let mut config = config(ch, &ch.fresh_database("blocks"));
-    config.partitions = 1;
+    config.batching.partitions = 1;
     // Long enough for the three requests to share the partition's one INSERT.
-    config.flush_linger_ms = 300;
+    config.batching.flush_linger_ms = 300;
     migrate(&config).await;
     let gw = Gateway::start(config).await;
     let events = |from: u64, n: u64| Value::Array((from..from + n).map(seed_event).collect());
@@ -221,11 +221,11 @@ async fn every_type(prefix: &str, extra: &str, format: InsertFormat) {
     ch.exec(&format!("CREATE TABLE {db}.buf AS {db}.raw ENGINE = Buffer({db}, raw, 1, 100, 100, 1000000, 1000000, 100000000, 100000000)"))
         .await;
     let mut config = config(ch, &db);
-    config.buffer_table = "buf".into();
-    config.destination_table = "raw".into();
-    config.insert_format = format;
+    config.table.buffer_table = "buf".into();
+    config.table.destination_table = "raw".into();
+    config.clickhouse.insert_format = format;
     // Its queries are logged (scripts/clickhouse-server.sh): the test sees the INSERTs' format.
-    config.clickhouse_user = "logged".into();
+    config.clickhouse.clickhouse_user = "logged".into();
     // The format the gateway's schema picks for this table (it is built from the same DESCRIBE).
     let described: Vec<ColumnInfo> = ch
         .rows(&format!("DESCRIBE TABLE {db}.buf"))
@@ -298,10 +298,10 @@ async fn limits_and_bad_requests_get_precise_json_errors_and_store_nothing() {
     let ch = clickhouse();
     let db = ch.fresh_database("limits");
     let mut config = config(ch, &db);
-    config.max_body_bytes = 64 * 1024;
-    config.max_decompressed_bytes = 128 * 1024;
-    config.max_events_per_request = 100;
-    config.body_timeout_ms = 300;
+    config.http.max_body_bytes = 64 * 1024;
+    config.http.max_decompressed_bytes = 128 * 1024;
+    config.http.max_events_per_request = 100;
+    config.http.body_timeout_ms = 300;
     migrate(&config).await;
     let gw = Gateway::start(config).await;
 

@@ -176,19 +176,19 @@ fn fresh(prefix: &str) -> String {
 /// of its own, commits and lag read often, leases short enough to wait out in a test.
 fn consumer_config(ch: &ClickHouseServer, db: &str, topic: &str) -> Config {
     let mut config = config(ch, db);
-    config.listen = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
-    config.data_dir = scratch(&fresh("kafka-data")).display().to_string();
-    config.redis_url = redis().url.clone();
-    config.dedup_key_prefix = format!("{db}:");
-    config.dedup_lease_ms = 3_000;
-    config.confirm_interval_ms = 200;
-    config.flush_linger_ms = 20;
-    config.kafka_brokers = broker().address.clone();
-    config.kafka_topics = topic.to_string();
-    config.kafka_group = format!("{topic}-group");
-    config.kafka_commit_interval_ms = 200;
-    config.kafka_lag_interval_ms = 300;
-    config.kafka_properties = "session.timeout.ms=6000\nheartbeat.interval.ms=500\nfetch.wait.max.ms=100".into();
+    config.http.listen = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
+    config.journal.data_dir = scratch(&fresh("kafka-data")).display().to_string();
+    config.idempotency.redis_url = redis().url.clone();
+    config.idempotency.dedup_key_prefix = format!("{db}:");
+    config.idempotency.dedup_lease_ms = 3_000;
+    config.journal.confirm_interval_ms = 200;
+    config.batching.flush_linger_ms = 20;
+    config.kafka.kafka_brokers = broker().address.clone();
+    config.kafka.kafka_topics = topic.to_string();
+    config.kafka.kafka_group = format!("{topic}-group");
+    config.kafka.kafka_commit_interval_ms = 200;
+    config.kafka.kafka_lag_interval_ms = 300;
+    config.kafka.kafka_properties = "session.timeout.ms=6000\nheartbeat.interval.ms=500\nfetch.wait.max.ms=100".into();
     config
 }
 
@@ -203,7 +203,7 @@ impl ConsumerProcess {
     /// Starts the consumer and waits until it has joined its group with partitions.
     async fn start(config: &Config, log: &Path) -> ConsumerProcess {
         let process = Process::spawn(command(config, &["consume"]), log);
-        let consumer = ConsumerProcess { url: format!("http://{}", config.listen), process };
+        let consumer = ConsumerProcess { url: format!("http://{}", config.http.listen), process };
         eventually(Duration::from_secs(60), "the consumer to join its group", || async {
             consumer.kafka().await["assigned_partitions"].as_u64().is_some_and(|n| n > 0)
         })
@@ -258,7 +258,7 @@ fn events(from: u64, to: u64) -> Vec<String> {
 async fn stored(ch: &ClickHouseServer, config: &Config) -> HashMap<u64, u64> {
     let sql = format!(
         "SELECT user_id AS u, count() AS n FROM `{}`.`{}` GROUP BY user_id",
-        config.database, config.buffer_table
+        config.table.database, config.table.buffer_table
     );
     let number = |v: &Value| v.as_u64().or_else(|| v.as_str()?.parse().ok()).unwrap();
     query(ch, &sql).await.iter().map(|r| (number(&r["u"]), number(&r["n"]))).collect()
@@ -286,7 +286,7 @@ async fn query(ch: &ClickHouseServer, sql: &str) -> Vec<Value> {
 }
 
 async fn rows(ch: &ClickHouseServer, config: &Config) -> u64 {
-    let sql = format!("SELECT count() AS c FROM `{}`.`{}`", config.database, config.buffer_table);
+    let sql = format!("SELECT count() AS c FROM `{}`.`{}`", config.table.database, config.table.buffer_table);
     let c = &query(ch, &sql).await[0]["c"];
     c.as_u64().or_else(|| c.as_str()?.parse().ok()).unwrap()
 }
@@ -308,7 +308,7 @@ async fn assert_exactly_once(ch: &ClickHouseServer, config: &Config, n: u64) {
 /// spread round robin.
 async fn assert_committed_ends(config: &Config, n: u64) {
     let ends: Vec<i64> = (0..PARTITIONS as u64).map(|p| (n / 3 + u64::from(p < n % 3)) as i64).collect();
-    let (group, topic) = (config.kafka_group.clone(), config.kafka_topics.clone());
+    let (group, topic) = (config.kafka.kafka_group.clone(), config.kafka.kafka_topics.clone());
     eventually(Duration::from_secs(30), "the offsets committed at the ends", || {
         let (group, topic, ends) = (group.clone(), topic.clone(), ends.clone());
         async move { tokio::task::spawn_blocking(move || broker().committed(&group, &topic)).await.unwrap() == ends }
@@ -340,7 +340,7 @@ async fn ten_thousand_messages_over_three_partitions_are_stored_once_and_committ
     let _serial = SERIAL.lock().await;
     let ch = clickhouse();
     let (config, logs) = setup(ch, "k_all", |c| c).await;
-    produce(&config.kafka_topics, events(0, 10_000)).await;
+    produce(&config.kafka.kafka_topics, events(0, 10_000)).await;
 
     let consumer = ConsumerProcess::start(&config, &logs.join("consumer.log")).await;
     assert_eq!(consumer.kafka().await["assigned_partitions"], json!(PARTITIONS), "one member has them all");
@@ -356,7 +356,7 @@ async fn a_consumer_sigkilled_twice_mid_stream_stores_every_message_once() {
     let _serial = SERIAL.lock().await;
     let ch = clickhouse();
     let (config, logs) = setup(ch, "k_kill", |c| c).await;
-    produce(&config.kafka_topics, events(0, 9_000)).await;
+    produce(&config.kafka.kafka_topics, events(0, 9_000)).await;
 
     for (round, at_least) in [(0, 1_500), (1, 4_500)] {
         let consumer = ConsumerProcess::start(&config, &logs.join(format!("consumer-{round}.log"))).await;
@@ -378,7 +378,7 @@ async fn clickhouse_killed_with_a_full_buffer_while_consuming_loses_nothing() {
     let _serial = SERIAL.lock().await;
     let ch = ClickHouseServer::start("kafka-chkill");
     let (config, logs) = setup(&ch, "k_chkill", holding_buffer).await;
-    produce(&config.kafka_topics, events(0, 3_000)).await;
+    produce(&config.kafka.kafka_topics, events(0, 3_000)).await;
     let consumer = ConsumerProcess::start(&config, &logs.join("consumer.log")).await;
     eventually(Duration::from_secs(60), "the Buffer to hold the first messages", || async {
         rows(&ch, &config).await >= 3_000
@@ -389,7 +389,7 @@ async fn clickhouse_killed_with_a_full_buffer_while_consuming_loses_nothing() {
     // committed for journaled rows, so only the journal has them now.
     assert_committed_ends(&config, 3_000).await;
     ch.kill();
-    produce(&config.kafka_topics, events(3_000, 4_500)).await;
+    produce(&config.kafka.kafka_topics, events(3_000, 4_500)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     ch.restart();
     assert_exactly_once(&ch, &config, 4_500).await;
@@ -409,11 +409,11 @@ async fn poison_messages_go_to_the_dead_letter_topic_with_reasons_and_the_rest_i
     .await
     .unwrap();
     let (config, logs) = setup(ch, "k_poison", |mut c| {
-        c.kafka_dead_letter_topic = dead.clone();
+        c.kafka.kafka_dead_letter_topic = dead.clone();
         c
     })
     .await;
-    let topic = config.kafka_topics.clone();
+    let topic = config.kafka.kafka_topics.clone();
     // Poison on partition 0 between good messages: bad JSON, a wrong type, and an array with
     // one good and one bad event.
     let mut values = events(0, 300);
@@ -461,17 +461,17 @@ async fn a_saturated_buffer_pauses_the_partitions_until_it_drains() {
     let ch = ClickHouseServer::start("kafka-pause");
     let (config, logs) = setup(&ch, "k_pause", |c| {
         let mut c = holding_buffer(c);
-        c.buffer_min_bytes = 1_000_000;
-        c.buffer_max_bytes = 2_000_000;
-        c.flush_max_bytes = 100_000;
-        c.shed_poll_interval_ms = 50;
+        c.table.buffer_min_bytes = 1_000_000;
+        c.table.buffer_max_bytes = 2_000_000;
+        c.batching.flush_max_bytes = 100_000;
+        c.shed.shed_poll_interval_ms = 50;
         // Little in hand when the pause comes, so that the Buffer stays under max_bytes and
         // does not flush itself.
-        c.kafka_max_in_flight = 100;
+        c.kafka.kafka_max_in_flight = 100;
         c
     })
     .await;
-    produce(&config.kafka_topics, large_events(0, 3_000)).await;
+    produce(&config.kafka.kafka_topics, large_events(0, 3_000)).await;
     let consumer = ConsumerProcess::start(&config, &logs.join("consumer.log")).await;
     // (The partitions also pause for a moment whenever kafka_max_in_flight messages are in
     // flight: the shed pause is the one that lasts with the Buffer near 80% of 2 MB.)
@@ -501,7 +501,7 @@ async fn a_saturated_buffer_pauses_the_partitions_until_it_drains() {
     assert_eq!(gauge(&consumer.metrics().await, "buffergate_kafka_paused_partitions"), 3.0, "still paused");
 
     // Flushing the Buffer into the MergeTree empties it: the consumer resumes and drains.
-    let flush = format!("OPTIMIZE TABLE `{}`.`{}`", config.database, config.buffer_table);
+    let flush = format!("OPTIMIZE TABLE `{}`.`{}`", config.table.database, config.table.buffer_table);
     eventually(Duration::from_secs(120), "every message consumed", || async {
         ch.exec(&flush).await;
         rows(&ch, &config).await >= 3_000
@@ -521,11 +521,11 @@ async fn two_consumers_split_the_partitions_and_one_takes_over_when_the_other_le
     let _serial = SERIAL.lock().await;
     let ch = clickhouse();
     let (config, logs) = setup(ch, "k_group", |c| c).await;
-    produce(&config.kafka_topics, events(0, 3_000)).await;
+    produce(&config.kafka.kafka_topics, events(0, 3_000)).await;
     let first = ConsumerProcess::start(&config, &logs.join("first.log")).await;
     let mut second_config = config.clone();
-    second_config.listen = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
-    second_config.data_dir = scratch(&fresh("kafka-data")).display().to_string();
+    second_config.http.listen = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
+    second_config.journal.data_dir = scratch(&fresh("kafka-data")).display().to_string();
     let second = ConsumerProcess::start(&second_config, &logs.join("second.log")).await;
     eventually(Duration::from_secs(60), "the partitions split between the two", || async {
         let a = first.kafka().await["assigned_partitions"].as_u64().unwrap_or(0);
@@ -533,7 +533,7 @@ async fn two_consumers_split_the_partitions_and_one_takes_over_when_the_other_le
         a > 0 && b > 0 && a + b == PARTITIONS as u64
     })
     .await;
-    produce(&config.kafka_topics, events(3_000, 6_000)).await;
+    produce(&config.kafka.kafka_topics, events(3_000, 6_000)).await;
     eventually(Duration::from_secs(60), "both consuming", || async { rows(ch, &config).await >= 4_000 }).await;
 
     first.stop();
@@ -541,7 +541,7 @@ async fn two_consumers_split_the_partitions_and_one_takes_over_when_the_other_le
         second.kafka().await["assigned_partitions"] == json!(PARTITIONS)
     })
     .await;
-    produce(&config.kafka_topics, events(6_000, 9_000)).await;
+    produce(&config.kafka.kafka_topics, events(6_000, 9_000)).await;
     assert_exactly_once(ch, &config, 9_000).await;
     assert_committed_ends(&config, 9_000).await;
     second.stop();

@@ -17,8 +17,8 @@ async fn creates_the_seed_schema_idempotently_with_the_closest_types() {
     let ch = clickhouse();
     let db = ch.fresh_database("migrate");
     let mut config = config(ch, &db);
-    config.buffer_num_layers = 4;
-    config.buffer_max_bytes = 64 * 1024 * 1024;
+    config.table.buffer_num_layers = 4;
+    config.table.buffer_max_bytes = 64 * 1024 * 1024;
     let (ok, stderr) = run(&mut command(&config, &["migrate"]));
     assert!(ok, "{stderr}");
     assert!(stderr.contains("no DateTime64") && stderr.contains("no Map"), "says what it adapted: {stderr}");

@@ -25,7 +25,7 @@ async fn cores() -> u64 {
 async fn setup(prefix: &str, tune: impl FnOnce(&mut Config)) -> Config {
     let ch = clickhouse();
     let mut config = config(ch, &ch.fresh_database(prefix));
-    config.buffer_num_layers = cores().await as u32;
+    config.table.buffer_num_layers = cores().await as u32;
     tune(&mut config);
     migrate(&config).await;
     config
@@ -56,14 +56,26 @@ async fn check_passes_a_good_setup_and_flags_each_problem() {
     let cases: Vec<(&str, Config, Options, &str, Severity)> = vec![
         (
             "min_bytes",
-            setup("check_minbytes", |c| c.buffer_min_bytes = 1000).await,
+            setup("check_minbytes", |c| c.table.buffer_min_bytes = 1000).await,
             GOOD,
             "min_bytes",
             Severity::Warning,
         ),
-        ("layers", setup("check_layers", |c| c.buffer_num_layers = 64).await, GOOD, "num_layers", Severity::Warning),
+        (
+            "layers",
+            setup("check_layers", |c| c.table.buffer_num_layers = 64).await,
+            GOOD,
+            "num_layers",
+            Severity::Warning,
+        ),
         ("time", good.clone(), Options { rate: Some(10.0), ..GOOD }, "time_trigger", Severity::Warning),
-        ("flush", setup("check_flush", |c| c.buffer_max_rows = 50_000).await, GOOD, "flush_sizes", Severity::Error),
+        (
+            "flush",
+            setup("check_flush", |c| c.table.buffer_max_rows = 50_000).await,
+            GOOD,
+            "flush_sizes",
+            Severity::Error,
+        ),
         ("memory", good.clone(), Options { server_memory: Some(100 << 20), ..GOOD }, "capacity", Severity::Error),
     ];
     for (name, config, options, check_name, severity) in cases {
@@ -74,30 +86,31 @@ async fn check_passes_a_good_setup_and_flags_each_problem() {
     let mv = setup("check_mv", |_| {}).await;
     ch.exec(&format!(
         "CREATE MATERIALIZED VIEW {0}.per_type ENGINE = MergeTree() ORDER BY event_type AS SELECT event_type, count() AS n FROM {0}.events_buffer GROUP BY event_type",
-        mv.database
+        mv.table.database
     ))
     .await;
     assert!(findings(&mv, GOOD).await.contains(&("materialized_views", Severity::Warning)));
 
     let columns = setup("check_columns", |_| {}).await;
-    ch.exec(&format!("ALTER TABLE {}.events_buffer MODIFY COLUMN payload FixedString(8)", columns.database)).await;
+    ch.exec(&format!("ALTER TABLE {}.events_buffer MODIFY COLUMN payload FixedString(8)", columns.table.database))
+        .await;
     assert!(findings(&columns, GOOD).await.contains(&("columns", Severity::Error)));
 
     let missing = setup("check_missing", |_| {}).await;
-    ch.exec(&format!("DROP TABLE {}.events_raw", missing.database)).await;
+    ch.exec(&format!("DROP TABLE {}.events_raw", missing.table.database)).await;
     assert!(findings(&missing, GOOD).await.contains(&("destination", Severity::Error)));
 
     let chained = setup("check_chained", |_| {}).await;
-    let db = &chained.database;
+    let db = &chained.table.database;
     ch.exec(&format!("CREATE TABLE {db}.inner AS {db}.events_raw ENGINE = Buffer({db}, events_raw, 1, 10, 60, 10, 100, 10000000, 100000000)")).await;
     ch.exec(&format!("DROP TABLE {db}.events_buffer")).await;
     ch.exec(&format!("CREATE TABLE {db}.events_buffer AS {db}.events_raw ENGINE = Buffer({db}, inner, 2, 10, 60, 100000, 1000000, 10485760, 134217728)")).await;
     assert!(findings(&chained, GOOD).await.contains(&("destination", Severity::Error)));
 
-    let full = setup("check_fill", |c| c.buffer_capacity_bytes = 1000).await;
+    let full = setup("check_fill", |c| c.shed.buffer_capacity_bytes = 1000).await;
     ch.exec(&format!(
         "INSERT INTO {}.events_buffer (user_id, payload) VALUES (1, '{}')",
-        full.database,
+        full.table.database,
         "x".repeat(2000)
     ))
     .await;
@@ -113,7 +126,7 @@ async fn check_passes_a_good_setup_and_flags_each_problem() {
 async fn check_flags_a_redis_that_is_down_evicts_or_frees_in_the_foreground() {
     let redis_server = RedisServer::start("check-redis");
     let mut good = setup("check_redis", |_| {}).await;
-    good.redis_url = redis_server.url.clone();
+    good.idempotency.redis_url = redis_server.url.clone();
     let client = redis::Client::open(redis_server.url.as_str()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
     let mut set = async |name: &str, value: &str| {
@@ -131,9 +144,17 @@ async fn check_flags_a_redis_that_is_down_evicts_or_frees_in_the_foreground() {
     set("maxmemory-policy", "noeviction").await;
     assert_eq!(findings(&good, GOOD).await, vec![]);
 
-    let down = Config { redis_url: format!("redis://127.0.0.1:{}/0", free_port()), ..good.clone() };
+    let down = {
+        let mut config = good.clone();
+        config.idempotency.redis_url = format!("redis://127.0.0.1:{}/0", free_port());
+        config
+    };
     assert_eq!(findings(&down, GOOD).await, vec![("redis", Severity::Error)]);
-    let off = Config { dedup: buffergate::config::DedupMode::Off, ..down };
+    let off = {
+        let mut config = down;
+        config.idempotency.dedup = buffergate::config::DedupMode::Off;
+        config
+    };
     assert_eq!(findings(&off, GOOD).await, vec![], "without deduplication Redis is not checked");
 }
 
@@ -143,20 +164,20 @@ async fn drain_empties_a_loaded_buffer() {
     let config = setup("drain", |_| {}).await;
     ch.exec(&format!(
         "INSERT INTO {}.events_buffer (user_id) SELECT number FROM system.numbers LIMIT 1234",
-        config.database
+        config.table.database
     ))
     .await;
-    assert_eq!(ch.count(&format!("{}.events_raw", config.database)).await, 0, "the rows wait in the Buffer");
+    assert_eq!(ch.count(&format!("{}.events_raw", config.table.database)).await, 0, "the rows wait in the Buffer");
     let out = command(&config, &["drain"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("1234 rows"), "{}", String::from_utf8_lossy(&out.stdout));
-    assert_eq!(ch.count(&format!("{}.events_raw", config.database)).await, 1234);
+    assert_eq!(ch.count(&format!("{}.events_raw", config.table.database)).await, 1234);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_column_added_while_serving_loses_nothing_and_is_written_afterwards() {
     let ch = clickhouse();
-    let config = setup("addcolumn", |c| c.schema_refresh_interval_ms = 200).await;
+    let config = setup("addcolumn", |c| c.clickhouse.schema_refresh_interval_ms = 200).await;
     let gw = Arc::new(Gateway::start(config.clone()).await);
     gw.wait_ready().await;
     let (stop, acknowledged, next) =
@@ -179,7 +200,7 @@ async fn a_column_added_while_serving_loses_nothing_and_is_written_afterwards() 
     tokio::time::sleep(Duration::from_millis(500)).await;
     ch.exec(&format!(
         "ALTER TABLE {}.events_raw ADD COLUMN country LowCardinality(String) DEFAULT 'zz'",
-        config.database
+        config.table.database
     ))
     .await;
     migrate(&config).await;
@@ -205,14 +226,14 @@ async fn api_keys_and_the_admin_api() {
     let dir = common::scratch("keys");
     std::fs::write(dir.join("keys"), "# producers\nteam-a=alpha-key\nbeta-key\n").unwrap();
     let config = setup("auth", |c| {
-        c.api_keys_file = dir.join("keys").display().to_string();
-        c.api_key_rate_per_s = 1.0;
-        c.api_key_burst = 3;
-        c.admin_token = "admin-secret".into();
-        c.flush_linger_ms = 30_000;
+        c.auth.api_keys_file = dir.join("keys").display().to_string();
+        c.auth.api_key_rate_per_s = 1.0;
+        c.auth.api_key_burst = 3;
+        c.auth.admin_token = "admin-secret".into();
+        c.batching.flush_linger_ms = 30_000;
         // 202 at once, with rows left lingering: without the journal, which would hold each
         // 202 until its batch is journaled, after the linger.
-        c.journal = false;
+        c.journal.journal = false;
     })
     .await;
     let gw = Gateway::start(config).await;

@@ -21,15 +21,15 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn small_buffer(ch: &ClickHouseServer, db: &str) -> Config {
     let mut config = config(ch, db);
-    config.buffer_num_layers = 1;
-    config.buffer_min_time = 3600;
-    config.buffer_max_time = 3600;
-    config.buffer_min_rows = 10_000_000;
-    config.buffer_max_rows = 100_000_000;
-    config.buffer_min_bytes = 500_000;
-    config.buffer_max_bytes = 1_000_000;
-    config.flush_max_bytes = 200_000;
-    config.shed_poll_interval_ms = 100;
+    config.table.buffer_num_layers = 1;
+    config.table.buffer_min_time = 3600;
+    config.table.buffer_max_time = 3600;
+    config.table.buffer_min_rows = 10_000_000;
+    config.table.buffer_max_rows = 100_000_000;
+    config.table.buffer_min_bytes = 500_000;
+    config.table.buffer_max_bytes = 1_000_000;
+    config.batching.flush_max_bytes = 200_000;
+    config.shed.shed_poll_interval_ms = 100;
     config
 }
 
@@ -98,8 +98,8 @@ async fn fallback_mode_diverts_to_the_fallback_table_and_loses_nothing() {
     let _serial = SERIAL.lock().await;
     let ch = ClickHouseServer::start("shed-fallback");
     let mut config = small_buffer(&ch, "fallback");
-    config.shed_mode = ShedMode::Fallback;
-    config.fallback_table = "events_fallback".into();
+    config.shed.shed_mode = ShedMode::Fallback;
+    config.shed.fallback_table = "events_fallback".into();
     migrate(&config).await;
     let gw = Gateway::start(config).await;
     gw.wait_ready().await;
@@ -125,11 +125,15 @@ async fn an_unanswered_poll_fails_closed_or_open_as_configured() {
     let _serial = SERIAL.lock().await;
     let ch = ClickHouseServer::start("shed-stale");
     let mut closed = small_buffer(&ch, "stale");
-    closed.shed_stale_after_ms = 500;
-    closed.circuit_failures = 0;
-    closed.insert_retries = 0;
+    closed.shed.shed_stale_after_ms = 500;
+    closed.clickhouse.circuit_failures = 0;
+    closed.clickhouse.insert_retries = 0;
     migrate(&closed).await;
-    let open = Config { shed_on_stale: OnStale::FailOpen, ..closed.clone() };
+    let open = {
+        let mut config = closed.clone();
+        config.shed.shed_on_stale = OnStale::FailOpen;
+        config
+    };
     let (gw_closed, gw_open) = (Gateway::start(closed).await, Gateway::start(open).await);
     gw_closed.wait_ready().await;
     gw_open.wait_ready().await;
@@ -151,14 +155,14 @@ async fn the_in_flight_byte_budget_refuses_then_recovers() {
     let ch = clickhouse();
     let db = ch.fresh_database("budget");
     let mut config = config(ch, &db);
-    config.partitions = 1;
-    config.max_body_bytes = 64 * 1024;
-    config.max_decompressed_bytes = 64 * 1024;
-    config.max_inflight_bytes = 200 * 1024;
+    config.batching.partitions = 1;
+    config.http.max_body_bytes = 64 * 1024;
+    config.http.max_decompressed_bytes = 64 * 1024;
+    config.http.max_inflight_bytes = 200 * 1024;
     // Rows wait in the coalescer, holding their share of the budget; without the journal each
     // 202 comes at once rather than once its batch is journaled, after the linger.
-    config.flush_linger_ms = 3_000;
-    config.journal = false;
+    config.batching.flush_linger_ms = 3_000;
+    config.journal.journal = false;
     migrate(&config).await;
     let gw = Gateway::start(config).await;
     gw.wait_ready().await;
@@ -202,9 +206,9 @@ async fn the_circuit_breaker_opens_answers_at_once_and_closes_after_a_probe() {
     let ch = clickhouse();
     let db = ch.fresh_database("breaker");
     let mut config = config(ch, &db);
-    config.insert_retries = 0;
-    config.circuit_failures = 2;
-    config.circuit_open_ms = 700;
+    config.clickhouse.insert_retries = 0;
+    config.clickhouse.circuit_failures = 2;
+    config.clickhouse.circuit_open_ms = 700;
     migrate(&config).await;
     let gw = Gateway::start(config.clone()).await;
     gw.wait_ready().await;

@@ -16,9 +16,9 @@ async fn sigterm_drains_in_flight_requests_and_queued_rows() {
     let db = ch.fresh_database("sigterm");
     let mut config = config(ch, &db);
     let port = common::free_port();
-    config.listen = format!("127.0.0.1:{port}").parse().unwrap();
+    config.http.listen = format!("127.0.0.1:{port}").parse().unwrap();
     // Batches linger so requests are still waiting for their flush when SIGTERM arrives.
-    config.flush_linger_ms = 2_000;
+    config.batching.flush_linger_ms = 2_000;
     migrate(&config).await;
     let dir = common::scratch("sigterm");
     let gateway = Process::spawn(command(&config, &["serve"]), &dir.join("gateway.log"));

@@ -62,7 +62,7 @@ pub(super) async fn run(ch: &ClickHouse, config: &Config, options: Options) -> R
 
 /// The Buffer's engine arguments, or the finding that there is no Buffer to check.
 async fn buffer_params(ch: &ClickHouse, config: &Config) -> Result<Result<BufferParams, Finding>, ClickHouseError> {
-    let (db, buffer) = (&config.database, &config.buffer_table);
+    let (db, buffer) = (&config.table.database, &config.table.buffer_table);
     let Some(engine) = ch.engine_full(db, buffer).await? else {
         let missing = format!("{db}.{buffer} does not exist");
         return Ok(Err(finding("buffer_table", Severity::Error, missing, "run `buffergate migrate`")));
@@ -101,7 +101,7 @@ async fn destination(
             "point the Buffer at a MergeTree table",
         )),
         Some(_) => {
-            let b = ch.columns(&config.database, &config.buffer_table).await?;
+            let b = ch.columns(&config.table.database, &config.table.buffer_table).await?;
             let d = ch.columns(target_db, destination).await?;
             crate::clickhouse::migrate::column_differences(&b, &d).map(|differences| finding(
                 "columns",
@@ -116,13 +116,13 @@ async fn destination(
 /// The configuration names the destination the Buffer flushes into.
 fn destination_named(config: &Config, params: &BufferParams) -> Option<Finding> {
     let (target_db, destination) = (&params.database, &params.table);
-    (*target_db != config.database || *destination != config.destination_table).then(|| {
+    (*target_db != config.table.database || *destination != config.table.destination_table).then(|| {
         finding(
             "destination",
             Severity::Warning,
             format!(
                 "the Buffer flushes into {target_db}.{destination}, the configuration names {}.{}",
-                config.database, config.destination_table
+                config.table.database, config.table.destination_table
             ),
             "make destination_table match the Buffer's engine",
         )
@@ -187,13 +187,13 @@ fn time_trigger(params: &BufferParams, rate: Option<f64>) -> Option<Finding> {
 
 /// The gateway's batches stay below the Buffer's maxima (larger INSERTs bypass the Buffer).
 fn flush_sizes(config: &Config, params: &BufferParams) -> Option<Finding> {
-    (config.flush_max_rows as u64 >= params.max_rows || config.flush_max_bytes as u64 >= params.max_bytes).then(|| {
+    (config.batching.flush_max_rows as u64 >= params.max_rows || config.batching.flush_max_bytes as u64 >= params.max_bytes).then(|| {
         finding(
             "flush_sizes",
             Severity::Error,
             format!(
                 "gateway batches (up to {} rows / {} bytes) reach the Buffer's max_rows ({}) or max_bytes ({}): such INSERTs bypass the Buffer and write parts directly",
-                config.flush_max_rows, config.flush_max_bytes, params.max_rows, params.max_bytes
+                config.batching.flush_max_rows, config.batching.flush_max_bytes, params.max_rows, params.max_bytes
             ),
             "lower flush_max_rows / flush_max_bytes below the Buffer's maxima",
         )
@@ -243,7 +243,7 @@ async fn materialized_views(
     let views: Vec<View> = ch
         .fetch_json("SELECT database, name, create_table_query FROM system.tables WHERE engine = 'MaterializedView'")
         .await?;
-    let (db, buffer) = (&config.database, &config.buffer_table);
+    let (db, buffer) = (&config.table.database, &config.table.buffer_table);
     Ok(views
         .into_iter()
         .filter(|view| reads_from(&view.create_table_query, &view.database, db, buffer))
@@ -273,10 +273,10 @@ async fn fill(ch: &ClickHouse, config: &Config) -> Option<Finding> {
         Err(error) => return Some(unreadable_fill(&error)),
     };
     let fill = reading.bytes as f64 / reading.capacity as f64;
-    let (shed, resume) = (config.shed_threshold * 100.0, config.shed_resume * 100.0);
-    let (severity, what) = if fill >= config.shed_threshold {
+    let (shed, resume) = (config.shed.shed_threshold * 100.0, config.shed.shed_resume * 100.0);
+    let (severity, what) = if fill >= config.shed.shed_threshold {
         (Severity::Error, format!("at or above the {shed:.0}% shed threshold"))
-    } else if fill >= config.shed_resume {
+    } else if fill >= config.shed.shed_resume {
         (Severity::Warning, format!("above the {resume:.0}% resume threshold"))
     } else {
         return None;

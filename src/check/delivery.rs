@@ -8,14 +8,14 @@ use crate::config::Config;
 /// The Distributed table reads go through, on one node.
 pub(super) async fn cluster_tables(ch: &ClickHouse, config: &Config) -> Option<Finding> {
     let table = crate::clickhouse::fleet::distributed_table(config);
-    match ch.engine_full(&config.database, &table).await {
+    match ch.engine_full(&config.table.database, &table).await {
         Ok(Some(engine)) if engine.starts_with("Distributed") => None,
         Ok(_) => Some(finding(
             "distributed_table",
             Severity::Warning,
             format!(
                 "{}.{table} is missing or not a Distributed table: reads of the whole cluster have no table",
-                config.database
+                config.table.database
             ),
             "run buffergate migrate with clickhouse_cluster set",
         )),
@@ -34,9 +34,9 @@ pub(super) async fn run(ch: &ClickHouse, config: &Config) -> Result<Option<Findi
             "set BUFFERGATE_JOURNAL=true and BUFFERGATE_DATA_DIR to a persistent volume",
         )));
     }
-    let columns = ch.columns(&config.database, &config.buffer_table).await?;
+    let columns = ch.columns(&config.table.database, &config.table.buffer_table).await?;
     let has_id = columns.iter().any(|c| {
-        c.name == config.id_column && crate::schema::ColumnType::parse(&c.type_text).is_ok_and(|ty| ty.is_uuid())
+        c.name == config.table.id_column && crate::schema::ColumnType::parse(&c.type_text).is_ok_and(|ty| ty.is_uuid())
     });
     Ok((!has_id && !columns.is_empty()).then(|| {
         finding(
@@ -44,7 +44,7 @@ pub(super) async fn run(ch: &ClickHouse, config: &Config) -> Result<Option<Findi
             Severity::Warning,
             format!(
                 "the table has no UUID column {}: after a ClickHouse crash or an INSERT whose answer was lost, journaled blocks cannot be checked row by row and are sent again whole (at-least-once)",
-                config.id_column
+                config.table.id_column
             ),
             "add a UUID id column (and set id_column) for exactly-once delivery",
         )

@@ -27,7 +27,7 @@ pub async fn run(config: &Config) -> Vec<Finding> {
 /// What the configuration promises, apart from the brokers.
 fn guarantees(config: &Config) -> Vec<Finding> {
     let mut out = Vec::new();
-    if config.redis_url.is_empty() {
+    if config.idempotency.redis_url.is_empty() {
         out.push(finding(
             "kafka_redis",
             Severity::Warning,
@@ -35,7 +35,7 @@ fn guarantees(config: &Config) -> Vec<Finding> {
             "set BUFFERGATE_REDIS_URL for exactly-once across restarts and rebalances",
         ));
     }
-    if config.dedup == DedupMode::Off {
+    if config.idempotency.dedup == DedupMode::Off {
         out.push(finding(
             "kafka_dedup",
             Severity::Warning,
@@ -43,7 +43,7 @@ fn guarantees(config: &Config) -> Vec<Finding> {
             "set BUFFERGATE_DEDUP=event",
         ));
     }
-    if config.kafka_dead_letter_topic.trim().is_empty() {
+    if config.kafka.kafka_dead_letter_topic.trim().is_empty() {
         out.push(finding(
             "kafka_dead_letter_topic",
             Severity::Warning,
@@ -63,7 +63,7 @@ fn brokers(config: &Config) -> Vec<Finding> {
     let metadata = match consumer.fetch_metadata(None, TIMEOUT) {
         Ok(metadata) => metadata,
         Err(e) => {
-            let message = format!("the Kafka brokers {} do not answer: {e}", config.kafka_brokers);
+            let message = format!("the Kafka brokers {} do not answer: {e}", config.kafka.kafka_brokers);
             return vec![finding(
                 "kafka_brokers",
                 Severity::Error,
@@ -92,7 +92,7 @@ fn brokers(config: &Config) -> Vec<Finding> {
             )),
         }
     }
-    let dead = config.kafka_dead_letter_topic.trim();
+    let dead = config.kafka.kafka_dead_letter_topic.trim();
     if !dead.is_empty() && partitions(dead).is_none_or(|n| n == 0) {
         out.push(finding(
             "kafka_dead_letter_topic",
@@ -120,7 +120,11 @@ fn lag(consumer: &BaseConsumer, tpl: &TopicPartitionList, config: &Config) -> Op
     Some(finding(
         "kafka_lag",
         Severity::Info,
-        format!("group {}: {total} messages not yet committed over {} partitions", config.kafka_group, tpl.count()),
+        format!(
+            "group {}: {total} messages not yet committed over {} partitions",
+            config.kafka.kafka_group,
+            tpl.count()
+        ),
         "",
     ))
 }

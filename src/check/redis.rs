@@ -9,10 +9,10 @@ use crate::idempotency;
 /// Redis's main thread.
 pub(super) async fn run(config: &Config) -> Vec<Finding> {
     let mut out = Vec::new();
-    if config.redis_url.is_empty() || config.dedup == DedupMode::Off {
+    if config.idempotency.redis_url.is_empty() || config.idempotency.dedup == DedupMode::Off {
         return out;
     }
-    let timeout = std::time::Duration::from_millis(config.redis_timeout_ms.max(1000));
+    let timeout = std::time::Duration::from_millis(config.idempotency.redis_timeout_ms.max(1000));
     let unreachable = |error: &dyn std::fmt::Display| {
         finding(
             "redis",
@@ -21,12 +21,12 @@ pub(super) async fn run(config: &Config) -> Vec<Finding> {
             "start Redis or fix redis_url; meanwhile every ingestion request is refused (dedup_on_store_error = reject) or written without deduplication (accept)",
         )
     };
-    let primaries = match idempotency::primaries_facts(&config.redis_url, timeout).await {
+    let primaries = match idempotency::primaries_facts(&config.idempotency.redis_url, timeout).await {
         Ok(primaries) => primaries,
         Err(error) => return vec![unreachable(&error)],
     };
     // A Redis Cluster: every primary is checked, each finding names its node.
-    let cluster = config.redis_url.contains("+cluster://");
+    let cluster = config.idempotency.redis_url.contains("+cluster://");
     for (node, facts) in primaries {
         let findings = match facts {
             Ok(facts) => redis_facts(&facts),

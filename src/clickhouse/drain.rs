@@ -17,13 +17,13 @@ pub enum DrainError {
 /// returns the rows moved: the Buffer's own row count where the server reports it (≈20.x+),
 /// else how much the destination grew (which counts concurrent flushes too).
 pub async fn drain(ch: &ClickHouse, config: &Config) -> Result<u64, DrainError> {
-    drain_table(ch, config, &config.buffer_table).await
+    drain_table(ch, config, &config.table.buffer_table).await
 }
 
 /// [`drain`] of a Buffer table by name (in the configured database).
 pub(super) async fn drain_table(ch: &ClickHouse, config: &Config, table: &str) -> Result<u64, DrainError> {
     let (db, buffer, destination) =
-        (quote_ident(&config.database), quote_ident(table), quote_ident(&config.destination_table));
+        (quote_ident(&config.table.database), quote_ident(table), quote_ident(&config.table.destination_table));
     let per_table = ch.capabilities().await?.tables_total_bytes;
     let buffered = || async {
         #[derive(serde::Deserialize)]
@@ -32,7 +32,7 @@ pub(super) async fn drain_table(ch: &ClickHouse, config: &Config, table: &str) -
         }
         let sql = format!(
             "SELECT toString(ifNull(total_rows, 0)) AS rows FROM system.tables WHERE database = {} AND name = {}",
-            quote_str(&config.database),
+            quote_str(&config.table.database),
             quote_str(table)
         );
         let rows: Vec<Row> = ch.fetch_json(&sql).await?;

@@ -20,8 +20,8 @@ pub const REPLICA_PATH: &str = "/clickhouse/tables/{shard}/{database}/{table}";
 /// `system.clusters` of the first listed node that answers. `MigrateError::Topology` when the
 /// configuration and the cluster disagree; a ClickHouse error when no node answered.
 pub async fn resolve(config: &Config) -> Result<Topology, MigrateError> {
-    let listed = Topology::parse(&config.clickhouse_url).map_err(MigrateError::Topology)?;
-    let cluster = config.clickhouse_cluster.trim();
+    let listed = Topology::parse(&config.clickhouse.clickhouse_url).map_err(MigrateError::Topology)?;
+    let cluster = config.clickhouse.clickhouse_cluster.trim();
     if cluster.is_empty() {
         return Ok(listed);
     }
@@ -40,10 +40,10 @@ pub async fn resolve(config: &Config) -> Result<Topology, MigrateError> {
 
 /// The table reads go through (`distributed_table`, or the destination's name + `_all`).
 pub fn distributed_table(config: &Config) -> String {
-    if config.distributed_table.is_empty() {
-        format!("{}_all", config.destination_table)
+    if config.clickhouse.distributed_table.is_empty() {
+        format!("{}_all", config.table.destination_table)
     } else {
-        config.distributed_table.clone()
+        config.clickhouse.distributed_table.clone()
     }
 }
 
@@ -52,7 +52,8 @@ fn destination_engine(config: &Config, replicated: bool) -> String {
     if !replicated {
         return "MergeTree()".into();
     }
-    let path = REPLICA_PATH.replace("{database}", &config.database).replace("{table}", &config.destination_table);
+    let path =
+        REPLICA_PATH.replace("{database}", &config.table.database).replace("{table}", &config.table.destination_table);
     format!("ReplicatedMergeTree({}, '{{replica}}')", quote_str(&path))
 }
 
@@ -65,13 +66,13 @@ fn on(cluster: Option<&str>) -> String {
 pub fn distributed_ddl(config: &Config, cluster: &str, on_cluster: bool) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {db}.{all}{on} AS {db}.{destination} ENGINE = Distributed({cluster}, {db_str}, {destination_str}, {key})",
-        db = quote_ident(&config.database),
+        db = quote_ident(&config.table.database),
         all = quote_ident(&distributed_table(config)),
         on = on(on_cluster.then_some(cluster)),
-        destination = quote_ident(&config.destination_table),
+        destination = quote_ident(&config.table.destination_table),
         cluster = quote_ident(cluster),
-        db_str = quote_str(&config.database),
-        destination_str = quote_str(&config.destination_table),
+        db_str = quote_str(&config.table.database),
+        destination_str = quote_str(&config.table.destination_table),
         key = config.sharding().to_sql(),
     )
 }
@@ -85,7 +86,7 @@ pub async fn migrate_all(config: &Config, topology: &Topology) -> Result<Report,
     let first = ClickHouse::new(config);
     let caps = first.capabilities().await?;
     let replicated = topology.shards.iter().any(|s| s.replicas.len() > 1);
-    let cluster = Some(config.clickhouse_cluster.trim()).filter(|c| !c.is_empty());
+    let cluster = Some(config.clickhouse.clickhouse_cluster.trim()).filter(|c| !c.is_empty());
     let zookeeper = has_zookeeper(&first).await?;
     if replicated && !zookeeper {
         return Err(MigrateError::Topology(
@@ -161,18 +162,18 @@ async fn create(
 
 /// The DDL [`create`] runs, `ON CLUSTER cluster` in each when given (run once for every node).
 pub fn statements(config: &Config, caps: &Capabilities, engine: &str, cluster: Option<&str>) -> Vec<String> {
-    let db = quote_ident(&config.database);
+    let db = quote_ident(&config.table.database);
     let named = |table: &str| format!("{db}.{}", quote_ident(table));
     let mut out = vec![format!("CREATE DATABASE IF NOT EXISTS {db}{}", on(cluster))];
-    let destination = named(&config.destination_table);
+    let destination = named(&config.table.destination_table);
     out.push(
         migrate::destination_ddl(config, caps)
             .replacen(&destination, &format!("{destination}{}", on(cluster)), 1)
             .replace("ENGINE = MergeTree()", &format!("ENGINE = {engine}")),
     );
-    let buffer = named(&config.buffer_table);
+    let buffer = named(&config.table.buffer_table);
     out.push(migrate::buffer_ddl(config).replacen(&format!("{buffer} AS"), &format!("{buffer}{} AS", on(cluster)), 1));
-    if let Some(name) = Some(config.clickhouse_cluster.trim()).filter(|c| !c.is_empty()) {
+    if let Some(name) = Some(config.clickhouse.clickhouse_cluster.trim()).filter(|c| !c.is_empty()) {
         out.push(distributed_ddl(config, name, cluster.is_some()));
     }
     out
@@ -218,8 +219,12 @@ mod tests {
 
     #[test]
     fn cluster_ddl() {
-        let config =
-            Config { clickhouse_cluster: "bg".into(), sharding_key: "cityHash64(user_id)".into(), ..Config::default() };
+        let config = {
+            let mut config = Config::default();
+            config.clickhouse.clickhouse_cluster = "bg".into();
+            config.clickhouse.sharding_key = "cityHash64(user_id)".into();
+            config
+        };
         assert_eq!(
             distributed_ddl(&config, "bg", true),
             "CREATE TABLE IF NOT EXISTS `analytics`.`events_raw_all` ON CLUSTER `bg` AS `analytics`.`events_raw` \
@@ -234,7 +239,11 @@ mod tests {
 
     #[test]
     fn on_cluster_ddl_names_the_cluster_in_every_statement() {
-        let config = Config { clickhouse_cluster: "bg".into(), ..Config::default() };
+        let config = {
+            let mut config = Config::default();
+            config.clickhouse.clickhouse_cluster = "bg".into();
+            config
+        };
         let engine = destination_engine(&config, true);
         let ddl = statements(&config, &Capabilities::modern(), &engine, Some("bg"));
         assert_eq!(ddl.len(), 4);

@@ -50,8 +50,8 @@ pub fn destination_ddl(config: &Config, caps: &Capabilities) -> String {
         seed_columns(caps).iter().map(|(name, ty)| format!("    {} {ty}", quote_ident(name))).collect();
     format!(
         "CREATE TABLE IF NOT EXISTS {}.{}\n(\n{}\n)\nENGINE = MergeTree()\nPARTITION BY toYYYYMM(event_ts)\nORDER BY (event_type, event_ts, user_id)",
-        quote_ident(&config.database),
-        quote_ident(&config.destination_table),
+        quote_ident(&config.table.database),
+        quote_ident(&config.table.destination_table),
         columns.join(",\n")
     )
 }
@@ -60,15 +60,15 @@ pub fn destination_ddl(config: &Config, caps: &Capabilities) -> String {
 pub fn buffer_engine(config: &Config) -> String {
     format!(
         "Buffer({}, {}, {}, {}, {}, {}, {}, {}, {})",
-        quote_str(&config.database),
-        quote_str(&config.destination_table),
-        config.buffer_num_layers,
-        config.buffer_min_time,
-        config.buffer_max_time,
-        config.buffer_min_rows,
-        config.buffer_max_rows,
-        config.buffer_min_bytes,
-        config.buffer_max_bytes
+        quote_str(&config.table.database),
+        quote_str(&config.table.destination_table),
+        config.table.buffer_num_layers,
+        config.table.buffer_min_time,
+        config.table.buffer_max_time,
+        config.table.buffer_min_rows,
+        config.table.buffer_max_rows,
+        config.table.buffer_min_bytes,
+        config.table.buffer_max_bytes
     )
 }
 
@@ -76,9 +76,9 @@ pub fn buffer_engine(config: &Config) -> String {
 pub fn buffer_ddl(config: &Config) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {db}.{buffer} AS {db}.{destination} ENGINE = {engine}",
-        db = quote_ident(&config.database),
-        buffer = quote_ident(&config.buffer_table),
-        destination = quote_ident(&config.destination_table),
+        db = quote_ident(&config.table.database),
+        buffer = quote_ident(&config.table.buffer_table),
+        destination = quote_ident(&config.table.destination_table),
         engine = buffer_engine(config)
     )
 }
@@ -118,7 +118,7 @@ pub async fn migrate(ch: &ClickHouse, config: &Config) -> Result<Report, Migrate
     };
     let mut report = Report::default();
     report.lines.push(format!("ClickHouse {}", caps.version));
-    ch.execute(&format!("CREATE DATABASE IF NOT EXISTS {}", quote_ident(&config.database))).await?;
+    ch.execute(&format!("CREATE DATABASE IF NOT EXISTS {}", quote_ident(&config.table.database))).await?;
     create_destination(&ch, config, &caps, &mut report).await?;
     create_buffer(&ch, config, &mut report).await?;
     create_fallback(&ch, config, &mut report).await?;
@@ -133,7 +133,7 @@ async fn create_destination(
     caps: &Capabilities,
     report: &mut Report,
 ) -> Result<(), MigrateError> {
-    let (db, destination) = (&config.database, &config.destination_table);
+    let (db, destination) = (&config.table.database, &config.table.destination_table);
     if ch.engine_full(db, destination).await?.is_some() {
         report.lines.push(format!("{db}.{destination} exists"));
         return Ok(());
@@ -154,7 +154,7 @@ async fn create_destination(
 
 /// The Buffer in front of the destination; an existing one must be a Buffer.
 async fn create_buffer(ch: &ClickHouse, config: &Config, report: &mut Report) -> Result<(), MigrateError> {
-    let (db, buffer) = (&config.database, &config.buffer_table);
+    let (db, buffer) = (&config.table.database, &config.table.buffer_table);
     match ch.engine_full(db, buffer).await? {
         None => {
             ch.execute(&buffer_ddl(config)).await?;
@@ -178,7 +178,7 @@ async fn create_buffer(ch: &ClickHouse, config: &Config, report: &mut Report) ->
 
 /// The fallback MergeTree, when one is configured.
 async fn create_fallback(ch: &ClickHouse, config: &Config, report: &mut Report) -> Result<(), MigrateError> {
-    let (db, fallback) = (&config.database, &config.fallback_table);
+    let (db, fallback) = (&config.table.database, &config.shed.fallback_table);
     if fallback.is_empty() || ch.engine_full(db, fallback).await?.is_some() {
         return Ok(());
     }
@@ -187,7 +187,7 @@ async fn create_fallback(ch: &ClickHouse, config: &Config, report: &mut Report) 
         "CREATE TABLE IF NOT EXISTS {0}.{1} AS {0}.{2}",
         quote_ident(db),
         quote_ident(fallback),
-        quote_ident(&config.destination_table)
+        quote_ident(&config.table.destination_table)
     ))
     .await?;
     report.lines.push(format!("created fallback table {db}.{fallback}"));
@@ -197,7 +197,8 @@ async fn create_fallback(ch: &ClickHouse, config: &Config, report: &mut Report) 
 /// Checks that the Buffer's columns are the destination's; when the destination only gained
 /// columns, swaps in a Buffer with them.
 async fn reconcile_columns(ch: &ClickHouse, config: &Config, report: &mut Report) -> Result<(), MigrateError> {
-    let (db, buffer, destination) = (&config.database, &config.buffer_table, &config.destination_table);
+    let (db, buffer, destination) =
+        (&config.table.database, &config.table.buffer_table, &config.table.destination_table);
     let differ = |differences| MigrateError::ColumnsDiffer {
         buffer: format!("{db}.{buffer}"),
         destination: format!("{db}.{destination}"),
@@ -225,7 +226,8 @@ async fn reconcile_columns(ch: &ClickHouse, config: &Config, report: &mut Report
 /// reach the old one (RENAME waits for those running). Gateways retry the INSERTs that meet
 /// no table in between, then pick the new columns up.
 async fn swap_buffer(ch: &ClickHouse, config: &Config) -> Result<u64, MigrateError> {
-    let (db, buffer, destination) = (&config.database, &config.buffer_table, &config.destination_table);
+    let (db, buffer, destination) =
+        (&config.table.database, &config.table.buffer_table, &config.table.destination_table);
     let (fresh, old) = (format!("{buffer}__new"), format!("{buffer}__old"));
     let q = |table: &str| format!("{}.{}", quote_ident(db), quote_ident(table));
     ch.execute(&format!("DROP TABLE IF EXISTS {}", q(&fresh))).await?;

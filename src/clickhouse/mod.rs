@@ -142,7 +142,7 @@ impl std::fmt::Debug for ClickHouse {
 impl ClickHouse {
     /// The first node of `clickhouse_url` (the only one, unless it lists a cluster).
     pub fn new(config: &Config) -> Self {
-        let first = config.clickhouse_url.split([';', ',']).next().unwrap_or_default().trim();
+        let first = config.clickhouse.clickhouse_url.split([';', ',']).next().unwrap_or_default().trim();
         Self::for_url(config, first)
     }
 
@@ -150,16 +150,16 @@ impl ClickHouse {
     pub fn for_url(config: &Config, url: &str) -> Self {
         let mut client = http_client()
             .with_url(url)
-            .with_user(&config.clickhouse_user)
-            .with_compression(match config.clickhouse_compression {
+            .with_user(&config.clickhouse.clickhouse_user)
+            .with_compression(match config.clickhouse.clickhouse_compression {
                 config::Compression::Lz4 => clickhouse::Compression::Lz4,
                 config::Compression::None => clickhouse::Compression::None,
             })
             .with_validation(false);
-        if !config.clickhouse_password.is_empty() {
-            client = client.with_password(&config.clickhouse_password);
+        if !config.clickhouse.clickhouse_password.is_empty() {
+            client = client.with_password(&config.clickhouse.clickhouse_password);
         }
-        Self { client, timeout: config.clickhouse_timeout(), compression: config.clickhouse_compression }
+        Self { client, timeout: config.clickhouse_timeout(), compression: config.clickhouse.clickhouse_compression }
     }
 
     /// `data` as a part of a later INSERT's body: compressed now, as the INSERT would compress

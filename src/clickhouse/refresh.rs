@@ -31,9 +31,9 @@ pub struct Refresher {
 impl Refresher {
     fn special(&self) -> SpecialColumns {
         SpecialColumns {
-            id: self.config.id_column.clone(),
-            timestamp: self.config.timestamp_column.clone(),
-            partition_key: self.config.partition_key.clone(),
+            id: self.config.table.id_column.clone(),
+            timestamp: self.config.table.timestamp_column.clone(),
+            partition_key: self.config.table.partition_key.clone(),
             sharding: self.sharding(),
         }
     }
@@ -48,7 +48,7 @@ impl Refresher {
 
     /// Reads the columns once and updates the schema and health.
     pub async fn refresh(&self) {
-        let (db, table) = (&self.config.database, &self.config.buffer_table);
+        let (db, table) = (&self.config.table.database, &self.config.table.buffer_table);
         let mut answer = Err(ClickHouseError::Protocol("no ClickHouse node configured".into()));
         let mut answered = None;
         for ch in &self.nodes {
@@ -76,7 +76,7 @@ impl Refresher {
                 if let Some(version) = self.schema.update(db, table, columns, &self.special()) {
                     tracing::info!(version, database = %db, table = %table, "table schema loaded");
                     if let Some(problem) = self.schema.get().and_then(|s| s.sharding_problem()) {
-                        tracing::error!(%problem, sharding_key = %self.config.sharding_key, "events cannot be placed on shards");
+                        tracing::error!(%problem, sharding_key = %self.config.clickhouse.sharding_key, "events cannot be placed on shards");
                     }
                 }
             }
@@ -89,7 +89,7 @@ impl Refresher {
 
     /// Refreshes every `schema_refresh_interval_ms` or when woken, until `stop`.
     pub async fn run(self, stop: CancellationToken) {
-        let interval = Duration::from_millis(self.config.schema_refresh_interval_ms);
+        let interval = Duration::from_millis(self.config.clickhouse.schema_refresh_interval_ms);
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,

@@ -107,14 +107,14 @@ impl Writer {
         Self {
             ch,
             permits: Semaphore::new(config.insert_concurrency()),
-            retries: config.insert_retries,
+            retries: config.clickhouse.insert_retries,
             backoff: Backoff {
-                initial: std::time::Duration::from_millis(config.retry_initial_backoff_ms),
-                max: std::time::Duration::from_millis(config.retry_max_backoff_ms),
+                initial: std::time::Duration::from_millis(config.clickhouse.retry_initial_backoff_ms),
+                max: std::time::Duration::from_millis(config.clickhouse.retry_max_backoff_ms),
             },
             schema_changed,
             breaker,
-            format: config.insert_format,
+            format: config.clickhouse.insert_format,
             resolve_ambiguous: config.journal_enabled(),
             siblings: false,
         }
@@ -264,7 +264,11 @@ mod tests {
     }
 
     fn writer(format: InsertFormat) -> Writer {
-        let config = Config { insert_format: format, ..Config::default() };
+        let config = {
+            let mut config = Config::default();
+            config.clickhouse.insert_format = format;
+            config
+        };
         let breaker = Arc::new(Breaker::new(0, std::time::Duration::from_secs(1)));
         Writer::new(ClickHouse::new(&config), &config, Arc::new(Notify::new()), breaker)
     }

@@ -80,9 +80,9 @@ impl Coalescer {
     /// Starts `partition_count()` partitions per shard, each writing to its shard's replicas.
     pub fn start(config: &Config, shards: &Shards, idempotency: &Arc<Idempotency>) -> (Self, CoalescerTasks) {
         let limits = Limits {
-            max_rows: config.flush_max_rows,
-            max_bytes: config.flush_max_bytes,
-            linger: Duration::from_millis(config.flush_linger_ms),
+            max_rows: config.batching.flush_max_rows,
+            max_bytes: config.batching.flush_max_bytes,
+            linger: Duration::from_millis(config.batching.flush_linger_ms),
         };
         let close = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -92,7 +92,7 @@ impl Coalescer {
         let queued: Arc<Vec<Waiting>> = Arc::new((0..count).map(Waiting::new).collect());
         let queues = (0..count)
             .map(|id| {
-                let (tx, rx) = mpsc::channel(config.queue_capacity);
+                let (tx, rx) = mpsc::channel(config.batching.queue_capacity);
                 let partition = partition::Partition {
                     id,
                     replicas: Arc::clone(&replicas[id / per_shard]),
@@ -106,7 +106,7 @@ impl Coalescer {
             })
             .collect();
         let coalescer =
-            Self { queues, per_shard, queue_timeout: Duration::from_millis(config.queue_timeout_ms), queued };
+            Self { queues, per_shard, queue_timeout: Duration::from_millis(config.batching.queue_timeout_ms), queued };
         (coalescer, CoalescerTasks { tasks, close })
     }
 

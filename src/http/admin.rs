@@ -128,7 +128,7 @@ pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
     let schema = state.ingest.schema();
     let readiness = state.ingest.health().readiness(schema.is_some());
     Ok(Json(Status {
-        ready: readiness.is_ok() && !(state.config.shed_readiness && state.shed.is_shedding()),
+        ready: readiness.is_ok() && !(state.config.shed.shed_readiness && state.shed.is_shedding()),
         not_ready_reason: readiness.err(),
         draining: state.ingest.health().is_draining(),
         clickhouse_version: state.ingest.health().clickhouse_version(),

@@ -71,8 +71,8 @@ async fn handle(
     let key = idempotency_key(headers)?;
     let producer = producer_offset(headers)?;
     let (format, encoding) = (body::format_of(headers)?, body::encoding_of(headers)?);
-    let limit = state.config.max_body_bytes;
-    let timeout = Duration::from_millis(state.config.body_timeout_ms);
+    let limit = state.config.http.max_body_bytes;
+    let timeout = Duration::from_millis(state.config.http.body_timeout_ms);
     let request = ingest::Request {
         body: Box::pin(body::read_limited(headers, body, limit, timeout)),
         announced: content_length(headers).unwrap_or(limit).min(limit),

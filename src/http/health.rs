@@ -16,7 +16,7 @@ pub async fn healthz() -> Json<Value> {
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
     let schema = state.ingest.schema();
     state.ingest.health().readiness(schema.is_some()).map_err(ApiError::NotReady)?;
-    if state.config.shed_readiness && state.shed.is_shedding() {
+    if state.config.shed.shed_readiness && state.shed.is_shedding() {
         return Err(ApiError::NotReady("the ClickHouse Buffer table is saturated"));
     }
     let mut body = json!({"status": "ready", "schema_version": schema.map(|s| s.version)});

@@ -53,15 +53,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         ))
         .layer(HandleErrorLayer::new(limit_error))
         .load_shed()
-        .concurrency_limit(config.max_concurrent_requests)
-        .timeout(Duration::from_millis(config.request_timeout_ms));
+        .concurrency_limit(config.http.max_concurrent_requests)
+        .timeout(Duration::from_millis(config.http.request_timeout_ms));
     // Producer routes need an API key when keys are configured.
     let producer = middleware::from_fn_with_state(Arc::clone(&state), require_api_key);
     // Outermost, so that whatever refuses a request (auth, shedding, limits, the handler) leaves
     // its body to be drained before the answer goes out.
     let bound = drain::Bound {
-        max_bytes: config.body_drain_max_bytes,
-        timeout: Duration::from_millis(config.body_drain_timeout_ms),
+        max_bytes: config.http.body_drain_max_bytes,
+        timeout: Duration::from_millis(config.http.body_drain_timeout_ms),
     };
     let drain = middleware::from_fn_with_state(bound, drain::drain_unread);
     Router::new()

@@ -134,7 +134,7 @@ pub struct Reservation {
 impl Idempotency {
     /// The Redis store when `redis_url` is set, else the in-process one.
     pub fn from_config(config: &Config) -> Result<Self, StoreError> {
-        let store = if config.redis_url.is_empty() {
+        let store = if config.idempotency.redis_url.is_empty() {
             Store::Memory(MemoryStore::default())
         } else {
             Store::Redis(RedisStore::from_config(config)?)
@@ -145,13 +145,13 @@ impl Idempotency {
     pub fn new(store: Store, config: &Config) -> Self {
         Self {
             store,
-            mode: config.dedup,
-            on_error: config.dedup_on_store_error,
-            pending_wait: Duration::from_millis(config.dedup_pending_wait_ms),
+            mode: config.idempotency.dedup,
+            on_error: config.idempotency.dedup_on_store_error,
+            pending_wait: Duration::from_millis(config.idempotency.dedup_pending_wait_ms),
             terms: Terms {
-                lease: Duration::from_millis(config.dedup_lease_ms),
-                window: Duration::from_millis(config.dedup_window_ms),
-                prefix: config.dedup_key_prefix.clone().into_bytes(),
+                lease: Duration::from_millis(config.idempotency.dedup_lease_ms),
+                window: Duration::from_millis(config.idempotency.dedup_window_ms),
+                prefix: config.idempotency.dedup_key_prefix.clone().into_bytes(),
             },
         }
     }

@@ -101,14 +101,20 @@ impl RedisStore {
     /// Default groups, no `WAIT`.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, StoreError> {
         let defaults = Config::default();
-        Self::with(url, timeout, defaults.redis_key_groups, None)
+        Self::with(url, timeout, defaults.idempotency.redis_key_groups, None)
     }
 
     /// The store `config` describes.
     pub fn from_config(config: &Config) -> Result<Self, StoreError> {
-        let wait = (config.redis_wait_replicas > 0)
-            .then(|| (config.redis_wait_replicas, Duration::from_millis(config.redis_wait_timeout_ms)));
-        Self::with(&config.redis_url, Duration::from_millis(config.redis_timeout_ms), config.redis_key_groups, wait)
+        let wait = (config.idempotency.redis_wait_replicas > 0).then(|| {
+            (config.idempotency.redis_wait_replicas, Duration::from_millis(config.idempotency.redis_wait_timeout_ms))
+        });
+        Self::with(
+            &config.idempotency.redis_url,
+            Duration::from_millis(config.idempotency.redis_timeout_ms),
+            config.idempotency.redis_key_groups,
+            wait,
+        )
     }
 
     fn with(url: &str, timeout: Duration, groups: u16, wait: Option<(u32, Duration)>) -> Result<Self, StoreError> {

@@ -187,7 +187,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn keys_held_by_another_request_past_the_wait_refuse_and_hold_nothing() {
-        let config = Config { dedup_pending_wait_ms: 300, ..Config::default() };
+        let config = {
+            let mut config = Config::default();
+            config.idempotency.dedup_pending_wait_ms = 300;
+            config
+        };
         let idem = Idempotency::new(Store::Memory(MemoryStore::default()), &config);
         let holder = idem.reserve_events(1, vec![key(0, "a")]).await.unwrap();
         let refused = idem.reserve_events(1, vec![key(0, "b"), key(0, "a")]).await;

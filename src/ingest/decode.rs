@@ -25,13 +25,13 @@ impl Pipeline {
             let shape = BatchShape {
                 partitions: self.coalescer.per_shard(),
                 placing: self.placing()?,
-                max_events: self.config.max_events_per_request,
+                max_events: self.config.http.max_events_per_request,
                 keep_ids: self.idempotency.mode == DedupMode::Event,
                 ids: body.ids,
             };
             let now = body.received.unwrap_or_else(Timestamp::now);
-            let ctx = EncodeContext { now, unknown_fields: self.config.unknown_fields };
-            let max_decompressed = self.config.max_decompressed_bytes;
+            let ctx = EncodeContext { now, unknown_fields: self.config.table.unknown_fields };
+            let max_decompressed = self.config.http.max_decompressed_bytes;
             move || decode_body(body, &schema, &ctx, &shape, max_decompressed, &budget, &writer)
         };
         if inline { work() } else { tokio::task::spawn_blocking(work).await.map_err(IngestError::internal)? }

@@ -197,9 +197,9 @@ impl Pipeline {
         reservations: Vec<Option<Reservation>>,
     ) -> Result<(), IngestError> {
         let config = &self.config;
-        let name = format!("{}.{}", quote_ident(&config.database), quote_ident(&config.fallback_table));
-        let time_column = (!config.timestamp_column.is_empty()).then_some(config.timestamp_column.as_str());
-        let table = fallback::Table { name: &name, id_column: &config.id_column, time_column };
+        let name = format!("{}.{}", quote_ident(&config.table.database), quote_ident(&config.shed.fallback_table));
+        let time_column = (!config.table.timestamp_column.is_empty()).then_some(config.table.timestamp_column.as_str());
+        let table = fallback::Table { name: &name, id_column: &config.table.id_column, time_column };
         match fallback::write(&self.writer, table, schema, partitions, reservations, &self.idempotency).await {
             fallback::Outcome::Written => Ok(()),
             fallback::Outcome::NotWritten(error) => Err(IngestError::FlushFailed(error.to_string())),

@@ -134,7 +134,7 @@ impl Pipeline {
     ) -> Self {
         Self {
             writer: Arc::clone(&shards.shards[0][0].writer),
-            budget: Budget::new(config.max_inflight_bytes),
+            budget: Budget::new(config.http.max_inflight_bytes),
             sharding: config.sharding(),
             lookups: tokio::sync::Semaphore::new(PRESENCE_LOOKUPS),
             config,

@@ -38,9 +38,9 @@ impl Pipeline {
 
     async fn present(&self, ids: &[Uuid], span: Option<(i64, i64)>) -> Result<HashSet<Uuid>, IngestError> {
         let config = &self.config;
-        let buffer = format!("{}.{}", quote_ident(&config.database), quote_ident(&config.buffer_table));
-        let time = (!config.timestamp_column.is_empty()).then_some(config.timestamp_column.as_str());
-        let lookup = Lookup { table: &buffer, id_column: &config.id_column, time_column: time };
+        let buffer = format!("{}.{}", quote_ident(&config.table.database), quote_ident(&config.table.buffer_table));
+        let time = (!config.table.timestamp_column.is_empty()).then_some(config.table.timestamp_column.as_str());
+        let lookup = Lookup { table: &buffer, id_column: &config.table.id_column, time_column: time };
         let looks = self.shards.replicas().map(|r| r.ch.present_twice(lookup, ids, span, &self.lookups));
         let mut present = HashSet::new();
         for found in futures_util::future::join_all(looks).await {

@@ -155,7 +155,11 @@ pub async fn leftover(config: &Config, dir: std::path::PathBuf) -> Result<usize,
     if !dir.exists() {
         return Ok(0);
     }
-    let store = WalConfig { dir, max_bytes: config.journal_max_bytes, segment_bytes: config.journal_segment_bytes };
+    let store = WalConfig {
+        dir,
+        max_bytes: config.journal.journal_max_bytes,
+        segment_bytes: config.journal.journal_segment_bytes,
+    };
     let (wal, records) =
         tokio::task::spawn_blocking(move || Wal::open(store)).await.map_err(|_| WalError::Closed)??;
     wal.close().await?;
@@ -186,9 +190,9 @@ impl Journal {
     /// cannot know what became of it) and is settled by [`Self::run`].
     pub async fn open(config: &Config, ch: ClickHouse, writer: Arc<Writer>) -> Result<Arc<Self>, WalError> {
         let store = WalConfig {
-            dir: std::path::Path::new(&config.data_dir).join("journal"),
-            max_bytes: config.journal_max_bytes,
-            segment_bytes: config.journal_segment_bytes,
+            dir: std::path::Path::new(&config.journal.data_dir).join("journal"),
+            max_bytes: config.journal.journal_max_bytes,
+            segment_bytes: config.journal.journal_segment_bytes,
         };
         let (wal, records) =
             tokio::task::spawn_blocking(move || Wal::open(store)).await.map_err(|_| WalError::Closed)??;
@@ -211,20 +215,25 @@ impl Journal {
             tracing::warn!(blocks = owed.len(), "journal holds unconfirmed blocks from before: settling them");
         }
         let places = Places {
-            buffer: format!("{}.{}", quote_ident(&config.database), quote_ident(&config.buffer_table)),
-            liveness: format!("{}.{}", quote_ident(&config.database), quote_ident(LIVENESS_TABLE)),
-            destination: format!("{}.{}", quote_ident(&config.database), quote_ident(&config.destination_table)),
-            id_column: config.id_column.clone(),
-            time_column: config.timestamp_column.clone(),
+            buffer: format!("{}.{}", quote_ident(&config.table.database), quote_ident(&config.table.buffer_table)),
+            liveness: format!("{}.{}", quote_ident(&config.table.database), quote_ident(LIVENESS_TABLE)),
+            destination: format!(
+                "{}.{}",
+                quote_ident(&config.table.database),
+                quote_ident(&config.table.destination_table)
+            ),
+            id_column: config.table.id_column.clone(),
+            time_column: config.table.timestamp_column.clone(),
         };
         Ok(Arc::new(Self {
-            node: config.clickhouse_url.clone(),
+            node: config.clickhouse.clickhouse_url.clone(),
             wal,
             writer,
             ch,
             places,
-            flush_window: Duration::from_secs(config.buffer_max_time) + Duration::from_millis(config.confirm_grace_ms),
-            interval: Duration::from_millis(config.confirm_interval_ms),
+            flush_window: Duration::from_secs(config.table.buffer_max_time)
+                + Duration::from_millis(config.journal.confirm_grace_ms),
+            interval: Duration::from_millis(config.journal.confirm_interval_ms),
             owed: Mutex::new(owed),
             wake: Notify::new(),
             instance: format!("bg-{:016x}", rand::random::<u64>()),

@@ -259,8 +259,12 @@ impl Front {
         let shared = Arc::new(Shared::default());
         let config = Arc::clone(config);
         let worker = Arc::new(Worker {
-            marks: Marks::new(Arc::clone(ingest.idempotency()), config.kafka_group.trim(), config.kafka_max_in_flight),
-            wait: match config.kafka_commit_after {
+            marks: Marks::new(
+                Arc::clone(ingest.idempotency()),
+                config.kafka.kafka_group.trim(),
+                config.kafka.kafka_max_in_flight,
+            ),
+            wait: match config.kafka.kafka_commit_after {
                 KafkaCommit::Journaled => Wait::Queued,
                 KafkaCommit::Written => Wait::Written,
                 KafkaCommit::Visible => Wait::Visible,
@@ -276,7 +280,7 @@ impl Front {
             status: Arc::clone(&status),
             worker: Arc::clone(&worker),
             handle: handle.clone(),
-            revoke_timeout: Duration::from_millis(config.kafka_revoke_timeout_ms),
+            revoke_timeout: Duration::from_millis(config.kafka.kafka_revoke_timeout_ms),
         };
         let consumer: BaseConsumer<Context> = consumer_config.create_with_context(context)?;
         let stop = CancellationToken::new();
@@ -306,7 +310,7 @@ impl Front {
 }
 
 fn dead_letters(config: &Config) -> Result<DeadLetters, KafkaError> {
-    let topic = config.kafka_dead_letter_topic.trim();
+    let topic = config.kafka.kafka_dead_letter_topic.trim();
     if topic.is_empty() {
         return Ok(DeadLetters::new(None));
     }
@@ -336,16 +340,16 @@ impl Poller {
             return;
         }
         self.status.set_subscribed();
-        tracing::info!(topics = %config.kafka_topics, group = %config.kafka_group, "kafka consumer subscribed");
+        tracing::info!(topics = %config.kafka.kafka_topics, group = %config.kafka.kafka_group, "kafka consumer subscribed");
         let mut paused: Option<(Pause, u64)> = None;
         let (mut last_commit, mut last_lag) = (Instant::now(), Instant::now());
-        let commit_every = Duration::from_millis(config.kafka_commit_interval_ms);
-        let lag_every = Duration::from_millis(config.kafka_lag_interval_ms);
+        let commit_every = Duration::from_millis(config.kafka.kafka_commit_interval_ms);
+        let lag_every = Duration::from_millis(config.kafka.kafka_lag_interval_ms);
         let mut full_since: Option<Instant> = None;
         while !self.stop.is_cancelled() {
             let stalled = full_since.is_some_and(|t| t.elapsed() >= IN_FLIGHT_STALL);
             paused = self.steer(paused, stalled);
-            if paused.is_none() && !self.shared.wait_below(config.kafka_max_in_flight, POLL) {
+            if paused.is_none() && !self.shared.wait_below(config.kafka.kafka_max_in_flight, POLL) {
                 full_since.get_or_insert_with(Instant::now);
                 continue;
             }
@@ -458,7 +462,7 @@ impl Poller {
         let verdict = policy.verdict(&self.worker.shed);
         // In fallback mode the rows are diverted instead, as HTTP requests are.
         let buffer_saturated = verdict != Verdict::Pass && !policy.diverts(verdict);
-        let margin = config.flush_max_bytes as u64;
+        let margin = config.batching.flush_max_bytes as u64;
         let ingest = &self.worker.ingest;
         Signals {
             buffer_saturated,
@@ -466,7 +470,7 @@ impl Poller {
             journal_room: ingest.journal_has_room(margin),
             journal_resume_room: ingest.journal_has_room(margin * 2),
             in_flight,
-            max_in_flight: config.kafka_max_in_flight,
+            max_in_flight: config.kafka.kafka_max_in_flight,
             in_flight_stalled,
         }
     }
@@ -496,7 +500,7 @@ impl Poller {
     /// deliveries would have it wait out the revoke timeout a second time.
     fn leave(&self, config: &Config) {
         let all: Vec<Tp> = self.shared.parts().keys().cloned().collect();
-        if !self.shared.wait_idle(&all, Duration::from_millis(config.kafka_revoke_timeout_ms)) {
+        if !self.shared.wait_idle(&all, Duration::from_millis(config.kafka.kafka_revoke_timeout_ms)) {
             tracing::warn!("stopping with kafka deliveries unfinished: their messages are read again next time");
         }
         commit(&self.consumer, &self.shared, None);

@@ -131,8 +131,8 @@ impl Worker {
     }
 
     async fn attempt(&self, message: &Incoming, suspect: bool) -> Result<Attempt, IngestError> {
-        if message.payload.len() > self.config.max_body_bytes {
-            let limit = self.config.max_body_bytes;
+        if message.payload.len() > self.config.http.max_body_bytes {
+            let limit = self.config.http.max_body_bytes;
             return Ok(Attempt::Refused(format!("the message exceeds max_body_bytes ({limit} bytes)")));
         }
         let request: Request<'_, IngestError> = Request {
@@ -190,8 +190,8 @@ struct Backoff {
 
 impl Backoff {
     fn new(config: &Config) -> Self {
-        let max = Duration::from_millis(config.retry_max_backoff_ms);
-        Self { next: Duration::from_millis(config.retry_initial_backoff_ms).min(max), max }
+        let max = Duration::from_millis(config.clickhouse.retry_max_backoff_ms);
+        Self { next: Duration::from_millis(config.clickhouse.retry_initial_backoff_ms).min(max), max }
     }
 
     /// Sleeps; `false` if cancelled meanwhile.

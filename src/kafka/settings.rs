@@ -31,10 +31,10 @@ pub fn parse_properties(text: &str) -> Result<Vec<(String, String)>, KafkaError>
 
 /// The pass-through properties of the configuration and of its file.
 pub fn properties(config: &Config) -> Result<Vec<(String, String)>, KafkaError> {
-    let mut props = parse_properties(&config.kafka_properties)?;
-    if !config.kafka_properties_file.is_empty() {
-        let text = std::fs::read_to_string(&config.kafka_properties_file)
-            .map_err(|e| KafkaError::Config(format!("{}: {e}", config.kafka_properties_file)))?;
+    let mut props = parse_properties(&config.kafka.kafka_properties)?;
+    if !config.kafka.kafka_properties_file.is_empty() {
+        let text = std::fs::read_to_string(&config.kafka.kafka_properties_file)
+            .map_err(|e| KafkaError::Config(format!("{}: {e}", config.kafka.kafka_properties_file)))?;
         props.extend(parse_properties(&text)?);
     }
     Ok(props)
@@ -42,7 +42,7 @@ pub fn properties(config: &Config) -> Result<Vec<(String, String)>, KafkaError> 
 
 fn common(config: &Config) -> Result<ClientConfig, KafkaError> {
     let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", config.kafka_brokers.trim()).set("client.id", "buffergate");
+    client.set("bootstrap.servers", config.kafka.kafka_brokers.trim()).set("client.id", "buffergate");
     for (key, value) in properties(config)? {
         client.set(key, value);
     }
@@ -61,7 +61,7 @@ pub fn consumer(config: &Config) -> Result<ClientConfig, KafkaError> {
     }
     // Offsets are committed by the consumer, per partition, once the rows are safe.
     client
-        .set("group.id", config.kafka_group.trim())
+        .set("group.id", config.kafka.kafka_group.trim())
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
     Ok(client)
@@ -89,10 +89,11 @@ mod tests {
 
     #[test]
     fn the_consumer_commits_itself() {
-        let config = Config {
-            kafka_brokers: "b1:9092,b2:9092".into(),
-            kafka_properties: "auto.offset.reset=latest\nsession.timeout.ms=6000".into(),
-            ..Config::default()
+        let config = {
+            let mut config = Config::default();
+            config.kafka.kafka_brokers = "b1:9092,b2:9092".into();
+            config.kafka.kafka_properties = "auto.offset.reset=latest\nsession.timeout.ms=6000".into();
+            config
         };
         let client = consumer(&config).unwrap();
         assert_eq!(client.get("enable.auto.commit"), Some("false"));

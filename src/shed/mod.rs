@@ -55,9 +55,9 @@ pub struct Policy {
 impl Policy {
     pub fn of(config: &Config) -> Self {
         Self {
-            mode: config.shed_mode,
-            stale_after: Duration::from_millis(config.shed_stale_after_ms),
-            on_stale: config.shed_on_stale,
+            mode: config.shed.shed_mode,
+            stale_after: Duration::from_millis(config.shed.shed_stale_after_ms),
+            on_stale: config.shed.shed_on_stale,
         }
     }
 

@@ -89,8 +89,8 @@ pub async fn read_fill(ch: &ClickHouse, config: &Config, per_table: bool) -> Res
     };
     let sql = format!(
         "SELECT {bytes} AS bytes, engine_full FROM system.tables WHERE database = {} AND name = {}",
-        quote_str(&config.database),
-        quote_str(&config.buffer_table)
+        quote_str(&config.table.database),
+        quote_str(&config.table.buffer_table)
     );
     let row = ch
         .fetch_json::<Row>(&sql)
@@ -98,8 +98,8 @@ pub async fn read_fill(ch: &ClickHouse, config: &Config, per_table: bool) -> Res
         .into_iter()
         .next()
         .ok_or_else(|| ClickHouseError::Protocol("the Buffer table does not exist".into()))?;
-    let capacity = if config.buffer_capacity_bytes > 0 {
-        config.buffer_capacity_bytes
+    let capacity = if config.shed.buffer_capacity_bytes > 0 {
+        config.shed.buffer_capacity_bytes
     } else {
         BufferParams::parse(&row.engine_full).map(|p| p.capacity()).ok_or_else(|| {
             ClickHouseError::Protocol(format!("cannot read the Buffer capacity from {:?}", row.engine_full))
@@ -141,7 +141,7 @@ impl Track {
 
 impl Poller {
     pub async fn run(self, stop: CancellationToken) {
-        let interval = Duration::from_millis(self.config.shed_poll_interval_ms);
+        let interval = Duration::from_millis(self.config.shed.shed_poll_interval_ms);
         let mut track = Track::default();
         loop {
             match self.read(&mut track).await {
@@ -149,7 +149,7 @@ impl Poller {
                 Err(error) => {
                     metrics::poll_error();
                     if !track.failing {
-                        tracing::warn!(%error, on_stale = ?self.config.shed_on_stale, "cannot read the Buffer's fill");
+                        tracing::warn!(%error, on_stale = ?self.config.shed.shed_on_stale, "cannot read the Buffer's fill");
                         track.failing = true;
                     }
                 }
@@ -189,22 +189,23 @@ impl Poller {
         }
         track.observe_drain(bytes);
         let fill = if capacity > 0 { bytes as f64 / capacity as f64 } else { 0.0 };
-        let next = next_shedding(track.shedding, fill, config.shed_threshold, config.shed_resume);
+        let next = next_shedding(track.shedding, fill, config.shed.shed_threshold, config.shed.shed_resume);
         match (track.shedding, next) {
             (false, true) => {
-                tracing::warn!(node = %config.clickhouse_url, fill, bytes, capacity, "Buffer saturated: shedding ingestion");
+                tracing::warn!(node = %config.clickhouse.clickhouse_url, fill, bytes, capacity, "Buffer saturated: shedding ingestion");
             }
             (true, false) => {
-                tracing::info!(node = %config.clickhouse_url, fill, bytes, capacity, "Buffer below the resume threshold: ingestion resumes");
+                tracing::info!(node = %config.clickhouse.clickhouse_url, fill, bytes, capacity, "Buffer below the resume threshold: ingestion resumes");
             }
             _ => {}
         }
         track.shedding = next;
         let drain_rate = track.drain_rate.unwrap_or(0.0);
-        let wait = retry_after(bytes, capacity, config.shed_resume, drain_rate, config.shed_retry_after_max_s);
+        let wait =
+            retry_after(bytes, capacity, config.shed.shed_resume, drain_rate, config.shed.shed_retry_after_max_s);
         self.state.publish(bytes, capacity, next, wait);
-        metrics::buffer(&self.config.clickhouse_url, bytes, capacity, fill);
-        metrics::shed_active(&self.config.clickhouse_url, next);
+        metrics::buffer(&self.config.clickhouse.clickhouse_url, bytes, capacity, fill);
+        metrics::shed_active(&self.config.clickhouse.clickhouse_url, next);
     }
 }
 

@@ -483,39 +483,38 @@ pub fn http() -> reqwest::Client {
 
 /// A configuration pointing at `ch`, database `db`, tuned for quick tests.
 pub fn config(ch: &ClickHouseServer, db: &str) -> Config {
-    Config {
-        clickhouse_url: ch.url.clone(),
-        database: db.to_string(),
-        partitions: 2,
-        schema_refresh_interval_ms: 300,
-        retry_initial_backoff_ms: 50,
-        retry_max_backoff_ms: 200,
-        ..Config::default()
-    }
+    let mut config = Config::default();
+    config.clickhouse.clickhouse_url = ch.url.clone();
+    config.table.database = db.to_string();
+    config.batching.partitions = 2;
+    config.clickhouse.schema_refresh_interval_ms = 300;
+    config.clickhouse.retry_initial_backoff_ms = 50;
+    config.clickhouse.retry_max_backoff_ms = 200;
+    config
 }
 
 /// `config` with a Buffer that keeps its rows in memory (one layer, thresholds of an hour and
 /// gigabytes) and a shed poll that tolerates a server stopped for a minute: for tests that
 /// kill ClickHouse with rows in the Buffer, or fill it.
 pub fn holding_buffer(mut config: Config) -> Config {
-    config.buffer_num_layers = 1;
-    config.buffer_min_time = 3600;
-    config.buffer_max_time = 3600;
-    config.buffer_min_rows = 100_000_000;
-    config.buffer_max_rows = 1_000_000_000;
-    config.buffer_min_bytes = 1_000_000_000;
-    config.buffer_max_bytes = 2_000_000_000;
-    config.shed_stale_after_ms = 60_000;
+    config.table.buffer_num_layers = 1;
+    config.table.buffer_min_time = 3600;
+    config.table.buffer_max_time = 3600;
+    config.table.buffer_min_rows = 100_000_000;
+    config.table.buffer_max_rows = 1_000_000_000;
+    config.table.buffer_min_bytes = 1_000_000_000;
+    config.table.buffer_max_bytes = 2_000_000_000;
+    config.shed.shed_stale_after_ms = 60_000;
     config
 }
 
 /// `config` with a data directory of its own when it has the default one: gateways of a test
 /// run never share a journal unless a test means them to.
 pub fn own_data_dir(mut config: Config) -> Config {
-    if config.data_dir == buffergate::config::DEFAULT_DATA_DIR {
+    if config.journal.data_dir == buffergate::config::DEFAULT_DATA_DIR {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        config.data_dir = scratch(&format!("gateway-data-{n}")).display().to_string();
+        config.journal.data_dir = scratch(&format!("gateway-data-{n}")).display().to_string();
     }
     config
 }
@@ -595,17 +594,17 @@ impl Gateway {
 
     /// Flushes the Buffer into the destination so the rows can be read back.
     pub async fn drain(&self, ch: &ClickHouseServer) {
-        ch.exec(&format!("OPTIMIZE TABLE `{}`.`{}`", self.config.database, self.config.buffer_table)).await;
+        ch.exec(&format!("OPTIMIZE TABLE `{}`.`{}`", self.config.table.database, self.config.table.buffer_table)).await;
     }
 
     /// `GET /v1/status` with the gateway's admin token.
     pub async fn status(&self) -> Value {
-        let response = http().get(format!("{}/v1/status", self.url)).bearer_auth(&self.config.admin_token).send();
+        let response = http().get(format!("{}/v1/status", self.url)).bearer_auth(&self.config.auth.admin_token).send();
         response.await.expect("gateway answers").json().await.unwrap_or(Value::Null)
     }
 
     pub fn destination(&self) -> String {
-        format!("`{}`.`{}`", self.config.database, self.config.destination_table)
+        format!("`{}`.`{}`", self.config.table.database, self.config.table.destination_table)
     }
 }
 

@@ -1,0 +1,91 @@
+//! The table events go to: its database, its Buffer and the MergeTree behind it, the Buffer's
+//! engine arguments `migrate` uses, and the columns the gateway fills or routes by.
+
+use serde::{Deserialize, Serialize};
+
+use super::{ConfigError, invalid};
+
+/// What to do with an event field that names no column of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownFields {
+    /// Reject the event, naming the field: nothing a producer sends is dropped silently.
+    Reject,
+    /// Store the known fields and drop the others.
+    Ignore,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TableSettings {
+    pub database: String,
+    pub buffer_table: String,
+    pub destination_table: String,
+    /// `Buffer(...)` engine arguments used by `migrate` (thresholds are per layer).
+    pub buffer_num_layers: u32,
+    pub buffer_min_time: u64,
+    pub buffer_max_time: u64,
+    pub buffer_min_rows: u64,
+    pub buffer_max_rows: u64,
+    pub buffer_min_bytes: u64,
+    pub buffer_max_bytes: u64,
+    pub unknown_fields: UnknownFields,
+    /// UUID column filled with a generated UUIDv7 when an event omits it.
+    pub id_column: String,
+    /// Time column filled with the receive time when an event omits it.
+    pub timestamp_column: String,
+    /// Event field whose value picks the coalescer partition.
+    pub partition_key: String,
+}
+
+impl Default for TableSettings {
+    fn default() -> Self {
+        Self {
+            database: "analytics".into(),
+            buffer_table: "events_buffer".into(),
+            destination_table: "events_raw".into(),
+            buffer_num_layers: 16,
+            buffer_min_time: 10,
+            buffer_max_time: 60,
+            buffer_min_rows: 100_000,
+            buffer_max_rows: 1_000_000,
+            buffer_min_bytes: 10 * 1024 * 1024,
+            // The seed's 10 GiB per layer would let 16 layers hold 160 GiB of RAM; 128 MiB per
+            // layer caps the Buffer at 2 GiB, above what 1M seed-shaped rows occupy per layer.
+            buffer_max_bytes: 128 * 1024 * 1024,
+            unknown_fields: UnknownFields::Reject,
+            id_column: "event_id".into(),
+            timestamp_column: "event_ts".into(),
+            partition_key: "user_id".into(),
+        }
+    }
+}
+
+impl TableSettings {
+    /// Checks this section's values on their own (relations with other sections are
+    /// [`super::Config::validate`]'s).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("database", &self.database),
+            ("buffer_table", &self.buffer_table),
+            ("destination_table", &self.destination_table),
+        ] {
+            if value.is_empty() || value.contains('`') || value.contains('\0') {
+                return Err(invalid(key, "must be a non-empty identifier without backticks"));
+            }
+        }
+        if self.buffer_table == self.destination_table {
+            return Err(invalid("buffer_table", "must differ from destination_table"));
+        }
+        if self.buffer_num_layers == 0 || self.buffer_num_layers > 256 {
+            return Err(invalid("buffer_num_layers", "must be between 1 and 256"));
+        }
+        if self.buffer_min_time > self.buffer_max_time
+            || self.buffer_min_rows > self.buffer_max_rows
+            || self.buffer_min_bytes > self.buffer_max_bytes
+        {
+            return Err(invalid("buffer_min_*", "each minimum must not exceed its maximum"));
+        }
+        Ok(())
+    }
+}
