@@ -29,7 +29,7 @@ base=$cache/base-$(printf '%s' "$packages" | sha256sum | cut -c1-12)
 step=""
 fail() { echo "fresh-machine.sh: FAILED at step: $step" >&2; }
 trap fail ERR
-begin() { step=$1; echo "==> fresh-machine: $step"; }
+begin() { step=$1; echo "==> fresh-machine [${SECONDS} s]: $step"; }
 
 [ "$(id -u)" -eq 0 ] || { echo "fresh-machine.sh needs root (debootstrap, mount, chroot)" >&2; exit 1; }
 
