@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub struct Health {
     clickhouse_up: AtomicBool,
     table_present: AtomicBool,
-    draining: AtomicBool,
+    stopping: AtomicBool,
     clickhouse_version: std::sync::RwLock<Option<String>>,
 }
 
@@ -31,17 +31,17 @@ impl Health {
     }
 
     /// Marks the gateway as shutting down: not ready from now on.
-    pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::Relaxed);
+    pub fn start_stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
     }
 
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
     }
 
     /// `Ok` when ready to take traffic, else why not.
     pub fn readiness(&self, schema_loaded: bool) -> Result<(), &'static str> {
-        if self.is_draining() {
+        if self.is_stopping() {
             Err("the gateway is shutting down")
         } else if !self.clickhouse_up.load(Ordering::Relaxed) {
             Err("ClickHouse is not reachable")

@@ -127,7 +127,7 @@ pub async fn run_as(config: Config, listener: TcpListener, shutdown: Shutdown, r
     if let Some(front) = front {
         let _ = front.await;
     }
-    partitions.drain().await;
+    partitions.finish().await;
     nodes.finish(Duration::from_millis(config.journal.shutdown_confirm_ms)).await;
     watchers.stop().await;
     tracing::info!("drained; bye");
@@ -376,7 +376,7 @@ fn stop_consuming(front: kafka::Front, shutdown: Shutdown) -> tokio::task::JoinH
 /// and load balancers get `delay` to stop routing here.
 async fn stop_accepting(shutdown: Shutdown, health: Arc<Health>, delay: Duration) {
     shutdown.triggered().await;
-    health.start_draining();
+    health.start_stopping();
     if !delay.is_zero() {
         tracing::info!(?delay, "not ready; waiting for load balancers to stop routing here");
         tokio::time::sleep(delay).await;

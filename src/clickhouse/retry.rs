@@ -84,6 +84,14 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// The configured bounds (`retry_initial_backoff_ms`, `retry_max_backoff_ms`).
+    pub fn of(settings: &crate::config::ClickHouseSettings) -> Self {
+        Self {
+            initial: Duration::from_millis(settings.retry_initial_backoff_ms),
+            max: Duration::from_millis(settings.retry_max_backoff_ms),
+        }
+    }
+
     pub fn delay(&self, attempt: u32) -> Duration {
         let ceiling = self.initial.saturating_mul(2u32.saturating_pow(attempt.min(16))).min(self.max);
         let half = ceiling / 2;

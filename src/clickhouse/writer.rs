@@ -108,10 +108,7 @@ impl Writer {
             ch,
             permits: Semaphore::new(config.insert_concurrency()),
             retries: config.clickhouse.insert_retries,
-            backoff: Backoff {
-                initial: std::time::Duration::from_millis(config.clickhouse.retry_initial_backoff_ms),
-                max: std::time::Duration::from_millis(config.clickhouse.retry_max_backoff_ms),
-            },
+            backoff: Backoff::of(&config.clickhouse),
             schema_changed,
             breaker,
             format: config.clickhouse.insert_format,

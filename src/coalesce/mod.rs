@@ -69,7 +69,7 @@ impl Waiting {
     }
 }
 
-/// The running partition tasks; [`CoalescerTasks::drain`] flushes what is queued and ends them.
+/// The running partition tasks; [`CoalescerTasks::finish`] flushes what is queued and ends them.
 #[derive(Debug)]
 pub struct CoalescerTasks {
     tasks: JoinSet<()>,
@@ -174,7 +174,7 @@ impl Coalescer {
 
 impl CoalescerTasks {
     /// Stops taking rows, flushes everything queued, and waits for the partitions to finish.
-    pub async fn drain(mut self) {
+    pub async fn finish(mut self) {
         self.close.cancel();
         while let Some(result) = self.tasks.join_next().await {
             if let Err(e) = result {

@@ -97,14 +97,25 @@ pub fn encode_batch(
     ctx: &EncodeContext,
     shape: &BatchShape,
 ) -> Result<EncodedBatch, DecodeError> {
-    if format == Format::JsonOrLines {
-        return match encode_batch(text, Format::JsonArray, schema, ctx, shape) {
+    match format {
+        Format::JsonOrLines => match encode_as(text, Format::JsonArray, schema, ctx, shape) {
             Err(DecodeError::MalformedJson { .. }) if several_lines(text) => {
-                encode_batch(text, Format::Ndjson, schema, ctx, shape)
+                encode_as(text, Format::Ndjson, schema, ctx, shape)
             }
             other => other,
-        };
+        },
+        format => encode_as(text, format, schema, ctx, shape),
     }
+}
+
+/// [`encode_batch`] in one format, `JsonArray` or `Ndjson`.
+fn encode_as(
+    text: &[u8],
+    format: Format,
+    schema: &TableSchema,
+    ctx: &EncodeContext,
+    shape: &BatchShape,
+) -> Result<EncodedBatch, DecodeError> {
     let per_shard = shape.partitions.max(1);
     let shards = match &shape.placing {
         Placing::Shard(shard) => shard + 1,

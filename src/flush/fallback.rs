@@ -79,7 +79,7 @@ pub async fn write(
     let sent = match block.send(writer, &block.query_id).await {
         Ok(()) => Sent::All,
         Err((written, error)) => match after_failure(error, written) {
-            Sent::Doubt(error) => settle(writer, table, &block, error).await,
+            Sent::Doubt(error) => resolve(writer, table, &block, error).await,
             sent => sent,
         },
     };
@@ -101,7 +101,7 @@ pub async fn write(
 
 /// Settles the request's block up to [`SETTLE_ROUNDS`] times while ClickHouse cannot be asked
 /// or the sending fails. Rows without ids cannot be told apart: such a request stays in doubt.
-async fn settle(writer: &Writer, table: Table<'_>, block: &Block, mut error: WriteError) -> Sent {
+async fn resolve(writer: &Writer, table: Table<'_>, block: &Block, mut error: WriteError) -> Sent {
     if !block.identified() {
         return Sent::Doubt(error);
     }

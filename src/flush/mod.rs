@@ -1,16 +1,16 @@
 //! Sending a batch: journaled and INSERTed on a replica of its shard at once (the fsync
 //! overlaps the INSERT it protects), failed over to another replica when the INSERT failed
-//! cleanly, then settled (`settle`): its keys committed or released, its block handed to the
+//! cleanly, then concluded (`outcome`): its keys committed or released, its block handed to the
 //! journal of the node it is at, every waiter told.
 //!
-//! - `settle`: what becomes of a batch after its last attempt;
+//! - `outcome`: what becomes of a batch after its last attempt;
 //! - [`fallback`]: a request's rows written straight into the fallback table while the Buffer
 //!   is saturated.
 //!
 //! An INSERT whose fate is unknown is settled the one way [`crate::journal::resolve`] does.
 
 pub mod fallback;
-mod settle;
+mod outcome;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +23,7 @@ use crate::rows::{Groups, PartitionRows};
 use crate::schema::TableSchema;
 use crate::shed::Policy;
 use crate::shed::budget::Lease;
-use settle::{Holder, Waiters, settle, tell};
+use outcome::{Holder, Waiters, conclude, tell};
 
 /// Who hears about a submission's rows, and when.
 #[derive(Debug, Default)]
@@ -155,7 +155,7 @@ impl Batch {
             (at, result) = (moved, outcome);
         }
         let waiters = Waiters { written, visible, promised, journal_result };
-        settle(at, result, block, waiters, idempotency, &reservations).await;
+        conclude(at, result, block, waiters, idempotency, &reservations).await;
         drop(leases);
     }
 }

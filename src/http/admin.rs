@@ -130,7 +130,7 @@ pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
     Ok(Json(Status {
         ready: readiness.is_ok() && !(state.config.shed.shed_readiness && state.shed.is_shedding()),
         not_ready_reason: readiness.err(),
-        draining: state.ingest.health().is_draining(),
+        draining: state.ingest.health().is_stopping(),
         clickhouse_version: state.ingest.health().clickhouse_version(),
         schema_version: schema.map(|s| s.version),
         buffer: BufferStatus::of(&state.shed),

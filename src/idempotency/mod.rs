@@ -14,12 +14,12 @@
 //! A key whose token has no status is pending until its lease ends and void after; a void or
 //! released one is taken over by the next reservation ([`holder_state`]).
 
-mod batch;
 pub mod groups;
 mod memory;
 mod redis_conn;
 mod redis_store;
 mod reserve;
+mod reserve_queue;
 
 use std::time::{Duration, Instant};
 

@@ -27,9 +27,9 @@ use std::time::Duration;
 use redis::Script;
 use tokio::sync::{mpsc, oneshot};
 
-use super::batch::{self, Batcher, ReserveJob, Seen, replicated};
 use super::groups::{group_of, tags};
 use super::redis_conn::{Connection, client, first_node};
+use super::reserve_queue::{self, ReserveJob, ReserveQueue, Seen, replicated};
 use super::{HolderState, KeyState, StoreError, TOKEN_BYTES, Terms, holder_state};
 use crate::config::Config;
 
@@ -127,8 +127,8 @@ impl RedisStore {
             timeout,
             wait,
             tags: tags(groups),
-            reserve: batch::reserve_script(),
-            take_over: batch::take_over_script(),
+            reserve: reserve_queue::reserve_script(),
+            take_over: reserve_queue::take_over_script(),
             reservations: OnceLock::new(),
             delete_if: Script::new(DELETE_IF),
             set_nx_or_get: Script::new(SET_NX_OR_GET),
@@ -207,12 +207,12 @@ impl RedisStore {
         futures_util::future::try_join_all(settle).await
     }
 
-    async fn batched(&self, tokens: &[Vec<u8>], keys: &[(usize, Vec<u8>)], terms: &Terms) -> batch::Answer {
+    async fn batched(&self, tokens: &[Vec<u8>], keys: &[(usize, Vec<u8>)], terms: &Terms) -> reserve_queue::Answer {
         let queue = self.reservations.get_or_init(|| {
-            let (tx, rx) = mpsc::channel(batch::MAX_QUEUED_JOBS);
+            let (tx, rx) = mpsc::channel(reserve_queue::MAX_QUEUED_JOBS);
             // One store serves one `Idempotency`, so every call has the same terms.
             let bases = (0..self.tags.len()).map(|g| self.base(&terms.prefix, g)).collect();
-            let batcher = Batcher {
+            let batcher = ReserveQueue {
                 connection: self.connection.clone(),
                 script: self.reserve.clone(),
                 timeout: self.timeout,

@@ -17,7 +17,7 @@ impl Pipeline {
     /// Whether a batch of about `announced` bytes may come in now; the lease holds its bytes
     /// against the in-flight budget until it is decoded.
     pub(super) fn admit(&self, announced: usize) -> Result<(Arc<TableSchema>, Lease), IngestError> {
-        if self.health.is_draining() {
+        if self.health.is_stopping() {
             return Err(IngestError::ShuttingDown);
         }
         if self.circuit_open() {

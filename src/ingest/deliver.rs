@@ -109,7 +109,7 @@ impl Pipeline {
         })?;
         let written = how.wait != Wait::Queued || how.divert;
         let outcome = handed.outcome;
-        self.settle(handed, how).await?;
+        self.await_writes(handed, how).await?;
         metrics::events(outcome, accepted);
         Ok(Delivered { written, response: IngestResponse { accepted, duplicates, rejected: batch.rejected } })
     }
@@ -172,7 +172,7 @@ impl Pipeline {
 
     /// Waits for what the answer waits for, and advances the producer's offset once the rows
     /// are written (after the answer, when it does not wait for that).
-    async fn settle(&self, handed: HandedOff, how: Delivery) -> Result<(), IngestError> {
+    async fn await_writes(&self, handed: HandedOff, how: Delivery) -> Result<(), IngestError> {
         await_flushes(handed.answer).await?;
         let Some(producer) = how.producer else { return Ok(()) };
         let idempotency = Arc::clone(&self.idempotency);

@@ -245,14 +245,14 @@ impl Journal {
     /// replica that goes away leaves as little as it can in its journal. Bounded by `within`.
     pub async fn finish(&self, within: Duration) {
         if !self.owed().is_empty() {
-            self.settle_before_exit(within).await;
+            self.confirm_before_exit(within).await;
         }
         if let Err(error) = self.wal.close().await {
             tracing::error!(%error, "the journal did not close cleanly; the next start checks it");
         }
     }
 
-    async fn settle_before_exit(&self, within: Duration) {
+    async fn confirm_before_exit(&self, within: Duration) {
         let work = async {
             if let Err(error) = self.ch.execute(&format!("OPTIMIZE TABLE {}", self.places.buffer)).await {
                 tracing::warn!(%error, "cannot flush the Buffer at shutdown; the journal keeps its blocks");

@@ -284,10 +284,11 @@ impl Front {
         };
         let consumer: BaseConsumer<Context> = consumer_config.create_with_context(context)?;
         let stop = CancellationToken::new();
-        let poller = Poller { consumer, shared, worker, handle, status: Arc::clone(&status), stop: stop.clone() };
+        let poll_thread =
+            PollThread { consumer, shared, worker, handle, status: Arc::clone(&status), stop: stop.clone() };
         let thread = std::thread::Builder::new()
             .name("kafka-consumer".into())
-            .spawn(move || poller.run())
+            .spawn(move || poll_thread.run())
             .map_err(|e| KafkaError::Config(format!("cannot start the consumer thread: {e}")))?;
         Ok(Self { stop, thread, status })
     }
@@ -319,7 +320,7 @@ fn dead_letters(config: &Config) -> Result<DeadLetters, KafkaError> {
 }
 
 /// The poll thread's state.
-struct Poller {
+struct PollThread {
     consumer: BaseConsumer<Context>,
     shared: Arc<Shared>,
     worker: Arc<Worker>,
@@ -328,7 +329,7 @@ struct Poller {
     stop: CancellationToken,
 }
 
-impl Poller {
+impl PollThread {
     fn run(self) {
         if !self.wait_for_journal() {
             return;

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::dead_letter::{DeadLetters, Reason};
 use super::incoming::Incoming;
 use super::replay::Marks;
+use crate::clickhouse::retry::Backoff;
 use crate::config::Config;
 use crate::decode::{Encoding, Format, IdSeed, RejectedEvent};
 use crate::ingest::{Answer, Delivery, IngestError, Pipeline, Request, Wait};
@@ -107,7 +108,8 @@ impl Worker {
 
     /// Attempts until one does not fail for a reason worth retrying; `None`: given up.
     async fn deliver(&self, message: &Incoming, suspect: bool, cancel: &CancellationToken) -> Option<Attempt> {
-        let mut backoff = Backoff::new(&self.config);
+        let backoff = Backoff::of(&self.config.clickhouse);
+        let mut attempt = 0;
         loop {
             if cancel.is_cancelled() {
                 return None;
@@ -122,9 +124,10 @@ impl Worker {
                 Disposition::Retry(reason) => {
                     metrics::retry(reason);
                     tracing::debug!(%error, offset = message.offset, "delivery of a Kafka message retried");
-                    if !backoff.wait(cancel).await {
+                    if !pause(backoff.delay(attempt), cancel).await {
                         return None;
                     }
+                    attempt += 1;
                 }
             }
         }
@@ -163,7 +166,8 @@ impl Worker {
 
     /// Dead-letters until acknowledged or `cancel`; `false`: given up.
     async fn dead_letter(&self, message: &Incoming, reason: &Reason, cancel: &CancellationToken) -> bool {
-        let mut backoff = Backoff::new(&self.config);
+        let backoff = Backoff::of(&self.config.clickhouse);
+        let mut attempt = 0;
         loop {
             match self.dead.send(message, reason).await {
                 Ok(sent) => {
@@ -173,35 +177,21 @@ impl Worker {
                 Err(error) => {
                     metrics::retry("dead_letter");
                     tracing::warn!(%error, offset = message.offset, "dead letter not acknowledged; retrying");
-                    if !backoff.wait(cancel).await {
+                    if !pause(backoff.delay(attempt), cancel).await {
                         return false;
                     }
+                    attempt += 1;
                 }
             }
         }
     }
 }
 
-/// Exponential backoff between the configured INSERT retry bounds.
-struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    fn new(config: &Config) -> Self {
-        let max = Duration::from_millis(config.clickhouse.retry_max_backoff_ms);
-        Self { next: Duration::from_millis(config.clickhouse.retry_initial_backoff_ms).min(max), max }
-    }
-
-    /// Sleeps; `false` if cancelled meanwhile.
-    async fn wait(&mut self, cancel: &CancellationToken) -> bool {
-        let sleep = self.next;
-        self.next = (self.next * 2).min(self.max);
-        tokio::select! {
-            () = tokio::time::sleep(sleep) => true,
-            () = cancel.cancelled() => false,
-        }
+/// Waits `delay`; `false` if cancelled meanwhile.
+async fn pause(delay: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(delay) => true,
+        () = cancel.cancelled() => false,
     }
 }
 

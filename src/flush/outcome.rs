@@ -18,9 +18,9 @@ pub(super) struct Waiters {
     pub journal_result: FlushResult,
 }
 
-/// Settles a batch after its last attempt: its keys committed (written, or sure to be) or
+/// Concludes a batch after its last attempt: its keys committed (written, or sure to be) or
 /// released, its block handed to the journal of the node it is at, its waiters told.
-pub(super) async fn settle(
+pub(super) async fn conclude(
     Holder { replica, id }: Holder<'_>,
     result: Result<(), WriteError>,
     block: Option<Block>,

@@ -216,7 +216,7 @@ struct Entry {
 }
 
 /// The batching task's settings.
-pub struct Batcher {
+pub struct ReserveQueue {
     pub connection: Connection,
     pub script: Script,
     pub timeout: Duration,
@@ -227,7 +227,7 @@ pub struct Batcher {
     pub wait: Option<(u32, Duration)>,
 }
 
-impl Batcher {
+impl ReserveQueue {
     pub async fn run(self: Arc<Self>, mut queue: mpsc::Receiver<ReserveJob>) {
         let mut calls = JoinSet::new();
         loop {
