@@ -1,13 +1,13 @@
 //! buffergate: an HTTP ingestion gateway in front of a ClickHouse Buffer table.
 //!
-//! An event travels `http` (headers, body limits, the answer) → `ingest` (the steps of one
-//! batch, in order) → `decode` (body → validated rows per partition) → `idempotency`
-//! (reserve, commit, release) → `coalesce` (per-partition group commit) → `journal` (every
-//! block on disk until the MergeTree holds it) → `clickhouse` (INSERT, retry, breaker). Beside the path: `schema` (column types and encoders), `rows`
-//! (the row types the stages hand on), `shed` (Buffer fill, in-flight budget), `config`,
-//! `metrics`, `health`, `auth`, `shutdown`. `server` wires them; `cli` and `check` are the
-//! commands. `kafka` is a second front beside `http`: a consumer group member driving the same
-//! `ingest` path (`buffergate consume`).
+//! An event travels `http` or `kafka` (the fronts: headers or messages into a request) →
+//! `ingest` (the one sequence both run) → `decode` (body → validated rows per partition) →
+//! `coalesce` (per-partition group commit) → `flush` (journal alongside the INSERT, failover,
+//! the batch's outcome) → `journal` (every block on disk until the MergeTree holds it; the one
+//! way an INSERT of unknown fate is settled) and `clickhouse` (INSERT, retry, breaker).
+//! `idempotency` (reserve, commit, release) and `cluster` (shards, replicas) serve along the
+//! path; `schema`, `rows`, `config`, `metrics`, `health`, `auth`, `shutdown` are the leaves.
+//! `server` wires them; `cli` and `check` are the commands.
 
 pub mod auth;
 pub mod check;

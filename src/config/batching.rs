@@ -7,7 +7,7 @@ use super::{ConfigError, positive};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct BatchingSettings {
-    /// Coalescer partitions (per shard on a cluster); 0 means one per [`CPUS_PER_PARTITION`] CPUs, at least one.
+    /// Coalescer partitions (per shard on a cluster); 0 means one per [`super::CPUS_PER_PARTITION`] CPUs, at least one.
     pub partitions: usize,
     /// Submissions (one per request and partition) a partition queues before producers wait.
     pub queue_capacity: usize,

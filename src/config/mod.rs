@@ -5,8 +5,8 @@
 //! its own validation; [`Config::validate`] checks the relations between sections.
 //!
 //! - [`http`]: the HTTP front and the bounds on what it holds;
-//! - [`clickhouse`]: the servers, INSERTs, retries, the breaker; [`topology`] and
-//!   [`sharding`] parse `clickhouse_url` and `sharding_key`;
+//! - [`clickhouse`]: the servers, INSERTs, retries, the breaker; `topology` and
+//!   `sharding` parse `clickhouse_url` and `sharding_key`;
 //! - [`table`]: the Buffer, its destination, the columns the gateway fills;
 //! - [`batching`]: partitions, queues, batch limits;
 //! - [`shed`]: load shedding on the Buffer's fill;
