@@ -447,3 +447,35 @@ async fn wait_visible_answers_once_the_rows_are_in_the_destination() {
     assert_eq!((status, answer["error"].as_str()), (400, Some("bad_query")), "{answer}");
     gw.stop().await;
 }
+
+/// Settling a block stops its own INSERTs and only those: `KILL QUERY` for block `…-5` must
+/// not take block `…-50`'s or `…-512`'s, whose ids it is a prefix of (a bare `LIKE '…-5%'`
+/// did).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_block_s_queries_leaves_other_blocks_alone() {
+    let _serial = SERIAL.lock().await;
+    let ch = common::clickhouse();
+    let client = buffergate::clickhouse::ClickHouse::new(&config(ch, "default"));
+    let base = format!("bg-{}", Uuid::new_v4().simple());
+    // Runs until it is stopped: by the code under test, or by the test at its end.
+    let long = "SELECT count() FROM numbers(100000000000) WHERE NOT ignore(sipHash64(number))";
+    let ids = [format!("{base}-5-0-0"), format!("{base}-50-0-0"), format!("{base}-512-1-0")];
+    for id in &ids {
+        let (url, id) = (ch.url.clone(), id.clone());
+        tokio::spawn(async move {
+            let _ = http().post(&url).query(&[("query_id", id.as_str())]).body(long).send().await;
+        });
+    }
+    let running = |id: &str| {
+        let sql = format!("SELECT toString(count()) AS n FROM system.processes WHERE query_id = '{id}'");
+        async move { ch.rows(&sql).await[0]["n"] == "1" }
+    };
+    for id in &ids {
+        eventually(Duration::from_secs(10), id, || running(id)).await;
+    }
+    client.stop_queries(&format!("{base}-5")).await.unwrap();
+    assert!(!running(&ids[0]).await, "the block's own attempt is stopped");
+    assert!(running(&ids[1]).await, "block -50 still runs");
+    assert!(running(&ids[2]).await, "block -512 still runs");
+    ch.exec(&format!("KILL QUERY WHERE query_id LIKE '{base}-%' SYNC")).await;
+}

@@ -97,15 +97,16 @@ impl ClickHouse {
             .map(|v| v.unwrap_or(0))
     }
 
-    /// Stops every query whose id starts with `prefix` and waits until none runs: an INSERT
+    /// Stops every query of a block, the one with id `query_id` and those whose id derives from
+    /// it (`{query_id}-…`: attempts, failovers, resends), and waits until none runs: an INSERT
     /// whose answer was lost must not land after its rows were looked for.
-    pub async fn stop_queries(&self, prefix: &str) -> Result<(), ClickHouseError> {
-        let pattern = quote_str(&format!("{}%", prefix.replace('%', "\\%").replace('_', "\\_")));
-        self.execute(&format!("KILL QUERY WHERE query_id LIKE {pattern} SYNC")).await?;
-        let running = format!("SELECT toString(count()) AS v FROM system.processes WHERE query_id LIKE {pattern}");
+    pub async fn stop_queries(&self, query_id: &str) -> Result<(), ClickHouseError> {
+        let filter = queries_of(query_id);
+        self.execute(&format!("KILL QUERY WHERE {filter} SYNC")).await?;
+        let running = format!("SELECT toString(count()) AS v FROM system.processes WHERE {filter}");
         match self.scalar(&running).await? {
             Some(0) | None => Ok(()),
-            Some(n) => Err(ClickHouseError::Protocol(format!("{n} queries {prefix}… still run after KILL QUERY"))),
+            Some(n) => Err(ClickHouseError::Protocol(format!("{n} queries of {query_id} still run after KILL QUERY"))),
         }
     }
 
@@ -117,6 +118,13 @@ impl ClickHouse {
         let rows: Vec<Row> = self.fetch_json(sql).await?;
         Ok(rows.first().and_then(|r| r.v.parse().ok()))
     }
+}
+
+/// The queries of a block: its own id, or one under it with a delimiter. A bare prefix would
+/// also take other blocks' (`bg-x-5` is a prefix of `bg-x-50` and `bg-x-512`).
+fn queries_of(query_id: &str) -> String {
+    let under = format!("{}-%", query_id.replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+    format!("(query_id = {} OR query_id LIKE {})", quote_str(query_id), quote_str(&under))
 }
 
 fn presence_sql(lookup: Lookup<'_>, ids: &[Uuid], seconds: Option<(i64, i64)>) -> String {
@@ -133,6 +141,12 @@ fn presence_sql(lookup: Lookup<'_>, ids: &[Uuid], seconds: Option<(i64, i64)>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_block_s_queries_are_its_id_and_the_ids_under_it() {
+        assert_eq!(queries_of("bg-x-5"), "(query_id = 'bg-x-5' OR query_id LIKE 'bg-x-5-%')");
+        assert_eq!(queries_of("a_b%"), r"(query_id = 'a_b%' OR query_id LIKE 'a\\_b\\%-%')");
+    }
 
     #[test]
     fn presence_is_asked_by_id_and_pruned_by_time() {
