@@ -88,4 +88,9 @@ impl TableSettings {
         }
         Ok(())
     }
+
+    /// The time column rows are looked up by, when the table has one.
+    pub fn time_column(&self) -> Option<&str> {
+        (!self.timestamp_column.is_empty()).then_some(self.timestamp_column.as_str())
+    }
 }

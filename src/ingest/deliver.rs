@@ -198,7 +198,7 @@ impl Pipeline {
     ) -> Result<(), IngestError> {
         let config = &self.config;
         let name = format!("{}.{}", quote_ident(&config.table.database), quote_ident(&config.shed.fallback_table));
-        let time_column = (!config.table.timestamp_column.is_empty()).then_some(config.table.timestamp_column.as_str());
+        let time_column = config.table.time_column();
         let table = fallback::Table { name: &name, id_column: &config.table.id_column, time_column };
         match fallback::write(&self.writer, table, schema, partitions, reservations, &self.idempotency).await {
             fallback::Outcome::Written => Ok(()),

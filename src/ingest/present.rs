@@ -39,7 +39,7 @@ impl Pipeline {
     async fn present(&self, ids: &[Uuid], span: Option<(i64, i64)>) -> Result<HashSet<Uuid>, IngestError> {
         let config = &self.config;
         let buffer = format!("{}.{}", quote_ident(&config.table.database), quote_ident(&config.table.buffer_table));
-        let time = (!config.table.timestamp_column.is_empty()).then_some(config.table.timestamp_column.as_str());
+        let time = config.table.time_column();
         let lookup = Lookup { table: &buffer, id_column: &config.table.id_column, time_column: time };
         let looks = self.shards.replicas().map(|r| r.ch.present_twice(lookup, ids, span, &self.lookups));
         let mut present = HashSet::new();

@@ -164,8 +164,13 @@ impl Journal {
 
     /// The one settling of blocks of unknown fate, on this journal's node.
     fn resolver(&self) -> Resolver<'_> {
-        let time = (!self.places.time_column.is_empty()).then_some(self.places.time_column.as_str());
-        Resolver { ch: &self.ch, writer: &self.writer, id_column: &self.places.id_column, time_column: time }
+        let places = &self.places;
+        Resolver {
+            ch: &self.ch,
+            writer: &self.writer,
+            id_column: &places.id_column,
+            time_column: places.time_column.as_deref(),
+        }
     }
 
     /// Confirms the blocks whose samples the destination holds, once they are due (or

@@ -104,13 +104,12 @@ struct Places {
     liveness: String,
     destination: String,
     id_column: String,
-    time_column: String,
+    time_column: Option<String>,
 }
 
 impl Places {
     fn lookup<'a>(&'a self, table: &'a str) -> Lookup<'a> {
-        let time = (!self.time_column.is_empty()).then_some(self.time_column.as_str());
-        Lookup { table, id_column: &self.id_column, time_column: time }
+        Lookup { table, id_column: &self.id_column, time_column: self.time_column.as_deref() }
     }
 }
 
@@ -223,7 +222,7 @@ impl Journal {
                 quote_ident(&config.table.destination_table)
             ),
             id_column: config.table.id_column.clone(),
-            time_column: config.table.timestamp_column.clone(),
+            time_column: config.table.time_column().map(str::to_owned),
         };
         Ok(Arc::new(Self {
             node: config.clickhouse.clickhouse_url.clone(),
