@@ -183,4 +183,4 @@ if [ $run_tests -eq 1 ]; then
   in_root ./scripts/test.sh
 fi
 step=""
-echo "==> fresh-machine: the README's commands work on a fresh bookworm root"
+echo "==> fresh-machine [${SECONDS} s]: the README's commands work on a fresh bookworm root"
