@@ -328,6 +328,17 @@ fn header_cases() -> Vec<Case> {
         bad_header("a non-ASCII Idempotency-Key", &[("idempotency-key", "cl\u{e9}")]),
         bad_header("X-Producer-Offset without X-Producer-Id", &[("x-producer-offset", "1")]),
         bad_header("X-Producer-Offset not a number", &[("x-producer-id", "p"), ("x-producer-offset", "one")]),
+        // A producer's offset at 2^63 or above would turn negative as a Kafka replay mark.
+        bad_header(
+            "X-Producer-Offset above 2^63-1",
+            &[("x-producer-id", "p"), ("x-producer-offset", "9223372036854775808")],
+        ),
+        // The Kafka front's replay marks: a producer that moved them could switch another's
+        // replay look-ups off.
+        bad_header(
+            "X-Producer-Id under the gateway's own prefix",
+            &[("x-producer-id", "buffergate-kafka/group/topic"), ("x-producer-offset", "1")],
+        ),
         case(
             "a first Idempotency-Key",
             whole(post_as("application/json", &[("idempotency-key", "k-1")], &body)),
@@ -365,6 +376,11 @@ fn route_cases() -> Vec<Case> {
         case("DELETE /healthz", whole(to("DELETE", "/healthz")), Want::Error(405, Some("method_not_allowed"))),
         case("POST /v1/event", whole(to("POST", "/v1/event")), Want::Error(404, Some("not_found"))),
         case("a path escaping the root", whole(to("GET", "/../../etc/passwd")), Want::Error(404, Some("not_found"))),
+        case(
+            "the offsets of the gateway's own replay marks",
+            whole(to("GET", "/v1/offsets/buffergate-kafka%2Fgroup%2Ftopic")),
+            Want::Error(400, Some("bad_path")),
+        ),
         case(
             "POST /admin/flush without a token",
             whole(to("POST", "/admin/flush")),

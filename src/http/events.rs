@@ -134,14 +134,16 @@ fn producer_offset(headers: &HeaderMap) -> Result<Option<ProducerOffset>, ApiErr
         }
         return Ok(None);
     };
-    if producer.is_empty() || producer.len() > 200 {
-        return Err(ApiError::BadHeader("X-Producer-Id must be 1 to 200 characters".into()));
+    if let Some(problem) = ProducerOffset::refuse_id(producer) {
+        return Err(ApiError::BadHeader(format!("X-Producer-Id {problem}")));
     }
     let offset = offset
         .ok_or_else(|| ApiError::BadHeader("X-Producer-Id needs X-Producer-Offset".into()))?
         .trim()
         .parse()
-        .map_err(|_| ApiError::BadHeader("X-Producer-Offset must be an integer from 0 to 2^64-1".into()))?;
+        .ok()
+        .filter(|offset| *offset <= ProducerOffset::MAX_OFFSET)
+        .ok_or_else(|| ApiError::BadHeader("X-Producer-Offset must be an integer from 0 to 2^63-1".into()))?;
     let partition = match partition {
         Some(p) => p
             .trim()

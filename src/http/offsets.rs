@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use super::error::ApiError;
 use super::state::AppState;
+use crate::ingest::ProducerOffset;
 
 #[derive(Debug, Serialize)]
 pub struct Offsets {
@@ -21,8 +22,8 @@ pub async fn get_offsets(
     State(state): State<Arc<AppState>>,
     Path(producer_id): Path<String>,
 ) -> Result<Json<Offsets>, ApiError> {
-    if producer_id.is_empty() || producer_id.len() > 200 {
-        return Err(ApiError::BadPath("the producer id must be 1 to 200 characters".into()));
+    if let Some(problem) = ProducerOffset::refuse_id(&producer_id) {
+        return Err(ApiError::BadPath(format!("the producer id {problem}")));
     }
     let partitions = state
         .ingest

@@ -27,6 +27,27 @@ pub struct ProducerOffset {
     pub offset: u64,
 }
 
+impl ProducerOffset {
+    /// Producer ids under this prefix are the gateway's own (the Kafka front's replay marks,
+    /// `buffergate-kafka/<group>/<topic>`): no producer may write or read them, or it could
+    /// switch another's replay look-ups off.
+    pub const RESERVED_PREFIX: &str = "buffergate-kafka/";
+    /// The largest offset taken: what every store holds and compares exactly, and what a Kafka
+    /// offset (signed 64-bit) can be.
+    pub const MAX_OFFSET: u64 = i64::MAX as u64;
+
+    /// Why a producer may not use `id`, if it may not.
+    pub fn refuse_id(id: &str) -> Option<&'static str> {
+        if id.is_empty() || id.len() > 200 {
+            Some("must be 1 to 200 characters")
+        } else if id.starts_with(Self::RESERVED_PREFIX) {
+            Some("must not start with buffergate-kafka/, which the gateway keeps for itself")
+        } else {
+            None
+        }
+    }
+}
+
 /// When a batch is answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wait {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 
 use crate::idempotency::{Idempotency, StoreError};
-use crate::ingest::IngestError;
+use crate::ingest::{IngestError, ProducerOffset};
 
 /// The marks of one consumer group, as far as this process moved or read them.
 #[derive(Debug)]
@@ -36,7 +36,7 @@ impl Marks {
     /// The name the marks of a topic are kept under: a producer of the store's own, apart
     /// from any HTTP producer's id by its prefix.
     fn producer(&self, topic: &str) -> String {
-        format!("buffergate-kafka/{}/{topic}", self.group)
+        format!("{}{}/{topic}", ProducerOffset::RESERVED_PREFIX, self.group)
     }
 
     /// Offsets at or below this were (maybe) handed on before; `None`: none ever was.
