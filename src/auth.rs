@@ -21,6 +21,11 @@ use crate::config::Config;
 pub enum AuthError {
     #[error("cannot read api_keys_file {path}: {source}")]
     File { path: String, source: std::io::Error },
+    /// Keys were configured and none was read: starting would turn authentication off.
+    #[error(
+        "api_keys / api_keys_file are set but hold no key (empty, or only comments): refusing to start with producer authentication off; unset both to run without keys"
+    )]
+    NoKeys,
 }
 
 /// Why a request is refused.
@@ -120,7 +125,13 @@ impl ApiKeys {
                 });
                 Key { name, digest, limiter }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        // An empty or commented-out keys file (a Secret mounted before it was filled) must not
+        // open the gateway to everyone.
+        let configured = !config.auth.api_keys.trim().is_empty() || !config.auth.api_keys_file.is_empty();
+        if configured && keys.is_empty() {
+            return Err(AuthError::NoKeys);
+        }
         Ok(Self { keys })
     }
 
@@ -204,6 +215,13 @@ mod tests {
         assert_eq!(keys.check(Some("nope")), Err(Denied::Unknown));
         assert_eq!(keys.check(None), Err(Denied::Missing));
         assert!(ApiKeys::from_config(&Config::default()).unwrap().check(None).is_ok(), "no keys: auth off");
+    }
+
+    #[test]
+    fn keys_configured_but_none_read_refuse() {
+        let mut config = Config::default();
+        config.auth.api_keys = " , ,".into();
+        assert!(matches!(ApiKeys::from_config(&config), Err(AuthError::NoKeys)));
     }
 
     #[test]

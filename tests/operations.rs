@@ -41,7 +41,8 @@ async fn findings(config: &Config, options: Options) -> Vec<(&'static str, Sever
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_passes_a_good_setup_and_flags_each_problem() {
     let ch = clickhouse();
-    let good = setup("check_good", |_| {}).await;
+    // Good: producers need a key (without one, `check` says so).
+    let good = setup("check_good", |c| c.auth.api_keys = "a-key".into()).await;
     assert_eq!(findings(&good, GOOD).await, vec![], "a good setup has no findings");
     let out = command(
         &good,
@@ -91,6 +92,9 @@ async fn check_passes_a_good_setup_and_flags_each_problem() {
     .await;
     assert!(findings(&mv, GOOD).await.contains(&("materialized_views", Severity::Warning)));
 
+    let open = setup("check_auth", |_| {}).await;
+    assert_eq!(findings(&open, GOOD).await, vec![("api_keys", Severity::Info)], "producer authentication off");
+
     let columns = setup("check_columns", |_| {}).await;
     ch.exec(&format!("ALTER TABLE {}.events_buffer MODIFY COLUMN payload FixedString(8)", columns.table.database))
         .await;
@@ -125,7 +129,7 @@ async fn check_passes_a_good_setup_and_flags_each_problem() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_flags_a_redis_that_is_down_evicts_or_frees_in_the_foreground() {
     let redis_server = RedisServer::start("check-redis");
-    let mut good = setup("check_redis", |_| {}).await;
+    let mut good = setup("check_redis", |c| c.auth.api_keys = "a-key".into()).await;
     good.idempotency.redis_url = redis_server.url.clone();
     let client = redis::Client::open(redis_server.url.as_str()).unwrap();
     let mut connection = client.get_multiplexed_async_connection().await.unwrap();
@@ -297,4 +301,42 @@ async fn api_keys_and_the_admin_api() {
     let response = http().post(format!("{}/admin/flush", plain.url)).send().await.unwrap();
     assert_eq!(response.status().as_u16(), 404, "no admin token: no admin API");
     plain.stop().await;
+}
+
+/// Keys configured but none read (an empty Secret, a file of comments) must not open the
+/// gateway to everyone: the gateway refuses to start and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_keys_that_hold_no_key_refuse_to_start() {
+    let ch = clickhouse();
+    let dir = common::scratch("no-keys");
+    std::fs::write(dir.join("keys"), "# to be filled by the deployment\n\n").unwrap();
+    for (name, file, inline) in [("a file of comments", true, ""), ("separators only", false, " , ,")] {
+        let mut config = config(ch, "default");
+        if file {
+            config.auth.api_keys_file = dir.join("keys").display().to_string();
+        }
+        config.auth.api_keys = inline.into();
+        config.http.listen = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut child = command(&config, &["serve"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(status.is_some_and(|s| !s.success()), "{name}: it must not serve ({status:?}): {stderr}");
+        assert!(stderr.contains("hold no key"), "{name}: {stderr}");
+    }
 }

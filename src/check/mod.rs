@@ -4,8 +4,10 @@
 //!
 //! One file per area: `buffer` (the Buffer table, its destination and their tuning),
 //! `delivery` (what exactly-once needs of the table, the cluster's Distributed table),
-//! `redis` (the idempotency store) and `kafka` (the Kafka front).
+//! `redis` (the idempotency store), `kafka` (the Kafka front) and `auth` (whether producers
+//! need a key).
 
+mod auth;
 mod buffer;
 mod delivery;
 mod kafka;
@@ -65,6 +67,7 @@ pub async fn run(ch: &ClickHouse, config: &Config, options: Options) -> Result<V
     out.extend(redis::run(config).await);
     out.extend(delivery::run(ch, config).await?);
     out.extend(kafka::run(config).await);
+    out.extend(auth::run(config));
     Ok(out)
 }
 
@@ -97,6 +100,7 @@ pub async fn run_all(
     }
     out.extend(redis::run(config).await);
     out.extend(kafka::run(config).await);
+    out.extend(auth::run(config));
     Ok(out)
 }
 
