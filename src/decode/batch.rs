@@ -16,9 +16,36 @@ use crate::schema::{EncodeContext, Encoded, EventFields, Rejection, TableSchema}
 pub struct RejectedEvent {
     /// Position of the event in the request (0-based).
     pub index: usize,
-    /// The offending field; `null` when the event as a whole is wrong.
+    /// The offending field; `null` when the event as a whole is wrong. At most [`ECHO_BYTES`].
     pub field: Option<String>,
+    /// Why; a value it quotes is cut to [`ECHO_BYTES`] as a whole.
     pub error: String,
+}
+
+/// The most of a producer's own text a rejection echoes back, per field name and per reason:
+/// a 10 MiB request of bad values must not come back as a 10 MiB answer, nor be stored whole
+/// as the replayed answer of an `Idempotency-Key`, nor go whole into a dead letter's header.
+pub const ECHO_BYTES: usize = 256;
+
+impl RejectedEvent {
+    fn new(index: usize, field: Option<String>, error: String) -> Self {
+        Self { index, field: field.map(echo), error: echo(error) }
+    }
+}
+
+/// `text` cut to [`ECHO_BYTES`] on a character boundary, marked as cut with its full length.
+fn echo(mut text: String) -> String {
+    if text.len() <= ECHO_BYTES {
+        return text;
+    }
+    let full = text.len();
+    let mut end = ECHO_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push_str(&format!("… ({full} bytes)"));
+    text
 }
 
 /// Where an accepted event's row went, to filter duplicates out afterwards.
@@ -172,7 +199,7 @@ fn encode_as(
                 }
             }
             Err(rejection) => {
-                batch.rejected.push(RejectedEvent { index, field: rejection.field, error: rejection.error });
+                batch.rejected.push(RejectedEvent::new(index, rejection.field, rejection.error));
             }
         }
         index += 1;
@@ -372,6 +399,19 @@ mod tests {
         assert_eq!(run(r#"{"k": 3}"#, Format::JsonArray, 1).unwrap().accepted, 1);
         assert!(matches!(run(r#""text""#, Format::JsonArray, 1), Err(DecodeError::MalformedJson { .. })));
         assert_eq!(run("[]", Format::JsonArray, 1).unwrap().accepted, 0);
+    }
+
+    #[test]
+    fn rejections_echo_a_bounded_part_of_what_was_sent() {
+        assert_eq!(echo("short".into()), "short");
+        let long = echo("é".repeat(200));
+        assert!(long.len() <= ECHO_BYTES + 20, "{}", long.len());
+        assert!(long.starts_with("ééé") && long.ends_with("… (400 bytes)"), "{long}");
+        let name = "x".repeat(10_000);
+        let batch = run(&format!(r#"[{{"{name}": 1}}]"#), Format::JsonArray, 10).unwrap();
+        let rejected = &batch.rejected[0];
+        assert!(rejected.field.as_ref().is_some_and(|f| f.len() < 300), "{:?}", rejected.field);
+        assert!(rejected.error.len() < 300, "{}", rejected.error);
     }
 
     #[test]
