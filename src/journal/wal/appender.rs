@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IoSlice, Write};
 use std::ops::ControlFlow;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -401,7 +402,8 @@ fn write_all_parts(file: &mut File, parts: &[bytes::Bytes]) -> io::Result<()> {
 /// Creates segment `name` and makes its directory entry journal.
 fn create_segment(dir: &Path, dir_handle: &File, name: u64) -> Result<Active, WalError> {
     let path = segment_path(dir, name);
-    let file = OpenOptions::new().append(true).create_new(true).open(&path).at(&path)?;
+    // The rows of producers' events: for the gateway's user alone.
+    let file = OpenOptions::new().append(true).create_new(true).mode(0o600).open(&path).at(&path)?;
     dir_handle.sync_all().at(dir)?;
     Ok(Active { name, path, file, unsynced: false })
 }

@@ -84,6 +84,7 @@ mod scan;
 mod tests;
 
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -258,7 +259,8 @@ pub struct Wal {
 /// gateways appending to one journal would corrupt each other's records.
 fn lock_dir(dir: &Path) -> Result<std::fs::File, WalError> {
     let path = dir.join("lock");
-    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).at(&path)?;
+    let file =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path).at(&path)?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => Err(WalError::Locked { path }),

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -152,7 +153,8 @@ pub(super) fn ensure_dir(dir: &Path) -> Result<(), WalError> {
             source: io::Error::new(io::ErrorKind::NotADirectory, "not a directory").into(),
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            fs::create_dir_all(dir).at(dir)?;
+            // Only the gateway's user may list or read the journal: it holds producers' rows.
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).at(dir)?;
             let parent = match dir.parent() {
                 Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
                 _ => PathBuf::from("."),

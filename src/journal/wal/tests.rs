@@ -56,6 +56,23 @@ async fn append_all(journal: &Wal, ids: impl IntoIterator<Item = u64>) {
     }
 }
 
+/// The journal holds producers' rows: its directory, segments and lock are the gateway's user's
+/// alone, whatever the umask.
+#[tokio::test]
+async fn only_the_gateway_s_user_can_read_the_journal() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path().join("journal");
+    let (journal, _) = open(roomy(&dir));
+    journal.append(payload(1)).await.unwrap();
+    let mode = |path: &Path| fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir), 0o700, "the directory");
+    for name in segments(&dir) {
+        assert_eq!(mode(&segment_file(&dir, name)), 0o600, "segment {name}");
+    }
+    assert_eq!(mode(&dir.join("lock")), 0o600, "the lock file");
+}
+
 #[tokio::test]
 async fn unconfirmed_blocks_come_back_after_reopen_and_ids_go_on() {
     let tmp = TempDir::new().unwrap();
