@@ -96,7 +96,7 @@ pub async fn run_all(
             node.push(f);
         }
         node.extend(delivery::cluster_tables(&ch, config).await);
-        out.extend(node.into_iter().map(|f| Finding { node: Some(url.to_string()), ..f }));
+        out.extend(node.into_iter().map(|f| Finding { node: Some(crate::config::redacted(url)), ..f }));
     }
     out.extend(redis::run(config).await);
     out.extend(kafka::run(config).await);

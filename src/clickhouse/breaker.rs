@@ -39,7 +39,7 @@ impl Breaker {
 
     /// The breaker of the node at `url`.
     pub fn for_node(threshold: u32, open_for: Duration, url: &str) -> Self {
-        Self { node: url.to_string(), ..Self::new(threshold, open_for) }
+        Self { node: crate::config::redacted(url), ..Self::new(threshold, open_for) }
     }
 
     fn now_ms(&self) -> u64 {

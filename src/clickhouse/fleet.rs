@@ -30,7 +30,7 @@ pub async fn resolve(config: &Config) -> Result<Topology, MigrateError> {
         match ClickHouse::for_url(config, url).cluster_rows(cluster).await {
             Ok(rows) => return listed.clone().with_cluster(&rows).map_err(MigrateError::Topology),
             Err(error) => {
-                tracing::warn!(%error, node = url, cluster, "cannot read the cluster from system.clusters");
+                tracing::warn!(%error, node = %crate::config::redacted(url), cluster, "cannot read the cluster from system.clusters");
                 unanswered = error;
             }
         }

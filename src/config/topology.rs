@@ -107,6 +107,17 @@ impl Topology {
     }
 }
 
+/// `url` as it may be shown (metric labels, logs, `/v1/status`, `check`): without the
+/// `user:password@` it may carry.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}://{host}{}", &rest[authority_end..]),
+        None => url.to_string(),
+    }
+}
+
 /// `seed` with its host replaced by `host` (scheme, port and path kept).
 fn with_host(seed: &str, host: &str) -> String {
     let (scheme, rest) = seed.split_once("://").unwrap_or(("http", seed));
@@ -134,6 +145,14 @@ mod tests {
 
     fn row(shard_num: u64, shard_weight: u64, host: &str) -> ClusterRow {
         ClusterRow { shard_num, shard_weight, host_name: host.into() }
+    }
+
+    #[test]
+    fn shown_urls_carry_no_credentials() {
+        assert_eq!(redacted("https://user:p%40ss@ch1:8443/db"), "https://ch1:8443/db");
+        assert_eq!(redacted("http://ch1:8123"), "http://ch1:8123");
+        assert_eq!(redacted("redis://:secret@r1:6379/0"), "redis://r1:6379/0");
+        assert_eq!(redacted("http://h/path@x"), "http://h/path@x", "an @ after the host is not userinfo");
     }
 
     #[test]

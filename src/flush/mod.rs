@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use crate::clickhouse::writer::{WriteError, Writer};
 use crate::cluster::{Replica, choose_replica};
+use crate::config::redacted;
 use crate::idempotency::{Idempotency, Reservation};
 use crate::journal::{Block, BlockId, FlushError, FlushResult, Journal, Waiter};
 use crate::rows::{Groups, PartitionRows};
@@ -147,7 +148,8 @@ impl Batch {
             && let Some(next) = route.next(&tried)
         {
             tried.push(next);
-            tracing::warn!(from = %at.replica.url, to = %route.replicas[next].url, %error, "INSERT failed; failing over");
+            let (from, to) = (redacted(&at.replica.url), redacted(&route.replicas[next].url));
+            tracing::warn!(%from, %to, %error, "INSERT failed; failing over");
             let Some((moved, outcome)) = failover(&at, &route.replicas[next], block, promised).await else {
                 // The next replica's journal could not take it: it stays where it is.
                 break;

@@ -103,7 +103,7 @@ fn nodes(shards: &crate::cluster::Shards) -> Vec<NodeStatus> {
     for (shard, replicas) in shards.shards.iter().enumerate() {
         for (replica, node) in replicas.iter().enumerate() {
             nodes.push(NodeStatus {
-                url: node.url.clone(),
+                url: crate::config::redacted(&node.url),
                 shard: shard + 1,
                 replica: replica + 1,
                 buffer: BufferStatus::of(&node.shed),

@@ -30,12 +30,20 @@ pub enum Topology {
 
 /// Reads `redis_url`. Sentinel is refused: it names a primary the crate would have to follow.
 pub fn topology(url: &str) -> Result<Topology, StoreError> {
-    let (scheme, rest) = url.split_once("://").unwrap_or((url, ""));
+    // Errors quote the URL without its credentials, and never a URL that has no scheme (it
+    // may begin with them).
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(StoreError::Config(
+            "redis_url has no scheme: use redis://host:6379/0 for one primary or redis+cluster://host1:6379,host2:6379 for a Redis Cluster"
+                .into(),
+        ));
+    };
     let node_scheme = match scheme {
         "redis" | "rediss" | "unix" | "redis+unix" if !url.contains(',') => return Ok(Topology::Single(url.into())),
         "redis" | "rediss" => {
             return Err(StoreError::Config(format!(
-                "redis_url lists several hosts: for a Redis Cluster write {scheme}+cluster://{rest}"
+                "redis_url lists several hosts: for a Redis Cluster write {scheme}+cluster://{}",
+                crate::config::redacted(url).split_once("://").map_or("", |(_, rest)| rest)
             )));
         }
         "redis+cluster" => "redis",
@@ -235,6 +243,14 @@ impl ConnectionLike for Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_never_quote_credentials() {
+        for url in ["redis://user:s3cret@a:6379,b:6379", "user:s3cret@a:6379", "sentinel://user:s3cret@a:26379"] {
+            let Err(error) = topology(url) else { panic!("{url} is refused") };
+            assert!(!error.to_string().contains("s3cret"), "{error}");
+        }
+    }
 
     #[test]
     fn urls_name_one_primary_or_a_cluster() {

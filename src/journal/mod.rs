@@ -225,7 +225,7 @@ impl Journal {
             time_column: config.table.time_column().map(str::to_owned),
         };
         Ok(Arc::new(Self {
-            node: config.clickhouse.clickhouse_url.clone(),
+            node: crate::config::redacted(&config.clickhouse.clickhouse_url),
             wal,
             writer,
             ch,

@@ -16,6 +16,8 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::config::redacted;
+
 pub const HTTP_REQUESTS: &str = "buffergate_http_requests_total";
 pub const HTTP_DURATION: &str = "buffergate_http_request_duration_seconds";
 pub const EVENTS: &str = "buffergate_events_total";
@@ -166,7 +168,7 @@ fn describe() {
 /// The journal's size and what it still protects.
 /// One node's journal (`node`: the ClickHouse URL its blocks were written to).
 pub fn journal(node: &str, bytes: u64, blocks: usize, rows: usize, oldest: Duration) {
-    let node = node.to_string();
+    let node = redacted(node);
     gauge!(JOURNAL_BYTES, "node" => node.clone()).set(bytes as f64);
     gauge!(JOURNAL_UNCONFIRMED_BLOCKS, "node" => node.clone()).set(blocks as f64);
     gauge!(JOURNAL_UNCONFIRMED_ROWS, "node" => node.clone()).set(rows as f64);
@@ -245,13 +247,14 @@ pub fn inflight_bytes() -> Gauge {
 
 /// One node's Buffer, as its poller read it (`node`: its URL).
 pub fn buffer(node: &str, bytes: u64, capacity: u64, fill: f64) {
-    gauge!(BUFFER_BYTES, "node" => node.to_string()).set(bytes as f64);
-    gauge!(BUFFER_CAPACITY, "node" => node.to_string()).set(capacity as f64);
-    gauge!(BUFFER_FILL, "node" => node.to_string()).set(fill);
+    let node = redacted(node);
+    gauge!(BUFFER_BYTES, "node" => node.clone()).set(bytes as f64);
+    gauge!(BUFFER_CAPACITY, "node" => node.clone()).set(capacity as f64);
+    gauge!(BUFFER_FILL, "node" => node).set(fill);
 }
 
 pub fn shed_active(node: &str, active: bool) {
-    gauge!(SHED_ACTIVE, "node" => node.to_string()).set(if active { 1.0 } else { 0.0 });
+    gauge!(SHED_ACTIVE, "node" => redacted(node)).set(if active { 1.0 } else { 0.0 });
 }
 
 pub fn poll_error() {
@@ -259,7 +262,7 @@ pub fn poll_error() {
 }
 
 pub fn circuit_open(node: &str, open: bool) {
-    gauge!(CIRCUIT_OPEN, "node" => node.to_string()).set(if open { 1.0 } else { 0.0 });
+    gauge!(CIRCUIT_OPEN, "node" => redacted(node)).set(if open { 1.0 } else { 0.0 });
 }
 
 pub fn shed_request(reason: &'static str) {

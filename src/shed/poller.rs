@@ -192,10 +192,10 @@ impl Poller {
         let next = next_shedding(track.shedding, fill, config.shed.shed_threshold, config.shed.shed_resume);
         match (track.shedding, next) {
             (false, true) => {
-                tracing::warn!(node = %config.clickhouse.clickhouse_url, fill, bytes, capacity, "Buffer saturated: shedding ingestion");
+                tracing::warn!(node = %crate::config::redacted(&config.clickhouse.clickhouse_url), fill, bytes, capacity, "Buffer saturated: shedding ingestion");
             }
             (true, false) => {
-                tracing::info!(node = %config.clickhouse.clickhouse_url, fill, bytes, capacity, "Buffer below the resume threshold: ingestion resumes");
+                tracing::info!(node = %crate::config::redacted(&config.clickhouse.clickhouse_url), fill, bytes, capacity, "Buffer below the resume threshold: ingestion resumes");
             }
             _ => {}
         }
