@@ -31,6 +31,12 @@ impl RejectedEvent {
     fn new(index: usize, field: Option<String>, error: String) -> Self {
         Self { index, field: field.map(echo), error: echo(error) }
     }
+
+    /// A rejection of event `index` for `error`, as the decoder makes them (bounded).
+    #[cfg(test)]
+    pub(crate) fn for_test(index: usize, error: String) -> Self {
+        Self::new(index, None, error)
+    }
 }
 
 /// `text` cut to [`ECHO_BYTES`] on a character boundary, marked as cut with its full length.

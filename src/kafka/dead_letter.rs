@@ -18,6 +18,14 @@ pub const TOPIC: &str = "buffergate-topic";
 pub const PARTITION: &str = "buffergate-partition";
 pub const OFFSET: &str = "buffergate-offset";
 
+/// The headers this gateway writes all start so: a message's own headers of that name are not
+/// carried over, so no producer can forge where a dead letter came from or why.
+const OURS: &str = "buffergate-";
+/// The rejected events listed in [`REJECTED`] at most (each at most a few hundred bytes, see
+/// [`crate::decode::ECHO_BYTES`]): a dead letter over the broker's message size would be
+/// refused, retried forever and stall its partition. The summary gives the whole count.
+pub const REJECTED_LISTED: usize = 100;
+
 /// Why a message is dead-lettered.
 #[derive(Debug)]
 pub struct Reason {
@@ -66,10 +74,11 @@ impl DeadLetters {
     }
 }
 
-/// The message's own headers, then where it came from and why it is here.
+/// The message's own headers (but ours), then where it came from and why it is here.
 fn headers(message: &Incoming, reason: &Reason) -> OwnedHeaders {
     let mut headers = OwnedHeaders::new();
-    for (key, value) in &message.headers {
+    let theirs = message.headers.iter().filter(|(key, _)| !key.to_ascii_lowercase().starts_with(OURS));
+    for (key, value) in theirs {
         headers = headers.insert(Header { key, value: value.as_deref() });
     }
     let (partition, offset) = (message.partition.to_string(), message.offset.to_string());
@@ -80,10 +89,46 @@ fn headers(message: &Incoming, reason: &Reason) -> OwnedHeaders {
         (OFFSET, offset),
     ];
     if !reason.rejected.is_empty() {
-        ours.push((REJECTED, serde_json::to_string(&reason.rejected).unwrap_or_default()));
+        let listed = &reason.rejected[..reason.rejected.len().min(REJECTED_LISTED)];
+        ours.push((REJECTED, serde_json::to_string(listed).unwrap_or_default()));
     }
     for (key, value) in &ours {
         headers = headers.insert(Header { key, value: Some(value.as_bytes()) });
     }
     headers
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::message::Headers;
+
+    use super::*;
+
+    #[test]
+    fn a_message_cannot_forge_our_headers_nor_overflow_them() {
+        let message = Incoming {
+            topic: "t".into(),
+            partition: 1,
+            offset: 7,
+            key: None,
+            payload: bytes::Bytes::from_static(b"[]"),
+            headers: vec![
+                ("Buffergate-Reason".into(), Some(b"forged".to_vec())),
+                ("trace-id".into(), Some(b"abc".to_vec())),
+            ],
+            timestamp_ms: None,
+        };
+        let rejected = (0..1000).map(|index| RejectedEvent::for_test(index, "x".repeat(300))).collect();
+        let reason = Reason { summary: "1000 event(s) of the message failed validation".into(), rejected };
+        let headers = headers(&message, &reason);
+        let all: Vec<(String, Vec<u8>)> =
+            headers.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect();
+        let named = |name: &str| all.iter().filter(|(k, _)| k.eq_ignore_ascii_case(name)).collect::<Vec<_>>();
+        assert_eq!(named(REASON).len(), 1, "only ours: {all:?}");
+        assert_eq!(named(REASON)[0].1, reason.summary.as_bytes());
+        assert_eq!(named("trace-id").len(), 1, "the message's own headers are kept");
+        let listed: Vec<serde_json::Value> = serde_json::from_slice(&named(REJECTED)[0].1).unwrap();
+        assert_eq!(listed.len(), REJECTED_LISTED);
+        assert!(named(REJECTED)[0].1.len() < 64 * 1024, "well under a broker's message size");
+    }
 }
