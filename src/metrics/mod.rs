@@ -146,7 +146,7 @@ fn describe() {
     );
     describe_counter!(
         SHED_REQUESTS,
-        "Ingestion requests refused before their body was read, by reason (buffer_saturated, stale, overloaded, circuit_open, timeout)."
+        "Ingestion requests refused, by reason (buffer_saturated, stale, overloaded, circuit_open, timeout, shard_saturated, journal_full)."
     );
     describe_gauge!(CONNECTIONS_OPEN, Unit::Count, "Client connections open.");
     describe_counter!(CONNECTIONS_REFUSED, "Client connections closed as accepted because max_connections were open.");
@@ -278,4 +278,28 @@ pub fn idempotency(op: &'static str, elapsed: Duration, ok: bool) {
 
 pub fn dedup_bypassed(count: usize) {
     counter!(DEDUP_BYPASSED).increment(count as u64);
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every metric this module names is in docs/metrics.md, so the reference cannot drift from
+    /// what `/metrics` serves.
+    #[test]
+    fn every_metric_is_documented() {
+        let doc = include_str!("../../docs/metrics.md");
+        let sources = [include_str!("mod.rs"), include_str!("kafka.rs")];
+        let prefix = "buffergate_";
+        let quoted = format!("\"{prefix}");
+        let mut names: Vec<&str> = sources
+            .iter()
+            .flat_map(|text| text.match_indices(quoted.as_str()).map(move |(at, _)| &text[at + 1..]))
+            .filter_map(|rest| rest.split('"').next())
+            .filter(|name| name.len() > prefix.len() && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        assert!(names.len() > 30, "{names:?}");
+        let missing: Vec<&&str> = names.iter().filter(|name| !doc.contains(&format!("`{name}`"))).collect();
+        assert!(missing.is_empty(), "not in docs/metrics.md: {missing:?}");
+    }
 }
