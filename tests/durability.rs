@@ -343,19 +343,27 @@ async fn a_full_journal_answers_503_journal_full() {
     gw.wait_ready().await;
     let url = format!("{}/v1/events", gw.url);
     let mut refused = None;
+    let mut accepted = 0;
     for _ in 0..200 {
-        let (_, body) = events(100);
+        let (ids, body) = events(100);
         let response = http().post(&url).json(&body).send().await.unwrap();
         if response.status() == 503 {
             let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
-            refused = Some((retry_after, response.json::<Value>().await.unwrap()));
+            refused = Some((retry_after, response.json::<Value>().await.unwrap(), ids));
             break;
         }
         assert_eq!(response.status(), 200);
+        accepted += 100;
     }
-    let (retry_after, body) = refused.expect("the journal fills up");
+    let (retry_after, body, ids) = refused.expect("the journal fills up");
     assert_eq!(body["error"], "journal_full", "{body}");
     assert!(retry_after.is_some());
+    // Refused means nothing of it stored; the Buffer table answers for its rows and the
+    // destination's.
+    let buffer = format!("{}.events_buffer", config.table.database);
+    let listed: Vec<String> = ids.iter().map(|id| format!("'{id}'")).collect();
+    assert_eq!(ch.count(&format!("{buffer} WHERE event_id IN ({})", listed.join(","))).await, 0, "refused");
+    assert_eq!(ch.count(&buffer).await, accepted, "every accepted event, once");
     gw.stop().await;
 }
 
