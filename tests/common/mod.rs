@@ -309,12 +309,14 @@ pub struct RedisCluster {
     /// `redis+cluster://` with every node as a seed.
     pub url: String,
     pub ports: Vec<u16>,
+    /// Each node's cluster bus port, kept across its restarts.
+    bus_ports: Vec<u16>,
     nodes: Vec<std::sync::Mutex<Option<Process>>>,
     dir: PathBuf,
 }
 
-/// One cluster node on `port`, its files under `dir/<port>`.
-fn start_node(dir: &Path, port: u16) -> Process {
+/// One cluster node on `port` with its bus on `bus_port`, its files under `dir/<port>`.
+fn start_node(dir: &Path, port: u16, bus_port: u16) -> Process {
     let node_dir = dir.join(port.to_string());
     std::fs::create_dir_all(&node_dir).expect("node dir");
     let mut cmd = Command::new("redis-server");
@@ -324,6 +326,9 @@ fn start_node(dir: &Path, port: u16) -> Process {
         .arg("--cluster-config-file")
         .arg(node_dir.join("nodes.conf"))
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        // The cluster bus port, otherwise port + 10000: that lands in the kernel's ephemeral
+        // range, where an outgoing connection's source port can hold it first.
+        .args(["--cluster-port", &bus_port.to_string()])
         .arg("--dir")
         .arg(&node_dir);
     let process = Process::spawn(cmd, &node_dir.join(format!("redis-{}.log", std::process::id())));
@@ -336,7 +341,12 @@ impl RedisCluster {
         let dir = scratch(name);
         let count = primaries * (1 + replicas);
         let ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
-        let nodes = ports.iter().map(|&port| std::sync::Mutex::new(Some(start_node(&dir, port)))).collect();
+        let bus_ports: Vec<u16> = (0..count).map(|_| free_port()).collect();
+        let nodes = ports
+            .iter()
+            .zip(&bus_ports)
+            .map(|(&p, &bus)| std::sync::Mutex::new(Some(start_node(&dir, p, bus))))
+            .collect();
         let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let created = Command::new("redis-cli")
             .arg("--cluster")
@@ -346,7 +356,8 @@ impl RedisCluster {
             .output()
             .expect("redis-cli --cluster create");
         assert!(created.status.success(), "cluster create: {}", String::from_utf8_lossy(&created.stdout));
-        let cluster = RedisCluster { url: format!("redis+cluster://{}", addresses.join(",")), ports, nodes, dir };
+        let url = format!("redis+cluster://{}", addresses.join(","));
+        let cluster = RedisCluster { url, ports, bus_ports, nodes, dir };
         cluster.wait_healthy(primaries, replicas);
         cluster
     }
@@ -408,7 +419,7 @@ impl RedisCluster {
     /// replica took over comes back as that replica's replica.
     pub fn restart(&self, port: u16) {
         let i = self.ports.iter().position(|&p| p == port).expect("a node of this cluster");
-        *self.nodes[i].lock().unwrap() = Some(start_node(&self.dir, port));
+        *self.nodes[i].lock().unwrap() = Some(start_node(&self.dir, port, self.bus_ports[i]));
     }
 
     /// SIGKILLs the node on `port` and waits until it is gone.
