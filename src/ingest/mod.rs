@@ -35,7 +35,7 @@ use crate::config::{Config, ShardingKey};
 use crate::decode::{Encoding, Format, IdSeed};
 use crate::health::Health;
 use crate::idempotency::Idempotency;
-use crate::schema::{SharedSchema, TableSchema, Timestamp};
+use crate::schema::{SharedSchema, TableSchema, Timestamp, quote_ident};
 use crate::shed::budget::Budget;
 use keys::Claim;
 
@@ -60,6 +60,8 @@ pub struct Pipeline {
     idempotency: Arc<Idempotency>,
     /// Bounds the presence look-ups in flight ([`PRESENCE_LOOKUPS`]).
     lookups: tokio::sync::Semaphore,
+    /// `` `db`.`buffer` ``: where replayed events are looked for.
+    buffer: String,
 }
 
 /// One request or message, as a front hands it over.
@@ -137,6 +139,7 @@ impl Pipeline {
             budget: Budget::new(config.http.max_inflight_bytes),
             sharding: config.sharding(),
             lookups: tokio::sync::Semaphore::new(PRESENCE_LOOKUPS),
+            buffer: format!("{}.{}", quote_ident(&config.table.database), quote_ident(&config.table.buffer_table)),
             config,
             schema,
             health,

@@ -15,7 +15,6 @@ use super::{IngestError, Pipeline};
 use crate::clickhouse::presence::Lookup;
 use crate::decode::EncodedBatch;
 use crate::metrics;
-use crate::schema::quote_ident;
 
 impl Pipeline {
     pub(super) async fn drop_present(&self, batch: &mut EncodedBatch) -> Result<(), IngestError> {
@@ -37,10 +36,8 @@ impl Pipeline {
     }
 
     async fn present(&self, ids: &[Uuid], span: Option<(i64, i64)>) -> Result<HashSet<Uuid>, IngestError> {
-        let config = &self.config;
-        let buffer = format!("{}.{}", quote_ident(&config.table.database), quote_ident(&config.table.buffer_table));
-        let time = config.table.time_column();
-        let lookup = Lookup { table: &buffer, id_column: &config.table.id_column, time_column: time };
+        let table = &self.config.table;
+        let lookup = Lookup { table: &self.buffer, id_column: &table.id_column, time_column: table.time_column() };
         let looks = self.shards.replicas().map(|r| r.ch.present_twice(lookup, ids, span, &self.lookups));
         let mut present = HashSet::new();
         for found in futures_util::future::join_all(looks).await {

@@ -117,7 +117,6 @@ impl Journal {
         let outcomes = self.resolver().settle(&doubtful).await;
         drop(doubtful);
         for ((id, block, at_hand), outcome) in blocks.into_iter().zip(outcomes) {
-            let outcome = outcome.map(|settled| settled.sent);
             let mut owed = self.owed();
             let Some(entry) = owed.get_mut(&id) else { continue };
             match outcome {

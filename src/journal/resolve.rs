@@ -39,15 +39,6 @@ pub struct Doubtful<'b> {
     pub resend_id: String,
 }
 
-/// What settling a block came to: every row is in ClickHouse now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Settled {
-    /// Rows found there already.
-    pub found: usize,
-    /// Rows that were missing and have been sent.
-    pub sent: usize,
-}
-
 /// Why a block is not settled yet.
 #[derive(Debug, thiserror::Error)]
 pub enum Unsettled {
@@ -60,21 +51,12 @@ pub enum Unsettled {
     Send { found: usize, written: usize, error: WriteError },
 }
 
-impl Unsettled {
-    /// The failure as an INSERT failure that may have landed: ask again, never send blind.
-    pub fn into_write_error(self) -> WriteError {
-        match self {
-            Self::Unanswered(error) => WriteError { attempts: 0, error, ambiguous: true },
-            Self::Send { error, .. } => error,
-        }
-    }
-}
-
 impl Resolver<'_> {
     /// Settles blocks together: each is stopped and looked at once, then, after one pause
     /// when a first look missed rows, looked at again and its rows missing twice are sent.
-    /// One outcome per block, in order.
-    pub async fn settle(&self, blocks: &[Doubtful<'_>]) -> Vec<Result<Settled, Unsettled>> {
+    /// One outcome per block, in order: once every row is in ClickHouse, the rows that were
+    /// missing and have been sent.
+    pub async fn settle(&self, blocks: &[Doubtful<'_>]) -> Vec<Result<usize, Unsettled>> {
         let mut first = Vec::with_capacity(blocks.len());
         for doubtful in blocks {
             first.push(self.first_look(doubtful.block).await);
@@ -105,7 +87,7 @@ impl Resolver<'_> {
     }
 
     /// Looks again for the rows the first look missed and sends the rows missing twice.
-    async fn send_missing(&self, doubtful: &Doubtful<'_>, missing: Block) -> Result<Settled, Unsettled> {
+    async fn send_missing(&self, doubtful: &Doubtful<'_>, missing: Block) -> Result<usize, Unsettled> {
         let block = doubtful.block;
         let missing = if block.identified() && missing.rows() > 0 {
             let found = self.present(block, missing.ids().collect()).await.map_err(Unsettled::Unanswered)?;
@@ -115,10 +97,10 @@ impl Resolver<'_> {
         };
         let found = block.rows() - missing.rows();
         if missing.rows() == 0 {
-            return Ok(Settled { found, sent: 0 });
+            return Ok(0);
         }
         match missing.send(self.writer, &doubtful.resend_id).await {
-            Ok(()) => Ok(Settled { found, sent: missing.rows() }),
+            Ok(()) => Ok(missing.rows()),
             Err((written, error)) => Err(Unsettled::Send { found, written, error }),
         }
     }
