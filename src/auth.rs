@@ -1,8 +1,9 @@
 //! Producer API keys and the admin token.
 //!
 //! Keys come from a file (a mounted Kubernetes Secret: one key per line, `name=key` or just
-//! `key`, `#` comments) and/or `api_keys` (comma-separated, e.g. from a Secret through the
-//! environment). Only their SHA-256 digests stay in memory, and a presented key is compared
+//! `key`, optionally followed by `streams=a,b` to restrict the key to those streams, `#`
+//! comments) and/or `api_keys` (comma-separated, e.g. from a Secret through the environment;
+//! no restrictions there, the comma is taken). Only their SHA-256 digests stay in memory, and a presented key is compared
 //! with every digest in constant time. No keys configured: authentication is off.
 
 use std::collections::HashMap;
@@ -26,6 +27,10 @@ pub enum AuthError {
         "api_keys / api_keys_file are set but hold no key (empty, or only comments): refusing to start with producer authentication off; unset both to run without keys"
     )]
     NoKeys,
+    /// A key's line says something that cannot be honoured; starting without it would widen
+    /// or narrow that key's access silently.
+    #[error("API key {line} (counting keys, not lines): {problem}")]
+    Line { line: usize, problem: String },
 }
 
 /// Why a request is refused.
@@ -39,9 +44,23 @@ pub enum Denied {
     RateLimited(u32),
 }
 
+/// Who a request comes from: the name of its key and the streams that key may write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub name: String,
+    /// `None`: every stream.
+    pub streams: Option<Arc<[String]>>,
+}
+
+impl Caller {
+    pub fn may_write(&self, stream: &str) -> bool {
+        self.streams.as_ref().is_none_or(|streams| streams.iter().any(|s| s == stream))
+    }
+}
+
 #[derive(Debug)]
 struct Key {
-    name: String,
+    caller: Caller,
     digest: [u8; 32],
     /// Shared by every key of one name (e.g. the old and new key during a rotation), so a
     /// name's traffic has one limit; `None` when there is no rate limit.
@@ -100,6 +119,28 @@ fn named(line: &str) -> Option<(&str, &str)> {
     (plausible && !key.is_empty() && !key.starts_with('=')).then_some((name, key))
 }
 
+/// The streams a key may write; `None`: every stream.
+type Allowed = Option<Arc<[String]>>;
+
+/// A line of the keys file: the key (with its name) and, after whitespace, `streams=a,b`.
+fn restricted(line: &str) -> Result<(&str, Allowed), String> {
+    let mut words = line.split_whitespace();
+    let key = words.next().unwrap_or_default();
+    let mut streams = None;
+    for word in words {
+        let list = word.strip_prefix("streams=").ok_or_else(|| format!("unknown option {word:?}"))?;
+        let names: Vec<String> = list.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
+        if let Some(bad) = names.iter().find(|n| crate::config::StreamName::parse(n).is_none()) {
+            return Err(format!("{bad:?} is not a stream name"));
+        }
+        if names.is_empty() {
+            return Err("streams= names no stream".into());
+        }
+        streams = Some(names.into());
+    }
+    Ok((key, streams))
+}
+
 impl ApiKeys {
     pub fn from_config(config: &Config) -> Result<Self, AuthError> {
         let mut lines: Vec<String> = config.auth.api_keys.split(',').map(str::to_string).collect();
@@ -108,24 +149,30 @@ impl ApiKeys {
                 .map_err(|source| AuthError::File { path: config.auth.api_keys_file.clone(), source })?;
             lines.extend(text.lines().map(str::to_string));
         }
+        let known = config.stream_names();
         let quota = quota(config.auth.api_key_rate_per_s, config.auth.api_key_burst);
         let mut limiters: HashMap<String, Arc<DefaultDirectRateLimiter>> = HashMap::new();
-        let keys = lines
-            .iter()
-            .map(|line| line.trim())
-            .filter(|line| !line.is_empty() && !line.starts_with('#'))
-            .enumerate()
-            .map(|(i, line)| {
-                let (name, digest) = match named(line) {
-                    Some((name, key)) => (name.to_string(), digest(key)),
-                    None => (format!("key-{}", i + 1), digest(line)),
-                };
-                let limiter = quota.map(|quota| {
-                    Arc::clone(limiters.entry(name.clone()).or_insert_with(|| Arc::new(RateLimiter::direct(quota))))
+        let mut keys = Vec::new();
+        for (i, line) in
+            lines.iter().map(|line| line.trim()).filter(|l| !l.is_empty() && !l.starts_with('#')).enumerate()
+        {
+            // The line number only: the line holds a secret.
+            let (key, streams) = restricted(line).map_err(|problem| AuthError::Line { line: i + 1, problem })?;
+            if let Some(unknown) = streams.iter().flat_map(|s| s.iter()).find(|s| !known.contains(s)) {
+                return Err(AuthError::Line {
+                    line: i + 1,
+                    problem: format!("the stream {unknown:?} is not configured"),
                 });
-                Key { name, digest, limiter }
-            })
-            .collect::<Vec<_>>();
+            }
+            let (name, digest) = match named(key) {
+                Some((name, key)) => (name.to_string(), digest(key)),
+                None => (format!("key-{}", i + 1), digest(key)),
+            };
+            let limiter = quota.map(|quota| {
+                Arc::clone(limiters.entry(name.clone()).or_insert_with(|| Arc::new(RateLimiter::direct(quota))))
+            });
+            keys.push(Key { caller: Caller { name, streams }, digest, limiter });
+        }
         // An empty or commented-out keys file (a Secret mounted before it was filled) must not
         // open the gateway to everyone.
         let configured = !config.auth.api_keys.trim().is_empty() || !config.auth.api_keys_file.is_empty();
@@ -147,8 +194,9 @@ impl ApiKeys {
         self.keys.is_empty()
     }
 
-    /// Checks a request's bearer token; `Ok` with the key's name when allowed.
-    pub fn check(&self, token: Option<&str>) -> Result<Option<String>, Denied> {
+    /// Checks a request's bearer token; `Ok` with its key's caller when allowed, `None` when
+    /// authentication is off.
+    pub fn check(&self, token: Option<&str>) -> Result<Option<Caller>, Denied> {
         if !self.enabled() {
             return Ok(None);
         }
@@ -166,7 +214,7 @@ impl ApiKeys {
                 Denied::RateLimited(retry_after_s(not_until.wait_time_from(limiter.clock().now())))
             })?;
         }
-        Ok(Some(key.name.clone()))
+        Ok(Some(key.caller.clone()))
     }
 }
 
@@ -209,12 +257,38 @@ mod tests {
     #[test]
     fn named_and_bare_keys() {
         let keys = keys(0.0);
-        assert_eq!(keys.check(Some("s3cret")), Ok(Some("alice".into())));
-        assert_eq!(keys.check(Some("bare-key")), Ok(Some("key-2".into())));
-        assert_eq!(keys.check(Some("cGFkZGVk==")), Ok(Some("key-3".into())), "base64 padding is not a name");
+        let name = |token| keys.check(Some(token)).map(|c| c.map(|c| c.name));
+        assert_eq!(name("s3cret"), Ok(Some("alice".into())));
+        assert_eq!(name("bare-key"), Ok(Some("key-2".into())));
+        assert_eq!(name("cGFkZGVk=="), Ok(Some("key-3".into())), "base64 padding is not a name");
         assert_eq!(keys.check(Some("nope")), Err(Denied::Unknown));
         assert_eq!(keys.check(None), Err(Denied::Missing));
         assert!(ApiKeys::from_config(&Config::default()).unwrap().check(None).is_ok(), "no keys: auth off");
+    }
+
+    #[test]
+    fn keys_restricted_to_streams() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys");
+        std::fs::write(&file, "# comment\nops=k1 streams=logs,audit\nall=k2\nbare==\n").unwrap();
+        let mut config = Config::default();
+        config.auth.api_keys_file = file.display().to_string();
+        for name in ["logs", "audit"] {
+            config.add_stream(name, |s| {
+                s.table.buffer_table = format!("{name}_buffer");
+                s.table.destination_table = name.into();
+            });
+        }
+        let keys = ApiKeys::from_config(&config).unwrap();
+        let ops = keys.check(Some("k1")).unwrap().unwrap();
+        assert!(ops.may_write("logs") && ops.may_write("audit") && !ops.may_write("default"));
+        assert!(keys.check(Some("k2")).unwrap().unwrap().may_write("default"));
+        assert!(keys.check(Some("bare==")).unwrap().unwrap().may_write("logs"));
+        std::fs::write(&file, "ops=k1 streams=nope\n").unwrap();
+        let error = ApiKeys::from_config(&config).unwrap_err().to_string();
+        assert!(error.contains("\"nope\" is not configured") && !error.contains("k1"), "{error}");
+        std::fs::write(&file, "ops=k1 stream=logs\n").unwrap();
+        assert!(ApiKeys::from_config(&config).unwrap_err().to_string().contains("unknown option"));
     }
 
     #[test]
@@ -243,7 +317,7 @@ mod tests {
             config
         };
         let keys = ApiKeys::from_config(&config).unwrap();
-        assert_eq!(keys.check(Some("old-key")), Ok(Some("team".into())));
+        assert_eq!(keys.check(Some("old-key")).map(|c| c.map(|c| c.name)), Ok(Some("team".into())));
         assert_eq!(keys.check(Some("new-key")), Err(Denied::RateLimited(4)), "one limit per name, 4 s per request");
         assert!(keys.check(Some("x")).is_ok());
     }

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
@@ -17,6 +18,9 @@ pub struct Cli {
     /// TOML configuration file; `BUFFERGATE_*` environment variables override it.
     #[arg(long, global = true, env = "BUFFERGATE_CONFIG")]
     pub config: Option<PathBuf>,
+    /// `migrate`, `check` and `drain`: only this stream (default: every stream).
+    #[arg(long, global = true)]
+    pub stream: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -69,6 +73,17 @@ pub async fn main() -> ExitCode {
     for name in config::unknown_env_vars() {
         tracing::warn!(variable = %name, "ignoring an environment variable that names no configuration key");
     }
+    let streams: Vec<Arc<Config>> = match &cli.stream {
+        None => config.streams(),
+        Some(name) => match config.streams().into_iter().find(|s| s.stream.as_str() == name) {
+            Some(stream) => vec![stream],
+            None => {
+                eprintln!("buffergate: no stream is named {name:?}; configured: {}", config.stream_names().join(", "));
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let several = !config.streams.is_empty();
     match cli.command {
         Command::Serve => run_server(config, server::Role::Serve).await,
         Command::Consume if config.kafka_topics().is_empty() => {
@@ -78,10 +93,24 @@ pub async fn main() -> ExitCode {
         Command::Consume => run_server(config, server::Role::Consume).await,
         Command::Check { format, rate, server_memory } => {
             let options = check::Options { rate, server_memory };
-            let findings = match fleet::resolve(&config).await {
-                Ok(topology) => check::run_all(&config, &topology, options).await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
+            let findings =
+                match fleet::resolve(&config).await {
+                    Ok(topology) => {
+                        let mut all = Vec::new();
+                        let mut failed = None;
+                        for stream in &streams {
+                            match check::run_all(stream, &topology, options).await {
+                                Ok(findings) => all.extend(findings.into_iter().map(|f| check::Finding {
+                                    stream: several.then(|| stream.stream.to_string()),
+                                    ..f
+                                })),
+                                Err(e) => failed = Some(format!("stream {}: {e}", stream.stream)),
+                            }
+                        }
+                        failed.map_or(Ok(all), Err)
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
             match findings {
                 Ok(findings) => {
                     let text = match format {
@@ -100,20 +129,34 @@ pub async fn main() -> ExitCode {
                 }
             }
         }
-        Command::Drain => drain_every_node(&config).await,
-        Command::Migrate => match migrate_every_node(&config).await {
-            Ok(report) => {
-                for line in report.lines {
-                    eprintln!("{line}");
+        Command::Drain => {
+            let mut ok = true;
+            for stream in &streams {
+                ok &= drain_every_node(stream).await;
+            }
+            if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+        Command::Migrate => {
+            for stream in &streams {
+                match migrate_every_node(stream).await {
+                    Ok(report) => {
+                        for line in report.lines {
+                            if several {
+                                eprintln!("[{}] {line}", stream.stream);
+                            } else {
+                                eprintln!("{line}");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("buffergate migrate: stream {}: {e}", stream.stream);
+                        return ExitCode::FAILURE;
+                    }
                 }
-                eprintln!("migrate: done");
-                ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("buffergate migrate: {e}");
-                ExitCode::FAILURE
-            }
-        },
+            eprintln!("migrate: done");
+            ExitCode::SUCCESS
+        }
     }
 }
 
@@ -122,13 +165,14 @@ async fn migrate_every_node(config: &Config) -> Result<migrate::Report, migrate:
     fleet::migrate_all(config, &topology).await
 }
 
+/// Drains one stream's Buffer on every node; `false` when any failed.
 #[allow(clippy::print_stdout)] // drain reports on stdout
-async fn drain_every_node(config: &Config) -> ExitCode {
+async fn drain_every_node(config: &Config) -> bool {
     let topology = match fleet::resolve(config).await {
         Ok(topology) => topology,
         Err(e) => {
             eprintln!("buffergate drain: {e}");
-            return ExitCode::FAILURE;
+            return false;
         }
     };
     let several = topology.nodes() > 1;
@@ -146,7 +190,7 @@ async fn drain_every_node(config: &Config) -> ExitCode {
             }
         }
     }
-    if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    ok
 }
 
 async fn run_server(config: Config, role: server::Role) -> ExitCode {

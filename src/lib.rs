@@ -1,6 +1,7 @@
 //! buffergate: an HTTP ingestion gateway in front of a ClickHouse Buffer table.
 //!
 //! An event travels `http` or `kafka` (the fronts: headers or messages into a request) →
+//! `streams` (the stream it names, each with a whole path of its own below) →
 //! `ingest` (the one sequence both run) → `decode` (body → validated rows per partition) →
 //! `coalesce` (per-partition group commit) → `flush` (journal alongside the INSERT, failover,
 //! the batch's outcome) → `journal` (every block on disk until the MergeTree holds it; the one
@@ -30,6 +31,7 @@ pub mod schema;
 pub mod server;
 pub mod shed;
 pub mod shutdown;
+pub mod streams;
 
 pub use config::Config;
 pub use shutdown::Shutdown;

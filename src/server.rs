@@ -25,15 +25,17 @@ use crate::health::Health;
 use crate::http;
 use crate::http::state::AppState;
 use crate::idempotency::{Idempotency, StoreError};
-use crate::ingest::Pipeline;
-use crate::journal::{Journal, WalError};
+use crate::ingest::{Parts, Pipeline};
+use crate::journal::{Journal, Receipts, WalError};
 use crate::kafka::{self, KafkaError};
 use crate::metrics;
 use crate::schema::SharedSchema;
 use crate::schema::sharding::Placement;
 use crate::shed::ShedState;
+use crate::shed::budget::Budget;
 use crate::shed::poller::Poller;
 use crate::shutdown::Shutdown;
+use crate::streams::{Stream, Streams};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -80,42 +82,61 @@ pub async fn run_as(config: Config, listener: TcpListener, shutdown: Shutdown, r
     // Before any task records a metric.
     let metrics = metrics::install();
     let config = Arc::new(config);
-    let health = Arc::new(Health::default());
-    let schema = Arc::new(SharedSchema::default());
-    let shed = Arc::new(ShedState::default());
-    let wake = Arc::new(Notify::new());
     let Some(topology) = topology(&config, &shutdown).await? else { return Ok(()) };
-    let watchers = Watchers::start(&config, &topology, &schema, &health, &wake).await;
-    let nodes = Nodes::open(&config, &topology, &shed, &wake).await?;
-    let (ingest, partitions) = ingest(&config, &nodes, schema, &health)?;
+    refuse_removed_streams(&config).await?;
     let api_keys = ApiKeys::from_config(&config)?;
     if api_keys.enabled() {
         tracing::info!(keys = api_keys.len(), "producer API keys required");
     } else {
         tracing::warn!("no API keys configured: producer authentication is off");
     }
+    if !config.journal_enabled() {
+        tracing::warn!(
+            "the journal is off: a 200 means the rows reached the Buffer's memory, not that they survive it"
+        );
+    }
+    // One in-flight budget for every stream: it bounds the process's memory.
+    let budget = Budget::new(config.http.max_inflight_bytes);
+    let mut running = Vec::new();
+    let mut streams = Vec::new();
+    let configs = config.streams();
+    let shared = configs.len() > 1;
+    for stream_config in configs {
+        let (stream, parts) = start_stream(stream_config, &topology, &budget, shared).await?;
+        streams.push(Arc::new(stream));
+        running.push(parts);
+    }
+    let streams = Arc::new(Streams::new(streams));
     let admin = AdminToken::new(&config.auth.admin_token);
-    let ingest = Arc::new(ingest);
     let front = match role {
         Role::Serve => None,
         Role::Consume => {
-            let front = kafka::Front::start(&config, Arc::clone(&ingest), Arc::clone(&shed))?;
+            let default = streams.default_stream();
+            let front = kafka::Front::start(&config, Arc::clone(&default.ingest), Arc::clone(&default.shed))?;
             Some(front)
         }
     };
     let kafka = front.as_ref().map(kafka::Front::status);
-    let state = Arc::new(AppState { config: Arc::clone(&config), ingest, shed, api_keys, admin, metrics, kafka });
+    let state = Arc::new(AppState {
+        config: Arc::clone(&config),
+        streams: Arc::clone(&streams),
+        api_keys,
+        admin,
+        metrics,
+        kafka,
+    });
 
     let local = listener.local_addr().map_err(ServeError::Serve)?;
     tracing::info!(
         listen = %local,
+        streams = streams.len(),
         shards = topology.shards.len(),
         nodes = topology.nodes(),
-        partitions = state.ingest.coalescer().partitions(),
         "buffergate serving"
     );
     let front = front.map(|front| stop_consuming(front, shutdown.clone()));
-    let stop_http = stop_accepting(shutdown, health, Duration::from_millis(config.http.shutdown_delay_ms));
+    let stop_http =
+        stop_accepting(shutdown, Arc::clone(&streams), Duration::from_millis(config.http.shutdown_delay_ms));
     http::conn::raise_open_files_limit(config.http.max_connections);
     let limits = http::conn::Limits {
         header_timeout: Duration::from_millis(config.http.header_timeout_ms),
@@ -127,10 +148,100 @@ pub async fn run_as(config: Config, listener: TcpListener, shutdown: Shutdown, r
     if let Some(front) = front {
         let _ = front.await;
     }
-    partitions.finish().await;
-    nodes.finish(Duration::from_millis(config.journal.shutdown_confirm_ms)).await;
-    watchers.stop().await;
+    let within = Duration::from_millis(config.journal.shutdown_confirm_ms);
+    futures_util::future::join_all(running.into_iter().map(|parts| parts.finish(within))).await;
     tracing::info!("drained; bye");
+    Ok(())
+}
+
+/// A stream's tasks: its coalescers, its nodes' pollers and journals, its schema watcher.
+struct Running {
+    partitions: CoalescerTasks,
+    nodes: Nodes,
+    watchers: Watchers,
+}
+
+impl Running {
+    /// Flushes what is queued, settles what the journals can within `within`, then stops.
+    async fn finish(self, within: Duration) {
+        self.partitions.finish().await;
+        self.nodes.finish(within).await;
+        self.watchers.stop().await;
+    }
+}
+
+/// Starts one stream (`shared`: other streams share the servers): its schema watcher, its nodes (writers, breakers, journals, pollers),
+/// its idempotency namespace, its coalescers.
+async fn start_stream(
+    config: Arc<Config>,
+    topology: &Topology,
+    budget: &Arc<Budget>,
+    shared: bool,
+) -> Result<(Stream, Running), ServeError> {
+    let health = Arc::new(Health::default());
+    let schema = Arc::new(SharedSchema::default());
+    let shed = Arc::new(ShedState::default());
+    let wake = Arc::new(Notify::new());
+    let watchers = Watchers::start(&config, topology, &schema, &health, &wake).await;
+    let receipts = Arc::new(Receipts::default());
+    let nodes = Nodes::open(&config, topology, &shed, &wake, &receipts, shared).await?;
+    let idempotency = Arc::new(Idempotency::from_config(&config)?);
+    if idempotency.is_embedded() && config.stream.is_default() {
+        tracing::warn!(
+            "no redis_url: idempotency keys and producer offsets live in this process only; \
+             run one replica, or configure BUFFERGATE_REDIS_URL"
+        );
+    }
+    let shards = Arc::clone(&nodes.shards);
+    let (coalescer, partitions) = Coalescer::start(&config, &shards, &idempotency);
+    let ingest = Pipeline::new(Parts {
+        config: Arc::clone(&config),
+        schema,
+        health,
+        coalescer,
+        shards,
+        idempotency,
+        budget: Arc::clone(budget),
+        receipts,
+    });
+    tracing::info!(
+        stream = %config.stream,
+        table = %format!("{}.{}", config.table.database, config.table.buffer_table),
+        partitions = ingest.coalescer().partitions(),
+        "stream started"
+    );
+    let stream = Stream { name: config.stream.clone(), ingest: Arc::new(ingest), shed, config };
+    Ok((stream, Running { partitions, nodes, watchers }))
+}
+
+/// Refuses to start while the journal of a stream no longer configured holds unconfirmed
+/// blocks: nothing else would ever settle them.
+async fn refuse_removed_streams(config: &Config) -> Result<(), ServeError> {
+    if !config.journal_enabled() {
+        return Ok(());
+    }
+    let dir = std::path::Path::new(&config.journal.data_dir).join("streams");
+    let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(()) };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if config.streams.contains_key(&name) {
+            continue;
+        }
+        let mut journals = vec![entry.path().join("journal")];
+        if let Ok(nodes) = std::fs::read_dir(entry.path().join("nodes")) {
+            journals.extend(nodes.flatten().map(|n| n.path().join("journal")));
+        }
+        for journal in journals {
+            let blocks = crate::journal::leftover(config, journal.clone()).await?;
+            if blocks > 0 {
+                return Err(ServeError::Topology(format!(
+                    "{} holds {blocks} unconfirmed blocks of the stream {name:?}, which is no longer configured: \
+                     configure it again until they are settled, or move the directory away to give them up",
+                    journal.display()
+                )));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -207,6 +318,8 @@ impl Nodes {
         topology: &Topology,
         shed: &Arc<ShedState>,
         wake: &Arc<Notify>,
+        receipts: &Arc<Receipts>,
+        shared: bool,
     ) -> Result<Self, ServeError> {
         let single = topology.nodes() == 1;
         if !single && config.journal_enabled() {
@@ -224,8 +337,14 @@ impl Nodes {
             // One node: its verdict is the gateway's. Several: each its own, summed below.
             let node_shed = if single { Arc::clone(shed) } else { Arc::new(ShedState::default()) };
             let siblings = topology.shards[shard].replicas.len() > 1;
-            let replica = replica(&node_config, url, siblings, node_shed, wake).await?;
-            let poller = Poller { ch: replica.ch.clone(), state: Arc::clone(&replica.shed), config: node_config };
+            let replica = replica(&node_config, url, siblings, node_shed, wake, receipts).await?;
+            // The server-wide Buffer total is this stream's own only when no other stream shares it.
+            let own_bytes = replica.journal.clone().filter(|_| shared);
+            if shared && own_bytes.is_none() {
+                tracing::warn!(stream = %config.stream, "several streams without the journal: on servers without system.tables.total_bytes each stream sheds on every Buffer's total");
+            }
+            let poller =
+                Poller { ch: replica.ch.clone(), state: Arc::clone(&replica.shed), config: node_config, own_bytes };
             tasks.push(tokio::spawn(poller.run(stop.clone())));
             if let Some(journal) = &replica.journal {
                 tasks.push(tokio::spawn(Arc::clone(journal).run(stop.clone())));
@@ -308,17 +427,19 @@ async fn replica(
     siblings: bool,
     shed: Arc<ShedState>,
     wake: &Arc<Notify>,
+    receipts: &Arc<Receipts>,
 ) -> Result<Replica, ServeError> {
     let ch = ClickHouse::for_url(config, url);
     let breaker = Arc::new(Breaker::for_node(
         config.clickhouse.circuit_failures,
         Duration::from_millis(config.clickhouse.circuit_open_ms),
         url,
+        config.stream.clone(),
     ));
     let writer =
         Arc::new(Writer::new(ch.clone(), config, Arc::clone(wake), Arc::clone(&breaker)).with_siblings(siblings));
     let journal = if config.journal_enabled() {
-        Some(Journal::open(config, ch.clone(), Arc::clone(&writer)).await?)
+        Some(Journal::open(config, ch.clone(), Arc::clone(&writer), Arc::clone(receipts)).await?)
     } else {
         None
     };
@@ -339,31 +460,6 @@ async fn summarize(shards: Arc<Shards>, into: Arc<ShedState>, interval: Duration
     }
 }
 
-/// The ingestion path and its running partitions.
-fn ingest(
-    config: &Arc<Config>,
-    nodes: &Nodes,
-    schema: Arc<SharedSchema>,
-    health: &Arc<Health>,
-) -> Result<(Pipeline, CoalescerTasks), ServeError> {
-    let idempotency = Arc::new(Idempotency::from_config(config)?);
-    if idempotency.is_embedded() {
-        tracing::warn!(
-            "no redis_url: idempotency keys and producer offsets live in this process only; \
-             run one replica, or configure BUFFERGATE_REDIS_URL"
-        );
-    }
-    if !config.journal_enabled() {
-        tracing::warn!(
-            "the journal is off: a 200 means the rows reached the Buffer's memory, not that they survive it"
-        );
-    }
-    let shards = Arc::clone(&nodes.shards);
-    let (coalescer, partitions) = Coalescer::start(config, &shards, &idempotency);
-    let pipeline = Pipeline::new(Arc::clone(config), schema, Arc::clone(health), coalescer, shards, idempotency);
-    Ok((pipeline, partitions))
-}
-
 /// Stops the consumer once shutdown trips, concurrently with the HTTP drain.
 fn stop_consuming(front: kafka::Front, shutdown: Shutdown) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -374,9 +470,9 @@ fn stop_consuming(front: kafka::Front, shutdown: Shutdown) -> tokio::task::JoinH
 
 /// Resolves once the listener should stop accepting: on shutdown, readiness turns 503 first
 /// and load balancers get `delay` to stop routing here.
-async fn stop_accepting(shutdown: Shutdown, health: Arc<Health>, delay: Duration) {
+async fn stop_accepting(shutdown: Shutdown, streams: Arc<Streams>, delay: Duration) {
     shutdown.triggered().await;
-    health.start_stopping();
+    streams.start_stopping();
     if !delay.is_zero() {
         tracing::info!(?delay, "not ready; waiting for load balancers to stop routing here");
         tokio::time::sleep(delay).await;

@@ -33,6 +33,9 @@ pub struct Finding {
     /// The ClickHouse node the finding is about (its URL), on a cluster.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The stream the finding is about, when several are configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream: Option<String>,
     pub severity: Severity,
     pub message: String,
     pub fix: String,
@@ -53,7 +56,7 @@ pub(crate) fn finding(
     message: impl Into<String>,
     fix: impl Into<String>,
 ) -> Finding {
-    Finding { check, node: None, severity, message: message.into(), fix: fix.into() }
+    Finding { check, node: None, stream: None, severity, message: message.into(), fix: fix.into() }
 }
 
 /// Whether any finding should fail the command.
@@ -111,7 +114,8 @@ pub fn render_text(findings: &[Finding]) -> String {
     }
     let mut out = String::new();
     for f in findings {
-        let node = f.node.as_deref().map(|n| format!("[{n}] ")).unwrap_or_default();
+        let stream = f.stream.as_deref().map(|s| format!("[stream {s}] ")).unwrap_or_default();
+        let node = format!("{stream}{}", f.node.as_deref().map(|n| format!("[{n}] ")).unwrap_or_default());
         out.push_str(&format!(
             "{:<8} {:<19} {node}{}\n         fix: {}\n",
             format!("{:?}", f.severity).to_uppercase(),

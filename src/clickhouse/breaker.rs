@@ -21,6 +21,8 @@ pub struct Breaker {
     probing: AtomicBool,
     /// The node it guards, as the metrics name it.
     node: String,
+    /// The stream whose INSERTs it watches (each stream has its own breaker per node).
+    stream: crate::config::StreamName,
 }
 
 impl Breaker {
@@ -34,12 +36,13 @@ impl Breaker {
             open_until_ms: AtomicU64::new(0),
             probing: AtomicBool::new(false),
             node: String::new(),
+            stream: crate::config::StreamName::default(),
         }
     }
 
     /// The breaker of the node at `url`.
-    pub fn for_node(threshold: u32, open_for: Duration, url: &str) -> Self {
-        Self { node: crate::config::redacted(url), ..Self::new(threshold, open_for) }
+    pub fn for_node(threshold: u32, open_for: Duration, url: &str, stream: crate::config::StreamName) -> Self {
+        Self { node: crate::config::redacted(url), stream, ..Self::new(threshold, open_for) }
     }
 
     fn now_ms(&self) -> u64 {
@@ -72,7 +75,7 @@ impl Breaker {
             self.failures.store(0, Ordering::Release);
             if self.open_until_ms.swap(0, Ordering::AcqRel) != 0 {
                 tracing::info!(node = %self.node, "INSERT circuit closed");
-                metrics::circuit_open(&self.node, false);
+                metrics::circuit_open(&self.stream, &self.node, false);
             }
             self.probing.store(false, Ordering::Release);
             return;
@@ -83,7 +86,7 @@ impl Breaker {
             if self.open_until_ms.swap(until.max(1), Ordering::AcqRel) == 0 {
                 tracing::warn!(node = %self.node, failures, open_for = ?self.open_for, "INSERT circuit opened");
             }
-            metrics::circuit_open(&self.node, true);
+            metrics::circuit_open(&self.stream, &self.node, true);
             self.probing.store(false, Ordering::Release);
         }
     }

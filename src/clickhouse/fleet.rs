@@ -166,11 +166,14 @@ pub fn statements(config: &Config, caps: &Capabilities, engine: &str, cluster: O
     let named = |table: &str| format!("{db}.{}", quote_ident(table));
     let mut out = vec![format!("CREATE DATABASE IF NOT EXISTS {db}{}", on(cluster))];
     let destination = named(&config.table.destination_table);
-    out.push(
-        migrate::destination_ddl(config, caps)
-            .replacen(&destination, &format!("{destination}{}", on(cluster)), 1)
-            .replace("ENGINE = MergeTree()", &format!("ENGINE = {engine}")),
-    );
+    // A named stream's destination is the user's own table, on every node already.
+    if config.stream.is_default() {
+        out.push(
+            migrate::destination_ddl(config, caps)
+                .replacen(&destination, &format!("{destination}{}", on(cluster)), 1)
+                .replace("ENGINE = MergeTree()", &format!("ENGINE = {engine}")),
+        );
+    }
     let buffer = named(&config.table.buffer_table);
     out.push(migrate::buffer_ddl(config).replacen(&format!("{buffer} AS"), &format!("{buffer}{} AS", on(cluster)), 1));
     if let Some(name) = Some(config.clickhouse.clickhouse_cluster.trim()).filter(|c| !c.is_empty()) {

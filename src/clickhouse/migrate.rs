@@ -22,6 +22,11 @@ pub enum MigrateError {
     Drain(#[from] DrainError),
     #[error("the cluster: {0}")]
     Topology(String),
+    #[error(
+        "the stream {stream}'s destination {table} does not exist: a stream writes to a table you create \
+         (any schema the gateway supports); create it, then run migrate to put its Buffer in front of it"
+    )]
+    NoDestination { stream: String, table: String },
     #[error("{node}: {error}")]
     OnNode { node: String, error: Box<MigrateError> },
 }
@@ -137,6 +142,13 @@ async fn create_destination(
     if ch.engine_full(db, destination).await?.is_some() {
         report.lines.push(format!("{db}.{destination} exists"));
         return Ok(());
+    }
+    // Only the default stream has a schema of its own to create (the seed's).
+    if !config.stream.is_default() {
+        return Err(MigrateError::NoDestination {
+            stream: config.stream.to_string(),
+            table: format!("{db}.{destination}"),
+        });
     }
     if !caps.datetime64 {
         report.lines.push("this server has no DateTime64: event_ts is created as DateTime (whole seconds)".into());

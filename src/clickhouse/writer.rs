@@ -100,6 +100,8 @@ pub struct Writer {
     resolve_ambiguous: bool,
     /// The node has sibling replicas: when it cannot be reached, give up at once (fail over).
     siblings: bool,
+    /// The stream it writes for, as the metrics name it.
+    stream: crate::config::StreamName,
 }
 
 impl Writer {
@@ -114,6 +116,7 @@ impl Writer {
             format: config.clickhouse.insert_format,
             resolve_ambiguous: config.journal_enabled(),
             siblings: false,
+            stream: config.stream.clone(),
         }
     }
 
@@ -205,7 +208,7 @@ impl Writer {
                 Ok(_permit) => self.ch.insert_as(&sql, parts, id.as_deref()).await,
                 Err(_) => Err(ClickHouseError::Protocol("the INSERT semaphore is closed".into())),
             };
-            metrics::flush_attempt(result.is_ok(), rows, bytes, started.elapsed());
+            metrics::flush_attempt(&self.stream, result.is_ok(), rows, bytes, started.elapsed());
             self.breaker.record(result.is_ok());
             let error = match result {
                 Ok(()) => return Ok(()),

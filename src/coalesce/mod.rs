@@ -54,8 +54,8 @@ pub(crate) struct Waiting {
 }
 
 impl Waiting {
-    fn new(partition: usize) -> Self {
-        Self { rows: AtomicUsize::new(0), gauge: metrics::queue_rows(partition) }
+    fn new(stream: &crate::config::StreamName, partition: usize) -> Self {
+        Self { rows: AtomicUsize::new(0), gauge: metrics::queue_rows(stream, partition) }
     }
 
     fn add(&self, rows: usize) {
@@ -89,7 +89,7 @@ impl Coalescer {
         let per_shard = config.partition_count();
         let replicas: Vec<Arc<[Arc<Replica>]>> = shards.shards.iter().map(|r| r.iter().cloned().collect()).collect();
         let count = per_shard * replicas.len();
-        let queued: Arc<Vec<Waiting>> = Arc::new((0..count).map(Waiting::new).collect());
+        let queued: Arc<Vec<Waiting>> = Arc::new((0..count).map(|p| Waiting::new(&config.stream, p)).collect());
         let queues = (0..count)
             .map(|id| {
                 let (tx, rx) = mpsc::channel(config.batching.queue_capacity);

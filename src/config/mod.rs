@@ -24,6 +24,7 @@ pub mod journal;
 pub mod kafka;
 mod sharding;
 pub mod shed;
+pub mod streams;
 pub mod table;
 mod topology;
 
@@ -44,6 +45,7 @@ pub use journal::{DEFAULT_DATA_DIR, JournalSettings};
 pub use kafka::{KafkaCommit, KafkaSettings};
 pub use sharding::{KeyFunction, ShardingKey};
 pub use shed::{OnStale, ShedMode, ShedSettings};
+pub use streams::{DEFAULT_STREAM, StreamName, StreamSettings};
 pub use table::{TableSettings, UnknownFields};
 pub use topology::{ClusterRow, ShardSpec, Topology, redacted};
 
@@ -90,6 +92,13 @@ pub struct Config {
     pub auth: AuthSettings,
     #[serde(flatten)]
     pub kafka: KafkaSettings,
+    /// The stream this configuration serves: `default` for the top-level keys (see
+    /// [`streams`]).
+    #[serde(skip)]
+    pub stream: StreamName,
+    /// The `[streams.<name>]` tables, resolved; empty in a stream's own configuration.
+    #[serde(skip)]
+    pub streams: BTreeMap<String, StreamSettings>,
 }
 
 const ENV_PREFIX: &str = "BUFFERGATE_";
@@ -130,6 +139,7 @@ impl Config {
     /// Loads defaults, then the TOML file (if any), then `BUFFERGATE_*` variables, and validates.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        let mut stream_tables = BTreeMap::new();
         if let Some(path) = file {
             if !path.exists() {
                 return Err(ConfigError::MissingFile(path.display().to_string()));
@@ -137,9 +147,10 @@ impl Config {
             let given: BTreeMap<String, figment::value::Value> =
                 Figment::from(Toml::file(path)).extract().map_err(Box::new)?;
             let known = known_keys();
-            if let Some(unknown) = given.keys().find(|key| !known.contains(key)) {
+            if let Some(unknown) = given.keys().find(|key| !known.contains(key) && *key != "streams") {
                 return Err(ConfigError::UnknownKey(unknown.clone()));
             }
+            stream_tables = given.get("streams").map(stream_tables_of).transpose()?.unwrap_or_default();
             figment = figment.merge(Toml::file(path));
         }
         // Only known keys: Kubernetes injects BUFFERGATE_PORT, BUFFERGATE_SERVICE_HOST... into
@@ -158,8 +169,20 @@ impl Config {
             })
             .collect();
         figment = figment.merge(Serialized::defaults(verbatim));
-        // Section by section from the same keys: each error names its key.
-        let config = Config {
+        let mut config = Self::extract(&figment)?;
+        // A stream's keys over the top-level ones (file and environment): what it leaves out
+        // is the top level's.
+        for (name, table) in stream_tables {
+            let stream = Self::extract(&figment.clone().merge(Serialized::defaults(table)))?;
+            config.streams.insert(name, StreamSettings::of(&stream));
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Section by section from the same keys: each error names its key.
+    fn extract(figment: &Figment) -> Result<Self, ConfigError> {
+        Ok(Config {
             http: figment.extract().map_err(Box::new)?,
             clickhouse: figment.extract().map_err(Box::new)?,
             table: figment.extract().map_err(Box::new)?,
@@ -169,14 +192,20 @@ impl Config {
             journal: figment.extract().map_err(Box::new)?,
             auth: figment.extract().map_err(Box::new)?,
             kafka: figment.extract().map_err(Box::new)?,
-        };
-        config.validate()?;
-        Ok(config)
+            stream: StreamName::default(),
+            streams: BTreeMap::new(),
+        })
+    }
+
+    /// Checks the configuration of every stream (see [`streams`]).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_one()?;
+        self.validate_streams()
     }
 
     /// Checks each section, then the relations between sections that types alone cannot
     /// express.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn validate_one(&self) -> Result<(), ConfigError> {
         self.table.validate()?;
         self.clickhouse.validate()?;
         if self.topology_shards() > 1 && self.shed.shed_mode == ShedMode::Fallback {
@@ -273,6 +302,23 @@ impl Config {
     pub fn journal_enabled(&self) -> bool {
         self.journal.enabled()
     }
+}
+
+/// The `[streams.<name>]` tables of a file: each name's keys, every one table-scoped.
+fn stream_tables_of(value: &figment::value::Value) -> Result<BTreeMap<String, figment::value::Dict>, ConfigError> {
+    let not_tables = || invalid("streams", "must hold one table per stream: [streams.<name>]");
+    let streams = value.as_dict().ok_or_else(not_tables)?;
+    let mut tables = BTreeMap::new();
+    for (name, table) in streams {
+        let table = table.as_dict().ok_or_else(not_tables)?;
+        if let Some(key) = table.keys().find(|key| !streams::SCOPED_KEYS.contains(&key.as_str())) {
+            return Err(ConfigError::UnknownKey(format!(
+                "streams.{name}.{key} (a stream sets only table-scoped keys, docs/streams.md)"
+            )));
+        }
+        tables.insert(name.clone(), table.clone());
+    }
+    Ok(tables)
 }
 
 /// Partitions for a machine of `cpus` CPUs when none are configured: one per

@@ -34,12 +34,14 @@ pub(super) async fn conclude(
             commit(idempotency, reservations).await;
             // A 200 promises the journal too: written but not journaled is refused (the
             // keys are committed, so the producer's retry is answered as duplicates).
-            tell(written, &journal_result);
+            // Into the ledger before the requests hear: until they do, they hold the
+            // stream's completeness watermark, and then the block does (journal::watermark).
             match (journal, id, block) {
                 (Some(journal), Some(id), Some(block)) => journal.written(id, &block, visible),
                 // Not journaled (the append failed): no confirmation will come.
                 _ => tell(visible, &journal_result),
             }
+            tell(written, &journal_result);
         }
         (Err(error), Some(journal), Some(block)) if keep_after_failure(error.ambiguous, promised && id.is_some()) => {
             // The rows are in the journal, or at hand, and will be stored exactly once:

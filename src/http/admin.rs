@@ -1,5 +1,5 @@
 //! The admin API, behind `admin_token` (404 when none is configured): `POST /admin/flush`
-//! and `GET /v1/status`, both over every ClickHouse node.
+//! and `GET /v1/status`, both over every stream and every ClickHouse node.
 
 use std::sync::Arc;
 
@@ -14,6 +14,7 @@ use super::state::AppState;
 use crate::auth::bearer;
 use crate::clickhouse::drain;
 use crate::journal::JournalStatus;
+use crate::streams::Stream;
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     if !state.admin.enabled() {
@@ -28,10 +29,12 @@ pub struct FlushParams {
     /// Also drain the Buffer into its destination.
     #[serde(default)]
     drain: bool,
+    /// Only this stream (default: every stream).
+    stream: Option<String>,
 }
 
 /// Sends every queued row now (cutting any linger short) and waits until it is written; with
-/// `?drain=true`, then drains the Buffer.
+/// `?drain=true`, then drains the Buffer. Every stream, or the one `?stream=` names.
 pub async fn flush(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -39,12 +42,20 @@ pub async fn flush(
 ) -> Result<Json<Value>, ApiError> {
     authorize(&state, &headers)?;
     let Query(params) = params.map_err(|e| ApiError::BadQuery(e.body_text()))?;
-    if let Some(schema) = state.ingest.schema() {
-        state.ingest.coalescer().flush(&schema).await.map_err(|_| ApiError::ShuttingDown)?;
+    let streams: Vec<&Arc<Stream>> = match &params.stream {
+        Some(name) => vec![state.streams.get(name).ok_or_else(|| ApiError::UnknownStream(super::streams::echo(name)))?],
+        None => state.streams.iter().collect(),
+    };
+    for stream in &streams {
+        if let Some(schema) = stream.ingest.schema() {
+            stream.ingest.coalescer().flush(&schema).await.map_err(|_| ApiError::ShuttingDown)?;
+        }
     }
     let drained = if params.drain {
         // Every node's Buffer: on a cluster, each replica holds rows of its own.
-        let drains = state.ingest.shards().replicas().map(|r| drain::drain(&r.ch, &state.config));
+        let drains = streams
+            .iter()
+            .flat_map(|stream| stream.ingest.shards().replicas().map(|r| drain::drain(&r.ch, &stream.config)));
         let mut rows = 0;
         for drained in futures_util::future::join_all(drains).await {
             rows += drained.map_err(|e| ApiError::FlushFailed(e.to_string()))?;
@@ -56,6 +67,8 @@ pub async fn flush(
     Ok(Json(json!({"flushed": true, "drained_rows": drained})))
 }
 
+/// The gateway's state: the process's own, the `default` stream's at the top level (as before
+/// streams existed), and every stream's under `streams`.
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub ready: bool,
@@ -74,6 +87,62 @@ pub struct Status {
     pub journal: Option<JournalStatus>,
     /// Each ClickHouse node: its shard and replica (from 1), its Buffer, breaker and journal.
     pub nodes: Vec<NodeStatus>,
+    pub streams: Vec<StreamStatus>,
+}
+
+/// One stream's state.
+#[derive(Debug, Serialize)]
+pub struct StreamStatus {
+    pub name: String,
+    pub ready: bool,
+    pub not_ready_reason: Option<&'static str>,
+    pub database: String,
+    pub buffer_table: String,
+    pub destination_table: String,
+    pub schema_version: Option<u64>,
+    pub buffer: BufferStatus,
+    pub shedding: bool,
+    pub circuit_open: bool,
+    pub queue_rows: Vec<usize>,
+    /// Every acknowledged event received before this time is confirmed in the destination;
+    /// `null` without the journal.
+    pub watermark: Option<String>,
+    pub watermark_ms: Option<u64>,
+    pub journal: Option<JournalStatus>,
+    pub nodes: Vec<NodeStatus>,
+}
+
+impl StreamStatus {
+    pub fn of(stream: &Stream) -> Self {
+        let readiness = stream.readiness();
+        let config = &stream.config;
+        let watermark_ms = stream.ingest.watermark();
+        Self {
+            name: stream.name.to_string(),
+            ready: readiness.is_ok(),
+            not_ready_reason: readiness.err(),
+            database: config.table.database.clone(),
+            buffer_table: config.table.buffer_table.clone(),
+            destination_table: config.table.destination_table.clone(),
+            schema_version: stream.ingest.schema().map(|s| s.version),
+            buffer: BufferStatus::of(&stream.shed),
+            shedding: stream.shed.is_shedding(),
+            circuit_open: stream.ingest.circuit_open(),
+            queue_rows: stream.ingest.coalescer().queue_depths(),
+            watermark: watermark_ms.map(rfc3339),
+            watermark_ms,
+            journal: stream.ingest.journal_status(),
+            nodes: nodes(stream.ingest.shards()),
+        }
+    }
+}
+
+/// Milliseconds since the epoch as RFC 3339 UTC, to the millisecond.
+pub fn rfc3339(ms: u64) -> String {
+    let at = time::OffsetDateTime::UNIX_EPOCH + time::Duration::milliseconds(i64::try_from(ms).unwrap_or(i64::MAX));
+    let format =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+    at.format(&format).unwrap_or_default()
 }
 
 #[derive(Debug, Serialize)]
@@ -88,7 +157,7 @@ pub struct NodeStatus {
 }
 
 impl BufferStatus {
-    fn of(shed: &crate::shed::ShedState) -> Self {
+    pub fn of(shed: &crate::shed::ShedState) -> Self {
         let (bytes, capacity) = (shed.bytes(), shed.capacity());
         Self {
             bytes,
@@ -125,22 +194,25 @@ pub struct BufferStatus {
 
 pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Result<Json<Status>, ApiError> {
     authorize(&state, &headers)?;
-    let schema = state.ingest.schema();
-    let readiness = state.ingest.health().readiness(schema.is_some());
+    let streams: Vec<StreamStatus> = state.streams.iter().map(|s| StreamStatus::of(s)).collect();
+    let default = state.streams.default_stream();
+    let readiness = state.streams.readiness();
+    let every_stream_shedding = state.streams.iter().all(|s| s.shed.is_shedding());
     Ok(Json(Status {
-        ready: readiness.is_ok() && !(state.config.shed.shed_readiness && state.shed.is_shedding()),
+        ready: readiness.is_ok() && !(state.config.shed.shed_readiness && every_stream_shedding),
         not_ready_reason: readiness.err(),
-        draining: state.ingest.health().is_stopping(),
-        clickhouse_version: state.ingest.health().clickhouse_version(),
-        schema_version: schema.map(|s| s.version),
-        buffer: BufferStatus::of(&state.shed),
-        shedding: state.shed.is_shedding(),
-        circuit_open: state.ingest.circuit_open(),
-        queue_rows: state.ingest.coalescer().queue_depths(),
-        inflight_bytes: state.ingest.budget().used(),
-        inflight_limit_bytes: state.ingest.budget().limit(),
-        idempotency_store: if state.ingest.idempotency().is_embedded() { "embedded" } else { "redis" },
-        journal: state.ingest.journal_status(),
-        nodes: nodes(state.ingest.shards()),
+        draining: default.ingest.health().is_stopping(),
+        clickhouse_version: state.streams.iter().find_map(|s| s.ingest.health().clickhouse_version()),
+        schema_version: default.ingest.schema().map(|s| s.version),
+        buffer: BufferStatus::of(&default.shed),
+        shedding: default.shed.is_shedding(),
+        circuit_open: default.ingest.circuit_open(),
+        queue_rows: default.ingest.coalescer().queue_depths(),
+        inflight_bytes: default.ingest.budget().used(),
+        inflight_limit_bytes: default.ingest.budget().limit(),
+        idempotency_store: if default.ingest.idempotency().is_embedded() { "embedded" } else { "redis" },
+        journal: default.ingest.journal_status(),
+        nodes: nodes(default.ingest.shards()),
+        streams,
     }))
 }

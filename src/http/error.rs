@@ -76,6 +76,10 @@ pub enum ApiError {
     RateLimited { retry_after_s: u32 },
     #[error("no such endpoint")]
     NotFound,
+    #[error("no stream is named {0:?} (GET /v1/streams lists them)")]
+    UnknownStream(String),
+    #[error("this API key may not write to the stream {0:?}")]
+    StreamForbidden(String),
     #[error("method not allowed on this endpoint")]
     MethodNotAllowed,
 }
@@ -155,7 +159,8 @@ impl ApiError {
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::NotFound | Self::UnknownStream(_) => StatusCode::NOT_FOUND,
+            Self::StreamForbidden(_) => StatusCode::FORBIDDEN,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
@@ -195,6 +200,8 @@ impl ApiError {
             Self::Forbidden => "forbidden",
             Self::RateLimited { .. } => "rate_limited",
             Self::NotFound => "not_found",
+            Self::UnknownStream(_) => "unknown_stream",
+            Self::StreamForbidden(_) => "stream_forbidden",
             Self::MethodNotAllowed => "method_not_allowed",
         }
     }

@@ -1,4 +1,4 @@
-//! `POST /v1/events`: the HTTP half of ingestion. Turns the headers and the body (read within
+//! `POST /v1/events` and `POST /v1/streams/{name}/events`: the HTTP half of ingestion. Turns the headers and the body (read within
 //! its limits once admitted) into an [`ingest::Request`], runs it, and answers: 200 once the events are
 //! written, 202 once queued (`wait=false`), a replayed answer for a repeated
 //! `Idempotency-Key`, or the error.
@@ -19,6 +19,7 @@ use super::error::ApiError;
 use super::shed::Divert;
 use super::state::AppState;
 use crate::ingest::{self, Answer, Delivery, ProducerOffset, Wait};
+use crate::streams::Stream;
 
 #[derive(Debug, Deserialize)]
 pub struct IngestParams {
@@ -49,12 +50,13 @@ impl From<WaitParam> for Wait {
 
 pub async fn ingest(
     State(state): State<Arc<AppState>>,
+    Extension(stream): Extension<Arc<Stream>>,
     divert: Option<Extension<Divert>>,
     params: Result<Query<IngestParams>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match handle(&state, divert.is_some(), params, &headers, body).await {
+    match handle(&state, &stream, divert.is_some(), params, &headers, body).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
@@ -62,6 +64,7 @@ pub async fn ingest(
 
 async fn handle(
     state: &AppState,
+    stream: &Stream,
     divert: bool,
     params: Result<Query<IngestParams>, QueryRejection>,
     headers: &HeaderMap,
@@ -85,7 +88,7 @@ async fn handle(
         replayed: false,
         before_write: None,
     };
-    match state.ingest.run(request).await? {
+    match stream.ingest.run(request).await? {
         Answer::Delivered(delivered) => {
             let status = StatusCode::from_u16(delivered.status()).unwrap_or(StatusCode::OK);
             let body = serde_json::to_vec(&delivered.response).map_err(|e| ApiError::Internal(e.to_string()))?;

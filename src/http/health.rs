@@ -14,11 +14,12 @@ pub async fn healthz() -> Json<Value> {
 }
 
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
-    let schema = state.ingest.schema();
-    state.ingest.health().readiness(schema.is_some()).map_err(ApiError::NotReady)?;
-    if state.config.shed.shed_readiness && state.shed.is_shedding() {
+    state.streams.readiness().map_err(ApiError::NotReady)?;
+    // Out of the load balancer only when no stream's Buffer takes rows.
+    if state.config.shed.shed_readiness && state.streams.iter().all(|s| s.shed.is_shedding()) {
         return Err(ApiError::NotReady("the ClickHouse Buffer table is saturated"));
     }
+    let schema = state.streams.default_stream().ingest.schema();
     let mut body = json!({"status": "ready", "schema_version": schema.map(|s| s.version)});
     if let Some(kafka) = &state.kafka {
         // A consumer paused for back-pressure is ready: pausing is how it sheds.

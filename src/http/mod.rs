@@ -12,51 +12,56 @@ pub mod health;
 pub mod offsets;
 pub mod shed;
 pub mod state;
+pub mod streams;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::Router;
 use axum::error_handling::HandleErrorLayer;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{MatchedPath, RawPathParams, Request, State};
 use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use tower::{BoxError, ServiceBuilder};
 use tower_http::trace::TraceLayer;
 
-use crate::auth::Denied;
+use crate::auth::{Caller, Denied};
 use crate::metrics;
+use crate::streams::Stream;
 use error::ApiError;
-use shed::Gate;
 use state::AppState;
 
 const EVENTS: &str = "/v1/events";
+const STREAM_EVENTS: &str = "/v1/streams/{name}/events";
+const STREAMS: &str = "/v1/streams";
 const OFFSETS: &str = "/v1/offsets/{producer_id}";
+const STREAM_OFFSETS: &str = "/v1/streams/{name}/offsets/{producer_id}";
 const ADMIN_FLUSH: &str = "/admin/flush";
 const STATUS: &str = "/v1/status";
 const HEALTHZ: &str = "/healthz";
 const READYZ: &str = "/readyz";
 const METRICS: &str = "/metrics";
 /// Every route, for metric labels.
-const ROUTES: [&str; 7] = [EVENTS, OFFSETS, ADMIN_FLUSH, STATUS, HEALTHZ, READYZ, METRICS];
+const ROUTES: [&str; 10] =
+    [EVENTS, STREAM_EVENTS, STREAMS, OFFSETS, STREAM_OFFSETS, ADMIN_FLUSH, STATUS, HEALTHZ, READYZ, METRICS];
 
 pub fn router(state: Arc<AppState>) -> Router {
     let config = &state.config;
-    // Only the ingestion route is shed, limited and timed out; health, readiness and metrics
-    // must keep answering while it is.
+    // Only the ingestion routes are shed, limited and timed out; health, readiness and metrics
+    // must keep answering while they are. One limit for both routes and every stream: it
+    // bounds the process.
+    let permits = Arc::new(tokio::sync::Semaphore::new(config.http.max_concurrent_requests));
     let ingest_layers = ServiceBuilder::new()
-        .layer(middleware::from_fn_with_state(
-            Gate { state: Arc::clone(&state.shed), policy: crate::shed::Policy::of(config) },
-            shed::gate,
-        ))
+        .layer(middleware::from_fn(shed::gate))
         .layer(HandleErrorLayer::new(limit_error))
         .load_shed()
-        .concurrency_limit(config.http.max_concurrent_requests)
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(permits))
         .timeout(Duration::from_millis(config.http.request_timeout_ms));
-    // Producer routes need an API key when keys are configured.
+    // Producer routes need an API key when keys are configured; then the stream they name.
     let producer = middleware::from_fn_with_state(Arc::clone(&state), require_api_key);
+    let stream = middleware::from_fn_with_state(Arc::clone(&state), pick_stream);
     // Outermost, so that whatever refuses a request (auth, shedding, limits, the handler) leaves
     // its body to be drained before the answer goes out.
     let bound = drain::Bound {
@@ -64,9 +69,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         timeout: Duration::from_millis(config.http.body_drain_timeout_ms),
     };
     let drain = middleware::from_fn_with_state(bound, drain::drain_unread);
+    let ingest = post(events::ingest).layer(ingest_layers).layer(stream.clone()).layer(producer.clone()).layer(drain);
+    let offsets = get(offsets::get_offsets).layer(stream).layer(producer.clone());
     Router::new()
-        .route(EVENTS, post(events::ingest).layer(ingest_layers).layer(producer.clone()).layer(drain))
-        .route(OFFSETS, get(offsets::get_offsets).layer(producer))
+        .route(EVENTS, ingest.clone())
+        .route(STREAM_EVENTS, ingest)
+        .route(STREAMS, get(streams::list).layer(producer))
+        .route(OFFSETS, offsets.clone())
+        .route(STREAM_OFFSETS, offsets)
         .route(ADMIN_FLUSH, post(admin::flush))
         .route(STATUS, get(admin::status))
         .route(HEALTHZ, get(health::healthz))
@@ -79,23 +89,54 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn require_api_key(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+async fn require_api_key(State(state): State<Arc<AppState>>, mut request: Request, next: Next) -> Response {
     let token = crate::auth::bearer(request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()));
     match state.api_keys.check(token) {
-        Ok(_) => next.run(request).await,
+        Ok(caller) => {
+            if let Some(caller) = caller {
+                request.extensions_mut().insert(caller);
+            }
+            next.run(request).await
+        }
         Err(Denied::Missing) => ApiError::Unauthorized.into_response(),
         Err(Denied::Unknown) => ApiError::Forbidden.into_response(),
         Err(Denied::RateLimited(retry_after_s)) => ApiError::RateLimited { retry_after_s }.into_response(),
     }
 }
 
+/// Picks the stream a request names (`{name}` in its path; none: `default`) and hands it on as
+/// an extension: 404 `unknown_stream` when no stream has that name, 403 `stream_forbidden`
+/// when the caller's key is restricted to other streams.
+async fn pick_stream(
+    State(state): State<Arc<AppState>>,
+    params: Result<RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let named = params.ok().and_then(|params| params.iter().find(|(k, _)| *k == "name").map(|(_, v)| v.to_string()));
+    let stream: Arc<Stream> = match named {
+        None => Arc::clone(state.streams.default_stream()),
+        Some(name) => match state.streams.get(&name) {
+            Some(stream) => Arc::clone(stream),
+            None => return ApiError::UnknownStream(streams::echo(&name)).into_response(),
+        },
+    };
+    if let Some(caller) = request.extensions().get::<Caller>()
+        && !caller.may_write(stream.name.as_str())
+    {
+        return ApiError::StreamForbidden(stream.name.to_string()).into_response();
+    }
+    request.extensions_mut().insert(stream);
+    next.run(request).await
+}
+
 /// Turns the tower limits' errors into the JSON 503s producers get.
-async fn limit_error(error: BoxError) -> ApiError {
+async fn limit_error(Extension(stream): Extension<Arc<Stream>>, error: BoxError) -> ApiError {
     if error.is::<tower::load_shed::error::Overloaded>() {
-        metrics::shed_request("overloaded");
+        metrics::shed_request(&stream.name, "overloaded");
         ApiError::Overloaded("concurrent requests")
     } else if error.is::<tower::timeout::error::Elapsed>() {
-        metrics::shed_request("timeout");
+        metrics::shed_request(&stream.name, "timeout");
         ApiError::RequestTimeout
     } else {
         ApiError::Internal(error.to_string())

@@ -1,16 +1,18 @@
-//! `GET /v1/offsets/{producer_id}`: the committed offset of each partition of a producer, so a
-//! restarted ETL worker resumes from its last checkpoint (committed + 1).
+//! `GET /v1/offsets/{producer_id}` (the `default` stream) and
+//! `GET /v1/streams/{name}/offsets/{producer_id}`: the committed offset of each partition of a
+//! producer in that stream, so a restarted ETL worker resumes from its last checkpoint
+//! (committed + 1).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::Path;
+use axum::{Extension, Json};
 use serde::Serialize;
 
 use super::error::ApiError;
-use super::state::AppState;
 use crate::ingest::ProducerOffset;
+use crate::streams::Stream;
 
 #[derive(Debug, Serialize)]
 pub struct Offsets {
@@ -18,14 +20,19 @@ pub struct Offsets {
     pub partitions: BTreeMap<String, u64>,
 }
 
+#[derive(Debug, serde::Deserialize)]
+pub struct OffsetsPath {
+    producer_id: String,
+}
+
 pub async fn get_offsets(
-    State(state): State<Arc<AppState>>,
-    Path(producer_id): Path<String>,
+    Extension(stream): Extension<Arc<Stream>>,
+    Path(OffsetsPath { producer_id }): Path<OffsetsPath>,
 ) -> Result<Json<Offsets>, ApiError> {
     if let Some(problem) = ProducerOffset::refuse_id(&producer_id) {
         return Err(ApiError::BadPath(format!("the producer id {problem}")));
     }
-    let partitions = state
+    let partitions = stream
         .ingest
         .idempotency()
         .offsets(&producer_id)

@@ -5,37 +5,36 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
 use crate::metrics;
-use crate::shed::{Policy, ShedState, Verdict};
+use crate::shed::{Policy, Verdict};
+use crate::streams::Stream;
 
 /// Request extension: the Buffer is saturated and this request's rows go to the fallback table.
 #[derive(Debug, Clone, Copy)]
 pub struct Divert;
 
-/// What the gate needs: the poller's verdict and the policy to apply to it.
-#[derive(Debug, Clone)]
-pub struct Gate {
-    pub state: Arc<ShedState>,
-    pub policy: Policy,
-}
-
-/// The middleware (`axum::middleware::from_fn_with_state`): it sits in front of the route's
-/// concurrency limit, so a shed request never takes a slot, and answers without reading the body.
-pub async fn gate(State(gate): State<Gate>, mut request: Request, next: Next) -> Response {
-    let Gate { state, policy } = gate;
-    match policy.verdict(&state) {
+/// The middleware (`axum::middleware::from_fn`), after the stream is picked
+/// ([`super::pick_stream`]): it sits in front of the route's concurrency limit, so a shed
+/// request never takes a slot, and answers without reading the body. Each stream has its own
+/// verdict: one saturated Buffer sheds its own producers only.
+pub async fn gate(mut request: Request, next: Next) -> Response {
+    let Some(stream) = request.extensions().get::<Arc<Stream>>().cloned() else {
+        return ApiError::Internal("no stream picked before the shed gate".into()).into_response();
+    };
+    let policy = Policy::of(&stream.config);
+    match policy.verdict(&stream.shed) {
         Verdict::Pass => next.run(request).await,
         verdict if policy.diverts(verdict) => {
             request.extensions_mut().insert(Divert);
             next.run(request).await
         }
         Verdict::Shed { retry_after_s, stale } => {
-            metrics::shed_request(if stale { "stale" } else { "buffer_saturated" });
+            metrics::shed_request(&stream.name, if stale { "stale" } else { "buffer_saturated" });
             let error = if stale {
                 ApiError::BufferUnknown { retry_after_s }
             } else {

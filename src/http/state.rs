@@ -1,4 +1,4 @@
-//! What every handler can reach: the ingestion path and the rest of the gateway's shared parts.
+//! What every handler can reach: the streams and the rest of the gateway's shared parts.
 
 use std::sync::Arc;
 
@@ -6,14 +6,13 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::auth::{AdminToken, ApiKeys};
 use crate::config::Config;
-use crate::ingest::Pipeline;
-use crate::shed::ShedState;
+use crate::streams::Streams;
 
 #[derive(Debug)]
 pub struct AppState {
+    /// The top-level configuration (a stream's own is [`crate::streams::Stream::config`]).
     pub config: Arc<Config>,
-    pub ingest: Arc<Pipeline>,
-    pub shed: Arc<ShedState>,
+    pub streams: Arc<Streams>,
     pub api_keys: ApiKeys,
     pub admin: AdminToken,
     pub metrics: PrometheusHandle,

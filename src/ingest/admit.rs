@@ -21,15 +21,18 @@ impl Pipeline {
             return Err(IngestError::ShuttingDown);
         }
         if self.circuit_open() {
-            metrics::shed_request("circuit_open");
+            metrics::shed_request(&self.config.stream, "circuit_open");
             return Err(IngestError::CircuitOpen);
         }
         let schema = self.schema.get().ok_or(IngestError::NotReady("the table schema is not loaded yet"))?;
         if !self.journal_has_room(announced as u64) {
-            metrics::shed_request("journal_full");
+            metrics::shed_request(&self.config.stream, "journal_full");
             return Err(IngestError::JournalFull);
         }
-        let lease = self.budget.try_take(announced).ok_or_else(|| IngestError::overloaded("in-flight bytes"))?;
+        let lease = self
+            .budget
+            .try_take(announced)
+            .ok_or_else(|| IngestError::overloaded(&self.config.stream, "in-flight bytes"))?;
         Ok((schema, lease))
     }
 
@@ -45,7 +48,7 @@ impl Pipeline {
         match shards.pick_random(rand::random()) {
             Some(shard) => Ok(Placing::Shard(shard)),
             None => {
-                metrics::shed_request("shard_saturated");
+                metrics::shed_request(&self.config.stream, "shard_saturated");
                 let retry_after_s = (0..shards.shards.len()).map(|s| retry_after(shards.verdict(s))).min().unwrap_or(1);
                 Err(IngestError::ShardUnavailable { shard: None, retry_after_s })
             }
@@ -65,7 +68,7 @@ impl Pipeline {
                 continue;
             }
             if let verdict @ Verdict::Shed { .. } = self.shards.verdict(shard) {
-                metrics::shed_request("shard_saturated");
+                metrics::shed_request(&self.config.stream, "shard_saturated");
                 return Err(IngestError::ShardUnavailable { shard: Some(shard), retry_after_s: retry_after(verdict) });
             }
         }

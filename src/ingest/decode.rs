@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 use super::{Body, IngestError, Pipeline};
 use crate::clickhouse::writer::Writer;
 use crate::config::DedupMode;
+use crate::config::StreamName;
 use crate::decode::{self, BatchShape, EncodedBatch, Encoding};
 use crate::schema::{EncodeContext, TableSchema, Timestamp};
 use crate::shed::budget::Budget;
@@ -32,7 +33,8 @@ impl Pipeline {
             let now = body.received.unwrap_or_else(Timestamp::now);
             let ctx = EncodeContext { now, unknown_fields: self.config.table.unknown_fields };
             let max_decompressed = self.config.http.max_decompressed_bytes;
-            move || decode_body(body, &schema, &ctx, &shape, max_decompressed, &budget, &writer)
+            let stream = self.config.stream.clone();
+            move || decode_body(body, &schema, &ctx, &shape, max_decompressed, (&budget, &stream), &writer)
         };
         if inline { work() } else { tokio::task::spawn_blocking(work).await.map_err(IngestError::internal)? }
     }
@@ -46,13 +48,13 @@ fn decode_body(
     ctx: &EncodeContext,
     shape: &BatchShape,
     max_decompressed: usize,
-    budget: &Arc<Budget>,
+    (budget, stream): (&Arc<Budget>, &StreamName),
     writer: &Writer,
 ) -> Result<EncodedBatch, IngestError> {
     let text = decode::decompress(body.raw, body.encoding, max_decompressed)?;
     let _text_lease = match body.encoding {
         Encoding::Identity => None,
-        _ => Some(budget.try_take(text.len()).ok_or_else(|| IngestError::overloaded("in-flight bytes"))?),
+        _ => Some(budget.try_take(text.len()).ok_or_else(|| IngestError::overloaded(stream, "in-flight bytes"))?),
     };
     let mut batch = decode::encode_batch(&text, body.format, schema, ctx, shape)?;
     if !shape.keep_ids {

@@ -14,6 +14,7 @@ use crate::config::DedupMode;
 use crate::decode::{EncodedBatch, RejectedEvent};
 use crate::flush::{Acks, Submission, fallback};
 use crate::idempotency::{Idempotency, Reservation};
+use crate::journal::watermark::Receipt;
 use crate::journal::{FlushError, FlushResult};
 use crate::metrics::{self, Outcome};
 use crate::rows::PartitionRows;
@@ -96,7 +97,8 @@ impl Delivered {
 struct HandedOff {
     outcome: Outcome,
     answer: Vec<oneshot::Receiver<FlushResult>>,
-    offset: Vec<oneshot::Receiver<FlushResult>>,
+    /// What is waited for after the answer ([`Wants::after`]).
+    after: Vec<oneshot::Receiver<FlushResult>>,
 }
 
 impl Pipeline {
@@ -106,32 +108,34 @@ impl Pipeline {
         schema: &Arc<TableSchema>,
         mut batch: EncodedBatch,
         how: Delivery,
+        receipt: Receipt,
     ) -> Result<Delivered, IngestError> {
         if let Some(p) = &how.producer
             && self.already_written(p).await?
         {
             // This batch was written before: every event is a duplicate, nothing is written.
             let all = batch.accepted + batch.rejected.len();
-            metrics::events(Outcome::Duplicate, all);
+            metrics::events(&self.config.stream, Outcome::Duplicate, all);
             let response = IngestResponse { accepted: 0, duplicates: all, rejected: Vec::new() };
             return Ok(Delivered { written: true, response });
         }
-        metrics::events(Outcome::Rejected, batch.rejected.len());
+        metrics::events(&self.config.stream, Outcome::Rejected, batch.rejected.len());
         if !how.divert {
-            self.check_shards(&batch).inspect_err(|_| metrics::events(Outcome::Shed, batch.accepted))?;
+            self.check_shards(&batch)
+                .inspect_err(|_| metrics::events(&self.config.stream, Outcome::Shed, batch.accepted))?;
         }
         let (reservations, duplicates) = self.dedupe(schema, &mut batch).await?;
-        metrics::events(Outcome::Duplicate, duplicates);
+        metrics::events(&self.config.stream, Outcome::Duplicate, duplicates);
         let accepted = batch.accepted;
         let handed = self.hand_off(schema, batch.partitions, reservations, &how).await.inspect_err(|error| {
             if error.is_shed() {
-                metrics::events(Outcome::Shed, accepted);
+                metrics::events(&self.config.stream, Outcome::Shed, accepted);
             }
         })?;
         let written = how.wait != Wait::Queued || how.divert;
         let outcome = handed.outcome;
-        self.await_writes(handed, how).await?;
-        metrics::events(outcome, accepted);
+        self.await_writes(handed, how, receipt).await?;
+        metrics::events(&self.config.stream, outcome, accepted);
         Ok(Delivered { written, response: IngestResponse { accepted, duplicates, rejected: batch.rejected } })
     }
 
@@ -185,27 +189,33 @@ impl Pipeline {
     ) -> Result<HandedOff, IngestError> {
         if how.divert {
             self.write_fallback(schema, partitions, reservations).await?;
-            return Ok(HandedOff { outcome: Outcome::Fallback, answer: Vec::new(), offset: Vec::new() });
+            return Ok(HandedOff { outcome: Outcome::Fallback, answer: Vec::new(), after: Vec::new() });
         }
         let wants = Wants::of(how, self.journaled())?;
         self.enqueue(schema, partitions, reservations, wants).await
     }
 
-    /// Waits for what the answer waits for, and advances the producer's offset once the rows
-    /// are written (after the answer, when it does not wait for that).
-    async fn await_writes(&self, handed: HandedOff, how: Delivery) -> Result<(), IngestError> {
+    /// Waits for what the answer waits for; once the rows are written (after the answer, when
+    /// it does not wait for that), advances the producer's offset and lets go of the request's
+    /// receipt.
+    async fn await_writes(&self, handed: HandedOff, how: Delivery, receipt: Receipt) -> Result<(), IngestError> {
         await_flushes(handed.answer).await?;
-        let Some(producer) = how.producer else { return Ok(()) };
+        if handed.after.is_empty() && how.producer.is_none() {
+            return Ok(());
+        }
         let idempotency = Arc::clone(&self.idempotency);
-        let advance = async move {
-            if await_flushes(handed.offset).await.is_ok() {
+        let producer = how.producer;
+        let after = async move {
+            let written = await_flushes(handed.after).await.is_ok();
+            if written && let Some(producer) = producer {
                 advance_offset(&idempotency, &producer).await;
             }
+            drop(receipt);
         };
         if how.wait == Wait::Queued && !how.divert {
-            tokio::spawn(advance);
+            tokio::spawn(after);
         } else {
-            advance.await;
+            after.await;
         }
         Ok(())
     }
@@ -244,9 +254,9 @@ impl Pipeline {
         let held: Vec<Reservation> = reservations.iter().flatten().cloned().collect();
         let Some(mut lease) = self.budget.try_take(encoded) else {
             let _ = self.idempotency.release(&held).await;
-            return Err(IngestError::overloaded("in-flight bytes"));
+            return Err(IngestError::overloaded(&self.config.stream, "in-flight bytes"));
         };
-        let mut handed = HandedOff { outcome: Outcome::Accepted, answer: Vec::new(), offset: Vec::new() };
+        let mut handed = HandedOff { outcome: Outcome::Accepted, answer: Vec::new(), after: Vec::new() };
         let mut submissions = Vec::new();
         for (partition, rows) in partitions.into_iter().enumerate() {
             if rows.chunks.is_empty() {
@@ -273,8 +283,9 @@ impl Pipeline {
 #[derive(Debug, Clone, Copy)]
 struct Wants {
     answer: Stage,
-    /// The producer offset moves once the rows are written.
-    offset: bool,
+    /// Something waits for the rows' write after the answer: the producer offset moves then,
+    /// and a journaled request's receipt holds the watermark until then.
+    after: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,7 +305,7 @@ impl Wants {
             (Wait::Visible, true) => Stage::Visible,
             (Wait::Visible, false) => return Err(IngestError::VisibleNeedsJournal),
         };
-        Ok(Self { answer, offset: how.producer.is_some() })
+        Ok(Self { answer, after: how.producer.is_some() || (how.wait == Wait::Queued && journal) })
     }
 
     /// One submission's acks, their receivers added to `handed`.
@@ -305,7 +316,7 @@ impl Wants {
             if to_answer {
                 handed.answer.push(rx);
             } else {
-                handed.offset.push(rx);
+                handed.after.push(rx);
             }
             Some(tx)
         };
@@ -315,8 +326,8 @@ impl Wants {
             Stage::Written => acks.written = make(true),
             Stage::Visible => acks.visible = make(true),
         }
-        // Written or later answers already imply the write the offset needs.
-        if self.offset && matches!(self.answer, Stage::None | Stage::Journaled) {
+        // Written or later answers already imply the write waited for after them.
+        if self.after && matches!(self.answer, Stage::None | Stage::Journaled) {
             acks.written = make(false);
         }
         acks

@@ -43,8 +43,8 @@ pub enum IngestError {
 
 impl IngestError {
     /// The in-flight bounds refused the batch (counted as shed).
-    pub(crate) fn overloaded(what: &'static str) -> Self {
-        metrics::shed_request("overloaded");
+    pub(crate) fn overloaded(stream: &crate::config::StreamName, what: &'static str) -> Self {
+        metrics::shed_request(stream, "overloaded");
         Self::Overloaded(what)
     }
 

@@ -35,6 +35,7 @@ use crate::config::{Config, ShardingKey};
 use crate::decode::{Encoding, Format, IdSeed};
 use crate::health::Health;
 use crate::idempotency::Idempotency;
+use crate::journal::{Receipts, watermark};
 use crate::schema::{SharedSchema, TableSchema, Timestamp, quote_ident};
 use crate::shed::budget::Budget;
 use keys::Claim;
@@ -53,6 +54,7 @@ pub struct Pipeline {
     coalescer: Coalescer,
     /// The first node's writer: blocks made ahead, direct INSERTs (fallback mode, one node).
     writer: Arc<Writer>,
+    /// Bytes of bodies being decoded and rows queued: shared by every stream.
     budget: Arc<Budget>,
     /// The ClickHouse nodes, each with its writer, breaker, journal and shed verdict.
     shards: Arc<Shards>,
@@ -62,6 +64,22 @@ pub struct Pipeline {
     lookups: tokio::sync::Semaphore,
     /// `` `db`.`buffer` ``: where replayed events are looked for.
     buffer: String,
+    /// The receive times of the requests in flight (the completeness watermark).
+    receipts: Arc<Receipts>,
+}
+
+/// What a [`Pipeline`] is made of: one stream's parts, and the in-flight budget every stream
+/// shares.
+#[derive(Debug)]
+pub struct Parts {
+    pub config: Arc<Config>,
+    pub schema: Arc<SharedSchema>,
+    pub health: Arc<Health>,
+    pub coalescer: Coalescer,
+    pub shards: Arc<Shards>,
+    pub idempotency: Arc<Idempotency>,
+    pub budget: Arc<Budget>,
+    pub receipts: Arc<Receipts>,
 }
 
 /// One request or message, as a front hands it over.
@@ -126,20 +144,15 @@ struct Body {
 }
 
 impl Pipeline {
-    pub fn new(
-        config: Arc<Config>,
-        schema: Arc<SharedSchema>,
-        health: Arc<Health>,
-        coalescer: Coalescer,
-        shards: Arc<Shards>,
-        idempotency: Arc<Idempotency>,
-    ) -> Self {
+    pub fn new(parts: Parts) -> Self {
+        let Parts { config, schema, health, coalescer, shards, idempotency, budget, receipts } = parts;
         Self {
             writer: Arc::clone(&shards.shards[0][0].writer),
-            budget: Budget::new(config.http.max_inflight_bytes),
+            budget,
             sharding: config.sharding(),
             lookups: tokio::sync::Semaphore::new(PRESENCE_LOOKUPS),
             buffer: format!("{}.{}", quote_ident(&config.table.database), quote_ident(&config.table.buffer_table)),
+            receipts,
             config,
             schema,
             health,
@@ -153,6 +166,9 @@ impl Pipeline {
     pub async fn run<E: From<IngestError>>(&self, request: Request<'_, E>) -> Result<Answer, E> {
         let Request { body, announced, format, encoding, ids, received, key, delivery, replayed, before_write } =
             request;
+        // Held until the rows are written and in the journal's ledger (past the answer of a
+        // `wait=false` request: `deliver` keeps it then).
+        let receipt = self.receipts.hold(watermark::now_ms());
         let (schema, mut batch) = {
             let (schema, _lease) = self.admit(announced)?;
             let raw = body.await?;
@@ -176,7 +192,7 @@ impl Pipeline {
             if let Some(mark) = before_write {
                 mark.await?;
             }
-            self.deliver(&schema, batch, delivery).await
+            self.deliver(&schema, batch, delivery, receipt).await
         }
         .await;
         if let Some(key) = claimed {
@@ -214,5 +230,16 @@ impl Pipeline {
 
     pub fn budget(&self) -> &Budget {
         &self.budget
+    }
+
+    /// The completeness watermark (ms since the epoch): every event acknowledged and received
+    /// before it is confirmed in the destination. `None` without the journal, which is what
+    /// knows.
+    pub fn watermark(&self) -> Option<u64> {
+        if !self.journaled() {
+            return None;
+        }
+        let floors = self.shards.replicas().filter_map(|r| r.journal.as_ref()).flat_map(|j| j.floors());
+        Some(watermark::watermark(floors, self.receipts.oldest(), watermark::now_ms()))
     }
 }

@@ -117,6 +117,11 @@ impl Block {
         self.groups.iter().map(|g| g.marks.ends.len()).sum()
     }
 
+    /// Bytes of the rows, as sent.
+    pub fn bytes(&self) -> usize {
+        self.groups.iter().map(BlockGroup::bytes).sum()
+    }
+
     /// Every row's event id; empty when the table has no id column.
     pub fn ids(&self) -> impl Iterator<Item = Uuid> + '_ {
         self.groups.iter().flat_map(|g| g.marks.ids.iter().copied())

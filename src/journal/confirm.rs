@@ -237,6 +237,7 @@ impl Journal {
     fn publish(&self) {
         let status = self.status();
         metrics::journal(
+            &self.stream,
             &self.node,
             status.bytes,
             status.unconfirmed_blocks,

@@ -47,9 +47,12 @@ impl Suspect {
 pub(super) struct Owed {
     /// Since when the rows are known to be in the Buffer (written, or found there).
     pub(super) since: Instant,
+    /// At or before the receive time of every row of the block (see [`super::watermark`]).
+    pub(super) floor_ms: u64,
     pub(super) samples: Vec<Uuid>,
     pub(super) seconds: Option<(i64, i64)>,
     pub(super) rows: usize,
+    pub(super) bytes: usize,
     /// Whether the rows must be looked for before anything else, and why.
     pub(super) suspect: Option<Suspect>,
     /// The block itself while suspect from an ambiguous INSERT (it is at hand then).
@@ -61,12 +64,14 @@ pub(super) struct Owed {
 }
 
 impl Owed {
-    pub(super) fn of(block: &Block, since: Instant) -> Self {
+    pub(super) fn of(block: &Block, since: Instant, floor_ms: u64) -> Self {
         Self {
             since,
+            floor_ms,
             samples: block.samples(),
             seconds: block.seconds(),
             rows: block.rows(),
+            bytes: block.bytes(),
             suspect: None,
             block: None,
             written: Vec::new(),
@@ -93,7 +98,7 @@ impl Journal {
     /// The block's INSERT succeeded: its rows are in the Buffer. `visible` waiters hear once
     /// they are in the destination.
     pub fn written(&self, id: BlockId, block: &Block, visible: Vec<Waiter>) {
-        let mut entry = Owed::of(block, Instant::now());
+        let mut entry = Owed::of(block, Instant::now(), self.floor());
         let wake = !visible.is_empty();
         entry.visible = visible;
         self.owed().insert(id, entry);
@@ -106,7 +111,7 @@ impl Journal {
     /// its rows now and send what is missing; `written` waiters hear once every row is in
     /// ClickHouse.
     pub fn ambiguous(&self, id: BlockId, block: Block, written: Vec<Waiter>, visible: Vec<Waiter>) {
-        let mut entry = Owed::of(&block, Instant::now());
+        let mut entry = Owed::of(&block, Instant::now(), self.floor());
         entry.suspect = Some(Suspect::Ambiguous);
         entry.block = Some(block);
         entry.written = written;
@@ -127,6 +132,22 @@ impl Journal {
         for owed in self.owed().values_mut() {
             owed.suspect.get_or_insert(Suspect::Doubt(doubt));
         }
+    }
+
+    /// The floor of a block entering the ledger now: its requests are still in flight.
+    fn floor(&self) -> u64 {
+        self.receipts.oldest().unwrap_or_else(super::watermark::now_ms)
+    }
+
+    /// Bytes of the blocks written and not yet confirmed in the destination: what this
+    /// gateway's stream holds in its Buffer on this node, as far as it knows.
+    pub fn unconfirmed_bytes(&self) -> u64 {
+        self.owed().values().map(|o| o.bytes as u64).sum()
+    }
+
+    /// The floors of the unconfirmed blocks (see [`super::watermark`]).
+    pub fn floors(&self) -> Vec<u64> {
+        self.owed().values().map(|o| o.floor_ms).collect()
     }
 
     pub fn status(&self) -> JournalStatus {

@@ -35,6 +35,7 @@ mod ledger;
 pub mod resolve;
 pub mod wal;
 mod watch;
+pub mod watermark;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -58,6 +59,7 @@ pub use block::Block;
 pub use ledger::Suspect;
 pub use wal::{BlockId, WalError};
 pub use watch::Doubt;
+pub use watermark::Receipts;
 
 /// The Memory table in the gateway's database that tells a restart (see [`Doubt`]).
 pub const LIVENESS_TABLE: &str = "buffergate_liveness";
@@ -118,6 +120,7 @@ impl Places {
 pub struct Journal {
     /// The ClickHouse node this journal's blocks are written to (its URL).
     node: String,
+    stream: crate::config::StreamName,
     wal: Wal,
     writer: Arc<Writer>,
     ch: ClickHouse,
@@ -132,6 +135,8 @@ pub struct Journal {
     sequence: AtomicU64,
     /// When the confirmer last had an answer.
     answered: Mutex<Option<Instant>>,
+    /// The stream's requests in flight: the floor of a block entering the ledger.
+    receipts: Arc<Receipts>,
 }
 
 /// The journal's state for `/v1/status`.
@@ -187,7 +192,12 @@ impl JournalStatus {
 impl Journal {
     /// Opens the journal under `data_dir`; every block found there is suspect (this process
     /// cannot know what became of it) and is settled by [`Self::run`].
-    pub async fn open(config: &Config, ch: ClickHouse, writer: Arc<Writer>) -> Result<Arc<Self>, WalError> {
+    pub async fn open(
+        config: &Config,
+        ch: ClickHouse,
+        writer: Arc<Writer>,
+        receipts: Arc<Receipts>,
+    ) -> Result<Arc<Self>, WalError> {
         let store = WalConfig {
             dir: std::path::Path::new(&config.journal.data_dir).join("journal"),
             max_bytes: config.journal.journal_max_bytes,
@@ -200,7 +210,8 @@ impl Journal {
         for record in records {
             match Block::decode(&Bytes::from(record.payload)) {
                 Ok(block) => {
-                    let mut entry = Owed::of(&block, now);
+                    // Received before this process started, when exactly is not known.
+                    let mut entry = Owed::of(&block, now, 0);
                     entry.suspect = Some(Suspect::Recovered);
                     owed.insert(record.id, entry);
                 }
@@ -226,6 +237,7 @@ impl Journal {
         };
         Ok(Arc::new(Self {
             node: crate::config::redacted(&config.clickhouse.clickhouse_url),
+            stream: config.stream.clone(),
             wal,
             writer,
             ch,
@@ -238,6 +250,7 @@ impl Journal {
             instance: format!("bg-{:016x}", rand::random::<u64>()),
             sequence: AtomicU64::new(0),
             answered: Mutex::new(None),
+            receipts,
         }))
     }
 

@@ -16,7 +16,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::config::redacted;
+use crate::config::{StreamName, redacted};
 
 pub const HTTP_REQUESTS: &str = "buffergate_http_requests_total";
 pub const HTTP_DURATION: &str = "buffergate_http_request_duration_seconds";
@@ -167,12 +167,12 @@ fn describe() {
 
 /// The journal's size and what it still protects.
 /// One node's journal (`node`: the ClickHouse URL its blocks were written to).
-pub fn journal(node: &str, bytes: u64, blocks: usize, rows: usize, oldest: Duration) {
-    let node = redacted(node);
-    gauge!(JOURNAL_BYTES, "node" => node.clone()).set(bytes as f64);
-    gauge!(JOURNAL_UNCONFIRMED_BLOCKS, "node" => node.clone()).set(blocks as f64);
-    gauge!(JOURNAL_UNCONFIRMED_ROWS, "node" => node.clone()).set(rows as f64);
-    gauge!(JOURNAL_OLDEST_SECONDS, "node" => node).set(oldest.as_secs_f64());
+pub fn journal(stream: &StreamName, node: &str, bytes: u64, blocks: usize, rows: usize, oldest: Duration) {
+    let (node, stream) = (redacted(node), stream.to_string());
+    gauge!(JOURNAL_BYTES, "stream" => stream.clone(), "node" => node.clone()).set(bytes as f64);
+    gauge!(JOURNAL_UNCONFIRMED_BLOCKS, "stream" => stream.clone(), "node" => node.clone()).set(blocks as f64);
+    gauge!(JOURNAL_UNCONFIRMED_ROWS, "stream" => stream.clone(), "node" => node.clone()).set(rows as f64);
+    gauge!(JOURNAL_OLDEST_SECONDS, "stream" => stream, "node" => node).set(oldest.as_secs_f64());
 }
 
 pub fn journal_confirmed(blocks: usize) {
@@ -215,18 +215,19 @@ pub fn http_request(route: &'static str, status: u16, elapsed: Duration) {
     histogram!(HTTP_DURATION, "route" => route).record(elapsed.as_secs_f64());
 }
 
-pub fn events(outcome: Outcome, count: usize) {
+pub fn events(stream: &StreamName, outcome: Outcome, count: usize) {
     if count > 0 {
-        counter!(EVENTS, "outcome" => outcome.label()).increment(count as u64);
+        counter!(EVENTS, "stream" => stream.to_string(), "outcome" => outcome.label()).increment(count as u64);
     }
 }
 
-pub fn flush_attempt(ok: bool, rows: usize, bytes: usize, elapsed: Duration) {
-    counter!(FLUSHES, "outcome" => if ok { "ok" } else { "error" }).increment(1);
-    histogram!(FLUSH_DURATION).record(elapsed.as_secs_f64());
+pub fn flush_attempt(stream: &StreamName, ok: bool, rows: usize, bytes: usize, elapsed: Duration) {
+    let stream = stream.to_string();
+    counter!(FLUSHES, "stream" => stream.clone(), "outcome" => if ok { "ok" } else { "error" }).increment(1);
+    histogram!(FLUSH_DURATION, "stream" => stream.clone()).record(elapsed.as_secs_f64());
     if ok {
-        histogram!(FLUSH_ROWS).record(rows as f64);
-        histogram!(FLUSH_BYTES).record(bytes as f64);
+        histogram!(FLUSH_ROWS, "stream" => stream.clone()).record(rows as f64);
+        histogram!(FLUSH_BYTES, "stream" => stream).record(bytes as f64);
     }
 }
 
@@ -236,8 +237,8 @@ pub fn flush_retry() {
 
 /// The gauge of a partition's waiting rows, registered once: the coalescer keeps the handle
 /// rather than formatting the label and searching the registry on every request.
-pub fn queue_rows(partition: usize) -> Gauge {
-    gauge!(QUEUE_ROWS, "partition" => partition.to_string())
+pub fn queue_rows(stream: &StreamName, partition: usize) -> Gauge {
+    gauge!(QUEUE_ROWS, "stream" => stream.to_string(), "partition" => partition.to_string())
 }
 
 /// The gauge of in-flight bytes, registered once by the budget that sets it.
@@ -246,27 +247,28 @@ pub fn inflight_bytes() -> Gauge {
 }
 
 /// One node's Buffer, as its poller read it (`node`: its URL).
-pub fn buffer(node: &str, bytes: u64, capacity: u64, fill: f64) {
-    let node = redacted(node);
-    gauge!(BUFFER_BYTES, "node" => node.clone()).set(bytes as f64);
-    gauge!(BUFFER_CAPACITY, "node" => node.clone()).set(capacity as f64);
-    gauge!(BUFFER_FILL, "node" => node).set(fill);
+pub fn buffer(stream: &StreamName, node: &str, bytes: u64, capacity: u64, fill: f64) {
+    let (node, stream) = (redacted(node), stream.to_string());
+    gauge!(BUFFER_BYTES, "stream" => stream.clone(), "node" => node.clone()).set(bytes as f64);
+    gauge!(BUFFER_CAPACITY, "stream" => stream.clone(), "node" => node.clone()).set(capacity as f64);
+    gauge!(BUFFER_FILL, "stream" => stream, "node" => node).set(fill);
 }
 
-pub fn shed_active(node: &str, active: bool) {
-    gauge!(SHED_ACTIVE, "node" => redacted(node)).set(if active { 1.0 } else { 0.0 });
+pub fn shed_active(stream: &StreamName, node: &str, active: bool) {
+    gauge!(SHED_ACTIVE, "stream" => stream.to_string(), "node" => redacted(node)).set(if active { 1.0 } else { 0.0 });
 }
 
 pub fn poll_error() {
     counter!(POLL_ERRORS).increment(1);
 }
 
-pub fn circuit_open(node: &str, open: bool) {
-    gauge!(CIRCUIT_OPEN, "node" => redacted(node)).set(if open { 1.0 } else { 0.0 });
+pub fn circuit_open(stream: &StreamName, node: &str, open: bool) {
+    gauge!(CIRCUIT_OPEN, "stream" => stream.to_string(), "node" => redacted(node)).set(if open { 1.0 } else { 0.0 });
 }
 
-pub fn shed_request(reason: &'static str) {
-    counter!(SHED_REQUESTS, "reason" => reason).increment(1);
+/// A request refused before its rows were handed on (`stream`: the stream it named).
+pub fn shed_request(stream: &StreamName, reason: &'static str) {
+    counter!(SHED_REQUESTS, "stream" => stream.to_string(), "reason" => reason).increment(1);
 }
 
 pub fn idempotency(op: &'static str, elapsed: Duration, ok: bool) {

@@ -3,7 +3,11 @@
 //!
 //! Bytes held: `system.tables.total_bytes` of the Buffer table where the server has it
 //! (≈20.x+); otherwise `system.metrics.StorageBufferBytes`, a **server-wide** total over every
-//! Buffer table. Capacity: `num_layers × max_bytes` from the Buffer's `engine_full`, unless
+//! Buffer table. With several streams on such a server the server-wide total would let one
+//! stream's Buffer shed every other: each stream then counts what its journal holds as written
+//! to that node and not yet confirmed in the destination (the rows this gateway put in the
+//! Buffer that have not left it), without the journal the server-wide total with a warning.
+//! Capacity: `num_layers × max_bytes` from the Buffer's `engine_full`, unless
 //! `buffer_capacity_bytes` is configured.
 
 use std::sync::Arc;
@@ -14,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::{ShedState, next_shedding, retry_after};
 use crate::clickhouse::{ClickHouse, ClickHouseError, quote_str};
 use crate::config::Config;
+use crate::journal::Journal;
 use crate::metrics;
 
 /// Smoothing of the drain-rate estimate (weight of the newest sample).
@@ -24,6 +29,9 @@ pub struct Poller {
     pub ch: ClickHouse,
     pub state: Arc<ShedState>,
     pub config: Arc<Config>,
+    /// The stream's journal on this node, counted on servers without per-table sizes when
+    /// other streams share the server (`None`: the server-wide total is the stream's own).
+    pub own_bytes: Option<Arc<Journal>>,
 }
 
 /// One reading of the Buffer.
@@ -177,7 +185,11 @@ impl Poller {
                 *track.per_table.insert(caps.tables_total_bytes)
             }
         };
-        read_fill(&self.ch, &self.config, per_table).await
+        let reading = read_fill(&self.ch, &self.config, per_table).await?;
+        match &self.own_bytes {
+            Some(journal) if !per_table => Ok(Reading { bytes: journal.unconfirmed_bytes(), ..reading }),
+            _ => Ok(reading),
+        }
     }
 
     /// Decides (with hysteresis) whether to shed and publishes the verdict to the request path.
@@ -204,8 +216,8 @@ impl Poller {
         let wait =
             retry_after(bytes, capacity, config.shed.shed_resume, drain_rate, config.shed.shed_retry_after_max_s);
         self.state.publish(bytes, capacity, next, wait);
-        metrics::buffer(&self.config.clickhouse.clickhouse_url, bytes, capacity, fill);
-        metrics::shed_active(&self.config.clickhouse.clickhouse_url, next);
+        metrics::buffer(&self.config.stream, &self.config.clickhouse.clickhouse_url, bytes, capacity, fill);
+        metrics::shed_active(&self.config.stream, &self.config.clickhouse.clickhouse_url, next);
     }
 }
 

@@ -1,0 +1,286 @@
+//! Streams: names bound to one destination each. `[streams.<name>]` tables of the file give a
+//! stream its `database`, `buffer_table`, `destination_table` and any table-scoped key; every
+//! key it leaves out takes the top-level value. The top-level keys themselves define the
+//! stream named `default`, so a file without `[streams]` serves one table as before.
+//!
+//! A stream's configuration is a whole [`Config`] (see [`Config::streams`]): every part of the
+//! gateway that serves one table reads its own, unaware that other streams exist.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{BatchingSettings, Config, ConfigError, DedupMode, ShedMode, TableSettings, invalid};
+
+/// The name of the stream the top-level keys define.
+pub const DEFAULT_STREAM: &str = "default";
+
+/// The keys a `[streams.<name>]` table may set: those that belong to one table.
+pub const SCOPED_KEYS: &[&str] = &[
+    "database",
+    "buffer_table",
+    "destination_table",
+    "buffer_num_layers",
+    "buffer_min_time",
+    "buffer_max_time",
+    "buffer_min_rows",
+    "buffer_max_rows",
+    "buffer_min_bytes",
+    "buffer_max_bytes",
+    "unknown_fields",
+    "id_column",
+    "timestamp_column",
+    "partition_key",
+    "dedup",
+    "shed_threshold",
+    "shed_resume",
+    "shed_mode",
+    "fallback_table",
+    "buffer_capacity_bytes",
+    "partitions",
+    "flush_max_rows",
+    "flush_max_bytes",
+    "flush_linger_ms",
+    "sharding_key",
+    "distributed_table",
+];
+
+/// A stream's name: `[a-z0-9_-]{1,64}`, checked where it is made. Cheap to clone: it labels
+/// metrics on the hot path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StreamName(Arc<str>);
+
+impl Default for StreamName {
+    fn default() -> Self {
+        Self(Arc::from(DEFAULT_STREAM))
+    }
+}
+
+impl StreamName {
+    /// The name, if it is one.
+    pub fn parse(name: &str) -> Option<Self> {
+        let valid = (1..=64).contains(&name.len())
+            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        valid.then(|| Self(Arc::from(name)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_default(&self) -> bool {
+        &*self.0 == DEFAULT_STREAM
+    }
+}
+
+impl std::fmt::Display for StreamName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a stream sets for itself: the table-scoped keys, every one resolved (a key the
+/// stream's table leaves out holds the top-level value).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamSettings {
+    pub table: TableSettings,
+    pub dedup: DedupMode,
+    pub shed_threshold: f64,
+    pub shed_resume: f64,
+    pub shed_mode: ShedMode,
+    pub fallback_table: String,
+    pub buffer_capacity_bytes: u64,
+    pub partitions: usize,
+    pub flush_max_rows: usize,
+    pub flush_max_bytes: usize,
+    pub flush_linger_ms: u64,
+    pub sharding_key: String,
+    pub distributed_table: String,
+}
+
+impl StreamSettings {
+    /// The table-scoped values of `config`: a new stream starts from the top-level ones.
+    pub fn of(config: &Config) -> Self {
+        let BatchingSettings { partitions, flush_max_rows, flush_max_bytes, flush_linger_ms, .. } = config.batching;
+        Self {
+            table: config.table.clone(),
+            dedup: config.idempotency.dedup,
+            shed_threshold: config.shed.shed_threshold,
+            shed_resume: config.shed.shed_resume,
+            shed_mode: config.shed.shed_mode,
+            fallback_table: config.shed.fallback_table.clone(),
+            buffer_capacity_bytes: config.shed.buffer_capacity_bytes,
+            partitions,
+            flush_max_rows,
+            flush_max_bytes,
+            flush_linger_ms,
+            sharding_key: config.clickhouse.sharding_key.clone(),
+            distributed_table: config.clickhouse.distributed_table.clone(),
+        }
+    }
+
+    /// Writes these values over `config`'s.
+    fn apply(&self, config: &mut Config) {
+        config.table = self.table.clone();
+        config.idempotency.dedup = self.dedup;
+        config.shed.shed_threshold = self.shed_threshold;
+        config.shed.shed_resume = self.shed_resume;
+        config.shed.shed_mode = self.shed_mode;
+        config.shed.fallback_table = self.fallback_table.clone();
+        config.shed.buffer_capacity_bytes = self.buffer_capacity_bytes;
+        config.batching.partitions = self.partitions;
+        config.batching.flush_max_rows = self.flush_max_rows;
+        config.batching.flush_max_bytes = self.flush_max_bytes;
+        config.batching.flush_linger_ms = self.flush_linger_ms;
+        config.clickhouse.sharding_key = self.sharding_key.clone();
+        config.clickhouse.distributed_table = self.distributed_table.clone();
+    }
+}
+
+impl Config {
+    /// Adds (or replaces) the stream `name`, starting from the top-level table-scoped values
+    /// and changed by `set`. The programmatic twin of a `[streams.<name>]` table.
+    pub fn add_stream(&mut self, name: &str, set: impl FnOnce(&mut StreamSettings)) -> &mut Self {
+        let mut settings = StreamSettings::of(self);
+        set(&mut settings);
+        self.streams.insert(name.to_string(), settings);
+        self
+    }
+
+    /// Every stream's own configuration, `default` first: the top-level configuration with the
+    /// stream's table-scoped values, its own journal directory and share of `journal_max_bytes`,
+    /// and its own namespace of idempotency keys. The `default` stream keeps the top-level
+    /// directory and key prefix, so a gateway that gains streams keeps its journal and keys.
+    pub fn streams(&self) -> Vec<Arc<Config>> {
+        let count = 1 + self.streams.len() as u64;
+        let share = (self.journal.journal_max_bytes / count).max(self.journal.journal_segment_bytes.saturating_mul(2));
+        let mut top = self.clone();
+        top.streams.clear();
+        top.stream = StreamName::default();
+        let mut streams = Vec::with_capacity(count as usize);
+        for (name, settings) in &self.streams {
+            let mut config = top.clone();
+            settings.apply(&mut config);
+            config.stream = StreamName::parse(name).unwrap_or_default();
+            if !config.journal.data_dir.is_empty() {
+                config.journal.data_dir = stream_dir(&self.journal.data_dir, name);
+            }
+            config.journal.journal_max_bytes = share;
+            // `<prefix><name>/`: a default key continues the prefix with `{`, `r:`, `o:`, `t:` or
+            // `e:`, never with a name followed by `/` (names hold neither `:` nor `{`).
+            config.idempotency.dedup_key_prefix = format!("{}{name}/", self.idempotency.dedup_key_prefix);
+            streams.push(Arc::new(config));
+        }
+        top.journal.journal_max_bytes = share;
+        streams.insert(0, Arc::new(top));
+        streams
+    }
+
+    /// The names of every configured stream, `default` first.
+    pub fn stream_names(&self) -> Vec<String> {
+        std::iter::once(DEFAULT_STREAM.to_string()).chain(self.streams.keys().cloned()).collect()
+    }
+
+    /// Checks each stream's name and its configuration, and that no two streams share a table.
+    pub(super) fn validate_streams(&self) -> Result<(), ConfigError> {
+        let streams = self.streams();
+        for name in self.streams.keys() {
+            if name == DEFAULT_STREAM {
+                return Err(invalid("streams", "`default` is the stream of the top-level keys; set them there"));
+            }
+            if StreamName::parse(name).is_none() {
+                return Err(invalid("streams", format!("{name:?} is not a stream name: [a-z0-9_-]{{1,64}}")));
+            }
+        }
+        let mut tables: Vec<(String, String, &str)> = Vec::new();
+        for stream in streams.iter().skip(1) {
+            stream.validate_one().map_err(|error| match error {
+                ConfigError::Invalid { key, problem } => {
+                    invalid(key, format!("{problem} (in [streams.{}])", stream.stream))
+                }
+                other => other,
+            })?;
+        }
+        for stream in &streams {
+            for table in [&stream.table.buffer_table, &stream.table.destination_table] {
+                let table = (stream.table.database.clone(), table.clone());
+                if let Some((_, _, other)) = tables.iter().find(|(d, t, _)| (d, t) == (&table.0, &table.1)) {
+                    return Err(invalid(
+                        "streams",
+                        format!(
+                            "{}.{} belongs to both {other} and {}: each stream needs its own tables",
+                            table.0, table.1, stream.stream
+                        ),
+                    ));
+                }
+                tables.push((table.0, table.1, stream.stream.as_str()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A named stream's own directory under `data_dir` (its journal lives there).
+pub fn stream_dir(data_dir: &str, name: &str) -> String {
+    std::path::Path::new(data_dir).join("streams").join(name).to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for good in ["logs", "a", "audit-v2", "x_1", &"a".repeat(64)] {
+            assert!(StreamName::parse(good).is_some(), "{good}");
+        }
+        for bad in ["", "Logs", "a/b", "a:b", "a{b}", "é", &"a".repeat(65)] {
+            assert!(StreamName::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn streams_inherit_and_override() {
+        let mut config = Config::default();
+        config.batching.flush_linger_ms = 7;
+        config.journal.journal_max_bytes = 3 << 30;
+        config.add_stream("logs", |s| {
+            s.table.database = "ops".into();
+            s.table.destination_table = "logs".into();
+            s.table.buffer_table = "logs_buffer".into();
+            s.shed_threshold = 0.5;
+            s.shed_resume = 0.4;
+        });
+        config.validate().unwrap();
+        let streams = config.streams();
+        assert_eq!(streams.len(), 2);
+        let (default, logs) = (&streams[0], &streams[1]);
+        assert!(default.stream.is_default() && default.streams.is_empty());
+        assert_eq!(default.journal.data_dir, config.journal.data_dir, "the default stream keeps its journal");
+        assert_eq!(default.idempotency.dedup_key_prefix, "bg:", "and its keys");
+        assert_eq!(logs.stream.as_str(), "logs");
+        assert_eq!((logs.table.database.as_str(), logs.shed.shed_threshold), ("ops", 0.5));
+        assert_eq!(logs.batching.flush_linger_ms, 7, "what the stream leaves out comes from the top level");
+        assert_eq!(logs.journal.data_dir, stream_dir(&config.journal.data_dir, "logs"));
+        assert_eq!(logs.idempotency.dedup_key_prefix, "bg:logs/");
+        assert_eq!(logs.journal.journal_max_bytes, (3 << 30) / 2, "the journal's room is shared");
+    }
+
+    #[test]
+    fn streams_need_their_own_tables_and_names() {
+        let mut config = Config::default();
+        config.add_stream("copy", |_| {});
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("both default and copy"), "{error}");
+        let mut config = Config::default();
+        config.add_stream("Bad", |s| s.table.buffer_table = "b".into());
+        assert!(config.validate().unwrap_err().to_string().contains("not a stream name"));
+        let mut config = Config::default();
+        config.add_stream("x", |s| {
+            s.table.buffer_table = "xb".into();
+            s.table.destination_table = "xb".into();
+        });
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("[streams.x]"), "{error}");
+    }
+}
