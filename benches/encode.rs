@@ -56,8 +56,14 @@ fn json_array(bencher: divan::Bencher, n: u64) {
     let schema = seed_schema();
     let body = format!("[{}]", events(n, ","));
     let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
-    let shape =
-        BatchShape { partitions: 2, placing: Placing::Shard(0), max_events: 10_000, keep_ids: false, ids: None };
+    let shape = BatchShape {
+        partitions: 2,
+        placing: Placing::Shard(0),
+        max_events: 10_000,
+        keep_ids: false,
+        ids: None,
+        owner: None,
+    };
     bencher
         .counter(divan::counter::ItemsCount::new(n))
         .bench(|| encode_batch(divan::black_box(body.as_bytes()), Format::JsonArray, &schema, &ctx, &shape).unwrap());
@@ -112,8 +118,14 @@ fn json_array_text_columns(bencher: divan::Bencher, n: u64) {
     let schema = text_schema();
     let body = format!("[{}]", string_events(n));
     let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
-    let shape =
-        BatchShape { partitions: 2, placing: Placing::Shard(0), max_events: 10_000, keep_ids: false, ids: None };
+    let shape = BatchShape {
+        partitions: 2,
+        placing: Placing::Shard(0),
+        max_events: 10_000,
+        keep_ids: false,
+        ids: None,
+        owner: None,
+    };
     bencher
         .counter(divan::counter::ItemsCount::new(n))
         .bench(|| encode_batch(divan::black_box(body.as_bytes()), Format::JsonArray, &schema, &ctx, &shape).unwrap());
@@ -125,8 +137,14 @@ fn native_block_text_columns(bencher: divan::Bencher, n: u64) {
     let schema = text_schema();
     let body = format!("[{}]", string_events(n));
     let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
-    let shape =
-        BatchShape { partitions: 1, placing: Placing::Shard(0), max_events: 10_000, keep_ids: false, ids: None };
+    let shape = BatchShape {
+        partitions: 1,
+        placing: Placing::Shard(0),
+        max_events: 10_000,
+        keep_ids: false,
+        ids: None,
+        owner: None,
+    };
     let batch = encode_batch(body.as_bytes(), Format::JsonArray, &schema, &ctx, &shape).unwrap();
     let chunk = &batch.partitions[0].chunks[0];
     bencher.counter(divan::counter::ItemsCount::new(n)).bench(|| {
@@ -140,7 +158,14 @@ fn ndjson_with_ids(bencher: divan::Bencher, n: u64) {
     let schema = seed_schema();
     let body = events(n, "\n");
     let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
-    let shape = BatchShape { partitions: 2, placing: Placing::Shard(0), max_events: 10_000, keep_ids: true, ids: None };
+    let shape = BatchShape {
+        partitions: 2,
+        placing: Placing::Shard(0),
+        max_events: 10_000,
+        keep_ids: true,
+        ids: None,
+        owner: None,
+    };
     bencher
         .counter(divan::counter::ItemsCount::new(n))
         .bench(|| encode_batch(divan::black_box(body.as_bytes()), Format::Ndjson, &schema, &ctx, &shape).unwrap());

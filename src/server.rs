@@ -108,15 +108,15 @@ pub async fn run_as(config: Config, listener: TcpListener, shutdown: Shutdown, r
     }
     let streams = Arc::new(Streams::new(streams));
     let admin = AdminToken::new(&config.auth.admin_token);
-    let front = match role {
-        Role::Serve => None,
-        Role::Consume => {
-            let default = streams.default_stream();
-            let front = kafka::Front::start(&config, Arc::clone(&default.ingest), Arc::clone(&default.shed))?;
-            Some(front)
+    // One consumer per stream that topics write to, each in its own group.
+    let mut fronts = Vec::new();
+    if role == Role::Consume {
+        for stream in streams.iter().filter(|s| !s.config.kafka_topics().is_empty()) {
+            let front = kafka::Front::start(&stream.config, Arc::clone(&stream.ingest), Arc::clone(&stream.shed))?;
+            fronts.push((stream.name.clone(), front));
         }
-    };
-    let kafka = front.as_ref().map(kafka::Front::status);
+    }
+    let kafka = fronts.iter().map(|(name, front)| (name.clone(), front.status())).collect();
     let state = Arc::new(AppState {
         config: Arc::clone(&config),
         streams: Arc::clone(&streams),
@@ -134,7 +134,7 @@ pub async fn run_as(config: Config, listener: TcpListener, shutdown: Shutdown, r
         nodes = topology.nodes(),
         "buffergate serving"
     );
-    let front = front.map(|front| stop_consuming(front, shutdown.clone()));
+    let fronts: Vec<_> = fronts.into_iter().map(|(_, front)| stop_consuming(front, shutdown.clone())).collect();
     let stop_http =
         stop_accepting(shutdown, Arc::clone(&streams), Duration::from_millis(config.http.shutdown_delay_ms));
     http::conn::raise_open_files_limit(config.http.max_connections);
@@ -145,7 +145,7 @@ pub async fn run_as(config: Config, listener: TcpListener, shutdown: Shutdown, r
     http::conn::serve(listener, http::router(state), limits, stop_http).await;
 
     // The consumer commits what it delivered before the queues are drained under it.
-    if let Some(front) = front {
+    for front in fronts {
         let _ = front.await;
     }
     let within = Duration::from_millis(config.journal.shutdown_confirm_ms);

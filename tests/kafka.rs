@@ -546,3 +546,53 @@ async fn two_consumers_split_the_partitions_and_one_takes_over_when_the_other_le
     assert_committed_ends(&config, 9_000).await;
     second.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_mapped_to_a_stream_is_stored_there_once_across_a_sigkill() {
+    let _serial = SERIAL.lock().await;
+    let ch = clickhouse();
+    let (mut config, logs) = setup(ch, "k_stream", |c| c).await;
+    let (db, topic) = (config.table.database.clone(), config.kafka.kafka_topics.clone());
+    ch.exec(&format!(
+        "CREATE TABLE `{db}`.mapped (event_id UUID, event_ts DateTime, user_id UInt64, event_type String) \
+         ENGINE = MergeTree ORDER BY (event_ts, event_id)"
+    ))
+    .await;
+    config.kafka.kafka_topics = format!("{topic}=mapped");
+    config.add_stream("mapped", |s| {
+        s.table.destination_table = "mapped".into();
+        s.table.buffer_table = "mapped_buffer".into();
+    });
+    let stream = std::sync::Arc::clone(&config.streams()[1]);
+    migrate(&stream).await;
+    produce(&topic, events(0, 6_000)).await;
+
+    let kafka = |url: String| async move {
+        let Ok(response) = http().get(format!("{url}/readyz")).send().await else { return Value::Null };
+        response.json::<Value>().await.unwrap_or(Value::Null)["kafka"]["mapped"].clone()
+    };
+    for round in 0..2 {
+        let process = Process::spawn(command(&config, &["consume"]), &logs.join(format!("consumer-{round}.log")));
+        let url = format!("http://{}", config.http.listen);
+        eventually(Duration::from_secs(60), "the stream's consumer to join its group", || {
+            let url = url.clone();
+            async move { kafka(url).await["assigned_partitions"].as_u64().is_some_and(|n| n > 0) }
+        })
+        .await;
+        if round == 0 {
+            eventually(Duration::from_secs(60), "the consumer to be mid-stream", || async {
+                rows(ch, &stream).await >= 1_500
+            })
+            .await;
+            process.signal(libc::SIGKILL);
+            assert!(process.wait_exit(TIMEOUT).is_some(), "the consumer died");
+            assert!(rows(ch, &stream).await < 6_000, "killed before the end");
+        } else {
+            assert_exactly_once(ch, &stream, 6_000).await;
+            assert_committed_ends(&stream, 6_000).await;
+            assert_eq!(rows(ch, &config).await, 0, "nothing in the default stream's table");
+            process.signal(libc::SIGTERM);
+            assert!(process.wait_exit(Duration::from_secs(120)).is_some(), "the consumer stopped");
+        }
+    }
+}

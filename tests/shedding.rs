@@ -114,7 +114,10 @@ async fn fallback_mode_diverts_to_the_fallback_table_and_loses_nothing() {
     let diverted = ch.count("fallback.events_fallback").await;
     assert!(diverted > 0, "some batches went to the fallback table");
     let (_, metrics) = get(format!("{}/metrics", gw.url)).await;
-    assert!(metrics.contains(&format!("buffergate_events_total{{outcome=\"fallback\"}} {diverted}")), "{metrics}");
+    assert!(
+        metrics.contains(&format!("buffergate_events_total{{stream=\"default\",outcome=\"fallback\"}} {diverted}")),
+        "{metrics}"
+    );
     gw.drain(&ch).await;
     assert_eq!(ch.count(&gw.destination()).await + diverted, acknowledged);
     gw.stop().await;

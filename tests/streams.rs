@@ -268,5 +268,118 @@ async fn keys_restricted_to_streams() {
     assert_eq!(list["streams"][0]["name"], "logs");
     let response = http().get(format!("{}/v1/streams", gw.url)).send().await.unwrap();
     assert_eq!(response.status().as_u16(), 401);
+
+    // One key cannot move another's producer offset, replay its Idempotency-Key or pre-claim
+    // its event ids: each key has its own namespace.
+    let logs = |key: &str, body: Value| {
+        http().post(format!("{}/v1/streams/logs/events", gw.url)).bearer_auth(key.to_string()).json(&body)
+    };
+    let victim = uuid(500);
+    let response = logs("all-secret", json!([{"event_id": victim, "host": "attacker"}]))
+        .header("x-producer-id", "etl")
+        .header("x-producer-offset", "9223372036854775807")
+        .header("idempotency-key", "batch-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let response = logs("ops-secret", json!([{"event_id": victim, "host": "ops"}]))
+        .header("x-producer-id", "etl")
+        .header("x-producer-offset", "10")
+        .header("idempotency-key", "batch-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert!(response.headers().get("idempotent-replayed").is_none(), "another key's Idempotency-Key");
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!((answer["accepted"].as_u64(), answer["duplicates"].as_u64()), (Some(1), Some(0)), "{answer}");
+    let offsets: Value = http()
+        .get(format!("{}/v1/streams/logs/offsets/etl", gw.url))
+        .bearer_auth("ops-secret")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(offsets["partitions"]["0"], 10, "its own offset, not the other key's: {offsets}");
+    ch.exec(&format!("OPTIMIZE TABLE `{db}`.logs_buffer")).await;
+    let hosts = ch.rows(&format!("SELECT host FROM `{db}`.logs WHERE event_id = '{victim}' ORDER BY host")).await;
+    assert_eq!(hosts, vec![json!({"host": "attacker"}), json!({"host": "ops"})]);
+    gw.stop().await;
+}
+
+/// How many times each id is stored in `table`.
+async fn stored_ids(ch: &ClickHouseServer, table: &str) -> std::collections::HashMap<String, u64> {
+    let rows = ch.rows(&format!("SELECT toString(event_id) AS id, count() AS n FROM {table} GROUP BY id")).await;
+    let number = |v: &Value| v.as_u64().or_else(|| v.as_str()?.parse().ok()).unwrap();
+    rows.iter().map(|r| (r["id"].as_str().unwrap().to_string(), number(&r["n"]))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_killed_with_two_full_buffers_restores_each_stream_once() {
+    let ch = ClickHouseServer::start("streams-kill");
+    let db = ch.fresh_database("kill");
+    let mut config = three_streams(&ch, &db).await;
+    // Both Buffers keep their rows in memory: a SIGKILL loses them, the journals have them.
+    config = common::holding_buffer(config);
+    config.journal.confirm_grace_ms = 5_000;
+    let default_table = config.table.clone();
+    config.streams.get_mut("logs").unwrap().table = buffergate::config::TableSettings {
+        database: db.clone(),
+        buffer_table: "logs_buffer".into(),
+        destination_table: "logs".into(),
+        partition_key: "host".into(),
+        ..default_table.clone()
+    };
+    for table in [format!("`{db}`.events_buffer"), format!("`{db}`.logs_buffer")] {
+        ch.exec(&format!("DROP TABLE {table}")).await;
+    }
+    migrate(&config.streams()[0]).await;
+    migrate(&config.streams()[2]).await;
+    let gw = Gateway::start(config).await;
+    gw.wait_ready().await;
+
+    let mut sent = (Vec::new(), Vec::new());
+    for round in 0..10u64 {
+        let ids: Vec<String> = (0..100).map(|i| uuid(round * 1000 + i)).collect();
+        let body: Vec<Value> = ids.iter().map(|id| json!({"event_id": id, "user_id": 1})).collect();
+        assert_eq!(gw.post_json(&Value::Array(body)).await.0, 200);
+        sent.0.extend(ids.clone());
+        let body: Vec<Value> = ids.iter().map(|id| json!({"event_id": id, "host": "h", "level": "x"})).collect();
+        assert_eq!(post(&gw, "logs", &Value::Array(body)).await.0, 200);
+        sent.1.extend(ids);
+    }
+    assert_eq!(ch.count(&gw.destination()).await, 0, "the rows are in the Buffers' memory only");
+    // The confirmers have seen the server alive with these blocks owed: the kill is a restart.
+    eventually(Duration::from_secs(20), "both journals to hold their blocks, settled", || async {
+        let status = gw.status().await;
+        status["streams"].as_array().is_some_and(|streams| {
+            [0, 2].iter().all(|&i| {
+                let journal = &streams[i]["journal"];
+                journal["unconfirmed_blocks"].as_u64().is_some_and(|b| b > 0)
+                    && journal["suspect_blocks"] == json!(0)
+                    && journal["last_answer_s"].as_f64().is_some_and(|s| s < 1.0)
+            })
+        })
+    })
+    .await;
+    ch.kill();
+    ch.restart();
+    for (buffer, destination, ids) in [
+        (format!("`{db}`.events_buffer"), gw.destination(), &sent.0),
+        (format!("`{db}`.logs_buffer"), format!("`{db}`.logs"), &sent.1),
+    ] {
+        eventually(Duration::from_secs(60), "the journal to restore the lost Buffer", || async {
+            ch.count(&buffer).await >= ids.len() as u64
+        })
+        .await;
+        ch.exec(&format!("OPTIMIZE TABLE {buffer}")).await;
+        let stored = stored_ids(&ch, &destination).await;
+        assert!(stored.values().all(|n| *n == 1), "{destination}: an event stored twice");
+        assert!(ids.iter().all(|id| stored.contains_key(id)), "{destination}: an acknowledged event lost");
+        assert_eq!(stored.len(), ids.len(), "{destination}: nothing else");
+    }
     gw.stop().await;
 }

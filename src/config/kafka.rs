@@ -84,8 +84,22 @@ impl KafkaSettings {
         Ok(())
     }
 
-    /// The consumed topics, trimmed, empty ones dropped.
+    /// The consumed topics, trimmed, empty ones dropped, without the streams they name.
     pub fn topics(&self) -> Vec<&str> {
-        self.kafka_topics.split(',').map(str::trim).filter(|t| !t.is_empty()).collect()
+        self.routes().into_iter().map(|(topic, _)| topic).collect()
+    }
+
+    /// Each consumed topic with the stream it writes to: `topic=stream`, or `topic` for the
+    /// `default` stream.
+    pub fn routes(&self) -> Vec<(&str, &str)> {
+        self.kafka_topics
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(|entry| match entry.split_once('=') {
+                Some((topic, stream)) => (topic.trim(), stream.trim()),
+                None => (entry, super::DEFAULT_STREAM),
+            })
+            .collect()
     }
 }

@@ -83,6 +83,8 @@ impl std::fmt::Display for StreamName {
 /// stream's table leaves out holds the top-level value).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StreamSettings {
+    /// Flat, as a `[streams.<name>]` table spells its keys.
+    #[serde(flatten)]
     pub table: TableSettings,
     pub dedup: DedupMode,
     pub shed_threshold: f64,
@@ -169,9 +171,13 @@ impl Config {
             // `<prefix><name>/`: a default key continues the prefix with `{`, `r:`, `o:`, `t:` or
             // `e:`, never with a name followed by `/` (names hold neither `:` nor `{`).
             config.idempotency.dedup_key_prefix = format!("{}{name}/", self.idempotency.dedup_key_prefix);
+            // Its own consumer group: a group's members must read the same topics to share them.
+            config.kafka.kafka_topics = topics_of(self, name);
+            config.kafka.kafka_group = format!("{}-{name}", self.kafka.kafka_group.trim());
             streams.push(Arc::new(config));
         }
         top.journal.journal_max_bytes = share;
+        top.kafka.kafka_topics = topics_of(self, DEFAULT_STREAM);
         streams.insert(0, Arc::new(top));
         streams
     }
@@ -191,6 +197,10 @@ impl Config {
             if StreamName::parse(name).is_none() {
                 return Err(invalid("streams", format!("{name:?} is not a stream name: [a-z0-9_-]{{1,64}}")));
             }
+        }
+        let names = self.stream_names();
+        if let Some((topic, stream)) = self.kafka.routes().into_iter().find(|(_, s)| !names.iter().any(|n| n == s)) {
+            return Err(invalid("kafka_topics", format!("{topic}={stream}: no stream is named {stream:?}")));
         }
         let mut tables: Vec<(String, String, &str)> = Vec::new();
         for stream in streams.iter().skip(1) {
@@ -218,6 +228,12 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The topics of `kafka_topics` that write to `stream`, as that stream's `kafka_topics`.
+fn topics_of(config: &Config, stream: &str) -> String {
+    let topics: Vec<&str> = config.kafka.routes().into_iter().filter(|(_, s)| *s == stream).map(|(t, _)| t).collect();
+    topics.join(",")
 }
 
 /// A named stream's own directory under `data_dir` (its journal lives there).
@@ -264,6 +280,26 @@ mod tests {
         assert_eq!(logs.journal.data_dir, stream_dir(&config.journal.data_dir, "logs"));
         assert_eq!(logs.idempotency.dedup_key_prefix, "bg:logs/");
         assert_eq!(logs.journal.journal_max_bytes, (3 << 30) / 2, "the journal's room is shared");
+    }
+
+    #[test]
+    fn kafka_topics_name_their_streams() {
+        let mut config = Config::default();
+        config.kafka.kafka_brokers = "k:9092".into();
+        config.kafka.kafka_topics = "events, logs-topic=logs ,more".into();
+        config.add_stream("logs", |s| {
+            s.table.buffer_table = "lb".into();
+            s.table.destination_table = "l".into();
+        });
+        config.validate().unwrap();
+        assert_eq!(config.kafka_topics(), ["events", "logs-topic", "more"]);
+        let streams = config.streams();
+        assert_eq!(streams[0].kafka_topics(), ["events", "more"]);
+        assert_eq!(streams[0].kafka.kafka_group, "buffergate", "the default stream keeps its group and offsets");
+        assert_eq!(streams[1].kafka_topics(), ["logs-topic"]);
+        assert_eq!(streams[1].kafka.kafka_group, "buffergate-logs");
+        config.kafka.kafka_topics = "x=nope".into();
+        assert!(config.validate().unwrap_err().to_string().contains("no stream is named \"nope\""));
     }
 
     #[test]

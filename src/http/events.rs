@@ -18,6 +18,7 @@ use super::body;
 use super::error::ApiError;
 use super::shed::Divert;
 use super::state::AppState;
+use crate::auth::Caller;
 use crate::ingest::{self, Answer, Delivery, ProducerOffset, Wait};
 use crate::streams::Stream;
 
@@ -51,12 +52,14 @@ impl From<WaitParam> for Wait {
 pub async fn ingest(
     State(state): State<Arc<AppState>>,
     Extension(stream): Extension<Arc<Stream>>,
+    caller: Option<Extension<Caller>>,
     divert: Option<Extension<Divert>>,
     params: Result<Query<IngestParams>, QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match handle(&state, &stream, divert.is_some(), params, &headers, body).await {
+    let owner = caller.map(|Extension(caller)| Arc::from(caller.name));
+    match handle(&state, &stream, owner, divert.is_some(), params, &headers, body).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
@@ -65,6 +68,7 @@ pub async fn ingest(
 async fn handle(
     state: &AppState,
     stream: &Stream,
+    owner: Option<Arc<str>>,
     divert: bool,
     params: Result<Query<IngestParams>, QueryRejection>,
     headers: &HeaderMap,
@@ -84,6 +88,7 @@ async fn handle(
         ids: None,
         received: None,
         key,
+        owner,
         delivery: Delivery { wait: params.wait.into(), divert, producer },
         replayed: false,
         before_write: None,

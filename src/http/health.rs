@@ -21,10 +21,17 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Result<Json<Value>, A
     }
     let schema = state.streams.default_stream().ingest.schema();
     let mut body = json!({"status": "ready", "schema_version": schema.map(|s| s.version)});
-    if let Some(kafka) = &state.kafka {
-        // A consumer paused for back-pressure is ready: pausing is how it sheds.
+    // A consumer paused for back-pressure is ready: pausing is how it sheds.
+    for (_, kafka) in &state.kafka {
         kafka.readiness().map_err(ApiError::NotReady)?;
-        body["kafka"] = kafka.report();
+    }
+    match state.kafka.as_slice() {
+        [] => {}
+        // The default stream's consumer alone: its report as it always was.
+        [(name, kafka)] if name.is_default() => body["kafka"] = kafka.report(),
+        consumers => {
+            body["kafka"] = consumers.iter().map(|(name, kafka)| (name.to_string(), kafka.report())).collect();
+        }
     }
     Ok(Json(body))
 }

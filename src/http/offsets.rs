@@ -11,6 +11,8 @@ use axum::{Extension, Json};
 use serde::Serialize;
 
 use super::error::ApiError;
+use crate::auth::Caller;
+use crate::idempotency::Idempotency;
 use crate::ingest::ProducerOffset;
 use crate::streams::Stream;
 
@@ -27,6 +29,7 @@ pub struct OffsetsPath {
 
 pub async fn get_offsets(
     Extension(stream): Extension<Arc<Stream>>,
+    caller: Option<Extension<Caller>>,
     Path(OffsetsPath { producer_id }): Path<OffsetsPath>,
 ) -> Result<Json<Offsets>, ApiError> {
     if let Some(problem) = ProducerOffset::refuse_id(&producer_id) {
@@ -35,7 +38,7 @@ pub async fn get_offsets(
     let partitions = stream
         .ingest
         .idempotency()
-        .offsets(&producer_id)
+        .offsets(&Idempotency::scoped(caller.map(|Extension(c)| c.name).as_deref(), producer_id.clone()))
         .await
         .map_err(|e| ApiError::StoreUnavailable(e.to_string()))?;
     Ok(Json(Offsets { producer_id, partitions }))

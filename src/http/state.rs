@@ -16,6 +16,6 @@ pub struct AppState {
     pub api_keys: ApiKeys,
     pub admin: AdminToken,
     pub metrics: PrometheusHandle,
-    /// The Kafka consumer's state, when this process runs one (`buffergate consume`).
-    pub kafka: Option<Arc<crate::kafka::Status>>,
+    /// The Kafka consumers' state, one per stream topics write to (`buffergate consume`).
+    pub kafka: Vec<(crate::config::StreamName, Arc<crate::kafka::Status>)>,
 }

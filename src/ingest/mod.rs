@@ -98,6 +98,9 @@ pub struct Request<'a, E> {
     pub received: Option<Timestamp>,
     /// A request-level idempotency key (`Idempotency-Key`).
     pub key: Option<String>,
+    /// The name of the API key the request came with: its event ids, `Idempotency-Key` and
+    /// producer offsets live in that key's own namespace (see [`Idempotency::scoped`]).
+    pub owner: Option<Arc<str>>,
     pub delivery: Delivery,
     /// The events may have been delivered before (a message read again after a crash or a
     /// rebalance): those ClickHouse holds are dropped before anything is written.
@@ -141,6 +144,7 @@ struct Body {
     hash: bool,
     ids: Option<IdSeed>,
     received: Option<Timestamp>,
+    owner: Option<Arc<str>>,
 }
 
 impl Pipeline {
@@ -164,15 +168,30 @@ impl Pipeline {
 
     /// Runs a request through every step, in order (see the module's documentation).
     pub async fn run<E: From<IngestError>>(&self, request: Request<'_, E>) -> Result<Answer, E> {
-        let Request { body, announced, format, encoding, ids, received, key, delivery, replayed, before_write } =
-            request;
+        let Request {
+            body,
+            announced,
+            format,
+            encoding,
+            ids,
+            received,
+            key,
+            owner,
+            mut delivery,
+            replayed,
+            before_write,
+        } = request;
+        let key = key.map(|key| Idempotency::scoped(owner.as_deref(), key));
+        if let Some(p) = &mut delivery.producer {
+            p.producer = Idempotency::scoped(owner.as_deref(), std::mem::take(&mut p.producer));
+        }
         // Held until the rows are written and in the journal's ledger (past the answer of a
         // `wait=false` request: `deliver` keeps it then).
         let receipt = self.receipts.hold(watermark::now_ms());
         let (schema, mut batch) = {
             let (schema, _lease) = self.admit(announced)?;
             let raw = body.await?;
-            let body = Body { raw, format, encoding, hash: key.is_some(), ids, received };
+            let body = Body { raw, format, encoding, hash: key.is_some(), ids, received, owner };
             let batch = self.decode(&schema, body).await?;
             (schema, batch)
         };

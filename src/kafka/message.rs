@@ -146,6 +146,7 @@ impl Worker {
             ids: Some(IdSeed::for_message(&message.topic, message.partition, message.offset)),
             received: message.timestamp_ms.map(Timestamp::from_epoch_millis),
             key: None,
+            owner: None,
             delivery: Delivery { wait: self.wait, divert: self.divert(), producer: None },
             replayed: suspect,
             before_write: Some(Box::pin(self.marks.cover(&message.topic, message.partition, message.offset))),

@@ -543,6 +543,20 @@ pub fn command(config: &Config, args: &[&str]) -> Command {
         };
         cmd.env(format!("BUFFERGATE_{}", key.to_ascii_uppercase()), text);
     }
+    // Streams are tables of the file: written to one beside the data directory.
+    if !config.streams.is_empty() {
+        let mut toml = String::new();
+        for (name, stream) in &config.streams {
+            toml.push_str(&format!("[streams.{name}]\n"));
+            let Value::Object(keys) = serde_json::to_value(stream).expect("stream") else { unreachable!() };
+            for (key, value) in keys {
+                toml.push_str(&format!("{key} = {value}\n"));
+            }
+        }
+        let file = Path::new(&config.journal.data_dir).with_extension("streams.toml");
+        std::fs::write(&file, toml).expect("streams file");
+        cmd.arg("--config").arg(file);
+    }
     cmd
 }
 

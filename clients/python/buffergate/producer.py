@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -70,6 +71,10 @@ _THREAD_COMPRESS_BYTES = 256 * 1024
 
 _MAX_OFFSET = (1 << 64) - 1
 _MAX_PARTITION = (1 << 32) - 1
+
+
+#: A stream's name, as the gateway's configuration spells it.
+_STREAM_NAME = re.compile(r"[a-z0-9_-]{1,64}")
 
 
 class ProducerClosedError(RuntimeError):
@@ -120,6 +125,7 @@ class Producer:
         url: str,
         *,
         api_key: str | None = None,
+        stream: str | None = None,
         producer_id: str | None = None,
         max_batch_events: int = 1000,
         max_batch_bytes: int = 1 << 20,
@@ -154,7 +160,13 @@ class Producer:
             compress(b"[]", "zstd")  # fails now, not at the first batch, without zstandard
         if producer_id is not None and not 1 <= len(producer_id) <= 200:
             raise ValueError("producer_id must be 1 to 200 characters")
+        if stream is not None and not _STREAM_NAME.fullmatch(stream):
+            raise ValueError("stream must match [a-z0-9_-]{1,64}")
         self.url = url.rstrip("/")
+        self.stream = stream
+        # The gateway's routes for the stream: `None` is the default stream's.
+        self._events_path = "/v1/events" if stream is None else f"/v1/streams/{stream}/events"
+        self._offsets_path = "/v1/offsets/" if stream is None else f"/v1/streams/{stream}/offsets/"
         self.producer_id = producer_id
         self.max_batch_events = max_batch_events
         self.max_batch_bytes = max_batch_bytes
@@ -374,7 +386,7 @@ class Producer:
         (`GET /v1/offsets/{producer_id}`). Resume each partition from its offset + 1."""
         if self.producer_id is None:
             raise ValueError("offsets need the producer's producer_id")
-        path = "/v1/offsets/" + urllib.parse.quote(self.producer_id, safe="")
+        path = self._offsets_path + urllib.parse.quote(self.producer_id, safe="")
         loop = asyncio.get_running_loop()
         start = loop.time()
         attempt = 0
@@ -581,7 +593,7 @@ class Producer:
             self._stats.requests += 1
             retry_after: float | None = None
             try:
-                response = await self._client.post("/v1/events", content=body, headers=headers)
+                response = await self._client.post(self._events_path, content=body, headers=headers)
                 answer = _json_object(response)
             except asyncio.CancelledError:
                 self.breaker.release()

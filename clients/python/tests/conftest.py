@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -56,10 +56,24 @@ def make_gateway(
     with Redis for idempotency keys and offsets."""
     started: list[Gateway] = []
 
-    def make(settings: Mapping[str, object] | None = None, *, on: ClickHouse | None = None) -> Gateway:
+    def make(
+        settings: Mapping[str, object] | None = None,
+        *,
+        on: ClickHouse | None = None,
+        config_file: Callable[[str], str] | None = None,
+        before_migrate: Callable[[str], Sequence[str]] | None = None,
+    ) -> Gateway:
         name = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:40]
         database = f"py_{name}_{next(_databases)}"
-        gateway = Gateway(gateway_bin, on or clickhouse, database, redis=redis, settings=settings)
+        gateway = Gateway(
+            gateway_bin,
+            on or clickhouse,
+            database,
+            redis=redis,
+            settings=settings,
+            config_file=config_file(database) if config_file else None,
+            before_migrate=before_migrate(database) if before_migrate else (),
+        )
         started.append(gateway)
         return gateway
 

@@ -20,7 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -274,6 +274,8 @@ class Gateway:
         *,
         redis: Redis | None = None,
         settings: Mapping[str, object] | None = None,
+        config_file: str | None = None,
+        before_migrate: Sequence[str] = (),
     ) -> None:
         self.binary = binary
         self.clickhouse = clickhouse
@@ -301,6 +303,12 @@ class Gateway:
         self.env.update(
             {f"BUFFERGATE_{k.upper()}": str(v).lower() if isinstance(v, bool) else str(v) for k, v in config.items()}
         )
+        if config_file is not None:
+            # Streams are tables of the configuration file.
+            (self.dir / "gateway.toml").write_text(config_file)
+            self.env["BUFFERGATE_CONFIG"] = str(self.dir / "gateway.toml")
+        for statement in before_migrate:
+            clickhouse.query(statement)
         self.process: Process | None = None
         self.starts = 0
         self.migrate()

@@ -291,6 +291,34 @@ async def test_offsets_checkpoint_and_an_old_offset_writes_nothing(make_gateway:
     assert stored(gateway) == (500, 500)
 
 
+async def test_two_streams_each_in_its_own_table(make_gateway: MakeGateway) -> None:
+    gateway = make_gateway(
+        config_file=lambda db: (
+            f'[streams.clicks]\ndatabase = "{db}"\nbuffer_table = "clicks_buffer"\n'
+            'destination_table = "clicks"\npartition_key = "page"\n'
+        ),
+        before_migrate=lambda db: [
+            f"CREATE DATABASE IF NOT EXISTS `{db}`",
+            f"CREATE TABLE `{db}`.clicks (event_id UUID, event_ts DateTime, page String, n UInt32) "
+            "ENGINE = MergeTree ORDER BY (event_ts, event_id)",
+        ],
+    )
+    clicks = ({"page": f"/p{i % 7}", "n": i} for i in range(1000))
+    async with Producer(gateway.url, stream="clicks", producer_id="clicks-etl", retry=RETRY) as producer:
+        result = await (await producer.send_batch(list(clicks), offset=1000))
+        assert result.accepted == 1000
+        assert await producer.committed_offsets() == {0: 1000}
+    async with Producer(gateway.url, producer_id="clicks-etl", retry=RETRY) as default:
+        assert await default.committed_offsets() == {}, "offsets are the stream's own"
+        await send_all(default, events(300))
+    assert stored(gateway) == (300, 300)
+    gateway.clickhouse.query(f"OPTIMIZE TABLE {gateway.table('clicks_buffer')}")
+    rows, ids = gateway.clickhouse.scalars(f"SELECT count(), uniqExact(event_id) FROM {gateway.table('clicks')}")
+    assert (rows, ids) == (1000, 1000)
+    with pytest.raises(ValueError, match="stream"):
+        Producer(gateway.url, stream="Not A Stream")
+
+
 def test_the_sync_facade_against_the_gateway(make_gateway: MakeGateway) -> None:
     gateway = make_gateway()
     with SyncProducer(gateway.url, compression="zstd", retry=RETRY) as producer:
