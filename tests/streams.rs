@@ -172,6 +172,9 @@ async fn a_saturated_stream_sheds_alone() {
     let db = ch.fresh_database("shed");
     let mut config = three_streams(&ch, &db).await;
     config.shed.shed_poll_interval_ms = 100;
+    // The default stream's Buffer counted as small as the logs one: were a stream's fill the
+    // server-wide total (every Buffer on 18.16), the logs rows would shed the default stream.
+    config.shed.buffer_capacity_bytes = 1_000_000;
     let logs = config.streams.get_mut("logs").unwrap();
     logs.table.buffer_num_layers = 1;
     logs.table.buffer_min_time = 3600;
