@@ -338,13 +338,13 @@ impl Nodes {
             let node_shed = if single { Arc::clone(shed) } else { Arc::new(ShedState::default()) };
             let siblings = topology.shards[shard].replicas.len() > 1;
             let replica = replica(&node_config, url, siblings, node_shed, wake, receipts).await?;
-            // The server-wide Buffer total is this stream's own only when no other stream shares it.
-            let own_bytes = replica.journal.clone().filter(|_| shared);
-            if shared && own_bytes.is_none() {
-                tracing::warn!(stream = %config.stream, "several streams without the journal: on servers without system.tables.total_bytes each stream sheds on every Buffer's total");
-            }
-            let poller =
-                Poller { ch: replica.ch.clone(), state: Arc::clone(&replica.shed), config: node_config, own_bytes };
+            let poller = Poller {
+                ch: replica.ch.clone(),
+                state: Arc::clone(&replica.shed),
+                config: node_config,
+                journal: replica.journal.clone(),
+                shared,
+            };
             tasks.push(tokio::spawn(poller.run(stop.clone())));
             if let Some(journal) = &replica.journal {
                 tasks.push(tokio::spawn(Arc::clone(journal).run(stop.clone())));

@@ -574,3 +574,58 @@ async fn a_frozen_replica_s_inserts_are_settled_on_it_never_sent_to_the_other() 
     assert_eq!(stored_once(&cluster, db).await, ids_of(0..200), "every event once");
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_has_its_tables_on_every_node_and_its_rows_placed_by_its_own_key() {
+    let _serial = SERIAL.lock().await;
+    let cluster = ClickHouseCluster::start("cl-streams", 2, 1);
+    let db = "cl_streams";
+    let mut config = gateway_config(&cluster, db);
+    config.add_stream("orders", |s| {
+        s.table.destination_table = "orders".into();
+        s.table.buffer_table = "orders_buffer".into();
+        s.table.partition_key = "customer".into();
+        s.sharding_key = "intHash64(customer)".into();
+    });
+    migrate_cluster(&config.streams()[0]).await;
+    // A stream's destination is the user's table, on every node.
+    for shard in 0..2 {
+        cluster
+            .node(shard, 0)
+            .exec(&format!(
+                "CREATE TABLE `{db}`.orders (event_id UUID, event_ts DateTime, customer UInt64, amount Int64) \
+                 ENGINE = MergeTree ORDER BY (event_ts, event_id)"
+            ))
+            .await;
+    }
+    migrate_cluster(&config.streams()[1]).await;
+    let gw = Gateway::start(config).await;
+    gw.wait_ready().await;
+
+    let customers: Vec<u64> = (0..300).map(|c| c * 104_729 + 11).collect();
+    let orders: Vec<Value> = customers.iter().map(|&c| json!({"customer": c, "amount": 5})).collect();
+    for chunk in orders.chunks(50) {
+        let (status, body) = gw
+            .post(
+                "/v1/streams/orders/events",
+                "application/json",
+                None,
+                Value::Array(chunk.to_vec()).to_string().into_bytes(),
+            )
+            .await;
+        assert_eq!((status, body["accepted"].as_u64()), (200, Some(50)), "{body}");
+    }
+    drain_all(&gw).await;
+    for shard in 0..2 {
+        let node = cluster.node(shard, 0);
+        let expected = customers.iter().filter(|&&c| shard_of(&cluster, c) == shard).count() as u64;
+        assert!(expected > 100, "both shards get a fair share: {expected}");
+        assert_eq!(node.count(&format!("`{db}`.orders")).await, expected, "shard {shard}");
+        let foreign = format!("SELECT count() AS c FROM `{db}`.orders WHERE intHash64(customer) % 2 != {shard}");
+        assert_eq!(node.rows(&foreign).await[0]["c"].as_str(), Some("0"), "shard {shard}");
+        assert_eq!(node.count(&format!("`{db}`.events_raw")).await, 0, "nothing in the default stream's table");
+    }
+    let all = cluster.node(1, 0).rows(&format!("SELECT count() AS c FROM `{db}`.orders_all")).await;
+    assert_eq!(all[0]["c"].as_str(), Some("300"), "the stream's Distributed table reads every shard");
+    gw.stop().await;
+}

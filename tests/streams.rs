@@ -133,7 +133,41 @@ async fn streams_write_their_own_tables_once_each() {
     let status = gw.status().await;
     assert_eq!(status["streams"][2]["name"], "logs", "{status}");
     assert_eq!(status["streams"][2]["journal"]["unconfirmed_blocks"], 0, "{status}");
+
+    // The admin flush takes one stream, or refuses an unknown one.
+    let flush = |stream: &str| {
+        http().post(format!("{}/admin/flush?stream={stream}&drain=true", gw.url)).bearer_auth("admin").send()
+    };
+    let answer: Value = flush("audit").await.unwrap().json().await.unwrap();
+    assert_eq!(answer["flushed"], true, "{answer}");
+    let response = flush("nope").await.unwrap();
+    assert_eq!(response.status().as_u16(), 404);
+    assert_eq!(response.json::<Value>().await.unwrap()["error"], "unknown_stream");
     gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_refuses_a_stream_without_its_destination() {
+    let ch = clickhouse();
+    let db = ch.fresh_database("nodest");
+    let mut config = config(ch, &db);
+    config.add_stream("orphan", |s| {
+        s.table.destination_table = "missing".into();
+        s.table.buffer_table = "missing_buffer".into();
+    });
+    let stream = &config.streams()[1];
+    let ch_client = buffergate::clickhouse::ClickHouse::new(stream);
+    let error = buffergate::clickhouse::migrate::migrate(&ch_client, stream).await.unwrap_err().to_string();
+    assert!(error.contains("orphan") && error.contains("missing does not exist"), "{error}");
+    assert_eq!(ch.count(&format!("system.tables WHERE database = '{db}' AND name = 'missing_buffer'")).await, 0);
+    // The command names the streams it knows when asked for another.
+    let out = common::command(&config, &["--stream", "nope", "migrate"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("default, orphan"), "{out:?}");
+    // And migrating every stream stops at the orphan, naming it.
+    let out = common::command(&config, &["migrate"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stream orphan"), "{out:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,9 @@
 //! `buffergate consume` and by ClickHouse's Kafka engine) and writes `kafka.json`/`kafka.md`;
 //! `--soak SECONDS` runs the soak ([`soak`]: 1% malformed requests, RSS over time) and writes
 //! `soak.json`/`soak.md`; `--cluster SECONDS` runs the cluster scenarios ([`cluster`]: two
-//! ClickHouse shards behind one gateway, rows placed by key) and writes `cluster.json`/`cluster.md`.
+//! ClickHouse shards behind one gateway, rows placed by key) and writes `cluster.json`/`cluster.md`;
+//! `--streams SECONDS` runs the streams scenarios ([`streams`]: idle streams' cost, several
+//! streams under load) and writes `streams.json`/`streams.md`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)] // a harness: fail loudly, print results
 
@@ -35,6 +37,7 @@ use tokio::net::TcpStream;
 mod cluster;
 mod kafka;
 mod soak;
+mod streams;
 
 const EVENT_TYPES: [&str; 8] = ["page_view", "click", "signup", "purchase", "search", "add_to_cart", "logout", "share"];
 
@@ -649,6 +652,10 @@ struct Args {
     /// per event at the same load; meant to be below what every setup sustains.
     #[arg(long, value_name = "EVENTS_PER_SECOND", default_value_t = 40_000.0)]
     cluster_rate: f64,
+    /// Runs the streams scenarios instead (twenty idle streams; one, two and four streams
+    /// under load), each for this many seconds (`--rounds` interleaved rounds).
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "8")]
+    streams: Option<f64>,
 }
 
 #[tokio::main]
@@ -696,6 +703,18 @@ async fn main() {
         std::fs::create_dir_all(&out_dir).unwrap();
         std::fs::write(out_dir.join("soak.json"), format!("{report:#}\n")).unwrap();
         std::fs::write(out_dir.join("soak.md"), md).unwrap();
+        drop(servers);
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    if let Some(seconds) = args.streams {
+        let (report, md) = streams::run(&binary, &servers, seconds, rounds_wanted).await;
+        let md = format!("# buffergate benchmark: streams\n\nMachine: {}. ClickHouse {version}.\n\n{md}", machine());
+        println!("\n{md}");
+        std::fs::create_dir_all(&out_dir).unwrap();
+        let report = json!({"machine": machine(), "clickhouse": version, "streams": report});
+        std::fs::write(out_dir.join("streams.json"), format!("{report:#}\n")).unwrap();
+        std::fs::write(out_dir.join("streams.md"), md).unwrap();
         drop(servers);
         let _ = std::fs::remove_dir_all(&dir);
         return;

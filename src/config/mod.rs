@@ -173,8 +173,11 @@ impl Config {
         // A stream's keys over the top-level ones (file and environment): what it leaves out
         // is the top level's.
         for (name, table) in stream_tables {
+            let own_journal = table.contains_key("journal_max_bytes");
             let stream = Self::extract(&figment.clone().merge(Serialized::defaults(table)))?;
-            config.streams.insert(name, StreamSettings::of(&stream));
+            let mut settings = StreamSettings::of(&stream);
+            settings.journal_max_bytes = own_journal.then_some(stream.journal.journal_max_bytes);
+            config.streams.insert(name, settings);
         }
         config.validate()?;
         Ok(config)
@@ -366,6 +369,30 @@ mod tests {
             config
         };
         assert_eq!((limited.partition_count(), limited.insert_concurrency()), (3, 2));
+    }
+
+    #[test]
+    fn streams_from_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "gw.toml",
+                "database = \"top\"\nflush_linger_ms = 3\n\n[streams.logs]\nbuffer_table = \"lb\"\n\
+                 destination_table = \"l\"\nshed_threshold = 0.5\nshed_resume = 0.4\njournal_max_bytes = 1073741824\n",
+            )?;
+            jail.set_env("BUFFERGATE_FLUSH_LINGER_MS", "9");
+            let config = Config::load(Some(Path::new("gw.toml"))).map_err(|e| e.to_string())?;
+            let streams = config.streams();
+            let logs = &streams[1];
+            assert_eq!((logs.stream.as_str(), logs.table.database.as_str()), ("logs", "top"));
+            assert_eq!((logs.table.buffer_table.as_str(), logs.shed.shed_threshold), ("lb", 0.5));
+            assert_eq!(logs.batching.flush_linger_ms, 9, "what it leaves out: the top level, environment included");
+            assert_eq!(logs.journal.journal_max_bytes, 1 << 30);
+            assert_eq!(streams[0].table.buffer_table, "events_buffer");
+            jail.create_file("bad.toml", "[streams.logs]\nbuffer_table = \"lb\"\nredis_url = \"redis://x\"\n")?;
+            let error = Config::load(Some(Path::new("bad.toml"))).unwrap_err().to_string();
+            assert!(error.contains("streams.logs.redis_url"), "{error}");
+            Ok(())
+        });
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub const SCOPED_KEYS: &[&str] = &[
     "flush_linger_ms",
     "sharding_key",
     "distributed_table",
+    "journal_max_bytes",
 ];
 
 /// A stream's name: `[a-z0-9_-]{1,64}`, checked where it is made. Cheap to clone: it labels
@@ -98,6 +99,10 @@ pub struct StreamSettings {
     pub flush_linger_ms: u64,
     pub sharding_key: String,
     pub distributed_table: String,
+    /// The stream's own journal bound, when its table sets one; otherwise the streams that set
+    /// none share what the others leave of the top-level `journal_max_bytes` evenly.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub journal_max_bytes: Option<u64>,
 }
 
 impl StreamSettings {
@@ -118,6 +123,7 @@ impl StreamSettings {
             flush_linger_ms,
             sharding_key: config.clickhouse.sharding_key.clone(),
             distributed_table: config.clickhouse.distributed_table.clone(),
+            journal_max_bytes: None,
         }
     }
 
@@ -155,7 +161,12 @@ impl Config {
     /// directory and key prefix, so a gateway that gains streams keeps its journal and keys.
     pub fn streams(&self) -> Vec<Arc<Config>> {
         let count = 1 + self.streams.len() as u64;
-        let share = (self.journal.journal_max_bytes / count).max(self.journal.journal_segment_bytes.saturating_mul(2));
+        // A journal's room is its own, so that a stream whose destination stops confirming
+        // fills its journal only: set per stream, or an even share of what is left.
+        let set: u64 = self.streams.values().filter_map(|s| s.journal_max_bytes).sum();
+        let unset = count - self.streams.values().filter(|s| s.journal_max_bytes.is_some()).count() as u64;
+        let share = (self.journal.journal_max_bytes.saturating_sub(set) / unset.max(1))
+            .max(self.journal.journal_segment_bytes.saturating_mul(2));
         let mut top = self.clone();
         top.streams.clear();
         top.stream = StreamName::default();
@@ -167,7 +178,7 @@ impl Config {
             if !config.journal.data_dir.is_empty() {
                 config.journal.data_dir = stream_dir(&self.journal.data_dir, name);
             }
-            config.journal.journal_max_bytes = share;
+            config.journal.journal_max_bytes = settings.journal_max_bytes.unwrap_or(share);
             // `<prefix><name>/`: a default key continues the prefix with `{`, `r:`, `o:`, `t:` or
             // `e:`, never with a name followed by `/` (names hold neither `:` nor `{`).
             config.idempotency.dedup_key_prefix = format!("{}{name}/", self.idempotency.dedup_key_prefix);
@@ -280,6 +291,13 @@ mod tests {
         assert_eq!(logs.journal.data_dir, stream_dir(&config.journal.data_dir, "logs"));
         assert_eq!(logs.idempotency.dedup_key_prefix, "bg:logs/");
         assert_eq!(logs.journal.journal_max_bytes, (3 << 30) / 2, "the journal's room is shared");
+        config.add_stream("audit", |s| {
+            s.table.buffer_table = "ab".into();
+            s.table.destination_table = "a".into();
+            s.journal_max_bytes = Some(2 << 30);
+        });
+        let rooms: Vec<u64> = config.streams().iter().map(|s| s.journal.journal_max_bytes).collect();
+        assert_eq!(rooms, [1 << 29, 2 << 30, 1 << 29], "a stream's own bound, the rest shared by the others");
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //! Bytes held: `system.tables.total_bytes` of the Buffer table where the server has it
 //! (≈20.x+); otherwise `system.metrics.StorageBufferBytes`, a **server-wide** total over every
 //! Buffer table. With several streams on such a server the server-wide total would let one
-//! stream's Buffer shed every other: each stream then counts what its journal holds as written
-//! to that node and not yet confirmed in the destination (the rows this gateway put in the
-//! Buffer that have not left it), without the journal the server-wide total with a warning.
+//! stream's Buffer shed every other: each stream then counts the smaller of that total and what
+//! its journal holds as written to that node and not yet confirmed in the destination (both
+//! are at least the rows this gateway put in the stream's Buffer that have not left it);
+//! without the journal, the server-wide total, with a warning.
 //! Capacity: `num_layers × max_bytes` from the Buffer's `engine_full`, unless
 //! `buffer_capacity_bytes` is configured.
 
@@ -29,9 +30,34 @@ pub struct Poller {
     pub ch: ClickHouse,
     pub state: Arc<ShedState>,
     pub config: Arc<Config>,
-    /// The stream's journal on this node, counted on servers without per-table sizes when
-    /// other streams share the server (`None`: the server-wide total is the stream's own).
-    pub own_bytes: Option<Arc<Journal>>,
+    /// The stream's journal on this node, when it has one.
+    pub journal: Option<Arc<Journal>>,
+    /// Other streams share the server's Buffers.
+    pub shared: bool,
+}
+
+/// Where a stream's Buffer fill is read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillSource {
+    /// `system.tables.total_bytes` of the stream's Buffer.
+    Table,
+    /// `StorageBufferBytes`: every Buffer table on the server.
+    ServerWide,
+    /// What the stream's journal holds as written to the node and not yet confirmed, or the
+    /// server-wide total when that is smaller.
+    Journal,
+}
+
+/// The one rule: the Buffer's own size where the server reports it (`per_table`); else the
+/// server-wide total while this stream's Buffer is the only one (`shared` false), or when no
+/// journal knows better; else the journal's count, so another stream's rows cannot shed this
+/// one.
+pub fn fill_source(per_table: bool, shared: bool, journaled: bool) -> FillSource {
+    match (per_table, shared, journaled) {
+        (true, _, _) => FillSource::Table,
+        (false, true, true) => FillSource::Journal,
+        (false, _, _) => FillSource::ServerWide,
+    }
 }
 
 /// One reading of the Buffer.
@@ -175,7 +201,15 @@ impl Poller {
             Some(per_table) => per_table,
             None => {
                 let caps = self.ch.capabilities().await?;
-                if !caps.tables_total_bytes {
+                if fill_source(caps.tables_total_bytes, self.shared, self.journal.is_some()) == FillSource::ServerWide
+                    && self.shared
+                {
+                    tracing::warn!(
+                        stream = %self.config.stream,
+                        "several streams share this server, which has no system.tables.total_bytes, and the journal is \
+                         off: each stream sheds on the total of every Buffer on the server"
+                    );
+                } else if !caps.tables_total_bytes && !self.shared {
                     tracing::warn!(
                         version = %caps.version,
                         "system.tables.total_bytes is missing on this server: the Buffer's fill is read from \
@@ -186,8 +220,14 @@ impl Poller {
             }
         };
         let reading = read_fill(&self.ch, &self.config, per_table).await?;
-        match &self.own_bytes {
-            Some(journal) if !per_table => Ok(Reading { bytes: journal.unconfirmed_bytes(), ..reading }),
+        match (fill_source(per_table, self.shared, self.journal.is_some()), &self.journal) {
+            // Both bound the stream's own bytes from above (every Buffer's total; what is not yet
+            // confirmed in the destination, flushed or not): the smaller is the closer. The
+            // journal's alone overstates under load, as it confirms blocks only once the
+            // Buffer must have flushed them.
+            (FillSource::Journal, Some(journal)) => {
+                Ok(Reading { bytes: reading.bytes.min(journal.unconfirmed_bytes()), ..reading })
+            }
             _ => Ok(reading),
         }
     }
@@ -224,6 +264,19 @@ impl Poller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_s_fill_is_its_own_where_anything_can_tell() {
+        assert_eq!(fill_source(true, true, true), FillSource::Table, "modern servers: the table's own size");
+        assert_eq!(fill_source(true, false, false), FillSource::Table);
+        assert_eq!(
+            fill_source(false, false, true),
+            FillSource::ServerWide,
+            "one stream: the server's total is its own"
+        );
+        assert_eq!(fill_source(false, true, true), FillSource::Journal, "shared: what its journal holds");
+        assert_eq!(fill_source(false, true, false), FillSource::ServerWide, "nothing knows better");
+    }
 
     #[test]
     fn engine_arguments_of_old_and_new_spellings() {
