@@ -36,6 +36,11 @@ fn seed_schema() -> TableSchema {
     )
 }
 
+/// A batch of `partitions` partitions on one shard, ids kept when `keep_ids`.
+fn shape(partitions: usize, keep_ids: bool) -> BatchShape {
+    BatchShape { partitions, placing: Placing::Shard(0), max_events: 10_000, keep_ids, ids: None, owner: None }
+}
+
 fn events(n: u64, separator: &str) -> String {
     (0..n)
         .map(|i| {
@@ -56,14 +61,7 @@ fn json_array(bencher: divan::Bencher, n: u64) {
     let schema = seed_schema();
     let body = format!("[{}]", events(n, ","));
     let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
-    let shape = BatchShape {
-        partitions: 2,
-        placing: Placing::Shard(0),
-        max_events: 10_000,
-        keep_ids: false,
-        ids: None,
-        owner: None,
-    };
+    let shape = shape(2, false);
     bencher
         .counter(divan::counter::ItemsCount::new(n))
         .bench(|| encode_batch(divan::black_box(body.as_bytes()), Format::JsonArray, &schema, &ctx, &shape).unwrap());
@@ -118,14 +116,7 @@ fn json_array_text_columns(bencher: divan::Bencher, n: u64) {
     let schema = text_schema();
     let body = format!("[{}]", string_events(n));
     let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
-    let shape = BatchShape {
-        partitions: 2,
-        placing: Placing::Shard(0),
-        max_events: 10_000,
-        keep_ids: false,
-        ids: None,
-        owner: None,
-    };
+    let shape = shape(2, false);
     bencher
         .counter(divan::counter::ItemsCount::new(n))
         .bench(|| encode_batch(divan::black_box(body.as_bytes()), Format::JsonArray, &schema, &ctx, &shape).unwrap());
@@ -137,14 +128,7 @@ fn native_block_text_columns(bencher: divan::Bencher, n: u64) {
     let schema = text_schema();
     let body = format!("[{}]", string_events(n));
     let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
-    let shape = BatchShape {
-        partitions: 1,
-        placing: Placing::Shard(0),
-        max_events: 10_000,
-        keep_ids: false,
-        ids: None,
-        owner: None,
-    };
+    let shape = shape(1, false);
     let batch = encode_batch(body.as_bytes(), Format::JsonArray, &schema, &ctx, &shape).unwrap();
     let chunk = &batch.partitions[0].chunks[0];
     bencher.counter(divan::counter::ItemsCount::new(n)).bench(|| {
@@ -158,14 +142,7 @@ fn ndjson_with_ids(bencher: divan::Bencher, n: u64) {
     let schema = seed_schema();
     let body = events(n, "\n");
     let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
-    let shape = BatchShape {
-        partitions: 2,
-        placing: Placing::Shard(0),
-        max_events: 10_000,
-        keep_ids: true,
-        ids: None,
-        owner: None,
-    };
+    let shape = shape(2, true);
     bencher
         .counter(divan::counter::ItemsCount::new(n))
         .bench(|| encode_batch(divan::black_box(body.as_bytes()), Format::Ndjson, &schema, &ctx, &shape).unwrap());

@@ -93,24 +93,10 @@ pub async fn main() -> ExitCode {
         Command::Consume => run_server(config, server::Role::Consume).await,
         Command::Check { format, rate, server_memory } => {
             let options = check::Options { rate, server_memory };
-            let findings =
-                match fleet::resolve(&config).await {
-                    Ok(topology) => {
-                        let mut all = Vec::new();
-                        let mut failed = None;
-                        for stream in &streams {
-                            match check::run_all(stream, &topology, options).await {
-                                Ok(findings) => all.extend(findings.into_iter().map(|f| check::Finding {
-                                    stream: several.then(|| stream.stream.to_string()),
-                                    ..f
-                                })),
-                                Err(e) => failed = Some(format!("stream {}: {e}", stream.stream)),
-                            }
-                        }
-                        failed.map_or(Ok(all), Err)
-                    }
-                    Err(e) => Err(e.to_string()),
-                };
+            let findings = match fleet::resolve(&config).await {
+                Ok(topology) => check::run_streams(&streams, several, &topology, options).await,
+                Err(e) => Err(e.to_string()),
+            };
             match findings {
                 Ok(findings) => {
                     let text = match format {

@@ -292,15 +292,8 @@ async fn keys_restricted_to_streams() {
     let response =
         http().post(format!("{}/v1/events", gw.url)).bearer_auth("all-secret").json(&json!([{"user_id": 1}]));
     assert_eq!(response.send().await.unwrap().status().as_u16(), 200);
-    let list: Value = http()
-        .get(format!("{}/v1/streams", gw.url))
-        .bearer_auth("ops-secret")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let get = |path: &str| http().get(format!("{}{path}", gw.url)).bearer_auth("ops-secret").send();
+    let list: Value = get("/v1/streams").await.unwrap().json().await.unwrap();
     assert_eq!(list["streams"].as_array().unwrap().len(), 1, "a restricted key sees its own streams: {list}");
     assert_eq!(list["streams"][0]["name"], "logs");
     let response = http().get(format!("{}/v1/streams", gw.url)).send().await.unwrap();
@@ -331,15 +324,7 @@ async fn keys_restricted_to_streams() {
     assert!(response.headers().get("idempotent-replayed").is_none(), "another key's Idempotency-Key");
     let answer: Value = response.json().await.unwrap();
     assert_eq!((answer["accepted"].as_u64(), answer["duplicates"].as_u64()), (Some(1), Some(0)), "{answer}");
-    let offsets: Value = http()
-        .get(format!("{}/v1/streams/logs/offsets/etl", gw.url))
-        .bearer_auth("ops-secret")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let offsets: Value = get("/v1/streams/logs/offsets/etl").await.unwrap().json().await.unwrap();
     assert_eq!(offsets["partitions"]["0"], 10, "its own offset, not the other key's: {offsets}");
     ch.exec(&format!("OPTIMIZE TABLE `{db}`.logs_buffer")).await;
     let hosts = ch.rows(&format!("SELECT host FROM `{db}`.logs WHERE event_id = '{victim}' ORDER BY host")).await;

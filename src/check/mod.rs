@@ -74,15 +74,42 @@ pub async fn run(ch: &ClickHouse, config: &Config, options: Options) -> Result<V
     Ok(out)
 }
 
-/// [`run`] on every node of a cluster: the Buffer, the journal's needs and the Distributed
-/// table per node, each finding naming its node; the stores and Kafka once.
-pub async fn run_all(
+/// The checks of several streams: each stream's own ([`one_stream`]), then the process-wide
+/// ones (the idempotency store, the API keys) once. Findings name their stream when `several`
+/// streams are configured.
+pub async fn run_streams(
+    streams: &[std::sync::Arc<Config>],
+    several: bool,
+    topology: &crate::config::Topology,
+    options: Options,
+) -> Result<Vec<Finding>, String> {
+    let mut out = Vec::new();
+    for stream in streams {
+        let found =
+            one_stream(stream, topology, options).await.map_err(|e| format!("stream {}: {e}", stream.stream))?;
+        out.extend(found.into_iter().map(|f| Finding { stream: several.then(|| stream.stream.to_string()), ..f }));
+    }
+    if let Some(config) = streams.first() {
+        out.extend(redis::run(config).await);
+        out.extend(auth::run(config));
+    }
+    Ok(out)
+}
+
+/// One stream's checks on every node it writes to: the Buffer, the journal's needs and the
+/// Distributed table per node (each finding naming its node on a cluster), and its Kafka
+/// topics.
+async fn one_stream(
     config: &Config,
     topology: &crate::config::Topology,
     options: Options,
 ) -> Result<Vec<Finding>, ClickHouseError> {
     if topology.nodes() == 1 {
-        return run(&ClickHouse::new(config), config, options).await;
+        let ch = ClickHouse::new(config);
+        let mut out = buffer::run(&ch, config, options).await?;
+        out.extend(delivery::run(&ch, config).await?);
+        out.extend(kafka::run(config).await);
+        return Ok(out);
     }
     let mut out = Vec::new();
     for (_, _, url) in topology.each() {
@@ -101,9 +128,7 @@ pub async fn run_all(
         node.extend(delivery::cluster_tables(&ch, config).await);
         out.extend(node.into_iter().map(|f| Finding { node: Some(crate::config::redacted(url)), ..f }));
     }
-    out.extend(redis::run(config).await);
     out.extend(kafka::run(config).await);
-    out.extend(auth::run(config));
     Ok(out)
 }
 
