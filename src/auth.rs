@@ -124,26 +124,40 @@ type Allowed = Option<Arc<[String]>>;
 
 /// A line of the keys file: the key (with its name) and, after whitespace, `streams=a,b`.
 fn restricted(line: &str) -> Result<(&str, Allowed), String> {
-    let mut words = line.split_whitespace();
-    let key = words.next().unwrap_or_default();
-    let mut streams = None;
-    for word in words {
-        let list = word.strip_prefix("streams=").ok_or_else(|| format!("unknown option {word:?}"))?;
-        let names: Vec<String> = list.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
-        if let Some(bad) = names.iter().find(|n| crate::config::StreamName::parse(n).is_none()) {
-            return Err(format!("{bad:?} is not a stream name"));
-        }
-        if names.is_empty() {
-            return Err("streams= names no stream".into());
-        }
-        streams = Some(names.into());
+    let Some((key, list)) = line.rsplit_once(char::is_whitespace).and_then(|(key, last)| {
+        let list = last.strip_prefix("streams=")?;
+        Some((key.trim_end(), list))
+    }) else {
+        return Ok((line, None));
+    };
+    let names: Vec<String> = list.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
+    if let Some(bad) = names.iter().find(|n| crate::config::StreamName::parse(n).is_none()) {
+        return Err(format!("{bad:?} is not a stream name"));
     }
-    Ok((key, streams))
+    if names.is_empty() {
+        return Err("streams= names no stream".into());
+    }
+    Ok((key, Some(names.into())))
+}
+
+/// The name of a key given without one: from its digest, so that it does not change when
+/// other keys are added or removed (its offsets and `Idempotency-Key`s are kept under it).
+fn bare_name(digest: &[u8; 32]) -> String {
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("key-{hex}")
 }
 
 impl ApiKeys {
     pub fn from_config(config: &Config) -> Result<Self, AuthError> {
         let mut lines: Vec<String> = config.auth.api_keys.split(',').map(str::to_string).collect();
+        // A comma separates keys there, so `streams=a,b` cannot be read: refused rather than
+        // split into a restricted key and a key named by the text after the comma.
+        if let Some(at) = lines.iter().position(|l| l.trim().contains(char::is_whitespace)) {
+            return Err(AuthError::Line {
+                line: at + 1,
+                problem: "api_keys holds keys only; restrict keys to streams in api_keys_file".into(),
+            });
+        }
         if !config.auth.api_keys_file.is_empty() {
             let text = std::fs::read_to_string(&config.auth.api_keys_file)
                 .map_err(|source| AuthError::File { path: config.auth.api_keys_file.clone(), source })?;
@@ -165,8 +179,17 @@ impl ApiKeys {
                 });
             }
             let (name, digest) = match named(key) {
+                Some((name, _)) if name.starts_with("key-") => {
+                    return Err(AuthError::Line {
+                        line: i + 1,
+                        problem: "names starting with `key-` are those of keys given without a name".into(),
+                    });
+                }
                 Some((name, key)) => (name.to_string(), digest(key)),
-                None => (format!("key-{}", i + 1), digest(key)),
+                None => {
+                    let digest = digest(key);
+                    (bare_name(&digest), digest)
+                }
             };
             let limiter = quota.map(|quota| {
                 Arc::clone(limiters.entry(name.clone()).or_insert_with(|| Arc::new(RateLimiter::direct(quota))))
@@ -259,8 +282,9 @@ mod tests {
         let keys = keys(0.0);
         let name = |token| keys.check(Some(token)).map(|c| c.map(|c| c.name));
         assert_eq!(name("s3cret"), Ok(Some("alice".into())));
-        assert_eq!(name("bare-key"), Ok(Some("key-2".into())));
-        assert_eq!(name("cGFkZGVk=="), Ok(Some("key-3".into())), "base64 padding is not a name");
+        assert_eq!(name("bare-key"), Ok(Some(bare_name(&digest("bare-key")))), "named by its digest");
+        assert_eq!(name("cGFkZGVk=="), Ok(Some(bare_name(&digest("cGFkZGVk==")))), "base64 padding is not a name");
+        assert!(bare_name(&digest("bare-key")).starts_with("key-") && bare_name(&digest("x")).len() == 20);
         assert_eq!(keys.check(Some("nope")), Err(Denied::Unknown));
         assert_eq!(keys.check(None), Err(Denied::Missing));
         assert!(ApiKeys::from_config(&Config::default()).unwrap().check(None).is_ok(), "no keys: auth off");
@@ -287,8 +311,20 @@ mod tests {
         std::fs::write(&file, "ops=k1 streams=nope\n").unwrap();
         let error = ApiKeys::from_config(&config).unwrap_err().to_string();
         assert!(error.contains("\"nope\" is not configured") && !error.contains("k1"), "{error}");
-        std::fs::write(&file, "ops=k1 stream=logs\n").unwrap();
-        assert!(ApiKeys::from_config(&config).unwrap_err().to_string().contains("unknown option"));
+        std::fs::write(&file, "ops = k1\nspaced = k2   streams=logs\n").unwrap();
+        let keys = ApiKeys::from_config(&config).unwrap();
+        assert_eq!(keys.check(Some("k1")).unwrap().unwrap().name, "ops", "spaces around = as before");
+        assert!(!keys.check(Some("k2")).unwrap().unwrap().may_write("audit"));
+        std::fs::write(&file, "key-1=k1\n").unwrap();
+        assert!(
+            ApiKeys::from_config(&config).unwrap_err().to_string().contains("key-"),
+            "a bare key's name is not given"
+        );
+        // In api_keys a comma separates keys: a restriction there is refused, not split.
+        config.auth.api_keys_file.clear();
+        config.auth.api_keys = "ops=k1 streams=logs,audit".into();
+        let error = ApiKeys::from_config(&config).unwrap_err().to_string();
+        assert!(error.contains("api_keys_file") && !error.contains("k1"), "{error}");
     }
 
     #[test]

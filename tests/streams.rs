@@ -95,6 +95,8 @@ async fn streams_write_their_own_tables_once_each() {
     // Unknown streams and bad names: 404 unknown_stream, nothing written.
     let (status, answer) = post(&gw, "nope", &json!([{"a": 1}])).await;
     assert_eq!((status, answer["error"].as_str()), (404, Some("unknown_stream")), "{answer}");
+    let (status, answer) = gw.post("/v1/streams/%FF/events", "application/json", None, b"[{}]".to_vec()).await;
+    assert_eq!((status, answer["error"].as_str()), (404, Some("unknown_stream")), "not UTF-8: never the default");
     let long = "x".repeat(5000);
     let (status, answer) = post(&gw, &long, &json!([{"a": 1}])).await;
     assert_eq!(status, 404);
@@ -299,8 +301,8 @@ async fn keys_restricted_to_streams() {
     let response = http().get(format!("{}/v1/streams", gw.url)).send().await.unwrap();
     assert_eq!(response.status().as_u16(), 401);
 
-    // One key cannot move another's producer offset, replay its Idempotency-Key or pre-claim
-    // its event ids: each key has its own namespace.
+    // One key cannot move another's producer offset or replay its Idempotency-Key: each key
+    // has its own. Event ids are the stream's (the journal finds rows by id).
     let logs = |key: &str, body: Value| {
         http().post(format!("{}/v1/streams/logs/events", gw.url)).bearer_auth(key.to_string()).json(&body)
     };
@@ -323,12 +325,54 @@ async fn keys_restricted_to_streams() {
     assert_eq!(response.status().as_u16(), 200);
     assert!(response.headers().get("idempotent-replayed").is_none(), "another key's Idempotency-Key");
     let answer: Value = response.json().await.unwrap();
-    assert_eq!((answer["accepted"].as_u64(), answer["duplicates"].as_u64()), (Some(1), Some(0)), "{answer}");
+    assert_eq!((answer["accepted"].as_u64(), answer["duplicates"].as_u64()), (Some(0), Some(1)), "{answer}");
     let offsets: Value = get("/v1/streams/logs/offsets/etl").await.unwrap().json().await.unwrap();
     assert_eq!(offsets["partitions"]["0"], 10, "its own offset, not the other key's: {offsets}");
     ch.exec(&format!("OPTIMIZE TABLE `{db}`.logs_buffer")).await;
     let hosts = ch.rows(&format!("SELECT host FROM `{db}`.logs WHERE event_id = '{victim}' ORDER BY host")).await;
-    assert_eq!(hosts, vec![json!({"host": "attacker"}), json!({"host": "ops"})]);
+    assert_eq!(hosts, vec![json!({"host": "attacker"})], "one event id, one row in the stream");
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_committed_before_keys_had_their_own_are_read_back() {
+    let ch = clickhouse();
+    let redis = common::RedisServer::start("streams-legacy-offsets");
+    let db = ch.fresh_database("legacy");
+    let mut config = common::own_data_dir(config(ch, &db));
+    config.idempotency.redis_url = redis.url.clone();
+    config.idempotency.dedup_key_prefix = format!("{db}:");
+    migrate(&config).await;
+    let send = |url: String, key: Option<&'static str>, offset: u64| {
+        let mut request = http()
+            .post(format!("{url}/v1/events"))
+            .header("x-producer-id", "etl")
+            .header("x-producer-offset", offset.to_string())
+            .json(&json!([{"user_id": offset}]));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    // Before keys: the producer's offset is the gateway's only one.
+    let gw = Gateway::start(config.clone()).await;
+    gw.wait_ready().await;
+    assert_eq!(send(gw.url.clone(), None, 7).await["accepted"], 1);
+    gw.stop().await;
+    // With keys: read back for the key until it has its own, then its own.
+    let keys = common::scratch("legacy-keys").join("keys");
+    std::fs::write(&keys, "etl-team=etl-secret\n").unwrap();
+    config.auth.api_keys_file = keys.display().to_string();
+    let gw = Gateway::start(config).await;
+    gw.wait_ready().await;
+    let offsets = || async {
+        let response = http().get(format!("{}/v1/offsets/etl", gw.url)).bearer_auth("etl-secret").send().await;
+        response.unwrap().json::<Value>().await.unwrap()["partitions"]["0"].clone()
+    };
+    assert_eq!(offsets().await, 7, "resumed where it was");
+    assert_eq!(send(gw.url.clone(), Some("etl-secret"), 5).await["duplicates"], 1, "an old batch is not written again");
+    assert_eq!(send(gw.url.clone(), Some("etl-secret"), 9).await["accepted"], 1);
+    assert_eq!(offsets().await, 9);
     gw.stop().await;
 }
 

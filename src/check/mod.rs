@@ -89,8 +89,12 @@ pub async fn run_streams(
             one_stream(stream, topology, options).await.map_err(|e| format!("stream {}: {e}", stream.stream))?;
         out.extend(found.into_iter().map(|f| Finding { stream: several.then(|| stream.stream.to_string()), ..f }));
     }
-    if let Some(config) = streams.first() {
+    // The store is checked with a stream that uses it (one with `dedup = off` skips it).
+    let store_user = streams.iter().find(|s| s.idempotency.dedup != crate::config::DedupMode::Off);
+    if let Some(config) = store_user.or(streams.first()) {
         out.extend(redis::run(config).await);
+    }
+    if let Some(config) = streams.first() {
         out.extend(auth::run(config));
     }
     Ok(out)

@@ -40,11 +40,7 @@ pub async fn resolve(config: &Config) -> Result<Topology, MigrateError> {
 
 /// The table reads go through (`distributed_table`, or the destination's name + `_all`).
 pub fn distributed_table(config: &Config) -> String {
-    if config.clickhouse.distributed_table.is_empty() {
-        format!("{}_all", config.table.destination_table)
-    } else {
-        config.clickhouse.distributed_table.clone()
-    }
+    config.distributed_table()
 }
 
 /// The destination's engine: replicated when a shard has several replicas.

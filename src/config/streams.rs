@@ -210,8 +210,12 @@ impl Config {
             }
         }
         let names = self.stream_names();
-        if let Some((topic, stream)) = self.kafka.routes().into_iter().find(|(_, s)| !names.iter().any(|n| n == s)) {
+        let routes = self.kafka.routes();
+        if let Some((topic, stream)) = routes.iter().find(|(_, s)| !names.iter().any(|n| n == s)) {
             return Err(invalid("kafka_topics", format!("{topic}={stream}: no stream is named {stream:?}")));
+        }
+        if let Some((topic, _)) = routes.iter().enumerate().find_map(|(i, r)| routes[..i].iter().find(|o| o.0 == r.0)) {
+            return Err(invalid("kafka_topics", format!("{topic} is listed twice: a topic is read into one stream")));
         }
         let mut tables: Vec<(String, String, &str)> = Vec::new();
         for stream in streams.iter().skip(1) {
@@ -223,13 +227,22 @@ impl Config {
             })?;
         }
         for stream in &streams {
-            for table in [&stream.table.buffer_table, &stream.table.destination_table] {
+            let mut own = vec![stream.table.buffer_table.clone(), stream.table.destination_table.clone()];
+            // The fallback table `migrate` creates after the destination's columns, and the
+            // Distributed table in front of it: each stream's own too.
+            if stream.shed.shed_mode == ShedMode::Fallback {
+                own.push(stream.shed.fallback_table.clone());
+            }
+            if !stream.clickhouse.clickhouse_cluster.trim().is_empty() {
+                own.push(stream.distributed_table());
+            }
+            for table in &own {
                 let table = (stream.table.database.clone(), table.clone());
                 if let Some((_, _, other)) = tables.iter().find(|(d, t, _)| (d, t) == (&table.0, &table.1)) {
                     return Err(invalid(
                         "streams",
                         format!(
-                            "{}.{} belongs to both {other} and {}: each stream needs its own tables",
+                            "{}.{} belongs to both {other} and {}: each stream needs its own tables (Buffer, destination, fallback, Distributed)",
                             table.0, table.1, stream.stream
                         ),
                     ));
@@ -238,6 +251,18 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+impl Config {
+    /// The Distributed table reads go through on a cluster (`distributed_table`, or the
+    /// destination's name + `_all`).
+    pub fn distributed_table(&self) -> String {
+        if self.clickhouse.distributed_table.is_empty() {
+            format!("{}_all", self.table.destination_table)
+        } else {
+            self.clickhouse.distributed_table.clone()
+        }
     }
 }
 
@@ -316,6 +341,8 @@ mod tests {
         assert_eq!(streams[0].kafka.kafka_group, "buffergate", "the default stream keeps its group and offsets");
         assert_eq!(streams[1].kafka_topics(), ["logs-topic"]);
         assert_eq!(streams[1].kafka.kafka_group, "buffergate-logs");
+        config.kafka.kafka_topics = "events, events=logs".into();
+        assert!(config.validate().unwrap_err().to_string().contains("events"), "a topic is read into one stream");
         config.kafka.kafka_topics = "x=nope".into();
         assert!(config.validate().unwrap_err().to_string().contains("no stream is named \"nope\""));
     }
@@ -336,5 +363,18 @@ mod tests {
         });
         let error = config.validate().unwrap_err().to_string();
         assert!(error.contains("[streams.x]"), "{error}");
+        // A fallback table (and a cluster's Distributed table) inherited from the top level
+        // would be shared: each stream needs its own.
+        let mut config = Config::default();
+        config.shed.shed_mode = ShedMode::Fallback;
+        config.shed.fallback_table = "fb".into();
+        config.add_stream("logs", |s| {
+            s.table.buffer_table = "lb".into();
+            s.table.destination_table = "l".into();
+        });
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("analytics.fb belongs to both default and logs"), "{error}");
+        config.streams.get_mut("logs").unwrap().fallback_table = "lfb".into();
+        config.validate().unwrap();
     }
 }

@@ -119,9 +119,6 @@ pub struct BatchShape {
     pub keep_ids: bool,
     /// Where events without an id get theirs from (a fresh UUIDv7 each when `None`).
     pub ids: Option<IdSeed>,
-    /// The API key the events come with: their ids are keyed in its own namespace
-    /// ([`Idempotency::scoped_event_key`]).
-    pub owner: Option<std::sync::Arc<str>>,
 }
 
 /// Parses the body event by event and encodes each straight into its partition's rows; no
@@ -203,11 +200,7 @@ fn encode_as(
                     let key = schema
                         .event_id(fields)
                         .map(|id| Idempotency::event_key(&id))
-                        .or_else(|| derived.map(|id| id.as_bytes().to_vec()))
-                        .map(|key| match &shape.owner {
-                            Some(owner) => Idempotency::scoped_event_key(owner, &key),
-                            None => key,
-                        });
+                        .or_else(|| derived.map(|id| id.as_bytes().to_vec()));
                     batch.events.push(EventRow { key, partition, chunk, range, encoded });
                 }
             }
@@ -334,14 +327,7 @@ mod tests {
             format,
             &schema(),
             &ctx,
-            &BatchShape {
-                partitions: 4,
-                placing: Placing::Shard(0),
-                max_events: max,
-                keep_ids: true,
-                ids: None,
-                owner: None,
-            },
+            &BatchShape { partitions: 4, placing: Placing::Shard(0), max_events: max, keep_ids: true, ids: None },
         )
     }
 
@@ -365,7 +351,6 @@ mod tests {
             max_events: 100,
             keep_ids: true,
             ids: None,
-            owner: None,
         };
         let text = r#"[{"k": 0}, {"k": 1}, {"k": 2}, {"k": 3}, {"k": 4}, {"k": 6}, {"s": "no key: 0"}]"#;
         let batch = encode_batch(text.as_bytes(), Format::JsonArray, &schema, &ctx, &shape).unwrap();

@@ -31,23 +31,26 @@ pub(super) async fn conclude(
     let journal = replica.journal.as_deref();
     match (result, journal, block) {
         (Ok(()), journal, block) => {
-            commit(idempotency, reservations).await;
-            // A 200 promises the journal too: written but not journaled is refused (the
-            // keys are committed, so the producer's retry is answered as duplicates).
-            // Into the ledger before the requests hear: until they do, they hold the
-            // stream's completeness watermark, and then the block does (journal::watermark).
+            // Into the ledger before anyone can hear of the rows (the requests, or a retry
+            // answered "duplicates" once the keys are committed): until then, requests in
+            // flight hold the stream's completeness watermark, and the block takes the
+            // earliest of them as its floor (journal::watermark).
             match (journal, id, block) {
                 (Some(journal), Some(id), Some(block)) => journal.written(id, &block, visible),
                 // Not journaled (the append failed): no confirmation will come.
                 _ => tell(visible, &journal_result),
             }
+            commit(idempotency, reservations).await;
+            // A 200 promises the journal too: written but not journaled is refused (the
+            // keys are committed, so the producer's retry is answered as duplicates).
             tell(written, &journal_result);
         }
         (Err(error), Some(journal), Some(block)) if keep_after_failure(error.ambiguous, promised && id.is_some()) => {
             // The rows are in the journal, or at hand, and will be stored exactly once:
-            // their keys are committed now, the requests hear once they are settled.
-            commit(idempotency, reservations).await;
+            // into the ledger (before the keys are committed, as above), the requests hear
+            // once they are settled.
             journal.ambiguous(id.unwrap_or_else(unjournaled_id), block, written, visible);
+            commit(idempotency, reservations).await;
         }
         (Err(error), journal, _) => {
             // Not written, and nobody was told it is safe: the producers' retries go

@@ -159,5 +159,5 @@ fn producer_offset(headers: &HeaderMap) -> Result<Option<ProducerOffset>, ApiErr
             .map_err(|_| ApiError::BadHeader("X-Producer-Partition must be an integer from 0 to 2^32-1".into()))?,
         None => 0,
     };
-    Ok(Some(ProducerOffset { producer: producer.to_string(), partition, offset }))
+    Ok(Some(ProducerOffset { producer: producer.to_string(), partition, offset, owner: None }))
 }

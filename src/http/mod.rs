@@ -109,12 +109,17 @@ async fn require_api_key(State(state): State<Arc<AppState>>, mut request: Reques
 /// when the caller's key is restricted to other streams.
 async fn pick_stream(
     State(state): State<Arc<AppState>>,
+    matched: Option<MatchedPath>,
     params: Result<RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
     mut request: Request,
     next: Next,
 ) -> Response {
     let named = params.ok().and_then(|params| params.iter().find(|(k, _)| *k == "name").map(|(_, v)| v.to_string()));
+    // A route that names a stream whose name could not be read (not UTF-8) names no stream:
+    // never the default one.
+    let names_one = matched.is_some_and(|m| m.as_str().contains("{name}"));
     let stream: Arc<Stream> = match named {
+        None if names_one => return ApiError::UnknownStream(String::new()).into_response(),
         None => Arc::clone(state.streams.default_stream()),
         Some(name) => match state.streams.get(&name) {
             Some(stream) => Arc::clone(stream),

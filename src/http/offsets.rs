@@ -35,11 +35,17 @@ pub async fn get_offsets(
     if let Some(problem) = ProducerOffset::refuse_id(&producer_id) {
         return Err(ApiError::BadPath(format!("the producer id {problem}")));
     }
-    let partitions = stream
-        .ingest
-        .idempotency()
-        .offsets(&Idempotency::scoped(caller.map(|Extension(c)| c.name).as_deref(), producer_id.clone()))
-        .await
-        .map_err(|e| ApiError::StoreUnavailable(e.to_string()))?;
+    let owner = caller.map(|Extension(c)| c.name);
+    let store = stream.ingest.idempotency();
+    let unavailable = |e: crate::idempotency::StoreError| ApiError::StoreUnavailable(e.to_string());
+    let mut partitions =
+        store.offsets(&Idempotency::scoped(owner.as_deref(), producer_id.clone())).await.map_err(unavailable)?;
+    // A partition the key has no offset of its own for: what the producer committed before
+    // offsets were kept per key (the pipeline reads them the same way).
+    if owner.is_some() {
+        for (partition, offset) in store.offsets(&producer_id).await.map_err(unavailable)? {
+            partitions.entry(partition).or_insert(offset);
+        }
+    }
     Ok(Json(Offsets { producer_id, partitions }))
 }

@@ -171,26 +171,14 @@ impl Idempotency {
 
     /// Scopes `text` (an `Idempotency-Key` or a producer id) to the API key `owner` names:
     /// `<owner>\x01<text>`. Header values cannot hold `\x01` and key names hold none, so a
-    /// scoped text never equals an unscoped one or one of another owner: no key can claim or
-    /// move what another key's producers send.
+    /// scoped text never equals an unscoped one or one of another owner: no key can replay
+    /// another's answers or move its offsets. Event ids are not scoped: the journal finds rows
+    /// in the destination by id, so ids are the stream's (docs/streams.md).
     pub fn scoped(owner: Option<&str>, text: String) -> String {
         match owner {
             Some(owner) => format!("{owner}\x01{text}"),
             None => text,
         }
-    }
-
-    /// An event's key scoped to the API key `owner` names: `0xFF`, 16 bytes of SHA-256 over the
-    /// name, a zero byte and the key, `0xFF`. Always 18 bytes, so never a UUID's 16 bytes, and
-    /// never text (UTF-8 has no `0xFF`): the same `event_id` sent with two keys is two events.
-    pub fn scoped_event_key(owner: &str, key: &[u8]) -> Vec<u8> {
-        use sha2::Digest;
-        let digest = sha2::Sha256::new().chain_update(owner.as_bytes()).chain_update([0]).chain_update(key).finalize();
-        let mut scoped = Vec::with_capacity(18);
-        scoped.push(0xFF);
-        scoped.extend_from_slice(&digest[..16]);
-        scoped.push(0xFF);
-        scoped
     }
 
     fn request_key(&self, key: &str) -> Vec<u8> {

@@ -29,7 +29,6 @@ impl Pipeline {
                 max_events: self.config.http.max_events_per_request,
                 keep_ids: self.idempotency.mode == DedupMode::Event,
                 ids: body.ids,
-                owner: body.owner.clone(),
             };
             let now = body.received.unwrap_or_else(Timestamp::now);
             let ctx = EncodeContext { now, unknown_fields: self.config.table.unknown_fields };

@@ -26,6 +26,9 @@ pub struct ProducerOffset {
     pub producer: String,
     pub partition: u32,
     pub offset: u64,
+    /// The API key the producer writes with: its offsets are that key's
+    /// ([`Idempotency::scoped`]).
+    pub owner: Option<Arc<str>>,
 }
 
 impl ProducerOffset {
@@ -139,9 +142,15 @@ impl Pipeline {
         Ok(Delivered { written, response: IngestResponse { accepted, duplicates, rejected: batch.rejected } })
     }
 
-    /// Whether the producer's committed offset already covers this batch.
+    /// Whether the producer's committed offset already covers this batch: the key's own, or,
+    /// until it has one, what the producer committed before offsets were kept per key.
     async fn already_written(&self, p: &ProducerOffset) -> Result<bool, IngestError> {
-        match self.idempotency.offset(&p.producer, p.partition).await {
+        let scoped = Idempotency::scoped(p.owner.as_deref(), p.producer.clone());
+        let committed = match self.idempotency.offset(&scoped, p.partition).await {
+            Ok(None) if p.owner.is_some() => self.idempotency.offset(&p.producer, p.partition).await,
+            other => other,
+        };
+        match committed {
             Ok(committed) => Ok(committed.is_some_and(|committed| p.offset <= committed)),
             Err(error) => self.idempotency.tolerate(error).map(|()| false).map_err(IngestError::from),
         }
@@ -348,7 +357,8 @@ async fn await_flushes(acks: Vec<oneshot::Receiver<FlushResult>>) -> Result<(), 
 }
 
 async fn advance_offset(idempotency: &Idempotency, p: &ProducerOffset) {
-    if let Err(error) = idempotency.advance_offset(&p.producer, p.partition, p.offset).await {
+    let scoped = Idempotency::scoped(p.owner.as_deref(), p.producer.clone());
+    if let Err(error) = idempotency.advance_offset(&scoped, p.partition, p.offset).await {
         tracing::warn!(%error, producer = %p.producer, "written, but the producer offset could not be advanced");
     }
 }

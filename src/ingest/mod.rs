@@ -98,8 +98,8 @@ pub struct Request<'a, E> {
     pub received: Option<Timestamp>,
     /// A request-level idempotency key (`Idempotency-Key`).
     pub key: Option<String>,
-    /// The name of the API key the request came with: its event ids, `Idempotency-Key` and
-    /// producer offsets live in that key's own namespace (see [`Idempotency::scoped`]).
+    /// The name of the API key the request came with: its `Idempotency-Key` and producer
+    /// offsets live in that key's own namespace (see [`Idempotency::scoped`]).
     pub owner: Option<Arc<str>>,
     pub delivery: Delivery,
     /// The events may have been delivered before (a message read again after a crash or a
@@ -144,7 +144,6 @@ struct Body {
     hash: bool,
     ids: Option<IdSeed>,
     received: Option<Timestamp>,
-    owner: Option<Arc<str>>,
 }
 
 impl Pipeline {
@@ -183,15 +182,18 @@ impl Pipeline {
         } = request;
         let key = key.map(|key| Idempotency::scoped(owner.as_deref(), key));
         if let Some(p) = &mut delivery.producer {
-            p.producer = Idempotency::scoped(owner.as_deref(), std::mem::take(&mut p.producer));
+            p.owner = owner.clone();
         }
         // Held until the rows are written and in the journal's ledger (past the answer of a
         // `wait=false` request: `deliver` keeps it then).
-        let receipt = self.receipts.hold(watermark::now_ms());
+        // A Kafka message's own time when earlier: its rows carry that time.
+        let now = watermark::now_ms();
+        let at = received.and_then(|at| at.ticks(3)).map_or(now, |ms| u64::try_from(ms).unwrap_or(0).min(now));
+        let receipt = self.receipts.hold(at);
         let (schema, mut batch) = {
             let (schema, _lease) = self.admit(announced)?;
             let raw = body.await?;
-            let body = Body { raw, format, encoding, hash: key.is_some(), ids, received, owner };
+            let body = Body { raw, format, encoding, hash: key.is_some(), ids, received };
             let batch = self.decode(&schema, body).await?;
             (schema, batch)
         };
@@ -253,9 +255,10 @@ impl Pipeline {
 
     /// The completeness watermark (ms since the epoch): every event acknowledged and received
     /// before it is confirmed in the destination. `None` without the journal, which is what
-    /// knows.
+    /// knows, and for a table without an id column, whose blocks the journal cannot find row by
+    /// row.
     pub fn watermark(&self) -> Option<u64> {
-        if !self.journaled() {
+        if !self.journaled() || self.schema().is_some_and(|s| s.id_column().is_none()) {
             return None;
         }
         let floors = self.shards.replicas().filter_map(|r| r.journal.as_ref()).flat_map(|j| j.floors());
