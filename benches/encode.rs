@@ -60,7 +60,7 @@ fn events(n: u64, separator: &str) -> String {
 fn json_array(bencher: divan::Bencher, n: u64) {
     let schema = seed_schema();
     let body = format!("[{}]", events(n, ","));
-    let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
+    let ctx = EncodeContext::new(Timestamp::now(), UnknownFields::Reject);
     let shape = shape(2, false);
     bencher
         .counter(divan::counter::ItemsCount::new(n))
@@ -115,7 +115,7 @@ fn text_schema() -> TableSchema {
 fn json_array_text_columns(bencher: divan::Bencher, n: u64) {
     let schema = text_schema();
     let body = format!("[{}]", string_events(n));
-    let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
+    let ctx = EncodeContext::new(Timestamp::now(), UnknownFields::Reject);
     let shape = shape(2, false);
     bencher
         .counter(divan::counter::ItemsCount::new(n))
@@ -127,7 +127,7 @@ fn json_array_text_columns(bencher: divan::Bencher, n: u64) {
 fn native_block_text_columns(bencher: divan::Bencher, n: u64) {
     let schema = text_schema();
     let body = format!("[{}]", string_events(n));
-    let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
+    let ctx = EncodeContext::new(Timestamp::now(), UnknownFields::Reject);
     let shape = shape(1, false);
     let batch = encode_batch(body.as_bytes(), Format::JsonArray, &schema, &ctx, &shape).unwrap();
     let chunk = &batch.partitions[0].chunks[0];
@@ -141,7 +141,7 @@ fn native_block_text_columns(bencher: divan::Bencher, n: u64) {
 fn ndjson_with_ids(bencher: divan::Bencher, n: u64) {
     let schema = seed_schema();
     let body = events(n, "\n");
-    let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
+    let ctx = EncodeContext::new(Timestamp::now(), UnknownFields::Reject);
     let shape = shape(2, true);
     bencher
         .counter(divan::counter::ItemsCount::new(n))

@@ -66,10 +66,7 @@ fn encode_file(path: &std::path::Path, columns: Vec<ColumnInfo>, events: &[Value
         sharding: None,
     };
     let schema = TableSchema::new(1, "conf", "t", columns, &special);
-    let ctx = EncodeContext {
-        now: Timestamp { seconds: 1_700_000_000, nanos: 500_000_000 },
-        unknown_fields: UnknownFields::Reject,
-    };
+    let ctx = EncodeContext::new(Timestamp { seconds: 1_700_000_000, nanos: 500_000_000 }, UnknownFields::Reject);
     let mut data = Vec::new();
     for event in events {
         let omitted = buffergate::decode::encode_event(&schema, event, &ctx, &mut data)

@@ -162,6 +162,42 @@ async fn a_bad_event_is_rejected_alone() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timestamps_outside_the_window_are_rejected_alone() {
+    let ch = clickhouse();
+    let mut config = config(ch, &ch.fresh_database("window"));
+    config.table.timestamp_max_age_s = 30 * 86_400;
+    config.table.timestamp_max_ahead_s = 3_600;
+    migrate(&config).await;
+    let gw = Gateway::start(config).await;
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let at = |offset_ms: i64| now_ms + offset_ms;
+    let events = json!([
+        {"user_id": 1, "event_ts": at(-29 * 86_400_000)},
+        {"user_id": 2, "event_ts": at(-31 * 86_400_000)},
+        {"user_id": 3, "event_ts": at(3_000_000)},
+        {"user_id": 4, "event_ts": at(2 * 3_600_000)},
+        {"user_id": 5, "event_ts": now_ms * 1000},
+        {"user_id": 6, "event_ts": "2015-01-01T00:00:00Z"},
+        {"user_id": 7},
+    ]);
+    let (status, body) = gw.post_json(&events).await;
+    assert_eq!(status, 200, "{body}");
+    let rejected: Vec<(u64, &str)> = body["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["index"].as_u64().unwrap(), r["field"].as_str().unwrap()))
+        .collect();
+    assert_eq!(rejected, vec![(1, "event_ts"), (3, "event_ts"), (4, "event_ts"), (5, "event_ts")], "{body}");
+    assert!(body["rejected"][0]["error"].as_str().unwrap().contains("timestamp_max_age_s"), "{body}");
+    assert!(body["rejected"][1]["error"].as_str().unwrap().contains("timestamp_max_ahead_s"), "{body}");
+    gw.drain(ch).await;
+    let rows = ch.rows(&format!("SELECT user_id FROM {} ORDER BY user_id", gw.destination())).await;
+    assert_eq!(rows, vec![json!({"user_id": "1"}), json!({"user_id": "3"}), json!({"user_id": "7"})]);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_fields_get_generated_ids_receive_time_and_defaults() {
     let ch = clickhouse();
     let gw = seeded_gateway("defaults").await;

@@ -24,7 +24,7 @@ fn through_scanner(type_text: &str, raw: &str, out: &mut Vec<u8>) -> Result<(), 
     if !scanner.at_end() {
         return Err("trailing characters".into());
     }
-    let ctx = EncodeContext { now: Timestamp { seconds: 0, nanos: 0 }, unknown_fields: UnknownFields::Reject };
+    let ctx = EncodeContext::new(Timestamp { seconds: 0, nanos: 0 }, UnknownFields::Reject);
     schema.encode_fields(&fields, &ctx, out).map(drop).map_err(|rejection| rejection.error)
 }
 

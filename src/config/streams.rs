@@ -31,6 +31,8 @@ pub const SCOPED_KEYS: &[&str] = &[
     "id_column",
     "timestamp_column",
     "partition_key",
+    "timestamp_max_age_s",
+    "timestamp_max_ahead_s",
     "dedup",
     "shed_threshold",
     "shed_resume",

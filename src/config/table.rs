@@ -36,6 +36,11 @@ pub struct TableSettings {
     pub timestamp_column: String,
     /// Event field whose value picks the coalescer partition.
     pub partition_key: String,
+    /// An event whose timestamp is more than this many seconds before its receive time is
+    /// rejected (0: no bound).
+    pub timestamp_max_age_s: u64,
+    /// ...or more than this many seconds after it (0: no bound).
+    pub timestamp_max_ahead_s: u64,
 }
 
 impl Default for TableSettings {
@@ -57,6 +62,11 @@ impl Default for TableSettings {
             id_column: "event_id".into(),
             timestamp_column: "event_ts".into(),
             partition_key: "user_id".into(),
+            // Old events are a backfill as often as a bug: unbounded unless configured. Events
+            // a day or more ahead are clock or unit mistakes (microseconds sent as
+            // milliseconds land in year 50,000) and would open partitions no one reads.
+            timestamp_max_age_s: 0,
+            timestamp_max_ahead_s: 86_400,
         }
     }
 }
@@ -87,6 +97,15 @@ impl TableSettings {
             return Err(invalid("buffer_min_*", "each minimum must not exceed its maximum"));
         }
         Ok(())
+    }
+
+    /// The window an event's own timestamp must fall in ([`crate::schema::TimeWindow`]).
+    pub fn time_window(&self) -> crate::schema::TimeWindow {
+        let bound = |s: u64| (s > 0).then(|| i64::try_from(s).unwrap_or(i64::MAX));
+        crate::schema::TimeWindow {
+            max_age_s: bound(self.timestamp_max_age_s),
+            max_ahead_s: bound(self.timestamp_max_ahead_s),
+        }
     }
 
     /// The time column rows are looked up by, when the table has one.

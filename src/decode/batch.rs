@@ -321,7 +321,7 @@ mod tests {
     }
 
     fn run(text: &str, format: Format, max: usize) -> Result<EncodedBatch, DecodeError> {
-        let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
+        let ctx = EncodeContext::new(Timestamp::now(), UnknownFields::Reject);
         encode_batch(
             text.as_bytes(),
             format,
@@ -343,7 +343,7 @@ mod tests {
         };
         let info = |n: &str, t: &str| ColumnInfo { name: n.into(), type_text: t.into(), default_kind: String::new() };
         let schema = TableSchema::new(1, "d", "t", vec![info("k", "UInt32"), info("s", "String")], &special);
-        let ctx = EncodeContext { now: Timestamp::now(), unknown_fields: UnknownFields::Reject };
+        let ctx = EncodeContext::new(Timestamp::now(), UnknownFields::Reject);
         // Weights 1 and 2: k % 3 = 0 on shard 0, 1 and 2 on shard 1; two partitions per shard.
         let shape = BatchShape {
             partitions: 2,

@@ -41,7 +41,7 @@ fn schema() -> TableSchema {
 }
 
 fn ctx() -> EncodeContext {
-    EncodeContext { now: Timestamp { seconds: 1, nanos: 0 }, unknown_fields: UnknownFields::Reject }
+    EncodeContext::new(Timestamp { seconds: 1, nanos: 0 }, UnknownFields::Reject)
 }
 
 #[test]
@@ -121,7 +121,7 @@ fn through_scanner(ty: &str, raw: &str, out: &mut Vec<u8>) -> Result<(), Reason>
     Scanner::new(&text)
         .event(EventSchema { schema: &schema, unknown: UnknownFields::Reject }, &mut fields)
         .map_err(|e| e.reason.to_string())?;
-    let ctx = EncodeContext { now: Timestamp { seconds: 0, nanos: 0 }, unknown_fields: UnknownFields::Reject };
+    let ctx = EncodeContext::new(Timestamp { seconds: 0, nanos: 0 }, UnknownFields::Reject);
     schema.encode_fields(&fields, &ctx, out).map(drop).map_err(|rejection| rejection.error)
 }
 

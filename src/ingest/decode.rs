@@ -31,7 +31,11 @@ impl Pipeline {
                 ids: body.ids,
             };
             let now = body.received.unwrap_or_else(Timestamp::now);
-            let ctx = EncodeContext { now, unknown_fields: self.config.table.unknown_fields };
+            let ctx = EncodeContext {
+                now,
+                unknown_fields: self.config.table.unknown_fields,
+                window: self.config.table.time_window(),
+            };
             let max_decompressed = self.config.http.max_decompressed_bytes;
             let stream = self.config.stream.clone();
             move || decode_body(body, &schema, &ctx, &shape, max_decompressed, (&budget, &stream), &writer)

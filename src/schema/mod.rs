@@ -72,6 +72,46 @@ pub struct EncodeContext {
     /// Receive time, for events that omit the timestamp column.
     pub now: Timestamp,
     pub unknown_fields: UnknownFields,
+    /// The times an event's timestamp may take.
+    pub window: TimeWindow,
+}
+
+impl EncodeContext {
+    /// Events received at `now`, their timestamps unbounded.
+    pub fn new(now: Timestamp, unknown_fields: UnknownFields) -> Self {
+        Self { now, unknown_fields, window: TimeWindow::default() }
+    }
+}
+
+/// How far an event's own timestamp may lie from its receive time, in whole seconds each way
+/// (`None`: no bound). A Buffer flushes everything it holds as one block, and a modern server
+/// refuses a block that spans more partitions than `max_partitions_per_insert_block` (100 by
+/// default): one producer's stray timestamps would fail the flush for every producer. The
+/// window keeps a request's rows within the partitions its time allows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TimeWindow {
+    pub max_age_s: Option<i64>,
+    pub max_ahead_s: Option<i64>,
+}
+
+impl TimeWindow {
+    /// Why a row of time `seconds`, received at `now`, is refused; `None` when it is inside.
+    pub fn refuse(self, seconds: i64, now: i64) -> Option<String> {
+        let shown = || {
+            ::time::OffsetDateTime::from_unix_timestamp(seconds).map_or_else(|_| seconds.to_string(), |t| t.to_string())
+        };
+        if let Some(age) = self.max_age_s
+            && seconds < now.saturating_sub(age)
+        {
+            return Some(format!("{} is more than {age} s before the receive time (timestamp_max_age_s)", shown()));
+        }
+        if let Some(ahead) = self.max_ahead_s
+            && seconds > now.saturating_add(ahead)
+        {
+            return Some(format!("{} is more than {ahead} s after the receive time (timestamp_max_ahead_s)", shown()));
+        }
+        None
+    }
 }
 
 /// What encoding a row tells besides its bytes: what the journal needs to recognise the row
@@ -384,6 +424,10 @@ impl TableSchema {
         }
         let id = id_at.and_then(|(at, ty)| encode::read_uuid(ty, out.get(at..)?));
         let seconds = time_at.and_then(|(at, ty)| encode::read_seconds(ty, out.get(at..)?));
+        if let Some(problem) = seconds.and_then(|s| ctx.window.refuse(s, ctx.now.seconds)) {
+            let field = self.timestamp.and_then(|i| self.columns.get(i)).map(|c| c.name.clone());
+            return Err(Rejection { field, error: problem });
+        }
         let shard_key = match self.sharding {
             None => None,
             Some(shard) => Some(self.shard_key(shard, shard_at, omitted, out)?),
@@ -475,5 +519,25 @@ impl SharedSchema {
         }
         self.0.store(Some(Arc::new(schema)));
         Some(version)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TimeWindow;
+
+    #[test]
+    fn the_window_bounds_each_side_when_set() {
+        let window = TimeWindow { max_age_s: Some(100), max_ahead_s: Some(10) };
+        assert_eq!(window.refuse(1_000, 1_000), None);
+        assert_eq!(window.refuse(900, 1_000), None, "the bound itself is inside");
+        assert_eq!(window.refuse(1_010, 1_000), None);
+        assert!(window.refuse(899, 1_000).is_some_and(|why| why.contains("timestamp_max_age_s")));
+        assert!(window.refuse(1_011, 1_000).is_some_and(|why| why.contains("timestamp_max_ahead_s")));
+        let open = TimeWindow::default();
+        assert_eq!(open.refuse(i64::MIN, 0), None);
+        assert_eq!(open.refuse(i64::MAX, 0), None);
+        let extreme = TimeWindow { max_age_s: Some(i64::MAX), max_ahead_s: Some(i64::MAX) };
+        assert_eq!(extreme.refuse(i64::MIN, i64::MIN), None, "no overflow");
     }
 }
