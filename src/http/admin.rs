@@ -43,7 +43,7 @@ pub async fn flush(
     authorize(&state, &headers)?;
     let Query(params) = params.map_err(|e| ApiError::BadQuery(e.body_text()))?;
     let streams: Vec<&Arc<Stream>> = match &params.stream {
-        Some(name) => vec![state.streams.get(name).ok_or_else(|| ApiError::UnknownStream(super::streams::echo(name)))?],
+        Some(name) => vec![state.streams.get(name).ok_or_else(|| ApiError::unknown_stream(name))?],
         None => state.streams.iter().collect(),
     };
     for stream in &streams {

@@ -84,6 +84,20 @@ pub enum ApiError {
     MethodNotAllowed,
 }
 
+/// Bytes of a requested stream name echoed back in an error.
+const ECHO_BYTES: usize = 64;
+
+impl ApiError {
+    /// No stream has this name: the name echoed, cut to [`ECHO_BYTES`].
+    pub fn unknown_stream(name: &str) -> Self {
+        let mut end = name.len().min(ECHO_BYTES);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        Self::UnknownStream(name[..end].to_string())
+    }
+}
+
 /// The shard a refusal is about, as the message names it (shards count from 1, as in
 /// `system.clusters`).
 fn shard_text(shard: Option<usize>) -> String {

@@ -123,7 +123,7 @@ async fn pick_stream(
         None => Arc::clone(state.streams.default_stream()),
         Some(name) => match state.streams.get(&name) {
             Some(stream) => Arc::clone(stream),
-            None => return ApiError::UnknownStream(streams::echo(&name)).into_response(),
+            None => return ApiError::unknown_stream(&name).into_response(),
         },
     };
     if let Some(caller) = request.extensions().get::<Caller>()

@@ -13,18 +13,6 @@ use super::state::AppState;
 use crate::auth::Caller;
 use crate::streams::Stream;
 
-/// Bytes of a requested stream name echoed back in an error.
-const ECHO_BYTES: usize = 64;
-
-/// A stream name from a request, cut to [`ECHO_BYTES`] for an error message.
-pub fn echo(name: &str) -> String {
-    let mut end = name.len().min(ECHO_BYTES);
-    while !name.is_char_boundary(end) {
-        end -= 1;
-    }
-    name[..end].to_string()
-}
-
 #[derive(Debug, Serialize)]
 pub struct StreamList {
     pub streams: Vec<StreamInfo>,
