@@ -40,6 +40,20 @@ struct Left {
     status: StatusCode,
 }
 
+/// What is read at most after a refused key (401, 403): enough that a client sending a small
+/// body before reading hears its answer, not `body_drain_max_bytes` for anyone without a key.
+pub const REFUSED_KEY_DRAIN_BYTES: u64 = 64 * 1024;
+
+/// The bound for an answer of `status`: [`REFUSED_KEY_DRAIN_BYTES`] after a refused key.
+fn bound_for(status: StatusCode, bound: Bound) -> Bound {
+    match status {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            Bound { max_bytes: bound.max_bytes.min(REFUSED_KEY_DRAIN_BYTES), ..bound }
+        }
+        _ => bound,
+    }
+}
+
 /// Whether to read the rest of the body: not when the client was never asked for it, not when
 /// more is announced than the bound (it would be cut off anyway), not after a 408 (the client
 /// is too slow to wait for twice).
@@ -61,6 +75,7 @@ pub async fn drain_unread(State(bound): State<Bound>, request: Request, next: Ne
     let (rest, polled) = shared.take();
     if !http_body::Body::is_end_stream(&rest) {
         let left = Left { expects_continue, polled, announced, status: response.status() };
+        let bound = bound_for(left.status, bound);
         if should_drain(left, bound) {
             discard(rest, bound).await;
         }
@@ -145,5 +160,18 @@ mod tests {
         assert!(should_drain(Left { expects_continue: true, polled: true, ..left }, bound), "100 was sent");
         assert!(!should_drain(Left { status: StatusCode::REQUEST_TIMEOUT, ..left }, bound), "too slow");
         assert!(!should_drain(left, Bound { max_bytes: 0, ..bound }), "draining off");
+    }
+
+    #[test]
+    fn a_refused_key_is_drained_only_a_little() {
+        let bound = Bound { max_bytes: 64 << 20, timeout: Duration::from_secs(10) };
+        for status in [StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN] {
+            assert_eq!(bound_for(status, bound).max_bytes, REFUSED_KEY_DRAIN_BYTES);
+            let left = Left { expects_continue: false, polled: false, announced: Some(1 << 20), status };
+            assert!(!should_drain(left, bound_for(status, bound)), "a megabyte is not read for {status}");
+        }
+        assert_eq!(bound_for(StatusCode::PAYLOAD_TOO_LARGE, bound).max_bytes, 64 << 20);
+        let small = Bound { max_bytes: 10, ..bound };
+        assert_eq!(bound_for(StatusCode::UNAUTHORIZED, small).max_bytes, 10, "never more than configured");
     }
 }
