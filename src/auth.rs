@@ -47,7 +47,8 @@ pub enum Denied {
 /// Who a request comes from: the name of its key and the streams that key may write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
-    pub name: String,
+    /// Shared: every request of the key carries it.
+    pub name: Arc<str>,
     /// `None`: every stream.
     pub streams: Option<Arc<[String]>>,
 }
@@ -194,7 +195,7 @@ impl ApiKeys {
             let limiter = quota.map(|quota| {
                 Arc::clone(limiters.entry(name.clone()).or_insert_with(|| Arc::new(RateLimiter::direct(quota))))
             });
-            keys.push(Key { caller: Caller { name, streams }, digest, limiter });
+            keys.push(Key { caller: Caller { name: Arc::from(name), streams }, digest, limiter });
         }
         // An empty or commented-out keys file (a Secret mounted before it was filled) must not
         // open the gateway to everyone.
@@ -280,7 +281,7 @@ mod tests {
     #[test]
     fn named_and_bare_keys() {
         let keys = keys(0.0);
-        let name = |token| keys.check(Some(token)).map(|c| c.map(|c| c.name));
+        let name = |token| keys.check(Some(token)).map(|c| c.map(|c| c.name.to_string()));
         assert_eq!(name("s3cret"), Ok(Some("alice".into())));
         assert_eq!(name("bare-key"), Ok(Some(bare_name(&digest("bare-key")))), "named by its digest");
         assert_eq!(name("cGFkZGVk=="), Ok(Some(bare_name(&digest("cGFkZGVk==")))), "base64 padding is not a name");
@@ -313,7 +314,7 @@ mod tests {
         assert!(error.contains("\"nope\" is not configured") && !error.contains("k1"), "{error}");
         std::fs::write(&file, "ops = k1\nspaced = k2   streams=logs\n").unwrap();
         let keys = ApiKeys::from_config(&config).unwrap();
-        assert_eq!(keys.check(Some("k1")).unwrap().unwrap().name, "ops", "spaces around = as before");
+        assert_eq!(&*keys.check(Some("k1")).unwrap().unwrap().name, "ops", "spaces around = as before");
         assert!(!keys.check(Some("k2")).unwrap().unwrap().may_write("audit"));
         std::fs::write(&file, "key-1=k1\n").unwrap();
         assert!(
@@ -353,7 +354,7 @@ mod tests {
             config
         };
         let keys = ApiKeys::from_config(&config).unwrap();
-        assert_eq!(keys.check(Some("old-key")).map(|c| c.map(|c| c.name)), Ok(Some("team".into())));
+        assert_eq!(keys.check(Some("old-key")).map(|c| c.map(|c| c.name.to_string())), Ok(Some("team".into())));
         assert_eq!(keys.check(Some("new-key")), Err(Denied::RateLimited(4)), "one limit per name, 4 s per request");
         assert!(keys.check(Some("x")).is_ok());
     }

@@ -74,6 +74,11 @@ impl StreamName {
     pub fn is_default(&self) -> bool {
         &*self.0 == DEFAULT_STREAM
     }
+
+    /// The name, shared (a metric label without a copy).
+    pub fn shared(&self) -> Arc<str> {
+        Arc::clone(&self.0)
+    }
 }
 
 impl std::fmt::Display for StreamName {

@@ -58,7 +58,7 @@ pub async fn ingest(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let owner = caller.map(|Extension(caller)| Arc::from(caller.name));
+    let owner = caller.map(|Extension(caller)| caller.name);
     match handle(&state, &stream, owner, divert.is_some(), params, &headers, body).await {
         Ok(response) => response,
         Err(error) => error.into_response(),

@@ -165,10 +165,15 @@ fn describe() {
     kafka::describe();
 }
 
+/// A stream's name as a label: shared, not copied (these are recorded on the request path).
+fn label(stream: &StreamName) -> SharedString {
+    SharedString::from(stream.shared())
+}
+
 /// The journal's size and what it still protects.
 /// One node's journal (`node`: the ClickHouse URL its blocks were written to).
 pub fn journal(stream: &StreamName, node: &str, bytes: u64, blocks: usize, rows: usize, oldest: Duration) {
-    let (node, stream) = (redacted(node), stream.to_string());
+    let (node, stream) = (redacted(node), label(stream));
     gauge!(JOURNAL_BYTES, "stream" => stream.clone(), "node" => node.clone()).set(bytes as f64);
     gauge!(JOURNAL_UNCONFIRMED_BLOCKS, "stream" => stream.clone(), "node" => node.clone()).set(blocks as f64);
     gauge!(JOURNAL_UNCONFIRMED_ROWS, "stream" => stream.clone(), "node" => node.clone()).set(rows as f64);
@@ -217,12 +222,12 @@ pub fn http_request(route: &'static str, status: u16, elapsed: Duration) {
 
 pub fn events(stream: &StreamName, outcome: Outcome, count: usize) {
     if count > 0 {
-        counter!(EVENTS, "stream" => stream.to_string(), "outcome" => outcome.label()).increment(count as u64);
+        counter!(EVENTS, "stream" => label(stream), "outcome" => outcome.label()).increment(count as u64);
     }
 }
 
 pub fn flush_attempt(stream: &StreamName, ok: bool, rows: usize, bytes: usize, elapsed: Duration) {
-    let stream = stream.to_string();
+    let stream = label(stream);
     counter!(FLUSHES, "stream" => stream.clone(), "outcome" => if ok { "ok" } else { "error" }).increment(1);
     histogram!(FLUSH_DURATION, "stream" => stream.clone()).record(elapsed.as_secs_f64());
     if ok {
@@ -238,7 +243,7 @@ pub fn flush_retry() {
 /// The gauge of a partition's waiting rows, registered once: the coalescer keeps the handle
 /// rather than formatting the label and searching the registry on every request.
 pub fn queue_rows(stream: &StreamName, partition: usize) -> Gauge {
-    gauge!(QUEUE_ROWS, "stream" => stream.to_string(), "partition" => partition.to_string())
+    gauge!(QUEUE_ROWS, "stream" => label(stream), "partition" => partition.to_string())
 }
 
 /// The gauge of in-flight bytes, registered once by the budget that sets it.
@@ -248,14 +253,14 @@ pub fn inflight_bytes() -> Gauge {
 
 /// One node's Buffer, as its poller read it (`node`: its URL).
 pub fn buffer(stream: &StreamName, node: &str, bytes: u64, capacity: u64, fill: f64) {
-    let (node, stream) = (redacted(node), stream.to_string());
+    let (node, stream) = (redacted(node), label(stream));
     gauge!(BUFFER_BYTES, "stream" => stream.clone(), "node" => node.clone()).set(bytes as f64);
     gauge!(BUFFER_CAPACITY, "stream" => stream.clone(), "node" => node.clone()).set(capacity as f64);
     gauge!(BUFFER_FILL, "stream" => stream, "node" => node).set(fill);
 }
 
 pub fn shed_active(stream: &StreamName, node: &str, active: bool) {
-    gauge!(SHED_ACTIVE, "stream" => stream.to_string(), "node" => redacted(node)).set(if active { 1.0 } else { 0.0 });
+    gauge!(SHED_ACTIVE, "stream" => label(stream), "node" => redacted(node)).set(if active { 1.0 } else { 0.0 });
 }
 
 pub fn poll_error() {
@@ -263,12 +268,12 @@ pub fn poll_error() {
 }
 
 pub fn circuit_open(stream: &StreamName, node: &str, open: bool) {
-    gauge!(CIRCUIT_OPEN, "stream" => stream.to_string(), "node" => redacted(node)).set(if open { 1.0 } else { 0.0 });
+    gauge!(CIRCUIT_OPEN, "stream" => label(stream), "node" => redacted(node)).set(if open { 1.0 } else { 0.0 });
 }
 
 /// A request refused before its rows were handed on (`stream`: the stream it named).
 pub fn shed_request(stream: &StreamName, reason: &'static str) {
-    counter!(SHED_REQUESTS, "stream" => stream.to_string(), "reason" => reason).increment(1);
+    counter!(SHED_REQUESTS, "stream" => label(stream), "reason" => reason).increment(1);
 }
 
 pub fn idempotency(op: &'static str, elapsed: Duration, ok: bool) {
