@@ -210,7 +210,8 @@ async fn start_stream(
         partitions = ingest.coalescer().partitions(),
         "stream started"
     );
-    let stream = Stream { name: config.stream.clone(), ingest: Arc::new(ingest), shed, config };
+    let policy = crate::shed::Policy::of(&config);
+    let stream = Stream { name: config.stream.clone(), ingest: Arc::new(ingest), shed, policy, config };
     Ok((stream, Running { partitions, nodes, watchers }))
 }
 

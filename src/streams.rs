@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::config::{Config, StreamName};
 use crate::ingest::Pipeline;
-use crate::shed::ShedState;
+use crate::shed::{Policy, ShedState};
 
 /// One stream, running.
 #[derive(Debug)]
@@ -18,6 +18,8 @@ pub struct Stream {
     pub ingest: Arc<Pipeline>,
     /// The verdict the request path reads (on a cluster, the summary over the nodes).
     pub shed: Arc<ShedState>,
+    /// How the verdict is acted on, built once from the stream's configuration.
+    pub policy: Policy,
 }
 
 impl Stream {

@@ -114,17 +114,19 @@ async fn pick_stream(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let named = params.ok().and_then(|params| params.iter().find(|(k, _)| *k == "name").map(|(_, v)| v.to_string()));
-    // A route that names a stream whose name could not be read (not UTF-8) names no stream:
-    // never the default one.
-    let names_one = matched.is_some_and(|m| m.as_str().contains("{name}"));
+    let params = params.ok();
+    let named = params.as_ref().and_then(|params| params.iter().find(|(k, _)| *k == "name").map(|(_, v)| v));
     let stream: Arc<Stream> = match named {
-        None if names_one => return ApiError::UnknownStream(String::new()).into_response(),
-        None => Arc::clone(state.streams.default_stream()),
-        Some(name) => match state.streams.get(&name) {
+        Some(name) => match state.streams.get(name) {
             Some(stream) => Arc::clone(stream),
-            None => return ApiError::unknown_stream(&name).into_response(),
+            None => return ApiError::unknown_stream(name).into_response(),
         },
+        // A route that names a stream whose name could not be read (not UTF-8) names no
+        // stream: never the default one.
+        None if matched.is_some_and(|m| m.as_str().contains("{name}")) => {
+            return ApiError::UnknownStream(String::new()).into_response();
+        }
+        None => Arc::clone(state.streams.default_stream()),
     };
     if let Some(caller) = request.extensions().get::<Caller>()
         && !caller.may_write(stream.name.as_str())

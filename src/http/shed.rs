@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
 use crate::metrics;
-use crate::shed::{Policy, Verdict};
+use crate::shed::Verdict;
 use crate::streams::Stream;
 
 /// Request extension: the Buffer is saturated and this request's rows go to the fallback table.
@@ -26,7 +26,7 @@ pub async fn gate(mut request: Request, next: Next) -> Response {
     let Some(stream) = request.extensions().get::<Arc<Stream>>().cloned() else {
         return ApiError::Internal("no stream picked before the shed gate".into()).into_response();
     };
-    let policy = Policy::of(&stream.config);
+    let policy = stream.policy;
     match policy.verdict(&stream.shed) {
         Verdict::Pass => next.run(request).await,
         verdict if policy.diverts(verdict) => {
