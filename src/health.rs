@@ -9,6 +9,7 @@ pub struct Health {
     table_present: AtomicBool,
     stopping: AtomicBool,
     clickhouse_version: std::sync::RwLock<Option<String>>,
+    clickhouse_timezone: std::sync::RwLock<Option<String>>,
 }
 
 impl Health {
@@ -20,10 +21,18 @@ impl Health {
         self.table_present.store(present, Ordering::Relaxed);
     }
 
-    pub fn set_clickhouse_version(&self, version: String) {
+    pub fn set_clickhouse_server(&self, version: String, timezone: String) {
         if let Ok(mut slot) = self.clickhouse_version.write() {
             *slot = Some(version);
         }
+        if let Ok(mut slot) = self.clickhouse_timezone.write() {
+            *slot = Some(timezone);
+        }
+    }
+
+    /// The server's time zone, once it answered.
+    pub fn clickhouse_timezone(&self) -> Option<String> {
+        self.clickhouse_timezone.read().ok().and_then(|v| v.clone())
     }
 
     pub fn clickhouse_version(&self) -> Option<String> {

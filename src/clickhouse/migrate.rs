@@ -269,6 +269,7 @@ mod tests {
     fn old_servers_get_the_closest_types() {
         let old = Capabilities {
             version: "18.16.1".into(),
+            timezone: "UTC".into(),
             datetime64: false,
             map: false,
             low_cardinality_needs_setting: true,

@@ -102,6 +102,8 @@ fn http_client() -> clickhouse::Client {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Capabilities {
     pub version: String,
+    /// The server's time zone (`timezone()`): where it reads a time given without an offset.
+    pub timezone: String,
     /// `DateTime64` exists (20.1+).
     pub datetime64: bool,
     /// `Map` exists (21.x+).
@@ -117,6 +119,7 @@ impl Capabilities {
     pub fn modern() -> Self {
         Self {
             version: "26".into(),
+            timezone: "UTC".into(),
             datetime64: true,
             map: true,
             low_cardinality_needs_setting: false,
@@ -284,13 +287,14 @@ impl ClickHouse {
         #[derive(serde::Deserialize)]
         struct Version {
             v: String,
+            tz: String,
         }
-        let version = self
-            .fetch_json::<Version>("SELECT version() AS v")
+        let (version, timezone) = self
+            .fetch_json::<Version>("SELECT version() AS v, timezone() AS tz")
             .await?
             .into_iter()
             .next()
-            .map(|r| r.v)
+            .map(|r| (r.v, r.tz))
             .unwrap_or_default();
         let supported = |sql: &'static str| async move {
             match self.execute(sql).await {
@@ -303,7 +307,7 @@ impl ClickHouse {
         let map = supported(probes::MAP).await?;
         let tables_total_bytes = supported(probes::TABLES_TOTAL_BYTES).await?;
         let low_cardinality_needs_setting = !supported_ddl_without_setting(&version);
-        Ok(Capabilities { version, datetime64, map, low_cardinality_needs_setting, tables_total_bytes })
+        Ok(Capabilities { version, timezone, datetime64, map, low_cardinality_needs_setting, tables_total_bytes })
     }
 }
 

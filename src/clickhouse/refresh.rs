@@ -71,7 +71,7 @@ impl Refresher {
                     && let Some(ch) = answered
                     && let Ok(caps) = ch.capabilities().await
                 {
-                    self.health.set_clickhouse_version(caps.version);
+                    self.health.set_clickhouse_server(caps.version, caps.timezone);
                 }
                 if let Some(version) = self.schema.update(db, table, columns, &self.special()) {
                     tracing::info!(version, database = %db, table = %table, "table schema loaded");

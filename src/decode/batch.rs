@@ -137,6 +137,10 @@ pub fn encode_batch(
             }
             other => other,
         },
+        Format::JsonEachRow => {
+            let array = text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+            encode_as(text, if array { Format::JsonArray } else { Format::Ndjson }, schema, ctx, shape)
+        }
         format => encode_as(text, format, schema, ctx, shape),
     }
 }
@@ -210,10 +214,15 @@ fn encode_as(
         }
         index += 1;
     };
-    let reader = Reader { schema: EventSchema { schema, unknown: ctx.unknown_fields }, max_events: shape.max_events };
+    let reader = Reader {
+        schema: EventSchema { schema, unknown: ctx.unknown_fields, order: ctx.order.as_deref() },
+        max_events: shape.max_events,
+    };
     match format {
         Format::JsonArray => reader.array(text, &mut take)?,
-        Format::Ndjson | Format::JsonOrLines => reader.ndjson(text, &mut take)?,
+        Format::Ndjson | Format::JsonOrLines | Format::JsonEachRow | Format::JsonCompactEachRow => {
+            reader.ndjson(text, &mut take)?;
+        }
     }
     Ok(batch)
 }

@@ -17,6 +17,12 @@ pub enum Format {
     /// JSON as [`Self::JsonArray`], read as NDJSON when that fails and the body has several
     /// lines (a Kafka message without a content type may be either).
     JsonOrLines,
+    /// ClickHouse's `JSONEachRow`: objects one after another, or an array of them (told
+    /// apart by the first character, so the body is read once).
+    JsonEachRow,
+    /// ClickHouse's `JSONCompactEachRow`: one array of values per line, by position
+    /// ([`crate::schema::EncodeContext::order`]).
+    JsonCompactEachRow,
 }
 
 /// `Content-Encoding` of the body.

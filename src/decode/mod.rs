@@ -42,7 +42,7 @@ pub fn encode_event(
     let text = event.to_string();
     let mut fields = EventFields::default();
     Scanner::new(&text)
-        .event(EventSchema { schema, unknown: ctx.unknown_fields }, &mut fields)
+        .event(EventSchema { schema, unknown: ctx.unknown_fields, order: None }, &mut fields)
         .map_err(|e| Rejection { field: None, error: e.reason.to_string() })?;
     schema.encode_fields(&fields, ctx, out).map(|encoded| encoded.omitted)
 }

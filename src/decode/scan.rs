@@ -45,6 +45,9 @@ impl SyntaxError {
 pub struct EventSchema<'s> {
     pub schema: &'s TableSchema,
     pub unknown: UnknownFields,
+    /// Events are arrays of values, not objects (ClickHouse's `JSONCompactEachRow`): the
+    /// column of each position.
+    pub order: Option<&'s [usize]>,
 }
 
 /// A cursor over one JSON text.
@@ -112,7 +115,10 @@ impl<'a> Scanner<'a> {
     /// Reads one JSON value as an event into `fields`: an object's fields by column; any other
     /// value is read (and checked) but leaves `fields.is_object` false.
     pub fn event(&mut self, schema: EventSchema<'_>, fields: &mut EventFields<'a>) -> Result<(), SyntaxError> {
-        let EventSchema { schema, unknown } = schema;
+        let EventSchema { schema, unknown, order } = schema;
+        if let Some(order) = order {
+            return self.row(schema, order, fields);
+        }
         fields.reset(schema.columns().len());
         if self.peek() != Some(b'{') {
             return self.value(0);
@@ -176,6 +182,52 @@ impl<'a> Scanner<'a> {
                 return Ok(());
             }
         }
+    }
+
+    /// Reads one JSON value as a row of values by position: an array's elements go to the
+    /// columns of `order` in turn. Any other value, or an array of another length, leaves a
+    /// problem in `fields`.
+    fn row(&mut self, schema: &TableSchema, order: &[usize], fields: &mut EventFields<'a>) -> Result<(), SyntaxError> {
+        fields.reset(schema.columns().len());
+        fields.is_object = true;
+        if self.peek() != Some(b'[') {
+            fields.problem = Some(Rejection { field: None, error: "a row must be a JSON array of values".into() });
+            return self.value(0);
+        }
+        self.pos += 1;
+        self.ws();
+        let mut count = 0usize;
+        if self.peek() == Some(b']') {
+            self.pos += 1;
+        } else {
+            loop {
+                let column = order.get(count).copied();
+                count += 1;
+                let start = self.pos;
+                let content = match column.map(|i| &schema.columns()[i].role) {
+                    Some(Role::Written { .. }) if self.peek() == Some(b'"') => {
+                        self.string_content(&mut fields.unescaped)?
+                    }
+                    _ => {
+                        self.value(1)?;
+                        Content::Raw
+                    }
+                };
+                if let Some(i) = column {
+                    fields.values[i] = Some(Field { raw: &self.text[start..self.pos], content });
+                }
+                if !self.next_element(b']')? {
+                    break;
+                }
+            }
+        }
+        if count != order.len() {
+            fields.problem.get_or_insert(Rejection {
+                field: None,
+                error: format!("the row has {count} values, the INSERT {} columns", order.len()),
+            });
+        }
+        Ok(())
     }
 
     /// A field name and its colon, the whitespace around them consumed; borrowed when the

@@ -1,6 +1,8 @@
 //! The HTTP boundary's error type: every failure of a request maps to one status and one JSON
 //! body `{"error": "<code>", "message": "..."}` here, and nowhere else.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -12,7 +14,7 @@ use crate::ingest::IngestError;
 /// Seconds a producer is told to wait before retrying a 503 when nothing better is known.
 const RETRY_AFTER_SECONDS: u32 = 1;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
     #[error("Content-Type {0:?} is not accepted; send application/json (an array of events) or application/x-ndjson")]
     UnsupportedMediaType(String),
@@ -126,7 +128,9 @@ impl From<IngestError> for ApiError {
             IngestError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
             IngestError::JournalFull => Self::JournalFull,
             IngestError::ShardUnavailable { shard, retry_after_s } => Self::ShardSaturated { shard, retry_after_s },
-            IngestError::VisibleNeedsJournal => Self::BadQuery(error.to_string()),
+            IngestError::VisibleNeedsJournal | IngestError::Refused { .. } | IngestError::NoSuchColumn(_) => {
+                Self::BadQuery(error.to_string())
+            }
             IngestError::Internal(why) => Self::Internal(why),
         }
     }
@@ -221,16 +225,28 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = self.status();
-        let retry_after = match &self {
+impl ApiError {
+    /// When a refusal knows how long the client should wait.
+    pub fn retry_after_s(&self) -> Option<u32> {
+        match self {
             Self::BufferSaturated { retry_after_s }
             | Self::ShardSaturated { retry_after_s, .. }
             | Self::BufferUnknown { retry_after_s }
             | Self::RateLimited { retry_after_s } => Some(*retry_after_s),
             _ => None,
-        };
+        }
+    }
+}
+
+/// The error a response was made from, kept with it so that a front speaking another
+/// protocol (`compat`) can restate it in that protocol's words.
+#[derive(Debug, Clone)]
+pub struct Refused(pub Arc<ApiError>);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let retry_after = self.retry_after_s();
         let (line, column) = match &self {
             Self::Decode(DecodeError::MalformedJson { line, column, .. }) => (Some(*line), Some(*column)),
             _ => (None, None),
@@ -244,6 +260,7 @@ impl IntoResponse for ApiError {
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        response.extensions_mut().insert(Refused(Arc::new(self)));
         response
     }
 }

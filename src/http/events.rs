@@ -92,6 +92,7 @@ async fn handle(
         delivery: Delivery { wait: params.wait.into(), divert, producer },
         replayed: false,
         before_write: None,
+        reading: ingest::Reading::default(),
     };
     match stream.ingest.run(request).await? {
         Answer::Delivered(delivered) => {

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod body;
+pub mod compat;
 pub mod conn;
 pub mod drain;
 pub mod error;
@@ -22,7 +23,7 @@ use axum::extract::{MatchedPath, RawPathParams, Request, State};
 use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodFilter, get, on, post};
 use axum::{Extension, Router};
 use tower::{BoxError, ServiceBuilder};
 use tower_http::trace::TraceLayer;
@@ -43,9 +44,24 @@ const STATUS: &str = "/v1/status";
 const HEALTHZ: &str = "/healthz";
 const READYZ: &str = "/readyz";
 const METRICS: &str = "/metrics";
+/// ClickHouse's HTTP interface: queries (INSERTs) at the root, and its liveness probe.
+const CLICKHOUSE: &str = "/";
+const PING: &str = "/ping";
 /// Every route, for metric labels.
-const ROUTES: [&str; 10] =
-    [EVENTS, STREAM_EVENTS, STREAMS, OFFSETS, STREAM_OFFSETS, ADMIN_FLUSH, STATUS, HEALTHZ, READYZ, METRICS];
+const ROUTES: [&str; 12] = [
+    EVENTS,
+    STREAM_EVENTS,
+    STREAMS,
+    OFFSETS,
+    STREAM_OFFSETS,
+    ADMIN_FLUSH,
+    STATUS,
+    HEALTHZ,
+    READYZ,
+    METRICS,
+    CLICKHOUSE,
+    PING,
+];
 
 pub fn router(state: Arc<AppState>) -> Router {
     let config = &state.config;
@@ -69,7 +85,19 @@ pub fn router(state: Arc<AppState>) -> Router {
         timeout: Duration::from_millis(config.http.body_drain_timeout_ms),
     };
     let drain = middleware::from_fn_with_state(bound, drain::drain_unread);
-    let ingest = post(events::ingest).layer(ingest_layers).layer(stream.clone()).layer(producer.clone()).layer(drain);
+    let ingest = post(events::ingest)
+        .layer(ingest_layers.clone())
+        .layer(stream.clone())
+        .layer(producer.clone())
+        .layer(drain.clone());
+    // The ClickHouse protocol: the same layers, its own credentials and statement routing, and
+    // every refusal worded as ClickHouse would word it.
+    let clickhouse = on(MethodFilter::GET.or(MethodFilter::POST), compat::insert)
+        .layer(ingest_layers)
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), compat::route))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), compat::credentials))
+        .layer(middleware::from_fn(compat::restate))
+        .layer(drain);
     let offsets = get(offsets::get_offsets).layer(stream).layer(producer.clone());
     Router::new()
         .route(EVENTS, ingest.clone())
@@ -82,6 +110,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(HEALTHZ, get(health::healthz))
         .route(READYZ, get(health::readyz))
         .route(METRICS, get(render_metrics))
+        .route(CLICKHOUSE, clickhouse)
+        .route(PING, get(compat::ping))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn(track))

@@ -10,7 +10,7 @@ use super::{Body, IngestError, Pipeline};
 use crate::clickhouse::writer::Writer;
 use crate::config::DedupMode;
 use crate::config::StreamName;
-use crate::decode::{self, BatchShape, EncodedBatch, Encoding};
+use crate::decode::{self, BatchShape, EncodedBatch, Encoding, Format};
 use crate::schema::{EncodeContext, TableSchema, Timestamp};
 use crate::shed::budget::Budget;
 
@@ -31,10 +31,21 @@ impl Pipeline {
                 ids: body.ids,
             };
             let now = body.received.unwrap_or_else(Timestamp::now);
+            let listed = match &body.reading.columns {
+                Some(columns) => Some(listed(&schema, columns)?),
+                None => None,
+            };
+            let order = (body.format == Format::JsonCompactEachRow).then(|| match &body.reading.columns {
+                Some(columns) => columns.iter().filter_map(|c| schema.column_index(c)).collect(),
+                None => schema.insertable().into(),
+            });
             let ctx = EncodeContext {
                 now,
-                unknown_fields: self.config.table.unknown_fields,
+                unknown_fields: body.reading.unknown_fields.unwrap_or(self.config.table.unknown_fields),
                 window: self.config.table.time_window(),
+                dialect: body.reading.dialect,
+                listed,
+                order,
             };
             let max_decompressed = self.config.http.max_decompressed_bytes;
             let stream = self.config.stream.clone();
@@ -42,6 +53,16 @@ impl Pipeline {
         };
         if inline { work() } else { tokio::task::spawn_blocking(work).await.map_err(IngestError::internal)? }
     }
+}
+
+/// The columns an INSERT lists, as a mask over the table's columns.
+fn listed(schema: &TableSchema, columns: &[String]) -> Result<Arc<[bool]>, IngestError> {
+    let mut mask = vec![false; schema.columns().len()];
+    for name in columns {
+        let i = schema.column_index(name).ok_or_else(|| IngestError::NoSuchColumn(name.clone()))?;
+        mask[i] = true;
+    }
+    Ok(mask.into())
 }
 
 /// The decoding itself, on whichever thread: decompress (its output counts against the

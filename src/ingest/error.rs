@@ -35,6 +35,12 @@ pub enum IngestError {
     /// failing); `None`: no shard can take a request that any shard may take.
     #[error("shard {shard:?} cannot take rows now")]
     ShardUnavailable { shard: Option<usize>, retry_after_s: u32 },
+    /// An event was refused and the request is all or nothing ([`super::Reading::whole`]).
+    #[error("event {index} is refused{}: {error}", field.as_deref().map(|f| format!(" (field {f})")).unwrap_or_default())]
+    Refused { index: usize, field: Option<String>, error: String },
+    /// An INSERT lists a column the table does not have.
+    #[error("the table has no column {0:?}")]
+    NoSuchColumn(String),
     #[error("wait=visible needs the journal, which is off")]
     VisibleNeedsJournal,
     #[error("internal error: {0}")]

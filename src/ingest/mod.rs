@@ -31,12 +31,12 @@ pub use error::IngestError;
 use crate::clickhouse::writer::Writer;
 use crate::cluster::Shards;
 use crate::coalesce::Coalescer;
-use crate::config::{Config, ShardingKey};
+use crate::config::{Config, ShardingKey, UnknownFields};
 use crate::decode::{Encoding, Format, IdSeed};
 use crate::health::Health;
 use crate::idempotency::Idempotency;
 use crate::journal::{Receipts, watermark};
-use crate::schema::{SharedSchema, TableSchema, Timestamp, quote_ident};
+use crate::schema::{Dialect, SharedSchema, TableSchema, Timestamp, quote_ident};
 use crate::shed::budget::Budget;
 use keys::Claim;
 
@@ -108,6 +108,22 @@ pub struct Request<'a, E> {
     /// Awaited right before the rows are handed on; its failure fails the request (the Kafka
     /// front marks a message as possibly written here).
     pub before_write: Option<BoxFuture<'a, Result<(), IngestError>>>,
+    /// How its events are read.
+    pub reading: Reading,
+}
+
+/// How a request's events are read: as the gateway's own API reads them by default, or as
+/// ClickHouse reads an `INSERT … FORMAT JSONEachRow`.
+#[derive(Debug, Clone, Default)]
+pub struct Reading {
+    pub dialect: Dialect,
+    /// The columns an INSERT lists (`None`: every column).
+    pub columns: Option<Vec<String>>,
+    /// Overrides the stream's `unknown_fields`.
+    pub unknown_fields: Option<UnknownFields>,
+    /// One event refused refuses the request, nothing of it written: for clients that cannot
+    /// read which events were refused.
+    pub whole: bool,
 }
 
 impl<E> std::fmt::Debug for Request<'_, E> {
@@ -138,6 +154,7 @@ pub enum Answer {
 #[derive(Debug)]
 struct Body {
     raw: Bytes,
+    reading: Reading,
     format: Format,
     encoding: Encoding,
     /// Hash the decompressed body (a request-level idempotency key compares bodies).
@@ -179,6 +196,7 @@ impl Pipeline {
             mut delivery,
             replayed,
             before_write,
+            reading,
         } = request;
         let key = key.map(|key| Idempotency::scoped(owner.as_deref(), key));
         if let Some(p) = &mut delivery.producer {
@@ -193,8 +211,17 @@ impl Pipeline {
         let (schema, mut batch) = {
             let (schema, _lease) = self.admit(announced)?;
             let raw = body.await?;
-            let body = Body { raw, format, encoding, hash: key.is_some(), ids, received };
+            let whole = reading.whole;
+            let body = Body { raw, reading, format, encoding, hash: key.is_some(), ids, received };
             let batch = self.decode(&schema, body).await?;
+            if whole && let Some(first) = batch.rejected.first() {
+                return Err(IngestError::Refused {
+                    index: first.index,
+                    field: first.field.clone(),
+                    error: first.error.clone(),
+                }
+                .into());
+            }
             (schema, batch)
         };
         if replayed {

@@ -150,6 +150,7 @@ impl Worker {
             delivery: Delivery { wait: self.wait, divert: self.divert(), producer: None },
             replayed: suspect,
             before_write: Some(Box::pin(self.marks.cover(&message.topic, message.partition, message.offset))),
+            reading: crate::ingest::Reading::default(),
         };
         match self.ingest.run(request).await? {
             Answer::Delivered(delivered) => Ok(Attempt::Stored { rejected: delivered.response.rejected }),

@@ -22,20 +22,38 @@ const MAX_SECONDS_64: i64 = 10_413_791_999;
 const MIN_DAYS_32: i64 = -25_567;
 const MAX_DAYS_32: i64 = 120_529;
 
+const CLICKHOUSE_TIME_FORMS: &str =
+    "expected epoch seconds (a number, or a string of digits), 'YYYY-MM-DD[ hh:mm:ss[.fff]]' or an RFC 3339 string";
+
+/// How a request's values are read where the conventions producers follow differ.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Dialect {
+    /// buffergate's own API: a number is a time in epoch milliseconds, a time without an
+    /// offset is UTC, an object or array sent to a String column is kept as compact JSON.
+    #[default]
+    Gateway,
+    /// ClickHouse's `JSONEachRow`, as a ClickHouse server reads it: a number (or a string of
+    /// digits) is a time in epoch seconds, and any value that is not a string goes to a String
+    /// column exactly as sent. ClickHouse reads a time without an offset in the server's (or
+    /// the column's) time zone: `naive_utc` says that zone is UTC; when it is not, such a time
+    /// is refused rather than read in a zone the gateway would have to guess.
+    ClickHouse { naive_utc: bool },
+}
+
 const TIME_FORMS: &str = "expected an RFC 3339 string, 'YYYY-MM-DD hh:mm:ss[.fff]' (UTC) or integer epoch milliseconds";
 
 /// Appends `value` encoded as `ty`. JSON `null` on a non-Nullable type writes the type's
 /// default, as ClickHouse's own JSON input does.
-pub fn encode(ty: &ColumnType, value: &Value, out: &mut Vec<u8>) -> Result<(), Reason> {
+pub fn encode(ty: &ColumnType, value: &Value, dialect: Dialect, out: &mut Vec<u8>) -> Result<(), Reason> {
     match (ty, value) {
-        (ColumnType::LowCardinality(inner), _) => encode(inner, value, out),
+        (ColumnType::LowCardinality(inner), _) => encode(inner, value, dialect, out),
         (ColumnType::Nullable(_), Value::Null) => {
             out.push(1);
             Ok(())
         }
         (ColumnType::Nullable(inner), _) => {
             out.push(0);
-            encode(inner, value, out)
+            encode(inner, value, dialect, out)
         }
         (_, Value::Null) => {
             encode_default(ty, out);
@@ -75,7 +93,7 @@ pub fn encode(ty: &ColumnType, value: &Value, out: &mut Vec<u8>) -> Result<(), R
         }
         (ColumnType::Date, _) => date(value, out),
         (ColumnType::Date32, _) => date32(value, out),
-        (ColumnType::DateTime | ColumnType::DateTime64(_), _) => encode_time(ty, instant(value)?, out),
+        (ColumnType::DateTime | ColumnType::DateTime64(_), _) => encode_time(ty, instant(value, dialect)?, out),
         (ColumnType::Decimal(precision, scale), _) => decimal_value(value, *precision, *scale, out),
         (ColumnType::Enum { wide, variants }, _) => enum_value(value, *wide, variants, out),
         (ColumnType::Ipv4, _) => ipv4(value, out),
@@ -83,11 +101,11 @@ pub fn encode(ty: &ColumnType, value: &Value, out: &mut Vec<u8>) -> Result<(), R
         (ColumnType::Array(inner), Value::Array(items)) => {
             write_len(out, items.len());
             for (i, item) in items.iter().enumerate() {
-                encode(inner, item, out).map_err(|reason| format!("element {i}: {reason}"))?;
+                encode(inner, item, dialect, out).map_err(|reason| format!("element {i}: {reason}"))?;
             }
             Ok(())
         }
-        (ColumnType::Map(key_ty, value_ty), Value::Object(entries)) => map(key_ty, value_ty, entries, out),
+        (ColumnType::Map(key_ty, value_ty), Value::Object(entries)) => map((key_ty, value_ty), entries, dialect, out),
         (ty, value) => Err(format!("expected {}, got {}", expectation(ty), kind(value))),
     }
 }
@@ -194,18 +212,19 @@ fn ipv6(s: &str, out: &mut Vec<u8>) -> Result<(), Reason> {
 }
 
 fn map(
-    key_ty: &ColumnType,
-    value_ty: &ColumnType,
+    (key_ty, value_ty): (&ColumnType, &ColumnType),
     map: &serde_json::Map<String, Value>,
+    dialect: Dialect,
     out: &mut Vec<u8>,
 ) -> Result<(), Reason> {
     write_len(out, map.len());
     for (key, item) in map {
         match key_ty.unwrapped() {
             ColumnType::String => write_bytes(out, key.as_bytes()),
-            _ => encode(key_ty, &Value::String(key.clone()), out).map_err(|reason| format!("key {key:?}: {reason}"))?,
+            _ => encode(key_ty, &Value::String(key.clone()), dialect, out)
+                .map_err(|reason| format!("key {key:?}: {reason}"))?,
         }
-        encode(value_ty, item, out).map_err(|reason| format!("key {key:?}: {reason}"))?;
+        encode(value_ty, item, dialect, out).map_err(|reason| format!("key {key:?}: {reason}"))?;
     }
     Ok(())
 }
@@ -214,33 +233,44 @@ fn map(
 /// `content` is a string literal's content as the scanner unescaped it. The common forms are
 /// read straight from the text; anything else is parsed into a value and goes through
 /// [`encode`], so both paths follow the same rules and give the same messages.
-pub fn encode_raw(ty: &ColumnType, raw: &str, content: Option<&[u8]>, out: &mut Vec<u8>) -> Result<(), Reason> {
+pub fn encode_raw(
+    ty: &ColumnType,
+    raw: &str,
+    content: Option<&[u8]>,
+    dialect: Dialect,
+    out: &mut Vec<u8>,
+) -> Result<(), Reason> {
     let start = out.len();
-    if encode_text(ty, raw, content, out) {
+    if encode_text(ty, raw, content, dialect, out) {
         return Ok(());
     }
     out.truncate(start);
     let value: Value = serde_json::from_str(raw).map_err(|e| e.to_string())?;
-    encode(ty, &value, out)
+    encode(ty, &value, dialect, out)
 }
 
 /// The fast path of [`encode_raw`]: `false` (with `out` possibly partly written) when `raw`
 /// is not in a form read here, or does not fit; the value path then decides and explains.
-fn encode_text(ty: &ColumnType, raw: &str, content: Option<&[u8]>, out: &mut Vec<u8>) -> bool {
+fn encode_text(ty: &ColumnType, raw: &str, content: Option<&[u8]>, dialect: Dialect, out: &mut Vec<u8>) -> bool {
     let Some(&first) = raw.as_bytes().first() else { return false };
     match ty {
-        ColumnType::LowCardinality(inner) => encode_text(inner, raw, content, out),
+        ColumnType::LowCardinality(inner) => encode_text(inner, raw, content, dialect, out),
         ColumnType::Nullable(_) if raw == "null" => {
             out.push(1);
             true
         }
         ColumnType::Nullable(inner) => {
             out.push(0);
-            encode_text(inner, raw, content, out)
+            encode_text(inner, raw, content, dialect, out)
         }
         ColumnType::String => match (first, content) {
             (b'"', Some(content)) => {
                 write_bytes(out, content);
+                true
+            }
+            // ClickHouse keeps any other value's text exactly as sent.
+            (_, _) if matches!(dialect, Dialect::ClickHouse { .. }) && first != b'"' => {
+                write_bytes(out, raw.as_bytes());
                 true
             }
             // Objects and arrays are kept as JSON text, as sent without insignificant whitespace.
@@ -278,10 +308,15 @@ fn encode_text(ty: &ColumnType, raw: &str, content: Option<&[u8]>, out: &mut Vec
             }
             None => false,
         },
-        ColumnType::DateTime | ColumnType::DateTime64(_) => match content.and_then(time::parse_bytes) {
-            Some(at) => encode_time(ty, at, out).is_ok(),
-            None => false,
-        },
+        ColumnType::DateTime | ColumnType::DateTime64(_) => {
+            let at = match (dialect, content) {
+                (Dialect::Gateway, Some(content)) => time::parse_bytes(content),
+                (Dialect::Gateway, None) => None,
+                (Dialect::ClickHouse { naive_utc }, Some(content)) => clickhouse_time(content, naive_utc).ok(),
+                (Dialect::ClickHouse { .. }, None) => epoch_seconds(raw.as_bytes()),
+            };
+            at.is_some_and(|at| encode_time(ty, at, out).is_ok())
+        }
         _ => false,
     }
 }
@@ -488,7 +523,16 @@ fn float(value: &Value) -> Result<f64, Reason> {
     }
 }
 
-fn instant(value: &Value) -> Result<Timestamp, Reason> {
+fn instant(value: &Value, dialect: Dialect) -> Result<Timestamp, Reason> {
+    if let Dialect::ClickHouse { naive_utc } = dialect {
+        return match value {
+            Value::String(s) => clickhouse_time(s.as_bytes(), naive_utc),
+            Value::Number(n) => epoch_seconds(n.to_string().as_bytes())
+                .or_else(|| n.as_f64().filter(|f| f.is_finite() && f.abs() < 1e15).map(seconds_of_float))
+                .ok_or_else(|| format!("{n} is not a time: {CLICKHOUSE_TIME_FORMS}")),
+            other => Err(format!("expected a time, got {}: {CLICKHOUSE_TIME_FORMS}", kind(other))),
+        };
+    }
     match value {
         Value::String(s) => time::parse(s).ok_or_else(|| format!("{s:?} is not a timestamp: {TIME_FORMS}")),
         Value::Number(n) => {
@@ -496,6 +540,51 @@ fn instant(value: &Value) -> Result<Timestamp, Reason> {
         }
         other => Err(format!("expected a timestamp, got {}: {TIME_FORMS}", kind(other))),
     }
+}
+
+/// A time as ClickHouse reads a JSON string: epoch seconds when it is all digits (with an
+/// optional fraction), else a date or date and time.
+fn clickhouse_time(text: &[u8], naive_utc: bool) -> Result<Timestamp, Reason> {
+    if let Some(at) = epoch_seconds(text) {
+        return Ok(at);
+    }
+    let shown = || String::from_utf8_lossy(&text[..text.len().min(64)]).into_owned();
+    let at = time::parse_bytes(text).ok_or_else(|| format!("{:?} is not a time: {CLICKHOUSE_TIME_FORMS}", shown()))?;
+    if !naive_utc && !time::has_offset(text) {
+        return Err(format!(
+            "{:?} has no UTC offset, and ClickHouse would read it in a time zone that is not UTC; send it with an offset or as epoch seconds",
+            shown()
+        ));
+    }
+    Ok(at)
+}
+
+/// `[-]digits[.digits]` as seconds since the epoch (fractional digits past nanoseconds cut).
+fn epoch_seconds(text: &[u8]) -> Option<Timestamp> {
+    let (negative, text) = match text.split_first()? {
+        (b'-', rest) => (true, rest),
+        _ => (false, text),
+    };
+    let (whole, fraction) = match text.iter().position(|&b| b == b'.') {
+        Some(dot) => (&text[..dot], &text[dot + 1..]),
+        None => (text, &[][..]),
+    };
+    if whole.is_empty() || whole.len() > 12 || !whole.iter().chain(fraction).all(u8::is_ascii_digit) {
+        return None;
+    }
+    let seconds = whole.iter().fold(0i64, |n, &d| n * 10 + i64::from(d - b'0'));
+    let nanos =
+        fraction.iter().take(9).enumerate().fold(0u32, |n, (i, &d)| n + u32::from(d - b'0') * 10u32.pow(8 - i as u32));
+    Some(match (negative, nanos) {
+        (false, _) => Timestamp { seconds, nanos },
+        (true, 0) => Timestamp { seconds: -seconds, nanos: 0 },
+        (true, _) => Timestamp { seconds: -seconds - 1, nanos: 1_000_000_000 - nanos },
+    })
+}
+
+fn seconds_of_float(f: f64) -> Timestamp {
+    let seconds = f.floor();
+    Timestamp { seconds: seconds as i64, nanos: (((f - seconds) * 1e9) as u32).min(999_999_999) }
 }
 
 /// Days since the epoch, from a date/timestamp string or an integer day number.
@@ -576,7 +665,7 @@ mod tests {
     #[allow(clippy::needless_pass_by_value)] // json!(...) at every call site
     fn enc(ty: &str, value: Value) -> Result<Vec<u8>, Reason> {
         let mut out = Vec::new();
-        encode(&ColumnType::parse(ty).unwrap(), &value, &mut out).map(|()| out)
+        encode(&ColumnType::parse(ty).unwrap(), &value, Dialect::Gateway, &mut out).map(|()| out)
     }
 
     #[test]

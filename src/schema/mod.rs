@@ -21,6 +21,7 @@ use arc_swap::ArcSwapOption;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{InsertFormat, KeyFunction, UnknownFields};
+pub use encode::Dialect;
 pub use fields::EventFields;
 pub(crate) use fields::{Content, Field};
 use native::{NativeColumn, NativeError};
@@ -57,6 +58,9 @@ pub(crate) struct Column {
     pub(crate) role: Role,
     /// The name as the scanner recognises it in a body.
     pub(crate) key: Option<KeyPattern>,
+    /// A time column with a time zone of its own: whether that zone is UTC (a time without
+    /// an offset is read in it under [`Dialect::ClickHouse`]).
+    zone_is_utc: Option<bool>,
 }
 
 /// Why an event was not accepted: the field (`None` for the event as a whole) and the reason.
@@ -67,19 +71,38 @@ pub struct Rejection {
 }
 
 /// Everything about the request an encoded row depends on besides the event itself.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EncodeContext {
     /// Receive time, for events that omit the timestamp column.
     pub now: Timestamp,
     pub unknown_fields: UnknownFields,
     /// The times an event's timestamp may take.
     pub window: TimeWindow,
+    /// How values are read.
+    pub dialect: Dialect,
+    /// The columns an INSERT lists, by column index (`None`: every column). A field of a
+    /// column left out is an unknown field; the column takes its default.
+    pub listed: Option<Arc<[bool]>>,
+    /// Events given as arrays of values: the column of each position.
+    pub order: Option<Arc<[usize]>>,
 }
 
 impl EncodeContext {
-    /// Events received at `now`, their timestamps unbounded.
+    /// Events received at `now`, their timestamps unbounded, read as the gateway's own API
+    /// reads them.
     pub fn new(now: Timestamp, unknown_fields: UnknownFields) -> Self {
-        Self { now, unknown_fields, window: TimeWindow::default() }
+        Self {
+            now,
+            unknown_fields,
+            window: TimeWindow::default(),
+            dialect: Dialect::Gateway,
+            listed: None,
+            order: None,
+        }
+    }
+
+    fn lists(&self, column: usize) -> bool {
+        self.listed.as_ref().is_none_or(|listed| listed.get(column).copied().unwrap_or(false))
     }
 }
 
@@ -200,7 +223,8 @@ impl TableSchema {
                     Err(UnsupportedType(text)) => Role::Unsupported(text),
                 },
             };
-            columns.push(Column { name: info.name.clone(), role, key: KeyPattern::new(&info.name) });
+            let zone_is_utc = types::time_zone(&info.type_text).map(types::is_utc);
+            columns.push(Column { name: info.name.clone(), role, key: KeyPattern::new(&info.name), zone_is_utc });
         }
         let by_name: HashMap<_, _, _> = columns.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
         let find = |name: &str, pred: fn(&ColumnType) -> bool| {
@@ -249,6 +273,12 @@ impl TableSchema {
     /// Every column, in table order (the scanner sorts fields into them).
     pub(crate) fn columns(&self) -> &[Column] {
         &self.columns
+    }
+
+    /// The columns an INSERT without a column list writes, in table order: all but the
+    /// computed ones.
+    pub fn insertable(&self) -> Vec<usize> {
+        (0..self.columns.len()).filter(|&i| !matches!(self.columns[i].role, Role::Computed(_))).collect()
     }
 
     /// Index of the column called `name`.
@@ -406,9 +436,20 @@ impl TableSchema {
                 shard_at = Some((out.len(), *default_bit));
             }
             let reject = |error: String| Rejection { field: Some(column.name.clone()), error };
-            match fields.field(i) {
+            let mut field = fields.field(i);
+            if field.is_some() && !ctx.lists(i) {
+                if ctx.unknown_fields == UnknownFields::Reject {
+                    return Err(reject("not in the INSERT's column list".into()));
+                }
+                field = None;
+            }
+            let dialect = match (ctx.dialect, column.zone_is_utc) {
+                (Dialect::ClickHouse { .. }, Some(naive_utc)) => Dialect::ClickHouse { naive_utc },
+                (dialect, _) => dialect,
+            };
+            match field {
                 Some(field) if field.raw != "null" || matches!(ty.unwrapped(), ColumnType::Nullable(_)) => {
-                    encode::encode_raw(ty, field.raw, fields.string(field), out).map_err(reject)?;
+                    encode::encode_raw(ty, field.raw, fields.string(field), dialect, out).map_err(reject)?;
                 }
                 _ if Some(i) == self.id => {
                     encode::write_uuid_column(ty, missing_id.unwrap_or_else(uuid::Uuid::now_v7), out);

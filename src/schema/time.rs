@@ -61,6 +61,20 @@ pub fn parse_bytes(text: &[u8]) -> Option<Timestamp> {
     parse_utc(text.trim_ascii()).or_else(|| parse(std::str::from_utf8(text).ok()?))
 }
 
+/// Whether a time text names its offset (`Z`, `+hh:mm`, `-hhmm` after the time of day): one
+/// that does not is read in some time zone.
+pub fn has_offset(text: &[u8]) -> bool {
+    let text = text.trim_ascii();
+    if text.len() <= 19 {
+        return false;
+    }
+    if matches!(text.last(), Some(b'Z' | b'z')) {
+        return true;
+    }
+    let tail = &text[19..];
+    tail.iter().any(|&b| b == b'+' || b == b'-')
+}
+
 /// The forms nearly every producer sends, read by hand (the general parser costs several times
 /// more): `YYYY-MM-DD[T ]hh:mm:ss[.f{1,9}][Z]`. `None` hands anything else, and anything out
 /// of range, to the general parser, which decides.
@@ -148,6 +162,16 @@ mod tests {
             }
         }
         assert!(checked > 300, "{checked}");
+    }
+
+    #[test]
+    fn offsets_are_told_from_naive_times() {
+        for text in ["2023-11-14T22:13:20Z", "2023-11-14 22:13:20.5+02:00", "2023-11-14T22:13:20-0130"] {
+            assert!(has_offset(text.as_bytes()), "{text}");
+        }
+        for text in ["2023-11-14 22:13:20", "2023-11-14T22:13:20.123", "2023-11-14", "1700000000"] {
+            assert!(!has_offset(text.as_bytes()), "{text}");
+        }
     }
 
     #[test]

@@ -207,6 +207,39 @@ impl fmt::Display for ColumnType {
     }
 }
 
+/// The time zone a time column's type names (`DateTime('Asia/Tokyo')`, `DateTime64(3, 'UTC')`,
+/// also inside `Nullable` or `LowCardinality`), if it names one.
+pub fn time_zone(type_text: &str) -> Option<&str> {
+    let at = type_text.find("DateTime")?;
+    let rest = &type_text[at..];
+    let open = rest.find('\'')?;
+    let close = rest[open + 1..].find('\'')?;
+    Some(&rest[open + 1..open + 1 + close])
+}
+
+/// Whether a time zone name is UTC under another name.
+pub fn is_utc(zone: &str) -> bool {
+    matches!(
+        zone,
+        "UTC"
+            | "Etc/UTC"
+            | "Etc/Universal"
+            | "Universal"
+            | "Zulu"
+            | "Etc/Zulu"
+            | "GMT"
+            | "Etc/GMT"
+            | "UCT"
+            | "Etc/UCT"
+            | "GMT0"
+            | "Etc/GMT0"
+            | "Etc/GMT+0"
+            | "Etc/GMT-0"
+            | "Greenwich"
+            | "Etc/Greenwich"
+    )
+}
+
 /// Splits `a, B(c, d), 'e,f'` at top-level commas.
 pub fn split_args(args: &str) -> Vec<&str> {
     let mut parts = Vec::new();
@@ -279,6 +312,15 @@ mod tests {
         assert_eq!(ColumnType::parse("DateTime('Europe/Moscow')").unwrap(), ColumnType::DateTime);
         assert_eq!(ColumnType::parse("DateTime64(6, 'UTC')").unwrap(), ColumnType::DateTime64(6));
         assert_eq!(ColumnType::parse("Decimal64(4)").unwrap(), ColumnType::Decimal(18, 4));
+    }
+
+    #[test]
+    fn time_zones_of_time_columns() {
+        assert_eq!(time_zone("DateTime('Asia/Tokyo')"), Some("Asia/Tokyo"));
+        assert_eq!(time_zone("Nullable(DateTime64(3, 'UTC'))"), Some("UTC"));
+        assert_eq!(time_zone("DateTime"), None);
+        assert_eq!(time_zone("Enum8('a' = 1)"), None);
+        assert!(is_utc("Etc/UTC") && !is_utc("Europe/Berlin"));
     }
 
     #[test]
