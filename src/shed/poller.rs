@@ -139,8 +139,15 @@ pub async fn read_fill(ch: &ClickHouse, config: &Config, per_table: bool) -> Res
             ClickHouseError::Protocol(format!("cannot read the Buffer capacity from {:?}", row.engine_full))
         })?
     };
-    let bytes = row.bytes.parse().map_err(|_| ClickHouseError::Protocol(format!("bytes {:?}", row.bytes)))?;
-    Ok(Reading { bytes, capacity })
+    Ok(Reading { bytes: buffer_bytes(&row.bytes)?, capacity })
+}
+
+/// The bytes a Buffer holds, from ClickHouse's text. 18.16's server-wide `StorageBufferBytes`
+/// was seen at -20 with every Buffer empty (its accounting drifts): a count below zero is an
+/// empty Buffer, not an unreadable answer, which would leave the stream shed for good.
+fn buffer_bytes(text: &str) -> Result<u64, ClickHouseError> {
+    let bytes: i64 = text.trim().parse().map_err(|_| ClickHouseError::Protocol(format!("bytes {text:?}")))?;
+    Ok(u64::try_from(bytes).unwrap_or(0))
 }
 
 /// What the poller remembers from one poll to the next.
@@ -264,6 +271,13 @@ impl Poller {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_count_below_zero_is_an_empty_buffer() {
+        assert_eq!(buffer_bytes("-20").unwrap(), 0);
+        assert_eq!(buffer_bytes("1048576").unwrap(), 1_048_576);
+        assert!(buffer_bytes("").is_err());
+    }
 
     #[test]
     fn a_stream_s_fill_is_its_own_where_anything_can_tell() {

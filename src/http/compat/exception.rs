@@ -93,13 +93,14 @@ impl From<ApiError> for Exception {
             ApiError::BodyRead(_) | ApiError::BodyTimeout { .. } => {
                 Self::new(33, "CANNOT_READ_ALL_DATA", StatusCode::BAD_REQUEST, message)
             }
-            ApiError::BufferSaturated { .. } | ApiError::ShardSaturated { .. } | ApiError::BufferUnknown { .. } => {
-                retry(252, "TOO_MANY_PARTS")
-            }
+            // ClickHouse's own "inserting faster than it can merge": what clients and operators
+            // already read as "slow down".
+            ApiError::BufferSaturated { .. } | ApiError::ShardSaturated { .. } => retry(252, "TOO_MANY_PARTS"),
             ApiError::Overloaded(_) | ApiError::QueueFull(_) | ApiError::RequestInFlight | ApiError::EventsInFlight => {
                 retry(202, "TOO_MANY_SIMULTANEOUS_QUERIES")
             }
             ApiError::NotReady(_)
+            | ApiError::BufferUnknown { .. }
             | ApiError::FlushFailed(_)
             | ApiError::CircuitOpen
             | ApiError::StoreUnavailable(_) => retry(210, "NETWORK_ERROR"),

@@ -396,7 +396,9 @@ async fn run(
         reading: ingest::Reading {
             dialect: Dialect::ClickHouse { naive_utc },
             columns: insert.columns.clone(),
-            unknown_fields: asked.unknown_fields,
+            // ClickHouse skips fields its table lacks (`input_format_skip_unknown_fields`,
+            // on by default since 23.x): producers switching from it must not start failing.
+            unknown_fields: Some(asked.unknown_fields.unwrap_or(UnknownFields::Ignore)),
             whole: true,
         },
     };
