@@ -218,7 +218,9 @@ async fn statements_in_the_body_and_what_is_refused() {
     assert_eq!(response.status().as_u16(), 200, "{}", response.text().await.unwrap());
 
     let insert = format!("INSERT INTO {db}.events_raw FORMAT JSONEachRow");
-    let refusals: Vec<(Option<&str>, Option<&str>, String, u16, &str)> = vec![
+    // The statement in the URL (if any), the key, the body; the status and code expected.
+    type Refusal<'a> = (Option<&'a str>, Option<&'a str>, String, u16, &'a str);
+    let refusals: Vec<Refusal<'_>> = vec![
         (Some(insert.as_str()), None, "{\"user_id\":9}".into(), 401, "516"),
         (Some(insert.as_str()), Some("wrong"), "{\"user_id\":9}".into(), 401, "516"),
         (Some(insert.as_str()), Some("logs-key"), "{\"user_id\":9}".into(), 403, "497"),
