@@ -17,7 +17,9 @@
 //! `soak.json`/`soak.md`; `--cluster SECONDS` runs the cluster scenarios ([`cluster`]: two
 //! ClickHouse shards behind one gateway, rows placed by key) and writes `cluster.json`/`cluster.md`;
 //! `--streams SECONDS` runs the streams scenarios ([`streams`]: idle streams' cost, several
-//! streams under load) and writes `streams.json`/`streams.md`.
+//! streams under load) and writes `streams.json`/`streams.md`; `--protocol` runs the
+//! ClickHouse-protocol scenarios ([`protocol`]: the same `INSERT … FORMAT JSONEachRow` requests
+//! to ClickHouse and to the gateway, beside `/v1/events`) and writes `protocol.json`/`protocol.md`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)] // a harness: fail loudly, print results
 
@@ -36,6 +38,7 @@ use tokio::net::TcpStream;
 
 mod cluster;
 mod kafka;
+mod protocol;
 mod soak;
 mod streams;
 
@@ -179,7 +182,12 @@ fn write_event(out: &mut String, n: u64, base_ms: u64) {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Direct,
-    Gateway { dedup: bool },
+    Gateway {
+        dedup: bool,
+    },
+    /// The gateway through ClickHouse's insert protocol: the requests sent to ClickHouse in
+    /// `Direct`, byte for byte.
+    Protocol,
 }
 
 impl Mode {
@@ -188,6 +196,7 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::Gateway { dedup: true } => "gateway, idempotency on",
             Mode::Gateway { dedup: false } => "gateway, idempotency off",
+            Mode::Protocol => "gateway via INSERT … FORMAT JSONEachRow, idempotency off",
         }
     }
 }
@@ -389,11 +398,12 @@ fn scenario_name(mode: Mode, batch: u64) -> String {
             Mode::Direct => "direct",
             Mode::Gateway { dedup: true } => "gw_dedup",
             Mode::Gateway { dedup: false } => "gw_nodedup",
+            Mode::Protocol => "gw_protocol",
         }
     )
 }
 
-async fn scenario(
+pub(crate) async fn scenario(
     binary: &Path,
     servers: &Servers,
     (mode, batch, connections): (Mode, u64, usize),
@@ -410,7 +420,8 @@ async fn scenario(
     let mut gateway = None;
     let url = match mode {
         Mode::Direct => format!("{}/?query=INSERT%20INTO%20{db}.events_buffer%20FORMAT%20JSONEachRow", servers.ch_url),
-        Mode::Gateway { dedup } => {
+        Mode::Gateway { .. } | Mode::Protocol => {
+            let dedup = mode == Mode::Gateway { dedup: true };
             let port = free_port();
             let mut cmd = Command::new(binary);
             gateway_env(&mut cmd, servers, &db);
@@ -425,7 +436,11 @@ async fn scenario(
                 .stderr(Stdio::null());
             gateway = Some(cmd.spawn().unwrap());
             wait_http(&format!("http://127.0.0.1:{port}/readyz")).await;
-            format!("http://127.0.0.1:{port}/v1/events")
+            if mode == Mode::Protocol {
+                format!("http://127.0.0.1:{port}/?query=INSERT%20INTO%20{db}.events_buffer%20FORMAT%20JSONEachRow")
+            } else {
+                format!("http://127.0.0.1:{port}/v1/events")
+            }
         }
     };
     let pids = [
@@ -436,7 +451,8 @@ async fn scenario(
     ];
     let before: Vec<f64> = pids.iter().map(|(_, p)| p.map_or(0.0, cpu_seconds)).collect();
     let machine_before = machine_ticks();
-    let mut load = drive(url, mode == Mode::Direct, batch, connections, seconds, first_id).await;
+    let ndjson = matches!(mode, Mode::Direct | Mode::Protocol);
+    let mut load = drive(url, ndjson, batch, connections, seconds, first_id).await;
     let machine_after = machine_ticks();
     let after: Vec<f64> = pids.iter().map(|(_, p)| p.map_or(0.0, cpu_seconds)).collect();
     let rss = gateway.as_ref().map(|g| peak_rss_mib(g.id()));
@@ -652,6 +668,11 @@ struct Args {
     /// per event at the same load; meant to be below what every setup sustains.
     #[arg(long, value_name = "EVENTS_PER_SECOND", default_value_t = 40_000.0)]
     cluster_rate: f64,
+    /// Runs the ClickHouse-protocol scenarios instead: the same `INSERT … FORMAT JSONEachRow`
+    /// requests to ClickHouse and to the gateway, beside `/v1/events` (`--rounds` interleaved
+    /// rounds of `--seconds` each).
+    #[arg(long)]
+    protocol: bool,
     /// Runs the streams scenarios instead (twenty idle streams; one, two and four streams
     /// under load), each for this many seconds (`--rounds` interleaved rounds).
     #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "8")]
@@ -715,6 +736,21 @@ async fn main() {
         let report = json!({"machine": machine(), "clickhouse": version, "streams": report});
         std::fs::write(out_dir.join("streams.json"), format!("{report:#}\n")).unwrap();
         std::fs::write(out_dir.join("streams.md"), md).unwrap();
+        drop(servers);
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    if args.protocol {
+        let (report, md) = protocol::run(&binary, &servers, seconds, rounds_wanted).await;
+        let md = format!(
+            "# buffergate benchmark: ClickHouse protocol\n\nMachine: {}. ClickHouse {version}.\n\n{md}",
+            machine()
+        );
+        println!("\n{md}");
+        std::fs::create_dir_all(&out_dir).unwrap();
+        let report = json!({"machine": machine(), "clickhouse": version, "protocol": report});
+        std::fs::write(out_dir.join("protocol.json"), format!("{report:#}\n")).unwrap();
+        std::fs::write(out_dir.join("protocol.md"), md).unwrap();
         drop(servers);
         let _ = std::fs::remove_dir_all(&dir);
         return;

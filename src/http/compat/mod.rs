@@ -431,6 +431,7 @@ fn summary(written: usize, started: Instant, resolved: &Resolved, stream: &Strea
     });
     let mut response = StatusCode::OK.into_response();
     let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=UTF-8"));
     if let Ok(value) = HeaderValue::from_str(&summary.to_string()) {
         headers.insert("x-clickhouse-summary", value);
     }
