@@ -9,7 +9,7 @@ pub struct Health {
     table_present: AtomicBool,
     stopping: AtomicBool,
     clickhouse_version: std::sync::RwLock<Option<String>>,
-    clickhouse_timezone: std::sync::RwLock<Option<String>>,
+    clickhouse_timezone: std::sync::RwLock<Option<std::sync::Arc<str>>>,
 }
 
 impl Health {
@@ -26,12 +26,12 @@ impl Health {
             *slot = Some(version);
         }
         if let Ok(mut slot) = self.clickhouse_timezone.write() {
-            *slot = Some(timezone);
+            *slot = Some(timezone.into());
         }
     }
 
     /// The server's time zone, once it answered.
-    pub fn clickhouse_timezone(&self) -> Option<String> {
+    pub fn clickhouse_timezone(&self) -> Option<std::sync::Arc<str>> {
         self.clickhouse_timezone.read().ok().and_then(|v| v.clone())
     }
 

@@ -94,6 +94,8 @@ async fn the_javascript_client_writes_two_streams_exactly_once() {
             {"op": "insert", "table": "events_raw", "format": "JSONEachRow",
              "values": [{"event_id": uuid(50), "user_id": 1, "event_type": "bad"}, {"event_id": uuid(51), "user_id": "x"}]},
             {"op": "insert", "table": "not_a_stream", "values": [{"a": 1}], "format": "JSONEachRow"},
+            // The default format without a column list: every column, in table order.
+            {"op": "insert", "table": "events_raw", "values": [[uuid(200), 1_764_586_800, 200, "compact", "", ""]]},
         ]
     });
     let outcomes = javascript(&plan);
@@ -108,6 +110,7 @@ async fn the_javascript_client_writes_two_streams_exactly_once() {
     let message = outcomes[4]["message"].as_str().unwrap();
     assert!(message.contains("user_id") && message.contains("row 2"), "names the row and field: {message}");
     assert_eq!(outcomes[5]["code"], "60", "{outcomes:?}");
+    assert_eq!(outcomes[6], json!({"ok": true, "written": 1}), "{outcomes:?}");
 
     gw.drain(ch).await;
     ch.exec(&format!("OPTIMIZE TABLE `{db}`.logs_buffer")).await;
@@ -116,9 +119,11 @@ async fn the_javascript_client_writes_two_streams_exactly_once() {
         &format!("SELECT toString(event_id) AS id, event_ts, event_type FROM `{db}`.events_raw ORDER BY id"),
     )
     .await;
-    assert_eq!(rows.len(), 5, "{rows:?}");
+    assert_eq!(rows.len(), 6, "{rows:?}");
     assert_eq!(rows[0]["event_ts"], "2025-12-01 11:00:00", "integer times are epoch seconds, as ClickHouse reads them");
-    assert!(rows.iter().all(|r| r["event_type"] == "js"), "nothing of the refused INSERT: {rows:?}");
+    assert_eq!(rows.iter().filter(|r| r["event_type"] == "js").count(), 5, "{rows:?}");
+    assert!(rows.iter().all(|r| r["event_type"] != "bad"), "nothing of the refused INSERT: {rows:?}");
+    assert_eq!(rows[5]["event_type"], "compact", "{rows:?}");
     let logs = stored(ch, &format!("SELECT host, level, message FROM `{db}`.logs ORDER BY message")).await;
     assert_eq!(logs.len(), 3, "{logs:?}");
     assert_eq!(logs[0], json!({"host": "h1", "level": "info", "message": "one"}));
@@ -230,12 +235,48 @@ async fn statements_in_the_body_and_what_is_refused() {
         (None, Some(KEY), format!("DROP TABLE {db}.events_raw"), 400, "62"),
         (None, Some(KEY), format!("SELECT * FROM {db}.events_raw"), 403, "164"),
         (Some(insert.as_str()), Some(KEY), "{\"user_id\":9,".into(), 400, "117"),
+        (
+            None,
+            Some(KEY),
+            format!("INSERT INTO {db}.events_raw (user_id, user_id) FORMAT JSONEachRow\n{{}}"),
+            400,
+            "15",
+        ),
+        (None, Some(KEY), format!("INSERT INTO {db}.events_raw (nope) FORMAT JSONEachRow\n{{}}"), 400, "16"),
+        (
+            None,
+            Some(KEY),
+            format!(
+                "INSERT INTO {db}.events_raw (user_id) SETTINGS input_format_skip_unknown_fields = 0 FORMAT JSONEachRow\n{{\"user_id\":1,\"event_type\":\"a\"}}"
+            ),
+            400,
+            "117",
+        ),
     ];
     for (query, key, body, status, code) in refusals {
         let (got, got_code, text) = post(&gw, query, key, body.clone()).await;
         assert_eq!((got, got_code.as_str()), (status, code), "{body}: {text}");
         assert!(text.starts_with(&format!("Code: {code}. DB::Exception: ")), "{text}");
     }
+    // An INSERT over GET is refused, as ClickHouse refuses writes over GET.
+    let response = http()
+        .get(format!("{}/", gw.url))
+        .query(&[("query", format!("{insert} {{\"user_id\":9}}").as_str()), ("password", KEY)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-clickhouse-exception-code"], "164");
+    // Rows in the query parameter, then more in the body, a line apart; the query_id echoed.
+    let response = http()
+        .post(format!("{}/", gw.url))
+        .query(&[("query", format!("{insert} {{\"user_id\":5}}").as_str()), ("query_id", "q-1")])
+        .header("x-clickhouse-key", KEY)
+        .body("{\"user_id\":6}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-clickhouse-query-id"], "q-1");
+    assert_eq!(response.status().as_u16(), 200, "{}", response.text().await.unwrap());
     // The restricted key writes its own stream.
     let (status, _, text) =
         post(&gw, Some(&format!("INSERT INTO {db}.logs FORMAT JSONEachRow")), Some("logs-key"), "{\"host\":\"h\"}")
@@ -247,7 +288,7 @@ async fn statements_in_the_body_and_what_is_refused() {
     gw.drain(ch).await;
     let rows = stored(ch, &format!("SELECT user_id FROM `{db}`.events_raw ORDER BY user_id")).await;
     let ids: Vec<u64> = rows.iter().map(|r| r["user_id"].as_str().unwrap().parse().unwrap()).collect();
-    assert_eq!(ids, [1, 2, 3, 4], "only the accepted INSERTs are stored");
+    assert_eq!(ids, [1, 2, 3, 4, 5, 6], "only the accepted INSERTs are stored");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,6 +391,10 @@ const CASES: &[(&str, &[&str])] = &[
             r#""yesterday""#,
         ],
     ),
+    (
+        "DateTime('Asia/Tokyo')",
+        &["1764586800", r#""2025-12-01 11:00:00""#, r#""2025-12-01T11:00:00Z""#, r#""2025-12-01 20:00:00+09:00""#],
+    ),
     ("Decimal(10, 3)", &["1.5", r#""1.5""#, "1.23456", "1e2", "12345678.9", "null", r#""abc""#, "-0.001"]),
     ("Enum8('a' = 1, 'b' = 2)", &[r#""a""#, "1", r#""1""#, r#""c""#, "3"]),
     ("Array(Int32)", &["[1,2]", "[]", r#"["1"]"#, "[null]", "null", "1", "[1.5]"]),
@@ -372,6 +417,9 @@ const REFUSED: &[(&str, &str)] = &[
     ("DateTime", "1764586800123"),
     ("DateTime", "-5"),
     ("Enum8('a' = 1, 'b' = 2)", r#""1""#),
+    // A time without an offset in a column whose zone is not UTC: read in that zone by
+    // ClickHouse, refused by the gateway rather than guessed.
+    ("DateTime('Asia/Tokyo')", r#""2025-12-01 11:00:00""#),
 ];
 
 /// Where the gateway stores what ClickHouse refuses, with the meaning the text has: an
@@ -386,6 +434,8 @@ const LENIENT: &[(&str, &str)] = &[
     ("DateTime", r#""2025-12-01T11:00:00Z""#),
     ("DateTime", r#""2025-12-01 11:00:00.250""#),
     ("DateTime", r#""2025-12-01 11:00:00+02:00""#),
+    ("DateTime('Asia/Tokyo')", r#""2025-12-01T11:00:00Z""#),
+    ("DateTime('Asia/Tokyo')", r#""2025-12-01 20:00:00+09:00""#),
 ];
 
 /// The column of case `i`.

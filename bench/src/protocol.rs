@@ -29,7 +29,7 @@ pub async fn run(binary: &Path, servers: &Servers, seconds: f64, rounds: usize) 
         "{seconds} s per scenario, {rounds} interleaved rounds; each row is a round. The requests to ClickHouse and to the gateway's protocol are the same bytes.\n\n| mode | events × connections | events/s | latency p50 / p99 / p99.9 ms | CPU s per M events: gateway / ClickHouse / Redis (= total) | load generator CPU s per M events | machine busy · events/s with every core busy | gateway peak RSS | parts per M events | lost / duplicated |\n|---|---|---|---|---|---|---|---|---|---|\n"
     );
     let mut summary = String::new();
-    let mut first_id = 1u64 << 50;
+    let mut first_id = 0u64;
     for (batch, connections) in [(10u64, 64usize), (1000, 8)] {
         let mut pairs = Vec::new();
         for round in 0..rounds {

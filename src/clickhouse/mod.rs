@@ -295,7 +295,7 @@ impl ClickHouse {
             .into_iter()
             .next()
             .map(|r| (r.v, r.tz))
-            .unwrap_or_default();
+            .ok_or_else(|| ClickHouseError::Protocol("SELECT version(), timezone() gave no row".into()))?;
         let supported = |sql: &'static str| async move {
             match self.execute(sql).await {
                 Ok(()) => Ok(true),

@@ -17,7 +17,7 @@ use std::borrow::Cow;
 
 use super::swar;
 use crate::config::UnknownFields;
-use crate::schema::{Content, EventFields, Field, Rejection, Role, TableSchema};
+use crate::schema::{Content, EventFields, Field, Rejection, Role, TableSchema, UNKNOWN_FIELD};
 
 /// Deeper nesting is refused (serde_json's limit too): recursion stays bounded.
 const MAX_DEPTH: usize = 128;
@@ -173,7 +173,7 @@ impl<'a> Scanner<'a> {
                     )),
                 },
                 None if unknown == UnknownFields::Ignore => None,
-                None => Some((key.unwrap_or_default().into_owned(), "no such column in the table".to_string())),
+                None => Some((key.unwrap_or_default().into_owned(), UNKNOWN_FIELD.to_string())),
             };
             if let Some((field, error)) = problem {
                 fields.problem.get_or_insert(Rejection { field: Some(field), error });
@@ -213,8 +213,20 @@ impl<'a> Scanner<'a> {
                         Content::Raw
                     }
                 };
-                if let Some(i) = column {
-                    fields.values[i] = Some(Field { raw: &self.text[start..self.pos], content });
+                match column.map(|i| (i, &schema.columns()[i])) {
+                    Some((i, c)) if matches!(c.role, Role::Written { .. }) => {
+                        fields.values[i] = Some(Field { raw: &self.text[start..self.pos], content });
+                    }
+                    // A value for a column the gateway does not write is refused, as by name.
+                    Some((_, c)) => {
+                        let error = match &c.role {
+                            Role::Computed(kind) => kind_problem(kind),
+                            Role::Unsupported(text) => format!("column type {text} is not supported by buffergate"),
+                            Role::Written { .. } => String::new(),
+                        };
+                        fields.problem.get_or_insert(Rejection { field: Some(c.name.clone()), error });
+                    }
+                    None => {}
                 }
                 if !self.next_element(b']')? {
                     break;

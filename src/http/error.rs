@@ -128,9 +128,10 @@ impl From<IngestError> for ApiError {
             IngestError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
             IngestError::JournalFull => Self::JournalFull,
             IngestError::ShardUnavailable { shard, retry_after_s } => Self::ShardSaturated { shard, retry_after_s },
-            IngestError::VisibleNeedsJournal | IngestError::Refused { .. } | IngestError::NoSuchColumn(_) => {
-                Self::BadQuery(error.to_string())
-            }
+            IngestError::VisibleNeedsJournal
+            | IngestError::Refused { .. }
+            | IngestError::NoSuchColumn(_)
+            | IngestError::DuplicateColumn(_) => Self::BadQuery(error.to_string()),
             IngestError::Internal(why) => Self::Internal(why),
         }
     }

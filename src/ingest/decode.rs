@@ -35,6 +35,7 @@ impl Pipeline {
                 Some(columns) => Some(listed(&schema, columns)?),
                 None => None,
             };
+            // Every listed column exists (checked just above), so each name has its index.
             let order = (body.format == Format::JsonCompactEachRow).then(|| match &body.reading.columns {
                 Some(columns) => columns.iter().filter_map(|c| schema.column_index(c)).collect(),
                 None => schema.insertable().into(),
@@ -60,7 +61,9 @@ fn listed(schema: &TableSchema, columns: &[String]) -> Result<Arc<[bool]>, Inges
     let mut mask = vec![false; schema.columns().len()];
     for name in columns {
         let i = schema.column_index(name).ok_or_else(|| IngestError::NoSuchColumn(name.clone()))?;
-        mask[i] = true;
+        if std::mem::replace(&mut mask[i], true) {
+            return Err(IngestError::DuplicateColumn(name.clone()));
+        }
     }
     Ok(mask.into())
 }

@@ -41,6 +41,9 @@ pub enum IngestError {
     /// An INSERT lists a column the table does not have.
     #[error("the table has no column {0:?}")]
     NoSuchColumn(String),
+    /// An INSERT lists a column twice.
+    #[error("the column {0:?} is listed twice")]
+    DuplicateColumn(String),
     #[error("wait=visible needs the journal, which is off")]
     VisibleNeedsJournal,
     #[error("internal error: {0}")]

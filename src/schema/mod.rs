@@ -63,6 +63,11 @@ pub(crate) struct Column {
     zone_is_utc: Option<bool>,
 }
 
+/// The reason given for a field the table lacks.
+pub const UNKNOWN_FIELD: &str = "no such column in the table";
+/// The reason given for a field of a column an INSERT's column list leaves out.
+pub const UNLISTED_FIELD: &str = "not in the INSERT's column list";
+
 /// Why an event was not accepted: the field (`None` for the event as a whole) and the reason.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Rejection {
@@ -439,7 +444,7 @@ impl TableSchema {
             let mut field = fields.field(i);
             if field.is_some() && !ctx.lists(i) {
                 if ctx.unknown_fields == UnknownFields::Reject {
-                    return Err(reject("not in the INSERT's column list".into()));
+                    return Err(reject(UNLISTED_FIELD.into()));
                 }
                 field = None;
             }

@@ -12,9 +12,22 @@ use super::VERSION;
 use crate::decode::DecodeError;
 use crate::http::error::ApiError;
 use crate::ingest::IngestError;
+use crate::schema::{UNKNOWN_FIELD, UNLISTED_FIELD};
 
 /// Seconds a client is told to wait before retrying when nothing better is known.
 const RETRY_AFTER_SECONDS: u32 = 1;
+
+/// Bytes of a name from a request (a table, a format, a setting) echoed in a refusal.
+const ECHO_BYTES: usize = 64;
+
+/// `text` cut to [`ECHO_BYTES`] on a character boundary.
+pub fn shown(text: &str) -> &str {
+    let mut end = text.len().min(ECHO_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
 
 /// A refusal in ClickHouse's words.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,7 +54,10 @@ impl Exception {
             60,
             "UNKNOWN_TABLE",
             StatusCode::NOT_FOUND,
-            format!("Table {table} is not a stream of this gateway (buffergate writes only its streams' tables)"),
+            format!(
+                "Table {} is not a stream of this gateway (buffergate writes only its streams' tables)",
+                shown(table)
+            ),
         )
     }
 
@@ -54,7 +70,10 @@ impl Exception {
             73,
             "UNKNOWN_FORMAT",
             StatusCode::NOT_FOUND,
-            format!("buffergate reads the rows of an INSERT in JSONEachRow or JSONCompactEachRow, not {format}"),
+            format!(
+                "buffergate reads the rows of an INSERT in JSONEachRow or JSONCompactEachRow, not {}",
+                shown(format)
+            ),
         )
     }
 
@@ -64,6 +83,16 @@ impl Exception {
 
     pub fn bad_arguments(message: impl Into<String>) -> Self {
         Self::new(36, "BAD_ARGUMENTS", StatusCode::BAD_REQUEST, message)
+    }
+
+    /// A refusal to retry once the server's time zone is known.
+    pub fn timezone_unknown() -> Self {
+        Self::retry(
+            210,
+            "NETWORK_ERROR",
+            "the ClickHouse server's time zone is not known yet (it has not answered); retry later".into(),
+            RETRY_AFTER_SECONDS,
+        )
     }
 
     fn retry(code: u16, name: &'static str, message: String, retry_after_s: u32) -> Self {
@@ -90,9 +119,9 @@ impl From<ApiError> for Exception {
             }
             ApiError::BadQuery(_) | ApiError::BadPath(_) => Self::bad_arguments(message),
             ApiError::BodyTooLarge { .. } => Self::new(307, "TOO_MANY_BYTES", StatusCode::PAYLOAD_TOO_LARGE, message),
-            ApiError::BodyRead(_) | ApiError::BodyTimeout { .. } => {
-                Self::new(33, "CANNOT_READ_ALL_DATA", StatusCode::BAD_REQUEST, message)
-            }
+            ApiError::BodyRead(_) => Self::new(33, "CANNOT_READ_ALL_DATA", StatusCode::BAD_REQUEST, message),
+            // 408, as on `/v1/events`: a client too slow to send is not waited for again.
+            ApiError::BodyTimeout { .. } => Self::new(33, "CANNOT_READ_ALL_DATA", StatusCode::REQUEST_TIMEOUT, message),
             // ClickHouse's own "inserting faster than it can merge": what clients and operators
             // already read as "slow down".
             ApiError::BufferSaturated { .. } | ApiError::ShardSaturated { .. } => retry(252, "TOO_MANY_PARTS"),
@@ -158,7 +187,7 @@ impl From<IngestError> for Exception {
             }
             // ClickHouse counts rows from 1.
             IngestError::Refused { index, field, error }
-                if field.is_some() && error == "no such column in the table" =>
+                if field.is_some() && (error == UNKNOWN_FIELD || error == UNLISTED_FIELD) =>
             {
                 Self::new(
                     117,
@@ -185,7 +214,13 @@ impl From<IngestError> for Exception {
                 16,
                 "NO_SUCH_COLUMN_IN_TABLE",
                 StatusCode::BAD_REQUEST,
-                format!("No such column {column} in table"),
+                format!("No such column {} in table", shown(&column)),
+            ),
+            IngestError::DuplicateColumn(column) => Self::new(
+                15,
+                "DUPLICATE_COLUMN",
+                StatusCode::BAD_REQUEST,
+                format!("Column {} specified more than once", shown(&column)),
             ),
             IngestError::VisibleNeedsJournal => Self::bad_arguments(message),
             other => ApiError::from(other).into(),

@@ -3,10 +3,11 @@
 //! FORMAT JSONEachRow` (the statement in the `query` parameter or at the start of the body),
 //! `GET /ping`, and the read-only queries clients send when they connect (`answers`).
 //!
-//! A request passes, outermost first: the body drain; [`restate`], which words any refusal of
-//! the layers within as ClickHouse would; [`credentials`] (the key as ClickHouse clients send
-//! a password); [`route`], which reads the statement, answers a query, or resolves the INSERT's
-//! table to its stream; then the same shed gate, limits and timeout as `/v1/events`; then
+//! A request passes, outermost first: the body drain; [`restate`], which decodes the URL's
+//! parameters once and words any refusal of the layers within as ClickHouse would; [`route`],
+//! which checks the key (as ClickHouse clients send a password), reads the statement, answers
+//! a query, or resolves the INSERT's table to its stream; then the same shed gate, limits and
+//! timeout as `/v1/events`; then
 //! [`insert`], which hands the rows to the stream's ingestion path read as ClickHouse reads
 //! them, all or nothing.
 
@@ -88,53 +89,61 @@ fn params_of(request: &Request) -> Params {
     Query::<Params>::try_from_uri(request.uri()).map(|Query(p)| p).unwrap_or_default()
 }
 
-/// Words a refusal made by the layers within (`ApiError`) as ClickHouse would.
-pub async fn restate(request: Request, next: Next) -> Response {
+/// Words a refusal made by the layers within (`ApiError`) as ClickHouse would, and echoes the
+/// request's `query_id` on every answer, as ClickHouse does.
+pub async fn restate(mut request: Request, next: Next) -> Response {
+    // The URL's parameters, decoded once for every layer within.
+    let params = Arc::new(params_of(&request));
+    let query_id = param(&params, "query_id").and_then(|id| HeaderValue::from_str(exception::shown(id)).ok());
+    request.extensions_mut().insert(params);
     let response = next.run(request).await;
-    match response.extensions().get::<Refused>() {
+    let mut response = match response.extensions().get::<Refused>() {
         Some(Refused(error)) => Exception::from((**error).clone()).into_response(),
         None => response,
+    };
+    if let Some(id) = query_id {
+        response.headers_mut().insert("x-clickhouse-query-id", id);
     }
+    response
 }
 
-/// The API key as ClickHouse clients send a password: `X-ClickHouse-Key`, the password of
-/// basic authentication, the `password` parameter, or a bearer token. The user name is not
-/// checked: a key alone says who the caller is.
-pub async fn credentials(State(state): State<Arc<AppState>>, mut request: Request, next: Next) -> Response {
-    let key = presented_key(request.headers(), &params_of(&request));
-    match state.api_keys.check(key.as_deref()) {
-        Ok(caller) => {
-            if let Some(caller) = caller {
-                request.extensions_mut().insert(caller);
-            }
-            next.run(request).await
-        }
-        Err(Denied::Missing | Denied::Unknown) => Exception::from(super::error::ApiError::Unauthorized).into_response(),
-        Err(Denied::RateLimited(retry_after_s)) => {
-            Exception::from(super::error::ApiError::RateLimited { retry_after_s }).into_response()
-        }
-    }
+/// The caller, from the API key as ClickHouse clients send a password (see
+/// [`presented_key`]). The user name is not checked: a key alone says who the caller is.
+fn caller(state: &AppState, headers: &HeaderMap, params: &Params) -> Result<Option<Caller>, Exception> {
+    let key = presented_key(headers, params);
+    state.api_keys.check(key.as_deref()).map_err(|denied| match denied {
+        Denied::Missing | Denied::Unknown => super::error::ApiError::Unauthorized.into(),
+        Denied::RateLimited(retry_after_s) => super::error::ApiError::RateLimited { retry_after_s }.into(),
+    })
 }
 
+/// `X-ClickHouse-Key`, else a key in `Authorization` (bearer, or basic's password), else the
+/// `password` parameter.
 fn presented_key(headers: &HeaderMap, params: &Params) -> Option<String> {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty());
     if let Some(key) = header("x-clickhouse-key") {
         return Some(key.to_string());
     }
-    if let Some(authorization) = header(header::AUTHORIZATION.as_str()) {
-        if let Some(token) = crate::auth::bearer(Some(authorization)) {
-            return Some(token.to_string());
-        }
-        let (scheme, encoded) = authorization.trim().split_once(' ')?;
-        if scheme.eq_ignore_ascii_case("basic") {
-            let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
-            let text = String::from_utf8(decoded).ok()?;
-            let (_user, password) = text.split_once(':')?;
-            return (!password.is_empty()).then(|| password.to_string());
-        }
-        return None;
+    if let Some(key) = header(header::AUTHORIZATION.as_str()).and_then(authorization_key) {
+        return Some(key);
     }
     param(params, "password").filter(|p| !p.is_empty()).map(str::to_string)
+}
+
+/// The key in an `Authorization` header: a bearer token, or the password of basic
+/// authentication.
+fn authorization_key(authorization: &str) -> Option<String> {
+    if let Some(token) = crate::auth::bearer(Some(authorization)) {
+        return Some(token.to_string());
+    }
+    let (scheme, encoded) = authorization.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (_user, password) = text.split_once(':')?;
+    (!password.is_empty()).then(|| password.to_string())
 }
 
 /// `GET /ping`, as ClickHouse answers it.
@@ -142,8 +151,9 @@ pub async fn ping() -> &'static str {
     "Ok.\n"
 }
 
-/// Reads the request's statement: answers a query, or resolves an INSERT's table to its
-/// stream and hands the request on with the statement taken off its body.
+/// Checks the caller's key, then reads the request's statement: answers a query, or resolves
+/// an INSERT's table to its stream and hands the request on with the statement taken off its
+/// body.
 pub async fn route(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
     match resolve(&state, request).await {
         Ok(Routed::Answer(response)) => response,
@@ -158,13 +168,30 @@ enum Routed {
 }
 
 async fn resolve(state: &AppState, request: Request) -> Result<Routed, Exception> {
-    let params = params_of(&request);
-    let (parts, body) = request.into_parts();
+    let params = match request.extensions().get::<Arc<Params>>() {
+        Some(params) => Arc::clone(params),
+        None => Arc::new(params_of(&request)),
+    };
+    let (mut parts, body) = request.into_parts();
+    if let Some(caller) = caller(state, &parts.headers, &params)? {
+        parts.extensions.insert(caller);
+    }
     let timeout = Duration::from_millis(state.config.http.body_timeout_ms);
     let (statement, body) = match param(&params, "query").filter(|q| !q.trim().is_empty()) {
         Some(query) => match statement::read(query.as_bytes(), true).map_err(|e| Exception::syntax(e.0))? {
             Read::Complete(statement, data_at) => {
-                let rest = Bytes::copy_from_slice(&query.as_bytes()[data_at..]);
+                // Rows in the parameter come before the body's, a line apart, as ClickHouse
+                // joins them.
+                let rows = &query.as_bytes()[data_at..];
+                let rest = if rows.iter().all(u8::is_ascii_whitespace) {
+                    Bytes::new()
+                } else if body::encoding_of(&parts.headers).is_ok_and(|e| e != crate::decode::Encoding::Identity) {
+                    return Err(Exception::bad_arguments(
+                        "rows in the query parameter cannot precede a compressed body: send them all in the body",
+                    ));
+                } else {
+                    Bytes::from([rows, b"\n"].concat())
+                };
                 (statement, Prefixed::new(rest, body))
             }
             Read::Incomplete => return Err(Exception::syntax("the query ends before its FORMAT clause")),
@@ -187,6 +214,9 @@ async fn resolve(state: &AppState, request: Request) -> Result<Routed, Exception
             let timezone = state.streams.default_stream().ingest.health().clickhouse_timezone();
             let timezone = timezone.as_deref().unwrap_or("UTC");
             return answers::answer(&text, format.as_deref().unwrap_or("TabSeparated"), timezone).map(Routed::Answer);
+        }
+        Statement::Insert(_) if parts.method == axum::http::Method::GET => {
+            return Err(Exception::readonly("an INSERT is sent with POST: GET is read-only, as in ClickHouse"));
         }
         Statement::Insert(insert) => insert,
     };
@@ -211,7 +241,7 @@ async fn resolve(state: &AppState, request: Request) -> Result<Routed, Exception
     }
     let mut request = Request::from_parts(parts, Body::new(body));
     request.extensions_mut().insert(Arc::clone(stream));
-    request.extensions_mut().insert(Resolved { insert: Arc::new(insert), params: Arc::new(params) });
+    request.extensions_mut().insert(Resolved { insert: Arc::new(insert), params });
     Ok(Routed::Insert(request))
 }
 
@@ -249,22 +279,32 @@ fn stream_of<'s>(streams: &'s Streams, database: Option<&str>, table: &str) -> R
 async fn statement_from_body(mut body: Body, timeout: Duration) -> Result<(Statement, Prefixed), Exception> {
     let mut head = BytesMut::new();
     let read = async {
+        // The statement is read again from its start only when a frame brings a line break or
+        // the text has doubled since the last reading: a body sent a byte at a time costs
+        // linear time, not quadratic.
+        let mut read_at = 0usize;
         loop {
             let frame = body.frame().await;
-            let ended = match frame {
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
+            let (ended, line) = match frame {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
                         head.extend_from_slice(&data);
+                        (false, data.contains(&b'\n'))
                     }
-                    false
-                }
+                    Err(_) => (false, false),
+                },
                 Some(Err(e)) => return Err(Exception::from(super::error::ApiError::BodyRead(e.to_string()))),
-                None => true,
+                None => (true, false),
             };
+            let full = head.len() >= statement::MAX_STATEMENT_BYTES;
+            if !(ended || line || full || head.len() >= read_at * 2) {
+                continue;
+            }
+            read_at = head.len();
             let window = &head[..head.len().min(statement::MAX_STATEMENT_BYTES)];
             match statement::read(window, ended).map_err(|e| Exception::syntax(e.0))? {
                 Read::Complete(statement, data_at) => return Ok((statement, data_at)),
-                Read::Incomplete if ended || head.len() >= statement::MAX_STATEMENT_BYTES => {
+                Read::Incomplete if ended || full => {
                     return Err(Exception::syntax(format!(
                         "no complete statement in the first {} bytes of the body",
                         statement::MAX_STATEMENT_BYTES
@@ -361,7 +401,7 @@ pub async fn insert(
     let started = Instant::now();
     let owner = caller.map(|Extension(caller)| caller.name);
     match run(&state, &stream, &resolved, owner, divert.is_some(), &headers, body).await {
-        Ok(written) => summary(written, started, &resolved, &stream),
+        Ok(written) => summary(written, started),
         Err(exception) => exception.into_response(),
     }
 }
@@ -380,7 +420,9 @@ async fn run(
     let encoding = body::encoding_of(headers).map_err(Exception::from)?;
     let limit = state.config.http.max_body_bytes;
     let timeout = Duration::from_millis(state.config.http.body_timeout_ms);
-    let naive_utc = stream.ingest.health().clickhouse_timezone().is_some_and(|tz| is_utc(&tz));
+    // Until the server said its time zone, a time without an offset cannot be read as it would.
+    let timezone = stream.ingest.health().clickhouse_timezone().ok_or_else(Exception::timezone_unknown)?;
+    let naive_utc = is_utc(&timezone);
     let request = ingest::Request {
         body: Box::pin(async move { body::read_limited(headers, body, limit, timeout).await.map_err(Exception::from) }),
         announced: content_length(headers).unwrap_or(limit).min(limit),
@@ -417,29 +459,16 @@ fn content_length(headers: &HeaderMap) -> Option<usize> {
 }
 
 /// 200 with an empty body and `X-ClickHouse-Summary`, as ClickHouse answers an INSERT.
-fn summary(written: usize, started: Instant, resolved: &Resolved, stream: &Stream) -> Response {
-    let elapsed_ns = started.elapsed().as_nanos().to_string();
-    let summary = serde_json::json!({
-        "read_rows": "0",
-        "read_bytes": "0",
-        "written_rows": written.to_string(),
-        "written_bytes": "0",
-        "total_rows_to_read": "0",
-        "result_rows": written.to_string(),
-        "result_bytes": "0",
-        "elapsed_ns": elapsed_ns,
-    });
+fn summary(written: usize, started: Instant) -> Response {
+    let summary = format!(
+        r#"{{"read_rows":"0","read_bytes":"0","written_rows":"{written}","written_bytes":"0","total_rows_to_read":"0","result_rows":"{written}","result_bytes":"0","elapsed_ns":"{}"}}"#,
+        started.elapsed().as_nanos()
+    );
     let mut response = StatusCode::OK.into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=UTF-8"));
-    if let Ok(value) = HeaderValue::from_str(&summary.to_string()) {
+    if let Ok(value) = HeaderValue::try_from(summary) {
         headers.insert("x-clickhouse-summary", value);
-    }
-    if let Some(id) = param(&resolved.params, "query_id").and_then(|id| HeaderValue::from_str(id).ok()) {
-        headers.insert("x-clickhouse-query-id", id);
-    }
-    if let Some(tz) = stream.ingest.health().clickhouse_timezone().and_then(|tz| HeaderValue::from_str(&tz).ok()) {
-        headers.insert("x-clickhouse-timezone", tz);
     }
     response
 }

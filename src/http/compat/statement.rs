@@ -46,7 +46,11 @@ pub const MAX_STATEMENT_BYTES: usize = 256 * 1024;
 /// INSERT without data, a query); otherwise a statement that reaches the end of `text` is
 /// [`Read::Incomplete`].
 pub fn read(text: &[u8], whole: bool) -> Result<Read, SyntaxError> {
-    let mut lexer = Lexer { text, pos: 0 };
+    // A body read so far that ends in `-` or `/` may end inside the start of a comment.
+    if !whole && matches!(text.last(), Some(b'-' | b'/')) {
+        return Ok(Read::Incomplete);
+    }
+    let mut lexer = Lexer { text, pos: 0, whole };
     let first = match lexer.next() {
         Err(Problem::End) if !whole => return Ok(Read::Incomplete),
         Err(Problem::End) => return Err(SyntaxError("the query ends inside a quoted name".into())),
@@ -56,10 +60,6 @@ pub fn read(text: &[u8], whole: bool) -> Result<Read, SyntaxError> {
         Ok(None) if whole => return Err(SyntaxError("Empty query".into())),
         Ok(None) => return Ok(Read::Incomplete),
     };
-    // A word that reaches the end of the text may go on.
-    if !whole && lexer.pos == text.len() {
-        return Ok(Read::Incomplete);
-    }
     if first.eq_ignore_ascii_case("insert") {
         return match insert(&mut lexer, whole) {
             Ok(insert) => Ok(Read::Complete(Statement::Insert(insert), lexer.pos)),
@@ -69,7 +69,8 @@ pub fn read(text: &[u8], whole: bool) -> Result<Read, SyntaxError> {
         };
     }
     if !["select", "with", "show", "describe", "desc", "exists"].iter().any(|k| first.eq_ignore_ascii_case(k)) {
-        return Err(SyntaxError(format!("buffergate does not execute {} statements", first.to_ascii_uppercase())));
+        let first = super::exception::shown(&first).to_ascii_uppercase();
+        return Err(SyntaxError(format!("buffergate does not execute {first} statements")));
     }
     if !whole {
         return Ok(Read::Incomplete);
@@ -137,11 +138,11 @@ fn insert(lexer: &mut Lexer<'_>, whole: bool) -> Result<Insert, Problem> {
         loop {
             let key = lexer.name()?;
             if lexer.next()?.ok_or(Problem::End)? != Token::Equals {
-                return Err(syntax(format!("expected `=` after the setting {key}")));
+                return Err(syntax(format!("expected `=` after the setting {}", super::exception::shown(&key))));
             }
             let value = match lexer.next()?.ok_or(Problem::End)? {
                 Token::Word(w) | Token::Literal(w) => w,
-                _ => return Err(syntax(format!("expected a value for the setting {key}"))),
+                _ => return Err(syntax(format!("expected a value for the setting {}", super::exception::shown(&key)))),
             };
             settings.push((key, value));
             token = lexer.next()?.ok_or(Problem::End)?;
@@ -152,14 +153,14 @@ fn insert(lexer: &mut Lexer<'_>, whole: bool) -> Result<Insert, Problem> {
     }
     match token {
         Token::Word(w) if w.eq_ignore_ascii_case("format") => {
+            // A name that reaches the end of what was read may go on (see `more_may_follow`).
             let format = lexer.name()?;
-            // The format's name ends at the first character that cannot continue it: with
-            // nothing after it yet, more of it may still come.
+            // ClickHouse starts the data after the whitespace that follows the format's name;
+            // whitespace or a comment up to the end of what was read may go on.
+            lexer.skip_blank();
             if lexer.pos == lexer.text.len() && !whole {
                 return Err(Problem::End);
             }
-            // ClickHouse starts the data after the whitespace that follows the format's name.
-            lexer.skip_blank();
             Ok(Insert { database, table, columns, settings, format })
         }
         Token::Word(w) if w.eq_ignore_ascii_case("values") => {
@@ -188,6 +189,8 @@ enum Token {
 struct Lexer<'a> {
     text: &'a [u8],
     pos: usize,
+    /// The text is all there is: a word that reaches its end is complete.
+    whole: bool,
 }
 
 impl Lexer<'_> {
@@ -236,6 +239,7 @@ impl Lexer<'_> {
                 while self.text.get(self.pos).is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'_') {
                     self.pos += 1;
                 }
+                self.more_may_follow()?;
                 Ok(Some(Token::Word(String::from_utf8_lossy(&self.text[start..self.pos]).into_owned())))
             }
             c if c.is_ascii_digit() || c == b'-' || c == b'+' => {
@@ -244,10 +248,16 @@ impl Lexer<'_> {
                 while self.text.get(self.pos).is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'.') {
                     self.pos += 1;
                 }
+                self.more_may_follow()?;
                 Ok(Some(Token::Literal(String::from_utf8_lossy(&self.text[start..self.pos]).into_owned())))
             }
             other => Err(syntax(format!("unexpected character {:?} in the query", char::from(other)))),
         }
+    }
+
+    /// A word or number that reaches the end of a text that is not whole may go on.
+    fn more_may_follow(&self) -> Result<(), Problem> {
+        if self.pos == self.text.len() && !self.whole { Err(Problem::End) } else { Ok(()) }
     }
 
     /// A quoted token's content, its escapes (`\x`, doubled quote) resolved.
@@ -352,6 +362,21 @@ mod tests {
             assert_eq!(read(cut.as_bytes(), false), Ok(Read::Incomplete), "{cut}");
         }
         assert!(read(b"INSERT INTO t", true).is_err());
+    }
+
+    /// However the body is cut into frames, the statement and the data start are the same.
+    #[test]
+    fn any_cut_of_the_body_reads_alike() {
+        let body = "INSERT INTO t -- a comment\n (a) /* another */ FORMAT JSONEachRow -- rows follow\n{\"a\":1}\n";
+        let expected = read(body.as_bytes(), true).unwrap();
+        for cut in 0..body.len() {
+            match read(&body.as_bytes()[..cut], false).unwrap() {
+                Read::Incomplete => {}
+                complete => assert_eq!(complete, expected, "cut at {cut}: {:?}", &body[..cut]),
+            }
+        }
+        let Read::Complete(_, at) = expected else { panic!() };
+        assert_eq!(&body[at..], "{\"a\":1}\n");
     }
 
     #[test]
