@@ -295,15 +295,7 @@ async fn statements_in_the_body_and_what_is_refused() {
 async fn a_saturated_stream_answers_503_that_clients_report() {
     // Its own server: the Buffer's fill on 18.16 is the server-wide total.
     let ch = ClickHouseServer::start("chproto-shed");
-    let mut config = config(&ch, "chproto_shed");
-    config.table.buffer_num_layers = 1;
-    config.table.buffer_min_time = 3600;
-    config.table.buffer_max_time = 3600;
-    config.table.buffer_min_rows = 10_000_000;
-    config.table.buffer_max_rows = 100_000_000;
-    config.table.buffer_min_bytes = 500_000;
-    config.table.buffer_max_bytes = 1_000_000;
-    config.shed.shed_poll_interval_ms = 100;
+    let config = common::small_buffer(&ch, "chproto_shed");
     migrate(&config).await;
     let gw = Gateway::start(config).await;
     gw.wait_ready().await;

@@ -11,27 +11,12 @@ mod common;
 
 use std::time::Duration;
 
-use buffergate::Config;
 use buffergate::config::{OnStale, ShedMode};
-use common::{ClickHouseServer, Gateway, clickhouse, config, eventually, http, migrate};
+use common::{ClickHouseServer, Gateway, clickhouse, config, eventually, http, migrate, small_buffer};
 use serde_json::{Value, json};
 
 /// The metrics recorder is process-wide: tests that read gauges run one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn small_buffer(ch: &ClickHouseServer, db: &str) -> Config {
-    let mut config = config(ch, db);
-    config.table.buffer_num_layers = 1;
-    config.table.buffer_min_time = 3600;
-    config.table.buffer_max_time = 3600;
-    config.table.buffer_min_rows = 10_000_000;
-    config.table.buffer_max_rows = 100_000_000;
-    config.table.buffer_min_bytes = 500_000;
-    config.table.buffer_max_bytes = 1_000_000;
-    config.batching.flush_max_bytes = 200_000;
-    config.shed.shed_poll_interval_ms = 100;
-    config
-}
 
 /// 50 events of about 1 KB each.
 fn batch(request: u64) -> Value {

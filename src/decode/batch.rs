@@ -280,33 +280,31 @@ impl Reader<'_> {
         if scanner.at_end() { Ok(()) } else { Err(at(scanner.error("trailing characters"))) }
     }
 
-    /// One event per line; blank lines are skipped.
+    /// One event per line (blank lines skipped), read in one pass over the body: UTF-8 checked
+    /// once, each line's end found by the scanner as it finishes the event. Splitting into
+    /// lines first cost a fifth more instructions per event than a JSON array (callgrind,
+    /// 1,000-event bodies).
     fn ndjson<'a>(&self, text: &'a [u8], take: &mut dyn FnMut(&EventFields<'a>)) -> Result<(), DecodeError> {
-        let mut count = 0usize;
+        let at = |e: SyntaxError| {
+            let (line, column) = e.position(text);
+            DecodeError::MalformedJson { line, column, reason: e.reason.to_string() }
+        };
+        let mut scanner = Scanner::new(utf8(text).map_err(at)?);
         let mut fields = EventFields::default();
-        for (i, line) in text.split(|&b| b == b'\n').enumerate() {
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
+        let mut count = 0usize;
+        loop {
+            scanner.ws();
+            if scanner.at_end() {
+                return Ok(());
             }
             count += 1;
             if count > self.max_events {
                 return Err(DecodeError::TooManyEvents { limit: self.max_events });
             }
-            let at = |e: SyntaxError| DecodeError::MalformedJson {
-                line: i + 1,
-                column: e.position(line).1,
-                reason: e.reason.to_string(),
-            };
-            let mut scanner = Scanner::new(utf8(line).map_err(at)?);
-            scanner.ws();
             scanner.event(self.schema, &mut fields).map_err(at)?;
-            scanner.ws();
-            if !scanner.at_end() {
-                return Err(at(scanner.error("trailing characters")));
-            }
+            scanner.line_end().map_err(at)?;
             take(&fields);
         }
-        Ok(())
     }
 }
 

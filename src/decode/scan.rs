@@ -89,6 +89,22 @@ impl<'a> Scanner<'a> {
         }
     }
 
+    /// After an event of an NDJSON body: spaces, tabs and carriage returns, then the end of
+    /// the line (consumed) or of the text; anything else is trailing characters.
+    pub fn line_end(&mut self) -> Result<(), SyntaxError> {
+        while let Some(b' ' | b'\t' | b'\r') = self.peek() {
+            self.pos += 1;
+        }
+        match self.peek() {
+            None => Ok(()),
+            Some(b'\n') => {
+                self.pos += 1;
+                Ok(())
+            }
+            Some(_) => Err(self.error("trailing characters")),
+        }
+    }
+
     /// After the opening `[` or `{` and an element: `Ok(true)` for another element (the comma
     /// and whitespace consumed), `Ok(false)` at the closing bracket (consumed).
     pub fn next_element(&mut self, close: u8) -> Result<bool, SyntaxError> {
@@ -149,34 +165,15 @@ impl<'a> Scanner<'a> {
             if let Some(i) = column {
                 next_column = i + 1;
             }
-            let start = self.pos;
-            let content = match column.map(|i| &schema.columns()[i].role) {
-                Some(Role::Written { .. }) if self.peek() == Some(b'"') => {
-                    self.string_content(&mut fields.unescaped)?
-                }
-                _ => {
+            match column {
+                Some(i) => self.field_value(schema, i, fields)?,
+                None => {
                     self.value(1)?;
-                    Content::Raw
-                }
-            };
-            let problem = match column {
-                Some(i) => match &schema.columns()[i].role {
-                    Role::Written { .. } => {
-                        // Duplicate fields: the last one wins, as with serde_json.
-                        fields.values[i] = Some(Field { raw: &self.text[start..self.pos], content });
-                        None
+                    if unknown == UnknownFields::Reject {
+                        let field = key.unwrap_or_default().into_owned();
+                        fields.problem.get_or_insert(Rejection { field: Some(field), error: UNKNOWN_FIELD.into() });
                     }
-                    Role::Computed(kind) => Some((schema.columns()[i].name.clone(), kind_problem(kind))),
-                    Role::Unsupported(text) => Some((
-                        schema.columns()[i].name.clone(),
-                        format!("column type {text} is not supported by buffergate"),
-                    )),
-                },
-                None if unknown == UnknownFields::Ignore => None,
-                None => Some((key.unwrap_or_default().into_owned(), UNKNOWN_FIELD.to_string())),
-            };
-            if let Some((field, error)) = problem {
-                fields.problem.get_or_insert(Rejection { field: Some(field), error });
+                }
             }
             if !self.next_element(b'}')? {
                 return Ok(());
@@ -203,30 +200,9 @@ impl<'a> Scanner<'a> {
             loop {
                 let column = order.get(count).copied();
                 count += 1;
-                let start = self.pos;
-                let content = match column.map(|i| &schema.columns()[i].role) {
-                    Some(Role::Written { .. }) if self.peek() == Some(b'"') => {
-                        self.string_content(&mut fields.unescaped)?
-                    }
-                    _ => {
-                        self.value(1)?;
-                        Content::Raw
-                    }
-                };
-                match column.map(|i| (i, &schema.columns()[i])) {
-                    Some((i, c)) if matches!(c.role, Role::Written { .. }) => {
-                        fields.values[i] = Some(Field { raw: &self.text[start..self.pos], content });
-                    }
-                    // A value for a column the gateway does not write is refused, as by name.
-                    Some((_, c)) => {
-                        let error = match &c.role {
-                            Role::Computed(kind) => kind_problem(kind),
-                            Role::Unsupported(text) => format!("column type {text} is not supported by buffergate"),
-                            Role::Written { .. } => String::new(),
-                        };
-                        fields.problem.get_or_insert(Rejection { field: Some(c.name.clone()), error });
-                    }
-                    None => {}
+                match column {
+                    Some(i) => self.field_value(schema, i, fields)?,
+                    None => self.value(1)?,
                 }
                 if !self.next_element(b']')? {
                     break;
@@ -239,6 +215,31 @@ impl<'a> Scanner<'a> {
                 error: format!("the row has {count} values, the INSERT {} columns", order.len()),
             });
         }
+        Ok(())
+    }
+
+    /// Reads the value of column `i`'s field: kept for a written column (a string unescaped as
+    /// it is read; of duplicate fields the last one wins, as with serde_json), refused for a
+    /// column the gateway does not write.
+    fn field_value(&mut self, schema: &TableSchema, i: usize, fields: &mut EventFields<'a>) -> Result<(), SyntaxError> {
+        let column = &schema.columns()[i];
+        let start = self.pos;
+        let problem = match &column.role {
+            Role::Written { .. } => {
+                let content = if self.peek() == Some(b'"') {
+                    self.string_content(&mut fields.unescaped)?
+                } else {
+                    self.value(1)?;
+                    Content::Raw
+                };
+                fields.values[i] = Some(Field { raw: &self.text[start..self.pos], content });
+                return Ok(());
+            }
+            Role::Computed(kind) => kind_problem(kind),
+            Role::Unsupported(text) => format!("column type {text} is not supported by buffergate"),
+        };
+        self.value(1)?;
+        fields.problem.get_or_insert(Rejection { field: Some(column.name.clone()), error: problem });
         Ok(())
     }
 

@@ -519,6 +519,22 @@ pub fn holding_buffer(mut config: Config) -> Config {
     config
 }
 
+/// `config` for `db` with a Buffer of 1 MB that flushes only when full (an hour, 100 M rows),
+/// polled every 100 ms: a few hundred 1 KB events saturate it.
+pub fn small_buffer(ch: &ClickHouseServer, db: &str) -> Config {
+    let mut config = config(ch, db);
+    config.table.buffer_num_layers = 1;
+    config.table.buffer_min_time = 3600;
+    config.table.buffer_max_time = 3600;
+    config.table.buffer_min_rows = 10_000_000;
+    config.table.buffer_max_rows = 100_000_000;
+    config.table.buffer_min_bytes = 500_000;
+    config.table.buffer_max_bytes = 1_000_000;
+    config.batching.flush_max_bytes = 200_000;
+    config.shed.shed_poll_interval_ms = 100;
+    config
+}
+
 /// `config` with a data directory of its own when it has the default one: gateways of a test
 /// run never share a journal unless a test means them to.
 pub fn own_data_dir(mut config: Config) -> Config {
