@@ -36,8 +36,12 @@ fn build_schema() -> TableSchema {
         .iter()
         .map(|(name, ty)| ColumnInfo { name: (*name).into(), type_text: (*ty).into(), default_kind: String::new() })
         .collect();
-    let special =
-        SpecialColumns { id: "event_id".into(), timestamp: "event_ts".into(), partition_key: "user_id".into(), sharding: None };
+    let special = SpecialColumns {
+        id: "event_id".into(),
+        timestamp: "event_ts".into(),
+        partition_key: "user_id".into(),
+        sharding: None,
+    };
     TableSchema::new(1, "db", "t", infos, &special)
 }
 
