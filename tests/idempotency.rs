@@ -300,6 +300,75 @@ async fn producer_offsets_resume_without_gap_or_duplicate(store: Store) {
     gw.stop().await;
 }
 
+async fn producer_offsets_expire_and_partitions_are_capped(store: Store) {
+    let ch = clickhouse();
+    let gw = setup(ch, "offset_bounds", store, |c| {
+        c.idempotency.producer_offset_ttl_s = 1;
+        c.idempotency.producer_max_partitions = 2;
+    })
+    .await;
+    let post = |partition: u32, offset: u64| {
+        let url = format!("{}/v1/events", gw.url);
+        async move {
+            let response = http()
+                .post(url)
+                .header("x-producer-id", "bounded")
+                .header("x-producer-partition", partition.to_string())
+                .header("x-producer-offset", offset.to_string())
+                .json(&json!([{"user_id": u64::from(partition) * 1000 + offset}]))
+                .send()
+                .await
+                .unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let offsets = || async {
+        let url = format!("{}/v1/offsets/bounded", gw.url);
+        http().get(url).send().await.unwrap().json::<Value>().await.unwrap()["partitions"].clone()
+    };
+    assert_eq!(post(0, 1).await.0, 200);
+    assert_eq!(post(1, 1).await.0, 200);
+    assert_eq!(post(0, 2).await.0, 200, "a partition it has is not counted again");
+    let (status, body) = post(2, 1).await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("bad_header")), "a third partition: {body}");
+    assert!(body["message"].as_str().unwrap().contains("2 partitions"), "{body}");
+    assert_eq!(offsets().await, json!({"0": 2, "1": 1}));
+    // Kept a second after the last write, then forgotten: the producer starts afresh.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(offsets().await, json!({}));
+    assert_eq!(post(2, 1).await.0, 200);
+    gw.drain(ch).await;
+    assert_eq!(stored(ch, &gw).await.0, 4, "the refused batch stored nothing");
+    gw.stop().await;
+}
+
+async fn a_replayed_answer_is_kept_within_its_bound(store: Store) {
+    let ch = clickhouse();
+    let gw = setup(ch, "answer_bound", store, |_| {}).await;
+    // 3,000 events refused, each with a 200-byte reason: an answer of about 900 KB.
+    let mut batch: Vec<Value> = (0..3000).map(|i| json!({"user_id": format!("{i}{}", "x".repeat(200))})).collect();
+    batch.push(json!({"user_id": 1}));
+    let post = || {
+        let (url, batch) = (format!("{}/v1/events", gw.url), batch.clone());
+        async move {
+            let response = http().post(url).header("idempotency-key", "big").json(&batch).send().await.unwrap();
+            let replayed = response.headers().get("idempotent-replayed").is_some();
+            (response.status().as_u16(), replayed, response.bytes().await.unwrap())
+        }
+    };
+    let (status, replayed, first) = post().await;
+    let first: Value = serde_json::from_slice(&first).unwrap();
+    assert_eq!((status, replayed, first["rejected"].as_array().unwrap().len()), (200, false, 3000));
+    let (status, replayed, kept) = post().await;
+    assert_eq!((status, replayed), (200, true));
+    assert!(kept.len() <= 64 * 1024, "the kept answer is bounded: {} bytes", kept.len());
+    let kept: Value = serde_json::from_slice(&kept).unwrap();
+    let listed = kept["rejected"].as_array().unwrap().len();
+    assert_eq!((kept["accepted"].as_u64(), kept["rejected_omitted"].as_u64()), (Some(1), Some(3000 - listed as u64)));
+    assert_eq!(kept["rejected"][0], first["rejected"][0], "the first refusals, as answered");
+    gw.stop().await;
+}
+
 /// One module of tests per store: `on_stores!(module_name: Store, …; [test, …])`.
 macro_rules! on_stores {
     ($($module:ident: $store:ident),+; $tests:tt) => { $(on_store!($module, $store, $tests);)+ };
@@ -322,6 +391,8 @@ on_stores!(
         a_failed_write_is_not_remembered,
         idempotency_key_replays_conflicts_and_refuses_reuse,
         producer_offsets_resume_without_gap_or_duplicate,
+        producer_offsets_expire_and_partitions_are_capped,
+        a_replayed_answer_is_kept_within_its_bound,
     ]
 );
 

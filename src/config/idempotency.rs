@@ -51,6 +51,12 @@ pub struct IdempotencySettings {
     pub dedup_window_ms: u64,
     /// How long a request waits for events another request is writing before it gets 503.
     pub dedup_pending_wait_ms: u64,
+    /// How long a producer's committed offsets are kept after its last write: a producer id
+    /// that stops writing is forgotten, so ids made up at will do not fill the store.
+    pub producer_offset_ttl_s: u64,
+    /// The most partitions one producer id may commit offsets for; a batch for one more is
+    /// refused (400), so one id cannot grow without bound either.
+    pub producer_max_partitions: u32,
 }
 
 impl Default for IdempotencySettings {
@@ -67,6 +73,8 @@ impl Default for IdempotencySettings {
             dedup_lease_ms: 60_000,
             dedup_window_ms: 24 * 3600 * 1000,
             dedup_pending_wait_ms: 10_000,
+            producer_offset_ttl_s: 30 * 24 * 3600,
+            producer_max_partitions: 1024,
         }
     }
 }
@@ -80,6 +88,8 @@ impl IdempotencySettings {
             ("redis_wait_timeout_ms", self.redis_wait_timeout_ms),
             ("dedup_lease_ms", self.dedup_lease_ms),
             ("dedup_window_ms", self.dedup_window_ms),
+            ("producer_offset_ttl_s", self.producer_offset_ttl_s),
+            ("producer_max_partitions", u64::from(self.producer_max_partitions)),
         ] {
             positive(key, value)?;
         }

@@ -128,6 +128,7 @@ impl From<IngestError> for ApiError {
             IngestError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
             IngestError::JournalFull => Self::JournalFull,
             IngestError::ShardUnavailable { shard, retry_after_s } => Self::ShardSaturated { shard, retry_after_s },
+            IngestError::TooManyPartitions { .. } => Self::BadHeader(format!("X-Producer-Partition: {error}")),
             IngestError::VisibleNeedsJournal
             | IngestError::Refused { .. }
             | IngestError::NoSuchColumn(_)

@@ -5,13 +5,15 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use super::{HolderState, KeyState, TOKEN_BYTES, Terms, holder_state};
+use super::{Committed, HolderState, KeyState, OffsetTerms, TOKEN_BYTES, Terms, holder_state};
 
 #[derive(Debug)]
 struct Inner {
     values: HashMap<Vec<u8>, (Vec<u8>, Instant)>,
-    offsets: HashMap<Vec<u8>, BTreeMap<u32, u64>>,
+    /// A producer's offsets by partition, and when they are forgotten.
+    offsets: HashMap<Vec<u8>, (BTreeMap<u32, u64>, Instant)>,
     writes_since_sweep: usize,
+    offset_writes_since_sweep: usize,
     /// What lease ends are counted from (an id's value is its token and its lease's end in
     /// milliseconds since this, as Redis keeps the token and its end in Redis time).
     epoch: Instant,
@@ -19,7 +21,13 @@ struct Inner {
 
 impl Default for Inner {
     fn default() -> Self {
-        Self { values: HashMap::new(), offsets: HashMap::new(), writes_since_sweep: 0, epoch: Instant::now() }
+        Self {
+            values: HashMap::new(),
+            offsets: HashMap::new(),
+            writes_since_sweep: 0,
+            offset_writes_since_sweep: 0,
+            epoch: Instant::now(),
+        }
     }
 }
 
@@ -32,6 +40,11 @@ pub struct MemoryStore {
 const SWEEP_EVERY: usize = 4096;
 
 impl Inner {
+    /// A producer's offsets, unless they expired.
+    fn live_offsets(&self, key: &[u8], now: Instant) -> Option<&BTreeMap<u32, u64>> {
+        self.offsets.get(key).filter(|(_, expires)| *expires > now).map(|(partitions, _)| partitions)
+    }
+
     fn get(&self, key: &[u8], now: Instant) -> Option<&[u8]> {
         self.values.get(key).filter(|(_, expires)| *expires > now).map(|(v, _)| v.as_slice())
     }
@@ -111,13 +124,27 @@ impl MemoryStore {
         self.lock().set(key, value, ttl, Instant::now());
     }
 
-    pub fn offset(&self, key: &[u8], partition: u32) -> Option<u64> {
-        self.lock().offsets.get(key).and_then(|p| p.get(&partition).copied())
+    pub fn offset(&self, key: &[u8], partition: u32) -> Committed {
+        let inner = self.lock();
+        match inner.live_offsets(key, Instant::now()) {
+            Some(partitions) => Committed { offset: partitions.get(&partition).copied(), partitions: partitions.len() },
+            None => Committed::default(),
+        }
     }
 
-    pub fn advance_offset(&self, key: &[u8], partition: u32, offset: u64) -> bool {
+    pub fn advance_offset(&self, key: &[u8], partition: u32, offset: u64, terms: OffsetTerms) -> bool {
+        let now = Instant::now();
         let mut inner = self.lock();
-        let partitions = inner.offsets.entry(key.to_vec()).or_default();
+        inner.offset_writes_since_sweep += 1;
+        if inner.offset_writes_since_sweep >= SWEEP_EVERY.max(inner.offsets.len() / 2) {
+            inner.offsets.retain(|_, (_, expires)| *expires > now);
+            inner.offset_writes_since_sweep = 0;
+        }
+        let (partitions, expires) = inner.offsets.entry(key.to_vec()).or_insert_with(|| (BTreeMap::new(), now));
+        if *expires <= now {
+            partitions.clear();
+        }
+        *expires = now + terms.ttl;
         match partitions.get(&partition) {
             Some(&current) if current >= offset => false,
             _ => {
@@ -128,6 +155,30 @@ impl MemoryStore {
     }
 
     pub fn offsets(&self, key: &[u8]) -> BTreeMap<String, u64> {
-        self.lock().offsets.get(key).map(|p| p.iter().map(|(k, v)| (k.to_string(), *v)).collect()).unwrap_or_default()
+        let inner = self.lock();
+        inner
+            .live_offsets(key, Instant::now())
+            .map(|p| p.iter().map(|(k, v)| (k.to_string(), *v)).collect())
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_are_forgotten_after_their_ttl_and_counted_by_partition() {
+        let store = MemoryStore::default();
+        let terms = OffsetTerms { ttl: Duration::from_millis(50), max_partitions: 2 };
+        assert!(store.advance_offset(b"p", 0, 10, terms));
+        assert!(store.advance_offset(b"p", 1, 5, terms));
+        assert_eq!(store.offset(b"p", 0), Committed { offset: Some(10), partitions: 2 });
+        assert_eq!(store.offset(b"p", 7), Committed { offset: None, partitions: 2 });
+        std::thread::sleep(Duration::from_millis(80));
+        assert_eq!(store.offset(b"p", 0), Committed::default(), "expired");
+        assert!(store.offsets(b"p").is_empty());
+        assert!(store.advance_offset(b"p", 0, 3, terms), "an expired producer starts afresh");
+        assert_eq!(store.offset(b"p", 0), Committed { offset: Some(3), partitions: 1 });
     }
 }

@@ -121,6 +121,7 @@ pub struct Idempotency {
     pub pending_wait: Duration,
     /// Lease, window and key prefix, as every reservation call needs them.
     terms: Terms,
+    offsets: OffsetTerms,
 }
 
 /// A request's reservation of the event keys bound for one partition: what the flush that
@@ -152,6 +153,10 @@ impl Idempotency {
                 lease: Duration::from_millis(config.idempotency.dedup_lease_ms),
                 window: Duration::from_millis(config.idempotency.dedup_window_ms),
                 prefix: config.idempotency.dedup_key_prefix.clone().into_bytes(),
+            },
+            offsets: OffsetTerms {
+                ttl: Duration::from_secs(config.idempotency.producer_offset_ttl_s),
+                max_partitions: config.idempotency.producer_max_partitions,
             },
         }
     }
@@ -361,8 +366,9 @@ impl Idempotency {
         .await
     }
 
-    /// The committed offset of a producer's partition.
-    pub async fn offset(&self, producer: &str, partition: u32) -> Result<Option<u64>, StoreError> {
+    /// The committed offset of a producer's partition, and how many partitions the producer
+    /// has offsets for.
+    pub async fn offset(&self, producer: &str, partition: u32) -> Result<Committed, StoreError> {
         let key = self.offsets_key(producer);
         self.timed("offset_get", async {
             match &self.store {
@@ -373,13 +379,22 @@ impl Idempotency {
         .await
     }
 
-    /// Moves a partition's committed offset forward to `offset` (never back).
+    /// Whether a producer with `committed` may commit an offset for a partition it has none
+    /// for yet: at most `producer_max_partitions` partitions per producer id.
+    pub fn partition_allowed(&self, committed: &Committed) -> Result<(), u32> {
+        let limit = self.offsets.max_partitions;
+        if committed.offset.is_none() && committed.partitions >= limit as usize { Err(limit) } else { Ok(()) }
+    }
+
+    /// Moves a partition's committed offset forward to `offset` (never back), and keeps the
+    /// producer's offsets for `producer_offset_ttl_s` from now.
     pub async fn advance_offset(&self, producer: &str, partition: u32, offset: u64) -> Result<bool, StoreError> {
         let key = self.offsets_key(producer);
+        let terms = self.offsets;
         self.timed("offset_advance", async {
             match &self.store {
-                Store::Redis(s) => s.advance_offset(&key, partition, offset).await,
-                Store::Memory(s) => Ok(s.advance_offset(&key, partition, offset)),
+                Store::Redis(s) => s.advance_offset(&key, partition, offset, terms).await,
+                Store::Memory(s) => Ok(s.advance_offset(&key, partition, offset, terms)),
             }
         })
         .await
@@ -402,6 +417,22 @@ impl Idempotency {
 /// partition's next flush waits meanwhile).
 fn commit_budget(lease: Duration) -> Duration {
     (lease / 2).min(Duration::from_secs(10))
+}
+
+/// What a producer's committed offsets are kept under.
+#[derive(Debug, Clone, Copy)]
+pub struct OffsetTerms {
+    /// From the last write.
+    pub ttl: Duration,
+    /// Partitions per producer id.
+    pub max_partitions: u32,
+}
+
+/// A producer's committed offset for one partition, and its number of partitions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Committed {
+    pub offset: Option<u64>,
+    pub partitions: usize,
 }
 
 /// How long reservations and commits last, and where the keys live.
@@ -479,7 +510,7 @@ mod tests {
         assert!(idem.advance_offset("p", 0, 10).await.unwrap());
         assert!(!idem.advance_offset("p", 0, 9).await.unwrap());
         assert!(idem.advance_offset("p", 0, u64::MAX).await.unwrap());
-        assert_eq!(idem.offset("p", 0).await.unwrap(), Some(u64::MAX));
+        assert_eq!(idem.offset("p", 0).await.unwrap(), Committed { offset: Some(u64::MAX), partitions: 1 });
         assert_eq!(idem.begin_request("r", "h1").await.unwrap(), RequestState::New);
         assert_eq!(idem.begin_request("r", "h1").await.unwrap(), RequestState::InFlight { same_body: true });
         idem.finish_request("r", "h1", 200, b"{}").await.unwrap();

@@ -15,7 +15,7 @@
 //!   no status is pending until its lease ends, void after. Nothing is written per token when
 //!   reserving: a fresh id costs one hash field.
 //! - `bg:r:<key>` per `Idempotency-Key`; `bg:o:<producer>` a hash of partition → committed
-//!   offset (no TTL). Each is one key, so one slot.
+//!   offset, kept `producer_offset_ttl_s` after its last write. Each is one key, so one slot.
 //!
 //! Needs Redis 4.0 or later (`UNLINK`, many-field `HSET`, writes after `TIME` with effects
 //! replication).
@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::groups::{group_of, tags};
 use super::redis_conn::{Connection, client, first_node};
 use super::reserve_queue::{self, ReserveJob, ReserveQueue, Seen, replicated};
-use super::{HolderState, KeyState, StoreError, TOKEN_BYTES, Terms, holder_state};
+use super::{Committed, HolderState, KeyState, OffsetTerms, StoreError, TOKEN_BYTES, Terms, holder_state};
 use crate::config::Config;
 
 const DELETE_IF: &str = r"
@@ -44,14 +44,18 @@ return redis.call('GET', KEYS[1])
 ";
 
 /// Offsets are decimal u64 strings: compare by length, then lexically (no float rounding).
+/// Moves a partition's offset forward (never back) and keeps the hash `ARGV[3]` ms from now.
+/// Offsets are decimal text of at most 19 digits: longer is larger, else compared as text.
 const ADVANCE_OFFSET: &str = r"
 local current = redis.call('HGET', KEYS[1], ARGV[1])
 local new = ARGV[2]
+local moved = 0
 if current == false or #new > #current or (#new == #current and new > current) then
   redis.call('HSET', KEYS[1], ARGV[1], new)
-  return 1
+  moved = 1
 end
-return 0
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return moved
 ";
 
 pub struct RedisStore {
@@ -322,16 +326,24 @@ impl RedisStore {
         self.write(key, |mut c| async move { cmd.query_async::<()>(&mut c).await }).await
     }
 
-    pub async fn offset(&self, key: &[u8], partition: u32) -> Result<Option<u64>, StoreError> {
-        let mut cmd = redis::cmd("HGET");
-        cmd.arg(key).arg(partition);
+    pub async fn offset(&self, key: &[u8], partition: u32) -> Result<Committed, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGET").arg(key).arg(partition).cmd("HLEN").arg(key);
         let mut connection = self.connection.clone();
-        self.bounded(cmd.query_async(&mut connection)).await
+        let (offset, partitions): (Option<u64>, usize) = self.bounded(pipe.query_async(&mut connection)).await?;
+        Ok(Committed { offset, partitions })
     }
 
-    pub async fn advance_offset(&self, key: &[u8], partition: u32, offset: u64) -> Result<bool, StoreError> {
+    pub async fn advance_offset(
+        &self,
+        key: &[u8],
+        partition: u32,
+        offset: u64,
+        terms: OffsetTerms,
+    ) -> Result<bool, StoreError> {
         let mut invocation = self.advance_offset.prepare_invoke();
-        invocation.key(key).arg(partition).arg(offset.to_string());
+        let ttl_ms = u64::try_from(terms.ttl.as_millis()).unwrap_or(u64::MAX);
+        invocation.key(key).arg(partition).arg(offset.to_string()).arg(ttl_ms);
         let moved: u8 = self.write(key, |mut c| async move { invocation.invoke_async(&mut c).await }).await?;
         Ok(moved == 1)
     }

@@ -13,7 +13,7 @@ use crate::coalesce::SubmitError;
 use crate::config::DedupMode;
 use crate::decode::{EncodedBatch, RejectedEvent};
 use crate::flush::{Acks, Submission, fallback};
-use crate::idempotency::{Idempotency, Reservation};
+use crate::idempotency::{Committed, Idempotency, Reservation};
 use crate::journal::watermark::Receipt;
 use crate::journal::{FlushError, FlushResult};
 use crate::metrics::{self, Outcome};
@@ -143,15 +143,24 @@ impl Pipeline {
     }
 
     /// Whether the producer's committed offset already covers this batch: the key's own, or,
-    /// until it has one, what the producer committed before offsets were kept per key.
+    /// until it has one, what the producer committed before offsets were kept per key. A
+    /// partition beyond the producer's `producer_max_partitions` is refused.
     async fn already_written(&self, p: &ProducerOffset) -> Result<bool, IngestError> {
         let scoped = Idempotency::scoped(p.owner.as_deref(), p.producer.clone());
         let committed = match self.idempotency.offset(&scoped, p.partition).await {
-            Ok(None) if p.owner.is_some() => self.idempotency.offset(&p.producer, p.partition).await,
+            Ok(own) if own.offset.is_none() && p.owner.is_some() => {
+                let legacy = self.idempotency.offset(&p.producer, p.partition).await;
+                legacy.map(|legacy| Committed { offset: legacy.offset, partitions: own.partitions })
+            }
             other => other,
         };
         match committed {
-            Ok(committed) => Ok(committed.is_some_and(|committed| p.offset <= committed)),
+            Ok(committed) => {
+                self.idempotency
+                    .partition_allowed(&committed)
+                    .map_err(|limit| IngestError::TooManyPartitions { limit })?;
+                Ok(committed.offset.is_some_and(|committed| p.offset <= committed))
+            }
             Err(error) => self.idempotency.tolerate(error).map(|()| false).map_err(IngestError::from),
         }
     }

@@ -44,6 +44,9 @@ pub enum IngestError {
     /// An INSERT lists a column twice.
     #[error("the column {0:?} is listed twice")]
     DuplicateColumn(String),
+    /// A producer id has offsets for `producer_max_partitions` partitions; this is another.
+    #[error("this producer id already has offsets for {limit} partitions (producer_max_partitions)")]
+    TooManyPartitions { limit: u32 },
     #[error("wait=visible needs the journal, which is off")]
     VisibleNeedsJournal,
     #[error("internal error: {0}")]

@@ -246,7 +246,7 @@ impl Pipeline {
         if let Some(key) = claimed {
             match &delivered {
                 Ok(delivered) => {
-                    let body = serde_json::to_vec(&delivered.response).map_err(IngestError::internal)?;
+                    let body = keys::kept_answer(&delivered.response)?;
                     self.finish_request(key, &body_hash, delivered.status(), &body).await;
                 }
                 Err(_) => self.abandon_request(key, &body_hash).await,

@@ -41,7 +41,7 @@ impl Marks {
 
     /// Offsets at or below this were (maybe) handed on before; `None`: none ever was.
     pub async fn read(&self, topic: &str, partition: i32) -> Result<Option<u64>, StoreError> {
-        let mark = self.idempotency.offset(&self.producer(topic), partition as u32).await?;
+        let mark = self.idempotency.offset(&self.producer(topic), partition as u32).await?.offset;
         if let Some(mark) = mark {
             let mut known = self.known.lock().await;
             let entry = known.entry((topic.to_string(), partition)).or_insert(mark);
