@@ -283,6 +283,41 @@ async fn gateway_killed_with_answered_requests_in_flight_restarts_exactly_once()
     again.process.wait_exit(Duration::from_secs(30));
 }
 
+/// Requests answered 202 once their blocks were journaled, while ClickHouse was down, so that
+/// none of their INSERTs reached it; then the gateway is killed. After ClickHouse and the
+/// gateway come back, the journal sends those blocks: every acknowledged row stored once. (In
+/// `gateway_killed_with_answered_requests_in_flight…` most rows reach the Buffer before the
+/// kill; here only the journal holds them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_journaled_but_never_inserted_are_sent_after_the_gateway_is_killed() {
+    let _serial = SERIAL.lock().await;
+    let ch = ClickHouseServer::start("durability-unsent");
+    let mut config = holding_buffer(&ch, "dur_unsent", &scratch("dur-unsent-data"));
+    config.http.listen = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
+    config.batching.flush_linger_ms = 20;
+    // Failed INSERTs must not open the circuit before the requests are in.
+    config.clickhouse.circuit_failures = 1000;
+    migrate(&config).await;
+    let logs = scratch("dur-unsent-logs");
+    let gateway = spawn_gateway(&config, &logs.join("first.log")).await;
+    ch.kill();
+    let mut acknowledged = HashSet::new();
+    for _ in 0..3 {
+        let (ids, body) = events(50);
+        let (status, answer) = post(&format!("{}/v1/events?wait=false", gateway.url), &body).await.unwrap();
+        assert_eq!(status, 202, "journaled while ClickHouse is down: {answer}");
+        acknowledged.extend(ids);
+    }
+    gateway.process.signal(libc::SIGKILL);
+    gateway.process.wait_exit(Duration::from_secs(10));
+    ch.restart();
+    assert_eq!(stored(&ch, &format!("`{}`.`{}`", config.table.database, config.table.buffer_table)).await.len(), 0);
+    let again = spawn_gateway(&config, &logs.join("second.log")).await;
+    assert_exactly_once_eventually(&ch, &config, &acknowledged).await;
+    again.process.signal(libc::SIGTERM);
+    again.process.wait_exit(Duration::from_secs(30));
+}
+
 /// Exactly once, waiting for the restarted gateway to have settled its journal.
 async fn assert_exactly_once_eventually(ch: &ClickHouseServer, config: &Config, acknowledged: &HashSet<Uuid>) {
     let table = format!("`{}`.`{}`", config.table.database, config.table.buffer_table);
