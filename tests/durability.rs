@@ -165,9 +165,31 @@ async fn clickhouse_frozen_past_the_insert_timeout_stores_once() {
 /// is stored once. Releasing them, the retry stores the landed rows a second time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fallback_insert_that_may_have_landed_is_settled_not_stored_twice() {
+    let answers = fallback_insert_with_clickhouse_frozen("durability-fallback", Duration::from_millis(2_500)).await;
+    assert_eq!(answers.last().map(|a| a.0), Some(200), "answered at last: {answers:?}");
+}
+
+/// ClickHouse frozen longer than the fallback's three looks a second apart: the request whose
+/// INSERT may have landed is answered `503 flush_failed` (its fate cannot be known yet), and the
+/// producer's retries, once ClickHouse is back, store each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fallback_insert_that_cannot_be_settled_in_three_looks_answers_flush_failed() {
+    let answers = fallback_insert_with_clickhouse_frozen("durability-fallback-long", Duration::from_secs(9)).await;
+    assert!(
+        answers.iter().any(|(status, error)| *status == 503 && error == "flush_failed"),
+        "a 503 flush_failed while ClickHouse could not be asked: {answers:?}"
+    );
+    assert_eq!(answers.last().map(|a| a.0), Some(200), "answered at last: {answers:?}");
+}
+
+/// Diverts requests to the fallback table, freezes ClickHouse for `frozen`, and retries one
+/// request (as a producer does after a 503) until it is answered 200; checks that each of its
+/// events is stored once over the fallback table and the destination. Returns the answers.
+async fn fallback_insert_with_clickhouse_frozen(name: &str, frozen: Duration) -> Vec<(u16, Value)> {
     let _serial = SERIAL.lock().await;
-    let ch = std::sync::Arc::new(ClickHouseServer::start("durability-fallback"));
-    let mut config = holding_buffer(&ch, "dur_fallback", &scratch("dur-fallback-data"));
+    let ch = std::sync::Arc::new(ClickHouseServer::start(name));
+    let db = name.replace('-', "_");
+    let mut config = holding_buffer(&ch, &db, &scratch(&format!("{name}-data")));
     config.shed.shed_mode = ShedMode::Fallback;
     config.shed.fallback_table = "events_fallback".into();
     // Any row in the Buffer saturates it: every request after the first is diverted.
@@ -188,12 +210,12 @@ async fn a_fallback_insert_that_may_have_landed_is_settled_not_stored_twice() {
     let thaw = tokio::spawn({
         let ch = std::sync::Arc::clone(&ch);
         async move {
-            tokio::time::sleep(Duration::from_millis(2_500)).await;
+            tokio::time::sleep(frozen).await;
             ch.signal(libc::SIGCONT);
         }
     });
     let mut answers = Vec::new();
-    for _attempt in 0..20 {
+    for _attempt in 0..40 {
         let (status, answer) = gw.post_json(&body).await;
         answers.push((status, answer["error"].clone()));
         if status == 200 {
@@ -202,7 +224,6 @@ async fn a_fallback_insert_that_may_have_landed_is_settled_not_stored_twice() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     thaw.await.unwrap();
-    assert_eq!(answers.last().map(|a| a.0), Some(200), "answered at last: {answers:?}");
     let in_fallback = stored(&ch, &fallback).await;
     ch.exec(&format!("OPTIMIZE TABLE `{}`.`{}`", config.table.database, config.table.buffer_table)).await;
     let in_destination = stored(&ch, &gw.destination()).await;
@@ -211,6 +232,7 @@ async fn a_fallback_insert_that_may_have_landed_is_settled_not_stored_twice() {
         assert_eq!(copies, 1, "{id} stored {copies} times; answers {answers:?}");
     }
     gw.stop().await;
+    answers
 }
 
 /// A gateway process with its own data directory, killable.

@@ -596,3 +596,68 @@ async fn a_topic_mapped_to_a_stream_is_stored_there_once_across_a_sigkill() {
         }
     }
 }
+
+/// `buffergate check`'s Kafka findings, each `(check, severity)` with its message.
+fn kafka_findings(config: &Config) -> Vec<(String, String, String)> {
+    let out = common::command(config, &["check", "--format", "json"]).output().expect("check runs");
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("JSON: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+    let findings = report["findings"].as_array().cloned().unwrap_or_default();
+    findings
+        .iter()
+        .filter(|f| f["check"].as_str().is_some_and(|c| c.starts_with("kafka_")))
+        .map(|f| {
+            let text = |k: &str| f[k].as_str().unwrap_or_default().to_string();
+            (text("check"), text("severity"), text("message"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_the_kafka_front() {
+    let _serial = SERIAL.lock().await;
+    let ch = clickhouse();
+    let dead = fresh("k_check_dlq");
+    let (config, _) = setup(ch, "k_check", |mut c| {
+        c.kafka.kafka_dead_letter_topic = dead.clone();
+        c
+    })
+    .await;
+    tokio::task::spawn_blocking({
+        let dead = dead.clone();
+        move || broker().create_topic(&dead, 1)
+    })
+    .await
+    .unwrap();
+    produce(&config.kafka.kafka_topics, events(0, 10)).await;
+
+    // A good setup: only the group's lag, as information (nothing consumed yet: all 10).
+    let good = kafka_findings(&config);
+    assert_eq!(good.len(), 1, "{good:?}");
+    assert_eq!((good[0].0.as_str(), good[0].1.as_str()), ("kafka_lag", "info"), "{good:?}");
+    assert!(good[0].2.contains("10 messages not yet committed"), "{good:?}");
+
+    // Each problem named: a topic and the dead-letter topic missing, no Redis, dedup off.
+    let mut bad = config.clone();
+    bad.kafka.kafka_topics = format!("{},{}", config.kafka.kafka_topics, fresh("k_check_missing"));
+    bad.kafka.kafka_dead_letter_topic = fresh("k_check_dlq_missing");
+    bad.idempotency.redis_url = String::new();
+    bad.idempotency.dedup = buffergate::config::DedupMode::Off;
+    let found = kafka_findings(&bad);
+    let has = |check: &str, severity: &str| found.iter().any(|(c, s, _)| c == check && s == severity);
+    for (check, severity) in [
+        ("kafka_redis", "warning"),
+        ("kafka_dedup", "warning"),
+        ("kafka_topic", "error"),
+        ("kafka_dead_letter_topic", "error"),
+        ("kafka_lag", "info"),
+    ] {
+        assert!(has(check, severity), "{check} ({severity}) in {found:?}");
+    }
+
+    // Brokers that do not answer: one error, naming them.
+    let mut away = config.clone();
+    away.kafka.kafka_brokers = format!("127.0.0.1:{}", common::free_port());
+    let found = kafka_findings(&away);
+    assert!(found.iter().any(|(c, s, m)| c == "kafka_brokers" && s == "error" && m.contains("do not answer")), "{found:?}");
+}
