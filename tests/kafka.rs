@@ -599,9 +599,10 @@ async fn a_topic_mapped_to_a_stream_is_stored_there_once_across_a_sigkill() {
 
 /// `buffergate check`'s Kafka findings, each `(check, severity)` with its message.
 fn kafka_findings(config: &Config) -> Vec<(String, String, String)> {
-    let out = common::command(config, &["check", "--format", "json"]).output().expect("check runs");
-    let report: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("JSON: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)));
+    let out = command(config, &["check", "--format", "json"]).output().expect("check runs");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!("JSON: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    });
     let findings = report["findings"].as_array().cloned().unwrap_or_default();
     findings
         .iter()
@@ -659,5 +660,8 @@ async fn check_reports_the_kafka_front() {
     let mut away = config.clone();
     away.kafka.kafka_brokers = format!("127.0.0.1:{}", common::free_port());
     let found = kafka_findings(&away);
-    assert!(found.iter().any(|(c, s, m)| c == "kafka_brokers" && s == "error" && m.contains("do not answer")), "{found:?}");
+    assert!(
+        found.iter().any(|(c, s, m)| c == "kafka_brokers" && s == "error" && m.contains("do not answer")),
+        "{found:?}"
+    );
 }
