@@ -99,15 +99,6 @@ impl TableSettings {
         Ok(())
     }
 
-    /// The window an event's own timestamp must fall in ([`crate::schema::TimeWindow`]).
-    pub fn time_window(&self) -> crate::schema::TimeWindow {
-        let bound = |s: u64| (s > 0).then(|| i64::try_from(s).unwrap_or(i64::MAX));
-        crate::schema::TimeWindow {
-            max_age_s: bound(self.timestamp_max_age_s),
-            max_ahead_s: bound(self.timestamp_max_ahead_s),
-        }
-    }
-
     /// The time column rows are looked up by, when the table has one.
     pub fn time_column(&self) -> Option<&str> {
         (!self.timestamp_column.is_empty()).then_some(self.timestamp_column.as_str())

@@ -11,7 +11,7 @@ use crate::clickhouse::writer::Writer;
 use crate::config::DedupMode;
 use crate::config::StreamName;
 use crate::decode::{self, BatchShape, EncodedBatch, Encoding, Format};
-use crate::schema::{EncodeContext, TableSchema, Timestamp};
+use crate::schema::{EncodeContext, TableSchema, TimeWindow, Timestamp};
 use crate::shed::budget::Budget;
 
 /// Bodies larger than this are decoded on the blocking pool, off the async workers.
@@ -43,7 +43,7 @@ impl Pipeline {
             let ctx = EncodeContext {
                 now,
                 unknown_fields: body.reading.unknown_fields.unwrap_or(self.config.table.unknown_fields),
-                window: self.config.table.time_window(),
+                window: TimeWindow::of(&self.config.table),
                 dialect: body.reading.dialect,
                 listed,
                 order,

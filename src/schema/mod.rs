@@ -20,7 +20,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwapOption;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{InsertFormat, KeyFunction, UnknownFields};
+use crate::config::{InsertFormat, KeyFunction, TableSettings, UnknownFields};
 pub use encode::Dialect;
 pub use fields::EventFields;
 pub(crate) use fields::{Content, Field};
@@ -123,6 +123,13 @@ pub struct TimeWindow {
 }
 
 impl TimeWindow {
+    /// The window a table's settings give (`timestamp_max_age_s`, `timestamp_max_ahead_s`;
+    /// 0: no bound that way).
+    pub fn of(table: &TableSettings) -> Self {
+        let bound = |s: u64| (s > 0).then(|| i64::try_from(s).unwrap_or(i64::MAX));
+        Self { max_age_s: bound(table.timestamp_max_age_s), max_ahead_s: bound(table.timestamp_max_ahead_s) }
+    }
+
     /// Why a row of time `seconds`, received at `now`, is refused; `None` when it is inside.
     pub fn refuse(self, seconds: i64, now: i64) -> Option<String> {
         let shown = || {
