@@ -51,7 +51,11 @@ fuzz_target!(|data: &[u8]| {
         let _ = through_scanner(type_text, raw, Dialect::ClickHouse { naive_utc }, &mut Vec::new());
     }
     let Ok(value) = serde_json::from_str::<serde_json::Value>(raw) else {
-        assert!(text_result.is_err(), "{type_text} {raw:?}: what serde_json refuses is refused");
+        // An object or array in a String column is kept as sent once the scanner found it to be
+        // JSON; serde_json also refuses valid JSON it cannot represent (a number beyond f64,
+        // `1e400`), which the text is free to hold.
+        let kept_as_text = is_string(&ty) && matches!(raw.trim_start().as_bytes().first(), Some(b'{' | b'['));
+        assert!(text_result.is_err() || kept_as_text, "{type_text} {raw:?}: what serde_json refuses is refused");
         return;
     };
     let mut by_value = vec![7];
