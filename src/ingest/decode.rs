@@ -38,7 +38,7 @@ impl Pipeline {
             // Every listed column exists (checked just above), so each name has its index.
             let order = (body.format == Format::JsonCompactEachRow).then(|| match &body.reading.columns {
                 Some(columns) => columns.iter().filter_map(|c| schema.column_index(c)).collect(),
-                None => schema.insertable().into(),
+                None => Arc::clone(schema.insertable()),
             });
             let ctx = EncodeContext {
                 now,

@@ -192,6 +192,8 @@ pub struct TableSchema {
     /// The column whose value places a row on its shard, how, and its type.
     sharding: Option<ShardColumn>,
     infos: Vec<ColumnInfo>,
+    /// The columns an INSERT without a column list writes ([`Self::insertable`]).
+    insertable: Arc<[usize]>,
 }
 
 /// The sharding-key column as the encoder reads it back from a row.
@@ -254,7 +256,9 @@ impl TableSchema {
             // A missing column: every event is refused with the reason, until the table has it.
             ShardColumn { index: index.unwrap_or(usize::MAX), function: *function, ty }
         });
+        let insertable = (0..columns.len()).filter(|&i| !matches!(columns[i].role, Role::Computed(_))).collect();
         Self {
+            insertable,
             version,
             table: format!("{}.{}", quote_ident(database), quote_ident(table)),
             written,
@@ -289,8 +293,8 @@ impl TableSchema {
 
     /// The columns an INSERT without a column list writes, in table order: all but the
     /// computed ones.
-    pub fn insertable(&self) -> Vec<usize> {
-        (0..self.columns.len()).filter(|&i| !matches!(self.columns[i].role, Role::Computed(_))).collect()
+    pub fn insertable(&self) -> &Arc<[usize]> {
+        &self.insertable
     }
 
     /// Index of the column called `name`.
