@@ -38,7 +38,7 @@ fn seed_schema() -> TableSchema {
 
 /// A batch of `partitions` partitions on one shard, ids kept when `keep_ids`.
 fn shape(partitions: usize, keep_ids: bool) -> BatchShape {
-    BatchShape { partitions, placing: Placing::Shard(0), max_events: 10_000, keep_ids, ids: None }
+    BatchShape { partitions, placing: Placing::Shard(0), max_events: 10_000, keep_ids, ids: None, keep_raw: None }
 }
 
 fn events(n: u64, separator: &str) -> String {

@@ -159,6 +159,8 @@ struct Running {
     partitions: CoalescerTasks,
     nodes: Nodes,
     watchers: Watchers,
+    /// The tasks of the stream's quarantine, stopped after the stream's own.
+    quarantine: Option<Box<Running>>,
 }
 
 impl Running {
@@ -167,6 +169,9 @@ impl Running {
         self.partitions.finish().await;
         self.nodes.finish(within).await;
         self.watchers.stop().await;
+        if let Some(quarantine) = self.quarantine {
+            Box::pin(quarantine.finish(within)).await;
+        }
     }
 }
 
@@ -178,6 +183,14 @@ async fn start_stream(
     budget: &Arc<Budget>,
     shared: bool,
 ) -> Result<(Stream, Running), ServeError> {
+    // The quarantine first: the stream's pipeline parks rejected events through it.
+    let (quarantine, quarantine_running) = match config.quarantine_stream() {
+        Some(q) => {
+            let (q, running) = Box::pin(start_stream(Arc::new(q), topology, budget, true)).await?;
+            (Some(q.ingest), Some(Box::new(running)))
+        }
+        None => (None, None),
+    };
     let health = Arc::new(Health::default());
     let schema = Arc::new(SharedSchema::default());
     let shed = Arc::new(ShedState::default());
@@ -203,6 +216,7 @@ async fn start_stream(
         idempotency,
         budget: Arc::clone(budget),
         receipts,
+        quarantine,
     });
     tracing::info!(
         stream = %config.stream,
@@ -212,7 +226,7 @@ async fn start_stream(
     );
     let policy = crate::shed::Policy::of(&config);
     let stream = Stream { name: config.stream.clone(), ingest: Arc::new(ingest), shed, policy, config };
-    Ok((stream, Running { partitions, nodes, watchers }))
+    Ok((stream, Running { partitions, nodes, watchers, quarantine: quarantine_running }))
 }
 
 /// Refuses to start while the journal of a stream no longer configured holds unconfirmed

@@ -1,5 +1,6 @@
 //! `buffergate migrate`: creates the database, the destination MergeTree table and the Buffer
-//! table in front of it, idempotently, adapting the seed schema to what the server supports.
+//! table in front of it, and the stream's quarantine table with its own Buffer, idempotently,
+//! adapting the seed schema to what the server supports.
 
 use super::drain::DrainError;
 use super::drain::drain_table;
@@ -47,6 +48,40 @@ pub fn seed_columns(caps: &Capabilities) -> Vec<(&'static str, &'static str)> {
         ("payload", "String"),
         ("metadata", if caps.map { "Map(String, String)" } else { "String" }),
     ]
+}
+
+/// The quarantine table's columns (`ingest::QuarantineRow` writes them; `received` is the
+/// receive time the pipeline fills).
+pub fn quarantine_columns(caps: &Capabilities) -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("quarantine_id", "UUID"),
+        ("received", if caps.datetime64 { "DateTime64(3)" } else { "DateTime" }),
+        ("stream", "LowCardinality(String)"),
+        ("api_key", "String"),
+        ("producer_id", "String"),
+        ("event_index", "UInt32"),
+        ("raw", "String"),
+        ("raw_bytes", "UInt64"),
+        ("field", "String"),
+        ("reason", "LowCardinality(String)"),
+        ("error", "String"),
+        ("replayed", "UInt8"),
+        ("updated", "UInt64"),
+    ]
+}
+
+/// `CREATE TABLE IF NOT EXISTS` for a quarantine table (`config`: the quarantine stream's).
+/// A ReplacingMergeTree by `updated`: a replay marks an event by writing a newer version of
+/// its row, and reads with `FINAL` see the latest only.
+pub fn quarantine_ddl(config: &Config, caps: &Capabilities) -> String {
+    let columns: Vec<String> =
+        quarantine_columns(caps).iter().map(|(name, ty)| format!("    {} {ty}", quote_ident(name))).collect();
+    format!(
+        "CREATE TABLE IF NOT EXISTS {}.{}\n(\n{}\n)\nENGINE = ReplacingMergeTree(updated)\nPARTITION BY toYYYYMM(received)\nORDER BY quarantine_id",
+        quote_ident(&config.table.database),
+        quote_ident(&config.table.destination_table),
+        columns.join(",\n")
+    )
 }
 
 /// `CREATE TABLE IF NOT EXISTS` for the destination MergeTree table.
@@ -128,6 +163,11 @@ pub async fn migrate(ch: &ClickHouse, config: &Config) -> Result<Report, Migrate
     create_buffer(&ch, config, &mut report).await?;
     create_fallback(&ch, config, &mut report).await?;
     reconcile_columns(&ch, config, &mut report).await?;
+    if let Some(quarantine) = config.quarantine_stream() {
+        create_quarantine(&ch, &quarantine, &caps, &mut report).await?;
+        create_buffer(&ch, &quarantine, &mut report).await?;
+        reconcile_columns(&ch, &quarantine, &mut report).await?;
+    }
     Ok(report)
 }
 
@@ -161,6 +201,23 @@ async fn create_destination(
     }
     ch.execute(&destination_ddl(config, caps)).await?;
     report.lines.push(format!("created {db}.{destination}"));
+    Ok(())
+}
+
+/// The quarantine table (`config`: the quarantine stream's).
+async fn create_quarantine(
+    ch: &ClickHouse,
+    config: &Config,
+    caps: &Capabilities,
+    report: &mut Report,
+) -> Result<(), MigrateError> {
+    let (db, table) = (&config.table.database, &config.table.destination_table);
+    if ch.engine_full(db, table).await?.is_some() {
+        report.lines.push(format!("{db}.{table} exists"));
+        return Ok(());
+    }
+    ch.execute(&quarantine_ddl(config, caps)).await?;
+    report.lines.push(format!("created quarantine table {db}.{table}"));
     Ok(())
 }
 

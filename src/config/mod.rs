@@ -46,7 +46,7 @@ pub use kafka::{KafkaCommit, KafkaSettings};
 pub use sharding::{KeyFunction, ShardingKey};
 pub use shed::{OnStale, ShedMode, ShedSettings};
 pub use streams::{DEFAULT_STREAM, StreamName, StreamSettings};
-pub use table::{TableSettings, UnknownFields};
+pub use table::{Quarantine, TableSettings, UnknownFields};
 pub use topology::{ClusterRow, ShardSpec, Topology, redacted};
 
 /// What is wrong with a configuration; printed as is to the operator.

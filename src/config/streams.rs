@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{BatchingSettings, Config, ConfigError, DedupMode, ShedMode, TableSettings, invalid};
+use super::{BatchingSettings, Config, ConfigError, DedupMode, Quarantine, ShedMode, TableSettings, UnknownFields, invalid};
 
 /// The name of the stream the top-level keys define.
 pub const DEFAULT_STREAM: &str = "default";
@@ -33,6 +33,8 @@ pub const SCOPED_KEYS: &[&str] = &[
     "partition_key",
     "timestamp_max_age_s",
     "timestamp_max_ahead_s",
+    "quarantine",
+    "quarantine_max_raw_bytes",
     "dedup",
     "shed_threshold",
     "shed_resume",
@@ -69,6 +71,12 @@ impl StreamName {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The internal stream that carries this stream's rejected events into its quarantine
+    /// table: `<name>.quarantine`, a name no `[streams]` table and no URL can give.
+    pub fn quarantine(&self) -> Self {
+        Self(Arc::from(format!("{}.quarantine", self.0)))
     }
 
     pub fn is_default(&self) -> bool {
@@ -243,6 +251,10 @@ impl Config {
             if !stream.clickhouse.clickhouse_cluster.trim().is_empty() {
                 own.push(stream.distributed_table());
             }
+            if stream.table.quarantine == Quarantine::Table {
+                own.push(stream.table.quarantine_table());
+                own.push(stream.table.quarantine_buffer());
+            }
             for table in &own {
                 let table = (stream.table.database.clone(), table.clone());
                 if let Some((_, _, other)) = tables.iter().find(|(d, t, _)| (d, t) == (&table.0, &table.1)) {
@@ -262,6 +274,45 @@ impl Config {
 }
 
 impl Config {
+    /// The configuration of the internal stream that carries this stream's rejected events
+    /// into its quarantine table (`None` when the stream does not park them): the stream's own
+    /// servers, batching and journal settings, its quarantine table and Buffer, one partition,
+    /// its own journal directory and namespace of idempotency keys, no Kafka topics.
+    pub fn quarantine_stream(&self) -> Option<Config> {
+        if self.table.quarantine != Quarantine::Table {
+            return None;
+        }
+        let mut q = self.clone();
+        q.streams.clear();
+        q.stream = self.stream.quarantine();
+        q.table.destination_table = self.table.quarantine_table();
+        q.table.buffer_table = self.table.quarantine_buffer();
+        q.table.id_column = super::table::QUARANTINE_ID_COLUMN.into();
+        q.table.timestamp_column = super::table::QUARANTINE_TIME_COLUMN.into();
+        q.table.partition_key = String::new();
+        q.table.unknown_fields = UnknownFields::Reject;
+        q.table.timestamp_max_age_s = 0;
+        q.table.timestamp_max_ahead_s = 0;
+        q.table.quarantine = Quarantine::Off;
+        q.batching.partitions = 1;
+        q.shed.shed_mode = ShedMode::Reject;
+        q.shed.fallback_table = String::new();
+        q.clickhouse.sharding_key = String::new();
+        q.clickhouse.distributed_table = format!("{}_all", q.table.destination_table);
+        if !self.journal.data_dir.is_empty() {
+            q.journal.data_dir = std::path::Path::new(&self.journal.data_dir).join("quarantine").to_string_lossy().into_owned();
+        }
+        // Rejected events are few while producers send what the table holds; an eighth of the
+        // stream's room, at least two segments.
+        q.journal.journal_max_bytes =
+            (self.journal.journal_max_bytes / 8).max(self.journal.journal_segment_bytes.saturating_mul(2));
+        // Default keys continue a prefix with `{`, `r:`, `o:`, `t:`, `e:` or a stream's name
+        // and `/`; `q:` is none of those.
+        q.idempotency.dedup_key_prefix = format!("{}q:", self.idempotency.dedup_key_prefix);
+        q.kafka.kafka_topics = String::new();
+        Some(q)
+    }
+
     /// The Distributed table reads go through on a cluster (`distributed_table`, or the
     /// destination's name + `_all`).
     pub fn distributed_table(&self) -> String {

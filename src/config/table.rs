@@ -15,6 +15,22 @@ pub enum UnknownFields {
     Ignore,
 }
 
+/// The quarantine table's id column: what its rows are deduplicated and confirmed by.
+pub const QUARANTINE_ID_COLUMN: &str = "quarantine_id";
+/// The quarantine table's time column: when the event was received.
+pub const QUARANTINE_TIME_COLUMN: &str = "received";
+
+/// Where rejected events go besides the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quarantine {
+    /// Only into the answer's `rejected` list.
+    Off,
+    /// Also into the stream's quarantine table, `<destination_table>_quarantine`, stored
+    /// exactly once like accepted rows, to be replayed (`buffergate replay`).
+    Table,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TableSettings {
@@ -41,6 +57,10 @@ pub struct TableSettings {
     pub timestamp_max_age_s: u64,
     /// ...or more than this many seconds after it (0: no bound).
     pub timestamp_max_ahead_s: u64,
+    /// Where rejected events are parked.
+    pub quarantine: Quarantine,
+    /// The most of a rejected event's text the quarantine keeps (its full length is kept too).
+    pub quarantine_max_raw_bytes: usize,
 }
 
 impl Default for TableSettings {
@@ -67,6 +87,10 @@ impl Default for TableSettings {
             // milliseconds land in year 50,000) and would open partitions no one reads.
             timestamp_max_age_s: 0,
             timestamp_max_ahead_s: 86_400,
+            // Producers that never read the answer (most fire-and-forget clients) would lose
+            // every rejected event without a trace; parking them costs nothing while events fit.
+            quarantine: Quarantine::Table,
+            quarantine_max_raw_bytes: 64 * 1024,
         }
     }
 }
@@ -87,6 +111,9 @@ impl TableSettings {
         if self.buffer_table == self.destination_table {
             return Err(invalid("buffer_table", "must differ from destination_table"));
         }
+        if self.quarantine_max_raw_bytes < 64 || self.quarantine_max_raw_bytes > 16 * 1024 * 1024 {
+            return Err(invalid("quarantine_max_raw_bytes", "must be between 64 and 16777216"));
+        }
         if self.buffer_num_layers == 0 || self.buffer_num_layers > 256 {
             return Err(invalid("buffer_num_layers", "must be between 1 and 256"));
         }
@@ -97,6 +124,16 @@ impl TableSettings {
             return Err(invalid("buffer_min_*", "each minimum must not exceed its maximum"));
         }
         Ok(())
+    }
+
+    /// The quarantine table beside the destination.
+    pub fn quarantine_table(&self) -> String {
+        format!("{}_quarantine", self.destination_table)
+    }
+
+    /// The Buffer in front of the quarantine table.
+    pub fn quarantine_buffer(&self) -> String {
+        format!("{}_quarantine_buffer", self.destination_table)
     }
 
     /// The time column rows are looked up by, when the table has one.

@@ -10,7 +10,7 @@ use super::scan::{EventSchema, Scanner, SyntaxError};
 use crate::idempotency::Idempotency;
 use crate::rows::PartitionRows;
 use crate::schema::sharding::Placement;
-use crate::schema::{EncodeContext, Encoded, EventFields, Rejection, TableSchema};
+use crate::schema::{EncodeContext, Encoded, EventFields, Reason, Rejection, TableSchema};
 
 #[derive(Debug, Serialize)]
 pub struct RejectedEvent {
@@ -20,6 +20,38 @@ pub struct RejectedEvent {
     pub field: Option<String>,
     /// Why; a value it quotes is cut to [`ECHO_BYTES`] as a whole.
     pub error: String,
+    /// The kind of reason, as a stable code.
+    pub reason: Reason,
+    /// The event as sent, kept when the stream parks rejected events ([`BatchShape::keep_raw`]).
+    #[serde(skip)]
+    pub raw: Option<RawEvent>,
+    /// The event's own id (its `id_column` field), when it sent one that could be read.
+    #[serde(skip)]
+    pub id: Option<String>,
+}
+
+/// A rejected event's text as sent, cut to a bound.
+#[derive(Debug, Clone)]
+pub struct RawEvent {
+    /// At most the bound, cut on a character boundary.
+    pub text: String,
+    /// The length of the whole event, in bytes.
+    pub bytes: usize,
+}
+
+impl RawEvent {
+    fn of(text: &str, limit: usize) -> Self {
+        let mut end = text.len().min(limit);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        Self { text: text[..end].to_string(), bytes: text.len() }
+    }
+
+    /// Whether the whole event is kept.
+    pub fn whole(&self) -> bool {
+        self.text.len() == self.bytes
+    }
 }
 
 /// The most of a producer's own text a rejection echoes back, per field name and per reason:
@@ -28,14 +60,15 @@ pub struct RejectedEvent {
 pub const ECHO_BYTES: usize = 256;
 
 impl RejectedEvent {
-    fn new(index: usize, field: Option<String>, error: String) -> Self {
-        Self { index, field: field.map(echo), error: echo(error) }
+    fn new(index: usize, rejection: Rejection) -> Self {
+        let Rejection { field, error, reason } = rejection;
+        Self { index, field: field.map(echo), error: echo(error), reason, raw: None, id: None }
     }
 
     /// A rejection of event `index` for `error`, as the decoder makes them (bounded).
     #[cfg(test)]
     pub(crate) fn for_test(index: usize, error: String) -> Self {
-        Self::new(index, None, error)
+        Self::new(index, Rejection::new(Reason::InvalidValue, None, error))
     }
 }
 
@@ -119,6 +152,10 @@ pub struct BatchShape {
     pub keep_ids: bool,
     /// Where events without an id get theirs from (a fresh UUIDv7 each when `None`).
     pub ids: Option<IdSeed>,
+    /// Keep each rejected event's text, up to this many bytes, and its id (the stream parks
+    /// rejected events). Then a line of NDJSON that does not parse is rejected alone, as
+    /// `malformed`, instead of refusing the body: it is parked with the others.
+    pub keep_raw: Option<usize>,
 }
 
 /// Parses the body event by event and encodes each straight into its partition's rows; no
@@ -171,7 +208,17 @@ fn encode_as(
     let mut index = 0usize;
     // Rows placed by key are encoded here first: their shard is known once they are.
     let mut scratch = Vec::new();
-    let mut take = |fields: &EventFields| {
+    let mut take = |item: Item<'_, '_>| {
+        let (fields, raw) = match item {
+            Item::Event(fields, raw) => (fields, raw),
+            Item::Malformed(raw, rejection) => {
+                let mut rejected = RejectedEvent::new(index, rejection);
+                rejected.raw = shape.keep_raw.map(|limit| RawEvent::of(raw, limit));
+                batch.rejected.push(rejected);
+                index += 1;
+                return;
+            }
+        };
         // One partition per shard (the default on small hosts) needs no key hashed.
         let within =
             if per_shard == 1 { 0 } else { (schema.partition_hash(fields, index as u64) % per_shard as u64) as usize };
@@ -186,9 +233,8 @@ fn encode_as(
             Placing::ByKey(placement) => {
                 scratch.clear();
                 schema.encode_fields_with_id(fields, ctx, derived, &mut scratch).and_then(|encoded| {
-                    let key = encoded.shard_key.ok_or_else(|| Rejection {
-                        field: None,
-                        error: "the event has no sharding-key value".into(),
+                    let key = encoded.shard_key.ok_or_else(|| {
+                        Rejection::new(Reason::UnwritableColumn, None, "the event has no sharding-key value")
                     })?;
                     let partition = placement.shard_of(key) * per_shard + within;
                     let (chunk, range) = batch.partitions[partition].push(&encoded, &scratch);
@@ -209,7 +255,12 @@ fn encode_as(
                 }
             }
             Err(rejection) => {
-                batch.rejected.push(RejectedEvent::new(index, rejection.field, rejection.error));
+                let mut rejected = RejectedEvent::new(index, rejection);
+                if let Some(limit) = shape.keep_raw {
+                    rejected.raw = Some(RawEvent::of(raw, limit));
+                    rejected.id = schema.event_id(fields).map(std::borrow::Cow::into_owned);
+                }
+                batch.rejected.push(rejected);
             }
         }
         index += 1;
@@ -217,6 +268,7 @@ fn encode_as(
     let reader = Reader {
         schema: EventSchema { schema, unknown: ctx.unknown_fields, order: ctx.order.as_deref() },
         max_events: shape.max_events,
+        alone: shape.keep_raw.is_some(),
     };
     match format {
         Format::JsonArray => reader.array(text, &mut take)?,
@@ -232,16 +284,25 @@ fn several_lines(text: &[u8]) -> bool {
     text.split(|&b| b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)).nth(1).is_some()
 }
 
+/// One event as read, handed to the encoder with its text as sent.
+enum Item<'f, 'a> {
+    Event(&'f EventFields<'a>, &'a str),
+    /// A line of NDJSON that does not parse, rejected alone.
+    Malformed(&'a str, Rejection),
+}
+
 /// Reads a body's events one at a time, each straight into its fields (no value tree), and
 /// hands each to `take` before reading the next.
 struct Reader<'s> {
     schema: EventSchema<'s>,
     max_events: usize,
+    /// A line of NDJSON that does not parse is rejected alone (else it refuses the body).
+    alone: bool,
 }
 
 impl Reader<'_> {
     /// A JSON array of events, or a single event object.
-    fn array<'a>(&self, text: &'a [u8], take: &mut dyn FnMut(&EventFields<'a>)) -> Result<(), DecodeError> {
+    fn array<'a>(&self, text: &'a [u8], take: &mut dyn FnMut(Item<'_, 'a>)) -> Result<(), DecodeError> {
         let at = |e: SyntaxError| {
             let (line, column) = e.position(text);
             DecodeError::MalformedJson { line, column, reason: e.reason.to_string() }
@@ -264,14 +325,16 @@ impl Reader<'_> {
                     if count > self.max_events {
                         return Err(DecodeError::TooManyEvents { limit: self.max_events });
                     }
+                    let start = scanner.offset();
                     scanner.event(self.schema, &mut fields).map_err(at)?;
-                    take(&fields);
+                    take(Item::Event(&fields, &text[start..scanner.offset()]));
                     more = scanner.next_element(b']').map_err(at)?;
                 }
             }
             Some(b'{') => {
+                let start = scanner.offset();
                 scanner.event(self.schema, &mut fields).map_err(at)?;
-                take(&fields);
+                take(Item::Event(&fields, &text[start..scanner.offset()]));
             }
             None => return Err(at(scanner.error("EOF while parsing a value"))),
             Some(_) => return Err(at(scanner.error("expected an array of event objects"))),
@@ -284,12 +347,13 @@ impl Reader<'_> {
     /// once, each line's end found by the scanner as it finishes the event. Splitting into
     /// lines first cost a fifth more instructions per event than a JSON array (callgrind,
     /// 1,000-event bodies).
-    fn ndjson<'a>(&self, text: &'a [u8], take: &mut dyn FnMut(&EventFields<'a>)) -> Result<(), DecodeError> {
+    fn ndjson<'a>(&self, text: &'a [u8], take: &mut dyn FnMut(Item<'_, 'a>)) -> Result<(), DecodeError> {
         let at = |e: SyntaxError| {
             let (line, column) = e.position(text);
             DecodeError::MalformedJson { line, column, reason: e.reason.to_string() }
         };
-        let mut scanner = Scanner::new(utf8(text).map_err(at)?);
+        let whole = utf8(text).map_err(at)?;
+        let mut scanner = Scanner::new(whole);
         let mut fields = EventFields::default();
         let mut count = 0usize;
         loop {
@@ -301,9 +365,18 @@ impl Reader<'_> {
             if count > self.max_events {
                 return Err(DecodeError::TooManyEvents { limit: self.max_events });
             }
-            scanner.event(self.schema, &mut fields).map_err(at)?;
-            scanner.line_end().map_err(at)?;
-            take(&fields);
+            let start = scanner.offset();
+            let read = scanner.event(self.schema, &mut fields).map(|()| scanner.offset());
+            match read.and_then(|end| scanner.line_end().map(|()| end)) {
+                Ok(end) => take(Item::Event(&fields, &whole[start..end])),
+                Err(error) if self.alone => {
+                    let column = error.offset.saturating_sub(start) + 1;
+                    let end = scanner.skip_line(error.offset);
+                    let reason = format!("malformed JSON at byte {column} of the event: {}", error.reason);
+                    take(Item::Malformed(&whole[start..end], Rejection::new(Reason::Malformed, None, reason)));
+                }
+                Err(error) => return Err(at(error)),
+            }
         }
     }
 }
@@ -334,7 +407,7 @@ mod tests {
             format,
             &schema(),
             &ctx,
-            &BatchShape { partitions: 4, placing: Placing::Shard(0), max_events: max, keep_ids: true, ids: None },
+            &BatchShape { partitions: 4, placing: Placing::Shard(0), max_events: max, keep_ids: true, ids: None, keep_raw: None },
         )
     }
 
@@ -358,6 +431,7 @@ mod tests {
             max_events: 100,
             keep_ids: true,
             ids: None,
+            keep_raw: None,
         };
         let text = r#"[{"k": 0}, {"k": 1}, {"k": 2}, {"k": 3}, {"k": 4}, {"k": 6}, {"s": "no key: 0"}]"#;
         let batch = encode_batch(text.as_bytes(), Format::JsonArray, &schema, &ctx, &shape).unwrap();

@@ -33,6 +33,17 @@ impl IdSeed {
     }
 }
 
+/// The quarantine id of a rejected event that sent `id` as its own, in `stream`: the same
+/// event sent again is parked once.
+pub fn quarantine_id(stream: &str, id: &str) -> Uuid {
+    let mut hash = Sha256::new();
+    hash.update(b"buffergate/quarantine\0");
+    hash.update(stream.as_bytes());
+    hash.update([0]);
+    hash.update(id.as_bytes());
+    uuid::Builder::from_custom_bytes(first_16(&hash.finalize())).into_uuid()
+}
+
 fn first_16(digest: &[u8]) -> [u8; 16] {
     let mut out = [0; 16];
     out.copy_from_slice(&digest[..16]);

@@ -8,14 +8,14 @@ mod ids;
 mod scan;
 mod swar;
 
-pub use batch::{BatchShape, EncodedBatch, EventRow, Placing, RejectedEvent, encode_batch};
+pub use batch::{BatchShape, EncodedBatch, EventRow, Placing, RawEvent, RejectedEvent, encode_batch};
 pub use body::{Encoding, Format, decompress};
-pub use ids::IdSeed;
+pub use ids::{IdSeed, quarantine_id};
 pub use scan::{EventSchema, Scanner, SyntaxError};
 
 use serde_json::Value;
 
-use crate::schema::{EncodeContext, EventFields, Rejection, TableSchema};
+use crate::schema::{EncodeContext, EventFields, Reason, Rejection, TableSchema};
 
 /// Why a body as a whole cannot be decoded (a bad event alone is a [`RejectedEvent`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -43,7 +43,7 @@ pub fn encode_event(
     let mut fields = EventFields::default();
     Scanner::new(&text)
         .event(EventSchema { schema, unknown: ctx.unknown_fields, order: None }, &mut fields)
-        .map_err(|e| Rejection { field: None, error: e.reason.to_string() })?;
+        .map_err(|e| Rejection::new(Reason::Malformed, None, e.reason))?;
     schema.encode_fields(&fields, ctx, out).map(|encoded| encoded.omitted)
 }
 

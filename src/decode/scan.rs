@@ -17,7 +17,7 @@ use std::borrow::Cow;
 
 use super::swar;
 use crate::config::UnknownFields;
-use crate::schema::{Content, EventFields, Field, Rejection, Role, TableSchema, UNKNOWN_FIELD};
+use crate::schema::{Content, EventFields, Field, Reason, Rejection, Role, TableSchema, UNKNOWN_FIELD};
 
 /// Deeper nesting is refused (serde_json's limit too): recursion stays bounded.
 const MAX_DEPTH: usize = 128;
@@ -76,6 +76,21 @@ impl<'a> Scanner<'a> {
 
     pub fn at_end(&self) -> bool {
         self.pos >= self.text.len()
+    }
+
+    /// Where the cursor is, in bytes from the start of the text.
+    pub fn offset(&self) -> usize {
+        self.pos
+    }
+
+    /// After a syntax error at `from`: moves past the end of that line; returns where the line
+    /// ends (its `\n`, or the end of the text). A string cannot hold a raw line break, so the
+    /// next line starts the next event of an NDJSON body whatever broke this one.
+    pub fn skip_line(&mut self, from: usize) -> usize {
+        let from = from.max(self.pos).min(self.text.len());
+        let end = self.bytes()[from..].iter().position(|&b| b == b'\n').map_or(self.text.len(), |i| from + i);
+        self.pos = (end + 1).min(self.text.len());
+        end
     }
 
     pub fn error(&self, reason: &'static str) -> SyntaxError {
@@ -171,7 +186,7 @@ impl<'a> Scanner<'a> {
                     self.value(1)?;
                     if unknown == UnknownFields::Reject {
                         let field = key.unwrap_or_default().into_owned();
-                        fields.problem.get_or_insert(Rejection { field: Some(field), error: UNKNOWN_FIELD.into() });
+                        fields.problem.get_or_insert(Rejection::new(Reason::UnknownField, Some(field), UNKNOWN_FIELD));
                     }
                 }
             }
@@ -188,7 +203,7 @@ impl<'a> Scanner<'a> {
         fields.reset(schema.columns().len());
         fields.is_object = true;
         if self.peek() != Some(b'[') {
-            fields.problem = Some(Rejection { field: None, error: "a row must be a JSON array of values".into() });
+            fields.problem = Some(Rejection::new(Reason::NotAnEvent, None, "a row must be a JSON array of values"));
             return self.value(0);
         }
         self.pos += 1;
@@ -210,10 +225,11 @@ impl<'a> Scanner<'a> {
             }
         }
         if count != order.len() {
-            fields.problem.get_or_insert(Rejection {
-                field: None,
-                error: format!("the row has {count} values, the INSERT {} columns", order.len()),
-            });
+            fields.problem.get_or_insert(Rejection::new(
+                Reason::NotAnEvent,
+                None,
+                format!("the row has {count} values, the INSERT {} columns", order.len()),
+            ));
         }
         Ok(())
     }
@@ -239,7 +255,7 @@ impl<'a> Scanner<'a> {
             Role::Unsupported(text) => format!("column type {text} is not supported by buffergate"),
         };
         self.value(1)?;
-        fields.problem.get_or_insert(Rejection { field: Some(column.name.clone()), error: problem });
+        fields.problem.get_or_insert(Rejection::new(Reason::UnwritableColumn, Some(column.name.clone()), problem));
         Ok(())
     }
 

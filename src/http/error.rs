@@ -68,6 +68,8 @@ pub enum ApiError {
     IdempotencyKeyReused,
     #[error("the idempotency store is unavailable ({0}); nothing was written, retry later")]
     StoreUnavailable(String),
+    #[error("{0}; retry later")]
+    QuarantineUnavailable(String),
     #[error("some of these events are being written by another request right now; nothing was written, retry later")]
     EventsInFlight,
     #[error("send an API key as `Authorization: Bearer <key>`")]
@@ -123,6 +125,7 @@ impl From<IngestError> for ApiError {
             IngestError::QueueFull(why) => Self::QueueFull(why),
             IngestError::FlushFailed(why) => Self::FlushFailed(why),
             IngestError::StoreUnavailable(why) => Self::StoreUnavailable(why),
+            IngestError::QuarantineUnavailable(_) => Self::QuarantineUnavailable(error.to_string()),
             IngestError::EventsInFlight => Self::EventsInFlight,
             IngestError::RequestInFlight => Self::RequestInFlight,
             IngestError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
@@ -175,7 +178,9 @@ impl ApiError {
             Self::BadHeader(_) | Self::BadPath(_) => StatusCode::BAD_REQUEST,
             Self::RequestInFlight => StatusCode::CONFLICT,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::StoreUnavailable(_) | Self::EventsInFlight => StatusCode::SERVICE_UNAVAILABLE,
+            Self::StoreUnavailable(_) | Self::EventsInFlight | Self::QuarantineUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::Forbidden => StatusCode::FORBIDDEN,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -215,6 +220,7 @@ impl ApiError {
             Self::RequestInFlight => "request_in_flight",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::StoreUnavailable(_) => "idempotency_unavailable",
+            Self::QuarantineUnavailable(_) => "quarantine_unavailable",
             Self::EventsInFlight => "events_in_flight",
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",

@@ -27,8 +27,10 @@ impl Pipeline {
                 partitions: self.coalescer.per_shard(),
                 placing: self.placing()?,
                 max_events: self.config.http.max_events_per_request,
-                keep_ids: self.idempotency.mode == DedupMode::Event,
+                // Ids are what events are deduplicated and looked up by.
+                keep_ids: self.idempotency.mode == DedupMode::Event || body.replayed,
                 ids: body.ids,
+                keep_raw: self.parks(&body.reading).then_some(self.config.table.quarantine_max_raw_bytes),
             };
             let now = body.received.unwrap_or_else(Timestamp::now);
             let listed = match &body.reading.columns {

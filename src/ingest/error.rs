@@ -47,6 +47,9 @@ pub enum IngestError {
     /// A producer id has offsets for `producer_max_partitions` partitions; this is another.
     #[error("this producer id already has offsets for {limit} partitions (producer_max_partitions)")]
     TooManyPartitions { limit: u32 },
+    /// The stream parks rejected events and its quarantine table cannot take them now.
+    #[error("the rejected events cannot be parked: {0}")]
+    QuarantineUnavailable(String),
     #[error("wait=visible needs the journal, which is off")]
     VisibleNeedsJournal,
     #[error("internal error: {0}")]

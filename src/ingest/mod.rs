@@ -9,7 +9,9 @@
 //! 4. claim a request-level idempotency key, or replay its recorded answer (`keys`);
 //! 5. deliver (`deliver`): the producer's offset checked, the events deduplicated, the rows
 //!    handed to the coalescers (or the fallback table), the flushes waited for;
-//! 6. record the answer for the key, or forget the key when nothing was accepted.
+//! 6. park the rejected events in the stream's quarantine table (`park`), through the
+//!    quarantine's own pipeline;
+//! 7. record the answer for the key, or forget the key when nothing was accepted.
 //!
 //! Nothing here knows HTTP or Kafka.
 
@@ -18,6 +20,7 @@ mod decode;
 mod deliver;
 mod error;
 mod keys;
+mod park;
 mod present;
 
 use std::sync::Arc;
@@ -27,6 +30,7 @@ use futures_util::future::BoxFuture;
 
 pub use deliver::{Delivered, Delivery, IngestResponse, ProducerOffset, Wait};
 pub use error::IngestError;
+pub use park::QuarantineRow;
 
 use crate::clickhouse::writer::Writer;
 use crate::cluster::Shards;
@@ -66,6 +70,8 @@ pub struct Pipeline {
     buffer: String,
     /// The receive times of the requests in flight (the completeness watermark).
     receipts: Arc<Receipts>,
+    /// The pipeline of the stream's quarantine table, where its rejected events are parked.
+    quarantine: Option<Arc<Pipeline>>,
 }
 
 /// What a [`Pipeline`] is made of: one stream's parts, and the in-flight budget every stream
@@ -80,6 +86,7 @@ pub struct Parts {
     pub idempotency: Arc<Idempotency>,
     pub budget: Arc<Budget>,
     pub receipts: Arc<Receipts>,
+    pub quarantine: Option<Arc<Pipeline>>,
 }
 
 /// One request or message, as a front hands it over.
@@ -124,6 +131,9 @@ pub struct Reading {
     /// One event refused refuses the request, nothing of it written: for clients that cannot
     /// read which events were refused.
     pub whole: bool,
+    /// The events come from the quarantine (`buffergate replay`): those refused again are not
+    /// parked again, the replay updates their rows.
+    pub from_quarantine: bool,
 }
 
 impl<E> std::fmt::Debug for Request<'_, E> {
@@ -161,11 +171,13 @@ struct Body {
     hash: bool,
     ids: Option<IdSeed>,
     received: Option<Timestamp>,
+    /// Looked up before it is written: its events' ids are kept.
+    replayed: bool,
 }
 
 impl Pipeline {
     pub fn new(parts: Parts) -> Self {
-        let Parts { config, schema, health, coalescer, shards, idempotency, budget, receipts } = parts;
+        let Parts { config, schema, health, coalescer, shards, idempotency, budget, receipts, quarantine } = parts;
         Self {
             writer: Arc::clone(&shards.shards[0][0].writer),
             budget,
@@ -173,6 +185,7 @@ impl Pipeline {
             lookups: tokio::sync::Semaphore::new(PRESENCE_LOOKUPS),
             buffer: format!("{}.{}", quote_ident(&config.table.database), quote_ident(&config.table.buffer_table)),
             receipts,
+            quarantine,
             config,
             schema,
             health,
@@ -199,6 +212,16 @@ impl Pipeline {
             reading,
         } = request;
         let key = key.map(|key| Idempotency::scoped(owner.as_deref(), key));
+        let parks = self.parks(&reading);
+        let origin = park::Origin {
+            received,
+            owner: owner.clone(),
+            producer: delivery.producer.as_ref().map(|p| p.producer.clone()),
+            ids,
+            // Rows diverted to the fallback table are written before the answer.
+            wait: if delivery.divert { Wait::Written } else { delivery.wait },
+            replayed,
+        };
         if let Some(p) = &mut delivery.producer {
             p.owner = owner.clone();
         }
@@ -212,7 +235,7 @@ impl Pipeline {
             let (schema, _lease) = self.admit(announced)?;
             let raw = body.await?;
             let whole = reading.whole;
-            let body = Body { raw, reading, format, encoding, hash: key.is_some(), ids, received };
+            let body = Body { raw, reading, format, encoding, hash: key.is_some(), ids, received, replayed };
             let batch = self.decode(&schema, body).await?;
             if whole && let Some(first) = batch.rejected.first() {
                 return Err(IngestError::Refused {
@@ -221,6 +244,9 @@ impl Pipeline {
                     error: first.error.clone(),
                 }
                 .into());
+            }
+            if parks && !batch.rejected.is_empty() {
+                self.can_park()?;
             }
             (schema, batch)
         };
@@ -240,7 +266,13 @@ impl Pipeline {
             if let Some(mark) = before_write {
                 mark.await?;
             }
-            self.deliver(&schema, batch, delivery, receipt).await
+            let delivered = self.deliver(&schema, batch, delivery, receipt).await?;
+            // After the accepted rows: a request whose delivery failed is retried whole, and
+            // its rejected events are parked then, once.
+            if parks {
+                self.park(&delivered.response.rejected, &origin).await?;
+            }
+            Ok(delivered)
         }
         .await;
         if let Some(key) = claimed {
@@ -274,6 +306,15 @@ impl Pipeline {
 
     pub fn idempotency(&self) -> &Arc<Idempotency> {
         &self.idempotency
+    }
+
+    /// The pipeline of the stream's quarantine table, when the stream parks rejected events.
+    pub fn quarantine(&self) -> Option<&Arc<Pipeline>> {
+        self.quarantine.as_ref()
+    }
+
+    pub fn config(&self) -> &Arc<Config> {
+        &self.config
     }
 
     pub fn budget(&self) -> &Budget {

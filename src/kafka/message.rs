@@ -14,7 +14,7 @@ use super::dead_letter::{DeadLetters, Reason};
 use super::incoming::Incoming;
 use super::replay::Marks;
 use crate::clickhouse::retry::Backoff;
-use crate::config::Config;
+use crate::config::{Config, Quarantine};
 use crate::decode::{Encoding, Format, IdSeed, RejectedEvent};
 use crate::ingest::{Answer, Delivery, IngestError, Pipeline, Request, Wait};
 use crate::metrics::kafka as metrics;
@@ -54,6 +54,7 @@ pub fn disposition(error: &IngestError) -> Disposition {
         IngestError::Overloaded(_) | IngestError::QueueFull(_) => Disposition::Retry("overloaded"),
         IngestError::EventsInFlight => Disposition::Retry("events_in_flight"),
         IngestError::StoreUnavailable(_) => Disposition::Retry("idempotency_unavailable"),
+        IngestError::QuarantineUnavailable(_) => Disposition::Retry("quarantine_unavailable"),
         IngestError::NotReady(_) => Disposition::Retry("not_ready"),
         _ => Disposition::Retry("flush_failed"),
     }
@@ -91,7 +92,9 @@ impl Worker {
     pub async fn handle(&self, message: &Incoming, suspect: bool, cancel: &CancellationToken) -> Handled {
         let Some(attempt) = self.deliver(message, suspect, cancel).await else { return Handled::Abandoned };
         let (handled, reason) = match attempt {
-            Attempt::Stored { rejected } if rejected.is_empty() => {
+            // With a quarantine table, rejected events are parked there (the pipeline did it,
+            // exactly once): the dead-letter topic keeps what the table cannot, whole messages.
+            Attempt::Stored { rejected } if rejected.is_empty() || self.config.table.quarantine == Quarantine::Table => {
                 metrics::message("stored");
                 return Handled::Stored;
             }

@@ -40,6 +40,8 @@ pub const IDEMPOTENCY_ERRORS: &str = "buffergate_idempotency_store_errors_total"
 pub const DEDUP_BYPASSED: &str = "buffergate_dedup_bypassed_events_total";
 pub const CONNECTIONS_OPEN: &str = "buffergate_http_connections_open";
 pub const CONNECTIONS_REFUSED: &str = "buffergate_http_connections_refused_total";
+pub const QUARANTINED: &str = "buffergate_quarantined_events_total";
+pub const REPLAYED: &str = "buffergate_replayed_events_total";
 
 /// What became of an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +152,11 @@ fn describe() {
     );
     describe_gauge!(CONNECTIONS_OPEN, Unit::Count, "Client connections open.");
     describe_counter!(CONNECTIONS_REFUSED, "Client connections closed as accepted because max_connections were open.");
+    describe_counter!(QUARANTINED, "Rejected events stored in the stream's quarantine table, by reason.");
+    describe_counter!(
+        REPLAYED,
+        "Quarantined events replayed, by outcome (stored: now in the destination; rejected: still refused)."
+    );
     describe_gauge!(JOURNAL_BYTES, Unit::Bytes, "Bytes of the journal on disk.");
     describe_gauge!(JOURNAL_UNCONFIRMED_BLOCKS, Unit::Count, "Journaled blocks not yet confirmed in the destination.");
     describe_gauge!(JOURNAL_UNCONFIRMED_ROWS, Unit::Count, "Rows of the journaled blocks not yet confirmed.");
@@ -223,6 +230,18 @@ pub fn http_request(route: &'static str, status: u16, elapsed: Duration) {
 pub fn events(stream: &StreamName, outcome: Outcome, count: usize) {
     if count > 0 {
         counter!(EVENTS, "stream" => label(stream), "outcome" => outcome.label()).increment(count as u64);
+    }
+}
+
+/// Rejected events of `stream` stored in its quarantine table for `reason`.
+pub fn quarantined(stream: &StreamName, reason: &'static str, count: usize) {
+    counter!(QUARANTINED, "stream" => label(stream), "reason" => reason).increment(count as u64);
+}
+
+/// Quarantined events of `stream` replayed (`outcome`: stored, rejected).
+pub fn replayed(stream: &StreamName, outcome: &'static str, count: usize) {
+    if count > 0 {
+        counter!(REPLAYED, "stream" => label(stream), "outcome" => outcome).increment(count as u64);
     }
 }
 

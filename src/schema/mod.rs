@@ -68,11 +68,65 @@ pub const UNKNOWN_FIELD: &str = "no such column in the table";
 /// The reason given for a field of a column an INSERT's column list leaves out.
 pub const UNLISTED_FIELD: &str = "not in the INSERT's column list";
 
-/// Why an event was not accepted: the field (`None` for the event as a whole) and the reason.
+/// Why an event was not accepted: the field (`None` for the event as a whole), the reason in
+/// words, and the kind of reason as a stable code.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Rejection {
     pub field: Option<String>,
     pub error: String,
+    pub reason: Reason,
+}
+
+/// The kind of a rejection: a code that stays the same while the words change, for metric
+/// labels, the quarantine and `replay --reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Not JSON (a line of NDJSON that does not parse).
+    Malformed,
+    /// JSON, but not an event object (or, for a row of values, not an array of the right length).
+    NotAnEvent,
+    /// A field the table has no column for (or the INSERT does not list).
+    UnknownField,
+    /// A value its column cannot hold.
+    InvalidValue,
+    /// A timestamp outside the stream's window.
+    OutOfWindow,
+    /// A field of a column the gateway does not write (computed, unsupported type, a sharding
+    /// key it cannot place by).
+    UnwritableColumn,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 6] = [
+        Reason::Malformed,
+        Reason::NotAnEvent,
+        Reason::UnknownField,
+        Reason::InvalidValue,
+        Reason::OutOfWindow,
+        Reason::UnwritableColumn,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Malformed => "malformed",
+            Reason::NotAnEvent => "not_an_event",
+            Reason::UnknownField => "unknown_field",
+            Reason::InvalidValue => "invalid_value",
+            Reason::OutOfWindow => "out_of_window",
+            Reason::UnwritableColumn => "unwritable_column",
+        }
+    }
+
+    pub fn parse(code: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.as_str() == code)
+    }
+}
+
+impl Rejection {
+    pub fn new(reason: Reason, field: Option<String>, error: impl Into<String>) -> Self {
+        Self { field, error: error.into(), reason }
+    }
 }
 
 /// Everything about the request an encoded row depends on besides the event itself.
@@ -431,7 +485,7 @@ impl TableSchema {
         out: &mut Vec<u8>,
     ) -> Result<Encoded, Rejection> {
         if !fields.is_object {
-            return Err(Rejection { field: None, error: "an event must be a JSON object".into() });
+            return Err(Rejection::new(Reason::NotAnEvent, None, "an event must be a JSON object"));
         }
         if let Some(problem) = &fields.problem {
             return Err(problem.clone());
@@ -451,11 +505,11 @@ impl TableSchema {
             if self.sharding.is_some_and(|s| s.index == i) {
                 shard_at = Some((out.len(), *default_bit));
             }
-            let reject = |error: String| Rejection { field: Some(column.name.clone()), error };
+            let reject = |error: String| Rejection::new(Reason::InvalidValue, Some(column.name.clone()), error);
             let mut field = fields.field(i);
             if field.is_some() && !ctx.lists(i) {
                 if ctx.unknown_fields == UnknownFields::Reject {
-                    return Err(reject(UNLISTED_FIELD.into()));
+                    return Err(Rejection::new(Reason::UnknownField, Some(column.name.clone()), UNLISTED_FIELD));
                 }
                 field = None;
             }
@@ -483,7 +537,7 @@ impl TableSchema {
         let seconds = time_at.and_then(|(at, ty)| encode::read_seconds(ty, out.get(at..)?));
         if let Some(problem) = seconds.and_then(|s| ctx.window.refuse(s, ctx.now.seconds)) {
             let field = self.timestamp.and_then(|i| self.columns.get(i)).map(|c| c.name.clone());
-            return Err(Rejection { field, error: problem });
+            return Err(Rejection::new(Reason::OutOfWindow, field, problem));
         }
         let shard_key = match self.sharding {
             None => None,
@@ -502,7 +556,7 @@ impl TableSchema {
         out: &[u8],
     ) -> Result<u64, Rejection> {
         let name = self.columns.get(shard.index).map(|c| c.name.clone());
-        let refuse = |error: &str| Rejection { field: name.clone(), error: error.into() };
+        let refuse = |error: &str| Rejection::new(Reason::UnwritableColumn, name.clone(), error);
         let (at, bit) = at.ok_or_else(|| refuse("the sharding-key column cannot be written"))?;
         if bit.is_some_and(|bit| omitted & (1 << bit) != 0) {
             return Err(refuse("the sharding-key field is required: its DEFAULT would be computed by ClickHouse"));

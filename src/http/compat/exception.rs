@@ -132,7 +132,8 @@ impl From<ApiError> for Exception {
             | ApiError::BufferUnknown { .. }
             | ApiError::FlushFailed(_)
             | ApiError::CircuitOpen
-            | ApiError::StoreUnavailable(_) => retry(210, "NETWORK_ERROR"),
+            | ApiError::StoreUnavailable(_)
+            | ApiError::QuarantineUnavailable(_) => retry(210, "NETWORK_ERROR"),
             ApiError::ShuttingDown => retry(394, "QUERY_WAS_CANCELLED"),
             ApiError::JournalFull => retry(243, "NOT_ENOUGH_SPACE"),
             // The INSERT's fate is not known: ClickHouse's own code for exactly that.

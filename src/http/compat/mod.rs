@@ -442,6 +442,7 @@ async fn run(
             // on by default since 23.x): producers switching from it must not start failing.
             unknown_fields: Some(asked.unknown_fields.unwrap_or(UnknownFields::Ignore)),
             whole: true,
+            from_quarantine: false,
         },
     };
     match stream.ingest.run::<Exception>(request).await? {
