@@ -1,4 +1,4 @@
-//! Command line: `buffergate serve`, `consume`, `migrate`, `check` and `drain`.
+//! Command line: `buffergate serve`, `consume`, `migrate`, `check`, `drain` and `replay`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use crate::check;
 use crate::clickhouse::{fleet, migrate};
 use crate::config::{self, Config, LogFormat};
+use crate::replay;
 use crate::server;
 use crate::shutdown::Shutdown;
 
@@ -18,7 +19,8 @@ pub struct Cli {
     /// TOML configuration file; `BUFFERGATE_*` environment variables override it.
     #[arg(long, global = true, env = "BUFFERGATE_CONFIG")]
     pub config: Option<PathBuf>,
-    /// `migrate`, `check` and `drain`: only this stream (default: every stream).
+    /// `migrate`, `check` and `drain`: only this stream (default: every stream); `replay`:
+    /// the stream to replay (default: `default`).
     #[arg(long, global = true)]
     pub stream: Option<String>,
     #[command(subcommand)]
@@ -50,6 +52,20 @@ pub enum Command {
     /// Flush the Buffer into its destination (OPTIMIZE TABLE), wait until it is empty, print the
     /// rows moved.
     Drain,
+    /// Send a stream's quarantined events again, through a running gateway (its admin API):
+    /// what now fits is stored once and marked replayed; the rest stays with its new reason.
+    Replay {
+        /// Only events quarantined for this reason (malformed, not_an_event, unknown_field,
+        /// invalid_value, out_of_window, unwritable_column).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Only events received at or after this time: RFC 3339, or seconds since the epoch.
+        #[arg(long)]
+        since: Option<String>,
+        /// The gateway's URL (default: its `listen` address on this host).
+        #[arg(long)]
+        gateway: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -111,6 +127,25 @@ pub async fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("buffergate check: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Replay { reason, since, gateway } => {
+            let stream = cli.stream.as_deref().unwrap_or(config::DEFAULT_STREAM);
+            let ask = replay::client::Ask {
+                stream,
+                reason: reason.as_deref(),
+                since: since.as_deref(),
+                gateway: gateway.as_deref(),
+            };
+            match replay::client::ask(&config, &ask).await {
+                Ok(answer) => {
+                    println!("{}", answer.trim_end());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("buffergate replay: {e}");
                     ExitCode::FAILURE
                 }
             }

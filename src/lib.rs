@@ -8,7 +8,8 @@
 //! way an INSERT of unknown fate is settled) and `clickhouse` (INSERT, retry, breaker).
 //! `idempotency` (reserve, commit, release) and `cluster` (shards, replicas) serve along the
 //! path; `schema`, `rows`, `config`, `metrics`, `health`, `auth`, `shutdown` are the leaves.
-//! `server` wires them; `cli` and `check` are the commands.
+//! Rejected events are parked by `ingest` in the stream's quarantine table and sent again by
+//! `replay`. `server` wires them; `cli` and `check` are the commands.
 
 pub mod auth;
 pub mod check;
@@ -27,6 +28,7 @@ pub mod journal;
 pub mod kafka;
 pub mod metrics;
 pub mod rows;
+pub mod replay;
 pub mod schema;
 pub mod server;
 pub mod shed;

@@ -229,32 +229,47 @@ async fn start_stream(
     Ok((stream, Running { partitions, nodes, watchers, quarantine: quarantine_running }))
 }
 
-/// Refuses to start while the journal of a stream no longer configured holds unconfirmed
-/// blocks: nothing else would ever settle them.
+/// Refuses to start while the journal of a stream no longer configured, or of the quarantine
+/// of a stream that no longer parks events, holds unconfirmed blocks: nothing else would ever
+/// settle them.
 async fn refuse_removed_streams(config: &Config) -> Result<(), ServeError> {
     if !config.journal_enabled() {
         return Ok(());
     }
     let dir = std::path::Path::new(&config.journal.data_dir).join("streams");
-    let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(()) };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if config.streams.contains_key(&name) {
-            continue;
-        }
-        let mut journals = vec![entry.path().join("journal")];
-        if let Ok(nodes) = std::fs::read_dir(entry.path().join("nodes")) {
-            journals.extend(nodes.flatten().map(|n| n.path().join("journal")));
-        }
-        for journal in journals {
-            let blocks = crate::journal::leftover(config, journal.clone()).await?;
-            if blocks > 0 {
-                return Err(ServeError::Topology(format!(
-                    "{} holds {blocks} unconfirmed blocks of the stream {name:?}, which is no longer configured: \
-                     configure it again until they are settled, or move the directory away to give them up",
-                    journal.display()
-                )));
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !config.streams.contains_key(&name) {
+                refuse_leftover(config, &entry.path(), &format!("the stream {name:?}, which is no longer configured"))
+                    .await?;
             }
+        }
+    }
+    for stream in config.streams() {
+        if stream.quarantine_stream().is_none() {
+            let dir = std::path::Path::new(&stream.journal.data_dir).join("quarantine");
+            let whose = format!("the quarantine of the stream {:?}, which has quarantine = off", stream.stream.as_str());
+            refuse_leftover(config, &dir, &whose).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuses when a journal under `dir` (its own, or a node's) holds unconfirmed blocks.
+async fn refuse_leftover(config: &Config, dir: &std::path::Path, whose: &str) -> Result<(), ServeError> {
+    let mut journals = vec![dir.join("journal")];
+    if let Ok(nodes) = std::fs::read_dir(dir.join("nodes")) {
+        journals.extend(nodes.flatten().map(|n| n.path().join("journal")));
+    }
+    for journal in journals {
+        let blocks = crate::journal::leftover(config, journal.clone()).await?;
+        if blocks > 0 {
+            return Err(ServeError::Topology(format!(
+                "{} holds {blocks} unconfirmed blocks of {whose}: configure it again until they are settled, \
+                 or move the directory away to give them up",
+                journal.display()
+            )));
         }
     }
     Ok(())

@@ -186,11 +186,13 @@ fn body_cases() -> Vec<Case> {
         bad("single quotes", b"[{'user_id': 1}]"),
         bad("NaN", br#"[{"user_id": NaN}]"#),
         case("an empty array", whole(post(b"[]")), Want::Batch { accepted: 0, duplicates: 0, rejected: 0 }),
+        // Rejected alone and parked in the quarantine (quarantine = table, the default).
         case(
             "an NDJSON line that is not JSON",
-            whole(post_as("application/x-ndjson", &[], b"{\"user_id\": 1}\n{oops\n")),
-            Want::Error(400, Some("malformed_json")),
-        ),
+            whole(post_as("application/x-ndjson", &[], format!("{}\n{{oops\n", good(92)).as_bytes())),
+            Want::Batch { accepted: 1, duplicates: 0, rejected: 1 },
+        )
+        .stores(&[&id(92)]),
         case(
             "an empty NDJSON body",
             whole(post_as("application/x-ndjson", &[], b"")),

@@ -369,9 +369,12 @@ async fn limits_and_bad_requests_get_precise_json_errors_and_store_nothing() {
     assert_eq!((status, body["error"].as_str()), (400, Some("malformed_json")), "{body}");
     assert_eq!((body["line"].as_u64(), body["column"].as_u64()), (Some(2), Some(14)), "{body}");
     assert!(body["message"].as_str().unwrap().contains("line 2, column 14"), "{body}");
+    // A line of NDJSON that does not parse is rejected alone (and parked: quarantine = table).
     let malformed = b"{\"user_id\": 1}\n{\"user_id\": }\n".to_vec();
     let (status, body) = gw.post("/v1/events", "application/x-ndjson", None, malformed).await;
-    assert_eq!((status, body["line"].as_u64()), (400, Some(2)), "{body}");
+    assert_eq!((status, body["accepted"].as_u64()), (200, Some(1)), "{body}");
+    let rejected = &body["rejected"][0];
+    assert_eq!((rejected["index"].as_u64(), rejected["reason"].as_str()), (Some(1), Some("malformed")), "{body}");
 
     // A body that stops coming is answered 408 after the body timeout, not held for the
     // request timeout and then called overload.

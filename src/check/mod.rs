@@ -4,13 +4,14 @@
 //!
 //! One file per area: `buffer` (the Buffer table, its destination and their tuning),
 //! `delivery` (what exactly-once needs of the table, the cluster's Distributed table),
-//! `redis` (the idempotency store), `kafka` (the Kafka front) and `auth` (whether producers
-//! need a key).
+//! `redis` (the idempotency store), `kafka` (the Kafka front), `quarantine` (where rejected
+//! events are parked, and how many wait there) and `auth` (whether producers need a key).
 
 mod auth;
 mod buffer;
 mod delivery;
 mod kafka;
+mod quarantine;
 mod redis;
 
 use serde::Serialize;
@@ -69,6 +70,7 @@ pub async fn run(ch: &ClickHouse, config: &Config, options: Options) -> Result<V
     let mut out = buffer::run(ch, config, options).await?;
     out.extend(redis::run(config).await);
     out.extend(delivery::run(ch, config).await?);
+    out.extend(quarantine::run(ch, config).await?);
     out.extend(kafka::run(config).await);
     out.extend(auth::run(config));
     Ok(out)
@@ -112,6 +114,7 @@ async fn one_stream(
         let ch = ClickHouse::new(config);
         let mut out = buffer::run(&ch, config, options).await?;
         out.extend(delivery::run(&ch, config).await?);
+        out.extend(quarantine::run(&ch, config).await?);
         out.extend(kafka::run(config).await);
         return Ok(out);
     }
@@ -130,6 +133,7 @@ async fn one_stream(
             node.push(f);
         }
         node.extend(delivery::cluster_tables(&ch, config).await);
+        node.extend(quarantine::run(&ch, config).await.unwrap_or_default());
         out.extend(node.into_iter().map(|f| Finding { node: Some(crate::config::redacted(url)), ..f }));
     }
     out.extend(kafka::run(config).await);

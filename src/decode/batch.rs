@@ -480,6 +480,42 @@ mod tests {
     }
 
     #[test]
+    fn a_malformed_line_is_rejected_alone_where_it_can_be_parked() {
+        let ctx = EncodeContext::new(Timestamp::now(), UnknownFields::Reject);
+        let shape = |keep_raw| BatchShape {
+            partitions: 1,
+            placing: Placing::Shard(0),
+            max_events: 10,
+            keep_ids: false,
+            ids: None,
+            keep_raw,
+        };
+        let text = "{\"k\": 1}\n{\"k\": 2, \"s\": \"é\u{e9}é\n{\"k\": 3} trailing\n[]\n{\"k\": 4, \"x\": 1}\n{\"k\": 5}";
+        let batch = encode_batch(text.as_bytes(), Format::Ndjson, &schema(), &ctx, &shape(Some(8))).unwrap();
+        assert_eq!(batch.accepted, 2, "the first and the last lines");
+        let got: Vec<_> = batch
+            .rejected
+            .iter()
+            .map(|r| (r.index, r.reason, r.raw.as_ref().map(|raw| (raw.text.as_str(), raw.bytes))))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (1, Reason::Malformed, Some(("{\"k\": 2,", 21))),
+                (2, Reason::Malformed, Some(("{\"k\": 3}", 17))),
+                (3, Reason::NotAnEvent, Some(("[]", 2))),
+                (4, Reason::UnknownField, Some(("{\"k\": 4,", 16))),
+            ],
+            "cut at 8 bytes on a character boundary, with the full length"
+        );
+        assert!(batch.rejected[0].error.starts_with("malformed JSON at byte"), "{}", batch.rejected[0].error);
+        let refused = encode_batch(text.as_bytes(), Format::Ndjson, &schema(), &ctx, &shape(None));
+        assert!(matches!(refused, Err(DecodeError::MalformedJson { line: 2, .. })), "nowhere to park it: {refused:?}");
+        let array = encode_batch(b"[{\"k\": 1}, {oops}]", Format::JsonArray, &schema(), &ctx, &shape(Some(8)));
+        assert!(matches!(array, Err(DecodeError::MalformedJson { .. })), "an array cannot be cut into events");
+    }
+
+    #[test]
     fn limits_and_shapes() {
         assert!(matches!(run("[{}, {}, {}]", Format::JsonArray, 2), Err(DecodeError::TooManyEvents { limit: 2 })));
         assert!(matches!(run("{}\n{}\n{}\n", Format::Ndjson, 2), Err(DecodeError::TooManyEvents { .. })));

@@ -1,5 +1,6 @@
 //! The admin API, behind `admin_token` (404 when none is configured): `POST /admin/flush`
-//! and `GET /v1/status`, both over every stream and every ClickHouse node.
+//! and `GET /v1/status`, both over every stream and every ClickHouse node, and
+//! `POST /admin/replay`, which sends a stream's quarantined events again.
 
 use std::sync::Arc;
 
@@ -14,6 +15,8 @@ use super::state::AppState;
 use crate::auth::bearer;
 use crate::clickhouse::drain;
 use crate::journal::JournalStatus;
+use crate::replay;
+use crate::schema::Reason;
 use crate::streams::Stream;
 
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -65,6 +68,64 @@ pub async fn flush(
         None
     };
     Ok(Json(json!({"flushed": true, "drained_rows": drained})))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ReplayParams {
+    /// The stream (default: `default`).
+    stream: Option<String>,
+    /// Only events quarantined for this reason code.
+    reason: Option<String>,
+    /// Only events received at or after this time: RFC 3339, or seconds since the epoch.
+    since: Option<String>,
+}
+
+/// One replay at a time per process: two would read the same events and send them both (the
+/// look-ups keep the destination right, but the work is done twice).
+static REPLAYING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Sends the stream's quarantined events again through its pipeline; answers what became of
+/// them once done (see [`crate::replay`]).
+pub async fn replay(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    params: Result<Query<ReplayParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let Query(params) = params.map_err(|e| ApiError::BadQuery(e.body_text()))?;
+    let name = params.stream.as_deref().unwrap_or(crate::config::DEFAULT_STREAM);
+    let stream = state.streams.get(name).ok_or_else(|| ApiError::unknown_stream(name))?;
+    let reason = match params.reason.as_deref() {
+        None => None,
+        Some(code) => Some(Reason::parse(code).ok_or_else(|| {
+            let codes: Vec<&str> = Reason::ALL.iter().map(|r| r.as_str()).collect();
+            ApiError::BadQuery(format!("reason must be one of {}", codes.join(", ")))
+        })?),
+    };
+    let since = params.since.as_deref().map(parse_since).transpose()?;
+    let Ok(_running) = REPLAYING.try_lock() else { return Err(ApiError::ReplayRunning) };
+    let filter = replay::Filter { reason, since };
+    let replayed = replay::replay(&stream.ingest, &filter).await.map_err(|error| match error {
+        replay::ReplayError::NoQuarantine(_) => ApiError::BadQuery(error.to_string()),
+        error => ApiError::ReplayFailed(error.to_string()),
+    })?;
+    tracing::info!(stream = %name, stored = replayed.stored, rejected = replayed.rejected, truncated = replayed.truncated, "replay done");
+    Ok(Json(json!({
+        "stream": name,
+        "stored": replayed.stored,
+        "rejected": replayed.rejected,
+        "truncated": replayed.truncated,
+    })))
+}
+
+/// `since`: seconds since the epoch, or an RFC 3339 time.
+fn parse_since(text: &str) -> Result<i64, ApiError> {
+    if let Ok(seconds) = text.parse::<i64>() {
+        return Ok(seconds);
+    }
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map(|t| t.unix_timestamp())
+        .map_err(|_| ApiError::BadQuery("since must be seconds since the epoch or an RFC 3339 time".into()))
 }
 
 /// The gateway's state: the process's own, the `default` stream's at the top level (as before

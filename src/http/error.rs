@@ -86,6 +86,11 @@ pub enum ApiError {
     StreamForbidden(String),
     #[error("method not allowed on this endpoint")]
     MethodNotAllowed,
+    /// Another replay of this gateway is running.
+    #[error("a replay is already running on this gateway; wait for it to finish")]
+    ReplayRunning,
+    #[error("the replay stopped: {0}; what it marked replayed stays so, run it again")]
+    ReplayFailed(String),
 }
 
 /// Bytes of a requested stream name echoed back in an error.
@@ -187,6 +192,8 @@ impl ApiError {
             Self::NotFound | Self::UnknownStream(_) => StatusCode::NOT_FOUND,
             Self::StreamForbidden(_) => StatusCode::FORBIDDEN,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::ReplayRunning => StatusCode::CONFLICT,
+            Self::ReplayFailed(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -229,6 +236,8 @@ impl ApiError {
             Self::UnknownStream(_) => "unknown_stream",
             Self::StreamForbidden(_) => "stream_forbidden",
             Self::MethodNotAllowed => "method_not_allowed",
+            Self::ReplayRunning => "replay_running",
+            Self::ReplayFailed(_) => "replay_failed",
         }
     }
 }

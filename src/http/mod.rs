@@ -40,6 +40,7 @@ const STREAMS: &str = "/v1/streams";
 const OFFSETS: &str = "/v1/offsets/{producer_id}";
 const STREAM_OFFSETS: &str = "/v1/streams/{name}/offsets/{producer_id}";
 const ADMIN_FLUSH: &str = "/admin/flush";
+const ADMIN_REPLAY: &str = "/admin/replay";
 const STATUS: &str = "/v1/status";
 const HEALTHZ: &str = "/healthz";
 const READYZ: &str = "/readyz";
@@ -48,13 +49,14 @@ const METRICS: &str = "/metrics";
 const CLICKHOUSE: &str = "/";
 const PING: &str = "/ping";
 /// Every route, for metric labels.
-const ROUTES: [&str; 12] = [
+const ROUTES: [&str; 13] = [
     EVENTS,
     STREAM_EVENTS,
     STREAMS,
     OFFSETS,
     STREAM_OFFSETS,
     ADMIN_FLUSH,
+    ADMIN_REPLAY,
     STATUS,
     HEALTHZ,
     READYZ,
@@ -105,6 +107,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(OFFSETS, offsets.clone())
         .route(STREAM_OFFSETS, offsets)
         .route(ADMIN_FLUSH, post(admin::flush))
+        .route(ADMIN_REPLAY, post(admin::replay))
         .route(STATUS, get(admin::status))
         .route(HEALTHZ, get(health::healthz))
         .route(READYZ, get(health::readyz))

@@ -158,7 +158,10 @@ impl From<ApiError> for Exception {
                 format!("this API key may not write to the stream {stream:?}"),
             ),
             ApiError::UnknownStream(_) | ApiError::NotFound => Self::unknown_table("(none)"),
-            ApiError::MethodNotAllowed => Self::not_implemented(message),
+            // Admin answers: never reached through the ClickHouse protocol.
+            ApiError::MethodNotAllowed | ApiError::ReplayRunning | ApiError::ReplayFailed(_) => {
+                Self::not_implemented(message)
+            }
             ApiError::Internal(_) => Self::new(1002, "UNKNOWN_EXCEPTION", StatusCode::INTERNAL_SERVER_ERROR, message),
         }
     }
