@@ -249,7 +249,8 @@ async fn refuse_removed_streams(config: &Config) -> Result<(), ServeError> {
     for stream in config.streams() {
         if stream.quarantine_stream().is_none() {
             let dir = std::path::Path::new(&stream.journal.data_dir).join("quarantine");
-            let whose = format!("the quarantine of the stream {:?}, which has quarantine = off", stream.stream.as_str());
+            let whose =
+                format!("the quarantine of the stream {:?}, which has quarantine = off", stream.stream.as_str());
             refuse_leftover(config, &dir, &whose).await?;
         }
     }

@@ -61,7 +61,14 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = decompress(bytes::Bytes::copy_from_slice(body), encoding, LIMIT) else { return };
     let unknown = if mode & 0x80 == 0 { UnknownFields::Reject } else { UnknownFields::Ignore };
     let ctx = EncodeContext::new(Timestamp { seconds: 1_700_000_000, nanos: 0 }, unknown);
-    let shape = BatchShape { partitions: 3, placing: Placing::Shard(0), max_events: 1000, keep_ids: true, ids: None, keep_raw: (data.len() % 2 == 0).then_some(64) };
+    let shape = BatchShape {
+        partitions: 3,
+        placing: Placing::Shard(0),
+        max_events: 1000,
+        keep_ids: true,
+        ids: None,
+        keep_raw: (data.len() % 2 == 0).then_some(64),
+    };
     let result = encode_batch(&text, format, schema(), &ctx, &shape);
     if format == Format::JsonArray && !matches!(result, Err(DecodeError::TooManyEvents { .. })) {
         let ours = result.is_ok();

@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{BatchingSettings, Config, ConfigError, DedupMode, Quarantine, ShedMode, TableSettings, UnknownFields, invalid};
+use super::{
+    BatchingSettings, Config, ConfigError, DedupMode, Quarantine, ShedMode, TableSettings, UnknownFields, invalid,
+};
 
 /// The name of the stream the top-level keys define.
 pub const DEFAULT_STREAM: &str = "default";
@@ -300,7 +302,8 @@ impl Config {
         q.clickhouse.sharding_key = String::new();
         q.clickhouse.distributed_table = format!("{}_all", q.table.destination_table);
         if !self.journal.data_dir.is_empty() {
-            q.journal.data_dir = std::path::Path::new(&self.journal.data_dir).join("quarantine").to_string_lossy().into_owned();
+            q.journal.data_dir =
+                std::path::Path::new(&self.journal.data_dir).join("quarantine").to_string_lossy().into_owned();
         }
         // Rejected events are few while producers send what the table holds; an eighth of the
         // stream's room, at least two segments.

@@ -407,7 +407,14 @@ mod tests {
             format,
             &schema(),
             &ctx,
-            &BatchShape { partitions: 4, placing: Placing::Shard(0), max_events: max, keep_ids: true, ids: None, keep_raw: None },
+            &BatchShape {
+                partitions: 4,
+                placing: Placing::Shard(0),
+                max_events: max,
+                keep_ids: true,
+                ids: None,
+                keep_raw: None,
+            },
         )
     }
 
@@ -490,7 +497,8 @@ mod tests {
             ids: None,
             keep_raw,
         };
-        let text = "{\"k\": 1}\n{\"k\": 2, \"s\": \"é\u{e9}é\n{\"k\": 3} trailing\n[]\n{\"k\": 4, \"x\": 1}\n{\"k\": 5}";
+        let text =
+            "{\"k\": 1}\n{\"k\": 2, \"s\": \"é\u{e9}é\n{\"k\": 3} trailing\n[]\n{\"k\": 4, \"x\": 1}\n{\"k\": 5}";
         let batch = encode_batch(text.as_bytes(), Format::Ndjson, &schema(), &ctx, &shape(Some(8))).unwrap();
         assert_eq!(batch.accepted, 2, "the first and the last lines");
         let got: Vec<_> = batch

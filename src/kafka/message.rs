@@ -94,7 +94,9 @@ impl Worker {
         let (handled, reason) = match attempt {
             // With a quarantine table, rejected events are parked there (the pipeline did it,
             // exactly once): the dead-letter topic keeps what the table cannot, whole messages.
-            Attempt::Stored { rejected } if rejected.is_empty() || self.config.table.quarantine == Quarantine::Table => {
+            Attempt::Stored { rejected }
+                if rejected.is_empty() || self.config.table.quarantine == Quarantine::Table =>
+            {
                 metrics::message("stored");
                 return Handled::Stored;
             }

@@ -68,17 +68,24 @@ const PAGE_EVENTS: usize = 1000;
 /// mark is written back into the same partition).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 struct Parked {
+    // Read under other names: an alias named as a column would stand for it in WHERE and
+    // ORDER BY too.
+    #[serde(alias = "id_text")]
     quarantine_id: String,
+    #[serde(alias = "received_text")]
     received: String,
     #[serde(skip_serializing)]
     received_s: i64,
+    #[serde(alias = "stream_text")]
     stream: String,
     api_key: String,
     producer_id: String,
+    #[serde(alias = "index_number")]
     event_index: u64,
     raw: String,
     raw_bytes: u64,
     field: String,
+    #[serde(alias = "reason_text")]
     reason: String,
     error: String,
     #[serde(default)]
@@ -90,7 +97,8 @@ struct Parked {
 /// Replays the quarantined events of `stream` that `filter` selects, node by node (each node's
 /// quarantine holds the events written to it).
 pub async fn replay(stream: &Pipeline, filter: &Filter) -> Result<Replayed, ReplayError> {
-    let quarantine = stream.quarantine().ok_or_else(|| ReplayError::NoQuarantine(stream.config().stream.to_string()))?;
+    let quarantine =
+        stream.quarantine().ok_or_else(|| ReplayError::NoQuarantine(stream.config().stream.to_string()))?;
     let config = quarantine.config();
     let schema = current_schema(stream).await?;
     let mut total = Replayed::default();
@@ -162,9 +170,9 @@ async fn read_page(
     }
     let limit = (PAGE_BYTES / config.table.quarantine_max_raw_bytes.max(1)).clamp(1, PAGE_EVENTS);
     let sql = format!(
-        "SELECT toString(quarantine_id) AS quarantine_id, toString(received) AS received, \
-         toInt64(toUnixTimestamp(received)) AS received_s, toString(stream) AS stream, api_key, producer_id, \
-         toUInt64(event_index) AS event_index, raw, raw_bytes, field, toString(reason) AS reason, error \
+        "SELECT toString(quarantine_id) AS id_text, toString(received) AS received_text, \
+         toInt64(toUnixTimestamp(received)) AS received_s, toString(stream) AS stream_text, api_key, producer_id, \
+         toUInt64(event_index) AS index_number, raw, raw_bytes, field, toString(reason) AS reason_text, error \
          FROM {table} FINAL WHERE {} ORDER BY quarantine_id LIMIT {limit}",
         conditions.join(" AND ")
     );
@@ -319,16 +327,27 @@ mod tests {
 
     #[test]
     fn an_event_is_sent_again_with_its_id_and_receive_time_and_its_own_values_untouched() {
-        let sent = prepared(&parked(r#"{"user_id": 18446744073709551615, "color": "red"}"#), Some("event_id"), Some("event_ts"))
-            .unwrap();
+        let sent = prepared(
+            &parked(r#"{"user_id": 18446744073709551615, "color": "red"}"#),
+            Some("event_id"),
+            Some("event_ts"),
+        )
+        .unwrap();
         assert_eq!(
             sent,
             r#"{"event_id":"0190a3c4-0000-7000-8000-000000000001","event_ts":"2026-12-07T10:00:00Z","user_id": 18446744073709551615, "color": "red"}"#
         );
         let own = prepared(&parked(r#"{"event_id": "x", "event_ts": 5}"#), Some("event_id"), Some("event_ts")).unwrap();
         assert_eq!(own, r#"{"event_id": "x", "event_ts": 5}"#, "what it sent is kept");
-        assert_eq!(prepared(&parked("{}"), Some("id"), None).unwrap(), r#"{"id":"0190a3c4-0000-7000-8000-000000000001"}"#);
-        assert_eq!(prepared(&parked("[1]"), Some("id"), None).unwrap(), "[1]", "not an object: refused again as it was");
+        assert_eq!(
+            prepared(&parked("{}"), Some("id"), None).unwrap(),
+            r#"{"id":"0190a3c4-0000-7000-8000-000000000001"}"#
+        );
+        assert_eq!(
+            prepared(&parked("[1]"), Some("id"), None).unwrap(),
+            "[1]",
+            "not an object: refused again as it was"
+        );
         assert_eq!(prepared(&parked("{oops"), Some("id"), None), None, "not JSON");
     }
 }
