@@ -571,13 +571,6 @@ fn idle_connections(addr: SocketAddr) {
     assert!(started.elapsed() < Duration::from_millis(HEADER_TIMEOUT_MS * 5), "closed after the header timeout");
 }
 
-/// Peak resident memory of a process, in KiB.
-fn peak_rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_and_hostile_requests_get_exact_answers() {
     let ch = clickhouse();
@@ -625,7 +618,7 @@ async fn broken_and_hostile_requests_get_exact_answers() {
     }
     let response = http().post(format!("{url}/v1/events")).bearer_auth(KEY).json(&[good(99)]).send().await.unwrap();
     assert_eq!(response.status(), 200);
-    let peak = peak_rss_kib(gateway.pid);
+    let peak = common::peak_rss_kib(gateway.pid);
     eprintln!("the gateway's peak RSS: {peak} KiB");
     assert!(peak < MAX_RSS_KIB, "peak RSS {peak} KiB");
 

@@ -128,7 +128,7 @@ async fn clickhouse_killed_with_a_full_buffer_loses_nothing() {
     assert_exactly_once(&ch, &config, &acknowledged).await;
     let text = http().get(&metrics_url).send().await.unwrap().text().await.unwrap();
     for (name, increase) in [
-        ("buffergate_journal_clickhouse_restarts_total", 1.0),
+        ("buffergate_journal_clickhouse_restarts_total{stream=\"default\"}", 1.0),
         ("buffergate_journal_restored_rows_total{cause=\"restart\"}", 2000.0),
     ] {
         assert_eq!(counted(&text, name) - counted(&before, name), increase, "{name}\n{text}");

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use buffergate::Config;
+use buffergate::config::Quarantine;
 use common::{
     ClickHouseServer, Process, RedisServer, clickhouse, command, config, eventually, holding_buffer, http, migrate,
     scratch,
@@ -397,34 +398,68 @@ async fn clickhouse_killed_with_a_full_buffer_while_consuming_loses_nothing() {
     consumer.stop();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn poison_messages_go_to_the_dead_letter_topic_with_reasons_and_the_rest_is_stored() {
-    let _serial = SERIAL.lock().await;
+/// A dead-letter topic and a topic whose partition 0 holds poison between 300 good messages:
+/// bad JSON (30), a wrong type (60), and an array with one good and one bad event (90). The
+/// consumer runs with `quarantine`.
+async fn poison(prefix: &str, quarantine: Quarantine) -> (Config, String, ConsumerProcess) {
     let ch = clickhouse();
-    let dead = fresh("k_dead");
+    let dead = fresh(&format!("{prefix}_dead"));
     tokio::task::spawn_blocking({
         let dead = dead.clone();
         move || broker().create_topic(&dead, 1)
     })
     .await
     .unwrap();
-    let (config, logs) = setup(ch, "k_poison", |mut c| {
+    let (config, logs) = setup(ch, prefix, |mut c| {
         c.kafka.kafka_dead_letter_topic = dead.clone();
+        c.table.quarantine = quarantine;
         c
     })
     .await;
     let topic = config.kafka.kafka_topics.clone();
-    // Poison on partition 0 between good messages: bad JSON, a wrong type, and an array with
-    // one good and one bad event.
     let mut values = events(0, 300);
     values.insert(30, "{\"user_id\": 1,".into());
     values.insert(60, json!({"user_id": "not a number"}).to_string());
     values.insert(90, json!([{"user_id": 300, "event_type": "k"}, {"user_id": -1}]).to_string());
     let (t, v) = (topic.clone(), values);
     tokio::task::spawn_blocking(move || broker().produce(&t, Some(0), &v)).await.unwrap();
-
     let consumer = ConsumerProcess::start(&config, &logs.join("consumer.log")).await;
     assert_exactly_once(ch, &config, 301).await;
+    (config, dead, consumer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_events_of_messages_are_parked_and_only_whole_messages_dead_lettered() {
+    let _serial = SERIAL.lock().await;
+    let ch = clickhouse();
+    let (config, dead, consumer) = poison("k_parked", Quarantine::Table).await;
+    let quarantine = format!("`{}`.`{}_quarantine_buffer`", config.table.database, config.table.destination_table);
+    let rows = ch
+        .rows(&format!("SELECT event_index, field, toString(reason) AS reason FROM {quarantine} ORDER BY event_index"))
+        .await;
+    let parked: Vec<(String, &str, &str)> = rows
+        .iter()
+        .map(|r| (r["event_index"].to_string(), r["field"].as_str().unwrap(), r["reason"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        parked,
+        [("0".into(), "user_id", "invalid_value"), ("1".into(), "user_id", "invalid_value")],
+        "the refused events of messages 60 and 90, once each"
+    );
+    let letters = tokio::task::spawn_blocking(move || broker().read_all(&dead, 1)).await.unwrap();
+    assert_eq!(letters.len(), 1, "only the message that is not JSON: {letters:?}");
+    assert_eq!(letters[0].0, "{\"user_id\": 1,");
+    let metrics = consumer.metrics().await;
+    let dead_lettered = common::sample(&metrics, "buffergate_kafka_messages_total{outcome=\"dead_lettered\"}");
+    assert_eq!(dead_lettered, Some(1.0), "{metrics}");
+    consumer.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_go_to_the_dead_letter_topic_with_reasons_and_the_rest_is_stored() {
+    let _serial = SERIAL.lock().await;
+    let (config, dead, consumer) = poison("k_poison", Quarantine::Off).await;
+    let topic = config.kafka.kafka_topics.clone();
     let mut letters = tokio::task::spawn_blocking(move || broker().read_all(&dead, 3)).await.unwrap();
     assert_eq!(letters.len(), 3, "three dead letters: {letters:?}");
     // Messages are delivered concurrently: their dead letters come in the order they failed.
@@ -480,7 +515,7 @@ async fn a_saturated_buffer_pauses_the_partitions_until_it_drains() {
     eventually(Duration::from_secs(60), "the partitions paused by the full Buffer", || async {
         let metrics = consumer.metrics().await;
         gauge(&metrics, "buffergate_kafka_paused_partitions") == f64::from(PARTITIONS)
-            && gauge(&metrics, "buffergate_shed_active") == 1.0
+            && common::sample_of(&metrics, "buffergate_shed_active", "default") == Some(1.0)
     })
     .await;
     let held = rows(&ch, &config).await;

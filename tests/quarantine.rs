@@ -230,13 +230,6 @@ async fn events_with_a_field_the_table_lacks_are_replayed_once_the_column_is_add
     gateway.stop().await;
 }
 
-/// Peak resident memory of a process, in KiB.
-fn peak_rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_five_mib_malformed_event_is_parked_truncated_within_the_memory_bound() {
     let ch = clickhouse();
@@ -283,7 +276,7 @@ async fn a_five_mib_malformed_event_is_parked_truncated_within_the_memory_bound(
         assert!(malformed.starts_with(raw));
     }
     assert_eq!(stored(ch, &config).await.len(), 2 * requests as usize);
-    let peak = peak_rss_kib(process.pid);
+    let peak = common::peak_rss_kib(process.pid);
     eprintln!("the gateway's peak RSS: {peak} KiB");
     // Eight 5 MiB bodies at once, each held once: far below what copies of them would take.
     assert!(peak < 160 * 1024, "peak RSS {peak} KiB");

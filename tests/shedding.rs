@@ -64,8 +64,8 @@ async fn a_saturated_buffer_sheds_with_retry_after_until_drained() {
     assert_eq!(get(format!("{}/healthz", gw.url)).await.0, 200);
     let (status, metrics) = get(format!("{}/metrics", gw.url)).await;
     assert_eq!(status, 200);
-    assert_eq!(common::sample(&metrics, "buffergate_shed_active"), Some(1.0), "{metrics}");
-    let fill = common::sample(&metrics, "buffergate_clickhouse_buffer_fill_ratio").unwrap_or(0.0);
+    assert_eq!(common::sample_of(&metrics, "buffergate_shed_active", "default"), Some(1.0), "{metrics}");
+    let fill = common::sample_of(&metrics, "buffergate_clickhouse_buffer_fill_ratio", "default").unwrap_or(0.0);
     assert!((0.8..1.0).contains(&fill), "{metrics}");
     assert_eq!(get(format!("{}/readyz", gw.url)).await.0, 503);
 
@@ -209,7 +209,7 @@ async fn the_circuit_breaker_opens_answers_at_once_and_closes_after_a_probe() {
     let (status, body) = gw.post_json(&json!([{"user_id": 1}])).await;
     assert_eq!((status, body["error"].as_str()), (503, Some("circuit_open")), "{body}");
     let metrics = get(format!("{}/metrics", gw.url)).await.1;
-    assert_eq!(common::sample(&metrics, "buffergate_circuit_open"), Some(1.0), "{metrics}");
+    assert_eq!(common::sample_of(&metrics, "buffergate_circuit_open", "default"), Some(1.0), "{metrics}");
 
     migrate(&config).await;
     tokio::time::sleep(Duration::from_millis(800)).await;

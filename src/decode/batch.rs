@@ -169,14 +169,15 @@ pub fn encode_batch(
 ) -> Result<EncodedBatch, DecodeError> {
     match format {
         Format::JsonOrLines => match encode_as(text, Format::JsonArray, schema, ctx, shape) {
-            Err(DecodeError::MalformedJson { .. }) if several_lines(text) => {
+            // An array that does not parse is malformed as a whole, not lines of events (each
+            // of its lines would be rejected alone where malformed lines are parked).
+            Err(DecodeError::MalformedJson { .. }) if several_lines(text) && !starts_array(text) => {
                 encode_as(text, Format::Ndjson, schema, ctx, shape)
             }
             other => other,
         },
         Format::JsonEachRow => {
-            let array = text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
-            encode_as(text, if array { Format::JsonArray } else { Format::Ndjson }, schema, ctx, shape)
+            encode_as(text, if starts_array(text) { Format::JsonArray } else { Format::Ndjson }, schema, ctx, shape)
         }
         format => encode_as(text, format, schema, ctx, shape),
     }
@@ -277,6 +278,11 @@ fn encode_as(
         }
     }
     Ok(batch)
+}
+
+/// Whether a body's first character (after whitespace) opens an array.
+fn starts_array(text: &[u8]) -> bool {
+    text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[')
 }
 
 /// Whether a body has more than one line that is not blank.
@@ -555,6 +561,20 @@ mod tests {
             "one line and blanks: JSON"
         );
         assert!(matches!(run("{oops}\n", Format::JsonOrLines, 10), Err(DecodeError::MalformedJson { .. })));
+        let ctx = EncodeContext::new(Timestamp::now(), UnknownFields::Reject);
+        let parking = BatchShape {
+            partitions: 1,
+            placing: Placing::Shard(0),
+            max_events: 10,
+            keep_ids: false,
+            ids: None,
+            keep_raw: Some(64),
+        };
+        let pretty = b"[\n  {\"k\": 1},\n  {oops}\n]\n";
+        let read = encode_batch(pretty, Format::JsonOrLines, &schema(), &ctx, &parking);
+        assert!(matches!(read, Err(DecodeError::MalformedJson { .. })), "an array is not read as lines: {read:?}");
+        let lines = encode_batch(b"{\"k\": 1}\n{oops}\n", Format::JsonOrLines, &schema(), &ctx, &parking).unwrap();
+        assert_eq!((lines.accepted, lines.rejected.len()), (1, 1), "lines are, the bad one parked");
         assert!(several_lines(b"{}\n{}\n"));
         assert!(!several_lines(b"{}\n\n"));
     }

@@ -52,7 +52,7 @@ impl Journal {
                 if let Some(cause) = doubt(watch.mark, now, oldest) {
                     match cause {
                         Doubt::Restart => {
-                            metrics::clickhouse_restart();
+                            metrics::clickhouse_restart(&self.stream);
                             tracing::warn!(
                                 node = %self.node,
                                 uptime = now.uptime,

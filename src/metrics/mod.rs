@@ -198,8 +198,10 @@ pub fn journal_resolved(cause: &'static str, restored_rows: usize) {
     counter!(JOURNAL_RESTORED_ROWS, "cause" => cause).increment(restored_rows as u64);
 }
 
-pub fn clickhouse_restart() {
-    counter!(JOURNAL_RESTARTS).increment(1);
+/// A restart of ClickHouse seen by a journal of `stream` (each stream's journal, and its
+/// quarantine's, sees it once).
+pub fn clickhouse_restart(stream: &StreamName) {
+    counter!(JOURNAL_RESTARTS, "stream" => label(stream)).increment(1);
 }
 
 pub fn journal_error(op: &'static str) {

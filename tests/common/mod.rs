@@ -676,3 +676,20 @@ pub fn sample(metrics: &str, name: &str) -> Option<f64> {
         value.trim().parse().ok()
     })
 }
+
+/// Peak resident memory of a process, in KiB.
+pub fn peak_rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the process's status");
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
+    line.split_whitespace().nth(1).and_then(|kib| kib.parse().ok()).expect("a number of KiB")
+}
+
+/// The value of `name` for the stream `stream` (its first series labelled so): the series of a
+/// stream's internal quarantine (`<stream>.quarantine`) are not it.
+pub fn sample_of(metrics: &str, name: &str, stream: &str) -> Option<f64> {
+    let (start, label) = (format!("{name}{{"), format!("stream=\"{stream}\""));
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&start) && l.contains(&label))
+        .find_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+}
