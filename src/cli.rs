@@ -49,8 +49,8 @@ pub enum Command {
         #[arg(long)]
         server_memory: Option<u64>,
     },
-    /// Flush the Buffer into its destination (OPTIMIZE TABLE), wait until it is empty, print the
-    /// rows moved.
+    /// Flush the Buffer (and the quarantine's) into its destination (OPTIMIZE TABLE), wait
+    /// until it is empty, print the rows moved.
     Drain,
     /// Send a stream's quarantined events again, through a running gateway (its admin API):
     /// what now fits is stored once and marked replayed; the rest stays with its new reason.
@@ -154,6 +154,10 @@ pub async fn main() -> ExitCode {
             let mut ok = true;
             for stream in &streams {
                 ok &= drain_every_node(stream).await;
+                // The quarantine's Buffer too: `drain` empties every Buffer the stream writes.
+                if let Some(quarantine) = stream.quarantine_stream() {
+                    ok &= drain_every_node(&quarantine).await;
+                }
             }
             if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }

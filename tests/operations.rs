@@ -172,10 +172,14 @@ async fn drain_empties_a_loaded_buffer() {
     ))
     .await;
     assert_eq!(ch.count(&format!("{}.events_raw", config.table.database)).await, 0, "the rows wait in the Buffer");
+    ch.exec(&format!("INSERT INTO {}.events_raw_quarantine_buffer (raw) VALUES ('parked')", config.table.database))
+        .await;
     let out = command(&config, &["drain"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("1234 rows"), "{}", String::from_utf8_lossy(&out.stdout));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("1234 rows moved to") && stdout.contains("1 rows moved to"), "{stdout}");
     assert_eq!(ch.count(&format!("{}.events_raw", config.table.database)).await, 1234);
+    assert_eq!(ch.count(&format!("{}.events_raw_quarantine", config.table.database)).await, 1, "and the quarantine's");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
