@@ -241,7 +241,9 @@ async fn refuse_removed_streams(config: &Config) -> Result<(), ServeError> {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !config.streams.contains_key(&name) {
-                refuse_leftover(config, &entry.path(), &format!("the stream {name:?}, which is no longer configured"))
+                let whose = format!("the stream {name:?}, which is no longer configured");
+                refuse_leftover(config, &entry.path(), &whose).await?;
+                refuse_leftover(config, &entry.path().join("quarantine"), &format!("the quarantine of {whose}"))
                     .await?;
             }
         }

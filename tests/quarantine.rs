@@ -231,6 +231,46 @@ async fn events_with_a_field_the_table_lacks_are_replayed_once_the_column_is_add
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_rejected_events_cannot_be_parked_writes_nothing() {
+    let ch = clickhouse();
+    let db = ch.fresh_database("quarantine_refused");
+    let config = config(ch, &db);
+    migrate(&config).await;
+    // A quarantine whose Buffer holds an index up to 255 only: the row of event 299 is refused.
+    let buffer = format!("`{db}`.`{}_quarantine_buffer`", config.table.destination_table);
+    ch.exec(&format!("DROP TABLE {buffer}")).await;
+    ch.exec(&format!(
+        "CREATE TABLE {buffer} (quarantine_id UUID, received DateTime, stream String, api_key String, \
+         producer_id String, event_index UInt8, raw String, raw_bytes UInt64, field String, reason String, \
+         error String, replayed UInt8, updated UInt64) ENGINE = Buffer('{db}', '{}_quarantine', 1, 1, 2, 1, 10, 1, 100000)",
+        config.table.destination_table
+    ))
+    .await;
+    let gateway = Gateway::start(config.clone()).await;
+    gateway.wait_ready().await;
+    let batch = |bad: usize| {
+        let events = (0..300).map(|i| {
+            if i == bad {
+                json!({"user_id": "bad"})
+            } else {
+                json!({"event_id": Uuid::new_v4().to_string(), "user_id": i})
+            }
+        });
+        Value::Array(events.collect())
+    };
+    let (status, answer) = gateway.post_json(&batch(299)).await;
+    assert_eq!((status, answer["error"].as_str()), (503, Some("quarantine_unavailable")), "{answer}");
+    gateway.drain(ch).await;
+    assert_eq!(ch.count(&gateway.destination()).await, 0, "nothing of the request is written");
+    let (status, answer) = gateway.post_json(&batch(5)).await;
+    assert_eq!((status, answer["accepted"].as_u64()), (200, Some(299)), "{answer}");
+    gateway.drain(ch).await;
+    assert_eq!(ch.count(&gateway.destination()).await, 299);
+    assert_eq!(ch.count(&buffer).await, 1);
+    gateway.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_five_mib_malformed_event_is_parked_truncated_within_the_memory_bound() {
     let ch = clickhouse();
     let db = ch.fresh_database("quarantine_big");

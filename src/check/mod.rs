@@ -133,7 +133,14 @@ async fn one_stream(
             node.push(f);
         }
         node.extend(delivery::cluster_tables(&ch, config).await);
-        node.extend(quarantine::run(&ch, config).await.unwrap_or_default());
+        node.extend(quarantine::run(&ch, config).await.unwrap_or_else(|error| {
+            vec![finding(
+                "quarantine",
+                Severity::Error,
+                format!("cannot check the quarantine on this node: {error}"),
+                "start it or fix clickhouse_url",
+            )]
+        }));
         out.extend(node.into_iter().map(|f| Finding { node: Some(crate::config::redacted(url)), ..f }));
     }
     out.extend(kafka::run(config).await);

@@ -25,7 +25,8 @@ pub struct RejectedEvent {
     /// The event as sent, kept when the stream parks rejected events ([`BatchShape::keep_raw`]).
     #[serde(skip)]
     pub raw: Option<RawEvent>,
-    /// The event's own id (its `id_column` field), when it sent one that could be read.
+    /// The event's own id (its `id_column` field), when it sent one that is a UUID and not
+    /// what was refused.
     #[serde(skip)]
     pub id: Option<String>,
 }
@@ -259,7 +260,13 @@ fn encode_as(
                 let mut rejected = RejectedEvent::new(index, rejection);
                 if let Some(limit) = shape.keep_raw {
                     rejected.raw = Some(RawEvent::of(raw, limit));
-                    rejected.id = schema.event_id(fields).map(std::borrow::Cow::into_owned);
+                    // Only an id that is one: "undefined" or "" sent by a buggy producer would
+                    // give all its rejected events one quarantine id, parked once for all.
+                    let about_id = rejected.field.is_some() && rejected.field.as_deref() == schema.id_column();
+                    rejected.id = schema
+                        .event_id(fields)
+                        .filter(|id| !about_id && uuid::Uuid::parse_str(id).is_ok())
+                        .map(std::borrow::Cow::into_owned);
                 }
                 batch.rejected.push(rejected);
             }
@@ -376,9 +383,13 @@ impl Reader<'_> {
             match read.and_then(|end| scanner.line_end().map(|()| end)) {
                 Ok(end) => take(Item::Event(&fields, &whole[start..end])),
                 Err(error) if self.alone => {
-                    let column = error.offset.saturating_sub(start) + 1;
-                    let end = scanner.skip_line(error.offset);
-                    let reason = format!("malformed JSON at byte {column} of the event: {}", error.reason);
+                    let end = scanner.skip_line(start);
+                    let reason = if error.offset < end {
+                        let at = error.offset - start + 1;
+                        format!("malformed JSON at byte {at} of the event: {}", error.reason)
+                    } else {
+                        format!("malformed JSON: the event is not complete at the end of its line ({})", error.reason)
+                    };
                     take(Item::Malformed(&whole[start..end], Rejection::new(Reason::Malformed, None, reason)));
                 }
                 Err(error) => return Err(at(error)),
@@ -522,11 +533,52 @@ mod tests {
             ],
             "cut at 8 bytes on a character boundary, with the full length"
         );
-        assert!(batch.rejected[0].error.starts_with("malformed JSON at byte"), "{}", batch.rejected[0].error);
+        assert!(
+            batch.rejected[1].error.starts_with("malformed JSON at byte 10 of the event"),
+            "{}",
+            batch.rejected[1].error
+        );
+        // An event left open: cut at the end of its own line, the next lines read on their own.
+        for (open, expected) in [("{\"k\": 1\n{\"k\": 2}\n", 1), ("{\"k\":\n{\"k\": 2}\n{\"k\": 3}", 2)] {
+            let batch = encode_batch(open.as_bytes(), Format::Ndjson, &schema(), &ctx, &shape(Some(64))).unwrap();
+            assert_eq!((batch.accepted, batch.rejected.len()), (expected, 1), "{open:?}");
+            let cut = batch.rejected[0].raw.as_ref().map(|r| r.text.as_str());
+            assert!(cut.is_some_and(|raw| !raw.contains('\n')), "{cut:?}");
+            assert!(
+                batch.rejected[0].error.contains("not complete at the end of its line"),
+                "{}",
+                batch.rejected[0].error
+            );
+        }
         let refused = encode_batch(text.as_bytes(), Format::Ndjson, &schema(), &ctx, &shape(None));
         assert!(matches!(refused, Err(DecodeError::MalformedJson { line: 2, .. })), "nowhere to park it: {refused:?}");
         let array = encode_batch(b"[{\"k\": 1}, {oops}]", Format::JsonArray, &schema(), &ctx, &shape(Some(8)));
         assert!(matches!(array, Err(DecodeError::MalformedJson { .. })), "an array cannot be cut into events");
+    }
+
+    #[test]
+    fn a_rejected_event_keeps_its_own_id_only_when_it_is_one() {
+        let special =
+            SpecialColumns { id: "id".into(), timestamp: String::new(), partition_key: String::new(), sharding: None };
+        let info = |n: &str, t: &str| ColumnInfo { name: n.into(), type_text: t.into(), default_kind: String::new() };
+        let schema = TableSchema::new(1, "d", "t", vec![info("id", "UUID"), info("k", "UInt8")], &special);
+        let ctx = EncodeContext::new(Timestamp::now(), UnknownFields::Reject);
+        let shape = BatchShape {
+            partitions: 1,
+            placing: Placing::Shard(0),
+            max_events: 10,
+            keep_ids: false,
+            ids: None,
+            keep_raw: Some(64),
+        };
+        let uuid = "0190a3c4-0000-7000-8000-000000000001";
+        let text = format!(
+            r#"[{{"id": "{uuid}", "k": 300}}, {{"id": "undefined", "k": 300}}, {{"id": "undefined", "k": 1}}]"#
+        );
+        let batch = encode_batch(text.as_bytes(), Format::JsonArray, &schema, &ctx, &shape).unwrap();
+        let ids: Vec<Option<&str>> = batch.rejected.iter().map(|r| r.id.as_deref()).collect();
+        assert_eq!(ids, [Some(uuid), None, None], "not a UUID, or the very field refused: no id of its own");
+        assert_eq!(batch.rejected[2].field.as_deref(), Some("id"));
     }
 
     #[test]

@@ -83,11 +83,12 @@ impl<'a> Scanner<'a> {
         self.pos
     }
 
-    /// After a syntax error at `from`: moves past the end of that line; returns where the line
-    /// ends (its `\n`, or the end of the text). A string cannot hold a raw line break, so the
-    /// next line starts the next event of an NDJSON body whatever broke this one.
+    /// After an event starting at `from` turned out not to parse: moves to the start of the
+    /// next line, wherever the error was found (a line break is whitespace inside an object, so
+    /// it may be lines later); returns where the event's line ends (its `\n`, or the end of the
+    /// text). The event is cut there, and the lines after it are read as events of their own.
     pub fn skip_line(&mut self, from: usize) -> usize {
-        let from = from.max(self.pos).min(self.text.len());
+        let from = from.min(self.text.len());
         let end = self.bytes()[from..].iter().position(|&b| b == b'\n').map_or(self.text.len(), |i| from + i);
         self.pos = (end + 1).min(self.text.len());
         end

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
+use super::park::Origin;
 use super::{IngestError, Pipeline};
 use crate::clickhouse::writer::MIN_BLOCK_ROWS;
 use crate::coalesce::SubmitError;
@@ -112,6 +113,7 @@ impl Pipeline {
         mut batch: EncodedBatch,
         how: Delivery,
         receipt: Receipt,
+        park: Option<&Origin>,
     ) -> Result<Delivered, IngestError> {
         if let Some(p) = &how.producer
             && self.already_written(p).await?
@@ -126,6 +128,11 @@ impl Pipeline {
         if !how.divert {
             self.check_shards(&batch)
                 .inspect_err(|_| metrics::events(&self.config.stream, Outcome::Shed, batch.accepted))?;
+        }
+        // Parked before anything of the request is written: when the quarantine cannot take
+        // them, the request is refused whole and its retry stores every event once.
+        if let Some(origin) = park {
+            self.park(&batch.rejected, origin).await?;
         }
         let (reservations, duplicates) = self.dedupe(schema, &mut batch).await?;
         metrics::events(&self.config.stream, Outcome::Duplicate, duplicates);

@@ -7,11 +7,11 @@
 //! 3. drop the events ClickHouse already holds, when the body may have been delivered before
 //!    (`present`);
 //! 4. claim a request-level idempotency key, or replay its recorded answer (`keys`);
-//! 5. deliver (`deliver`): the producer's offset checked, the events deduplicated, the rows
-//!    handed to the coalescers (or the fallback table), the flushes waited for;
-//! 6. park the rejected events in the stream's quarantine table (`park`), through the
-//!    quarantine's own pipeline;
-//! 7. record the answer for the key, or forget the key when nothing was accepted.
+//! 5. deliver (`deliver`): the producer's offset checked, the rejected events parked in the
+//!    stream's quarantine table (`park`, through the quarantine's own pipeline), the events
+//!    deduplicated, the rows handed to the coalescers (or the fallback table), the flushes
+//!    waited for;
+//! 6. record the answer for the key, or forget the key when nothing was accepted.
 //!
 //! Nothing here knows HTTP or Kafka.
 
@@ -266,13 +266,8 @@ impl Pipeline {
             if let Some(mark) = before_write {
                 mark.await?;
             }
-            let delivered = self.deliver(&schema, batch, delivery, receipt).await?;
-            // After the accepted rows: a request whose delivery failed is retried whole, and
-            // its rejected events are parked then, once.
-            if parks {
-                self.park(&delivered.response.rejected, &origin).await?;
-            }
-            Ok(delivered)
+            let park = parks.then_some(&origin);
+            self.deliver(&schema, batch, delivery, receipt, park).await
         }
         .await;
         if let Some(key) = claimed {

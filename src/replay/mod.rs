@@ -59,7 +59,7 @@ pub enum ReplayError {
     Ingest(#[from] IngestError),
 }
 
-/// The most bytes of raw events read and sent at once.
+/// The most bytes of raw events read and sent at once (less when the stream's limits are).
 const PAGE_BYTES: usize = 8 * 1024 * 1024;
 /// The most events sent at once.
 const PAGE_EVENTS: usize = 1000;
@@ -168,7 +168,11 @@ async fn read_page(
     if let Some(since) = filter.since {
         conditions.push(format!("received >= toDateTime({since})"));
     }
-    let limit = (PAGE_BYTES / config.table.quarantine_max_raw_bytes.max(1)).clamp(1, PAGE_EVENTS);
+    // A page is one request of the stream's: within its limits on events and bytes.
+    let bytes = PAGE_BYTES.min(config.http.max_body_bytes).min(config.http.max_inflight_bytes / 4);
+    let limit = (bytes / config.table.quarantine_max_raw_bytes.max(1))
+        .min(config.http.max_events_per_request)
+        .clamp(1, PAGE_EVENTS);
     let sql = format!(
         "SELECT toString(quarantine_id) AS id_text, toString(received) AS received_text, \
          toInt64(toUnixTimestamp(received)) AS received_s, toString(stream) AS stream_text, api_key, producer_id, \
