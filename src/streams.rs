@@ -25,7 +25,11 @@ pub struct Stream {
 impl Stream {
     /// `Ok` when this stream takes events, else why not.
     pub fn readiness(&self) -> Result<(), &'static str> {
-        self.ingest.health().readiness(self.ingest.schema().is_some())
+        self.ingest.health().readiness(self.ingest.schema().is_some())?;
+        if self.ingest.journal_failed() {
+            return Err("the journal cannot write (its disk is full or failing)");
+        }
+        Ok(())
     }
 }
 

@@ -391,6 +391,129 @@ fn tear_the_last_segment(dir: &std::path::Path) {
     file.write_all(&[0x00, 0x10, 0x00, 0x00, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3]).unwrap();
 }
 
+/// A small tmpfs of its own, unmounted when dropped.
+struct SmallDisk {
+    path: PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(name: &str, size: &str) -> SmallDisk {
+        let path = scratch(name);
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .expect("mount runs");
+        assert!(status.success(), "mounting a tmpfs at {} (the tests run as root)", path.display());
+        SmallDisk { path }
+    }
+
+    /// Fills the disk but for about `left` bytes; returns the filler file.
+    fn fill_but(&self, left: usize) -> PathBuf {
+        use std::io::Write;
+        let filler = self.path.join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        let mut written = 0;
+        while file.write_all(&chunk).is_ok() {
+            written += chunk.len();
+        }
+        drop(file);
+        let keep = written.saturating_sub(left);
+        std::fs::OpenOptions::new().write(true).open(&filler).unwrap().set_len(keep as u64).unwrap();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_journal_disk_that_fills_stops_acknowledgements_and_reopens_once_it_has_room() {
+    let _serial = SERIAL.lock().await;
+    let ch = ClickHouseServer::start("durability-disk");
+    let disk = SmallDisk::mount("dur-disk-tmpfs", "8m");
+    let mut config = holding_buffer(&ch, "dur_disk", &disk.path.join("data"));
+    config.journal.journal_segment_bytes = 256 * 1024;
+    // The journal's own bound is far above the disk: the disk fills first.
+    config.journal.journal_max_bytes = 1 << 30;
+    config.table.quarantine = buffergate::config::Quarantine::Off;
+    migrate(&config).await;
+    let gw = Gateway::start(config.clone()).await;
+    gw.wait_ready().await;
+    let filler = disk.fill_but(400 * 1024);
+
+    let post_batch = |url: String| async move {
+        let (ids, body) = events(100);
+        let body = Value::Array(
+            body.as_array()
+                .unwrap()
+                .iter()
+                .map(|e| json!({"payload": "x".repeat(1000), "event_id": e["event_id"], "user_id": e["user_id"]}))
+                .collect(),
+        );
+        let answer = post(&format!("{url}/v1/events"), &body).await.unwrap();
+        (ids, body, answer)
+    };
+    // Until the disk is full: 200s, then the journal's failure.
+    let mut acknowledged = HashSet::new();
+    let mut refused = Vec::new();
+    for _ in 0..40 {
+        let (ids, body, (status, answer)) = post_batch(gw.url.clone()).await;
+        match status {
+            200 => acknowledged.extend(ids),
+            503 => {
+                assert_eq!(answer["error"], "journal_failed", "{answer}");
+                refused.push((ids, body));
+                break;
+            }
+            other => panic!("{other}: {answer}"),
+        }
+    }
+    assert!(
+        !acknowledged.is_empty() && !refused.is_empty(),
+        "{} acknowledged, {} refused",
+        acknowledged.len(),
+        refused.len()
+    );
+    // Acknowledgements stop at once: refused before anything is written, and out of the load
+    // balancer's rotation with the reason.
+    for _ in 0..3 {
+        let (ids, body, (status, answer)) = post_batch(gw.url.clone()).await;
+        assert_eq!((status, answer["error"].as_str()), (503, Some("journal_failed")), "{answer}");
+        refused.push((ids, body));
+    }
+    let ready = http().get(format!("{}/readyz", gw.url)).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(ready.text().await.unwrap().contains("journal cannot write"));
+    // No INSERT went out for them: none of their rows is in ClickHouse.
+    let in_buffer = stored(&ch, &format!("`{}`.`{}`", config.table.database, config.table.buffer_table)).await;
+    let written: Vec<&Uuid> =
+        refused[1..].iter().flat_map(|(ids, _)| ids).filter(|id| in_buffer.contains_key(id)).collect();
+    assert!(written.is_empty(), "{} rows of requests refused at admission were written", written.len());
+
+    // Room again: the journal reopens by itself and the gateway takes rows.
+    std::fs::remove_file(&filler).unwrap();
+    eventually(Duration::from_secs(20), "the journal to reopen", || async {
+        http().get(format!("{}/readyz", gw.url)).send().await.is_ok_and(|r| r.status().is_success())
+    })
+    .await;
+    for (ids, body) in refused {
+        let (status, answer) = post(&format!("{}/v1/events", gw.url), &body).await.unwrap();
+        assert_eq!(status, 200, "the retry: {answer}");
+        acknowledged.extend(ids);
+    }
+    // ClickHouse dies with everything in its Buffer: what was acknowledged (also the rows
+    // written while their append failed, answered "duplicates" on the retry) comes back once.
+    ch.kill();
+    ch.restart();
+    assert_exactly_once_eventually(&ch, &config, &acknowledged).await;
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_journal_answers_503_journal_full() {
     let _serial = SERIAL.lock().await;

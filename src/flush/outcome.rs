@@ -37,7 +37,13 @@ pub(super) async fn conclude(
             // earliest of them as its floor (journal::watermark).
             match (journal, id, block) {
                 (Some(journal), Some(id), Some(block)) => journal.written(id, &block, visible),
-                // Not journaled (the append failed): no confirmation will come.
+                // Written while its append failed (the journal broke under it): kept in memory
+                // and confirmed like the others, so that a ClickHouse restart loses none of it;
+                // its requests hear the journal's failure, and a retry finds duplicates.
+                (Some(journal), None, Some(block)) => {
+                    journal.kept(unjournaled_id(), block);
+                    tell(visible, &journal_result);
+                }
                 _ => tell(visible, &journal_result),
             }
             commit(idempotency, reservations).await;

@@ -55,6 +55,10 @@ pub enum ApiError {
         "the gateway's journal is full (ClickHouse is not confirming rows fast enough); nothing was written, retry later"
     )]
     JournalFull,
+    #[error(
+        "the gateway's journal cannot write (its disk is full or failing); retry later or on another replica (events of this request already stored are then answered as duplicates)"
+    )]
+    JournalFailed,
     #[error("internal error: {0}")]
     Internal(String),
     #[error("{0}")]
@@ -135,6 +139,7 @@ impl From<IngestError> for ApiError {
             IngestError::RequestInFlight => Self::RequestInFlight,
             IngestError::IdempotencyKeyReused => Self::IdempotencyKeyReused,
             IngestError::JournalFull => Self::JournalFull,
+            IngestError::JournalFailed => Self::JournalFailed,
             IngestError::ShardUnavailable { shard, retry_after_s } => Self::ShardSaturated { shard, retry_after_s },
             IngestError::TooManyPartitions { .. } => Self::BadHeader(format!("X-Producer-Partition: {error}")),
             IngestError::VisibleNeedsJournal
@@ -178,7 +183,8 @@ impl ApiError {
             | Self::Overloaded(_)
             | Self::RequestTimeout
             | Self::CircuitOpen
-            | Self::JournalFull => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::JournalFull
+            | Self::JournalFailed => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::BadHeader(_) | Self::BadPath(_) => StatusCode::BAD_REQUEST,
             Self::RequestInFlight => StatusCode::CONFLICT,
@@ -221,6 +227,7 @@ impl ApiError {
             Self::RequestTimeout => "request_timeout",
             Self::CircuitOpen => "circuit_open",
             Self::JournalFull => "journal_full",
+            Self::JournalFailed => "journal_failed",
             Self::Internal(_) => "internal",
             Self::BadHeader(_) => "bad_header",
             Self::BadPath(_) => "bad_path",

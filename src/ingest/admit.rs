@@ -25,6 +25,10 @@ impl Pipeline {
             return Err(IngestError::CircuitOpen);
         }
         let schema = self.schema.get().ok_or(IngestError::NotReady("the table schema is not loaded yet"))?;
+        if self.journal_failed() {
+            metrics::shed_request(&self.config.stream, "journal_failed");
+            return Err(IngestError::JournalFailed);
+        }
         if !self.journal_has_room(announced as u64) {
             metrics::shed_request(&self.config.stream, "journal_full");
             return Err(IngestError::JournalFull);
@@ -83,6 +87,12 @@ impl Pipeline {
     /// Whether rows are journaled.
     pub fn journaled(&self) -> bool {
         self.journals().next().is_some()
+    }
+
+    /// Whether a node's journal cannot write (its disk full or failing): nothing is
+    /// acknowledged until it reopens.
+    pub fn journal_failed(&self) -> bool {
+        self.journals().any(|j| j.is_broken())
     }
 
     /// Whether every node's journal has room for `bytes` more.

@@ -365,6 +365,8 @@ async fn await_flushes(acks: Vec<oneshot::Receiver<FlushResult>>) -> Result<(), 
             Ok(Ok(())) => {}
             Ok(Err(e)) if e.is_circuit_open() => return Err(IngestError::CircuitOpen),
             Ok(Err(FlushError::JournalFull)) => return Err(IngestError::JournalFull),
+            // The journal broke under the batch (its path and OS error stay in the logs).
+            Ok(Err(FlushError::Journal(_))) => return Err(IngestError::JournalFailed),
             Ok(Err(e)) => return Err(IngestError::FlushFailed(e.to_string())),
             Err(_) => return Err(IngestError::FlushFailed("the coalescer stopped before flushing".into())),
         }

@@ -31,6 +31,10 @@ pub enum IngestError {
     IdempotencyKeyReused,
     #[error("the journal is full")]
     JournalFull,
+    /// A journal write or sync failed (the disk is full or failing) and the journal has not
+    /// reopened yet.
+    #[error("the journal cannot write")]
+    JournalFailed,
     /// A shard the batch's events belong to takes no rows now (its replicas saturated, shed or
     /// failing); `None`: no shard can take a request that any shard may take.
     #[error("shard {shard:?} cannot take rows now")]
@@ -76,6 +80,7 @@ impl IngestError {
                 | Self::ShuttingDown
                 | Self::CircuitOpen
                 | Self::JournalFull
+                | Self::JournalFailed
                 | Self::ShardUnavailable { .. }
         )
     }

@@ -46,6 +46,10 @@ impl Journal {
     /// confirms every block found in the destination, however young (at shutdown, after the
     /// Buffer was flushed).
     async fn pass(&self, watch: &mut Watch, all_due: bool) {
+        // A broken journal reopens only when asked (no append comes while admission refuses).
+        if self.wal.is_broken() && self.wal.probe().await.is_ok() {
+            tracing::info!(node = %self.node, "the journal takes blocks again");
+        }
         match self.look().await {
             Ok(now) => {
                 let oldest = self.owed().values().map(|o| now.at.duration_since(o.since)).max();

@@ -107,6 +107,15 @@ impl Journal {
         }
     }
 
+    /// The block's INSERT succeeded but its append failed (the journal broke meanwhile): it is
+    /// kept at hand, since it is on no disk, and confirmed (or, after a ClickHouse restart,
+    /// sent again) like a journaled one.
+    pub fn kept(&self, id: BlockId, block: Block) {
+        let mut entry = Owed::of(&block, Instant::now(), self.floor());
+        entry.block = Some(block);
+        self.owed().insert(id, entry);
+    }
+
     /// The block's INSERT may have landed, or failed after its journaling was promised: look for
     /// its rows now and send what is missing; `written` waiters hear once every row is in
     /// ClickHouse.

@@ -264,6 +264,12 @@ impl Journal {
         self.wal.has_room(bytes)
     }
 
+    /// Whether the journal cannot write (a failed write or sync, not reopened yet): nothing
+    /// may be acknowledged until it can.
+    pub fn is_broken(&self) -> bool {
+        self.wal.is_broken()
+    }
+
     /// Journals a block; resolves once it is on disk.
     pub async fn append(&self, block: &Block) -> Result<BlockId, WalError> {
         let result = self.wal.append(block.encode()).await;

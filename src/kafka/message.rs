@@ -49,6 +49,7 @@ pub fn disposition(error: &IngestError) -> Disposition {
         IngestError::Decode(_) => Disposition::DeadLetter(error.to_string()),
         IngestError::ShuttingDown | IngestError::VisibleNeedsJournal => Disposition::Stop,
         IngestError::JournalFull => Disposition::Retry("journal_full"),
+        IngestError::JournalFailed => Disposition::Retry("journal_failed"),
         IngestError::CircuitOpen => Disposition::Retry("circuit_open"),
         IngestError::ShardUnavailable { .. } => Disposition::Retry("shard_saturated"),
         IngestError::Overloaded(_) | IngestError::QueueFull(_) => Disposition::Retry("overloaded"),

@@ -148,7 +148,7 @@ fn describe() {
     );
     describe_counter!(
         SHED_REQUESTS,
-        "Ingestion requests refused, by reason (buffer_saturated, stale, overloaded, circuit_open, timeout, shard_saturated, journal_full)."
+        "Ingestion requests refused, by reason (buffer_saturated, stale, overloaded, circuit_open, timeout, shard_saturated, journal_full, journal_failed)."
     );
     describe_gauge!(CONNECTIONS_OPEN, Unit::Count, "Client connections open.");
     describe_counter!(CONNECTIONS_REFUSED, "Client connections closed as accepted because max_connections were open.");

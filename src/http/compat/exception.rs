@@ -135,7 +135,7 @@ impl From<ApiError> for Exception {
             | ApiError::StoreUnavailable(_)
             | ApiError::QuarantineUnavailable(_) => retry(210, "NETWORK_ERROR"),
             ApiError::ShuttingDown => retry(394, "QUERY_WAS_CANCELLED"),
-            ApiError::JournalFull => retry(243, "NOT_ENOUGH_SPACE"),
+            ApiError::JournalFull | ApiError::JournalFailed => retry(243, "NOT_ENOUGH_SPACE"),
             // The INSERT's fate is not known: ClickHouse's own code for exactly that.
             ApiError::RequestTimeout => retry(319, "UNKNOWN_STATUS_OF_INSERT"),
             ApiError::IdempotencyKeyReused => Self::bad_arguments(

@@ -25,6 +25,8 @@ const MAX_BATCH_BYTES: usize = 8 << 20;
 /// long, or `segment_bytes` if smaller: rolling over for every few bytes would trade the disk
 /// space for a file creation and two fsyncs each time.
 const ROLL_CONFIRMED_AT: u64 = 1 << 20;
+/// A broken journal tries to reopen at most this often.
+const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug)]
 pub(super) enum Command {
@@ -42,6 +44,10 @@ pub(super) enum Command {
     Close {
         reply: oneshot::Sender<Result<(), WalError>>,
     },
+    /// Nothing to do but reopen a broken journal if it can.
+    Probe {
+        reply: oneshot::Sender<Result<(), WalError>>,
+    },
 }
 
 impl Command {
@@ -49,7 +55,7 @@ impl Command {
         match self {
             Self::Append { payload, .. } => payload.len(),
             Self::Confirm { ids, .. } => ids.len() * 8,
-            Self::Close { .. } => 0,
+            Self::Close { .. } | Self::Probe { .. } => 0,
         }
     }
 
@@ -63,7 +69,7 @@ impl Command {
                 drop(reservation);
                 let _ = reply.send(outcome.clone().and_then(|()| id.ok_or(WalError::Closed)));
             }
-            Self::Confirm { reply, .. } | Self::Close { reply } => {
+            Self::Confirm { reply, .. } | Self::Close { reply } | Self::Probe { reply } => {
                 let _ = reply.send(outcome.clone());
             }
         }
@@ -100,6 +106,10 @@ pub(super) struct Appender {
     /// holds is unknown (Linux may drop the dirty pages and report the error only once), so
     /// carrying on could acknowledge records that never reach the disk.
     broken: Option<WalError>,
+    /// Blocks whose append failed: confirmed when the journal reopens.
+    failed: Vec<BlockId>,
+    /// The last attempt to reopen, to try at most once per [`REOPEN_EVERY`].
+    reopened_at: Option<Instant>,
     hooks: Hooks,
 }
 
@@ -142,6 +152,8 @@ impl Appender {
             buf_blocks: false,
             shared,
             broken: None,
+            failed: Vec::new(),
+            reopened_at: None,
             hooks,
         };
         writer.book.add_segment(writer.active.name);
@@ -190,6 +202,10 @@ impl Appender {
 
     fn handle(&mut self, batch: Vec<Command>) -> ControlFlow<()> {
         let now = Instant::now();
+        if self.broken.is_some() && self.reopened_at.is_none_or(|at| now.duration_since(at) >= REOPEN_EVERY) {
+            self.reopened_at = Some(now);
+            self.reopen();
+        }
         let mut outcome = match &self.broken {
             Some(first) => Err(stopped_by(first)),
             None => Ok(()),
@@ -214,8 +230,9 @@ impl Appender {
             outcome = self.finish_batch();
         }
         if let (Err(error), None) = (&outcome, &self.broken) {
-            tracing::error!(%error, "journal write failed; it refuses all work until reopened");
+            tracing::error!(%error, "journal write failed; it refuses all work until it reopens");
             self.broken = Some(error.clone());
+            self.failed.extend(staged.iter().filter_map(|(_, id)| *id));
         }
         self.publish();
         for (command, id) in staged {
@@ -255,8 +272,35 @@ impl Appender {
                 }
                 Ok(None)
             }
-            Command::Close { .. } => Ok(None),
+            Command::Close { .. } | Command::Probe { .. } => Ok(None),
         }
+    }
+
+    /// Takes work again after a failure, if the disk lets it: a new segment (what the broken
+    /// one holds past its last sync is unknown), a confirmation of every block whose append
+    /// failed, synced. Stays broken when any step fails.
+    fn reopen(&mut self) {
+        let reopened = self.roll().and_then(|()| {
+            if !self.failed.is_empty() {
+                format::push_confirmations(&mut self.buf, &self.failed);
+                self.write(true)?;
+            }
+            self.sync()
+        });
+        match reopened {
+            Ok(()) => {
+                for id in std::mem::take(&mut self.failed) {
+                    self.book.confirm(id, self.active.name);
+                }
+                tracing::warn!(dir = %self.dir.display(), "the journal reopened after a failed write");
+                self.broken = None;
+            }
+            Err(error) => {
+                self.buf.take();
+                tracing::debug!(%error, "the journal could not reopen yet");
+            }
+        }
+        self.publish();
     }
 
     /// Rolls to a new segment first when `len` more bytes would take the active one past
@@ -376,6 +420,7 @@ impl Appender {
     /// Copies what stats() reports.
     fn publish(&self) {
         let shared = &self.shared;
+        shared.broken.store(self.broken.is_some(), Relaxed);
         shared.segments.store(self.book.segment_count(), Relaxed);
         shared.unconfirmed.store(self.book.unconfirmed_count(), Relaxed);
         shared.set_oldest(self.book.oldest_unconfirmed());

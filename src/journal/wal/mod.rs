@@ -19,9 +19,12 @@
 //! block again, which it must cope with anyway. A new segment's directory entry is synced
 //! when the segment is created, and the directory again after segments are deleted.
 //!
-//! After a failed write or sync the journal refuses all further work
-//! ([`WalError::Broken`]) until it is opened again: what the file holds is unknown then. A
-//! block whose append failed that way may still be found at the next open.
+//! After a failed write or sync (a full disk, an I/O error) the journal refuses all further
+//! work ([`WalError::Broken`]): what the file holds past its last sync is unknown then. It
+//! reopens by itself, at most once a second, when a command or [`Wal::probe`] comes: it starts
+//! a new segment, writes a confirmation of every block whose append failed (so that none of
+//! them, torn or whole in the old segment, is handed back at the next open), syncs it, and
+//! takes work again. Until that succeeds (the disk has room again) it stays broken.
 //!
 //! # On disk
 //!
@@ -88,7 +91,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
@@ -196,6 +199,8 @@ struct Shared {
     syncs: AtomicU64,
     /// The open: blocks found then count as appended then.
     epoch: Instant,
+    /// A write or sync failed and the journal has not reopened since.
+    broken: AtomicBool,
 }
 
 const NO_OLDEST: u64 = u64::MAX;
@@ -211,6 +216,7 @@ impl Shared {
             oldest: AtomicU64::new(NO_OLDEST),
             syncs: AtomicU64::new(0),
             epoch: Instant::now(),
+            broken: AtomicBool::new(false),
         }
     }
 
@@ -325,6 +331,19 @@ impl Wal {
         let dir = self.dir.clone();
         let wanted: std::collections::HashSet<BlockId> = ids.iter().copied().collect();
         tokio::task::spawn_blocking(move || scan::read_blocks(&dir, &wanted)).await.map_err(|_| WalError::Closed)?
+    }
+
+    /// Whether the journal stopped after a failed write or sync and has not reopened yet.
+    pub fn is_broken(&self) -> bool {
+        self.shared.broken.load(Relaxed)
+    }
+
+    /// Gives a broken journal the chance to reopen (see the module docs); `Ok` once it takes
+    /// work.
+    pub async fn probe(&self) -> Result<(), WalError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::Probe { reply }).await.map_err(|_| WalError::Closed)?;
+        answer.await.unwrap_or(Err(WalError::Closed))
     }
 
     /// The bound given at open.
