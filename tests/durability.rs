@@ -391,6 +391,56 @@ fn tear_the_last_segment(dir: &std::path::Path) {
     file.write_all(&[0x00, 0x10, 0x00, 0x00, 0xde, 0xad, 0xbe, 0xef, 1, 2, 3]).unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_cut_as_clickhouse_answers_are_settled_never_sent_again_blindly() {
+    let _serial = SERIAL.lock().await;
+    let ch = ClickHouseServer::start("durability-cut");
+    let mut config = holding_buffer(&ch, "dur_cut", &scratch("dur-cut-data"));
+    migrate(&config).await;
+    // Every connection of the gateway to ClickHouse goes through the proxy: INSERTs, the
+    // look-ups that settle them, the polls.
+    let proxy = common::CutProxy::start(ch.http_port()).await;
+    config.clickhouse.clickhouse_url = format!("http://127.0.0.1:{}", proxy.port);
+    let gw = Gateway::start(config.clone()).await;
+    gw.wait_ready().await;
+
+    // Eight producers, each with thirty batches of 20 events a little apart, each batch sent
+    // again as it was until it is answered 200.
+    let mut producers = Vec::new();
+    let mut all = HashSet::new();
+    for _ in 0..8 {
+        let batches: Vec<(Vec<Uuid>, Value)> = (0..30).map(|_| events(20)).collect();
+        all.extend(batches.iter().flat_map(|(ids, _)| ids.iter().copied()));
+        let url = format!("{}/v1/events", gw.url);
+        producers.push(tokio::spawn(async move {
+            for (_, body) in batches {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+                loop {
+                    match post(&url, &body).await {
+                        Ok((200, _)) => break,
+                        Ok((503 | 409, _)) | Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                        Ok((status, answer)) => panic!("{status}: {answer}"),
+                    }
+                }
+            }
+        }));
+    }
+    // Answers cut for three seconds while they write: INSERTs that ClickHouse ran, and the
+    // look-ups meant to find out, all lost on the way back.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    for producer in producers {
+        tokio::time::timeout(Duration::from_secs(120), producer).await.expect("every batch answered 200").unwrap();
+    }
+    let cuts = proxy.cuts.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(cuts > 0, "no answer was cut");
+    eprintln!("{cuts} answers cut");
+    assert_exactly_once_eventually(&ch, &config, &all).await;
+    gw.stop().await;
+}
+
 /// A small tmpfs of its own, unmounted when dropped.
 struct SmallDisk {
     path: PathBuf,

@@ -186,6 +186,10 @@ impl ClickHouseServer {
         self.tcp_port
     }
 
+    pub fn http_port(&self) -> u16 {
+        self.http_port
+    }
+
     /// Stops the server (SIGKILL, as a crash would) and waits until it is gone.
     pub fn kill(&self) {
         let process = self.process.lock().unwrap();
@@ -692,4 +696,64 @@ pub fn sample_of(metrics: &str, name: &str, stream: &str) -> Option<f64> {
         .lines()
         .filter(|l| l.starts_with(&start) && l.contains(&label))
         .find_map(|l| l.rsplit_once(' ')?.1.parse().ok())
+}
+
+/// A TCP proxy on loopback that, while `cut` is set, resets both sides of a connection as soon
+/// as the server starts to answer: the server received the request whole (and ran it), the
+/// client never hears. What a load balancer's idle reset, a NAT flush or a flapping link does.
+pub struct CutProxy {
+    pub port: u16,
+    pub cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Answers cut so far.
+    pub cuts: std::sync::Arc<AtomicUsize>,
+}
+
+impl CutProxy {
+    /// Starts forwarding to `127.0.0.1:target` (on the caller's runtime).
+    pub async fn start(target: u16) -> CutProxy {
+        let port = free_port();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind the proxy");
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let cuts = std::sync::Arc::new(AtomicUsize::new(0));
+        let (c, n) = (cut.clone(), cuts.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                tokio::spawn(forward(client, target, c.clone(), n.clone()));
+            }
+        });
+        CutProxy { port, cut, cuts }
+    }
+}
+
+async fn forward(
+    client: tokio::net::TcpStream,
+    target: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cuts: std::sync::Arc<AtomicUsize>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+    // A close is a reset, as a middlebox that drops the connection makes it.
+    let _ = client.set_linger(Some(Duration::ZERO));
+    let _ = server.set_linger(Some(Duration::ZERO));
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let upstream = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match server_read.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if cut.load(Ordering::SeqCst) {
+            cuts.fetch_add(1, Ordering::SeqCst);
+            break;
+        }
+        if client_write.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    upstream.abort();
 }
