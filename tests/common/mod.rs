@@ -734,8 +734,8 @@ async fn forward(
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
     // A close is a reset, as a middlebox that drops the connection makes it.
-    let _ = client.set_linger(Some(Duration::ZERO));
-    let _ = server.set_linger(Some(Duration::ZERO));
+    let _ = client.set_zero_linger();
+    let _ = server.set_zero_linger();
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
     let upstream = tokio::spawn(async move {
