@@ -441,6 +441,31 @@ async fn connections_cut_as_clickhouse_answers_are_settled_never_sent_again_blin
     gw.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_202_is_answered_once_journaled_while_the_insert_still_waits() {
+    let _serial = SERIAL.lock().await;
+    let ch = ClickHouseServer::start("durability-202");
+    let mut config = holding_buffer(&ch, "dur_202", &scratch("dur-202-data"));
+    // Far longer than the producer waits: an answer that waited for the INSERT never comes.
+    config.clickhouse.clickhouse_timeout_ms = 120_000;
+    migrate(&config).await;
+    let gw = Gateway::start(config.clone()).await;
+    gw.wait_ready().await;
+    ch.signal(libc::SIGSTOP);
+    let (ids, body) = events(50);
+    let response = http()
+        .post(format!("{}/v1/events?wait=false", gw.url))
+        .json(&body)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await;
+    let answered = response.map(|r| r.status().as_u16());
+    ch.signal(libc::SIGCONT);
+    assert_eq!(answered.ok(), Some(202), "answered while ClickHouse is frozen, its INSERT waiting");
+    assert_exactly_once_eventually(&ch, &config, &ids.into_iter().collect()).await;
+    gw.stop().await;
+}
+
 /// A small tmpfs of its own, unmounted when dropped.
 struct SmallDisk {
     path: PathBuf,

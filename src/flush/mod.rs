@@ -136,10 +136,10 @@ impl Batch {
             return;
         };
         tried.push(first);
-        let sent = attempt(&route.replicas[first], &schema, groups, route.replicas.len() > 1).await;
-        // Told "safe" now: from here on their block may not be given back.
+        // Told "safe" as soon as the block is journaled (the INSERT may still be on its way):
+        // from then on their block may not be given back.
         let promised = !journaled.is_empty();
-        tell(journaled, &sent.journal_result);
+        let sent = attempt(&route.replicas[first], &schema, groups, route.replicas.len() > 1, journaled).await;
         let FirstAttempt { mut at, mut result, block, journal_result } = sent;
         // A clean failure wrote nothing: the block moves to the next replica, its journal
         // record with it (appended there before it is dropped here).
@@ -171,22 +171,30 @@ struct FirstAttempt<'a> {
     journal_result: FlushResult,
 }
 
-/// Journals the batch on `replica` (when it journals) while sending it there.
+/// Journals the batch on `replica` (when it journals) while sending it there; `journaled`
+/// hear as soon as the append is done (a `202` does not wait for the INSERT).
 async fn attempt<'a>(
     replica: &'a Replica,
     schema: &TableSchema,
     mut groups: Groups,
     keep_block: bool,
+    journaled: Vec<Waiter>,
 ) -> FirstAttempt<'a> {
     let journal = replica.journal.as_deref();
     let query_id = journal.map_or_else(|| format!("bg-{:016x}", rand::random::<u64>()), Journal::next_query_id);
     let block = (journal.is_some() || keep_block)
         .then(|| Block::of(schema, &schema.table, &mut groups, query_id.clone(), unix_ms()));
     let append = async {
-        match (journal, &block) {
+        let appended = match (journal, &block) {
             (Some(journal), Some(block)) => Some(journal.append(block).await),
             _ => None,
-        }
+        };
+        let told: FlushResult = match &appended {
+            Some(Err(error)) => Err(FlushError::from(error)),
+            _ => Ok(()),
+        };
+        tell(journaled, &told);
+        appended
     };
     let sent_id = journal.map(|_| query_id.as_str());
     let (appended, result) = tokio::join!(append, insert(&replica.writer, schema, groups, sent_id));
