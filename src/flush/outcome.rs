@@ -42,7 +42,13 @@ pub(super) async fn conclude(
                 // its requests hear the journal's failure, and a retry finds duplicates.
                 (Some(journal), None, Some(block)) => {
                     journal.kept(unjournaled_id(), block);
-                    tell(visible, &journal_result);
+                    let unjournaled = journal_result.clone().and(Err(FlushError::Journal(
+                        "the block could not be journaled on the replica it was written to".into(),
+                    )));
+                    commit(idempotency, reservations).await;
+                    tell(visible, &unjournaled);
+                    tell(written, &unjournaled);
+                    return;
                 }
                 _ => tell(visible, &journal_result),
             }

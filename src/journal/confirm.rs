@@ -140,6 +140,11 @@ impl Journal {
                     for waiter in entry.written.drain(..) {
                         let _ = waiter.send(Ok(()));
                     }
+                    // A block that was at hand may be on no disk (written while its append
+                    // failed): it stays at hand until confirmed, for the next doubt.
+                    if at_hand {
+                        entry.block = Some(block);
+                    }
                 }
                 Err(error) => {
                     tracing::warn!(id, %error, "a suspect block could not be settled yet");

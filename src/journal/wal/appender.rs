@@ -108,6 +108,9 @@ pub(super) struct Appender {
     broken: Option<WalError>,
     /// Blocks whose append failed: confirmed when the journal reopens.
     failed: Vec<BlockId>,
+    /// Confirmations that came while the journal was broken: written when it reopens (until
+    /// then, and if the process stops first, their blocks are only checked again).
+    deferred: Vec<BlockId>,
     /// The last attempt to reopen, to try at most once per [`REOPEN_EVERY`].
     reopened_at: Option<Instant>,
     hooks: Hooks,
@@ -153,6 +156,7 @@ impl Appender {
             shared,
             broken: None,
             failed: Vec::new(),
+            deferred: Vec::new(),
             reopened_at: None,
             hooks,
         };
@@ -215,6 +219,13 @@ impl Appender {
         for command in batch {
             if let Command::Close { reply } = command {
                 close = Some(reply);
+                continue;
+            }
+            // A broken journal keeps the confirmations for its reopening: losing one only makes
+            // its block be checked again, so they are answered as taken.
+            if let (Err(_), Command::Confirm { ids, .. }) = (&outcome, &command) {
+                self.deferred.extend(ids);
+                command.answer(&Ok(()), None);
                 continue;
             }
             let id = match &outcome {
@@ -280,23 +291,29 @@ impl Appender {
     /// one holds past its last sync is unknown), a confirmation of every block whose append
     /// failed, synced. Stays broken when any step fails.
     fn reopen(&mut self) {
+        let deferred = self.book.unconfirmed_among(&self.deferred);
         let reopened = self.roll().and_then(|()| {
-            if !self.failed.is_empty() {
-                format::push_confirmations(&mut self.buf, &self.failed);
+            let ids: Vec<BlockId> = self.failed.iter().chain(&deferred).copied().collect();
+            if !ids.is_empty() {
+                format::push_confirmations(&mut self.buf, &ids);
                 self.write(true)?;
             }
             self.sync()
         });
         match reopened {
             Ok(()) => {
-                for id in std::mem::take(&mut self.failed) {
+                for id in std::mem::take(&mut self.failed).into_iter().chain(deferred) {
                     self.book.confirm(id, self.active.name);
                 }
+                self.deferred.clear();
                 tracing::warn!(dir = %self.dir.display(), "the journal reopened after a failed write");
                 self.broken = None;
             }
             Err(error) => {
                 self.buf.take();
+                // A segment file may have been made under the name tried: the next attempt
+                // takes a new one (ids may have gaps).
+                self.next_id = self.next_id.max(self.active.name) + 1;
                 tracing::debug!(%error, "the journal could not reopen yet");
             }
         }
