@@ -417,6 +417,18 @@ mod tests {
         TableSchema::new(1, "d", "t", vec![info("k", "UInt32"), info("s", "String")], &special)
     }
 
+    /// A shape that keeps rejected events' text (up to `keep` bytes), as a parking stream's.
+    fn parking(keep: usize) -> BatchShape {
+        BatchShape {
+            partitions: 1,
+            placing: Placing::Shard(0),
+            max_events: 10,
+            keep_ids: false,
+            ids: None,
+            keep_raw: Some(keep),
+        }
+    }
+
     fn run(text: &str, format: Format, max: usize) -> Result<EncodedBatch, DecodeError> {
         let ctx = EncodeContext::new(Timestamp::now(), UnknownFields::Reject);
         encode_batch(
@@ -506,14 +518,7 @@ mod tests {
     #[test]
     fn a_malformed_line_is_rejected_alone_where_it_can_be_parked() {
         let ctx = EncodeContext::new(Timestamp::now(), UnknownFields::Reject);
-        let shape = |keep_raw| BatchShape {
-            partitions: 1,
-            placing: Placing::Shard(0),
-            max_events: 10,
-            keep_ids: false,
-            ids: None,
-            keep_raw,
-        };
+        let shape = |keep_raw: Option<usize>| BatchShape { keep_raw, ..parking(0) };
         let text =
             "{\"k\": 1}\n{\"k\": 2, \"s\": \"é\u{e9}é\n{\"k\": 3} trailing\n[]\n{\"k\": 4, \"x\": 1}\n{\"k\": 5}";
         let batch = encode_batch(text.as_bytes(), Format::Ndjson, &schema(), &ctx, &shape(Some(8))).unwrap();
@@ -563,14 +568,7 @@ mod tests {
         let info = |n: &str, t: &str| ColumnInfo { name: n.into(), type_text: t.into(), default_kind: String::new() };
         let schema = TableSchema::new(1, "d", "t", vec![info("id", "UUID"), info("k", "UInt8")], &special);
         let ctx = EncodeContext::new(Timestamp::now(), UnknownFields::Reject);
-        let shape = BatchShape {
-            partitions: 1,
-            placing: Placing::Shard(0),
-            max_events: 10,
-            keep_ids: false,
-            ids: None,
-            keep_raw: Some(64),
-        };
+        let shape = parking(64);
         let uuid = "0190a3c4-0000-7000-8000-000000000001";
         let text = format!(
             r#"[{{"id": "{uuid}", "k": 300}}, {{"id": "undefined", "k": 300}}, {{"id": "undefined", "k": 1}}]"#
@@ -614,14 +612,7 @@ mod tests {
         );
         assert!(matches!(run("{oops}\n", Format::JsonOrLines, 10), Err(DecodeError::MalformedJson { .. })));
         let ctx = EncodeContext::new(Timestamp::now(), UnknownFields::Reject);
-        let parking = BatchShape {
-            partitions: 1,
-            placing: Placing::Shard(0),
-            max_events: 10,
-            keep_ids: false,
-            ids: None,
-            keep_raw: Some(64),
-        };
+        let parking = parking(64);
         let pretty = b"[\n  {\"k\": 1},\n  {oops}\n]\n";
         let read = encode_batch(pretty, Format::JsonOrLines, &schema(), &ctx, &parking);
         assert!(matches!(read, Err(DecodeError::MalformedJson { .. })), "an array is not read as lines: {read:?}");

@@ -132,7 +132,8 @@ impl Pipeline {
         // Parked before anything of the request is written: when the quarantine cannot take
         // them, the request is refused whole and its retry stores every event once.
         if let Some(origin) = park {
-            self.park(&batch.rejected, origin).await?;
+            let producer = how.producer.as_ref().map(|p| p.producer.as_str());
+            self.park(&batch.rejected, origin, producer).await?;
         }
         let (reservations, duplicates) = self.dedupe(schema, &mut batch).await?;
         metrics::events(&self.config.stream, Outcome::Duplicate, duplicates);

@@ -216,7 +216,6 @@ impl Pipeline {
         let origin = park::Origin {
             received,
             owner: owner.clone(),
-            producer: delivery.producer.as_ref().map(|p| p.producer.clone()),
             ids,
             // Rows diverted to the fallback table are written before the answer.
             wait: if delivery.divert { Wait::Written } else { delivery.wait },

@@ -21,7 +21,6 @@ pub(super) struct Origin {
     pub received: Option<Timestamp>,
     /// The API key's name.
     pub owner: Option<Arc<str>>,
-    pub producer: Option<String>,
     /// Where the request's events without an id got theirs (a Kafka message).
     pub ids: Option<IdSeed>,
     pub wait: Wait,
@@ -78,11 +77,17 @@ impl Pipeline {
         &'a self,
         rejected: &'a [RejectedEvent],
         origin: &'a Origin,
+        producer: Option<&'a str>,
     ) -> BoxFuture<'a, Result<(), IngestError>> {
-        Box::pin(self.park_now(rejected, origin))
+        Box::pin(self.park_now(rejected, origin, producer))
     }
 
-    async fn park_now(&self, rejected: &[RejectedEvent], origin: &Origin) -> Result<(), IngestError> {
+    async fn park_now(
+        &self,
+        rejected: &[RejectedEvent],
+        origin: &Origin,
+        producer: Option<&str>,
+    ) -> Result<(), IngestError> {
         let Some(quarantine) = &self.quarantine else { return Ok(()) };
         if rejected.is_empty() {
             return Ok(());
@@ -102,7 +107,7 @@ impl Pipeline {
                     quarantine_id: id.map(|id| id.to_string()),
                     stream,
                     api_key: origin.owner.as_deref().unwrap_or_default(),
-                    producer_id: origin.producer.as_deref().unwrap_or_default(),
+                    producer_id: producer.unwrap_or_default(),
                     event_index: event.index as u64,
                     raw: raw.map_or("", |r| r.text.as_str()),
                     raw_bytes: raw.map_or(0, |r| r.bytes as u64),
