@@ -199,6 +199,10 @@ async fn start_stream(
     let receipts = Arc::new(Receipts::default());
     let nodes = Nodes::open(&config, topology, &shed, &wake, &receipts, shared).await?;
     let idempotency = Arc::new(Idempotency::from_config(&config)?);
+    // The store's epoch read (or written) before the first request, so that a first start is
+    // not taken for a loss; a Redis that does not answer leaves it suspect instead.
+    let _ = tokio::time::timeout(Duration::from_secs(2), idempotency.check_store()).await;
+    idempotency.watch();
     if idempotency.is_embedded() && config.stream.is_default() {
         tracing::warn!(
             "no redis_url: idempotency keys and producer offsets live in this process only; \

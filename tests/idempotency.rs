@@ -440,8 +440,9 @@ async fn redis_down_rejects_or_accepts_as_configured_and_recovers() {
         gw_reject.post_json(&events(1, 5)).await.0 == 200
     })
     .await;
-    // The same table: 5 from accept mode (undeduplicated) and 5 after recovery.
-    assert_eq!(stored(ch, &gw_reject).await, (10, 5));
+    // The same table: 5 from accept mode (undeduplicated). Redis came back empty, so the
+    // reject-mode gateway looked the 5 up in ClickHouse, found them and wrote none again.
+    assert_eq!(stored(ch, &gw_reject).await, (5, 5));
     gw_reject.stop().await;
     gw_accept.stop().await;
 }
@@ -491,6 +492,128 @@ async fn a_gateway_killed_mid_flush_leaves_leases_that_expire_and_the_retry_stor
         .rows(&format!("SELECT count() AS n, uniqExact(event_id) AS u FROM {}.events_raw", config.table.database))
         .await;
     assert_eq!(rows[0], json!({"n": "10", "u": "10"}));
+}
+
+/// POSTs `body` until it is answered 200 (through the 503s of a store coming back), and
+/// returns the answer.
+async fn answered(gw: &Gateway, body: &Value) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, answer) = gw.post_json(body).await;
+        if status == 200 {
+            return answer;
+        }
+        assert!(status == 503 && std::time::Instant::now() < deadline, "{status}: {answer}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The counts of an answer: (accepted, duplicates).
+fn counts(answer: &Value) -> (Option<u64>, Option<u64>) {
+    (answer["accepted"].as_u64(), answer["duplicates"].as_u64())
+}
+
+/// Redis without persistence restarts empty: every id it committed reads as fresh. The gateway
+/// notices (the epoch it wrote is gone, the `run_id` changed) and looks the ids up in
+/// ClickHouse before writing them, so a producer's resend stores nothing twice; also a gateway
+/// restarted on its data directory while Redis restarted empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_a_redis_restarted_empty_forgot_are_looked_up_in_clickhouse() {
+    let ch = clickhouse();
+    let own_redis = RedisServer::start("redis-forgets");
+    let mut config = config(ch, &ch.fresh_database("forgets"));
+    config.idempotency.redis_url = own_redis.url.clone();
+    config.auth.admin_token = "admin".into();
+    migrate(&config).await;
+    let gw = Gateway::start(config).await;
+    gw.wait_ready().await;
+    assert_eq!(counts(&answered(&gw, &events(1, 50)).await), (Some(50), Some(0)));
+    let status = gw.status().await;
+    assert_eq!(
+        (status["idempotency"]["looking_up"].as_bool(), status["idempotency"]["last_loss"].is_null()),
+        (Some(false), true),
+        "{status}"
+    );
+
+    own_redis.kill();
+    own_redis.restart();
+    // The producer whose answer was lost sends the batch again, at once.
+    assert_eq!(counts(&answered(&gw, &events(1, 50)).await), (Some(0), Some(50)), "every id found in ClickHouse");
+    assert_eq!(counts(&answered(&gw, &events(51, 10)).await), (Some(10), Some(0)), "fresh ids are written");
+    eventually(Duration::from_secs(10), "the loss in /v1/status", || async {
+        let idempotency = gw.status().await["idempotency"].clone();
+        idempotency["looking_up"] == true
+            && idempotency["lookup_until"].is_string()
+            && idempotency["last_loss"]["sign"].is_string()
+    })
+    .await;
+    let metrics = metrics_text(&gw.url).await;
+    assert!(series(&metrics, "buffergate_idempotency_store_losses_total").values().sum::<f64>() >= 1.0, "{metrics}");
+    let looked_up = series(&metrics, "buffergate_idempotency_looked_up_events_total");
+    assert!(
+        looked_up.get(&labels(&[("outcome", "present"), ("stream", "default")])).is_some_and(|n| *n >= 50.0),
+        "{looked_up:?}"
+    );
+
+    // Both restarted: the gateway knows the epoch it had from its data directory.
+    let config = gw.config.clone();
+    gw.stop().await;
+    own_redis.kill();
+    own_redis.restart();
+    let gw = Gateway::start(config).await;
+    gw.wait_ready().await;
+    assert_eq!(counts(&answered(&gw, &events(1, 60)).await), (Some(0), Some(60)), "every id found in ClickHouse");
+    assert_eq!(gw.status().await["idempotency"]["last_loss"]["sign"], "epoch_gone");
+    assert_eq!(stored(ch, &gw).await, (60, 60));
+    gw.stop().await;
+}
+
+/// A store emptied without a restart (`FLUSHALL`: no connection breaks, the `run_id` stays):
+/// the first reservation finds its group's epoch gone, before any check has run, and the
+/// batch sent again at once is looked up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_emptied_under_the_gateway_is_known_at_the_first_reservation() {
+    let ch = clickhouse();
+    let own_redis = RedisServer::start("redis-flushed");
+    let mut config = config(ch, &ch.fresh_database("flushed"));
+    config.idempotency.redis_url = own_redis.url.clone();
+    migrate(&config).await;
+    let gw = Gateway::start(config).await;
+    gw.wait_ready().await;
+    assert_eq!(counts(&answered(&gw, &events(1, 20)).await), (Some(20), Some(0)));
+    assert_eq!(common::redis_cli(own_redis.port(), &["FLUSHALL"]), "OK");
+    assert_eq!(counts(&answered(&gw, &events(1, 20)).await), (Some(0), Some(20)), "every id found in ClickHouse");
+    assert_eq!(stored(ch, &gw).await, (20, 20));
+    gw.stop().await;
+}
+
+/// One primary of a Redis Cluster restarted empty (its slots' ids forgotten, the others'
+/// kept): the ids of its groups are looked up, the rest answered by Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_a_cluster_primary_restarted_empty_forgot_are_looked_up_in_clickhouse() {
+    let ch = clickhouse();
+    let redis = RedisCluster::start("redis-forgets-cluster", 3, 0);
+    let mut config = config(ch, &ch.fresh_database("forgetscl"));
+    config.idempotency.redis_url = redis.url.clone();
+    config.auth.admin_token = "admin".into();
+    // A commit's token status may live on the emptied primary: its ids elsewhere then read as
+    // in flight (503 events_in_flight) until their lease ends, and are looked up after it.
+    config.idempotency.dedup_lease_ms = 3_000;
+    migrate(&config).await;
+    let gw = Gateway::start(config).await;
+    gw.wait_ready().await;
+    assert_eq!(counts(&answered(&gw, &events(1, 60)).await), (Some(60), Some(0)));
+    let port = redis.primaries()[0];
+    redis.kill(port);
+    redis.restart(port);
+    redis.wait_healthy(3, 0);
+    assert_eq!(counts(&answered(&gw, &events(1, 60)).await), (Some(0), Some(60)), "every id a duplicate");
+    eventually(Duration::from_secs(10), "the loss in /v1/status", || async {
+        gw.status().await["idempotency"]["last_loss"]["sign"].is_string()
+    })
+    .await;
+    assert_eq!(stored(ch, &gw).await, (60, 60));
+    gw.stop().await;
 }
 
 fn redis_store(url: &str) -> buffergate::idempotency::RedisStore {

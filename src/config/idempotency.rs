@@ -51,6 +51,9 @@ pub struct IdempotencySettings {
     pub dedup_window_ms: u64,
     /// How long a request waits for events another request is writing before it gets 503.
     pub dedup_pending_wait_ms: u64,
+    /// After the store lost keys, how long the ids it calls fresh are looked up in ClickHouse
+    /// before they are written (at most `dedup_window_ms`); 0: never, the store is trusted.
+    pub dedup_lookup_after_loss_ms: u64,
     /// How long a producer's committed offsets are kept after its last write: a producer id
     /// that stops writing is forgotten, so ids made up at will do not fill the store.
     pub producer_offset_ttl_s: u64,
@@ -73,6 +76,7 @@ impl Default for IdempotencySettings {
             dedup_lease_ms: 60_000,
             dedup_window_ms: 24 * 3600 * 1000,
             dedup_pending_wait_ms: 10_000,
+            dedup_lookup_after_loss_ms: 24 * 3600 * 1000,
             producer_offset_ttl_s: 30 * 24 * 3600,
             producer_max_partitions: 1024,
         }

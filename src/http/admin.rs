@@ -144,6 +144,8 @@ pub struct Status {
     pub inflight_bytes: usize,
     pub inflight_limit_bytes: usize,
     pub idempotency_store: &'static str,
+    /// The default stream's idempotency store: whether it is trusted.
+    pub idempotency: IdempotencyStatus,
     /// The journal (every node's, summed); `null` when it is off.
     pub journal: Option<JournalStatus>,
     /// Each ClickHouse node: its shard and replica (from 1), its Buffer, breaker and journal.
@@ -169,8 +171,45 @@ pub struct StreamStatus {
     /// `null` without the journal.
     pub watermark: Option<String>,
     pub watermark_ms: Option<u64>,
+    pub idempotency: IdempotencyStatus,
     pub journal: Option<JournalStatus>,
     pub nodes: Vec<NodeStatus>,
+}
+
+/// Whether a stream's idempotency store is trusted, or ids it calls fresh are looked up in
+/// ClickHouse before they are written (it may have lost keys).
+#[derive(Debug, Serialize)]
+pub struct IdempotencyStatus {
+    /// `redis` or `embedded`.
+    pub store: &'static str,
+    /// Ids are looked up now: during a look-up period, or while the store is suspect.
+    pub looking_up: bool,
+    /// A store call failed, or a reservation found an epoch gone, since the last check passed.
+    pub suspect: bool,
+    /// The end of the look-up period a loss opened; `null` when none is on.
+    pub lookup_until: Option<String>,
+    pub last_loss: Option<LossStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LossStatus {
+    pub at: String,
+    /// `epoch_gone`, `restarted`, `failover` or `evicted`.
+    pub sign: crate::idempotency::trust::Sign,
+}
+
+impl IdempotencyStatus {
+    pub fn of(idempotency: &crate::idempotency::Idempotency) -> Self {
+        let trust = idempotency.trust();
+        let now = crate::journal::watermark::now_ms();
+        Self {
+            store: if idempotency.is_embedded() { "embedded" } else { "redis" },
+            looking_up: idempotency.unsure(),
+            suspect: trust.suspect(),
+            lookup_until: trust.lookup_until(now).map(rfc3339),
+            last_loss: trust.last_loss().map(|loss| LossStatus { at: rfc3339(loss.at_ms), sign: loss.sign }),
+        }
+    }
 }
 
 impl StreamStatus {
@@ -192,6 +231,7 @@ impl StreamStatus {
             queue_rows: stream.ingest.coalescer().queue_depths(),
             watermark: watermark_ms.map(rfc3339),
             watermark_ms,
+            idempotency: IdempotencyStatus::of(stream.ingest.idempotency()),
             journal: stream.ingest.journal_status(),
             nodes: nodes(stream.ingest.shards()),
         }
@@ -272,6 +312,7 @@ pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
         inflight_bytes: default.ingest.budget().used(),
         inflight_limit_bytes: default.ingest.budget().limit(),
         idempotency_store: if default.ingest.idempotency().is_embedded() { "embedded" } else { "redis" },
+        idempotency: IdempotencyStatus::of(default.ingest.idempotency()),
         journal: default.ingest.journal_status(),
         nodes: nodes(default.ingest.shards()),
         streams,

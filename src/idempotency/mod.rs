@@ -20,12 +20,15 @@ mod redis_conn;
 mod redis_store;
 mod reserve;
 mod reserve_queue;
+pub mod trust;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, DedupMode, OnStoreError};
+use crate::config::{Config, DedupMode, OnStoreError, StreamName};
+use crate::journal::watermark::now_ms;
 use crate::metrics;
 pub use memory::MemoryStore;
 pub use redis_store::{RedisStore, ServerFacts, primaries_facts, server_facts};
@@ -122,6 +125,13 @@ pub struct Idempotency {
     /// Lease, window and key prefix, as every reservation call needs them.
     terms: Terms,
     offsets: OffsetTerms,
+    /// Whether the store can be trusted to remember what it was told (see [`trust`]).
+    trust: Arc<trust::Trust>,
+    /// Reads the store's signs of loss (Redis only).
+    check: Option<tokio::sync::Mutex<trust::Check>>,
+    /// `dedup_lookup_after_loss_ms` is not 0.
+    looks_up: bool,
+    stream: StreamName,
 }
 
 /// A request's reservation of the event keys bound for one partition: what the flush that
@@ -144,7 +154,25 @@ impl Idempotency {
     }
 
     pub fn new(store: Store, config: &Config) -> Self {
+        let settings = &config.idempotency;
+        // Ids committed before a loss are deduplicated for the window after their write: no
+        // resend is looked up for longer.
+        let period = Duration::from_millis(settings.dedup_lookup_after_loss_ms.min(settings.dedup_window_ms));
+        let (trust, check) = match &store {
+            Store::Redis(redis) => {
+                let marker = config
+                    .journal_enabled()
+                    .then(|| std::path::Path::new(&config.journal.data_dir).join("idempotency-epoch"));
+                let check = trust::Check::new(marker, period, settings.redis_wait_replicas > 0);
+                (Arc::clone(redis.trust()), Some(tokio::sync::Mutex::new(check)))
+            }
+            Store::Memory(_) => (Arc::default(), None),
+        };
         Self {
+            trust,
+            check,
+            looks_up: !period.is_zero(),
+            stream: config.stream.clone(),
             store,
             mode: config.idempotency.dedup,
             on_error: config.idempotency.dedup_on_store_error,
@@ -163,6 +191,57 @@ impl Idempotency {
 
     pub fn is_embedded(&self) -> bool {
         matches!(self.store, Store::Memory(_))
+    }
+
+    /// Whether the ids the store calls fresh must be looked up in ClickHouse before they are
+    /// written: the store may have forgotten ids it once committed ([`trust`]).
+    pub fn unsure(&self) -> bool {
+        self.looks_up && self.mode == DedupMode::Event && self.trust.unsure(now_ms())
+    }
+
+    pub fn trust(&self) -> &trust::Trust {
+        &self.trust
+    }
+
+    /// Reads the store's signs of loss once, and acts on them (see [`trust`]); nothing for
+    /// the embedded store.
+    pub async fn check_store(&self) {
+        let (Store::Redis(store), Some(check)) = (&self.store, &self.check) else { return };
+        let mut check = check.lock().await;
+        match check.run(&store.epoch_groups(&self.terms.prefix), &self.trust, now_ms()).await {
+            Ok(found) => {
+                for sign in found {
+                    metrics::store_lost(&self.stream, sign.as_str());
+                    tracing::warn!(
+                        stream = %self.stream,
+                        sign = sign.as_str(),
+                        until = ?self.trust.lookup_until(now_ms()),
+                        "the idempotency store lost keys: ids it calls fresh are looked up in ClickHouse until then"
+                    );
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%error, "the idempotency store's check failed; it is suspect until one passes");
+            }
+        }
+        metrics::lookup_active(&self.stream, self.unsure());
+    }
+
+    /// Checks the store every [`trust::CHECK_EVERY`] for as long as it is in use.
+    pub fn watch(self: &Arc<Self>) {
+        if self.check.is_none() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(trust::CHECK_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                let Some(idempotency) = weak.upgrade() else { break };
+                idempotency.check_store().await;
+            }
+        });
     }
 
     /// Key of an event id, as the stores keep it: the id's 16 UUID bytes (any spelling of one
@@ -222,6 +301,9 @@ impl Idempotency {
         let result = fut.await;
         metrics::idempotency(op, started.elapsed(), result.is_ok());
         if let Err(error) = &result {
+            // Redis may be restarting empty: until a check has passed, its answers are looked
+            // behind.
+            self.trust.raise();
             tracing::warn!(op, %error, "idempotency store call failed");
         }
         result

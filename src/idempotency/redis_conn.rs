@@ -192,21 +192,34 @@ impl Connection {
     pub async fn wait(&mut self, key: &[u8], replicas: u32, timeout: Duration) -> RedisResult<u32> {
         let mut cmd = redis::cmd("WAIT");
         cmd.arg(replicas).arg(timeout.as_millis() as u64);
+        let acked = self.on_primary_of(key, cmd).await?;
+        redis::from_redis_value(acked).map_err(|e| RedisError::from((redis::ErrorKind::Parse, "WAIT", e.to_string())))
+    }
+
+    /// `INFO server stats replication` of the primary that holds `key`.
+    pub async fn info_of(&mut self, key: &[u8]) -> RedisResult<String> {
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg("server").arg("stats").arg("replication");
+        let info = self.on_primary_of(key, cmd).await?;
+        redis::from_redis_value(info).map_err(|e| RedisError::from((redis::ErrorKind::Parse, "INFO", e.to_string())))
+    }
+
+    /// Runs `cmd` on the primary that holds `key`: the one primary, or on a cluster the
+    /// primary of the key's slot (a command without keys would go to any node).
+    async fn on_primary_of(&mut self, key: &[u8], cmd: Cmd) -> RedisResult<Value> {
         match self {
             Self::Single(manager) => cmd.query_async(manager).await,
             Self::Cluster(cluster) => {
                 let route = Route::new(key_slot(key), SlotAddr::Master);
                 let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
-                let acked = cluster
+                cluster
                     .run(async |mut c| match c.route_command(cmd, routing).await? {
-                        // A refusal (`WAIT` sent to a node that has become a replica) as an error,
-                        // so that it rebuilds a stale slot map.
+                        // A refusal (sent to a node that has become a replica) as an error, so
+                        // that it rebuilds a stale slot map.
                         Value::ServerError(refusal) => Err(refusal.into()),
                         value => Ok(value),
                     })
-                    .await?;
-                redis::from_redis_value(acked)
-                    .map_err(|e| RedisError::from((redis::ErrorKind::Parse, "WAIT", e.to_string())))
+                    .await
             }
         }
     }

@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::groups::{group_of, tags};
 use super::redis_conn::{Connection, client, first_node};
 use super::reserve_queue::{self, ReserveJob, ReserveQueue, Seen, replicated};
+use super::trust::{EPOCH_SUFFIX, Groups, Trust};
 use super::{Committed, HolderState, KeyState, OffsetTerms, StoreError, TOKEN_BYTES, Terms, holder_state};
 use crate::config::Config;
 
@@ -73,6 +74,8 @@ pub struct RedisStore {
     delete_if: Script,
     set_nx_or_get: Script,
     advance_offset: Script,
+    /// Whether what the store says can be trusted (see [`super::trust`]).
+    trust: Arc<Trust>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -137,7 +140,17 @@ impl RedisStore {
             delete_if: Script::new(DELETE_IF),
             set_nx_or_get: Script::new(SET_NX_OR_GET),
             advance_offset: Script::new(ADVANCE_OFFSET),
+            trust: Arc::default(),
         })
+    }
+
+    pub fn trust(&self) -> &Arc<Trust> {
+        &self.trust
+    }
+
+    /// The id groups' epochs and primaries, under `prefix`, as the store's check reads them.
+    pub(crate) fn epoch_groups<'a>(&'a self, prefix: &'a [u8]) -> EpochGroups<'a> {
+        EpochGroups { store: self, prefix }
     }
 
     pub fn is_cluster(&self) -> bool {
@@ -223,6 +236,7 @@ impl RedisStore {
                 terms: terms.clone(),
                 bases: Arc::new(bases),
                 wait: self.wait,
+                trust: Arc::clone(&self.trust),
             };
             tokio::spawn(Arc::new(batcher).run(rx));
             tx
@@ -353,6 +367,47 @@ impl RedisStore {
         cmd.arg(key);
         let mut connection = self.connection.clone();
         self.bounded(cmd.query_async(&mut connection)).await
+    }
+}
+
+/// A store's id groups under one prefix: each group's epoch key (`<prefix>{<tag>}e`, in the
+/// group's slot) and the primary that holds it.
+pub(crate) struct EpochGroups<'a> {
+    store: &'a RedisStore,
+    prefix: &'a [u8],
+}
+
+impl EpochGroups<'_> {
+    fn key(&self, group: usize) -> Vec<u8> {
+        [self.store.base(self.prefix, group).as_slice(), EPOCH_SUFFIX].concat()
+    }
+}
+
+impl Groups for EpochGroups<'_> {
+    fn groups(&self) -> usize {
+        self.store.tags.len()
+    }
+
+    async fn read(&self, group: usize) -> Result<(Option<Vec<u8>>, String), StoreError> {
+        let key = self.key(group);
+        let mut connection = self.store.connection.clone();
+        let epoch = self.store.bounded(redis::cmd("GET").arg(key.as_slice()).query_async(&mut connection)).await?;
+        let info = self.store.bounded(connection.info_of(&key)).await?;
+        Ok((epoch, info))
+    }
+
+    async fn write(&self, group: usize, epoch: &str, only_if_none: bool) -> Result<Vec<u8>, StoreError> {
+        let key = self.key(group);
+        let mut set = redis::cmd("SET");
+        set.arg(key.as_slice()).arg(epoch);
+        if only_if_none {
+            set.arg("NX");
+        }
+        self.store.write(&key, |mut c| async move { set.query_async::<()>(&mut c).await }).await?;
+        let mut connection = self.store.connection.clone();
+        let held: Option<Vec<u8>> =
+            self.store.bounded(redis::cmd("GET").arg(key.as_slice()).query_async(&mut connection)).await?;
+        Ok(held.unwrap_or_default())
     }
 }
 

@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 
 use super::groups::group_of;
 use super::redis_conn::Connection;
+use super::trust::Trust;
 use super::{StoreError, Terms};
 
 /// Computes the slot (`floor(Redis TIME / window)`) and the value a reservation stores: the
@@ -64,7 +65,8 @@ end
 /// twice in a call ([`first_claims`]). Answers `{n, [position, lease over, holder]…}`: the
 /// number of ids seen, then for each id another token holds its position among the call's ids
 /// (from 0), `1` if that holder's lease is over (else `0`), and the value found. Tokens are 10
-/// bytes.
+/// bytes. The count ends in `!` when a group's epoch (`<base>e`) is gone: the store lost what
+/// it held there, and what it says of the ids cannot be trusted ([`super::trust`]).
 ///
 /// Per group in the call: one `HMGET` of the current slot, one of the previous slot when that
 /// exists, and one `HSET` (per 2,000 ids: Lua's `unpack` stops at about 8,000 values). A fresh
@@ -76,7 +78,9 @@ local R = tonumber(ARGV[3])
 local first = 4 + 3 * R
 local answer = {tostring(#ARGV - first + 1)}
 local r, at = 0, first
+local lost = false
 for k = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[k] .. 'e') == 0 then lost = true end
   local name, created = current(KEYS[k])
   local previous = hash(KEYS[k], slot - 1)
   -- Absent in a gateway's first window: not asking it then saves a nil per id.
@@ -120,6 +124,7 @@ for k = 1, #KEYS do
   if created and nf > 0 then backstop(name) end
   r = e
 end
+if lost then answer[1] = answer[1] .. '!' end
 return answer
 ";
 
@@ -225,6 +230,8 @@ pub struct ReserveQueue {
     pub bases: Arc<Vec<Vec<u8>>>,
     /// Replicas to `WAIT` for after each call, and how long.
     pub wait: Option<(u32, Duration)>,
+    /// Told when a call finds a group's epoch gone, before any request hears its answer.
+    pub trust: Arc<Trust>,
 }
 
 impl ReserveQueue {
@@ -283,7 +290,10 @@ impl ReserveQueue {
             Ok(answers) => answers,
             Err(error) => return jobs.into_iter().for_each(|job| drop(job.reply.send(Err(error.clone())))),
         };
-        for (call, answer) in calls.iter().zip(answers) {
+        for (call, (answer, lost)) in calls.iter().zip(answers) {
+            if lost {
+                self.trust.raise();
+            }
             for (entry, state) in call.iter().zip(answer) {
                 seen[entry.job][entry.key] = state;
             }
@@ -299,7 +309,7 @@ impl ReserveQueue {
     }
 
     /// One script call over `entries` (sorted): what it saw of each, in their order.
-    async fn call(&self, jobs: &[ReserveJob], entries: &[Entry]) -> Result<Vec<Seen>, StoreError> {
+    async fn call(&self, jobs: &[ReserveJob], entries: &[Entry]) -> Result<(Vec<Seen>, bool), StoreError> {
         let runs: Vec<&[Entry]> =
             entries.chunk_by(|a, b| (a.group, a.job, a.token) == (b.group, b.job, b.token)).collect();
         let mut groups: Vec<usize> = runs.iter().map(|run| run[0].group).collect();
@@ -378,12 +388,17 @@ fn repeated(first: &Seen, first_token: &[u8]) -> Seen {
     }
 }
 
-/// The script's answer as one [`Seen`] per id.
-fn decode(answer: Vec<Vec<u8>>, n: usize) -> Result<Vec<Seen>, StoreError> {
+/// The script's answer as one [`Seen`] per id, and whether a group's epoch was gone.
+fn decode(answer: Vec<Vec<u8>>, n: usize) -> Result<(Vec<Seen>, bool), StoreError> {
     let malformed = |what: &str| StoreError::Backend(format!("the reservation's answer: {what}"));
     let number = |part: &[u8]| std::str::from_utf8(part).ok().and_then(|text| text.parse::<usize>().ok());
     let mut parts = answer.into_iter();
-    if parts.next().as_deref().and_then(number) != Some(n) {
+    let count = parts.next().unwrap_or_default();
+    let (count, lost) = match count.strip_suffix(b"!") {
+        Some(count) => (count, true),
+        None => (count.as_slice(), false),
+    };
+    if number(count) != Some(n) {
         return Err(malformed(&format!("not the count of the {n} ids asked")));
     }
     let mut seen = vec![Seen::Reserved; n];
@@ -396,7 +411,7 @@ fn decode(answer: Vec<Vec<u8>>, n: usize) -> Result<Vec<Seen>, StoreError> {
         };
         *state = Seen::Held { value, lease_over: over == b"1" };
     }
-    Ok(seen)
+    Ok((seen, lost))
 }
 
 #[cfg(test)]
@@ -415,7 +430,7 @@ mod tests {
             b"over".to_vec(),
         ];
         assert_eq!(
-            decode(answer, 4).unwrap(),
+            decode(answer, 4).unwrap().0,
             [
                 Seen::Reserved,
                 Seen::Held { value: b"held".to_vec(), lease_over: false },
@@ -423,7 +438,8 @@ mod tests {
                 Seen::Held { value: b"over".to_vec(), lease_over: true },
             ]
         );
-        assert_eq!(decode(vec![b"2".to_vec()], 2).unwrap(), [Seen::Reserved, Seen::Reserved], "all fresh");
+        assert_eq!(decode(vec![b"2".to_vec()], 2).unwrap(), (vec![Seen::Reserved, Seen::Reserved], false), "all fresh");
+        assert!(decode(vec![b"2!".to_vec()], 2).unwrap().1, "an epoch gone");
         assert!(decode(vec![b"2".to_vec(), b"1".to_vec(), b"0".to_vec()], 2).is_err(), "a holder cut short");
         assert!(decode(vec![b"2".to_vec(), b"2".to_vec(), b"0".to_vec(), b"x".to_vec()], 2).is_err(), "out of range");
         assert!(decode(vec![b"1".to_vec()], 2).is_err(), "a count that is not the ids'");

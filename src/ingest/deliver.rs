@@ -186,8 +186,35 @@ impl Pipeline {
         }
         let keys = batch.events.iter_mut().map(|e| Some((e.partition, e.key.take()?))).collect();
         let reserved = self.idempotency.reserve_events(batch.partitions.len(), keys).await?;
-        if reserved.duplicates > 0 {
-            batch.retain(&reserved.keep);
+        let (mut keep, mut duplicates, mut by_partition) = (reserved.keep, reserved.duplicates, reserved.by_partition);
+        let mut held = 0;
+        if self.idempotency.unsure() {
+            held = match self.drop_held(batch, &mut keep).await {
+                Ok(held) => held,
+                Err(error) => {
+                    let ours: Vec<Reservation> = by_partition.iter().flatten().cloned().collect();
+                    let _ = self.idempotency.release(&ours).await;
+                    return Err(error);
+                }
+            };
+            duplicates += held;
+        }
+        if duplicates > 0 {
+            batch.retain(&keep);
+        }
+        if held > 0 {
+            // A partition left with no rows is never flushed, so nothing would commit its
+            // reservation: its ids, which ClickHouse holds, are committed here, or a resend
+            // would wait for them until the lease ends.
+            let emptied: Vec<Reservation> = by_partition
+                .iter_mut()
+                .zip(&batch.partitions)
+                .filter(|(_, rows)| rows.chunks.is_empty())
+                .filter_map(|(reservation, _)| reservation.take())
+                .collect();
+            if let Err(error) = self.idempotency.commit_with_retries(&emptied).await {
+                tracing::warn!(%error, "ids found in ClickHouse stay reserved until their lease ends");
+            }
         }
         // The rows are final now: their blocks are made here, off the async workers when
         // there may be enough rows for one (a block takes tens of µs to make).
@@ -202,7 +229,7 @@ impl Pipeline {
         } else {
             make()
         };
-        Ok((reserved.by_partition, reserved.duplicates))
+        Ok((by_partition, duplicates))
     }
 
     /// Sends the rows on: to the fallback table while diverted, else into the coalescers.

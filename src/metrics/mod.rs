@@ -38,6 +38,9 @@ pub const SHED_REQUESTS: &str = "buffergate_shed_requests_total";
 pub const IDEMPOTENCY_DURATION: &str = "buffergate_idempotency_duration_seconds";
 pub const IDEMPOTENCY_ERRORS: &str = "buffergate_idempotency_store_errors_total";
 pub const DEDUP_BYPASSED: &str = "buffergate_dedup_bypassed_events_total";
+pub const STORE_LOSSES: &str = "buffergate_idempotency_store_losses_total";
+pub const LOOKUP_ACTIVE: &str = "buffergate_idempotency_lookup_active";
+pub const LOOKED_UP: &str = "buffergate_idempotency_looked_up_events_total";
 pub const CONNECTIONS_OPEN: &str = "buffergate_http_connections_open";
 pub const CONNECTIONS_REFUSED: &str = "buffergate_http_connections_refused_total";
 pub const QUARANTINED: &str = "buffergate_quarantined_events_total";
@@ -145,6 +148,18 @@ fn describe() {
     describe_counter!(
         DEDUP_BYPASSED,
         "Events written without deduplication because the store failed (dedup_on_store_error = accept)."
+    );
+    describe_counter!(
+        STORE_LOSSES,
+        "Times the idempotency store was seen to have lost keys, by sign (epoch_gone, restarted, failover, evicted)."
+    );
+    describe_gauge!(
+        LOOKUP_ACTIVE,
+        "1 while ids the idempotency store calls fresh are looked up in ClickHouse before they are written."
+    );
+    describe_counter!(
+        LOOKED_UP,
+        "Events looked up in ClickHouse because the store may have forgotten them, by outcome (present: dropped as a duplicate; absent: written)."
     );
     describe_counter!(
         SHED_REQUESTS,
@@ -302,6 +317,21 @@ pub fn idempotency(op: &'static str, elapsed: Duration, ok: bool) {
     if !ok {
         counter!(IDEMPOTENCY_ERRORS, "op" => op).increment(1);
     }
+}
+
+/// The idempotency store of `stream` was seen to have lost keys.
+pub fn store_lost(stream: &StreamName, sign: &'static str) {
+    counter!(STORE_LOSSES, "stream" => label(stream), "sign" => sign).increment(1);
+}
+
+pub fn lookup_active(stream: &StreamName, active: bool) {
+    gauge!(LOOKUP_ACTIVE, "stream" => label(stream)).set(if active { 1.0 } else { 0.0 });
+}
+
+/// Events looked up because the store was unsure: `present` dropped, `absent` written.
+pub fn looked_up(stream: &StreamName, present: usize, absent: usize) {
+    counter!(LOOKED_UP, "stream" => label(stream), "outcome" => "present").increment(present as u64);
+    counter!(LOOKED_UP, "stream" => label(stream), "outcome" => "absent").increment(absent as u64);
 }
 
 pub fn dedup_bypassed(count: usize) {

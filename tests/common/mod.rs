@@ -298,6 +298,10 @@ impl RedisServer {
             process.wait_exit(Duration::from_secs(10));
         }
     }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
 }
 
 /// `redis-cli -p port args…`: its output, trimmed.
