@@ -200,8 +200,13 @@ async fn start_stream(
     let nodes = Nodes::open(&config, topology, &shed, &wake, &receipts, shared).await?;
     let idempotency = Arc::new(Idempotency::from_config(&config)?);
     // The store's epoch read (or written) before the first request, so that a first start is
-    // not taken for a loss; a Redis that does not answer leaves it suspect instead.
-    let _ = tokio::time::timeout(Duration::from_secs(2), idempotency.check_store()).await;
+    // not taken for a loss. Not cancelled when it takes longer (a check cut between groups
+    // would leave some without an epoch); a Redis that does not answer leaves it suspect.
+    let first = tokio::spawn({
+        let idempotency = Arc::clone(&idempotency);
+        async move { idempotency.check_store().await }
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(2), first).await;
     idempotency.watch();
     if idempotency.is_embedded() && config.stream.is_default() {
         tracing::warn!(

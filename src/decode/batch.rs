@@ -42,17 +42,17 @@ pub struct RawEvent {
 
 impl RawEvent {
     fn of(text: &str, limit: usize) -> Self {
-        let mut end = text.len().min(limit);
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        Self { text: text[..end].to_string(), bytes: text.len() }
+        Self { text: cut(text, limit).to_string(), bytes: text.len() }
     }
+}
 
-    /// Whether the whole event is kept.
-    pub fn whole(&self) -> bool {
-        self.text.len() == self.bytes
+/// The longest start of `text` within `limit` bytes that ends on a character boundary.
+fn cut(text: &str, limit: usize) -> &str {
+    let mut end = text.len().min(limit);
+    while !text.is_char_boundary(end) {
+        end -= 1;
     }
+    &text[..end]
 }
 
 /// The most of a producer's own text a rejection echoes back, per field name and per reason:
@@ -79,11 +79,7 @@ fn echo(mut text: String) -> String {
         return text;
     }
     let full = text.len();
-    let mut end = ECHO_BYTES;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    text.truncate(end);
+    text.truncate(cut(&text, ECHO_BYTES).len());
     text.push_str(&format!("… ({full} bytes)"));
     text
 }

@@ -210,6 +210,10 @@ impl Idempotency {
         let mut check = check.lock().await;
         match check.run(&store.epoch_groups(&self.terms.prefix), &self.trust, now_ms()).await {
             Ok(found) => {
+                if check.failing {
+                    check.failing = false;
+                    tracing::info!(stream = %self.stream, "the idempotency store can be checked again");
+                }
                 for sign in found {
                     metrics::store_lost(&self.stream, sign.as_str());
                     tracing::warn!(
@@ -220,9 +224,15 @@ impl Idempotency {
                     );
                 }
             }
-            Err(error) => {
-                tracing::debug!(%error, "the idempotency store's check failed; it is suspect until one passes");
+            Err(error) if !check.failing => {
+                check.failing = true;
+                tracing::warn!(
+                    stream = %self.stream,
+                    %error,
+                    "the idempotency store cannot be checked: ids it calls fresh are looked up in ClickHouse until it can"
+                );
             }
+            Err(_) => {}
         }
         metrics::lookup_active(&self.stream, self.unsure());
     }

@@ -7,7 +7,7 @@
 //! group, on the primary that holds the group (so per primary on a Redis Cluster):
 //!
 //! - the **epoch**, a key `<prefix>{<tag>}e` beside the group's ids, written once with a random
-//!   id. Gone, or replaced by one nobody declared a loss with, it went with the ids around it.
+//!   id. Gone, or replaced by one a first start wrote, it went with the ids around it.
 //!   The reservation script reads it too, so the first reservation on an emptied store knows.
 //! - the server's **`run_id`**: another process (a restart, or a replica promoted) may lack the
 //!   last writes. A promoted replica (its `master_replid2` is the old primary's replid) is no
@@ -19,10 +19,10 @@
 //! A loss opens a **look-up period** (`dedup_lookup_after_loss_ms`, at most the dedup window:
 //! an id committed before the loss is deduplicated that long after its write, so a resend can
 //! come that late). The period's end is written into the epoch (`<id>:<until ms>`), so every
-//! gateway of the fleet, also one started later, looks up until the same time. Between a loss
-//! and the check that reads it (every [`CHECK_EVERY`]), a store call that failed, or a
-//! reservation that found an epoch gone, makes the store **suspect**: ids are looked up until a
-//! check has passed since.
+//! gateway of the fleet, also one started later, looks up until the same time; gateways that
+//! declare at once settle on the latest end. Between a loss and the check that reads it (every
+//! [`CHECK_EVERY`]), a store call that failed, or a reservation that found an epoch gone, makes
+//! the store **suspect**: ids are looked up until a check has passed since.
 //!
 //! A gateway keeps the epoch it knows in `<data_dir>/idempotency-epoch`, so a gateway restarted
 //! together with an emptied Redis still tells the loss from a first start.
@@ -41,7 +41,7 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 pub const EPOCH_SUFFIX: &[u8] = b"e";
 
 /// Why the store is believed to have lost data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Sign {
     /// A group's epoch is gone or was replaced: its keys went with it.
@@ -140,17 +140,19 @@ pub struct NodeFacts {
 }
 
 impl NodeFacts {
-    /// Reads the fields out of `INFO server stats replication`.
-    pub fn parse(info: &str) -> Self {
+    /// Reads the fields out of `INFO server stats replication`; `None` without a `run_id` (the
+    /// command refused, or renamed away by a managed service): the epoch alone is read then.
+    pub fn parse(info: &str) -> Option<Self> {
         let field = |name: &str| {
             info.lines().find_map(|line| line.strip_prefix(name)?.strip_prefix(':')).unwrap_or_default().trim()
         };
-        Self {
-            run_id: field("run_id").into(),
+        let run_id = field("run_id");
+        (!run_id.is_empty()).then(|| Self {
+            run_id: run_id.into(),
             replid: field("master_replid").into(),
             replid2: field("master_replid2").into(),
             evicted: field("evicted_keys").parse().unwrap_or(0),
-        }
+        })
     }
 }
 
@@ -236,6 +238,10 @@ pub(crate) struct Check {
     nodes: Vec<Option<NodeFacts>>,
     /// A loss declared whose epoch is not yet written everywhere.
     declaring: Option<Epoch>,
+    /// Signs of loss seen and not yet declared (the declaration's writes failed).
+    pending: Found,
+    /// The last check failed (logged once, not every second).
+    pub failing: bool,
     /// `<data_dir>/idempotency-epoch`, when there is a data directory.
     marker: Option<PathBuf>,
     /// The look-up period a loss opens.
@@ -252,7 +258,16 @@ impl Check {
             let id = text.trim();
             (!id.is_empty()).then(|| id.to_string())
         });
-        Self { known, nodes: Vec::new(), declaring: None, marker, period, waited }
+        Self {
+            known,
+            nodes: Vec::new(),
+            declaring: None,
+            pending: Found::new(),
+            failing: false,
+            marker,
+            period,
+            waited,
+        }
     }
 
     /// Reads every group's signs and acts on them: adopts an epoch, writes a first one, or
@@ -271,61 +286,91 @@ impl Check {
     async fn pass(&mut self, store: &impl Groups, trust: &Trust, now_ms: u64) -> Result<Found, super::StoreError> {
         let groups = store.groups();
         self.nodes.resize(groups, None);
-        if let Some(epoch) = self.declaring.clone() {
-            self.write_everywhere(store, &epoch).await?;
-        }
-        let mut found = Found::new();
+        // Everything is read before anything is written, so a loss since the last pass is seen
+        // even while an earlier declaration is still to be written.
+        let mut facts = Vec::with_capacity(groups);
         let mut epochs = Vec::with_capacity(groups);
         for g in 0..groups {
             let (epoch, info) = store.read(g).await?;
-            let facts = NodeFacts::parse(&info);
-            found.extend(node_loss(self.nodes[g].as_ref(), &facts, self.waited));
-            self.nodes[g] = Some(facts);
+            facts.push(NodeFacts::parse(&info));
             epochs.push(epoch.as_deref().and_then(Epoch::parse));
         }
-        let mut fresh = Vec::new();
-        for (g, epoch) in epochs.into_iter().enumerate() {
-            match epoch_verdict(self.known.as_deref(), epoch) {
-                EpochVerdict::Same => {}
-                EpochVerdict::Adopt(epoch) => {
-                    trust.extend(epoch.until_ms);
-                    self.know(epoch.id);
-                }
-                EpochVerdict::Fresh => fresh.push(g),
-                EpochVerdict::Lost => found.push(Sign::EpochGone),
+        // Signs are kept until a loss is declared with them: a pass that fails after this point
+        // loses none (the primaries' new facts are remembered from here on).
+        for (g, seen) in facts.into_iter().enumerate() {
+            if let Some(seen) = seen {
+                self.pending.extend(node_loss(self.nodes[g].as_ref(), &seen, self.waited));
+                self.nodes[g] = Some(seen);
             }
         }
-        if !fresh.is_empty() && self.known.is_some() {
-            // Some groups have the fleet's epoch and these none: they lost it.
-            found.push(Sign::EpochGone);
-        } else if !fresh.is_empty() {
-            let first = Epoch::fresh(0);
-            for g in fresh {
-                let held = store.write(g, &first.value(), true).await?;
-                if let Some(epoch) = Epoch::parse(&held) {
-                    trust.extend(epoch.until_ms);
-                    self.know(epoch.id);
+        // Gateways declaring at once leave different epochs in different groups: every one
+        // settles on the same, the latest period's (then the greatest id).
+        let canonical = epochs.iter().flatten().max_by(|a, b| (a.until_ms, &a.id).cmp(&(b.until_ms, &b.id))).cloned();
+        let missing = epochs.iter().any(Option::is_none);
+        match canonical.clone() {
+            None if self.known.is_none() => {
+                self.first_start(store, trust).await?;
+                return Ok(Found::new());
+            }
+            None => self.pending.push(Sign::EpochGone),
+            Some(epoch) => {
+                match epoch_verdict(self.known.as_deref(), Some(epoch.clone())) {
+                    EpochVerdict::Same | EpochVerdict::Adopt(_) | EpochVerdict::Fresh => {
+                        trust.extend(epoch.until_ms);
+                        self.know(epoch.id);
+                    }
+                    EpochVerdict::Lost => self.pending.push(Sign::EpochGone),
+                }
+                if missing {
+                    // Some groups hold the fleet's epoch and these none: they lost it.
+                    self.pending.push(Sign::EpochGone);
                 }
             }
         }
-        found.dedup();
-        if let Some(&sign) = found.first() {
-            let until = now_ms.saturating_add(u64::try_from(self.period.as_millis()).unwrap_or(u64::MAX));
-            let epoch = Epoch::fresh(until);
-            trust.extend(until);
-            trust.lost(Loss { at_ms: now_ms, sign });
-            self.know(epoch.id.clone());
-            self.declaring = Some(epoch.clone());
-            self.write_everywhere(store, &epoch).await?;
-        }
-        Ok(found)
-    }
-
-    async fn write_everywhere(&mut self, store: &impl Groups, epoch: &Epoch) -> Result<(), super::StoreError> {
-        for g in 0..store.groups() {
+        self.pending.sort();
+        self.pending.dedup();
+        let Some(&sign) = self.pending.first() else {
+            if let Some(epoch) = canonical {
+                for (g, held) in epochs.iter().enumerate() {
+                    if held.as_ref() != Some(&epoch) {
+                        store.write(g, &epoch.value(), false).await?;
+                    }
+                }
+            }
+            return Ok(Found::new());
+        };
+        let epoch = match self.declaring.clone() {
+            Some(epoch) => epoch,
+            None => {
+                let until = now_ms.saturating_add(u64::try_from(self.period.as_millis()).unwrap_or(u64::MAX));
+                let epoch = Epoch::fresh(until);
+                trust.extend(until);
+                trust.lost(Loss { at_ms: now_ms, sign });
+                self.declaring = Some(epoch.clone());
+                epoch
+            }
+        };
+        for g in 0..groups {
             store.write(g, &epoch.value(), false).await?;
         }
         self.declaring = None;
+        self.know(epoch.id);
+        Ok(std::mem::take(&mut self.pending))
+    }
+
+    /// No group has an epoch and the gateway knows none: group 0's is written unless another
+    /// gateway starting at once got there first, and whichever it holds is copied to the other
+    /// groups, so that gateways starting together agree on one.
+    async fn first_start(&mut self, store: &impl Groups, trust: &Trust) -> Result<(), super::StoreError> {
+        let held = store.write(0, &Epoch::fresh(0).value(), true).await?;
+        let Some(epoch) = Epoch::parse(&held) else {
+            return Err(super::StoreError::Backend("the epoch written is not there".into()));
+        };
+        for g in 1..store.groups() {
+            store.write(g, &epoch.value(), true).await?;
+        }
+        trust.extend(epoch.until_ms);
+        self.know(epoch.id);
         Ok(())
     }
 
@@ -359,7 +404,8 @@ mod tests {
     fn info_is_read_for_the_four_fields() {
         let info = "# Server\r\nredis_version:7.0.15\r\nrun_id:abc\r\n# Stats\r\nevicted_keys:7\r\n\
                     # Replication\r\nmaster_replid:r1\r\nmaster_replid2:0000\r\n";
-        assert_eq!(NodeFacts::parse(info), facts("abc", "r1", "0000", 7));
+        assert_eq!(NodeFacts::parse(info), Some(facts("abc", "r1", "0000", 7)));
+        assert_eq!(NodeFacts::parse(""), None, "INFO refused");
     }
 
     #[test]
@@ -442,6 +488,19 @@ mod tests {
         assert_eq!(b.run(&store, &b_trust, 3_000).await.unwrap(), Found::new(), "B adopts the declared loss");
         assert_eq!(b_trust.lookup_until(3_000), Some(102_000));
         assert!(!b_trust.unsure(102_000), "the period ends");
+
+        // A gateway restarted on its data directory during the period looks up until its end.
+        let during = Trust::default();
+        let mut again = Check::new(Some(marker.clone()), period, false);
+        assert_eq!(again.run(&store, &during, 4_000).await.unwrap(), Found::new());
+        assert_eq!(during.lookup_until(4_000), Some(102_000));
+
+        // Two gateways declaring at once leave mixed epochs: both settle on the latest.
+        store.epochs.lock().unwrap()[2] = Some(b"zz:103000".to_vec());
+        assert_eq!(b.run(&store, &b_trust, 4_000).await.unwrap(), Found::new(), "another declaration adopted");
+        assert_eq!(b_trust.lookup_until(4_000), Some(103_000));
+        let epochs = store.epochs.lock().unwrap().clone();
+        assert!(epochs.iter().all(|e| e.as_deref() == Some(&b"zz:103000"[..])), "rewritten to one: {epochs:?}");
 
         // A gateway restarted on its data directory while the store was emptied.
         *store.epochs.lock().unwrap() = vec![None; 3];

@@ -184,13 +184,32 @@ impl Pipeline {
         if self.idempotency.mode != DedupMode::Event {
             return Ok(((0..batch.partitions.len()).map(|_| None).collect(), 0));
         }
-        let keys = batch.events.iter_mut().map(|e| Some((e.partition, e.key.take()?))).collect();
+        let keys: Vec<_> = batch.events.iter_mut().map(|e| Some((e.partition, e.key.take()?))).collect();
+        // Only events with an id of their own (or derived from their message) can have been
+        // sent before: an id made up here is new.
+        let keyed: Vec<bool> = keys.iter().map(Option::is_some).collect();
         let reserved = self.idempotency.reserve_events(batch.partitions.len(), keys).await?;
         let (mut keep, mut duplicates, mut by_partition) = (reserved.keep, reserved.duplicates, reserved.by_partition);
         let mut held = 0;
         if self.idempotency.unsure() {
-            held = match self.drop_held(batch, &mut keep).await {
-                Ok(held) => held,
+            let mut looked: Vec<bool> = keep.iter().zip(&keyed).map(|(keep, keyed)| *keep && *keyed).collect();
+            // Within half the lease: a look-up that outlived the reservations would let a
+            // resend take them over and write the events beside these.
+            let bound = std::time::Duration::from_millis(self.config.idempotency.dedup_lease_ms / 2);
+            let looked_up =
+                tokio::time::timeout(bound, self.drop_held(batch, &mut looked)).await.unwrap_or_else(|_| {
+                    Err(IngestError::FlushFailed("looking up whether ClickHouse holds the events timed out".into()))
+                });
+            held = match looked_up {
+                Ok(held) => {
+                    // What was looked up and is no longer kept was found.
+                    for ((keep, keyed), looked) in keep.iter_mut().zip(&keyed).zip(&looked) {
+                        if *keep && *keyed && !*looked {
+                            *keep = false;
+                        }
+                    }
+                    held
+                }
                 Err(error) => {
                     let ours: Vec<Reservation> = by_partition.iter().flatten().cloned().collect();
                     let _ = self.idempotency.release(&ours).await;
