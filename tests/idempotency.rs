@@ -513,6 +513,19 @@ fn counts(answer: &Value) -> (Option<u64>, Option<u64>) {
     (answer["accepted"].as_u64(), answer["duplicates"].as_u64())
 }
 
+/// A gateway on its own database and the Redis at `url` (the whole store to itself), with an
+/// admin token for `/v1/status`.
+async fn gateway_on(ch: &ClickHouseServer, prefix: &str, url: &str, tune: impl FnOnce(&mut Config)) -> Gateway {
+    let mut config = config(ch, &ch.fresh_database(prefix));
+    config.idempotency.redis_url = url.to_string();
+    config.auth.admin_token = "admin".into();
+    tune(&mut config);
+    migrate(&config).await;
+    let gw = Gateway::start(config).await;
+    gw.wait_ready().await;
+    gw
+}
+
 /// Redis without persistence restarts empty: every id it committed reads as fresh. The gateway
 /// notices (the epoch it wrote is gone, the `run_id` changed) and looks the ids up in
 /// ClickHouse before writing them, so a producer's resend stores nothing twice; also a gateway
@@ -521,12 +534,7 @@ fn counts(answer: &Value) -> (Option<u64>, Option<u64>) {
 async fn ids_a_redis_restarted_empty_forgot_are_looked_up_in_clickhouse() {
     let ch = clickhouse();
     let own_redis = RedisServer::start("redis-forgets");
-    let mut config = config(ch, &ch.fresh_database("forgets"));
-    config.idempotency.redis_url = own_redis.url.clone();
-    config.auth.admin_token = "admin".into();
-    migrate(&config).await;
-    let gw = Gateway::start(config).await;
-    gw.wait_ready().await;
+    let gw = gateway_on(ch, "forgets", &own_redis.url, |_| {}).await;
     assert_eq!(counts(&answered(&gw, &events(1, 50)).await), (Some(50), Some(0)));
     let status = gw.status().await;
     assert_eq!(
@@ -575,11 +583,7 @@ async fn ids_a_redis_restarted_empty_forgot_are_looked_up_in_clickhouse() {
 async fn a_store_emptied_under_the_gateway_is_known_at_the_first_reservation() {
     let ch = clickhouse();
     let own_redis = RedisServer::start("redis-flushed");
-    let mut config = config(ch, &ch.fresh_database("flushed"));
-    config.idempotency.redis_url = own_redis.url.clone();
-    migrate(&config).await;
-    let gw = Gateway::start(config).await;
-    gw.wait_ready().await;
+    let gw = gateway_on(ch, "flushed", &own_redis.url, |_| {}).await;
     assert_eq!(counts(&answered(&gw, &events(1, 20)).await), (Some(20), Some(0)));
     assert_eq!(common::redis_cli(own_redis.port(), &["FLUSHALL"]), "OK");
     assert_eq!(counts(&answered(&gw, &events(1, 20)).await), (Some(0), Some(20)), "every id found in ClickHouse");
@@ -593,15 +597,9 @@ async fn a_store_emptied_under_the_gateway_is_known_at_the_first_reservation() {
 async fn ids_a_cluster_primary_restarted_empty_forgot_are_looked_up_in_clickhouse() {
     let ch = clickhouse();
     let redis = RedisCluster::start("redis-forgets-cluster", 3, 0);
-    let mut config = config(ch, &ch.fresh_database("forgetscl"));
-    config.idempotency.redis_url = redis.url.clone();
-    config.auth.admin_token = "admin".into();
     // A commit's token status may live on the emptied primary: its ids elsewhere then read as
     // in flight (503 events_in_flight) until their lease ends, and are looked up after it.
-    config.idempotency.dedup_lease_ms = 3_000;
-    migrate(&config).await;
-    let gw = Gateway::start(config).await;
-    gw.wait_ready().await;
+    let gw = gateway_on(ch, "forgetscl", &redis.url, |c| c.idempotency.dedup_lease_ms = 3_000).await;
     assert_eq!(counts(&answered(&gw, &events(1, 60)).await), (Some(60), Some(0)));
     let port = redis.primaries()[0];
     redis.kill(port);
