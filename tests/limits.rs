@@ -1,5 +1,6 @@
 //! The gateway's own bounds against a real ClickHouse: the concurrency limit answers 503
-//! `overloaded` while health and readiness keep answering, the request timeout answers 503
+//! `overloaded` once a request has waited `admission_wait_ms` for a slot, while health and
+//! readiness keep answering, the request timeout answers 503
 //! `request_timeout`, and the admin API refuses a wrong token.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
@@ -41,6 +42,7 @@ async fn the_concurrency_limit_answers_overloaded_and_health_keeps_answering() {
     let ch = clickhouse();
     let mut config = config(ch, &ch.fresh_database("concurrency"));
     config.http.max_concurrent_requests = 1;
+    config.http.admission_wait_ms = 200;
     migrate(&config).await;
     let gw = Gateway::start(config).await;
     gw.wait_ready().await;
@@ -61,6 +63,30 @@ async fn the_concurrency_limit_answers_overloaded_and_health_keeps_answering() {
     assert_eq!(status, 200, "the slot is free again");
     gw.drain(ch).await;
     assert_eq!(ch.count(&gw.destination()).await, 2, "the refused request stored nothing");
+    gw.stop().await;
+}
+
+/// A request that finds every slot taken waits for one (`admission_wait_ms`) instead of being
+/// refused at once: freed within the wait, it is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waits_for_a_slot_freed_within_the_admission_wait() {
+    let ch = clickhouse();
+    let mut config = config(ch, &ch.fresh_database("admission"));
+    config.http.max_concurrent_requests = 1;
+    config.http.admission_wait_ms = 10_000;
+    migrate(&config).await;
+    let gw = Gateway::start(config).await;
+    gw.wait_ready().await;
+    let body = json!([{"user_id": 1}]).to_string().into_bytes();
+    let held = held_request(&gw.url, &body).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting = tokio::spawn(http().post(format!("{}/v1/events", gw.url)).json(&json!([{"user_id": 2}])).send());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "the second request waits for the slot");
+    assert_eq!(finish(held, &body).await, 200, "the held request completes");
+    assert_eq!(waiting.await.unwrap().unwrap().status().as_u16(), 200, "then the waiting one is written");
+    gw.drain(ch).await;
+    assert_eq!(ch.count(&gw.destination()).await, 2);
     gw.stop().await;
 }
 

@@ -19,7 +19,10 @@
 //! `--streams SECONDS` runs the streams scenarios ([`streams`]: idle streams' cost, several
 //! streams under load) and writes `streams.json`/`streams.md`; `--protocol` runs the
 //! ClickHouse-protocol scenarios ([`protocol`]: the same `INSERT … FORMAT JSONEachRow` requests
-//! to ClickHouse and to the gateway, beside `/v1/events`) and writes `protocol.json`/`protocol.md`.
+//! to ClickHouse and to the gateway, beside `/v1/events`) and writes `protocol.json`/`protocol.md`;
+//! `--overload` runs the goodput-under-overload scenario ([`overload`]: producers that never back
+//! off, at the saturating connection count and at 30 times it) and writes
+//! `overload.json`/`overload.md`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)] // a harness: fail loudly, print results
 
@@ -38,6 +41,7 @@ use tokio::net::TcpStream;
 
 mod cluster;
 mod kafka;
+mod overload;
 mod protocol;
 mod soak;
 mod streams;
@@ -109,7 +113,7 @@ async fn wait_http(url: &str) {
     panic!("{url} never answered");
 }
 
-struct Servers {
+pub(crate) struct Servers {
     clickhouse: Child,
     redis: Child,
     ch_url: String,
@@ -677,6 +681,11 @@ struct Args {
     /// under load), each for this many seconds (`--rounds` interleaved rounds).
     #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "8")]
     streams: Option<f64>,
+    /// Runs the overload scenario instead: producers that resend refusals at once, at the
+    /// saturating connection count and at 30 times it (`--rounds` interleaved rounds of
+    /// `--seconds` each).
+    #[arg(long)]
+    overload: bool,
 }
 
 #[tokio::main]
@@ -736,6 +745,18 @@ async fn main() {
         let report = json!({"machine": machine(), "clickhouse": version, "streams": report});
         std::fs::write(out_dir.join("streams.json"), format!("{report:#}\n")).unwrap();
         std::fs::write(out_dir.join("streams.md"), md).unwrap();
+        drop(servers);
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    if args.overload {
+        let (report, md) = overload::run(&binary, &servers, seconds, rounds_wanted).await;
+        let md = format!("# buffergate benchmark: overload\n\nMachine: {}. ClickHouse {version}.\n\n{md}", machine());
+        println!("\n{md}");
+        std::fs::create_dir_all(&out_dir).unwrap();
+        let report = json!({"machine": machine(), "clickhouse": version, "overload": report});
+        std::fs::write(out_dir.join("overload.json"), format!("{report:#}\n")).unwrap();
+        std::fs::write(out_dir.join("overload.md"), md).unwrap();
         drop(servers);
         let _ = std::fs::remove_dir_all(&dir);
         return;

@@ -28,8 +28,12 @@ pub struct HttpSettings {
     pub max_events_per_request: usize,
     /// Budget of bytes in flight: bodies being decoded plus encoded rows queued.
     pub max_inflight_bytes: usize,
-    /// Ingestion requests handled at once; more get 503 at once.
+    /// Ingestion requests handled at once; one more waits for a slot.
     pub max_concurrent_requests: usize,
+    /// How long an ingestion request waits for a slot, in arrival order, before it gets 503
+    /// `overloaded` (0: at once). Clients that resend a refusal at once cost a full request
+    /// each; waiting costs an idle connection.
+    pub admission_wait_ms: u64,
     /// An ingestion request still unanswered after this long gets 503.
     pub request_timeout_ms: u64,
     /// A request body not fully received after this long gets 408: a stalled upload must not
@@ -64,6 +68,7 @@ impl Default for HttpSettings {
             max_events_per_request: 10_000,
             max_inflight_bytes: 256 * 1024 * 1024,
             max_concurrent_requests: 1024,
+            admission_wait_ms: 1_000,
             request_timeout_ms: 60_000,
             body_timeout_ms: 10_000,
             body_drain_max_bytes: 64 * 1024 * 1024,

@@ -70,12 +70,12 @@ pub fn router(state: Arc<AppState>) -> Router {
     // Only the ingestion routes are shed, limited and timed out; health, readiness and metrics
     // must keep answering while they are. One limit for both routes and every stream: it
     // bounds the process.
-    let permits = Arc::new(tokio::sync::Semaphore::new(config.http.max_concurrent_requests));
+    let admission =
+        shed::Admission::new(config.http.max_concurrent_requests, Duration::from_millis(config.http.admission_wait_ms));
     let ingest_layers = ServiceBuilder::new()
         .layer(middleware::from_fn(shed::gate))
+        .layer(middleware::from_fn_with_state(admission, shed::admit))
         .layer(HandleErrorLayer::new(limit_error))
-        .load_shed()
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(permits))
         .timeout(Duration::from_millis(config.http.request_timeout_ms));
     // Producer routes need an API key when keys are configured; then the stream they name.
     let producer = middleware::from_fn_with_state(Arc::clone(&state), require_api_key);
@@ -173,12 +173,9 @@ async fn pick_stream(
     next.run(request).await
 }
 
-/// Turns the tower limits' errors into the JSON 503s producers get.
+/// Turns the request timeout's error into the JSON 503 producers get.
 async fn limit_error(Extension(stream): Extension<Arc<Stream>>, error: BoxError) -> ApiError {
-    if error.is::<tower::load_shed::error::Overloaded>() {
-        metrics::shed_request(&stream.name, "overloaded");
-        ApiError::Overloaded("concurrent requests")
-    } else if error.is::<tower::timeout::error::Elapsed>() {
+    if error.is::<tower::timeout::error::Elapsed>() {
         metrics::shed_request(&stream.name, "timeout");
         ApiError::RequestTimeout
     } else {
