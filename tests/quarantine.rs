@@ -123,12 +123,29 @@ async fn three_bad_events_of_a_hundred_are_parked_once_each_also_across_a_clickh
     gateway.stop().await;
 }
 
-/// Runs `buffergate replay` against `gateway`; its JSON answer.
-fn replay(config: &Config, gateway: &Gateway) -> Value {
-    let output = command(config, &["replay", "--gateway", &gateway.url]).output().unwrap();
+/// Runs `buffergate replay` against `gateway`, with `filters` (`--reason`, `--since`); its
+/// JSON answer.
+fn replay_only(config: &Config, gateway: &Gateway, filters: &[&str]) -> Value {
+    let args = [&["replay", "--gateway", &gateway.url][..], filters].concat();
+    let output = command(config, &args).output().unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "replay: {}\n{stdout}", String::from_utf8_lossy(&output.stderr));
     serde_json::from_str(stdout.trim()).unwrap()
+}
+
+fn replay(config: &Config, gateway: &Gateway) -> Value {
+    replay_only(config, gateway, &[])
+}
+
+/// `buffergate check`'s quarantine finding: (severity, message).
+fn quarantine_finding(config: &Config) -> Option<(String, String)> {
+    let out = command(config, &["check", "--format", "json"]).output().expect("check runs");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!("JSON: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    });
+    let findings = report["findings"].as_array().cloned().unwrap_or_default();
+    let found = findings.iter().find(|f| f["check"] == "quarantine")?;
+    Some((found["severity"].as_str()?.to_string(), found["message"].as_str()?.to_string()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -157,10 +174,31 @@ async fn events_with_a_field_the_table_lacks_are_replayed_once_the_column_is_add
     assert_eq!((answer["accepted"].as_u64(), answer["rejected"].as_array().map(Vec::len)), (Some(15), Some(5)));
     assert!(answer["rejected"].as_array().unwrap().iter().all(|r| r["reason"] == "unknown_field"), "{answer}");
 
+    // `check` tells that they wait, and that they came in the last hour, once the quarantine's
+    // Buffer has flushed them into its table.
+    let flush = format!("OPTIMIZE TABLE `{db}`.`{}_quarantine_buffer`", config.table.destination_table);
+    ch.exec(&flush).await;
+    let (severity, message) = quarantine_finding(&config).expect("a quarantine finding");
+    assert_eq!(severity, "warning", "{message}");
+    assert!(
+        message.starts_with("5 rejected events wait in")
+            && message.contains("(unknown_field 5), 5 of them parked in the last hour"),
+        "{message}"
+    );
+
     // The producer's new field, added to the table: the Buffer is swapped for one with it.
     ch.exec(&format!("ALTER TABLE `{db}`.`{}` ADD COLUMN colour String", config.table.destination_table)).await;
     migrate(&config).await;
-    let first = replay(&config, &gateway);
+    // Filters that match none of them move none.
+    let nothing = json!({"stream": "default", "stored": 0, "rejected": 0, "truncated": 0});
+    assert_eq!(replay_only(&config, &gateway, &["--reason", "invalid_value"]), nothing, "another reason");
+    let later = (std::time::SystemTime::now() + Duration::from_secs(3600))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
+    assert_eq!(replay_only(&config, &gateway, &["--since", &later]), nothing, "received before --since");
+    let first = replay_only(&config, &gateway, &["--reason", "unknown_field", "--since", "2020-01-01T00:00:00Z"]);
     assert_eq!(first, json!({"stream": "default", "stored": 4, "rejected": 1, "truncated": 0}));
     let rows = ch
         .rows(&format!(
@@ -206,6 +244,11 @@ async fn events_with_a_field_the_table_lacks_are_replayed_once_the_column_is_add
 
     let second = replay(&config, &gateway);
     assert_eq!(second, json!({"stream": "default", "stored": 0, "rejected": 1, "truncated": 0}), "nothing moves twice");
+    // One still waits, refused again just now.
+    ch.exec(&flush).await;
+    let (severity, message) = quarantine_finding(&config).expect("a quarantine finding");
+    assert_eq!(severity, "warning", "{message}");
+    assert!(message.starts_with("1 rejected events wait in") && message.contains("(invalid_value 1)"), "{message}");
 
     // A replay cut short after the events were written and before they were marked: sent
     // again, the destination's own look-up finds them.
