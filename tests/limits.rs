@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Gateway, clickhouse, config, http, migrate};
+use common::{ClickHouseServer, Gateway, clickhouse, config, http, migrate};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -37,12 +37,12 @@ async fn finish(mut stream: TcpStream, body: &[u8]) -> u16 {
     text.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_concurrency_limit_answers_overloaded_and_health_keeps_answering() {
-    let ch = clickhouse();
-    let mut config = config(ch, &ch.fresh_database("concurrency"));
+/// A gateway with one ingestion slot and `wait_ms` of admission wait, its slot taken by a
+/// request held open: the gateway, that request's body and its connection.
+async fn one_slot_held(ch: &ClickHouseServer, name: &str, wait_ms: u64) -> (Gateway, Vec<u8>, TcpStream) {
+    let mut config = config(ch, &ch.fresh_database(name));
     config.http.max_concurrent_requests = 1;
-    config.http.admission_wait_ms = 200;
+    config.http.admission_wait_ms = wait_ms;
     migrate(&config).await;
     let gw = Gateway::start(config).await;
     gw.wait_ready().await;
@@ -50,6 +50,13 @@ async fn the_concurrency_limit_answers_overloaded_and_health_keeps_answering() {
     let held = held_request(&gw.url, &body).await;
     // The held request has its slot once its handler runs.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    (gw, body, held)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_concurrency_limit_answers_overloaded_and_health_keeps_answering() {
+    let ch = clickhouse();
+    let (gw, body, held) = one_slot_held(ch, "concurrency", 200).await;
     let response = http().post(format!("{}/v1/events", gw.url)).json(&json!([{"user_id": 2}])).send().await.unwrap();
     assert_eq!(response.status().as_u16(), 503);
     assert!(response.headers().get("retry-after").is_some());
@@ -71,15 +78,7 @@ async fn the_concurrency_limit_answers_overloaded_and_health_keeps_answering() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_waits_for_a_slot_freed_within_the_admission_wait() {
     let ch = clickhouse();
-    let mut config = config(ch, &ch.fresh_database("admission"));
-    config.http.max_concurrent_requests = 1;
-    config.http.admission_wait_ms = 10_000;
-    migrate(&config).await;
-    let gw = Gateway::start(config).await;
-    gw.wait_ready().await;
-    let body = json!([{"user_id": 1}]).to_string().into_bytes();
-    let held = held_request(&gw.url, &body).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (gw, body, held) = one_slot_held(ch, "admission", 10_000).await;
     let waiting = tokio::spawn(http().post(format!("{}/v1/events", gw.url)).json(&json!([{"user_id": 2}])).send());
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!waiting.is_finished(), "the second request waits for the slot");

@@ -636,6 +636,16 @@ fn machine() -> String {
     )
 }
 
+/// Prints a run's results under `# buffergate benchmark: {title}` and writes them to
+/// `{name}.json` and `{name}.md` in `out_dir`.
+fn publish(out_dir: &Path, name: &str, title: &str, report: &Value, md: &str) {
+    let md = format!("# buffergate benchmark: {title}\n\n{md}");
+    println!("\n{md}");
+    std::fs::create_dir_all(out_dir).unwrap();
+    std::fs::write(out_dir.join(format!("{name}.json")), format!("{report:#}\n")).unwrap();
+    std::fs::write(out_dir.join(format!("{name}.md")), md).unwrap();
+}
+
 /// Producers inserting into the Buffer table directly vs through buffergate, side by side:
 /// throughput, latency, CPU per million events, peak RSS, parts created, exactly-once check.
 #[derive(Debug, Parser)]
@@ -728,62 +738,52 @@ async fn main() {
     let version = query(&servers.ch_url, "SELECT version() AS v").await[0]["v"].as_str().unwrap_or("").to_string();
     if let Some(seconds) = args.soak {
         let (report, md) = soak::run(&binary, &servers, seconds).await;
-        let md = format!("# buffergate benchmark: soak\n\nMachine: {}. ClickHouse {version}.\n\n{md}", machine());
-        println!("\n{md}");
-        std::fs::create_dir_all(&out_dir).unwrap();
-        std::fs::write(out_dir.join("soak.json"), format!("{report:#}\n")).unwrap();
-        std::fs::write(out_dir.join("soak.md"), md).unwrap();
+        publish(&out_dir, "soak", &format!("soak\n\nMachine: {}. ClickHouse {version}.", machine()), &report, &md);
         drop(servers);
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }
     if let Some(seconds) = args.streams {
         let (report, md) = streams::run(&binary, &servers, seconds, rounds_wanted).await;
-        let md = format!("# buffergate benchmark: streams\n\nMachine: {}. ClickHouse {version}.\n\n{md}", machine());
-        println!("\n{md}");
-        std::fs::create_dir_all(&out_dir).unwrap();
         let report = json!({"machine": machine(), "clickhouse": version, "streams": report});
-        std::fs::write(out_dir.join("streams.json"), format!("{report:#}\n")).unwrap();
-        std::fs::write(out_dir.join("streams.md"), md).unwrap();
+        publish(
+            &out_dir,
+            "streams",
+            &format!("streams\n\nMachine: {}. ClickHouse {version}.", machine()),
+            &report,
+            &md,
+        );
         drop(servers);
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }
     if args.overload {
         let (report, md) = overload::run(&binary, &servers, seconds, rounds_wanted).await;
-        let md = format!("# buffergate benchmark: overload\n\nMachine: {}. ClickHouse {version}.\n\n{md}", machine());
-        println!("\n{md}");
-        std::fs::create_dir_all(&out_dir).unwrap();
         let report = json!({"machine": machine(), "clickhouse": version, "overload": report});
-        std::fs::write(out_dir.join("overload.json"), format!("{report:#}\n")).unwrap();
-        std::fs::write(out_dir.join("overload.md"), md).unwrap();
+        publish(
+            &out_dir,
+            "overload",
+            &format!("overload\n\nMachine: {}. ClickHouse {version}.", machine()),
+            &report,
+            &md,
+        );
         drop(servers);
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }
     if args.protocol {
         let (report, md) = protocol::run(&binary, &servers, seconds, rounds_wanted).await;
-        let md = format!(
-            "# buffergate benchmark: ClickHouse protocol\n\nMachine: {}. ClickHouse {version}.\n\n{md}",
-            machine()
-        );
-        println!("\n{md}");
-        std::fs::create_dir_all(&out_dir).unwrap();
         let report = json!({"machine": machine(), "clickhouse": version, "protocol": report});
-        std::fs::write(out_dir.join("protocol.json"), format!("{report:#}\n")).unwrap();
-        std::fs::write(out_dir.join("protocol.md"), md).unwrap();
+        let title = format!("ClickHouse protocol\n\nMachine: {}. ClickHouse {version}.", machine());
+        publish(&out_dir, "protocol", &title, &report, &md);
         drop(servers);
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }
     if let Some(messages) = args.kafka {
         let (results, table) = kafka::run(&binary, &servers, messages).await;
-        let md = format!("# buffergate benchmark: Kafka\n\nMachine: {}. ClickHouse {version}.\n\n{table}", machine());
-        println!("\n{md}");
-        std::fs::create_dir_all(&out_dir).unwrap();
         let report = json!({"machine": machine(), "clickhouse": version, "results": results});
-        std::fs::write(out_dir.join("kafka.json"), format!("{report:#}\n")).unwrap();
-        std::fs::write(out_dir.join("kafka.md"), md).unwrap();
+        publish(&out_dir, "kafka", &format!("Kafka\n\nMachine: {}. ClickHouse {version}.", machine()), &report, &table);
         drop(servers);
         let _ = std::fs::remove_dir_all(&dir);
         return;
