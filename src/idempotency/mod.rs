@@ -164,6 +164,9 @@ impl Idempotency {
                     .journal_enabled()
                     .then(|| std::path::Path::new(&config.journal.data_dir).join("idempotency-epoch"));
                 let check = trust::Check::new(marker, period, settings.redis_wait_replicas > 0);
+                // Suspect until the first check has passed: a request served before it would
+                // otherwise trust a store nobody has looked at yet.
+                redis.trust().raise();
                 (Arc::clone(redis.trust()), Some(tokio::sync::Mutex::new(check)))
             }
             Store::Memory(_) => (Arc::default(), None),

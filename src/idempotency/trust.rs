@@ -314,6 +314,7 @@ impl Check {
             }
             None => self.pending.push(Sign::EpochGone),
             Some(epoch) => {
+                let knew = self.known.is_some();
                 match epoch_verdict(self.known.as_deref(), Some(epoch.clone())) {
                     EpochVerdict::Same | EpochVerdict::Adopt(_) | EpochVerdict::Fresh => {
                         trust.extend(epoch.until_ms);
@@ -321,8 +322,10 @@ impl Check {
                     }
                     EpochVerdict::Lost => self.pending.push(Sign::EpochGone),
                 }
-                if missing {
-                    // Some groups hold the fleet's epoch and these none: they lost it.
+                if missing && knew {
+                    // Some groups hold the fleet's epoch and these none: they lost it. A
+                    // gateway that knew none may be watching a first start (or a declaration)
+                    // write the groups one by one: it completes the copy below instead.
                     self.pending.push(Sign::EpochGone);
                 }
             }
@@ -362,7 +365,12 @@ impl Check {
     /// gateway starting at once got there first, and whichever it holds is copied to the other
     /// groups, so that gateways starting together agree on one.
     async fn first_start(&mut self, store: &impl Groups, trust: &Trust) -> Result<(), super::StoreError> {
-        let held = store.write(0, &Epoch::fresh(0).value(), true).await?;
+        let fresh = Epoch::fresh(0).value();
+        let mut held = store.write(0, &fresh, true).await?;
+        if Epoch::parse(&held).is_none() {
+            // Something else under the epoch's key: replaced, or every pass would fail here.
+            held = store.write(0, &fresh, false).await?;
+        }
         let Some(epoch) = Epoch::parse(&held) else {
             return Err(super::StoreError::Backend("the epoch written is not there".into()));
         };
@@ -514,6 +522,25 @@ mod tests {
             Found::new()
         );
         assert!(!first_start.unsure(5_000));
+    }
+
+    #[tokio::test]
+    async fn a_first_start_seen_half_written_is_completed_not_declared() {
+        let (store, period) = (Fake::new(3), Duration::from_secs(100));
+        store.epochs.lock().unwrap()[0] = Some(b"a:0".to_vec());
+        let trust = Trust::default();
+        let mut newcomer = Check::new(None, period, false);
+        assert_eq!(newcomer.run(&store, &trust, 1_000).await.unwrap(), Found::new());
+        assert!(!trust.unsure(1_000), "no loss declared");
+        let epochs = store.epochs.lock().unwrap().clone();
+        assert!(epochs.iter().all(|e| e.as_deref() == Some(&b"a:0"[..])), "the copy completed: {epochs:?}");
+
+        // Something that is no epoch under the key is replaced, not failed on forever.
+        let garbled = Fake::new(1);
+        garbled.epochs.lock().unwrap()[0] = Some(b"garbage".to_vec());
+        let trust = Trust::default();
+        assert_eq!(Check::new(None, period, false).run(&garbled, &trust, 1_000).await.unwrap(), Found::new());
+        assert!(Epoch::parse(garbled.epochs.lock().unwrap()[0].as_deref().unwrap()).is_some());
     }
 
     #[tokio::test]
