@@ -299,6 +299,7 @@ pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
     let default = state.streams.default_stream();
     let readiness = state.streams.readiness();
     let every_stream_shedding = state.streams.iter().all(|s| s.shed.is_shedding());
+    let idempotency = IdempotencyStatus::of(default.ingest.idempotency());
     Ok(Json(Status {
         ready: readiness.is_ok() && !(state.config.shed.shed_readiness && every_stream_shedding),
         not_ready_reason: readiness.err(),
@@ -311,8 +312,8 @@ pub async fn status(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
         queue_rows: default.ingest.coalescer().queue_depths(),
         inflight_bytes: default.ingest.budget().used(),
         inflight_limit_bytes: default.ingest.budget().limit(),
-        idempotency_store: if default.ingest.idempotency().is_embedded() { "embedded" } else { "redis" },
-        idempotency: IdempotencyStatus::of(default.ingest.idempotency()),
+        idempotency_store: idempotency.store,
+        idempotency,
         journal: default.ingest.journal_status(),
         nodes: nodes(default.ingest.shards()),
         streams,
