@@ -42,6 +42,7 @@ use tokio::net::TcpStream;
 mod cluster;
 mod kafka;
 mod overload;
+mod peer;
 mod protocol;
 mod soak;
 mod streams;
@@ -118,7 +119,11 @@ pub(crate) struct Servers {
     redis: Child,
     ch_url: String,
     redis_url: String,
-    _dir: PathBuf,
+    /// A clickhouse-bulk binary (`--peer-bulk`), for [`Mode::Bulk`].
+    peer_bulk: Option<PathBuf>,
+    /// Another buffergate build (`--before`), for [`Mode::Before`].
+    before: Option<PathBuf>,
+    dir: PathBuf,
 }
 
 impl Drop for Servers {
@@ -159,7 +164,9 @@ async fn start_servers(dir: &Path) -> Servers {
         redis,
         ch_url,
         redis_url: format!("redis://127.0.0.1:{redis_port}/0"),
-        _dir: dir.to_path_buf(),
+        peer_bulk: None,
+        before: None,
+        dir: dir.to_path_buf(),
     }
 }
 
@@ -192,6 +199,15 @@ enum Mode {
     /// The gateway through ClickHouse's insert protocol: the requests sent to ClickHouse in
     /// `Direct`, byte for byte.
     Protocol,
+    /// The gateway answering `202` once the events are journaled (`wait=false`), idempotency off.
+    Journaled,
+    /// The gateway with its journal off, idempotency off.
+    Unjournaled,
+    /// The build given as `--before`, idempotency off.
+    Before,
+    /// clickhouse-bulk (`--peer-bulk`): the requests sent to ClickHouse in `Direct`, answered
+    /// before anything is written.
+    Bulk,
 }
 
 impl Mode {
@@ -201,6 +217,10 @@ impl Mode {
             Mode::Gateway { dedup: true } => "gateway, idempotency on",
             Mode::Gateway { dedup: false } => "gateway, idempotency off",
             Mode::Protocol => "gateway via INSERT … FORMAT JSONEachRow, idempotency off",
+            Mode::Journaled => "gateway, wait=false (202 once journaled), idempotency off",
+            Mode::Unjournaled => "gateway, journal off, idempotency off",
+            Mode::Before => "gateway, the build before, idempotency off",
+            Mode::Bulk => "clickhouse-bulk",
         }
     }
 }
@@ -340,6 +360,20 @@ async fn drive_paced(
     total
 }
 
+/// How long after now the Buffer table `db.events_buffer` (its buffers and its destination)
+/// first held `events` rows, polled; `limit` when it never did.
+async fn stored_within(ch: &str, db: &str, events: u64, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let sql = format!("SELECT count() AS n FROM {db}.events_buffer");
+    while started.elapsed() < limit {
+        if query(ch, &sql).await.first().is_some_and(|r| num(&r["n"]) >= events as f64) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
+
 /// `accepted` from a gateway answer, without parsing the rest.
 fn accepted_count(body: &[u8]) -> Option<u64> {
     let text = std::str::from_utf8(body).ok()?;
@@ -403,6 +437,10 @@ fn scenario_name(mode: Mode, batch: u64) -> String {
             Mode::Gateway { dedup: true } => "gw_dedup",
             Mode::Gateway { dedup: false } => "gw_nodedup",
             Mode::Protocol => "gw_protocol",
+            Mode::Journaled => "gw_202",
+            Mode::Unjournaled => "gw_nojournal",
+            Mode::Before => "gw_before",
+            Mode::Bulk => "bulk",
         }
     )
 }
@@ -422,13 +460,23 @@ pub(crate) async fn scenario(
     assert!(migrate.arg("migrate").stderr(Stdio::null()).status().unwrap().success(), "migrate");
 
     let mut gateway = None;
+    let insert = format!("/?query=INSERT%20INTO%20{db}.events_buffer%20FORMAT%20JSONEachRow");
     let url = match mode {
-        Mode::Direct => format!("{}/?query=INSERT%20INTO%20{db}.events_buffer%20FORMAT%20JSONEachRow", servers.ch_url),
-        Mode::Gateway { .. } | Mode::Protocol => {
+        Mode::Direct => format!("{}{insert}", servers.ch_url),
+        Mode::Bulk => {
+            let (child, url) = peer::start_bulk(servers, &db).await;
+            gateway = Some(child);
+            format!("{url}{insert}")
+        }
+        Mode::Gateway { .. } | Mode::Protocol | Mode::Journaled | Mode::Unjournaled | Mode::Before => {
             let dedup = mode == Mode::Gateway { dedup: true };
             let port = free_port();
-            let mut cmd = Command::new(binary);
+            let before = servers.before.as_deref().filter(|_| mode == Mode::Before);
+            let mut cmd = Command::new(before.unwrap_or(binary));
             gateway_env(&mut cmd, servers, &db);
+            if mode == Mode::Unjournaled {
+                cmd.env("BUFFERGATE_JOURNAL", "false");
+            }
             // A journal of its own: a gateway of an earlier scenario must not hand it blocks.
             let data = std::env::temp_dir().join(format!("buffergate-bench-{db}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&data);
@@ -437,13 +485,14 @@ pub(crate) async fn scenario(
                 .env("BUFFERGATE_REDIS_URL", if dedup { servers.redis_url.as_str() } else { "" })
                 .env("BUFFERGATE_DEDUP", if dedup { "event" } else { "off" })
                 .arg("serve")
-                .stderr(Stdio::null());
+                // Its log beside its journal, for a run that looks wrong.
+                .stderr(std::fs::File::create(data.with_extension("log")).map_or_else(|_| Stdio::null(), Stdio::from));
             gateway = Some(cmd.spawn().unwrap());
             wait_http(&format!("http://127.0.0.1:{port}/readyz")).await;
-            if mode == Mode::Protocol {
-                format!("http://127.0.0.1:{port}/?query=INSERT%20INTO%20{db}.events_buffer%20FORMAT%20JSONEachRow")
-            } else {
-                format!("http://127.0.0.1:{port}/v1/events")
+            match mode {
+                Mode::Protocol => format!("http://127.0.0.1:{port}{insert}"),
+                Mode::Journaled => format!("http://127.0.0.1:{port}/v1/events?wait=false"),
+                _ => format!("http://127.0.0.1:{port}/v1/events"),
             }
         }
     };
@@ -455,13 +504,17 @@ pub(crate) async fn scenario(
     ];
     let before: Vec<f64> = pids.iter().map(|(_, p)| p.map_or(0.0, cpu_seconds)).collect();
     let machine_before = machine_ticks();
-    let ndjson = matches!(mode, Mode::Direct | Mode::Protocol);
+    let ndjson = matches!(mode, Mode::Direct | Mode::Protocol | Mode::Bulk);
     let mut load = drive(url, ndjson, batch, connections, seconds, first_id).await;
+    // An answer may come before the write (`wait=false`, clickhouse-bulk): the run ends, and
+    // its CPU is counted, once ClickHouse holds every acknowledged event.
+    let drained = stored_within(&servers.ch_url, &db, load.acknowledged, Duration::from_secs(120)).await;
     let machine_after = machine_ticks();
     let after: Vec<f64> = pids.iter().map(|(_, p)| p.map_or(0.0, cpu_seconds)).collect();
     let rss = gateway.as_ref().map(|g| peak_rss_mib(g.id()));
     if let Some(mut g) = gateway {
-        // SIGTERM drains; the answers were all received already.
+        // SIGTERM drains (clickhouse-bulk sends what it holds); the answers were all received
+        // already.
         let _ = Command::new("kill").arg(g.id().to_string()).status();
         let _ = g.wait();
     }
@@ -502,6 +555,9 @@ pub(crate) async fn scenario(
         "acknowledged_events": load.acknowledged,
         "failed_requests": load.failed_requests,
         "events_per_second": load.acknowledged as f64 / load.elapsed,
+        // Acknowledged events over the time until ClickHouse held them all.
+        "stored_events_per_second": load.acknowledged as f64 / (load.elapsed + drained.as_secs_f64()),
+        "seconds_until_stored": drained.as_secs_f64(),
         "latency_ms": {"p50": percentile(&load.latencies_us, 0.5), "p99": percentile(&load.latencies_us, 0.99), "p99_9": percentile(&load.latencies_us, 0.999)},
         "cpu_seconds_per_million_events": cpu,
         "machine_busy": machine_busy,
@@ -696,6 +752,14 @@ struct Args {
     /// `--seconds` each).
     #[arg(long)]
     overload: bool,
+    /// Runs the comparison with clickhouse-bulk instead, this binary of it (built by the
+    /// operator, docs/performance.md says how): direct, clickhouse-bulk and the gateway's
+    /// modes on the same events (`--rounds` interleaved rounds of `--seconds` each).
+    #[arg(long, value_name = "PATH")]
+    peer_bulk: Option<PathBuf>,
+    /// With `--peer-bulk`: also the gateway build at PATH, its default mode, in every round.
+    #[arg(long, value_name = "PATH", requires = "peer_bulk")]
+    before: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -734,7 +798,7 @@ async fn main() {
         let _ = std::fs::remove_dir_all(&dir);
         return;
     }
-    let servers = start_servers(&dir).await;
+    let mut servers = start_servers(&dir).await;
     let version = query(&servers.ch_url, "SELECT version() AS v").await[0]["v"].as_str().unwrap_or("").to_string();
     if let Some(seconds) = args.soak {
         let (report, md) = soak::run(&binary, &servers, seconds).await;
@@ -767,6 +831,17 @@ async fn main() {
             &report,
             &md,
         );
+        drop(servers);
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    if let Some(bulk) = args.peer_bulk {
+        servers.peer_bulk = Some(bulk);
+        servers.before = args.before;
+        let (report, md) = peer::run(&binary, &servers, seconds, rounds_wanted).await;
+        let report = json!({"machine": machine(), "clickhouse": version, "peer_bulk": report});
+        let title = format!("clickhouse-bulk side by side\n\nMachine: {}. ClickHouse {version}.", machine());
+        publish(&out_dir, "peer", &title, &report, &md);
         drop(servers);
         let _ = std::fs::remove_dir_all(&dir);
         return;
