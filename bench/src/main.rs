@@ -22,7 +22,8 @@
 //! to ClickHouse and to the gateway, beside `/v1/events`) and writes `protocol.json`/`protocol.md`;
 //! `--overload` runs the goodput-under-overload scenario ([`overload`]: producers that never back
 //! off, at the saturating connection count and at 30 times it) and writes
-//! `overload.json`/`overload.md`.
+//! `overload.json`/`overload.md`; `--peer-bulk PATH` runs clickhouse-bulk beside direct and the
+//! gateway's modes ([`peer`]) and writes `peer.json`/`peer.md`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)] // a harness: fail loudly, print results
 
@@ -414,7 +415,9 @@ fn gateway_env(cmd: &mut Command, servers: &Servers, db: &str) {
 fn gateway_env_for(cmd: &mut Command, ch_url: &str, db: &str) {
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("RUST_LOG", "warn")
+        // A run that looks wrong can be rerun with the gateway's log (beside its journal) at
+        // another level.
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .env("BUFFERGATE_CLICKHOUSE_URL", ch_url)
         .env("BUFFERGATE_DATABASE", db);
     // Tuning knobs to measure (`BUFFERGATE_CLICKHOUSE_COMPRESSION=none …`) pass through.
