@@ -73,7 +73,7 @@ impl Journal {
                     self.suspect_all(cause);
                 }
                 watch.mark = Some(now);
-                *self.answered.lock().unwrap_or_else(PoisonError::into_inner) = Some(now.at);
+                *self.last_look.lock().unwrap_or_else(PoisonError::into_inner) = Some(now);
             }
             // Down or stalled: nothing can be settled until it answers.
             Err(error) => {
@@ -272,8 +272,10 @@ impl Journal {
                 tracing::warn!(%error, "cannot flush the Buffer at shutdown; the journal keeps its blocks");
                 return;
             }
-            // The server answered just now (the OPTIMIZE): nothing is thawing.
-            let mut watch = Watch { mark: None, unsure: false };
+            // The server answered just now (the OPTIMIZE): nothing is thawing. Compared with
+            // what the confirmer last saw, so that only a restart since is a doubt.
+            let mark = *self.last_look.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut watch = Watch { mark, unsure: false };
             for _ in 0..3 {
                 self.pass(&mut watch, true).await;
                 if self.owed().is_empty() {

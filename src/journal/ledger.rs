@@ -171,10 +171,10 @@ impl Journal {
             suspect_blocks: owed.values().filter(|o| o.suspect.is_some()).count(),
             oldest_unconfirmed_s: owed.values().map(|o| now.duration_since(o.since).as_secs_f64()).fold(0.0, f64::max),
             last_answer_s: self
-                .answered
+                .last_look
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .map(|at| now.duration_since(at).as_secs_f64()),
+                .map(|mark| now.duration_since(mark.at).as_secs_f64()),
         }
     }
 }

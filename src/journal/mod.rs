@@ -54,6 +54,7 @@ use crate::metrics;
 use crate::schema::quote_ident;
 use ledger::Owed;
 use wal::{Wal, WalConfig};
+use watch::ServerMark;
 
 pub use block::Block;
 pub use ledger::Suspect;
@@ -133,8 +134,10 @@ pub struct Journal {
     /// Prefix of this process's INSERT query ids.
     instance: String,
     sequence: AtomicU64,
-    /// When the confirmer last had an answer.
-    answered: Mutex<Option<Instant>>,
+    /// What the confirmer last saw of the server: when it last answered, and what the passes
+    /// at shutdown compare with (a fresh start would doubt every block older than the
+    /// server's uptime).
+    last_look: Mutex<Option<ServerMark>>,
     /// The stream's requests in flight: the floor of a block entering the ledger.
     receipts: Arc<Receipts>,
 }
@@ -249,7 +252,7 @@ impl Journal {
             wake: Notify::new(),
             instance: format!("bg-{:016x}", rand::random::<u64>()),
             sequence: AtomicU64::new(0),
-            answered: Mutex::new(None),
+            last_look: Mutex::new(None),
             receipts,
         }))
     }

@@ -53,8 +53,12 @@ pub(super) struct ServerMark {
 /// looked for.
 pub(super) fn doubt(previous: Option<ServerMark>, now: ServerMark, oldest_owed: Option<Duration>) -> Option<Doubt> {
     let Some(previous) = previous else {
-        // Up for longer than the oldest block has been owed: no restart lost any of them.
-        let up_since_before = |age: Duration| now.uptime > age.as_secs() + 2;
+        // Up for longer than the oldest block has been owed: no restart lost any of them. No
+        // slack is needed: `uptime()` is a monotonic count of whole seconds, read before `at`,
+        // so the server has been up at least that long at `at`, when the age is measured.
+        // (With two seconds of slack, a gateway that began writing within two seconds of its
+        // server's start looked up every block of its first second, one at a time.)
+        let up_since_before = |age: Duration| Duration::from_secs(now.uptime) > age;
         return oldest_owed.filter(|age| !up_since_before(*age)).map(|_| Doubt::Unobserved);
     };
     let expected = previous.uptime + now.at.duration_since(previous.at).as_secs();
@@ -99,6 +103,9 @@ mod tests {
         assert_eq!(doubt(None, mark(5, t0, 0), None), None, "nothing to compare with, nothing owed");
         assert_eq!(doubt(None, mark(50, t0, 0), owed(10)), None, "up since before the blocks were written");
         assert_eq!(doubt(None, mark(5, t0, 0), owed(10)), Some(Doubt::Unobserved), "restarted since they were");
+        let young = Some(Duration::from_millis(1_500));
+        assert_eq!(doubt(None, mark(2, t0, 0), young), None, "up 2 s, writing for 1.5 s: up since before");
+        assert_eq!(doubt(None, mark(1, t0, 0), young), Some(Doubt::Unobserved), "up 1–2 s: maybe not");
         tokio::time::advance(Duration::from_secs(10)).await;
         let t1 = Instant::now();
         assert_eq!(doubt(Some(mark(100, t0, 0)), mark(110, t1, 0), owed(1)), None, "uptime went on");
