@@ -375,6 +375,33 @@ async fn stored_within(ch: &str, db: &str, events: u64, limit: Duration) -> Dura
     started.elapsed()
 }
 
+/// [`scenario`] for round `round` of `rounds`, announced and its events/s printed; ids go on
+/// from `first_id`, which moves past them.
+pub(crate) async fn announced(
+    binary: &Path,
+    servers: &Servers,
+    (mode, batch, connections): (Mode, u64, usize),
+    seconds: f64,
+    (round, rounds): (usize, usize),
+    first_id: &mut u64,
+) -> Value {
+    println!("round {}/{rounds}: {} with {batch} events × {connections} connections...", round + 1, mode.label());
+    *first_id += 1 << 40;
+    let result = scenario(binary, servers, (mode, batch, connections), seconds, round, *first_id).await;
+    println!("  {:.0} events/s", num(&result["events_per_second"]));
+    result
+}
+
+/// One line per result: its scenario and the figures of `field` (a list by round).
+fn by_round_lines(results: &[Value], field: &str) -> String {
+    let mut out = String::new();
+    for r in results {
+        let shown: Vec<String> = r[field].as_array().into_iter().flatten().map(|v| format!("{:.0}", num(v))).collect();
+        let _ = writeln!(out, "- {}: {}", r["scenario"].as_str().unwrap_or(""), shown.join(", "));
+    }
+    out
+}
+
 /// `accepted` from a gateway answer, without parsing the rest.
 fn accepted_count(body: &[u8]) -> Option<u64> {
     let text = std::str::from_utf8(body).ok()?;
@@ -936,16 +963,7 @@ async fn main() {
         ratio("large_gw_dedup", "large_direct"),
         ratio("large_gw_nodedup", "large_direct")
     );
-    let _ = writeln!(md, "Events/s by round:\n");
-    for r in &results {
-        let by_round: Vec<String> = r["events_per_second_by_round"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|v| format!("{:.0}", num(v)))
-            .collect();
-        let _ = writeln!(md, "- {}: {}", r["scenario"].as_str().unwrap_or(""), by_round.join(", "));
-    }
+    let _ = write!(md, "Events/s by round:\n\n{}", by_round_lines(&results, "events_per_second_by_round"));
     let redis: Vec<String> = results
         .iter()
         .filter_map(|r| {

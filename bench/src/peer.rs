@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::{Value, json};
 
-use super::{Mode, Servers, free_port, num, row, scenario, scenario_name, wait_http};
+use super::{Mode, Servers, announced, by_round_lines, free_port, num, row, scenario_name, wait_http};
 
 /// Starts clickhouse-bulk in front of the run's ClickHouse, its files in a directory of its
 /// own; its base URL. Its defaults, but for where it listens and writes: batches of up to
@@ -88,15 +88,8 @@ pub async fn run(binary: &Path, servers: &Servers, seconds: f64, rounds: usize) 
         let mut this = Vec::new();
         for (batch, connections) in sizes {
             for &mode in &modes {
-                println!(
-                    "round {}/{rounds}: {} with {batch} events × {connections} connections...",
-                    round + 1,
-                    mode.label()
-                );
-                first_id += 1 << 40;
-                let result = scenario(binary, servers, (mode, batch, connections), seconds, round, first_id).await;
-                println!("  {:.0} events/s", num(&result["events_per_second"]));
-                this.push(result);
+                let load = (mode, batch, connections);
+                this.push(announced(binary, servers, load, seconds, (round, rounds), &mut first_id).await);
             }
         }
         by_round.push(this);
@@ -125,16 +118,8 @@ pub async fn run(binary: &Path, servers: &Servers, seconds: f64, rounds: usize) 
     let front_cpu = |r: &Value| num(&r["cpu_seconds_per_million_events"]["gateway"]);
     let clickhouse_cpu = |r: &Value| num(&r["cpu_seconds_per_million_events"]["clickhouse"]);
 
-    let _ = writeln!(md, "\nEvents/s stored, by round:\n");
-    for r in &medians {
-        let shown: Vec<String> = r["stored_events_per_second_by_round"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|v| format!("{:.0}", num(v)))
-            .collect();
-        let _ = writeln!(md, "- {}: {}", r["scenario"].as_str().unwrap_or(""), shown.join(", "));
-    }
+    let _ =
+        write!(md, "\nEvents/s stored, by round:\n\n{}", by_round_lines(&medians, "stored_events_per_second_by_round"));
     let _ = writeln!(md, "\nRatios to clickhouse-bulk (events/s stored, medians of each round's ratio):\n");
     let mut targets: Vec<(String, bool)> = Vec::new();
     for (batch, _) in sizes {

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use super::{Mode, Servers, num, row, scenario};
+use super::{Mode, Servers, announced, num, row};
 
 /// The gateway's CPU seconds per million events of a result.
 fn gateway_cpu(result: &Value) -> f64 {
@@ -35,14 +35,8 @@ pub async fn run(binary: &Path, servers: &Servers, seconds: f64, rounds: usize) 
         for round in 0..rounds {
             let mut results = Vec::new();
             for mode in [Mode::Direct, Mode::Gateway { dedup: false }, Mode::Protocol] {
-                println!(
-                    "round {}/{rounds}: {} with {batch} events × {connections} connections...",
-                    round + 1,
-                    mode.label()
-                );
-                first_id += 1 << 40;
-                let result = scenario(binary, servers, (mode, batch, connections), seconds, round, first_id).await;
-                println!("  {:.0} events/s", num(&result["events_per_second"]));
+                let load = (mode, batch, connections);
+                let result = announced(binary, servers, load, seconds, (round, rounds), &mut first_id).await;
                 let _ = writeln!(md, "{}", row(&result));
                 results.push(result);
             }
