@@ -352,6 +352,10 @@ struct Nodes {
     shards: Arc<Shards>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The journals' confirmers, stopped (`confirmers_stop`) before the passes at shutdown so
+    /// that no block is settled by two passes at once.
+    confirmers: Vec<tokio::task::JoinHandle<()>>,
+    confirmers_stop: CancellationToken,
 }
 
 impl Nodes {
@@ -369,6 +373,8 @@ impl Nodes {
         }
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
+        let mut confirmers = Vec::new();
+        let confirmers_stop = stop.child_token();
         let mut shards = vec![Vec::new(); topology.shards.len()];
         for (shard, _, url) in topology.each() {
             let node_config = if single {
@@ -389,7 +395,7 @@ impl Nodes {
             };
             tasks.push(tokio::spawn(poller.run(stop.clone())));
             if let Some(journal) = &replica.journal {
-                tasks.push(tokio::spawn(Arc::clone(journal).run(stop.clone())));
+                confirmers.push(tokio::spawn(Arc::clone(journal).run(confirmers_stop.clone())));
             }
             shards[shard].push(Arc::new(replica));
         }
@@ -402,11 +408,17 @@ impl Nodes {
             let interval = Duration::from_millis(config.shed.shed_poll_interval_ms);
             tasks.push(tokio::spawn(summarize(Arc::clone(&shards), Arc::clone(shed), interval, stop.clone())));
         }
-        Ok(Self { shards, stop, tasks })
+        Ok(Self { shards, stop, tasks, confirmers, confirmers_stop })
     }
 
     /// Settles what each journal can before exit, then stops the nodes' tasks.
     async fn finish(self, within: Duration) {
+        // A confirmer stops between passes. One still in a pass after `within` (a silent
+        // server) is left to finish it rather than cut off: a pass holds suspect blocks taken
+        // out of the ledger, and one kept only in memory would be lost with it.
+        self.confirmers_stop.cancel();
+        let stopping = self.confirmers.into_iter().map(|confirmer| tokio::time::timeout(within, confirmer));
+        futures_util::future::join_all(stopping).await;
         let finishing = self.shards.replicas().filter_map(|r| r.journal.clone()).map(|d| async move {
             d.finish(within).await;
         });

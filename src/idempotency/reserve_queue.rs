@@ -155,7 +155,7 @@ pub fn take_over_script() -> Script {
 /// Keys per batched reservation (a single request larger than this still goes alone), so one
 /// script never holds Redis for long: a commit, and the next call, wait behind it. Calls of
 /// 2,048 with two in flight gave ~20% more events/s than calls of 4,096 one at a time on large
-/// batches with idempotency (docs/performance.md).
+/// batches with idempotency (docs/performance-history.md).
 const MAX_BATCH_KEYS: usize = 2048;
 
 /// Batches in flight at once: while Redis runs one the next is already queued behind it.

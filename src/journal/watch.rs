@@ -50,16 +50,15 @@ pub(super) struct ServerMark {
 /// The decision of one look at the server: was there reason for doubt since the last? With
 /// no earlier look to compare with (the first answer since start-up), blocks owed for longer
 /// than the server has been up were written to a server that restarted since: they are
-/// looked for.
+/// looked for. So they are at any look that cannot use the liveness row (the gateway may not
+/// create it), where a quick restart can hide in uptime's slack.
 pub(super) fn doubt(previous: Option<ServerMark>, now: ServerMark, oldest_owed: Option<Duration>) -> Option<Doubt> {
+    // Up for longer than the oldest block has been owed: no restart lost any of them. Two
+    // seconds of slack: a block's age counts from when it entered the ledger, after its INSERT
+    // answered and its append was synced, so its rows may have landed a little earlier.
+    let owed_longer_than_up = oldest_owed.is_some_and(|age| now.uptime <= age.as_secs() + 2);
     let Some(previous) = previous else {
-        // Up for longer than the oldest block has been owed: no restart lost any of them. No
-        // slack is needed: `uptime()` is a monotonic count of whole seconds, read before `at`,
-        // so the server has been up at least that long at `at`, when the age is measured.
-        // (With two seconds of slack, a gateway that began writing within two seconds of its
-        // server's start looked up every block of its first second, one at a time.)
-        let up_since_before = |age: Duration| Duration::from_secs(now.uptime) > age;
-        return oldest_owed.filter(|age| !up_since_before(*age)).map(|_| Doubt::Unobserved);
+        return owed_longer_than_up.then_some(Doubt::Unobserved);
     };
     let expected = previous.uptime + now.at.duration_since(previous.at).as_secs();
     // Uptime counts whole seconds, two of slack for rounding at both ends: a restart within
@@ -69,6 +68,8 @@ pub(super) fn doubt(previous: Option<ServerMark>, now: ServerMark, oldest_owed: 
         Some(Doubt::Restart)
     } else if now.flush_errors > previous.flush_errors {
         Some(Doubt::FlushError)
+    } else if now.marked.is_none() && owed_longer_than_up {
+        Some(Doubt::Unobserved)
     } else {
         None
     }
@@ -104,8 +105,8 @@ mod tests {
         assert_eq!(doubt(None, mark(50, t0, 0), owed(10)), None, "up since before the blocks were written");
         assert_eq!(doubt(None, mark(5, t0, 0), owed(10)), Some(Doubt::Unobserved), "restarted since they were");
         let young = Some(Duration::from_millis(1_500));
-        assert_eq!(doubt(None, mark(2, t0, 0), young), None, "up 2 s, writing for 1.5 s: up since before");
-        assert_eq!(doubt(None, mark(1, t0, 0), young), Some(Doubt::Unobserved), "up 1–2 s: maybe not");
+        assert_eq!(doubt(None, mark(4, t0, 0), young), None, "up 4 s, owed for 1.5 s: up since before");
+        assert_eq!(doubt(None, mark(3, t0, 0), young), Some(Doubt::Unobserved), "within the slack");
         tokio::time::advance(Duration::from_secs(10)).await;
         let t1 = Instant::now();
         assert_eq!(doubt(Some(mark(100, t0, 0)), mark(110, t1, 0), owed(1)), None, "uptime went on");
@@ -125,5 +126,11 @@ mod tests {
         );
         let unknown = ServerMark { marked: None, ..mark(110, t1, 0) };
         assert_eq!(doubt(Some(mark(100, t0, 0)), unknown, owed(1)), None, "no liveness table: uptime decides");
+        // A server that restarted within uptime's slack of the last look, without a liveness
+        // row to tell: up 11 s now, as expected, but blocks have been owed for 12 s.
+        let young_again = ServerMark { marked: None, ..mark(11, t1, 0) };
+        let earlier = ServerMark { marked: None, ..mark(1, t0, 0) };
+        assert_eq!(doubt(Some(earlier), young_again, owed(12)), Some(Doubt::Unobserved), "owed longer than up");
+        assert_eq!(doubt(Some(mark(1, t0, 0)), mark(11, t1, 0), owed(12)), None, "the row tells instead");
     }
 }
