@@ -413,14 +413,17 @@ impl Nodes {
 
     /// Settles what each journal can before exit, then stops the nodes' tasks.
     async fn finish(self, within: Duration) {
-        // A confirmer stops between passes. One still in a pass after `within` (a silent
-        // server) is left to finish it rather than cut off: a pass holds suspect blocks taken
-        // out of the ledger, and one kept only in memory would be lost with it.
+        // A confirmer stops between passes, within the same budget as what follows. One still
+        // in a pass at the deadline (a silent server) is left to finish it rather than cut
+        // off: a pass holds suspect blocks taken out of the ledger, and one kept only in memory
+        // would be lost with it.
+        let deadline = tokio::time::Instant::now() + within;
         self.confirmers_stop.cancel();
-        let stopping = self.confirmers.into_iter().map(|confirmer| tokio::time::timeout(within, confirmer));
+        let stopping = self.confirmers.into_iter().map(|confirmer| tokio::time::timeout_at(deadline, confirmer));
         futures_util::future::join_all(stopping).await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let finishing = self.shards.replicas().filter_map(|r| r.journal.clone()).map(|d| async move {
-            d.finish(within).await;
+            d.finish(left).await;
         });
         futures_util::future::join_all(finishing).await;
         self.stop.cancel();

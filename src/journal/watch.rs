@@ -50,8 +50,7 @@ pub(super) struct ServerMark {
 /// The decision of one look at the server: was there reason for doubt since the last? With
 /// no earlier look to compare with (the first answer since start-up), blocks owed for longer
 /// than the server has been up were written to a server that restarted since: they are
-/// looked for. So they are at any look that cannot use the liveness row (the gateway may not
-/// create it), where a quick restart can hide in uptime's slack.
+/// looked for.
 pub(super) fn doubt(previous: Option<ServerMark>, now: ServerMark, oldest_owed: Option<Duration>) -> Option<Doubt> {
     // Up for longer than the oldest block has been owed: no restart lost any of them. Two
     // seconds of slack: a block's age counts from when it entered the ledger, after its INSERT
@@ -68,8 +67,6 @@ pub(super) fn doubt(previous: Option<ServerMark>, now: ServerMark, oldest_owed: 
         Some(Doubt::Restart)
     } else if now.flush_errors > previous.flush_errors {
         Some(Doubt::FlushError)
-    } else if now.marked.is_none() && owed_longer_than_up {
-        Some(Doubt::Unobserved)
     } else {
         None
     }
@@ -126,11 +123,5 @@ mod tests {
         );
         let unknown = ServerMark { marked: None, ..mark(110, t1, 0) };
         assert_eq!(doubt(Some(mark(100, t0, 0)), unknown, owed(1)), None, "no liveness table: uptime decides");
-        // A server that restarted within uptime's slack of the last look, without a liveness
-        // row to tell: up 11 s now, as expected, but blocks have been owed for 12 s.
-        let young_again = ServerMark { marked: None, ..mark(11, t1, 0) };
-        let earlier = ServerMark { marked: None, ..mark(1, t0, 0) };
-        assert_eq!(doubt(Some(earlier), young_again, owed(12)), Some(Doubt::Unobserved), "owed longer than up");
-        assert_eq!(doubt(Some(mark(1, t0, 0)), mark(11, t1, 0), owed(12)), None, "the row tells instead");
     }
 }
