@@ -344,6 +344,48 @@ async fn blocks_journaled_but_never_inserted_are_sent_after_the_gateway_is_kille
     again.process.wait_exit(Duration::from_secs(30));
 }
 
+/// ClickHouse killed and restarted after the confirmer's last look and before SIGTERM: the
+/// passes at shutdown go on from that look, so they see the restart, and the rows the
+/// Buffer lost are sent again before the gateway exits (no restart of the gateway needed).
+/// Two things catch it: that look, and the shutdown's look for every block in the
+/// destination after flushing the Buffer. Either alone keeps every row; with the passes
+/// comparing with a look taken after the restart and without the second, all 1,000 are lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_restarted_just_before_sigterm_is_seen_by_the_passes_at_shutdown() {
+    let _serial = SERIAL.lock().await;
+    let ch = ClickHouseServer::start("durability-stop");
+    let mut config = holding_buffer(&ch, "dur_stop", &scratch("dur-stop-data"));
+    config.http.listen = format!("127.0.0.1:{}", common::free_port()).parse().unwrap();
+    // One look a while after the writes, and none again before the stop.
+    config.journal.confirm_interval_ms = 8_000;
+    migrate(&config).await;
+    let logs = scratch("dur-stop-logs");
+    let gateway = spawn_gateway(&config, &logs.join("gateway.log")).await;
+    let mut acknowledged = HashSet::new();
+    for _ in 0..10 {
+        let (ids, body) = events(100);
+        let (status, answer) = post(&format!("{}/v1/events", gateway.url), &body).await.unwrap();
+        assert_eq!((status, answer["accepted"].as_u64()), (200, Some(100)), "{answer}");
+        acknowledged.extend(ids);
+    }
+    eventually(Duration::from_secs(30), "the confirmer's look at the blocks, just now", || async {
+        let response = http().get(format!("{}/v1/status", gateway.url)).bearer_auth(ADMIN).send().await;
+        let status: Value = response.unwrap().json().await.unwrap_or(Value::Null);
+        let journal = &status["journal"];
+        journal["unconfirmed_blocks"].as_u64().is_some_and(|n| n > 0)
+            && journal["suspect_blocks"] == json!(0)
+            && journal["last_answer_s"].as_f64().is_some_and(|s| s < 1.0)
+    })
+    .await;
+
+    ch.kill();
+    ch.restart();
+    gateway.process.signal(libc::SIGTERM);
+    let exit = gateway.process.wait_exit(Duration::from_secs(60)).expect("the gateway exits");
+    assert!(exit.success(), "exit status {exit:?}");
+    assert_exactly_once(&ch, &config, &acknowledged).await;
+}
+
 /// Exactly once, waiting for the restarted gateway to have settled its journal.
 async fn assert_exactly_once_eventually(ch: &ClickHouseServer, config: &Config, acknowledged: &HashSet<Uuid>) {
     let table = format!("`{}`.`{}`", config.table.database, config.table.buffer_table);
