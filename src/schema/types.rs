@@ -47,6 +47,9 @@ pub enum ColumnType {
 pub struct UnsupportedType(pub String);
 
 impl ColumnType {
+    /// The largest `FixedString` ClickHouse creates (`MAX_FIXEDSTRING_SIZE`).
+    const MAX_FIXED_STRING: usize = 0xFF_FFFF;
+
     /// Parses a type as `system.columns.type` prints it.
     pub fn parse(text: &str) -> Result<Self, UnsupportedType> {
         let unsupported = || UnsupportedType(text.to_string());
@@ -59,7 +62,12 @@ impl ColumnType {
         let one_arg = || -> Result<Self, UnsupportedType> { Self::parse(args.ok_or_else(unsupported)?) };
         let ty = match (name, args) {
             ("String", None) => Self::String,
-            ("FixedString", Some(n)) => Self::FixedString(n.trim().parse().map_err(|_| unsupported())?),
+            // ClickHouse refuses a FixedString of 0 or of more than 0xFFFFFF bytes; a size past
+            // that is no type a server has, and each row would be that many bytes.
+            ("FixedString", Some(n)) => match n.trim().parse() {
+                Ok(n @ 1..=Self::MAX_FIXED_STRING) => Self::FixedString(n),
+                _ => return Err(unsupported()),
+            },
             ("UInt8", None) => Self::UInt8,
             ("UInt16", None) => Self::UInt16,
             ("UInt32", None) => Self::UInt32,
@@ -329,6 +337,11 @@ mod tests {
         {
             assert!(ColumnType::parse(text).is_err(), "{text}");
         }
+        // A size no server has: each value would be padded to it (the fuzzer found 3 TB).
+        for text in ["FixedString(0)", "FixedString(16777216)", "FixedString(2999999990000 )"] {
+            assert!(ColumnType::parse(text).is_err(), "{text}");
+        }
+        assert_eq!(ColumnType::parse("FixedString(16777215)").unwrap(), ColumnType::FixedString(0xFF_FFFF));
     }
 
     #[test]
