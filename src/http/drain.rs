@@ -65,13 +65,16 @@ fn should_drain(left: Left, bound: Bound) -> bool {
         && bound.max_bytes > 0
 }
 
-/// The middleware: hands the handler a body it shares, and drains what it left.
-pub async fn drain_unread(State(bound): State<Bound>, request: Request, next: Next) -> Response {
+/// Runs `handler` on a body it shares with this function, then drains what it left.
+pub async fn drained<F>(bound: Bound, request: Request, handler: impl FnOnce(Request) -> F) -> Response
+where
+    F: Future<Output = Response>,
+{
     let expects_continue = expects_continue(request.headers());
     let announced = content_length(request.headers());
     let (parts, body) = request.into_parts();
     let shared = Shared(Arc::new(Mutex::new(Inner { body, polled: false })));
-    let response = next.run(Request::from_parts(parts, Body::new(shared.clone()))).await;
+    let response = handler(Request::from_parts(parts, Body::new(shared.clone()))).await;
     let (rest, polled) = shared.take();
     if !http_body::Body::is_end_stream(&rest) {
         let left = Left { expects_continue, polled, announced, status: response.status() };
@@ -81,6 +84,11 @@ pub async fn drain_unread(State(bound): State<Bound>, request: Request, next: Ne
         }
     }
     response
+}
+
+/// [`drained`] as a middleware: whatever refuses the request within leaves its body drained.
+pub async fn drain_unread(State(bound): State<Bound>, request: Request, next: Next) -> Response {
+    drained(bound, request, |request| next.run(request)).await
 }
 
 /// Reads and drops frames until the body ends, fails, or a bound is reached.

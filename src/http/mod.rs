@@ -18,14 +18,12 @@ pub mod streams;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::error_handling::HandleErrorLayer;
+use axum::Router;
 use axum::extract::{MatchedPath, RawPathParams, Request, State};
 use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, get, on, post};
-use axum::{Extension, Router};
-use tower::{BoxError, ServiceBuilder};
 use tower_http::trace::TraceLayer;
 
 use crate::auth::{Caller, Denied};
@@ -70,35 +68,31 @@ pub fn router(state: Arc<AppState>) -> Router {
     // Only the ingestion routes are shed, limited and timed out; health, readiness and metrics
     // must keep answering while they are. One limit for both routes and every stream: it
     // bounds the process.
-    let admission =
-        shed::Admission::new(config.http.max_concurrent_requests, Duration::from_millis(config.http.admission_wait_ms));
-    let ingest_layers = ServiceBuilder::new()
-        .layer(middleware::from_fn(shed::gate))
-        .layer(middleware::from_fn_with_state(admission, shed::admit))
-        .layer(HandleErrorLayer::new(limit_error))
-        .timeout(Duration::from_millis(config.http.request_timeout_ms));
-    // Producer routes need an API key when keys are configured; then the stream they name.
-    let producer = middleware::from_fn_with_state(Arc::clone(&state), require_api_key);
-    let stream = middleware::from_fn_with_state(Arc::clone(&state), pick_stream);
+    let guard = Arc::new(shed::Guard {
+        admission: shed::Admission::new(
+            config.http.max_concurrent_requests,
+            Duration::from_millis(config.http.admission_wait_ms),
+        ),
+        timeout: Duration::from_millis(config.http.request_timeout_ms),
+    });
     // Outermost, so that whatever refuses a request (auth, shedding, limits, the handler) leaves
     // its body to be drained before the answer goes out.
     let bound = drain::Bound {
         max_bytes: config.http.body_drain_max_bytes,
         timeout: Duration::from_millis(config.http.body_drain_timeout_ms),
     };
-    let drain = middleware::from_fn_with_state(bound, drain::drain_unread);
-    let ingest = post(events::ingest)
-        .layer(ingest_layers.clone())
-        .layer(stream.clone())
-        .layer(producer.clone())
-        .layer(drain.clone());
-    // The ClickHouse protocol: the same layers, its own credentials and statement routing, and
+    let front = Front { state: Arc::clone(&state), bound, guard: Arc::clone(&guard) };
+    let ingest = post(events::ingest).layer(middleware::from_fn_with_state(front, ingest_front));
+    // The ClickHouse protocol: the same guard, its own credentials and statement routing, and
     // every refusal worded as ClickHouse would word it.
     let clickhouse = on(MethodFilter::GET.or(MethodFilter::POST), compat::insert)
-        .layer(ingest_layers)
+        .layer(middleware::from_fn_with_state(guard, shed::guard))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), compat::route))
         .layer(middleware::from_fn(compat::restate))
-        .layer(drain);
+        .layer(middleware::from_fn_with_state(bound, drain::drain_unread));
+    // Producer routes need an API key when keys are configured; then the stream they name.
+    let producer = middleware::from_fn_with_state(Arc::clone(&state), require_api_key);
+    let stream = middleware::from_fn_with_state(Arc::clone(&state), pick_stream);
     let offsets = get(offsets::get_offsets).layer(stream).layer(producer.clone());
     Router::new()
         .route(EVENTS, ingest.clone())
@@ -125,24 +119,96 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn require_api_key(State(state): State<Arc<AppState>>, mut request: Request, next: Next) -> Response {
+/// What an ingestion request passes before its handler.
+#[derive(Clone)]
+struct Front {
+    state: Arc<AppState>,
+    bound: drain::Bound,
+    guard: Arc<shed::Guard>,
+}
+
+/// The ingestion routes' layers as one middleware, in order: the drain of what the request
+/// leaves unread ([`drain::drained`]), the API key ([`authorize`]), the stream
+/// ([`stream_named`]), and the guard ([`shed::guarded`]). One function rather than a layer
+/// each: a `from_fn` layer costs a boxed future and a cloned service per request.
+async fn ingest_front(
+    State(front): State<Front>,
+    matched: Option<MatchedPath>,
+    params: Result<RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Front { state, bound, guard } = front;
+    drain::drained(bound, request, |mut request| async move {
+        if let Err(refused) = authorize(&state, &mut request) {
+            return refused.into_response();
+        }
+        let stream = match stream_named(&state, matched.as_ref(), params.ok().as_ref(), &request) {
+            Ok(stream) => stream,
+            Err(refused) => return refused.into_response(),
+        };
+        request.extensions_mut().insert(Arc::clone(&stream));
+        shed::guarded(&guard, &stream, request, |request| next.run(request)).await
+    })
+    .await
+}
+
+/// Checks the request's API key when keys are configured, and hands the caller on as an
+/// extension: 401 without a key, 403 with an unknown one, 429 past its rate.
+fn authorize(state: &AppState, request: &mut Request) -> Result<(), ApiError> {
     let token = crate::auth::bearer(request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()));
     match state.api_keys.check(token) {
         Ok(caller) => {
             if let Some(caller) = caller {
                 request.extensions_mut().insert(caller);
             }
-            next.run(request).await
+            Ok(())
         }
-        Err(Denied::Missing) => ApiError::Unauthorized.into_response(),
-        Err(Denied::Unknown) => ApiError::Forbidden.into_response(),
-        Err(Denied::RateLimited(retry_after_s)) => ApiError::RateLimited { retry_after_s }.into_response(),
+        Err(Denied::Missing) => Err(ApiError::Unauthorized),
+        Err(Denied::Unknown) => Err(ApiError::Forbidden),
+        Err(Denied::RateLimited(retry_after_s)) => Err(ApiError::RateLimited { retry_after_s }),
     }
 }
 
-/// Picks the stream a request names (`{name}` in its path; none: `default`) and hands it on as
-/// an extension: 404 `unknown_stream` when no stream has that name, 403 `stream_forbidden`
-/// when the caller's key is restricted to other streams.
+/// [`authorize`] as a middleware.
+async fn require_api_key(State(state): State<Arc<AppState>>, mut request: Request, next: Next) -> Response {
+    match authorize(&state, &mut request) {
+        Ok(()) => next.run(request).await,
+        Err(refused) => refused.into_response(),
+    }
+}
+
+/// The stream a request names (`{name}` in its path; none: `default`): 404 `unknown_stream`
+/// when no stream has that name, 403 `stream_forbidden` when the caller's key is restricted
+/// to other streams.
+fn stream_named(
+    state: &AppState,
+    matched: Option<&MatchedPath>,
+    params: Option<&RawPathParams>,
+    request: &Request,
+) -> Result<Arc<Stream>, ApiError> {
+    let named = params.and_then(|params| params.iter().find(|(k, _)| *k == "name").map(|(_, v)| v));
+    let stream: Arc<Stream> = match named {
+        Some(name) => match state.streams.get(name) {
+            Some(stream) => Arc::clone(stream),
+            None => return Err(ApiError::unknown_stream(name)),
+        },
+        // A route that names a stream whose name could not be read (not UTF-8) names no
+        // stream: never the default one.
+        None if matched.is_some_and(|m| m.as_str().contains("{name}")) => {
+            return Err(ApiError::UnknownStream(String::new()));
+        }
+        None => Arc::clone(state.streams.default_stream()),
+    };
+    if let Some(caller) = request.extensions().get::<Caller>()
+        && !caller.may_write(stream.name.as_str())
+    {
+        return Err(ApiError::StreamForbidden(stream.name.to_string()));
+    }
+    Ok(stream)
+}
+
+/// [`stream_named`] as a middleware: the stream goes on as an extension.
 async fn pick_stream(
     State(state): State<Arc<AppState>>,
     matched: Option<MatchedPath>,
@@ -150,36 +216,12 @@ async fn pick_stream(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let params = params.ok();
-    let named = params.as_ref().and_then(|params| params.iter().find(|(k, _)| *k == "name").map(|(_, v)| v));
-    let stream: Arc<Stream> = match named {
-        Some(name) => match state.streams.get(name) {
-            Some(stream) => Arc::clone(stream),
-            None => return ApiError::unknown_stream(name).into_response(),
-        },
-        // A route that names a stream whose name could not be read (not UTF-8) names no
-        // stream: never the default one.
-        None if matched.is_some_and(|m| m.as_str().contains("{name}")) => {
-            return ApiError::UnknownStream(String::new()).into_response();
+    match stream_named(&state, matched.as_ref(), params.ok().as_ref(), &request) {
+        Ok(stream) => {
+            request.extensions_mut().insert(stream);
+            next.run(request).await
         }
-        None => Arc::clone(state.streams.default_stream()),
-    };
-    if let Some(caller) = request.extensions().get::<Caller>()
-        && !caller.may_write(stream.name.as_str())
-    {
-        return ApiError::StreamForbidden(stream.name.to_string()).into_response();
-    }
-    request.extensions_mut().insert(stream);
-    next.run(request).await
-}
-
-/// Turns the request timeout's error into the JSON 503 producers get.
-async fn limit_error(Extension(stream): Extension<Arc<Stream>>, error: BoxError) -> ApiError {
-    if error.is::<tower::timeout::error::Elapsed>() {
-        metrics::shed_request(&stream.name, "timeout");
-        ApiError::RequestTimeout
-    } else {
-        ApiError::Internal(error.to_string())
+        Err(refused) => refused.into_response(),
     }
 }
 

@@ -1,8 +1,8 @@
-//! The middlewares on the ingestion routes. [`gate`]: while the Buffer is saturated, answer 503
+//! The guard of the ingestion routes ([`guarded`]): while the Buffer is saturated, answer 503
 //! `buffer_saturated` with a `Retry-After` computed from the drain rate, without reading the
-//! body; or, in fallback mode, let the request through marked [`Divert`] so its rows go to the
-//! fallback table. [`admit`]: a slot of `max_concurrent_requests`, waited for a bounded time.
-//! Health, readiness and metrics routes never pass through them.
+//! body, or, in fallback mode, let the request through marked [`Divert`] so its rows go to the
+//! fallback table; then a slot of `max_concurrent_requests`, waited for a bounded time; then
+//! the request timeout. Health, readiness and metrics routes never pass through it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -62,36 +62,46 @@ impl Admission {
     }
 }
 
-/// The middleware (`axum::middleware::from_fn_with_state`), after the shed gate: the request
-/// holds its slot until it is answered; without one it gets 503 `overloaded`, its body unread.
-pub async fn admit(State(admission): State<Admission>, request: Request, next: Next) -> Response {
-    let Some(_slot) = admission.slot().await else {
-        if let Some(stream) = request.extensions().get::<Arc<Stream>>() {
-            metrics::shed_request(&stream.name, "overloaded");
-        }
-        return ApiError::Overloaded("concurrent requests").into_response();
-    };
-    next.run(request).await
+/// What stands between a picked stream and an ingestion handler: the shed gate, a slot, and
+/// the request timeout ([`guarded`]).
+#[derive(Debug, Clone)]
+pub struct Guard {
+    pub admission: Admission,
+    /// How long a handler may take once admitted (`request_timeout_ms`).
+    pub timeout: Duration,
 }
 
 /// Request extension: the Buffer is saturated and this request's rows go to the fallback table.
 #[derive(Debug, Clone, Copy)]
 pub struct Divert;
 
-/// The middleware (`axum::middleware::from_fn`), after the stream is picked
-/// ([`super::pick_stream`]): it sits in front of the route's concurrency limit, so a shed
-/// request never takes a slot, and answers without reading the body. Each stream has its own
-/// verdict: one saturated Buffer sheds its own producers only.
-pub async fn gate(mut request: Request, next: Next) -> Response {
-    let Some(stream) = request.extensions().get::<Arc<Stream>>().cloned() else {
-        return ApiError::Internal("no stream picked before the shed gate".into()).into_response();
-    };
+/// Runs `handler` behind the guard, after the stream is picked ([`super::pick_stream`]):
+///
+/// 1. the shed gate, in front of the slots, so a shed request never takes one and is answered
+///    without its body read. Each stream has its own verdict: one saturated Buffer sheds its
+///    own producers only. In fallback mode the request goes on marked [`Divert`], its rows for
+///    the fallback table;
+/// 2. a slot of `max_concurrent_requests`, held until the handler answers; without one, 503
+///    `overloaded`, the body unread;
+/// 3. the handler, within `request_timeout_ms`: 503 `request_timeout` past it.
+///
+/// One function rather than a layer each: every `from_fn` layer costs a boxed future and a
+/// cloned service per request, which on 10-event requests was measured in the gateway's CPU
+/// (docs/performance-history.md).
+pub async fn guarded<F>(
+    guard: &Guard,
+    stream: &Stream,
+    mut request: Request,
+    handler: impl FnOnce(Request) -> F,
+) -> Response
+where
+    F: Future<Output = Response>,
+{
     let policy = stream.policy;
     match policy.verdict(&stream.shed) {
-        Verdict::Pass => next.run(request).await,
+        Verdict::Pass => {}
         verdict if policy.diverts(verdict) => {
             request.extensions_mut().insert(Divert);
-            next.run(request).await
         }
         Verdict::Shed { retry_after_s, stale } => {
             metrics::shed_request(&stream.name, if stale { "stale" } else { "buffer_saturated" });
@@ -100,9 +110,29 @@ pub async fn gate(mut request: Request, next: Next) -> Response {
             } else {
                 ApiError::BufferSaturated { retry_after_s }
             };
-            error.into_response()
+            return error.into_response();
         }
     }
+    let Some(_slot) = guard.admission.slot().await else {
+        metrics::shed_request(&stream.name, "overloaded");
+        return ApiError::Overloaded("concurrent requests").into_response();
+    };
+    match tokio::time::timeout(guard.timeout, handler(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            metrics::shed_request(&stream.name, "timeout");
+            ApiError::RequestTimeout.into_response()
+        }
+    }
+}
+
+/// [`guarded`] as a middleware (`axum::middleware::from_fn_with_state`), for routes whose
+/// stream an outer layer picked.
+pub async fn guard(State(guard): State<Arc<Guard>>, request: Request, next: Next) -> Response {
+    let Some(stream) = request.extensions().get::<Arc<Stream>>().cloned() else {
+        return ApiError::Internal("no stream picked before the shed gate".into()).into_response();
+    };
+    guarded(&guard, &stream, request, |request| next.run(request)).await
 }
 
 #[cfg(test)]

@@ -130,8 +130,11 @@ impl Pipeline {
                 .inspect_err(|_| metrics::events(&self.config.stream, Outcome::Shed, batch.accepted))?;
         }
         // Parked before anything of the request is written: when the quarantine cannot take
-        // them, the request is refused whole and its retry stores every event once.
-        if let Some(origin) = park {
+        // them, the request is refused whole and its retry stores every event once. Only when
+        // there is something to park: the parking future is boxed, and large.
+        if let Some(origin) = park
+            && !batch.rejected.is_empty()
+        {
             let producer = how.producer.as_ref().map(|p| p.producer.as_str());
             self.park(&batch.rejected, origin, producer).await?;
         }

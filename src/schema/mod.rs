@@ -55,6 +55,9 @@ pub(crate) enum Role {
 #[derive(Debug, Clone)]
 pub(crate) struct Column {
     pub(crate) name: String,
+    /// The name as an INSERT's column list writes it ([`quote_ident`]), quoted once: every
+    /// INSERT's statement lists it.
+    quoted: String,
     pub(crate) role: Role,
     /// The name as the scanner recognises it in a body.
     pub(crate) key: Option<KeyPattern>,
@@ -292,7 +295,13 @@ impl TableSchema {
                 },
             };
             let zone_is_utc = types::time_zone(&info.type_text).map(types::is_utc);
-            columns.push(Column { name: info.name.clone(), role, key: KeyPattern::new(&info.name), zone_is_utc });
+            columns.push(Column {
+                name: info.name.clone(),
+                quoted: quote_ident(&info.name),
+                role,
+                key: KeyPattern::new(&info.name),
+                zone_is_utc,
+            });
         }
         let by_name: HashMap<_, _, _> = columns.iter().enumerate().map(|(i, c)| (c.name.clone(), i)).collect();
         let find = |name: &str, pred: fn(&ColumnType) -> bool| {
@@ -386,8 +395,20 @@ impl TableSchema {
     }
 
     fn statement(&self, table: &str, omitted: u64, format: &str) -> String {
-        let names: Vec<String> = self.insert_columns(omitted).map(|i| quote_ident(&self.columns[i].name)).collect();
-        format!("INSERT INTO {table} ({}) FORMAT {format}", names.join(", "))
+        let mut sql =
+            String::with_capacity(64 + table.len() + self.columns.iter().map(|c| c.quoted.len() + 2).sum::<usize>());
+        sql.push_str("INSERT INTO ");
+        sql.push_str(table);
+        sql.push_str(" (");
+        for (n, i) in self.insert_columns(omitted).enumerate() {
+            if n > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&self.columns[i].quoted);
+        }
+        sql.push_str(") FORMAT ");
+        sql.push_str(format);
+        sql
     }
 
     /// Indexes of the columns an INSERT of rows encoded with `omitted` names, in order.
