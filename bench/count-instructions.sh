@@ -2,12 +2,14 @@
 # Counts the instructions a gateway build spends per small request: the A/B that the noisy
 # side-by-side runs cannot settle (see docs/performance.md, "Comparing two builds by
 # instructions"). Starts a private ClickHouse, runs BINARY under callgrind with instrumentation
-# off, warms it up, counts REQUESTS POSTs of 10 seed-shaped events on one keep-alive connection
-# (idempotency off, one partition), and prints the total and the count per request. Needs
-# valgrind (`apt-get install valgrind`) and python3. Run two builds in turn, twice each.
-#   usage: bench/count-instructions.sh BINARY [REQUESTS]
+# off, warms it up, counts REQUESTS POSTs of 10 seed-shaped events over CONNECTIONS keep-alive
+# connections (idempotency off, one partition), and prints the total and the count per request.
+# One connection makes every request its own INSERT and journal append; many (32, say) let
+# requests share them, as under load, so the count is mostly per-request work. Needs valgrind
+# (`apt-get install valgrind`) and python3. Run two builds in turn, twice each.
+#   usage: bench/count-instructions.sh BINARY [REQUESTS [CONNECTIONS]]
 set -euo pipefail
-bin=$(realpath "$1"); requests=${2:-400}
+bin=$(realpath "$1"); requests=${2:-400}; connections=${3:-1}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 command -v callgrind_control >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
 work=$(mktemp -d /tmp/buffergate-count.XXXXXX)
@@ -36,22 +38,32 @@ gw_pid=$!
 for _ in $(seq 1 300); do curl -fsS "http://127.0.0.1:$gw/healthz" >/dev/null 2>&1 && break; sleep 0.2; done
 
 post() {
-    python3 - "$gw" "$1" "$2" <<'PY'
-import http.client, json, sys
-port, count, first = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    python3 - "$gw" "$1" "$2" "$connections" <<'PY'
+import http.client, json, sys, threading
+port, count, first, connections = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 kinds = ["page_view", "click", "signup", "purchase", "search", "add_to_cart", "logout", "share"]
 def event(n):
     return {"event_id": f"00000000-0000-4000-8000-{n:012x}", "event_ts": "2024-05-01 10:00:00", "user_id": n,
             "event_type": kinds[n % 8], "payload": json.dumps({"page": f"/p/{n % 997}", "ref": f"campaign-{n % 31}", "ms": n % 5000}),
             "metadata": json.dumps({"source": "web", "ip": f"10.{n % 256}.1.2"})}
 bodies = [json.dumps([event(first + r * 10 + k) for k in range(10)]).encode() for r in range(count)]
-connection = http.client.HTTPConnection("127.0.0.1", port)
-for body in bodies:
-    connection.request("POST", "/v1/events", body=body, headers={"Content-Type": "application/json"})
-    answer = connection.getresponse()
-    answer.read()
-    if answer.status != 200:
-        sys.exit(f"a request was answered {answer.status}")
+failed = []
+def send(mine):
+    connection = http.client.HTTPConnection("127.0.0.1", port)
+    for body in mine:
+        connection.request("POST", "/v1/events", body=body, headers={"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        answer.read()
+        if answer.status != 200:
+            failed.append(answer.status)
+            return
+senders = [threading.Thread(target=send, args=(bodies[c::connections],)) for c in range(connections)]
+for sender in senders:
+    sender.start()
+for sender in senders:
+    sender.join()
+if failed:
+    sys.exit(f"requests were answered {failed}")
 PY
 }
 post 50 0
@@ -60,6 +72,6 @@ post "$requests" 1000000
 callgrind_control -i off "$gw_pid" >/dev/null
 callgrind_control -d "$gw_pid" >/dev/null
 sleep 1
-[ -n "${KEEP:-}" ] && cat "$work"/callgrind.*.1 > "$KEEP"
+[ -n "${KEEP:-}" ] && cat "$work"/callgrind.*.1 > "$KEEP" && cp "$work/gateway.log" "$KEEP.log"
 total=$(cat "$work"/callgrind.* | awk '/^(summary|totals):/ { s += $2 } END { print s }')
 echo "$(basename "$bin"): $total instructions for $requests requests, $((total / requests)) per request"

@@ -263,7 +263,9 @@ impl Pipeline {
         how: &Delivery,
     ) -> Result<HandedOff, IngestError> {
         if how.divert {
-            self.write_fallback(schema, partitions, reservations).await?;
+            // Boxed, as is the offset's advance below: paths most requests never take would
+            // otherwise size every request's future (which the HTTP layers move).
+            Box::pin(self.write_fallback(schema, partitions, reservations)).await?;
             return Ok(HandedOff { outcome: Outcome::Fallback, answer: Vec::new(), after: Vec::new() });
         }
         let wants = Wants::of(how, self.journaled())?;
@@ -283,7 +285,7 @@ impl Pipeline {
         let after = async move {
             let written = await_flushes(handed.after).await.is_ok();
             if written && let Some(producer) = producer {
-                advance_offset(&idempotency, &producer).await;
+                Box::pin(advance_offset(&idempotency, &producer)).await;
             }
             drop(receipt);
         };
