@@ -21,8 +21,8 @@ use std::time::Instant;
 use serde_json::{Value, json};
 
 use super::{
-    cores, cpu_seconds, drive_paced, free_port, gateway_env_for, machine_ticks, num, peak_rss_mib, percentile,
-    spawn_clickhouse, spawn_redis, wait_http,
+    Process, cores, cpu_seconds, drive_paced, free_port, gateway_env_for, machine_ticks, median, median_run, num,
+    peak_rss_mib, percentile, spawn_clickhouse, spawn_redis, wait_http,
 };
 
 const CONNECTIONS: usize = 64;
@@ -247,7 +247,7 @@ async fn scenario(
         .arg("serve")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path).unwrap());
-    let mut gateway = cmd.spawn().unwrap();
+    let gateway = Process(cmd.spawn().unwrap());
     wait_http(&format!("http://127.0.0.1:{port}/readyz")).await;
 
     let mut pids = vec![("gateway".to_string(), gateway.id()), ("redis".to_string(), servers.redis.id())];
@@ -266,8 +266,7 @@ async fn scenario(
     let inserted_rows = metric_sum(&metrics, "buffergate_flush_rows_sum");
     // SIGTERM drains: every acknowledged row reaches its node's Buffer before it exits.
     let stop_started = Instant::now();
-    let _ = Command::new("kill").arg(gateway.id().to_string()).status();
-    let exit = gateway.wait().unwrap();
+    let exit = gateway.stop().unwrap();
     let stop_seconds = stop_started.elapsed().as_secs_f64();
 
     // The nodes this gateway wrote to (one alone has no tables on the other).
@@ -414,7 +413,7 @@ fn row(r: &Value) -> String {
 
 /// The median over rounds of `scenario`'s gateway CPU per event ÷ `single`'s.
 fn gateway_cpu_ratio(rounds: &[Vec<Value>], scenario: &str, single: &str) -> f64 {
-    let mut ratios: Vec<f64> = rounds
+    let ratios: Vec<f64> = rounds
         .iter()
         .filter_map(|round| {
             let find = |n: &str| round.iter().find(|r| r["scenario"] == n);
@@ -422,8 +421,7 @@ fn gateway_cpu_ratio(rounds: &[Vec<Value>], scenario: &str, single: &str) -> f64
             Some(gateway(find(scenario)?) / gateway(find(single)?).max(1e-9))
         })
         .collect();
-    ratios.sort_by(f64::total_cmp);
-    ratios.get(ratios.len() / 2).copied().unwrap_or(0.0)
+    median(ratios)
 }
 
 /// Runs the scenarios `rounds` times, round after round, each for `seconds`: every setup as
@@ -460,12 +458,10 @@ pub async fn run(binary: &Path, dir: &Path, seconds: f64, rounds_wanted: usize, 
     let eps = |r: &Value| num(&r["events_per_second"]);
     let results: Vec<Value> = (0..scenarios.len())
         .map(|i| {
-            let mut runs: Vec<&Value> = rounds.iter().map(|round| &round[i]).collect();
             // At a fixed rate events/s says nothing: the median of the cost instead.
             let key =
                 |r: &Value| if scenarios[i].1.is_some() { num(&r["cpu_us_per_event"]["gateway"]) } else { eps(r) };
-            runs.sort_by(|a, b| key(a).total_cmp(&key(b)));
-            let mut median = runs[runs.len() / 2].clone();
+            let mut median = median_run(rounds.iter().map(|round| &round[i]).collect(), key).clone();
             median["events_per_second_by_round"] = json!(rounds.iter().map(|round| eps(&round[i])).collect::<Vec<_>>());
             median["gateway_stop_seconds_by_round"] =
                 json!(rounds.iter().map(|round| num(&round[i]["gateway_stop_seconds"])).collect::<Vec<_>>());

@@ -134,6 +134,32 @@ impl Drop for Servers {
     }
 }
 
+/// A process the harness started for one scenario (a gateway, clickhouse-bulk): stopped with
+/// [`Process::stop`], or killed when dropped while still running, so that a panic mid-run
+/// leaves nothing holding its port and the CPU of the runs after it.
+pub(crate) struct Process(Child);
+
+impl Process {
+    pub(crate) fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// SIGTERM (a gateway drains, clickhouse-bulk sends what it holds), then its exit.
+    pub(crate) fn stop(mut self) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        self.0.wait().ok()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// A private ClickHouse server with its files in `dir` (`scripts/clickhouse-server.sh`).
 fn spawn_clickhouse(dir: &Path, http: u16, tcp: u16) -> Child {
     Command::new(repo().join("scripts/clickhouse-server.sh"))
@@ -181,7 +207,10 @@ fn write_event(out: &mut String, n: u64, base_ms: u64) {
     let kind = EVENT_TYPES[(n.wrapping_mul(2_654_435_761) % 8) as usize];
     let _ = write!(
         out,
-        r#"{{"event_id":"00000000-0000-4000-8000-{n:012x}","event_ts":"2024-05-01 {h:02}:{m:02}:{s:02}","user_id":{n},"event_type":"{kind}","payload":"{{\"page\":\"/p/{}\",\"ref\":\"campaign-{}\",\"ms\":{}}}","metadata":"{{\"source\":\"web\",\"ip\":\"10.{}.{}.{}\"}}"}}"#,
+        r#"{{"event_id":"{:08x}-0000-4000-8000-{:012x}","event_ts":"2024-05-01 {h:02}:{m:02}:{s:02}","user_id":{n},"event_type":"{kind}","payload":"{{\"page\":\"/p/{}\",\"ref\":\"campaign-{}\",\"ms\":{}}}","metadata":"{{\"source\":\"web\",\"ip\":\"10.{}.{}.{}\"}}"}}"#,
+        // The counter's top 16 bits in the first group: every scenario moves it by 2^40.
+        n >> 48,
+        n & 0xFFFF_FFFF_FFFF,
         n % 997,
         n % 31,
         n % 5000,
@@ -413,6 +442,24 @@ fn accepted_count(body: &[u8]) -> Option<u64> {
     rest[..rest.find(|c: char| !c.is_ascii_digit())?].parse().ok()
 }
 
+/// The median of `values`: the middle one, or the mean of the two middle ones; 0 when empty.
+pub(crate) fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// The median round of `runs` by `key`: a real run, so with an even count the lower of the two
+/// middle ones (the figures of a row come from one run).
+pub(crate) fn median_run(mut runs: Vec<&Value>, key: impl Fn(&Value) -> f64) -> &Value {
+    runs.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    runs[(runs.len().max(1) - 1) / 2]
+}
+
 fn percentile(sorted: &[u32], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -521,7 +568,7 @@ pub(crate) async fn scenario(
                 .arg("serve")
                 // Its log beside its journal, for a run that looks wrong.
                 .stderr(std::fs::File::create(data.with_extension("log")).map_or_else(|_| Stdio::null(), Stdio::from));
-            gateway = Some(cmd.spawn().unwrap());
+            gateway = Some(Process(cmd.spawn().unwrap()));
             wait_http(&format!("http://127.0.0.1:{port}/readyz")).await;
             match mode {
                 Mode::Protocol => format!("http://127.0.0.1:{port}{insert}"),
@@ -531,7 +578,8 @@ pub(crate) async fn scenario(
         }
     };
     let pids = [
-        ("gateway", gateway.as_ref().map(Child::id)),
+        // The process in front of ClickHouse, named for what it is.
+        (if mode == Mode::Bulk { "clickhouse-bulk" } else { "gateway" }, gateway.as_ref().map(Process::id)),
         ("clickhouse", Some(servers.clickhouse.id())),
         ("redis", Some(servers.redis.id())),
         ("load generator", Some(std::process::id())),
@@ -546,11 +594,9 @@ pub(crate) async fn scenario(
     let machine_after = machine_ticks();
     let after: Vec<f64> = pids.iter().map(|(_, p)| p.map_or(0.0, cpu_seconds)).collect();
     let rss = gateway.as_ref().map(|g| peak_rss_mib(g.id()));
-    if let Some(mut g) = gateway {
-        // SIGTERM drains (clickhouse-bulk sends what it holds); the answers were all received
-        // already.
-        let _ = Command::new("kill").arg(g.id().to_string()).status();
-        let _ = g.wait();
+    if let Some(g) = gateway {
+        // The answers were all received already.
+        g.stop();
     }
 
     let ch = &servers.ch_url;
@@ -606,9 +652,14 @@ pub(crate) async fn scenario(
     })
 }
 
+/// CPU per event of the process in front of ClickHouse: the gateway's, or clickhouse-bulk's.
+pub(crate) fn proxy_cpu(cpu: &Value) -> f64 {
+    num(&cpu["gateway"]) + num(&cpu["clickhouse-bulk"])
+}
+
 fn row(r: &Value) -> String {
     let cpu = &r["cpu_seconds_per_million_events"];
-    let total = ["gateway", "clickhouse", "redis"].iter().map(|k| num(&cpu[*k])).sum::<f64>();
+    let total = proxy_cpu(cpu) + num(&cpu["clickhouse"]) + num(&cpu["redis"]);
     format!(
         "| {} | {} × {} | {:.0} | {:.1} / {:.1} / {:.1} | {:.2} / {:.2} / {:.2} (= {:.2}) | {:.2} | {:.0}% · {:.0} | {} | {:.1} | {} / {} |",
         r["mode"].as_str().unwrap_or(""),
@@ -618,7 +669,7 @@ fn row(r: &Value) -> String {
         num(&r["latency_ms"]["p50"]),
         num(&r["latency_ms"]["p99"]),
         num(&r["latency_ms"]["p99_9"]),
-        num(&cpu["gateway"]),
+        proxy_cpu(cpu),
         num(&cpu["clickhouse"]),
         num(&cpu["redis"]),
         total,
@@ -639,15 +690,14 @@ fn median_ratio(rounds: &[Vec<Value>], gateway: &str, direct: &str) -> f64 {
 
 /// The same with the gateway's `field` (an events/s figure) in place of its measured events/s.
 fn median_ratio_of(rounds: &[Vec<Value>], gateway: &str, field: &str, direct: &str) -> f64 {
-    let mut ratios: Vec<f64> = rounds
+    let ratios: Vec<f64> = rounds
         .iter()
         .filter_map(|round| {
             let find = |n: &str| round.iter().find(|r| r["scenario"] == n);
             Some(num(&find(gateway)?[field]) / num(&find(direct)?["events_per_second"]).max(1.0))
         })
         .collect();
-    ratios.sort_by(f64::total_cmp);
-    ratios.get(ratios.len() / 2).copied().unwrap_or(0.0)
+    median(ratios)
 }
 
 fn targets(results: &[Value], rounds: &[Vec<Value>]) -> Vec<(String, bool)> {
@@ -872,7 +922,7 @@ async fn main() {
     if let Some(bulk) = args.peer_bulk {
         servers.peer_bulk = Some(bulk);
         servers.before = args.before;
-        let (report, md) = peer::run(&binary, &servers, seconds, rounds_wanted).await;
+        let (report, md) = peer::run(&binary, &servers, seconds, rounds_wanted, only.as_deref()).await;
         let report = json!({"machine": machine(), "clickhouse": version, "peer_bulk": report});
         let title = format!("clickhouse-bulk side by side\n\nMachine: {}. ClickHouse {version}.", machine());
         publish(&out_dir, "peer", &title, &report, &md);
@@ -932,9 +982,7 @@ async fn main() {
     // Each scenario's median round, with every round's events/s beside it.
     let results: Vec<Value> = (0..scenarios.len())
         .map(|i| {
-            let mut runs: Vec<&Value> = rounds.iter().map(|round| &round[i]).collect();
-            runs.sort_by(|a, b| eps(a).total_cmp(&eps(b)));
-            let mut median = runs[runs.len() / 2].clone();
+            let mut median = median_run(rounds.iter().map(|round| &round[i]).collect(), eps).clone();
             median["events_per_second_by_round"] = json!(rounds.iter().map(|round| eps(&round[i])).collect::<Vec<_>>());
             if redis_per_event(&median).is_some() {
                 let by_round: Vec<Option<f64>> = rounds.iter().map(|round| redis_per_event(&round[i])).collect();
@@ -992,4 +1040,38 @@ async fn main() {
     std::fs::write(out_dir.join("latest.md"), md).unwrap();
     drop(servers);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_median_of_an_even_count_is_the_mean_of_its_middle_two_and_a_median_run_the_lower_one() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(Vec::new()), 0.0);
+        let runs: Vec<Value> = [4.0, 1.0, 3.0, 2.0].iter().map(|e| json!({"events_per_second": e})).collect();
+        let chosen = median_run(runs.iter().collect(), |r| num(&r["events_per_second"]));
+        assert_eq!(num(&chosen["events_per_second"]), 2.0);
+    }
+
+    #[test]
+    fn event_ids_stay_uuids_past_the_256th_scenario() {
+        for n in [1u64, (1 << 48) - 1, 1 << 48, 300 << 40, u64::MAX] {
+            let mut event = String::new();
+            write_event(&mut event, n, 0);
+            let parsed: Value = serde_json::from_str(&event).unwrap();
+            let id = parsed["event_id"].as_str().unwrap();
+            let groups: Vec<usize> = id.split('-').map(str::len).collect();
+            assert_eq!(groups, [8, 4, 4, 4, 12], "{id}");
+            assert!(id.chars().all(|c| c == '-' || c.is_ascii_hexdigit()), "{id}");
+        }
+        let id = |n: u64| {
+            let mut event = String::new();
+            write_event(&mut event, n, 0);
+            serde_json::from_str::<Value>(&event).unwrap()["event_id"].clone()
+        };
+        assert_ne!(id(1), id((1 << 48) + 1), "ids a multiple of 2^48 apart differ");
+    }
 }

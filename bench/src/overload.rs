@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use super::{Mode, Servers, num, scenario};
+use super::{Mode, Servers, median, num, scenario};
 
 /// Connections that keep the gateway busy on this kind of machine (its throughput does not
 /// grow beyond them).
@@ -44,12 +44,11 @@ pub async fn run(binary: &Path, servers: &Servers, seconds: f64, rounds: usize) 
         }
         runs.push([pair.remove(0), pair.remove(0)]);
     }
-    let mut ratios: Vec<f64> = runs
+    let ratios: Vec<f64> = runs
         .iter()
         .map(|[one, many]| num(&many["events_per_second"]) / num(&one["events_per_second"]).max(1.0))
         .collect();
-    ratios.sort_by(f64::total_cmp);
-    let goodput = ratios.get(ratios.len() / 2).copied().unwrap_or(0.0);
+    let goodput = median(ratios);
     let mut md = String::from(
         "| connections | events/s acknowledged | requests/s refused | p50 / p99 ms | gateway peak RSS | lost / duplicated |\n|---|---|---|---|---|---|\n",
     );

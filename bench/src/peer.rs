@@ -11,16 +11,19 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
 
-use super::{Mode, Servers, announced, by_round_lines, free_port, num, row, scenario_name, wait_http};
+use super::{
+    Mode, Process, Servers, announced, by_round_lines, free_port, median, median_run, num, proxy_cpu, row,
+    scenario_name, wait_http,
+};
 
 /// Starts clickhouse-bulk in front of the run's ClickHouse, its files in a directory of its
 /// own; its base URL. Its defaults, but for where it listens and writes: batches of up to
 /// 10,000 rows per query, sent at least every second.
-pub(crate) async fn start_bulk(servers: &Servers, db: &str) -> (Child, String) {
+pub(crate) async fn start_bulk(servers: &Servers, db: &str) -> (Process, String) {
     let binary = servers.peer_bulk.as_deref().expect("--peer-bulk");
     let dir = servers.dir.join(format!("clickhouse-bulk-{db}"));
     let _ = std::fs::remove_dir_all(&dir);
@@ -41,22 +44,25 @@ pub(crate) async fn start_bulk(servers: &Servers, db: &str) -> (Child, String) {
     let path = dir.join("config.json");
     std::fs::write(&path, config.to_string()).unwrap();
     let log = std::fs::File::create(dir.join("log")).map_or_else(|_| Stdio::null(), Stdio::from);
-    let child = Command::new(binary)
-        .arg("-config")
-        .arg(&path)
-        .current_dir(&dir)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("the clickhouse-bulk binary given to --peer-bulk");
+    let child = Process(
+        Command::new(binary)
+            .arg("-config")
+            .arg(&path)
+            .current_dir(&dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("the clickhouse-bulk binary given to --peer-bulk"),
+    );
     let url = format!("http://127.0.0.1:{port}");
     wait_http(&format!("{url}/status")).await;
     (child, url)
 }
 
-/// The median over rounds of `of` ÷ `to`, events/s stored, each round against itself.
-fn median_ratio(rounds: &[Vec<Value>], of: &str, to: &str) -> f64 {
-    let mut ratios: Vec<f64> = rounds
+/// The median over rounds of `of` ÷ `to`, events/s stored, each round against itself; `None`
+/// when either did not run (`--only`).
+fn median_ratio(rounds: &[Vec<Value>], of: &str, to: &str) -> Option<f64> {
+    let ratios: Vec<f64> = rounds
         .iter()
         .filter_map(|round| {
             let find = |n: &str| round.iter().find(|r| r["scenario"] == n);
@@ -64,8 +70,7 @@ fn median_ratio(rounds: &[Vec<Value>], of: &str, to: &str) -> f64 {
             Some(stored(find(of)?) / stored(find(to)?).max(1.0))
         })
         .collect();
-    ratios.sort_by(f64::total_cmp);
-    ratios.get(ratios.len() / 2).copied().unwrap_or(0.0)
+    (!ratios.is_empty()).then(|| median(ratios))
 }
 
 /// The modes of a round, in the order they run.
@@ -78,19 +83,23 @@ fn modes(servers: &Servers) -> Vec<Mode> {
     modes
 }
 
-pub async fn run(binary: &Path, servers: &Servers, seconds: f64, rounds: usize) -> (Value, String) {
+/// Runs every round; `only` keeps the scenarios whose name holds it (the targets that need a
+/// scenario left out are not judged).
+pub async fn run(binary: &Path, servers: &Servers, seconds: f64, rounds: usize, only: Option<&str>) -> (Value, String) {
     let sizes = [(10u64, 64usize), (1000, 8)];
     let modes = modes(servers);
+    let loads: Vec<(Mode, u64, usize)> = sizes
+        .into_iter()
+        .flat_map(|(batch, connections)| modes.iter().map(move |&mode| (mode, batch, connections)))
+        .filter(|&(mode, batch, _)| only.is_none_or(|only| scenario_name(mode, batch).contains(only)))
+        .collect();
     // rounds[r]: every scenario of round r.
     let mut by_round: Vec<Vec<Value>> = Vec::new();
     let mut first_id = 0u64;
     for round in 0..rounds {
         let mut this = Vec::new();
-        for (batch, connections) in sizes {
-            for &mode in &modes {
-                let load = (mode, batch, connections);
-                this.push(announced(binary, servers, load, seconds, (round, rounds), &mut first_id).await);
-            }
+        for &load in &loads {
+            this.push(announced(binary, servers, load, seconds, (round, rounds), &mut first_id).await);
         }
         by_round.push(this);
     }
@@ -102,9 +111,7 @@ pub async fn run(binary: &Path, servers: &Servers, seconds: f64, rounds: usize) 
     );
     let mut medians = Vec::new();
     for i in 0..by_round.first().map_or(0, Vec::len) {
-        let mut runs: Vec<&Value> = by_round.iter().map(|round| &round[i]).collect();
-        runs.sort_by(|a, b| eps(a).total_cmp(&eps(b)));
-        let mut median = runs[runs.len() / 2].clone();
+        let mut median = median_run(by_round.iter().map(|round| &round[i]).collect(), eps).clone();
         median["stored_events_per_second_by_round"] =
             json!(by_round.iter().map(|round| eps(&round[i])).collect::<Vec<_>>());
         let mut shown = median.clone();
@@ -112,10 +119,10 @@ pub async fn run(binary: &Path, servers: &Servers, seconds: f64, rounds: usize) 
         let _ = writeln!(md, "{}", row(&shown));
         medians.push(median);
     }
-    let find = |name: &str| medians.iter().find(|r| r["scenario"] == name).cloned().unwrap_or(Value::Null);
+    let find = |name: &str| medians.iter().find(|r| r["scenario"] == name);
     let ratio = |of: &str, to: &str| median_ratio(&by_round, of, to);
     let p99 = |r: &Value| num(&r["latency_ms"]["p99"]);
-    let front_cpu = |r: &Value| num(&r["cpu_seconds_per_million_events"]["gateway"]);
+    let front_cpu = |r: &Value| proxy_cpu(&r["cpu_seconds_per_million_events"]);
     let clickhouse_cpu = |r: &Value| num(&r["cpu_seconds_per_million_events"]["clickhouse"]);
 
     let _ =
@@ -125,49 +132,55 @@ pub async fn run(binary: &Path, servers: &Servers, seconds: f64, rounds: usize) 
     for (batch, _) in sizes {
         let size = if batch >= 100 { "large" } else { "small" };
         let name = |mode: Mode| scenario_name(mode, batch);
-        let bulk = find(&name(Mode::Bulk));
         let shown: Vec<String> = modes
             .iter()
             .filter(|&&m| m != Mode::Bulk)
-            .map(|&m| format!("{} {:.2}×", m.label(), ratio(&name(m), &name(Mode::Bulk))))
+            .filter_map(|&m| Some(format!("{} {:.2}×", m.label(), ratio(&name(m), &name(Mode::Bulk))?)))
             .collect();
-        let _ = writeln!(md, "- {size} batches: {}.", shown.join("; "));
-        let (accepted, default) = (find(&name(Mode::Journaled)), find(&name(Mode::Gateway { dedup: false })));
+        if !shown.is_empty() {
+            let _ = writeln!(md, "- {size} batches: {}.", shown.join("; "));
+        }
         let (want_202, want_default) = if batch >= 100 { (1.2, 1.2) } else { (1.5, 1.0) };
-        let got = ratio(&name(Mode::Journaled), &name(Mode::Bulk));
-        targets.push((
-            format!("{size} batches, wait=false: events/s ≥ {want_202} × clickhouse-bulk (got {got:.2}×)"),
-            got >= want_202,
-        ));
-        targets.push((
-            format!(
-                "{size} batches, wait=false: p99 below clickhouse-bulk's ({:.1} vs {:.1} ms)",
-                p99(&accepted),
-                p99(&bulk)
-            ),
-            p99(&accepted) < p99(&bulk),
-        ));
-        let got = ratio(&name(Mode::Gateway { dedup: false }), &name(Mode::Bulk));
-        targets.push((
-            format!("{size} batches, default (200 after the write): events/s ≥ {want_default} × clickhouse-bulk (got {got:.2}×)"),
-            got >= want_default,
-        ));
-        targets.push((
-            format!(
-                "{size} batches, default: gateway CPU per event at most clickhouse-bulk's ({:.2} vs {:.2} s per million), ClickHouse's too ({:.2} vs {:.2})",
-                front_cpu(&default),
-                front_cpu(&bulk),
-                clickhouse_cpu(&default),
-                clickhouse_cpu(&bulk)
-            ),
-            front_cpu(&default) <= front_cpu(&bulk) && clickhouse_cpu(&default) <= clickhouse_cpu(&bulk),
-        ));
-        if batch >= 100 {
-            let got = ratio(&name(Mode::Gateway { dedup: false }), &name(Mode::Unjournaled));
+        let (bulk, accepted, default) =
+            (find(&name(Mode::Bulk)), find(&name(Mode::Journaled)), find(&name(Mode::Gateway { dedup: false })));
+        if let (Some(bulk), Some(accepted)) = (bulk, accepted) {
+            let got = ratio(&name(Mode::Journaled), &name(Mode::Bulk)).unwrap_or(0.0);
+            targets.push((
+                format!("{size} batches, wait=false: events/s ≥ {want_202} × clickhouse-bulk (got {got:.2}×)"),
+                got >= want_202,
+            ));
+            targets.push((
+                format!(
+                    "{size} batches, wait=false: p99 below clickhouse-bulk's ({:.1} vs {:.1} ms)",
+                    p99(accepted),
+                    p99(bulk)
+                ),
+                p99(accepted) < p99(bulk),
+            ));
+        }
+        if let (Some(bulk), Some(default)) = (bulk, default) {
+            let got = ratio(&name(Mode::Gateway { dedup: false }), &name(Mode::Bulk)).unwrap_or(0.0);
+            targets.push((
+                format!("{size} batches, default (200 after the write): events/s ≥ {want_default} × clickhouse-bulk (got {got:.2}×)"),
+                got >= want_default,
+            ));
+            targets.push((
+                format!(
+                    "{size} batches, default: gateway CPU per event at most clickhouse-bulk's ({:.2} vs {:.2} s per million), ClickHouse's too ({:.2} vs {:.2})",
+                    front_cpu(default),
+                    front_cpu(bulk),
+                    clickhouse_cpu(default),
+                    clickhouse_cpu(bulk)
+                ),
+                front_cpu(default) <= front_cpu(bulk) && clickhouse_cpu(default) <= clickhouse_cpu(bulk),
+            ));
+        }
+        if batch >= 100
+            && let Some(got) = ratio(&name(Mode::Gateway { dedup: false }), &name(Mode::Unjournaled))
+        {
             targets.push((format!("large batches: the journal within 10% of journal off (got {got:.2}×)"), got >= 0.9));
         }
-        if servers.before.is_some() {
-            let got = ratio(&name(Mode::Gateway { dedup: false }), &name(Mode::Before));
+        if let Some(got) = ratio(&name(Mode::Gateway { dedup: false }), &name(Mode::Before)) {
             let _ = writeln!(md, "- {size} batches: this build ÷ the build before, default mode: {got:.2}×.");
         }
     }

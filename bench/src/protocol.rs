@@ -18,9 +18,7 @@ fn gateway_cpu(result: &Value) -> f64 {
 
 /// The median over rounds of `f(protocol) / f(events)`.
 fn median_ratio(pairs: &[(Value, Value)], f: impl Fn(&Value) -> f64) -> f64 {
-    let mut ratios: Vec<f64> = pairs.iter().map(|(protocol, events)| f(protocol) / f(events).max(1e-9)).collect();
-    ratios.sort_by(f64::total_cmp);
-    ratios.get(ratios.len() / 2).copied().unwrap_or(0.0)
+    super::median(pairs.iter().map(|(protocol, events)| f(protocol) / f(events).max(1e-9)).collect())
 }
 
 pub async fn run(binary: &Path, servers: &Servers, seconds: f64, rounds: usize) -> (Value, String) {

@@ -94,7 +94,7 @@ pub async fn run(binary: &std::path::Path, servers: &Servers, seconds: u64) -> (
         .env("BUFFERGATE_REDIS_URL", &servers.redis_url)
         .arg("serve")
         .stderr(Stdio::null());
-    let mut gateway = cmd.spawn().unwrap();
+    let gateway = super::Process(cmd.spawn().unwrap());
     wait_http(&format!("http://127.0.0.1:{port}/readyz")).await;
 
     let started = Instant::now();
@@ -121,8 +121,7 @@ pub async fn run(binary: &std::path::Path, servers: &Servers, seconds: u64) -> (
         tally.failed += t.failed;
     }
     let peak = super::peak_rss_mib(gateway.id());
-    let _ = Command::new("kill").arg(gateway.id().to_string()).status();
-    let _ = gateway.wait();
+    gateway.stop();
     let _ = std::fs::remove_dir_all(&data);
 
     let ch = &servers.ch_url;

@@ -5,12 +5,12 @@
 //! is a copy of the seed table, so the events are the same everywhere.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::{Servers, cpu_seconds, drive, free_port, gateway_env, num, query, status_mib, wait_http};
+use super::{Process, Servers, cpu_seconds, drive, free_port, gateway_env, median, num, query, status_mib, wait_http};
 
 const DB: &str = "bench_streams";
 /// Large batches: the case where the gateway's own work per event dominates.
@@ -19,7 +19,7 @@ const CONNECTIONS: usize = 8;
 
 /// A gateway with `streams` named streams (`s01`…) besides `default`, idempotency off.
 struct Gateway {
-    child: Child,
+    child: Process,
     url: String,
     data: PathBuf,
 }
@@ -41,7 +41,7 @@ impl Gateway {
             .arg(&file)
             .arg("serve")
             .stderr(Stdio::null());
-        let child = cmd.spawn().unwrap();
+        let child = Process(cmd.spawn().unwrap());
         let url = format!("http://127.0.0.1:{port}");
         wait_http(&format!("{url}/readyz")).await;
         // Every stream's schema read and its first polls done.
@@ -49,9 +49,8 @@ impl Gateway {
         Gateway { child, url, data }
     }
 
-    fn stop(mut self) {
-        let _ = Command::new("kill").arg(self.child.id().to_string()).status();
-        let _ = self.child.wait();
+    fn stop(self) {
+        self.child.stop();
         let _ = std::fs::remove_dir_all(&self.data);
     }
 }
@@ -121,11 +120,6 @@ async fn loaded(
     }
     gateway.stop();
     loads.iter().map(|l| l.acknowledged as f64 / l.elapsed.max(1e-9)).sum()
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 pub async fn run(binary: &Path, servers: &Servers, seconds: f64, rounds: usize) -> (Value, String) {
