@@ -6,7 +6,7 @@
 # connections (idempotency off, one partition), and prints the total and the count per request.
 # One connection makes every request its own INSERT and journal append; many (32, say) let
 # requests share them, as under load, so the count is mostly per-request work. Needs valgrind
-# (`apt-get install valgrind`) and python3. Run two builds in turn, twice each.
+# (`apt-get install valgrind`), curl and python3. Run two builds in turn, twice each.
 #   usage: bench/count-instructions.sh BINARY [REQUESTS [CONNECTIONS]]
 set -euo pipefail
 bin=$(realpath "$1"); requests=${2:-400}; connections=${3:-1}
@@ -30,12 +30,14 @@ for _ in $(seq 1 150); do curl -fsS "http://127.0.0.1:$ch_http/ping" >/dev/null 
 # blocks up (docs/performance.md): that work is not what is being counted.
 sleep 5
 
+# The default log filter: what a deployment runs, and what changes the count when it changes.
+unset RUST_LOG
 export BUFFERGATE_CLICKHOUSE_URL="http://127.0.0.1:$ch_http" BUFFERGATE_DATA_DIR="$work/gateway" \
     BUFFERGATE_LISTEN="127.0.0.1:$gw" BUFFERGATE_DEDUP=off BUFFERGATE_PARTITIONS=1
 "$bin" migrate >"$work/migrate.log" 2>&1
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/callgrind.%p" "$bin" serve >"$work/gateway.log" 2>&1 &
 gw_pid=$!
-for _ in $(seq 1 300); do curl -fsS "http://127.0.0.1:$gw/healthz" >/dev/null 2>&1 && break; sleep 0.2; done
+for _ in $(seq 1 300); do curl -fsS "http://127.0.0.1:$gw/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
 
 post() {
     python3 - "$gw" "$1" "$2" "$connections" <<'PY'
@@ -73,5 +75,6 @@ callgrind_control -i off "$gw_pid" >/dev/null
 callgrind_control -d "$gw_pid" >/dev/null
 sleep 1
 [ -n "${KEEP:-}" ] && cat "$work"/callgrind.*.1 > "$KEEP" && cp "$work/gateway.log" "$KEEP.log"
-total=$(cat "$work"/callgrind.* | awk '/^(summary|totals):/ { s += $2 } END { print s }')
+# The dump's `totals:` line (its `summary:` line is written before the counts are known).
+total=$(cat "$work"/callgrind.* | awk '/^totals:/ { s += $2 } END { print s }')
 echo "$(basename "$bin"): $total instructions for $requests requests, $((total / requests)) per request"

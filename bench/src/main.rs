@@ -453,11 +453,11 @@ pub(crate) fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
-/// The median round of `runs` by `key`: a real run, so with an even count the lower of the two
-/// middle ones (the figures of a row come from one run).
+/// The median round of `runs` (at least one: `--rounds` is) by `key`: a real run, so with an
+/// even count the lower of the two middle ones by `key` (the figures of a row come from one run).
 pub(crate) fn median_run(mut runs: Vec<&Value>, key: impl Fn(&Value) -> f64) -> &Value {
     runs.sort_by(|a, b| key(a).total_cmp(&key(b)));
-    runs[(runs.len().max(1) - 1) / 2]
+    runs[runs.len().saturating_sub(1) / 2]
 }
 
 fn percentile(sorted: &[u32], q: f64) -> f64 {

@@ -75,7 +75,8 @@ pub struct Guard {
 #[derive(Debug, Clone, Copy)]
 pub struct Divert;
 
-/// Runs `handler` behind the guard, after the stream is picked ([`super::pick_stream`]):
+/// Runs `handler` behind the guard, after the stream is picked (the stream named by the path,
+/// or the ClickHouse protocol's statement routing):
 ///
 /// 1. the shed gate, in front of the slots, so a shed request never takes one and is answered
 ///    without its body read. Each stream has its own verdict: one saturated Buffer sheds its

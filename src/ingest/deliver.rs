@@ -264,7 +264,7 @@ impl Pipeline {
     ) -> Result<HandedOff, IngestError> {
         if how.divert {
             // Boxed, as is the offset's advance below: paths most requests never take would
-            // otherwise size every request's future (which the HTTP layers move).
+            // otherwise size every request's future, which is copied into a box per request.
             Box::pin(self.write_fallback(schema, partitions, reservations)).await?;
             return Ok(HandedOff { outcome: Outcome::Fallback, answer: Vec::new(), after: Vec::new() });
         }

@@ -400,7 +400,7 @@ pub async fn insert(
 ) -> Response {
     let started = Instant::now();
     let owner = caller.map(|Extension(caller)| caller.name);
-    // Boxed for the reason `events::ingest` boxes its own: the layers above move this future.
+    // Boxed for the reason `events::ingest` boxes its own: the futures that wrap it would copy it.
     match Box::pin(run(&state, &stream, &resolved, owner, divert.is_some(), &headers, body)).await {
         Ok(written) => summary(written, started),
         Err(exception) => exception.into_response(),
