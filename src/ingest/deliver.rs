@@ -17,7 +17,7 @@ use crate::flush::{Acks, Submission, fallback};
 use crate::idempotency::{Committed, Idempotency, Reservation};
 use crate::journal::watermark::Receipt;
 use crate::journal::{FlushError, FlushResult};
-use crate::metrics::{self, Outcome};
+use crate::metrics::Outcome;
 use crate::rows::PartitionRows;
 use crate::schema::{TableSchema, quote_ident};
 
@@ -120,14 +120,13 @@ impl Pipeline {
         {
             // This batch was written before: every event is a duplicate, nothing is written.
             let all = batch.accepted + batch.rejected.len();
-            metrics::events(&self.config.stream, Outcome::Duplicate, all);
+            self.events.add(Outcome::Duplicate, all);
             let response = IngestResponse { accepted: 0, duplicates: all, rejected: Vec::new() };
             return Ok(Delivered { written: true, response });
         }
-        metrics::events(&self.config.stream, Outcome::Rejected, batch.rejected.len());
+        self.events.add(Outcome::Rejected, batch.rejected.len());
         if !how.divert {
-            self.check_shards(&batch)
-                .inspect_err(|_| metrics::events(&self.config.stream, Outcome::Shed, batch.accepted))?;
+            self.check_shards(&batch).inspect_err(|_| self.events.add(Outcome::Shed, batch.accepted))?;
         }
         // Parked before anything of the request is written: when the quarantine cannot take
         // them, the request is refused whole and its retry stores every event once. Only when
@@ -139,17 +138,17 @@ impl Pipeline {
             self.park(&batch.rejected, origin, producer).await?;
         }
         let (reservations, duplicates) = self.dedupe(schema, &mut batch).await?;
-        metrics::events(&self.config.stream, Outcome::Duplicate, duplicates);
+        self.events.add(Outcome::Duplicate, duplicates);
         let accepted = batch.accepted;
         let handed = self.hand_off(schema, batch.partitions, reservations, &how).await.inspect_err(|error| {
             if error.is_shed() {
-                metrics::events(&self.config.stream, Outcome::Shed, accepted);
+                self.events.add(Outcome::Shed, accepted);
             }
         })?;
         let written = how.wait != Wait::Queued || how.divert;
         let outcome = handed.outcome;
         self.await_writes(handed, how, receipt).await?;
-        metrics::events(&self.config.stream, outcome, accepted);
+        self.events.add(outcome, accepted);
         Ok(Delivered { written, response: IngestResponse { accepted, duplicates, rejected: batch.rejected } })
     }
 

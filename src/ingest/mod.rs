@@ -72,6 +72,8 @@ pub struct Pipeline {
     receipts: Arc<Receipts>,
     /// The pipeline of the stream's quarantine table, where its rejected events are parked.
     quarantine: Option<Arc<Pipeline>>,
+    /// `buffergate_events_total` of this stream, by outcome.
+    events: crate::metrics::EventCounters,
 }
 
 /// What a [`Pipeline`] is made of: one stream's parts, and the in-flight budget every stream
@@ -179,6 +181,7 @@ impl Pipeline {
     pub fn new(parts: Parts) -> Self {
         let Parts { config, schema, health, coalescer, shards, idempotency, budget, receipts, quarantine } = parts;
         Self {
+            events: crate::metrics::EventCounters::new(&config.stream),
             writer: Arc::clone(&shards.shards[0][0].writer),
             budget,
             sharding: config.sharding(),
