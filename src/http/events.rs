@@ -6,10 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Extension;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
+use axum::extract::{Query, Request};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -49,20 +48,17 @@ impl From<WaitParam> for Wait {
     }
 }
 
-pub async fn ingest(
-    State(state): State<Arc<AppState>>,
-    Extension(stream): Extension<Arc<Stream>>,
-    caller: Option<Extension<Caller>>,
-    divert: Option<Extension<Divert>>,
-    params: Result<Query<IngestParams>, QueryRejection>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
-    let owner = caller.map(|Extension(caller)| caller.name);
+/// Runs one admitted ingestion request of `stream` (its caller and [`Divert`] are extensions the
+/// front put on it) and answers.
+pub async fn ingest(state: &AppState, stream: &Stream, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let owner = parts.extensions.get::<Caller>().map(|caller| Arc::clone(&caller.name));
+    let divert = parts.extensions.get::<Divert>().is_some();
+    let params = Query::<IngestParams>::try_from_uri(&parts.uri);
     // Boxed once here: the ingestion sequence's future is kilobytes, and inline it was copied
     // with each future that wraps it on the way to the connection (callgrind: ~12k
     // instructions of copies per request before, about 1k since, this box included).
-    match Box::pin(handle(&state, &stream, owner, divert.is_some(), params, &headers, body)).await {
+    match Box::pin(handle(state, stream, owner, divert, params, &parts.headers, body)).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }

@@ -24,7 +24,7 @@ use axum::http::header;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, get, on, post};
-use tower_http::trace::TraceLayer;
+use tracing::Instrument;
 
 use crate::auth::{Caller, Denied};
 use crate::metrics;
@@ -82,7 +82,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         timeout: Duration::from_millis(config.http.body_drain_timeout_ms),
     };
     let front = Front { state: Arc::clone(&state), bound, guard: Arc::clone(&guard) };
-    let ingest = post(events::ingest).layer(middleware::from_fn_with_state(front, ingest_front));
+    let ingest = post(ingest_front).with_state(front);
     // The ClickHouse protocol: the same guard, its own credentials and statement routing, and
     // every refusal worded as ClickHouse would word it.
     let clickhouse = on(MethodFilter::GET.or(MethodFilter::POST), compat::insert)
@@ -110,12 +110,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(PING, get(compat::ping))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn(track))
-        // The span names the path, never the query string: a ClickHouse client's key can be its
-        // `password` parameter, and a statement in `query` can hold rows.
-        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
-            tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())
-        }))
+        .layer(middleware::from_fn_with_state(Arc::new(metrics::HttpRequests::new(&ROUTES)), track))
         .with_state(state)
 }
 
@@ -127,16 +122,15 @@ struct Front {
     guard: Arc<shed::Guard>,
 }
 
-/// The ingestion routes' layers as one middleware, in order: the drain of what the request
-/// leaves unread ([`drain::drained`]), the API key ([`authorize`]), the stream
-/// ([`stream_named`]), and the guard ([`shed::guarded`]). One function rather than a layer
-/// each: a `from_fn` layer costs a boxed future and a cloned service per request.
+/// The ingestion routes' handler: in order, the drain of what the request leaves unread
+/// ([`drain::drained`]), the API key ([`authorize`]), the stream ([`stream_named`]), the guard
+/// ([`shed::guarded`]), and then [`events::ingest`]. One function rather than a layer each: a
+/// `from_fn` layer costs a boxed future and a cloned service per request.
 async fn ingest_front(
     State(front): State<Front>,
     matched: Option<MatchedPath>,
     params: Result<RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
     request: Request,
-    next: Next,
 ) -> Response {
     let Front { state, bound, guard } = front;
     drain::drained(bound, request, |mut request| async move {
@@ -147,8 +141,7 @@ async fn ingest_front(
             Ok(stream) => stream,
             Err(refused) => return refused.into_response(),
         };
-        request.extensions_mut().insert(Arc::clone(&stream));
-        shed::guarded(&guard, &stream, request, |request| next.run(request)).await
+        shed::guarded(&guard, &stream, request, |request| events::ingest(&state, &stream, request)).await
     })
     .await
 }
@@ -225,17 +218,17 @@ async fn pick_stream(
     }
 }
 
-/// The route template as a static label (no allocation per request; bounded label values).
-fn route_label(matched: Option<&str>) -> &'static str {
-    matched.and_then(|path| ROUTES.into_iter().find(|r| *r == path)).unwrap_or("unmatched")
-}
-
-/// Counts and times every request by route template (not raw path: bounded label values).
-async fn track(request: Request, next: Next) -> Response {
-    let route = route_label(request.extensions().get::<MatchedPath>().map(MatchedPath::as_str));
+/// Counts and times every request by route template (not raw path: bounded label values), in
+/// a span that names the method and the path. One layer for both: each layer on the router
+/// costs every request a boxed future and a cloned service stack.
+async fn track(State(requests): State<Arc<metrics::HttpRequests>>, request: Request, next: Next) -> Response {
+    // The path, never the query string: a ClickHouse client's key can be its `password`
+    // parameter, and a statement in `query` can hold rows.
+    let span = tracing::debug_span!("request", method = %request.method(), path = %request.uri().path());
+    let matched = request.extensions().get::<MatchedPath>().cloned();
     let started = Instant::now();
-    let response = next.run(request).await;
-    metrics::http_request(route, response.status().as_u16(), started.elapsed());
+    let response = next.run(request).instrument(span).await;
+    requests.record(matched.as_ref().map(MatchedPath::as_str), response.status().as_u16(), started.elapsed());
     response
 }
 
