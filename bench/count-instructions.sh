@@ -7,7 +7,9 @@
 # One connection makes every request its own INSERT and journal append; many (32, say) let
 # requests share them, as under load, so the count is mostly per-request work. Needs valgrind
 # (`apt-get install valgrind`), curl and python3. Run two builds in turn, twice each.
-#   usage: bench/count-instructions.sh BINARY [REQUESTS [CONNECTIONS]]
+# PROTOCOL=1 sends the same events as ClickHouse's HTTP interface would get them (NDJSON to
+# `/?query=INSERT INTO analytics.events_buffer FORMAT JSONEachRow`) instead of to /v1/events.
+#   usage: [PROTOCOL=1] bench/count-instructions.sh BINARY [REQUESTS [CONNECTIONS]]
 set -euo pipefail
 bin=$(realpath "$1"); requests=${2:-400}; connections=${3:-1}
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -40,20 +42,26 @@ gw_pid=$!
 for _ in $(seq 1 300); do curl -fsS "http://127.0.0.1:$gw/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
 
 post() {
-    python3 - "$gw" "$1" "$2" "$connections" <<'PY'
+    python3 - "$gw" "$1" "$2" "$connections" "${PROTOCOL:-}" <<'PY'
 import http.client, json, sys, threading
 port, count, first, connections = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+protocol = sys.argv[5] == "1"
+path = "/?query=INSERT%20INTO%20analytics.events_buffer%20FORMAT%20JSONEachRow" if protocol else "/v1/events"
 kinds = ["page_view", "click", "signup", "purchase", "search", "add_to_cart", "logout", "share"]
 def event(n):
     return {"event_id": f"00000000-0000-4000-8000-{n:012x}", "event_ts": "2024-05-01 10:00:00", "user_id": n,
             "event_type": kinds[n % 8], "payload": json.dumps({"page": f"/p/{n % 997}", "ref": f"campaign-{n % 31}", "ms": n % 5000}),
             "metadata": json.dumps({"source": "web", "ip": f"10.{n % 256}.1.2"})}
-bodies = [json.dumps([event(first + r * 10 + k) for k in range(10)]).encode() for r in range(count)]
+def body(events):
+    if protocol:
+        return "".join(json.dumps(e) + "\n" for e in events).encode()
+    return json.dumps(events).encode()
+bodies = [body([event(first + r * 10 + k) for k in range(10)]) for r in range(count)]
 failed = []
 def send(mine):
     connection = http.client.HTTPConnection("127.0.0.1", port)
     for body in mine:
-        connection.request("POST", "/v1/events", body=body, headers={"Content-Type": "application/json"})
+        connection.request("POST", path, body=body, headers={"Content-Type": "application/json"})
         answer = connection.getresponse()
         answer.read()
         if answer.status != 200:

@@ -15,9 +15,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::Response;
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
@@ -84,11 +83,6 @@ where
         }
     }
     response
-}
-
-/// [`drained`] as a middleware: whatever refuses the request within leaves its body drained.
-pub async fn drain_unread(State(bound): State<Bound>, request: Request, next: Next) -> Response {
-    drained(bound, request, |request| next.run(request)).await
 }
 
 /// Reads and drops frames until the body ends, fails, or a bound is reached.

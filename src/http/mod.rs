@@ -81,15 +81,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         max_bytes: config.http.body_drain_max_bytes,
         timeout: Duration::from_millis(config.http.body_drain_timeout_ms),
     };
-    let front = Front { state: Arc::clone(&state), bound, guard: Arc::clone(&guard) };
-    let ingest = post(ingest_front).with_state(front);
+    let front = Front { state: Arc::clone(&state), bound, guard };
     // The ClickHouse protocol: the same guard, its own credentials and statement routing, and
     // every refusal worded as ClickHouse would word it.
-    let clickhouse = on(MethodFilter::GET.or(MethodFilter::POST), compat::insert)
-        .layer(middleware::from_fn_with_state(guard, shed::guard))
-        .layer(middleware::from_fn_with_state(Arc::clone(&state), compat::route))
-        .layer(middleware::from_fn(compat::restate))
-        .layer(middleware::from_fn_with_state(bound, drain::drain_unread));
+    let clickhouse = on(MethodFilter::GET.or(MethodFilter::POST), clickhouse_front).with_state(front.clone());
+    let ingest = post(ingest_front).with_state(front);
     // Producer routes need an API key when keys are configured; then the stream they name.
     let producer = middleware::from_fn_with_state(Arc::clone(&state), require_api_key);
     let stream = middleware::from_fn_with_state(Arc::clone(&state), pick_stream);
@@ -144,6 +140,13 @@ async fn ingest_front(
         shed::guarded(&guard, &stream, request, |request| events::ingest(&state, &stream, request)).await
     })
     .await
+}
+
+/// The ClickHouse protocol's handler: [`compat::handle`] within the drain of what the request
+/// leaves unread ([`drain::drained`]).
+async fn clickhouse_front(State(front): State<Front>, request: Request) -> Response {
+    let Front { state, bound, guard } = front;
+    drain::drained(bound, request, |request| async move { compat::handle(&state, &guard, request).await }).await
 }
 
 /// Checks the request's API key when keys are configured, and hands the caller on as an

@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use axum::extract::{Request, State};
-use axum::middleware::Next;
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
@@ -125,15 +124,6 @@ where
             ApiError::RequestTimeout.into_response()
         }
     }
-}
-
-/// [`guarded`] as a middleware (`axum::middleware::from_fn_with_state`), for routes whose
-/// stream an outer layer picked.
-pub async fn guard(State(guard): State<Arc<Guard>>, request: Request, next: Next) -> Response {
-    let Some(stream) = request.extensions().get::<Arc<Stream>>().cloned() else {
-        return ApiError::Internal("no stream picked before the shed gate".into()).into_response();
-    };
-    guarded(&guard, &stream, request, |request| next.run(request)).await
 }
 
 #[cfg(test)]

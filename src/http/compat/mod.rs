@@ -3,13 +3,12 @@
 //! FORMAT JSONEachRow` (the statement in the `query` parameter or at the start of the body),
 //! `GET /ping`, and the read-only queries clients send when they connect (`answers`).
 //!
-//! A request passes, outermost first: the body drain; [`restate`], which decodes the URL's
-//! parameters once and words any refusal of the layers within as ClickHouse would; [`route`],
-//! which checks the key (as ClickHouse clients send a password), reads the statement, answers
-//! a query, or resolves the INSERT's table to its stream; then the same shed gate, limits and
-//! timeout as `/v1/events`; then
-//! [`insert`], which hands the rows to the stream's ingestion path read as ClickHouse reads
-//! them, all or nothing.
+//! A request passes ([`handle`], inside the body drain): [`restated`], which decodes the URL's
+//! parameters once and words any refusal made within as ClickHouse would; [`resolve`], which
+//! checks the key (as ClickHouse clients send a password), reads the statement, answers a
+//! query, or resolves the INSERT's table to its stream; then the same shed gate, limits and
+//! timeout as `/v1/events`; then [`insert`], which hands the rows to the stream's ingestion
+//! path read as ClickHouse reads them, all or nothing.
 
 pub mod answers;
 pub mod exception;
@@ -20,11 +19,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use axum::Extension;
 use axum::body::Body;
-use axum::extract::{Query, Request, State};
+use axum::extract::{Query, Request};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use bytes::{Bytes, BytesMut};
@@ -33,7 +30,7 @@ use http_body_util::BodyExt;
 
 use super::body;
 use super::error::Refused;
-use super::shed::Divert;
+use super::shed::{self, Divert, Guard};
 use super::state::AppState;
 use crate::auth::{Caller, Denied};
 use crate::config::UnknownFields;
@@ -74,10 +71,10 @@ const TRANSPORT: [&str; 16] = [
     "role",
 ];
 
-/// An INSERT the route resolved, for the handler.
-#[derive(Debug, Clone)]
-pub struct Resolved {
-    insert: Arc<Insert>,
+/// An INSERT [`resolve`] resolved, for [`insert`].
+#[derive(Debug)]
+struct Resolved {
+    insert: Insert,
     params: Arc<Params>,
 }
 
@@ -89,14 +86,30 @@ fn params_of(request: &Request) -> Params {
     Query::<Params>::try_from_uri(request.uri()).map(|Query(p)| p).unwrap_or_default()
 }
 
-/// Words a refusal made by the layers within (`ApiError`) as ClickHouse would, and echoes the
-/// request's `query_id` on every answer, as ClickHouse does.
-pub async fn restate(mut request: Request, next: Next) -> Response {
-    // The URL's parameters, decoded once for every layer within.
+/// The ClickHouse protocol's requests, once the drain holds their body: [`restated`],
+/// [`resolve`], the guard ([`shed::guarded`]) and [`insert`], in that order. One function
+/// rather than a layer each: a `from_fn` layer costs a boxed future and a cloned service per
+/// request.
+pub async fn handle(state: &AppState, guard: &Guard, request: Request) -> Response {
     let params = Arc::new(params_of(&request));
+    restated(Arc::clone(&params), async move {
+        match resolve(state, params, request).await {
+            Ok(Routed::Answer(response)) => response,
+            Ok(Routed::Insert { request, stream, resolved }) => {
+                shed::guarded(guard, &stream, request, |request| insert(state, &stream, &resolved, request)).await
+            }
+            Err(exception) => exception.into_response(),
+        }
+    })
+    .await
+}
+
+/// Words a refusal made within (`ApiError`) as ClickHouse would, and echoes the request's
+/// `query_id` on every answer, as ClickHouse does.
+async fn restated(params: Arc<Params>, within: impl Future<Output = Response>) -> Response {
     let query_id = param(&params, "query_id").and_then(|id| HeaderValue::from_str(exception::shown(id)).ok());
-    request.extensions_mut().insert(params);
-    let response = next.run(request).await;
+    drop(params);
+    let response = within.await;
     let mut response = match response.extensions().get::<Refused>() {
         Some(Refused(error)) => Exception::from((**error).clone()).into_response(),
         None => response,
@@ -151,27 +164,20 @@ pub async fn ping() -> &'static str {
     "Ok.\n"
 }
 
-/// Checks the caller's key, then reads the request's statement: answers a query, or resolves
-/// an INSERT's table to its stream and hands the request on with the statement taken off its
-/// body.
-pub async fn route(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    match resolve(&state, request).await {
-        Ok(Routed::Answer(response)) => response,
-        Ok(Routed::Insert(request)) => next.run(request).await,
-        Err(exception) => exception.into_response(),
-    }
-}
-
+/// What [`resolve`] made of a request.
 enum Routed {
     Answer(Response),
-    Insert(Request),
+    /// An INSERT into `stream`, the request's body past its statement.
+    Insert {
+        request: Request,
+        stream: Arc<Stream>,
+        resolved: Box<Resolved>,
+    },
 }
 
-async fn resolve(state: &AppState, request: Request) -> Result<Routed, Exception> {
-    let params = match request.extensions().get::<Arc<Params>>() {
-        Some(params) => Arc::clone(params),
-        None => Arc::new(params_of(&request)),
-    };
+/// Checks the caller's key, then reads the request's statement: answers a query, or resolves
+/// an INSERT's table to its stream, with the statement taken off the request's body.
+async fn resolve(state: &AppState, params: Arc<Params>, request: Request) -> Result<Routed, Exception> {
     let (mut parts, body) = request.into_parts();
     if let Some(caller) = caller(state, &parts.headers, &params)? {
         parts.extensions.insert(caller);
@@ -239,10 +245,8 @@ async fn resolve(state: &AppState, request: Request) -> Result<Routed, Exception
     {
         return Err(super::error::ApiError::StreamForbidden(stream.name.to_string()).into());
     }
-    let mut request = Request::from_parts(parts, Body::new(body));
-    request.extensions_mut().insert(Arc::clone(stream));
-    request.extensions_mut().insert(Resolved { insert: Arc::new(insert), params });
-    Ok(Routed::Insert(request))
+    let request = Request::from_parts(parts, Body::new(body));
+    Ok(Routed::Insert { request, stream: Arc::clone(stream), resolved: Box::new(Resolved { insert, params }) })
 }
 
 /// How the rows of an INSERT in `format` are read, if the gateway reads that format.
@@ -389,19 +393,13 @@ fn asked(params: &Params, insert: &Insert) -> Result<Asked, Exception> {
 
 /// The INSERT itself: its rows through the stream's ingestion path, read as ClickHouse reads
 /// them, all or nothing.
-pub async fn insert(
-    State(state): State<Arc<AppState>>,
-    Extension(stream): Extension<Arc<Stream>>,
-    Extension(resolved): Extension<Resolved>,
-    caller: Option<Extension<Caller>>,
-    divert: Option<Extension<Divert>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+async fn insert(state: &AppState, stream: &Stream, resolved: &Resolved, request: Request) -> Response {
     let started = Instant::now();
-    let owner = caller.map(|Extension(caller)| caller.name);
+    let (parts, body) = request.into_parts();
+    let owner = parts.extensions.get::<Caller>().map(|caller| Arc::clone(&caller.name));
+    let divert = parts.extensions.get::<Divert>().is_some();
     // Boxed for the reason `events::ingest` boxes its own: the futures that wrap it would copy it.
-    match Box::pin(run(&state, &stream, &resolved, owner, divert.is_some(), &headers, body)).await {
+    match Box::pin(run(state, stream, resolved, owner, divert, &parts.headers, body)).await {
         Ok(written) => summary(written, started),
         Err(exception) => exception.into_response(),
     }
