@@ -136,6 +136,26 @@ async fn clickhouse_killed_with_a_full_buffer_loses_nothing() {
     gw.stop().await;
 }
 
+/// The confirmer looks at ClickHouse as soon as the gateway starts, not a `confirm_interval_ms`
+/// later: blocks written in between would otherwise meet a first look with nothing to compare
+/// the server's uptime with, and, with a young server, all be looked for one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_confirmer_looks_at_clickhouse_as_the_gateway_starts() {
+    let ch = common::clickhouse();
+    let db = ch.fresh_database("dur_first_look");
+    let mut config = config(ch, &db);
+    config.journal.confirm_interval_ms = 60_000;
+    config.auth.admin_token = ADMIN.into();
+    migrate(&config).await;
+    let gw = Gateway::start(config).await;
+    gw.wait_ready().await;
+    eventually(Duration::from_secs(10), "a first look at ClickHouse", || async {
+        gw.status().await["journal"]["last_answer_s"].as_f64().is_some()
+    })
+    .await;
+    gw.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clickhouse_frozen_past_the_insert_timeout_stores_once() {
     let _serial = SERIAL.lock().await;

@@ -32,6 +32,11 @@ impl Journal {
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let mut watch = Watch::default();
         tracing::debug!(interval = ?self.interval, "confirmer started");
+        // A first look at once: blocks written from now on are then judged by how the
+        // server's uptime went on since, not by its uptime alone, which cannot tell a young
+        // server (just started beside the gateway) from one that restarted after they were
+        // written, and would have every one of them looked for.
+        self.pass(&mut watch, false).await;
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
