@@ -28,8 +28,9 @@ trap cleanup EXIT
 "$repo/scripts/clickhouse-server.sh" "$work/clickhouse" "$ch_http" "$ch_tcp" >"$work/clickhouse.log" 2>&1 &
 ch_pid=$!
 for _ in $(seq 1 150); do curl -fsS "http://127.0.0.1:$ch_http/ping" >/dev/null 2>&1 && break; sleep 0.2; done
-# A gateway that writes within about two seconds of its ClickHouse's start looks its first
-# blocks up (docs/performance.md): that work is not what is being counted.
+# Builds older than the confirmer's first look at start-up looked their first blocks up when
+# they wrote within about two seconds of their ClickHouse's start (docs/performance-history.md):
+# that work is not what is being counted.
 sleep 5
 
 # The default log filter: what a deployment runs, and what changes the count when it changes.

@@ -17,7 +17,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use serde_json::{Value, json};
 
-use super::{Servers, cpu_seconds, free_port, gateway_env, num, query, write_event};
+use super::{Process, Servers, cpu_seconds, free_port, gateway_env, num, query, write_event};
 
 const PARTITIONS: i32 = 3;
 const TOPIC_PROPERTIES: &str = "session.timeout.ms=6000\nheartbeat.interval.ms=500\nfetch.wait.max.ms=100";
@@ -132,7 +132,8 @@ async fn until_rows(ch: &str, table: &str, n: u64, patience: Duration) -> (u64, 
     }
 }
 
-fn consumer(binary: &Path, servers: &Servers, broker: &Broker, db: &str, topic: &str, listen: &str) -> Child {
+/// `buffergate consume` on `topic`; killed if the harness stops early.
+fn consumer(binary: &Path, servers: &Servers, broker: &Broker, db: &str, topic: &str, listen: &str) -> Process {
     let data = std::env::temp_dir().join(format!("buffergate-bench-{db}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&data);
     let mut cmd = Command::new(binary);
@@ -146,7 +147,7 @@ fn consumer(binary: &Path, servers: &Servers, broker: &Broker, db: &str, topic: 
         .env("BUFFERGATE_KAFKA_PROPERTIES", TOPIC_PROPERTIES)
         .arg("consume")
         .stderr(Stdio::null());
-    cmd.spawn().expect("buffergate consume")
+    Process(cmd.spawn().expect("buffergate consume"))
 }
 
 /// Waits until the consumer has joined its group with partitions.
@@ -184,7 +185,7 @@ async fn gateway_scenario(
     broker.create_topic(&topic);
     broker.fill(&topic, messages, per_message, first_id);
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut child = consumer(binary, servers, broker, &db, &topic, &listen);
+    let child = consumer(binary, servers, broker, &db, &topic, &listen);
     joined(&listen).await;
     let pids = [("gateway", child.id()), ("clickhouse", servers.clickhouse.id()), ("redis", servers.redis.id())];
     let before: Vec<f64> = pids.iter().map(|(_, p)| cpu_seconds(*p)).collect();
@@ -193,8 +194,7 @@ async fn gateway_scenario(
         until_rows(&servers.ch_url, &format!("{db}.events_buffer"), events, Duration::from_secs(600)).await;
     let after: Vec<f64> = pids.iter().map(|(_, p)| cpu_seconds(*p)).collect();
     let rss = super::peak_rss_mib(child.id());
-    let _ = Command::new("kill").arg(child.id().to_string()).status();
-    let _ = child.wait();
+    child.stop();
     let stored = query(
         &servers.ch_url,
         &format!("SELECT count() AS distinct_ids, sum(c > 1) AS duplicated FROM (SELECT user_id, count() AS c FROM {db}.events_buffer GROUP BY user_id)"),

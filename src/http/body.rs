@@ -13,23 +13,29 @@ use crate::decode::{Encoding, Format};
 
 pub fn format_of(headers: &HeaderMap) -> Result<Format, ApiError> {
     let raw = headers.get(header::CONTENT_TYPE).map(|v| v.to_str().unwrap_or("<binary>")).unwrap_or("");
-    let essence = raw.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    match essence.as_str() {
-        "application/json" => Ok(Format::JsonArray),
-        "application/x-ndjson" | "application/ndjson" | "application/jsonl" | "application/jsonlines" => {
-            Ok(Format::Ndjson)
-        }
-        _ => Err(ApiError::UnsupportedMediaType(raw.to_string())),
+    let essence = raw.split(';').next().unwrap_or("").trim();
+    let is = |names: &[&str]| names.iter().any(|name| essence.eq_ignore_ascii_case(name));
+    if is(&["application/json"]) {
+        Ok(Format::JsonArray)
+    } else if is(&["application/x-ndjson", "application/ndjson", "application/jsonl", "application/jsonlines"]) {
+        Ok(Format::Ndjson)
+    } else {
+        Err(ApiError::UnsupportedMediaType(raw.to_string()))
     }
 }
 
 pub fn encoding_of(headers: &HeaderMap) -> Result<Encoding, ApiError> {
     let raw = headers.get(header::CONTENT_ENCODING).map(|v| v.to_str().unwrap_or("<binary>")).unwrap_or("");
-    match raw.trim().to_ascii_lowercase().as_str() {
-        "" | "identity" => Ok(Encoding::Identity),
-        "gzip" | "x-gzip" => Ok(Encoding::Gzip),
-        "zstd" => Ok(Encoding::Zstd),
-        _ => Err(ApiError::UnsupportedEncoding(raw.to_string())),
+    let coding = raw.trim();
+    let is = |names: &[&str]| names.iter().any(|name| coding.eq_ignore_ascii_case(name));
+    if is(&["", "identity"]) {
+        Ok(Encoding::Identity)
+    } else if is(&["gzip", "x-gzip"]) {
+        Ok(Encoding::Gzip)
+    } else if is(&["zstd"]) {
+        Ok(Encoding::Zstd)
+    } else {
+        Err(ApiError::UnsupportedEncoding(raw.to_string()))
     }
 }
 
@@ -62,6 +68,23 @@ mod tests {
         assert_eq!(format_of(&h).unwrap(), Format::JsonArray);
         h.insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
         assert!(matches!(format_of(&h), Err(ApiError::UnsupportedMediaType(_))));
+        for (ndjson, format) in [("Application/X-NDJSON", Format::Ndjson), ("application/jsonl ; q=1", Format::Ndjson)]
+        {
+            h.insert(header::CONTENT_TYPE, ndjson.parse().unwrap());
+            assert_eq!(format_of(&h).unwrap(), format, "{ndjson}");
+        }
+        h.insert(header::CONTENT_TYPE, " APPLICATION/JSON".parse().unwrap());
+        assert_eq!(format_of(&h).unwrap(), Format::JsonArray);
+        assert_eq!(encoding_of(&h).unwrap(), Encoding::Identity, "no Content-Encoding");
+        for (coding, encoding) in [
+            ("identity", Encoding::Identity),
+            ("GZip", Encoding::Gzip),
+            ("x-gzip", Encoding::Gzip),
+            (" zstd ", Encoding::Zstd),
+        ] {
+            h.insert(header::CONTENT_ENCODING, coding.parse().unwrap());
+            assert_eq!(encoding_of(&h).unwrap(), encoding, "{coding}");
+        }
         h.insert(header::CONTENT_ENCODING, "br".parse().unwrap());
         assert!(matches!(encoding_of(&h), Err(ApiError::UnsupportedEncoding(_))));
     }

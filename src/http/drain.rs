@@ -112,7 +112,7 @@ struct Inner {
     polled: bool,
 }
 
-/// The request body, shared between the handler and the middleware.
+/// The request body, shared between the handler and [`drained`].
 #[derive(Clone)]
 struct Shared(Arc<Mutex<Inner>>);
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, Request};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
@@ -119,8 +119,15 @@ fn content_length(headers: &HeaderMap) -> Option<usize> {
     headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
 }
 
+/// Header names looked up on every request, made once: a name given as text is parsed and
+/// checked at each lookup.
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const PRODUCER_ID: HeaderName = HeaderName::from_static("x-producer-id");
+const PRODUCER_PARTITION: HeaderName = HeaderName::from_static("x-producer-partition");
+const PRODUCER_OFFSET: HeaderName = HeaderName::from_static("x-producer-offset");
+
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else { return Ok(None) };
     match value.to_str() {
         Ok(key) if (1..=255).contains(&key.len()) => Ok(Some(key.to_string())),
         _ => Err(ApiError::BadHeader("Idempotency-Key must be 1 to 255 visible ASCII characters".into())),
@@ -129,13 +136,13 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 /// `X-Producer-Id`, `X-Producer-Partition`, `X-Producer-Offset`.
 fn producer_offset(headers: &HeaderMap) -> Result<Option<ProducerOffset>, ApiError> {
-    let text = |name: &str| -> Result<Option<&str>, ApiError> {
+    let text = |name: HeaderName| -> Result<Option<&str>, ApiError> {
         headers
-            .get(name)
+            .get(&name)
             .map(|v| v.to_str().map_err(|_| ApiError::BadHeader(format!("{name} is not visible ASCII"))))
             .transpose()
     };
-    let (id, partition, offset) = (text("x-producer-id")?, text("x-producer-partition")?, text("x-producer-offset")?);
+    let (id, partition, offset) = (text(PRODUCER_ID)?, text(PRODUCER_PARTITION)?, text(PRODUCER_OFFSET)?);
     let Some(producer) = id else {
         if partition.is_some() || offset.is_some() {
             return Err(ApiError::BadHeader("X-Producer-Partition and X-Producer-Offset need X-Producer-Id".into()));

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{MatchedPath, RawPathParams, Request, State};
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, get, on, post};
@@ -29,7 +29,7 @@ use tracing::Instrument;
 use crate::auth::{Caller, Denied};
 use crate::metrics;
 use crate::streams::Stream;
-use error::ApiError;
+use error::{ApiError, Refused};
 use state::AppState;
 
 const EVENTS: &str = "/v1/events";
@@ -110,7 +110,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// What an ingestion request passes before its handler.
+/// What the ingestion and ClickHouse-protocol handlers need before their work: the state,
+/// the drain's bounds and the guard.
 #[derive(Clone)]
 struct Front {
     state: Arc<AppState>,
@@ -230,8 +231,15 @@ async fn track(State(requests): State<Arc<metrics::HttpRequests>>, request: Requ
     let span = tracing::debug_span!("request", method = %request.method(), path = %request.uri().path());
     let matched = request.extensions().get::<MatchedPath>().cloned();
     let started = Instant::now();
-    let response = next.run(request).instrument(span).await;
-    requests.record(matched.as_ref().map(MatchedPath::as_str), response.status().as_u16(), started.elapsed());
+    let response = next.run(request).instrument(span.clone()).await;
+    let status = response.status();
+    requests.record(matched.as_ref().map(MatchedPath::as_str), status.as_u16(), started.elapsed());
+    // A server error other than the 503s of shedding, whose counters tell them (logged, they
+    // would flood the log exactly when the gateway is busiest), is something to look into.
+    if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+        let reason = response.extensions().get::<Refused>().map(|Refused(error)| error.to_string());
+        span.in_scope(|| tracing::error!(status = status.as_u16(), reason, "answered with a server error"));
+    }
     response
 }
 

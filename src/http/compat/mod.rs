@@ -3,8 +3,8 @@
 //! FORMAT JSONEachRow` (the statement in the `query` parameter or at the start of the body),
 //! `GET /ping`, and the read-only queries clients send when they connect (`answers`).
 //!
-//! A request passes ([`handle`], inside the body drain): [`restated`], which decodes the URL's
-//! parameters once and words any refusal made within as ClickHouse would; [`resolve`], which
+//! A request goes, inside the body drain, to [`handle`], which decodes the URL's parameters
+//! once, then through [`restated`], which words any refusal made within as ClickHouse would; [`resolve`], which
 //! checks the key (as ClickHouse clients send a password), reads the statement, answers a
 //! query, or resolves the INSERT's table to its stream; then the same shed gate, limits and
 //! timeout as `/v1/events`; then [`insert`], which hands the rows to the stream's ingestion
