@@ -234,9 +234,10 @@ async fn track(State(requests): State<Arc<metrics::HttpRequests>>, request: Requ
     let response = next.run(request).instrument(span.clone()).await;
     let status = response.status();
     requests.record(matched.as_ref().map(MatchedPath::as_str), status.as_u16(), started.elapsed());
-    // A server error other than the 503s of shedding, whose counters tell them (logged, they
-    // would flood the log exactly when the gateway is busiest), is something to look into.
-    if status.is_server_error() && status != StatusCode::SERVICE_UNAVAILABLE {
+    // An internal error is something to look into. The other 5xx answers are deliberate
+    // refusals (503 shedding, 501 an unsupported protocol feature) that the counters show:
+    // logged, they would flood the log exactly when the gateway is busiest.
+    if status == StatusCode::INTERNAL_SERVER_ERROR {
         let reason = response.extensions().get::<Refused>().map(|Refused(error)| error.to_string());
         span.in_scope(|| tracing::error!(status = status.as_u16(), reason, "answered with a server error"));
     }
