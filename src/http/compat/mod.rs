@@ -4,11 +4,11 @@
 //! `GET /ping`, and the read-only queries clients send when they connect (`answers`).
 //!
 //! A request goes, inside the body drain, to [`handle`], which decodes the URL's parameters
-//! once, then through [`restated`], which words any refusal made within as ClickHouse would; [`resolve`], which
-//! checks the key (as ClickHouse clients send a password), reads the statement, answers a
-//! query, or resolves the INSERT's table to its stream; then the same shed gate, limits and
-//! timeout as `/v1/events`; then [`insert`], which hands the rows to the stream's ingestion
-//! path read as ClickHouse reads them, all or nothing.
+//! once, then through [`restated`], which words any refusal made within as ClickHouse would;
+//! [`resolve`], which checks the key (as ClickHouse clients send a password), reads the
+//! statement, answers a query, or resolves the INSERT's table to its stream; then the same
+//! shed gate, limits and timeout as `/v1/events`; then [`insert`], which hands the rows to the
+//! stream's ingestion path read as ClickHouse reads them, all or nothing.
 
 pub mod answers;
 pub mod exception;
@@ -92,7 +92,8 @@ fn params_of(request: &Request) -> Params {
 /// request.
 pub async fn handle(state: &AppState, guard: &Guard, request: Request) -> Response {
     let params = Arc::new(params_of(&request));
-    restated(Arc::clone(&params), async move {
+    let query_id = param(&params, "query_id").and_then(|id| HeaderValue::from_str(exception::shown(id)).ok());
+    restated(query_id, async move {
         match resolve(state, params, request).await {
             Ok(Routed::Answer(response)) => response,
             Ok(Routed::Insert { request, stream, resolved }) => {
@@ -106,9 +107,7 @@ pub async fn handle(state: &AppState, guard: &Guard, request: Request) -> Respon
 
 /// Words a refusal made within (`ApiError`) as ClickHouse would, and echoes the request's
 /// `query_id` on every answer, as ClickHouse does.
-async fn restated(params: Arc<Params>, within: impl Future<Output = Response>) -> Response {
-    let query_id = param(&params, "query_id").and_then(|id| HeaderValue::from_str(exception::shown(id)).ok());
-    drop(params);
+async fn restated(query_id: Option<HeaderValue>, within: impl Future<Output = Response>) -> Response {
     let response = within.await;
     let mut response = match response.extensions().get::<Refused>() {
         Some(Refused(error)) => Exception::from((**error).clone()).into_response(),
